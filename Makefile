@@ -1,0 +1,19 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Both build a project-local virtual environment once, the pinned CPU torch first (an unpinned
+# torch would pull a multi-GB CUDA build), then triton pinned to the GPU's version, then `dla`.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q triton==3.6.0 -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: demo test
+demo: $(STAMP)
+	$(VENV)/bin/dla demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci --benchmark-disable

@@ -1,0 +1,53 @@
+"""The level map in its fixed-shape encoding, `level_start[B, T, H, L]` (int32).
+
+Row `t` lists, for each level (rank from the newest slot) `r`, the position of the first
+member of the segment that sits at level `r` after step `t`; `EMPTY` where that level holds
+nothing. Positions count tokens of the current call from 0; the slots of an initial state are
+pseudo-tokens, the slot of rank `r` at position `−1 − r`, so a carried cache needs no other
+encoding and the readout takes its states in rank order.
+
+Every policy fits it: `dla` fills ranks `0..m−1` with decreasing starts, `single` only rank 0,
+`fenwick` the non-empty levels of the Fenwick partition (gaps are `EMPTY`). Because segments
+only merge, never split, all members of a segment share a level at every later step, so the
+level of any token or slot at step `t` is found from its own position alone:
+
+    ℓ_t(s) = the first r with level_start[t, r] ≤ s   (−1 when none; s ≤ t).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EMPTY = 2**31 - 1  # int32 max: never ≤ a position
+
+
+def level_of(starts: Tensor, positions: Tensor) -> Tensor:
+    """ℓ(pos) for each row of starts: starts [..., L], positions [..., P] → [..., P] int64
+    (−1 where no level holds the position)."""
+    L = starts.shape[-1]
+    holds = starts.unsqueeze(-2) <= positions.unsqueeze(-1)  # [..., P, L]
+    first = torch.where(holds, torch.arange(L, device=starts.device), L).amin(-1)
+    return torch.where(first < L, first, -1)
+
+
+def initial_starts(levels: int, device) -> Tensor:
+    """Starts before the first token: the initial slot of rank r at position −1 − r (ranks
+    beyond the live ones hold zero states, so they may be listed)."""
+    return -1 - torch.arange(levels, device=device, dtype=torch.int32)
+
+
+def dense_level_map(level_start: Tensor, m0: Tensor) -> tuple[Tensor, Tensor]:
+    """Decode to the dense maps of `reference.segment_naive`: `level [B, H, T, T]` with −1 above
+    the diagonal, and `initial_level [B, H, T, K]` for the slots of an initial state with `m0`
+    live slots, oldest first (−1 for slots that are not live)."""
+    B, T, H, L = level_start.shape
+    starts = level_start.permute(0, 2, 1, 3).long()  # [B, H, T, L]
+    pos = torch.arange(T, device=level_start.device)
+    level = level_of(starts, pos.expand(B, H, T, T))
+    level = torch.where(pos[None, :] <= pos[:, None], level, -1)
+    slot = torch.arange(L, device=level_start.device)
+    slot_pos = slot - m0[..., None]  # oldest-first slot i of m0 sits at position i − m0
+    initial = level_of(starts, slot_pos[:, :, None, :].expand(B, H, T, L))
+    initial = torch.where((slot < m0[..., None])[:, :, None, :], initial, -1)
+    return level, initial
