@@ -51,3 +51,19 @@ def dense_level_map(level_start: Tensor, m0: Tensor) -> tuple[Tensor, Tensor]:
     initial = level_of(starts, slot_pos[:, :, None, :].expand(B, H, T, L))
     initial = torch.where((slot < m0[..., None])[:, :, None, :], initial, -1)
     return level, initial
+
+
+def encode_level_map(level: Tensor, initial_level: Tensor, m0: Tensor) -> Tensor:
+    """Inverse of `dense_level_map`: from `level [B,H,T,T]`, `initial_level [B,H,T,K]` and the
+    initial live count `m0 [B,H]` to `level_start [B,T,H,L]` (L = K)."""
+    B, H, T, _ = level.shape
+    L = initial_level.shape[-1]
+    dev = level.device
+    slot = torch.arange(L, device=dev)
+    positions = torch.cat([(slot - m0[..., None])[:, :, None, :].expand(B, H, T, L),
+                           torch.arange(T, device=dev).expand(B, H, T, T)], dim=-1)  # [B,H,T,L+T]
+    levels = torch.cat([initial_level, level], dim=-1)
+    ranks = torch.arange(L, device=dev)
+    member = levels[..., None, :] == ranks[:, None]  # [B,H,T,L(rank),L+T]
+    start = torch.where(member, positions[..., None, :], EMPTY).amin(-1)
+    return start.to(torch.int32).permute(0, 2, 1, 3).contiguous()
