@@ -59,6 +59,7 @@ class _Slot:
     S: Tensor  # [Dk, Dv]
     n: int
     I: float
+    members: tuple = ()  # token positions t >= 0, or -1 - r for the initial slot of rank r
 
 
 @dataclass
@@ -86,12 +87,12 @@ def _merge_densities(slots: list) -> list[float]:
     return [(slots[i].I + slots[i + 1].I) / (slots[i].n + slots[i + 1].n) for i in range(len(slots) - 1)]
 
 
-def _dla_step(cache: _Cache, k: Tensor, v: Tensor, w: Tensor, tau: float, score: str, K: int) -> None:
+def _dla_step(cache: _Cache, t: int, k: Tensor, v: Tensor, w: Tensor, tau: float, score: str, K: int) -> None:
     """Steps 2–3 of SPEC §2 for one token (states already transformed by A_t)."""
     kv = torch.outer(k, v).detach()
     ss = float(k.detach() @ k.detach()) * float(v.detach() @ v.detach())
     if not cache.slots:  # m = 0: the first token opens the first slot, no score
-        cache.slots.append(_Slot(w, 1, 0.0))
+        cache.slots.append(_Slot(w, 1, 0.0, (t,)))
         cache.Z, cache.zz = kv, ss
         return
     c = float(k.detach() @ cache.Z @ v.detach())
@@ -101,16 +102,16 @@ def _dla_step(cache: _Cache, k: Tensor, v: Tensor, w: Tensor, tau: float, score:
             densities = _merge_densities(cache.slots)
             i = min(range(len(densities)), key=lambda j: (densities[j], j))
             left, right = cache.slots[i], cache.slots.pop(i + 1)
-            cache.slots[i] = _Slot(left.S + right.S, left.n + right.n, left.I + right.I)
-        cache.slots.append(_Slot(w, 1, info))
+            cache.slots[i] = _Slot(left.S + right.S, left.n + right.n, left.I + right.I, left.members + right.members)
+        cache.slots.append(_Slot(w, 1, info, (t,)))
         cache.Z, cache.zz = kv, ss
     else:  # the newest slot absorbs the token
         newest = cache.slots[-1]
-        cache.slots[-1] = _Slot(newest.S + w, newest.n + 1, newest.I + info)
+        cache.slots[-1] = _Slot(newest.S + w, newest.n + 1, newest.I + info, newest.members + (t,))
         cache.Z, cache.zz = cache.Z + kv, cache.zz + 2 * c + ss
 
 
-def _fenwick_step(cache: _Cache, w: Tensor, position: int, K: int) -> None:
+def _fenwick_step(cache: _Cache, t: int, w: Tensor, position: int, K: int) -> None:
     """Fenwick buckets, slot i holding level K − 1 − i. Going from position p − 1 to p merges
     levels 0..j into level j + 1, where j is the number of trailing ones of p − 1 (those are
     exactly the tokens whose highest differing bit with p becomes bit j)."""
@@ -121,18 +122,18 @@ def _fenwick_step(cache: _Cache, w: Tensor, position: int, K: int) -> None:
         target = cache.slots[K - 1 - (j + 1)]
         for level in range(j + 1):
             src = cache.slots[K - 1 - level]
-            target = _Slot(target.S + src.S, target.n + src.n, 0.0)
+            target = _Slot(target.S + src.S, target.n + src.n, 0.0, target.members + src.members)
             cache.slots[K - 1 - level] = _Slot(torch.zeros_like(w), 0, 0.0)
         cache.slots[K - 1 - (j + 1)] = target
-    cache.slots[K - 1] = _Slot(w, 1, 0.0)
+    cache.slots[K - 1] = _Slot(w, 1, 0.0, (t,))
 
 
-def _single_step(cache: _Cache, w: Tensor) -> None:
+def _single_step(cache: _Cache, t: int, w: Tensor) -> None:
     if not cache.slots:
-        cache.slots.append(_Slot(w, 1, 0.0))
+        cache.slots.append(_Slot(w, 1, 0.0, (t,)))
     else:
         only = cache.slots[0]
-        cache.slots[0] = _Slot(only.S + w, only.n + 1, 0.0)
+        cache.slots[0] = _Slot(only.S + w, only.n + 1, 0.0, only.members + (t,))
 
 
 def multistate_attention_recurrent(
@@ -143,24 +144,41 @@ def multistate_attention_recurrent(
     parity and unused."""
     p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale,
                  chunk_size=chunk_size, initial_state=initial_state)
+    o, final, _ = _recurrent(p, q, k, v, lam, g, beta, policy, tau, score, initial_state)
+    return (o, final) if output_final_state else o
+
+
+def recurrent_level_map(k, v, *, levels, policy="dla", tau=0.6, score="token", initial_state=None):
+    """The level map the recurrent reference's cache implies, in `segment_naive`'s layout:
+    `(level [B,H,T,T], initial_level [B,H,T,K])`."""
+    B, T, H, _ = k.shape
+    q, lam = torch.zeros_like(k), k.new_zeros(()).expand(B, T, H, levels)
+    p = validate(q, k, v, lam, policy=policy, tau=tau, score=score, initial_state=initial_state)
+    return _recurrent(p, q, k, v, lam, None, None, policy, tau, score, initial_state)[2]
+
+
+def _recurrent(p, q, k, v, lam, g, beta, policy, tau, score, initial_state):
     state = _start_state(initial_state, p, q)
     if policy == "fenwick":
         check_fenwick_levels(p.levels, state.step, p.length)
     q64, k64, v64, lam64, g64, beta64 = map(_f64, (q, k, v, lam, g, beta))
-    K = p.levels
-    out = torch.zeros(p.batch, p.length, p.heads, p.dv, dtype=torch.float64, device=q.device)
+    K, T = p.levels, p.length
+    out = torch.zeros(p.batch, T, p.heads, p.dv, dtype=torch.float64, device=q.device)
+    level = torch.full((p.batch, p.heads, T, T), -1, dtype=torch.int64)
+    initial_level = torch.full((p.batch, p.heads, T, K), -1, dtype=torch.int64)
     caches = []
     for b in range(p.batch):
         step0 = int(state.step[b])
         for h in range(p.heads):
             m0 = int(state.m[b, h])
             cache = _Cache(
-                slots=[_Slot(state.S[b, h, i].to(torch.float64), int(state.n[b, h, i]), float(state.I[b, h, i]))
+                slots=[_Slot(state.S[b, h, i].to(torch.float64), int(state.n[b, h, i]), float(state.I[b, h, i]),
+                             (i - m0,) if state.n[b, h, i] > 0 else ())
                        for i in range(m0)],
                 Z=state.Z[b, h].to(torch.float64), zz=float(state.zz[b, h]),
             )
             rows = []
-            for t in range(p.length):
+            for t in range(T):
                 kt, vt = k64[b, t, h], v64[b, t, h]
                 a = torch.exp(g64[b, t, h]) if g64 is not None else 1.0
                 bt = beta64[b, t, h] if beta64 is not None else None
@@ -170,21 +188,25 @@ def multistate_attention_recurrent(
                 # 2.–3. score, boundary, merge or absorb
                 w = torch.outer(bt * kt if bt is not None else kt, vt)
                 if policy == "dla":
-                    _dla_step(cache, kt, vt, w, tau, score, K)
+                    _dla_step(cache, t, kt, vt, w, tau, score, K)
                 elif policy == "fenwick":
-                    _fenwick_step(cache, w, step0 + t, K)
+                    _fenwick_step(cache, t, w, step0 + t, K)
                 else:
-                    _single_step(cache, w)
+                    _single_step(cache, t, w)
                 # 4. read out every slot at its rank's weight
                 m = len(cache.slots)
                 x = p.scale * q64[b, t, h]
                 rows.append(sum(lam64[b, t, h, m - 1 - i] * (slot.S.T @ x) for i, slot in enumerate(cache.slots)))
+                for i, slot in enumerate(cache.slots):
+                    for s in slot.members:
+                        if s >= 0:
+                            level[b, h, t, s] = m - 1 - i
+                        else:
+                            initial_level[b, h, t, s + m0] = m - 1 - i
             out[b, :, h] = torch.stack(rows)
             caches.append(cache)
-    o = out.to(q.dtype)
-    if not output_final_state:
-        return o
-    return o, _pack_caches(caches, p, q, state.step + p.length)
+    final = _pack_caches(caches, p, q, state.step + T)
+    return out.to(q.dtype), final, (level.to(q.device), initial_level.to(q.device))
 
 
 def _pack_caches(caches: list[_Cache], p, q, step: Tensor) -> MultiStateCache:
@@ -282,7 +304,7 @@ def segment_naive(k, v, *, levels, policy="dla", tau=0.6, score="token", initial
         for h in range(p.heads):
             m0 = int(state.m[b, h])
             if policy != "dla":
-                _closed_form_levels(level[b, h], initial_level[b, h], policy, step0, m0, K, T)
+                _closed_form_levels(level[b, h], initial_level[b, h], policy, step0, state.n[b, h, :m0], K, T)
                 final["m"][b, h] = K if policy == "fenwick" else 1
                 _count_final(final["n"][b, h], level[b, h, -1], initial_level[b, h, -1], state.n[b, h],
                              int(final["m"][b, h]))
@@ -336,11 +358,14 @@ def segment_naive(k, v, *, levels, policy="dla", tau=0.6, score="token", initial
     return Segmentation(level=level, initial_level=initial_level, **final, **margins, **diag)
 
 
-def _closed_form_levels(level: Tensor, initial_level: Tensor, policy: str, step0: int, m0: int, K: int, T: int) -> None:
+def _closed_form_levels(level: Tensor, initial_level: Tensor, policy: str, step0: int, n0: Tensor, K: int, T: int) -> None:
+    """`single` and `fenwick` levels; initial slots holding no token (empty Fenwick levels) get −1."""
     for t in range(T):
         for s in range(t + 1):
             level[t, s] = 0 if policy == "single" else _fenwick_level(step0 + t, step0 + s)
-        for i in range(m0):
+        for i in range(len(n0)):
+            if n0[i] == 0:
+                continue
             if policy == "single":
                 initial_level[t, i] = 0
             else:  # initial slot i holds level K − 1 − i of the partition at time step0 − 1
