@@ -1,0 +1,120 @@
+"""Shared hypothesis strategies and input builders for the operator tests.
+
+A drawn `Case` fixes shapes, policy, transition, score and a seed; `build` turns it into
+tensors. Inputs are either Gaussian (almost every token a boundary) or piecewise-stationary
+(few regimes plus small noise), so boundaries, in-block merges and capacity merges all occur.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from hypothesis import strategies as st
+
+from dla.ops.state import MultiStateCache
+from dla.synthetic import piecewise_stationary
+
+POLICIES = ("dla", "fenwick", "single")
+TRANSITIONS = ("none", "g", "beta", "both")
+SCORES = ("token", "state")
+DELTA = {torch.float64: 1e-9, torch.float32: 1e-4}  # SPEC §2 decision margins
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    length: int
+    heads: int
+    dk: int
+    dv: int
+    levels: int
+    policy: str
+    transition: str
+    score: str
+    tau: float
+    inputs: str  # "gaussian" | "piecewise"
+    mean_regime: float
+    seed: int
+    chunk_size: int = 4
+
+    @property
+    def g(self) -> bool:
+        return self.transition in ("g", "both")
+
+    @property
+    def beta(self) -> bool:
+        return self.transition in ("beta", "both")
+
+
+def fenwick_levels(length: int, offset: int = 0) -> int:
+    return (offset + length - 1).bit_length() + 1
+
+
+@st.composite
+def cases(draw, policies=POLICIES, transitions=TRANSITIONS, scores=SCORES, max_length=24):
+    policy = draw(st.sampled_from(policies))
+    length = draw(st.integers(1, max_length))
+    levels = draw(st.integers(2, 6))
+    if policy == "fenwick":
+        levels = max(levels, fenwick_levels(length))
+    return Case(
+        batch=draw(st.integers(1, 2)), length=length, heads=draw(st.integers(1, 2)),
+        dk=draw(st.integers(1, 5)), dv=draw(st.integers(1, 4)), levels=levels, policy=policy,
+        transition=draw(st.sampled_from(transitions)), score=draw(st.sampled_from(scores)),
+        tau=draw(st.sampled_from([0.0, 0.3, 0.6, 0.6, 1.0])),
+        inputs=draw(st.sampled_from(["gaussian", "piecewise", "piecewise"])),
+        mean_regime=draw(st.sampled_from([2.0, 4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
+        chunk_size=draw(st.sampled_from([1, 3, 4, 8, 64])),
+    )
+
+
+def build(case: Case, dtype=torch.float64) -> dict:
+    """Tensors for `case`: q, k, v, lam and, by transition, g (≤ 0) and beta (in (0, 1)); with
+    β the keys are l2-normalised, as Gated DeltaNet feeds them."""
+    gen = torch.Generator().manual_seed(case.seed)
+    B, T, H = case.batch, case.length, case.heads
+    if case.inputs == "gaussian":
+        k = torch.randn(B, T, H, case.dk, generator=gen, dtype=torch.float64)
+        v = torch.randn(B, T, H, case.dv, generator=gen, dtype=torch.float64)
+    else:
+        k, v, _ = piecewise_stationary(B, T, H, case.dk, case.dv, mean_regime=case.mean_regime,
+                                       noise=0.1, generator=gen, dtype=torch.float64)
+    if case.beta:
+        k = torch.nn.functional.normalize(k, dim=-1)
+    tensors = {
+        "q": torch.randn(B, T, H, case.dk, generator=gen, dtype=torch.float64),
+        "k": k, "v": v,
+        "lam": torch.rand(B, T, H, case.levels, generator=gen, dtype=torch.float64) + 0.1,
+        "g": -0.5 * torch.rand(B, T, H, generator=gen, dtype=torch.float64) if case.g else None,
+        "beta": torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05 if case.beta else None,
+    }
+    return {name: (x.to(dtype) if x is not None else None) for name, x in tensors.items()}
+
+
+def options(case: Case) -> dict:
+    return dict(policy=case.policy, tau=case.tau, score=case.score, chunk_size=case.chunk_size)
+
+
+def well_conditioned(seg, dtype=torch.float64) -> bool:
+    """SPEC §2: every decision clears its margin, so every path must take the same one."""
+    delta = DELTA[dtype]
+    return bool((seg.boundary_margin >= delta).all() and (seg.merge_margin >= delta).all())
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    denom = ref.norm()
+    err = (out.double() - ref).norm()
+    return float(err / denom) if denom > 0 else float(err)
+
+
+def random_cache(case: Case, seed: int, dtype=torch.float64) -> MultiStateCache:
+    """A plausible non-empty cache for `case`'s policy, as a previous call would leave it."""
+    from dla.ops.reference import multistate_attention_recurrent
+
+    warm = replace(case, length=5, seed=seed)
+    t = build(warm, dtype)
+    _, state = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], g=t["g"], beta=t["beta"],
+                                              output_final_state=True, **options(warm))
+    return state

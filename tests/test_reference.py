@@ -1,0 +1,197 @@
+"""The three float64 oracles agree with each other and with the SPEC's consequences (§2, §6)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+from dla.ops.reference import (
+    multistate_attention_materialized,
+    multistate_attention_recurrent,
+    recurrent_level_map,
+    segment_naive,
+)
+from tests.strategies import Case, build, cases, fenwick_levels, options, random_cache, relative_error, well_conditioned
+
+EDGE = dict(batch=1, heads=1, dk=3, dv=2, transition="both", score="token", inputs="piecewise", mean_regime=4.0, seed=7)
+
+
+def run_both(case: Case, t: dict, initial_state=None):
+    kw = dict(g=t["g"], beta=t["beta"], output_final_state=True, initial_state=initial_state, **options(case))
+    o_rec, s_rec = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], **kw)
+    o_mat, s_mat = multistate_attention_materialized(t["q"], t["k"], t["v"], t["lam"], **kw)
+    return (o_rec, s_rec), (o_mat, s_mat)
+
+
+def assert_states_equal(a, b, tol=1e-10):
+    assert torch.equal(a.m, b.m) and torch.equal(a.n, b.n) and torch.equal(a.step, b.step)
+    for name in ("S", "I", "Z", "zz"):
+        assert relative_error(getattr(a, name), getattr(b, name)) <= tol, name
+
+
+@given(cases())
+@example(Case(length=1, levels=2, policy="dla", tau=0.6, chunk_size=4, **EDGE))  # T = 1
+@example(Case(length=12, levels=12, policy="dla", tau=0.0, chunk_size=4, **EDGE))  # every token a boundary
+@example(Case(length=12, levels=3, policy="dla", tau=10.0, chunk_size=4, **EDGE))  # all tokens merged
+@example(Case(length=12, levels=2, policy="dla", tau=0.0, chunk_size=8, **EDGE))  # full cache from the first chunk
+def test_recurrent_equals_materialized(case: Case):
+    t = build(case)
+    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    assume(well_conditioned(seg))
+    (o_rec, s_rec), (o_mat, s_mat) = run_both(case, t)
+    assert relative_error(o_rec, o_mat) <= 1e-10
+    assert_states_equal(s_rec, s_mat)
+    level, initial_level = recurrent_level_map(t["k"], t["v"], levels=case.levels, policy=case.policy,
+                                               tau=case.tau, score=case.score)
+    assert torch.equal(level, seg.level) and torch.equal(initial_level, seg.initial_level)
+
+
+def test_draws_are_mostly_well_conditioned():
+    """The margin filter must not hollow the property tests out (SPEC §6)."""
+    verdicts = []
+
+    @settings(max_examples=60, database=None)
+    @given(cases())
+    def draw(case):
+        t = build(case)
+        seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+        verdicts.append(well_conditioned(seg))
+
+    draw()
+    assert len(verdicts) >= 50 and sum(verdicts) >= 0.9 * len(verdicts)
+
+
+def base_model(t: dict, scale: float):
+    """The single-state recurrence S_t = A_t S_{t−1} + w_t, o_t = S_tᵀ(scale·q_t)."""
+    q, k, v, g, beta = t["q"], t["k"], t["v"], t["g"], t["beta"]
+    B, T, H, Dk = q.shape
+    S = torch.zeros(B, H, Dk, v.shape[-1], dtype=torch.float64)
+    rows = []
+    for i in range(T):
+        kt, vt = k[:, i], v[:, i]
+        if beta is not None:
+            S = S - beta[:, i, :, None, None] * kt[..., :, None] * torch.einsum("bhd,bhde->bhe", kt, S)[..., None, :]
+        if g is not None:
+            S = torch.exp(g[:, i])[..., None, None] * S
+        kbar = kt * beta[:, i, :, None] if beta is not None else kt
+        S = S + kbar[..., :, None] * vt[..., None, :]
+        rows.append(torch.einsum("bhde,bhd->bhe", S, scale * q[:, i]))
+    return torch.stack(rows, dim=1)
+
+
+@given(cases())
+def test_unit_weights_reproduce_the_base_model(case: Case):
+    t = build(case)
+    t["lam"] = torch.ones_like(t["lam"])
+    ref = base_model(t, case.dk**-0.5)
+    kw = dict(g=t["g"], beta=t["beta"], **options(case))
+    assert relative_error(multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], **kw), ref) <= 1e-10
+    assert relative_error(multistate_attention_materialized(t["q"], t["k"], t["v"], t["lam"], **kw), ref) <= 1e-10
+
+
+@given(st.integers(1, 10), st.integers(0, 3), st.integers(0, 2**31 - 1), st.sampled_from(["token", "state"]))
+def test_zero_threshold_gives_every_token_its_own_slot(length, spare, seed, score):
+    case = Case(batch=2, length=length, heads=2, dk=3, dv=2, levels=max(2, length + spare), policy="dla",
+                transition="none", score=score, tau=0.0, inputs="gaussian", mean_regime=4.0, seed=seed)
+    t = build(case)
+    _, state = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], output_final_state=True, **options(case))
+    assert (state.m == length).all()
+    assert (state.n[..., :length] == 1).all() and (state.n[..., length:] == 0).all()
+
+
+@pytest.mark.parametrize("score", ["token", "state"])
+@pytest.mark.parametrize("zero", ["k", "v", "both"])
+def test_zero_tokens_follow_the_eps_rule(score, zero):
+    case = Case(batch=1, length=8, heads=2, dk=3, dv=2, levels=3, policy="dla", transition="g", score=score,
+                tau=0.6, inputs="gaussian", mean_regime=4.0, seed=3)
+    t = build(case)
+    for name in ("k", "v") if zero == "both" else (zero,):
+        t[name][:, ::2] = 0.0  # zero tokens, and zz = 0 when a block opens on one
+    (o_rec, s_rec), (o_mat, s_mat) = run_both(case, t)
+    for x in (o_rec, o_mat, s_rec.S, s_rec.I, s_rec.zz, s_mat.I):
+        assert torch.isfinite(x).all()
+    assert relative_error(o_rec, o_mat) <= 1e-10
+    assert_states_equal(s_rec, s_mat)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(2, 5))
+def test_cache_invariants_on_piecewise_stationary_inputs(seed, capacity):
+    """At most K slots, chronological contiguous slots whose counts sum to t + 1, each step's
+    partition a coarsening of the last one's plus the new token (merges only of neighbours)."""
+    case = Case(batch=2, length=40, heads=2, dk=4, dv=3, levels=capacity, policy="dla", transition="none",
+                score="token", tau=0.6, inputs="piecewise", mean_regime=4.0, seed=seed)
+    t = build(case)
+    seg = segment_naive(t["k"], t["v"], levels=capacity, policy="dla", tau=case.tau, score="token")
+    level = seg.level
+    T = case.length
+    for row in range(T):
+        lv = level[:, :, row, : row + 1]
+        m = lv.amax(-1) + 1
+        assert (m <= capacity).all()
+        assert ((lv[..., 1:] <= lv[..., :-1]).all())  # older tokens never at a lower rank: chronological
+        ranks = torch.arange(capacity)
+        counts = (lv[..., None] == ranks).sum(-2)  # [B, H, K]
+        assert (counts.sum(-1) == row + 1).all()
+        assert ((counts > 0) == (ranks < m[..., None])).all()  # live ranks are exactly 0..m−1, none empty
+        if row + 1 < T:  # a segment after the next step is a union of consecutive segments now
+            nxt = level[:, :, row + 1, : row + 1]
+            same_now = lv[..., :, None] == lv[..., None, :]
+            assert (same_now <= (nxt[..., :, None] == nxt[..., None, :])).all()
+    assert seg.boundaries.sum() > 0 and seg.absorbed.sum() > 0 and seg.capacity_merges.sum() > 0
+
+
+@given(cases(max_length=20), st.data())
+def test_prefill_split_equals_one_call(case: Case, data):
+    if case.policy == "fenwick":
+        case = replace(case, levels=fenwick_levels(case.length))
+    t = build(case)
+    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    assume(well_conditioned(seg))
+    a = data.draw(st.integers(0, case.length))
+    kw = dict(g=None, beta=None, output_final_state=True, **options(case))
+    o_one, s_one = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], **{**kw, "g": t["g"], "beta": t["beta"]})
+    state, pieces = None, []
+    for lo, hi in ((0, a), (a, case.length)):
+        if hi == lo:
+            continue
+        part = {n: (x[:, lo:hi] if x is not None else None) for n, x in t.items()}
+        for fn in (multistate_attention_recurrent, multistate_attention_materialized):
+            o, s = fn(part["q"], part["k"], part["v"], part["lam"], **{**kw, "g": part["g"], "beta": part["beta"]},
+                      initial_state=state)
+            if fn is multistate_attention_recurrent:
+                o_rec, s_rec = o, s
+            else:
+                assert relative_error(o, o_rec) <= 1e-10
+                assert_states_equal(s, s_rec)
+        pieces.append(o_rec)
+        state = s_rec
+    assert relative_error(torch.cat(pieces, dim=1), o_one) <= 1e-10
+    assert_states_equal(state, s_one)
+
+
+def test_fenwick_levels_use_the_absolute_position():
+    case = Case(batch=1, length=6, heads=1, dk=2, dv=2, levels=4, policy="fenwick", transition="none",
+                score="token", tau=0.6, inputs="gaussian", mean_regime=4.0, seed=1)
+    t = build(case)
+    _, state = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], output_final_state=True, **options(case))
+    assert int(state.step) == 6
+    more = build(replace(case, length=2, seed=2))
+    multistate_attention_recurrent(more["q"], more["k"], more["v"], more["lam"], initial_state=state, **options(case))
+    with pytest.raises(ValueError, match="bitlen\\(step \\+ T - 1\\)"):
+        far = build(replace(case, length=3, seed=2))  # positions 6..8: bitlen(8) = 4 levels needed, 4 given
+        multistate_attention_recurrent(far["q"], far["k"], far["v"], far["lam"], initial_state=state, **options(case))
+
+
+def test_initial_state_continues_in_the_materialized_form_too():
+    case = Case(batch=2, length=9, heads=2, dk=3, dv=2, levels=4, policy="dla", transition="both", score="token",
+                tau=0.6, inputs="piecewise", mean_regime=3.0, seed=11)
+    state = random_cache(case, seed=5)
+    assert (state.m > 0).all()
+    t = build(case)
+    (o_rec, s_rec), (o_mat, s_mat) = run_both(case, t, initial_state=state)
+    assert relative_error(o_rec, o_mat) <= 1e-10
+    assert_states_equal(s_rec, s_mat)
