@@ -11,9 +11,15 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q triton==3.6.0 -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: demo test
+.PHONY: demo test bench
 demo: $(STAMP)
 	$(VENV)/bin/dla demo
 
+# the test suite (hypothesis "ci" profile: bounded examples, no deadline), then the CPU
+# benchmarks, whose assertions are ratios measured within the run
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci --benchmark-disable
+	HYPOTHESIS_PROFILE=ci $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider perf --benchmark-json=perf/results/cpu-latest.json
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider perf --benchmark-json=perf/results/cpu-latest.json
