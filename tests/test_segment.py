@@ -1,0 +1,343 @@
+"""The CPU kernel of `dla::segment` (`dla.ops.segment.segment`) against `segment_naive`.
+
+Decisions are thresholds, so the level map and the counts are compared exactly on
+well-conditioned inputs only (SPEC §2: every `|I_t − τ| ≥ δ`, every chosen merge density below
+the runner-up by `δ·runner-up`), and the draws are checked to be mostly well-conditioned so
+the filter does not hollow the tests out (SPEC §6).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
+from dla.ops.reference import segment_naive
+from dla.ops.segment import segment
+from dla.ops.state import MultiStateCache, empty_cache, state_dtype
+from dla.synthetic import piecewise_stationary
+from tests.strategies import DELTA, fenwick_levels, relative_error, well_conditioned
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Relative tolerances of the final floats against the float64 oracle. In float32, `I` inherits
+# the cancellation of the score itself (`c`, `zz` and `ss` are combined without ever forming
+# `Z + k vᵀ`), which costs up to ~1e-3 on tokens nearly opposite to their block; the decisions
+# built on it are compared exactly.
+TOL = {
+    torch.float64: {"I": 1e-10, "Z": 1e-10, "zz": 1e-10},
+    torch.float32: {"I": 1e-2, "Z": 1e-5, "zz": 1e-5},
+}
+
+
+@dataclass(frozen=True)
+class SegCase:
+    batch: int
+    length: int
+    heads: int
+    dk: int
+    dv: int
+    levels: int
+    policy: str
+    score: str
+    tau: float
+    inputs: str  # "gaussian" | "piecewise"
+    mean_regime: float
+    seed: int
+    chunk_size: int
+    dtype: str  # "float32" | "float64"
+    warm: int = 0  # tokens consumed before the call (0: empty cache)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@st.composite
+def seg_cases(draw, policies=("dla", "fenwick", "single"), min_length=1, max_length=32, warm=(0, 0, 3, 7)):
+    policy = draw(st.sampled_from(policies))
+    length = draw(st.integers(min_length, max_length))
+    dk = draw(st.integers(1, 5))
+    dv = draw(st.integers(2 if dk == 1 else 1, 4))  # dk = dv = 1 makes every token collinear
+    w = draw(st.sampled_from(warm))
+    levels = draw(st.integers(2, 6))
+    if policy == "fenwick":
+        levels = max(levels, fenwick_levels(length, w))
+    return SegCase(
+        batch=draw(st.integers(1, 2)), length=length, heads=draw(st.integers(1, 2)), dk=dk, dv=dv,
+        levels=levels, policy=policy, score=draw(st.sampled_from(["token", "state"])),
+        tau=draw(st.sampled_from([0.0, 0.3, 0.6, 0.6, 1.0])),
+        inputs=draw(st.sampled_from(["gaussian", "piecewise", "piecewise"])),
+        mean_regime=draw(st.sampled_from([2.0, 4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
+        chunk_size=draw(st.sampled_from([1, 3, 4, 8, 64])), dtype=draw(st.sampled_from(["float32", "float64"])),
+        warm=w,
+    )
+
+
+def stream(case: SegCase, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(case.seed)
+    B, H = case.batch, case.heads
+    if case.inputs == "gaussian":
+        k = torch.randn(B, length, H, case.dk, generator=gen, dtype=torch.float64)
+        v = torch.randn(B, length, H, case.dv, generator=gen, dtype=torch.float64)
+    else:
+        k, v, _ = piecewise_stationary(B, length, H, case.dk, case.dv, mean_regime=case.mean_regime, noise=0.1,
+                                       generator=gen, dtype=torch.float64)
+    return k.to(case.torch_dtype), v.to(case.torch_dtype)
+
+
+def state_from(seg, case: SegCase, step: int) -> MultiStateCache:
+    """The segmentation part of a cache (S is zeros: segmentation never reads it)."""
+    sdt = state_dtype(case.torch_dtype)
+    B, H, K = seg.n.shape
+    return MultiStateCache(
+        S=torch.zeros(B, H, K, case.dk, case.dv, dtype=sdt), n=seg.n.clone(), I=seg.I.to(sdt), m=seg.m.clone(),
+        Z=seg.Z.to(sdt), zz=seg.zz.to(sdt), step=torch.full((B,), step, dtype=torch.int64),
+    )
+
+
+def make_inputs(case: SegCase):
+    """`k, v` of the call and the cache that `case.warm` tokens of the same stream left."""
+    k, v = stream(case, case.warm + case.length)
+    if case.warm == 0:
+        state = empty_cache(case.batch, case.heads, case.levels, case.dk, case.dv, dtype=case.torch_dtype,
+                            device="cpu")
+    else:
+        warm = segment_naive(k[:, :case.warm], v[:, :case.warm], levels=case.levels, policy=case.policy,
+                             tau=case.tau, score=case.score)
+        state = state_from(warm, case, case.warm)
+    return k[:, case.warm:], v[:, case.warm:], state
+
+
+def naive(case: SegCase, k, v, state):
+    return segment_naive(k, v, levels=case.levels, policy=case.policy, tau=case.tau, score=case.score,
+                         initial_state=state)
+
+
+def fast(case: SegCase, k, v, state, chunk_size=None):
+    return segment(k, v, state.n, state.I, state.m, state.Z, state.zz, state.step, case.levels, case.policy,
+                   case.score, case.tau, chunk_size or case.chunk_size)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return relative_error(a, b) <= tol
+
+
+def assert_final_state(out, ref_n, ref_I, ref_m, ref_Z, ref_zz, dtype):
+    _, n, I, m, Z, zz = out
+    assert torch.equal(m, ref_m) and torch.equal(n, ref_n)
+    tol = TOL[dtype]
+    for name, got, want in (("I", I, ref_I), ("Z", Z, ref_Z), ("zz", zz, ref_zz)):
+        assert close(got, want, tol[name]), (name, relative_error(got, want))
+
+
+EDGE = dict(batch=1, heads=2, dk=3, dv=2, score="token", inputs="piecewise", mean_regime=4.0, seed=7, policy="dla")
+EDGE_CASES = {
+    "T = 1": SegCase(length=1, levels=2, tau=0.6, chunk_size=4, dtype="float64", **EDGE),
+    "T = 1 after a cache": SegCase(length=1, levels=3, tau=0.6, chunk_size=4, dtype="float32", warm=7, **EDGE),
+    "every token a boundary": SegCase(length=12, levels=12, tau=0.0, chunk_size=4, dtype="float64", **EDGE),
+    "every token a boundary, float32": SegCase(length=10, levels=11, tau=0.0, chunk_size=3, dtype="float32", **EDGE),
+    "all tokens merged": SegCase(length=13, levels=3, tau=10.0, chunk_size=4, dtype="float32", **EDGE),
+    "all tokens merged, state score": SegCase(**{**EDGE, "score": "state"}, length=13, levels=3, tau=10.0,
+                                              chunk_size=8, dtype="float64"),
+    "full cache from the first chunk": SegCase(length=12, levels=2, tau=0.0, chunk_size=8, dtype="float64", **EDGE),
+    "full cache from the first chunk, float32": SegCase(**{**EDGE, "inputs": "gaussian"}, length=19, levels=3,
+                                                        tau=0.6, chunk_size=8, dtype="float32"),
+}
+
+
+def with_examples(cases):
+    def wrap(fn):
+        for case in cases:
+            fn = example(case)(fn)
+        return fn
+    return wrap
+
+
+@given(seg_cases())
+@with_examples(EDGE_CASES.values())
+@example(SegCase(length=9, levels=5, tau=0.6, chunk_size=4, dtype="float64", warm=7,
+                 **{**EDGE, "policy": "fenwick"}))  # fenwick continuing from step 7
+@example(SegCase(length=5, levels=4, tau=0.6, chunk_size=3, dtype="float32", warm=3,
+                 **{**EDGE, "policy": "single"}))
+def test_segment_equals_segment_naive(case: SegCase):
+    k, v, state = make_inputs(case)
+    ref = naive(case, k, v, state)
+    assume(well_conditioned(ref, case.torch_dtype))
+    inputs = (k, v, state.n, state.I, state.m, state.Z, state.zz, state.step)
+    out = fast(case, k, v, state)
+    level_start = out[0]
+    B, T, H, K = case.batch, case.length, case.heads, case.levels
+    sdt = state_dtype(case.torch_dtype)
+    assert level_start.shape == (B, T, H, K) and level_start.dtype == torch.int32
+    for x, dtype, shape in zip(out[1:], (torch.int64, sdt, torch.int64, sdt, sdt),
+                               ((B, H, K), (B, H, K), (B, H), (B, H, case.dk, case.dv), (B, H))):
+        assert x.dtype == dtype and x.shape == shape
+    for x in out:  # fresh tensors, never views of an input
+        assert all(x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr() for y in inputs)
+
+    level, initial = dense_level_map(level_start, state.m)
+    assert torch.equal(level, ref.level)
+    # an empty Fenwick bucket of the initial cache holds no token: the map cannot place it
+    carried = (state.n > 0)[:, :, None, :]
+    assert torch.equal(torch.where(carried, initial, -1), ref.initial_level)
+    assert torch.equal(level_start, encode_level_map(ref.level, ref.initial_level, state.m))
+    assert_final_state(out, ref.n, ref.I, ref.m, ref.Z, ref.zz, case.torch_dtype)
+
+
+def test_edge_examples_are_well_conditioned_and_what_they_claim():
+    """The `@example`s above must not be dropped by the margin filter."""
+    for name, case in EDGE_CASES.items():
+        k, v, state = make_inputs(case)
+        ref = naive(case, k, v, state)
+        assert well_conditioned(ref, case.torch_dtype), name
+        if name.startswith("every token"):
+            assert (ref.m == case.length).all() and (ref.n[..., : case.length] == 1).all(), name
+        if name.startswith("all tokens merged"):
+            assert (ref.m == 1).all() and (ref.boundaries == 0).all(), name
+        if name.startswith("full cache"):  # a capacity merge inside the first chunk
+            first = naive(case, k[:, : case.chunk_size], v[:, : case.chunk_size], state)
+            assert first.capacity_merges.sum() > 0, name
+
+
+def test_draws_are_mostly_well_conditioned_and_exercise_every_decision():
+    """≥ 90% of the drawn `dla` inputs clear the margins, and the piecewise-stationary draws
+    make boundaries, in-block merges and capacity merges all happen (SPEC §6)."""
+    verdicts, events = [], Counter()
+
+    @settings(max_examples=60, database=None)
+    @given(seg_cases(policies=("dla",)))
+    def draw(case):
+        k, v, state = make_inputs(case)
+        ref = naive(case, k, v, state)
+        verdicts.append(well_conditioned(ref, case.torch_dtype))
+        if case.inputs == "piecewise":
+            for name in ("boundaries", "absorbed", "capacity_merges"):
+                events[name] += int(getattr(ref, name).sum())
+
+    draw()
+    assert len(verdicts) >= 50 and sum(verdicts) >= 0.9 * len(verdicts), (sum(verdicts), len(verdicts))
+    assert events["boundaries"] > 0 and events["absorbed"] > 0 and events["capacity_merges"] > 0, events
+
+
+@given(seg_cases(min_length=2, warm=(0,)), st.integers(0, 2**16), st.sampled_from([0, 5, 13]))
+@example(SegCase(length=12, levels=3, tau=0.6, chunk_size=4, dtype="float64", **EDGE), 5, 0)
+@example(SegCase(length=12, levels=3, tau=0.0, chunk_size=4, dtype="float32", **EDGE), 4, 0)  # full cache at the cut
+@example(SegCase(length=11, levels=5, tau=0.6, chunk_size=3, dtype="float64", **{**EDGE, "policy": "fenwick"}), 6, 13)
+def test_split_equals_one_call(case: SegCase, cut: int, step0: int):
+    """`x[:a]` then `x[a:]` from the first call's final state equals one call on `x`: the final
+    state, and the level map with the second call's initial slots mapped back to the segments
+    they summarise (slot i ↔ the first member of rank m_a − 1 − i in the first call's last row)."""
+    a = 1 + cut % (case.length - 1)
+    step0 = step0 if case.policy == "fenwick" else 0  # fenwick reads absolute positions step0 + t
+    if case.policy == "fenwick":
+        case = replace(case, levels=max(case.levels, fenwick_levels(case.length, step0)))
+    k, v = stream(case, case.length)
+    B, H, K, T = case.batch, case.heads, case.levels, case.length
+    state0 = empty_cache(B, H, K, case.dk, case.dv, dtype=case.torch_dtype, device="cpu")._replace(
+        step=torch.full((B,), step0, dtype=torch.int64))
+    ref = naive(case, k, v, state0)
+    assume(well_conditioned(ref, case.torch_dtype))
+
+    one = fast(case, k, v, state0)
+    first = fast(case, k[:, :a], v[:, :a], state0)
+    _, n_a, I_a, m_a, Z_a, zz_a = first
+    state_a = MultiStateCache(S=state0.S, n=n_a, I=I_a, m=m_a, Z=Z_a, zz=zz_a, step=state0.step + a)
+    second = fast(case, k[:, a:], v[:, a:], state_a)
+    assert_final_state(second, *one[1:], case.torch_dtype)
+
+    no_slots = torch.zeros(B, H, dtype=torch.int64)
+    level_one, _ = dense_level_map(one[0], no_slots)
+    level_first, _ = dense_level_map(first[0], no_slots)
+    assert torch.equal(level_first, level_one[:, :, :a, :a])
+    level_second, initial_second = dense_level_map(second[0], m_a)
+    assert torch.equal(level_second, level_one[:, :, a:, a:])
+    slot = torch.arange(K)
+    rank = (m_a[..., None] - 1 - slot).clamp(min=0)  # [B, H, K] rank of oldest-first slot i
+    starts = first[0][:, -1].long()  # [B, H, L] by rank
+    member = torch.gather(starts, -1, rank)  # first member of slot i, a position of the first call
+    carried = (slot < m_a[..., None]) & (n_a > 0)
+    assert (member[carried] >= 0).all() and (member[carried] < a).all()
+    index = member.clamp(0, a - 1)[:, :, None, :].expand(B, H, T - a, K)
+    expected = torch.where(carried[:, :, None, :], torch.gather(level_one[:, :, a:], -1, index), -1)
+    assert torch.equal(torch.where(carried[:, :, None, :], initial_second, -1), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("score", ["token", "state"])
+@pytest.mark.parametrize("zero", ["k", "v", "both"])
+def test_zero_tokens_follow_the_eps_rule(zero, score, dtype):
+    case = SegCase(batch=1, length=11, heads=2, dk=3, dv=2, levels=3, policy="dla", score=score, tau=0.6,
+                   inputs="gaussian", mean_regime=4.0, seed=3, chunk_size=4, dtype=str(dtype).split(".")[-1])
+    k, v, state = make_inputs(case)
+    k, v = k.clone(), v.clone()
+    for x in (k, v) if zero == "both" else ((k,) if zero == "k" else (v,)):
+        x[:, ::2] = 0.0  # zero tokens, and zz = 0 when a block opens on one
+    ref = naive(case, k, v, state)
+    assert well_conditioned(ref, dtype)
+    out = fast(case, k, v, state)
+    for x in out[1:]:
+        assert not x.is_floating_point() or torch.isfinite(x).all()
+    assert torch.equal(out[0], encode_level_map(ref.level, ref.initial_level, state.m))
+    assert_final_state(out, ref.n, ref.I, ref.m, ref.Z, ref.zz, dtype)
+
+
+def test_chunk_size_does_not_change_the_result():
+    case = SegCase(batch=2, length=50, heads=2, dk=4, dv=3, levels=4, policy="dla", score="token", tau=0.6,
+                   inputs="piecewise", mean_regime=6.0, seed=5, chunk_size=1, dtype="float64")
+    k, v, state = make_inputs(case)
+    outs = [fast(case, k, v, state, chunk_size=c) for c in (1, 7, 16, 64)]
+    for out in outs[1:]:
+        assert torch.equal(out[0], outs[0][0]) and torch.equal(out[1], outs[0][1])
+        for x, y in zip(out[2:], outs[0][2:]):
+            assert close(x, y, 1e-12)
+
+
+def test_single_and_fenwick_closed_forms_at_a_glance():
+    """Spot values of the encoding: positions, pseudo-positions of initial slots, EMPTY gaps."""
+    case = SegCase(batch=1, length=6, heads=1, dk=2, dv=2, levels=5, policy="fenwick", score="token", tau=0.6,
+                   inputs="gaussian", mean_regime=4.0, seed=1, chunk_size=4, dtype="float64", warm=5)
+    k, v, state = make_inputs(case)
+    # after positions 0..4: level 3 = {0..3}, level 0 = {4}; slot i holds level K − 1 − i
+    assert state.n[0, 0].tolist() == [0, 4, 0, 0, 1] and state.m.tolist() == [[5]]
+    level_start, n, _, m, _, _ = fast(case, k, v, state)
+    rows = level_start[0, :, 0].tolist()
+    # p = 5 (101): {5}, {4} (initial level-0 slot at −1), –, {0..3} (initial level-3 slot at −4), –
+    assert rows[0] == [0, -1, EMPTY, -4, EMPTY]
+    # p = 10 (1010): {10}, –, {8, 9}, –, {0..7} (from the initial level-3 slot)
+    assert rows[5] == [5, EMPTY, 3, EMPTY, -4]
+    assert n[0, 0].tolist() == [8, 0, 2, 0, 1] and m.tolist() == [[5]]
+
+    single = replace(case, policy="single", warm=3)
+    k, v, state = make_inputs(single)
+    level_start, n, _, m, _, _ = fast(single, k, v, state)
+    assert (level_start[..., 0] == -1).all() and (level_start[..., 1:] == EMPTY).all()
+    assert n[0, 0].tolist() == [3 + 6, 0, 0, 0, 0] and m.tolist() == [[1]]
+
+
+def test_fenwick_needs_enough_levels_for_the_absolute_position():
+    case = SegCase(batch=1, length=3, heads=1, dk=2, dv=2, levels=4, policy="fenwick", score="token", tau=0.6,
+                   inputs="gaussian", mean_regime=4.0, seed=1, chunk_size=4, dtype="float64")
+    k, v, state = make_inputs(case)
+    fast(case, k, v, state._replace(step=torch.tensor([5])))  # positions 5..7: bitlen 3 < 4
+    with pytest.raises(ValueError, match="bitlen"):
+        fast(case, k, v, state._replace(step=torch.tensor([6])))  # position 8: bitlen 4
+
+
+def test_benchmark_shape_runs_in_seconds():
+    """The benchmark shape (B=2, H=4, Dk=Dv=64, K=32, chunk 64, float32) at a quarter of its
+    T = 4096, on boundary-dense Gaussian inputs (a capacity merge at almost every token, the
+    slowest path); a loose bound that catches a lost vectorisation, not a benchmark."""
+    import time
+
+    case = SegCase(batch=2, length=1024, heads=4, dk=64, dv=64, levels=32, policy="dla", score="token", tau=0.6,
+                   inputs="gaussian", mean_regime=64.0, seed=0, chunk_size=64, dtype="float32")
+    k, v, state = make_inputs(case)
+    t0 = time.perf_counter()
+    out = fast(case, k, v, state)
+    assert time.perf_counter() - t0 < 10.0
+    assert (out[3] == 32).all()
