@@ -1,0 +1,531 @@
+"""CUDA kernel of `dla::segment` (SCHEMAS.md) in Triton: the level map and the final
+segmentation state, same signature and outputs as the CPU kernel `dla.ops.segment.segment`.
+
+`fenwick` and `single` are closed forms in plain torch (no token loop). `dla` follows SPEC §2
+"Structure worth using": boundaries depend only on the open block, so segmentation splits into
+
+1. **Boundary walk** (`_walk_kernel`). Per chunk of `C` tokens: the Gram
+   `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)`, `ss_t = ‖k_t‖²‖v_t‖²` and the base term `rowsum((K_c Z) ⊙ V_c)`
+   against the open-block content `Z` at the chunk start (kept in registers). From a known
+   block start `s0` every `c_t` of the chunk is a masked Gram row sum and every `zz_t` an
+   exclusive prefix sum of `2c + ss`, so the walk *jumps* from boundary to boundary: one
+   vectorised pass per boundary finds the first token with `I_t ≥ τ`. `Z` is brought to the
+   chunk end by one masked `tl.dot` (it restarts at a boundary); `zz` follows its update rule.
+   Outputs per token: `I_t` and a boundary flag.
+
+   Parallel over time by speculation: the sequence is cut into *pieces* of whole chunks; piece
+   0 starts from the real initial state, piece `p > 0` from a boundary forced at its first
+   token, so all `B·H·P` programs run at once. `_fixup_kernel` (one program per `(b, h)`,
+   sequential over pieces) then replays each piece from its true incoming block until the true
+   walk reaches a boundary that the speculative walk also has: from a common boundary on, the
+   two walks see the same open block and agree, so the rest of the piece (its flags, `I_t`,
+   end `Z` and `zz`) is already right. On piecewise-stationary inputs that happens at the first
+   regime change, so the sequential part is about one block per piece.
+
+2. **Merge scan and level map** (`_merge_kernel`, one program per `(b, h)`): sequential over
+   boundary events only — the absorbed tokens between two events are one masked sum into the
+   open slot; at an event with a full cache, the `O(K)` argmin of
+   `(I_i + I_{i+1}) / (n_i + n_{i+1})` (ties → smallest `i`) and the shift of the slot vectors
+   (`n`, `I`, start positions, oldest first, in registers); then the append. Each chunk's level
+   rows are kept as a `[C, K]` tile (oldest-first starts per token, updated per event) and
+   stored once, scattered into rank order `r = m − 1 − i`.
+
+Decisions in the state dtype (float32 for 16/32-bit inputs, float64 for float64), `ε = 1e-12`,
+radicands clamped at 0. Products that feed decisions keep float32 accuracy: float32 inputs use
+`tl.dot(..., input_precision="tf32x3")` on the GPU (`"ieee"` in the interpreter); 16-bit
+inputs multiply in their own dtype where products are exact (Gram, `Z` update) and take
+`K_c Z` as two passes against a hi/lo split of the float32 `Z`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dla.ops.levels import EMPTY
+from dla.ops.state import state_dtype
+from dla.ops.validation import check_fenwick_levels
+
+EPS = 1e-12  # SPEC §2: floor of every cosine denominator
+
+__all__ = ["segment_triton"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# dla: boundary walk
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tf32_hi(x):
+    """x rounded to tf32 (10 mantissa bits), so that a tf32 dot takes it exactly."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x1000) & -8192
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _walk_range(k_base, v_base, info_base, flag_base, t_begin, t_end, cont, Z, zz, tau,
+                stride_k, stride_v, Dk, Dv,
+                SCORE_STATE: tl.constexpr, SYNC: tl.constexpr, DOT_MODE: tl.constexpr,
+                PREC: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                FDT: tl.constexpr):
+    """Walk tokens [t_begin, t_end) chunk by chunk, writing I_t and boundary flags.
+
+    `cont != 0`: the open block `(Z, zz)` continues from before `t_begin`; otherwise a boundary
+    is forced at `t_begin` (flag 1, I = 0). With `SYNC`, stop after the first boundary that the
+    flags already stored (the speculative walk's) also have; returns (synced, Z, zz)."""
+    idx = tl.arange(0, C)
+    rows = idx[:, None]
+    cols = idx[None, :]
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    synced = cont * 0
+    t0 = t_begin
+    while (t0 < t_end) & (synced == 0):
+        nvalid = tl.minimum(t_end - t0, C)
+        valid = idx < nvalid
+        tok = (t0 + idx).to(tl.int64)
+        Kc = tl.load(k_base + tok[:, None] * stride_k + dk[None, :],
+                     mask=valid[:, None] & (dk[None, :] < Dk), other=0.0)
+        Vc = tl.load(v_base + tok[:, None] * stride_v + dv[None, :],
+                     mask=valid[:, None] & (dv[None, :] < Dv), other=0.0)
+        Kf = Kc.to(FDT)
+        Vf = Vc.to(FDT)
+        if DOT_MODE == 0:
+            G = tl.dot(Kf, tl.trans(Kf), input_precision=PREC) * tl.dot(Vf, tl.trans(Vf), input_precision=PREC)
+        else:  # 16-bit inputs: products are exact in float32
+            G = tl.dot(Kc, tl.trans(Kc)) * tl.dot(Vc, tl.trans(Vc))
+        ss = tl.sum(Kf * Kf, 1) * tl.sum(Vf * Vf, 1)
+        base = tl.zeros([C], FDT)
+        if cont != 0:
+            if DOT_MODE == 0:
+                KZ = tl.dot(Kf, Z, input_precision=PREC)
+            elif DOT_MODE == 1:  # bfloat16: Z = hi + lo in bfloat16
+                Zhi = Z.to(tl.bfloat16)
+                Zlo = (Z - Zhi.to(tl.float32)).to(tl.bfloat16)
+                KZ = tl.dot(Kc, Zhi) + tl.dot(Kc, Zlo)
+            else:  # float16 (exact in tf32): Z = hi + lo in tf32
+                Zhi = _tf32_hi(Z)
+                KZ = tl.dot(Kf, Zhi, input_precision="tf32") + tl.dot(Kf, Z - Zhi, input_precision="tf32")
+            base = tl.sum(KZ * Vf, 1)
+        if SYNC:
+            spec = tl.load(flag_base + tok, mask=valid, other=0).to(tl.int32)
+        else:
+            spec = tl.zeros([C], tl.int32)
+
+        # jump from boundary to boundary; s0 = block start in the chunk, −1: opened before it
+        s0 = tl.where(cont != 0, -1, 0)
+        zz_start = tl.where(cont != 0, zz, 0.0).to(FDT)
+        infos = tl.zeros([C], FDT)
+        flags = tl.where((idx == 0) & (cont == 0), 1, 0)
+        zz_end = zz_start
+        t1 = s0 * 0 + C
+        hit = s0 * 0
+        done = s0 * 0
+        while done == 0:
+            lo = tl.maximum(s0, 0)
+            c = tl.sum(tl.where((cols >= lo) & (cols < rows), G, 0.0), 1)
+            c = tl.where(s0 < 0, c + base, c)
+            d = tl.where(idx == s0, ss, 2.0 * c + ss)
+            d = tl.where((idx >= lo) & valid, d, 0.0)
+            zzb = zz_start + (tl.cumsum(d, 0) - d)
+            if SCORE_STATE:
+                num = zzb + c
+                rad = zzb * (zzb + 2.0 * c + ss)
+            else:
+                num = c
+                rad = ss * zzb
+            cos = num / tl.maximum(tl.sqrt(tl.maximum(rad, 0.0)), EPS)
+            info = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
+            later = (idx > s0) & valid
+            t1 = tl.min(tl.where(later & (info >= tau), idx, C), 0)
+            infos = tl.where(later & (idx <= t1), info, infos)
+            flags = tl.where(idx == t1, 1, flags)
+            zz_end = zz_start + tl.sum(d, 0)
+            hit = ((t1 < C) & (tl.sum(tl.where(idx == t1, spec, 0), 0) != 0)).to(tl.int32)
+            done = ((t1 >= C) | hit).to(tl.int32)
+            s0 = tl.where(done != 0, s0, t1)
+            zz_start = tl.where(done != 0, zz_start, 0.0).to(FDT)
+
+        wmask = valid & ((idx <= t1) | (hit == 0))
+        tl.store(info_base + tok, infos, mask=wmask)
+        tl.store(flag_base + tok, flags.to(tl.int8), mask=wmask)
+        # Z at the chunk end: restart at the last boundary, add the open block's tokens
+        inb = (idx >= tl.maximum(s0, 0)) & valid
+        if DOT_MODE == 0:
+            Zc = tl.dot(tl.trans(tl.where(inb[:, None], Kf, 0.0)), Vf, input_precision=PREC)
+        else:
+            Zc = tl.dot(tl.trans(tl.where(inb[:, None], Kc, 0.0)), Vc).to(FDT)
+        Z = tl.where(s0 < 0, Z, 0.0) + Zc
+        zz = zz_end
+        synced = hit
+        cont = cont * 0 + 1
+        t0 += C
+    return synced, Z, zz
+
+
+@triton.jit
+def _walk_kernel(k_ptr, v_ptr, Z0_ptr, zz0_ptr, m0_ptr, tau_ptr, info_ptr, flag_ptr, Zs_ptr, zzs_ptr,
+                 T, H, Dk, Dv, piece, P,
+                 SCORE_STATE: tl.constexpr, DOT_MODE: tl.constexpr, PREC: tl.constexpr,
+                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FDT: tl.constexpr):
+    """Speculative walk of piece `p` of stream `(b, h)`: piece 0 from the initial state, later
+    pieces from a boundary forced at their first token. Stores the piece's end `Z`, `zz`."""
+    bh = tl.program_id(0)
+    p = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    k_base = k_ptr + (b.to(tl.int64) * T * H + h) * Dk
+    v_base = v_ptr + (b.to(tl.int64) * T * H + h) * Dv
+    info_base = info_ptr + bh64 * T
+    flag_base = flag_ptr + bh64 * T
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    zoff = dk[:, None] * Dv + dv[None, :]
+    zmask = (dk[:, None] < Dk) & (dv[None, :] < Dv)
+    tau = tl.load(tau_ptr).to(FDT)
+    m0 = tl.load(m0_ptr + bh)
+    cont = ((p == 0) & (m0 > 0)).to(tl.int32)
+    Z = tl.load(Z0_ptr + bh64 * Dk * Dv + zoff, mask=zmask & (cont != 0), other=0.0).to(FDT)
+    zz = tl.where(cont != 0, tl.load(zz0_ptr + bh).to(FDT), 0.0).to(FDT)
+    t_begin = p * piece
+    t_end = tl.minimum(t_begin + piece, T)
+    synced, Z, zz = _walk_range(k_base, v_base, info_base, flag_base, t_begin, t_end, cont, Z, zz, tau,
+                                H * Dk, H * Dv, Dk, Dv, SCORE_STATE, False, DOT_MODE, PREC, C, BK, BV, FDT)
+    zs = bh64 * P + p
+    tl.store(Zs_ptr + zs * Dk * Dv + zoff, Z, mask=zmask)
+    tl.store(zzs_ptr + zs, zz)
+
+
+@triton.jit
+def _fixup_kernel(k_ptr, v_ptr, tau_ptr, info_ptr, flag_ptr, Zs_ptr, zzs_ptr,
+                  T, H, Dk, Dv, piece, P,
+                  SCORE_STATE: tl.constexpr, DOT_MODE: tl.constexpr, PREC: tl.constexpr,
+                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FDT: tl.constexpr):
+    """Replay pieces 1..P−1 of stream `(b, h)` from their true incoming block until the true
+    walk meets a speculative boundary; store true end states where it never does."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    k_base = k_ptr + (b.to(tl.int64) * T * H + h) * Dk
+    v_base = v_ptr + (b.to(tl.int64) * T * H + h) * Dv
+    info_base = info_ptr + bh64 * T
+    flag_base = flag_ptr + bh64 * T
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    zoff = dk[:, None] * Dv + dv[None, :]
+    zmask = (dk[:, None] < Dk) & (dv[None, :] < Dv)
+    tau = tl.load(tau_ptr).to(FDT)
+    Z = tl.load(Zs_ptr + bh64 * P * Dk * Dv + zoff, mask=zmask, other=0.0)
+    zz = tl.load(zzs_ptr + bh64 * P)
+    one = tl.program_id(0) * 0 + 1
+    p = one
+    while p < P:  # (a while loop: the interpreter cannot range() over runtime scalars)
+        t_begin = p * piece
+        t_end = tl.minimum(t_begin + piece, T)
+        synced, Zt, zzt = _walk_range(k_base, v_base, info_base, flag_base, t_begin, t_end, one, Z, zz, tau,
+                                      H * Dk, H * Dv, Dk, Dv, SCORE_STATE, True, DOT_MODE, PREC, C, BK, BV, FDT)
+        zs = bh64 * P + p
+        if synced != 0:
+            Z = tl.load(Zs_ptr + zs * Dk * Dv + zoff, mask=zmask, other=0.0)
+            zz = tl.load(zzs_ptr + zs)
+        else:
+            Z = Zt
+            zz = zzt
+            tl.store(Zs_ptr + zs * Dk * Dv + zoff, Z, mask=zmask)
+            tl.store(zzs_ptr + zs, zz)
+        p += 1
+
+
+# --------------------------------------------------------------------------------------------
+# dla: merge scan and level map
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _merge_kernel(E_ptr, pos_ptr, infoE_ptr, absN_ptr, absI_ptr, n0_ptr, I0_ptr, m0_ptr,
+                  cfg_st_ptr, cfg_m_ptr, n_ptr, I_ptr, m_ptr, T, K,
+                  BKS: tl.constexpr, FDT: tl.constexpr):
+    """Merge scan of stream `bh` over its boundary events only. Event `e` (token pos[e], score
+    infoE[e]) first adds the tokens its block absorbed (absN[e], absI[e]) to the open slot, then
+    merges the least dense adjacent pair if the cache is full, then appends. The slot starts
+    (oldest first) and `m` after event `e` go to row e + 1 of `cfg` (row 0: the initial state)."""
+    bh = tl.program_id(0)
+    bh64 = bh.to(tl.int64)
+    slot = tl.arange(0, BKS)
+    nxt = tl.minimum(slot + 1, BKS - 1)
+    m = tl.load(m0_ptr + bh).to(tl.int32)
+    live = slot < m
+    n = tl.load(n0_ptr + bh64 * K + slot, mask=live, other=0).to(tl.int64)
+    I = tl.load(I0_ptr + bh64 * K + slot, mask=live, other=0.0).to(FDT)
+    st = tl.where(live, slot - m, EMPTY)  # first member of each slot, oldest first
+    ev = bh64 * (T + 1)
+    cfg = cfg_st_ptr + ev * BKS
+    tl.store(cfg + slot, st)
+    tl.store(cfg_m_ptr + ev, m)
+    E = tl.load(E_ptr + bh).to(tl.int32)
+    pos = tl.load(pos_ptr + ev)
+    ie = tl.load(infoE_ptr + ev)
+    an = tl.load(absN_ptr + ev)
+    ai = tl.load(absI_ptr + ev)
+    e = E * 0
+    while e < E:
+        # the next event's data, loaded ahead (index e + 1 ≤ E ≤ T exists)
+        pos_nx = tl.load(pos_ptr + ev + e + 1)
+        ie_nx = tl.load(infoE_ptr + ev + e + 1)
+        an_nx = tl.load(absN_ptr + ev + e + 1)
+        ai_nx = tl.load(absI_ptr + ev + e + 1)
+        open_slot = slot == m - 1
+        n = tl.where(open_slot, n + an, n)
+        I = tl.where(open_slot, I + ai, I)
+        if m == K:  # capacity merge of the adjacent pair of least information density
+            n_nx = tl.gather(n, nxt, 0)
+            I_nx = tl.gather(I, nxt, 0)
+            st_nx = tl.gather(st, nxt, 0)
+            dens = (I + I_nx) / tl.maximum(n + n_nx, 1).to(FDT)  # padding slots hold n = 0
+            dens = tl.where(slot < K - 1, dens, float("inf"))
+            i = tl.argmin(dens, 0, tie_break_left=True)  # ties: the oldest pair
+            n = tl.where(slot < i, n, tl.where(slot == i, n + n_nx, n_nx))
+            I = tl.where(slot < i, I, tl.where(slot == i, I + I_nx, I_nx))
+            st = tl.where(slot <= i, st, st_nx)  # the merged slot keeps the older start
+            m = m - 1
+        new = slot == m
+        n = tl.where(new, 1, n)
+        I = tl.where(new, ie, I)
+        st = tl.where(new, pos, st)
+        m = m + 1
+        e += 1
+        tl.store(cfg + e * BKS + slot, st)
+        tl.store(cfg_m_ptr + ev + e, m)
+        pos = pos_nx
+        ie = ie_nx
+        an = an_nx
+        ai = ai_nx
+    open_slot = slot == m - 1  # the tail: tokens absorbed after the last event
+    n = tl.where(open_slot, n + an, n)
+    I = tl.where(open_slot, I + ai, I)
+    live = slot < m
+    tl.store(n_ptr + bh64 * K + slot, tl.where(live, n, 0), mask=slot < K)
+    tl.store(I_ptr + bh64 * K + slot, tl.where(live, I, 0.0), mask=slot < K)
+    tl.store(m_ptr + bh, m.to(tl.int64))
+
+
+@triton.jit
+def _fill_kernel(row_ptr, cfg_st_ptr, cfg_m_ptr, level_ptr, T, H, K,
+                 CT: tl.constexpr, BKS: tl.constexpr):
+    """level_start[b, t, h, r] = start of the oldest-first slot m − 1 − r of the configuration
+    after token t's event (`row[t]` = events so far), EMPTY for ranks ≥ m."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    tok = (tl.program_id(1) * CT + tl.arange(0, CT)).to(tl.int64)
+    valid = tok < T
+    rank = tl.arange(0, BKS)
+    row = tl.load(row_ptr + bh64 * T + tok, mask=valid, other=0).to(tl.int64) + bh64 * (T + 1)
+    m = tl.load(cfg_m_ptr + row, mask=valid, other=0)
+    src = m[:, None] - 1 - rank[None, :]
+    held = (src >= 0) & valid[:, None]
+    val = tl.load(cfg_st_ptr + row[:, None] * BKS + src, mask=held, other=EMPTY)
+    out = level_ptr + ((b.to(tl.int64) * T + tok[:, None]) * H + h) * K + rank[None, :]
+    tl.store(out, val, mask=valid[:, None] & (rank[None, :] < K))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def _chunk(chunk_size: int) -> int:
+    """The walk's chunk: a power of two in [16, 64] (decisions do not depend on it)."""
+    return min(64, _pow2(chunk_size, 16))
+
+
+def _default_piece(T: int, streams: int, C: int, device: torch.device) -> int:
+    """Piece length (whole chunks) for the speculative walk: enough programs to fill the GPU,
+    pieces of at least 4 chunks so that the sequential fix-up stays a small part."""
+    if device.type != "cuda":
+        return T
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    pieces = max(1, min(-(-2 * sms // streams), T // (4 * C)))
+    per_piece = -(-T // pieces)
+    return -(-per_piece // C) * C
+
+
+def dla_walk(k: Tensor, v: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, score: str, tau: float,
+             chunk_size: int, piece: int | None = None):
+    """The boundary walk alone: `(info [B,H,T], flag [B,H,T] int8, Z [B,H,Dk,Dv], zz [B,H])` —
+    `I_t` of every token (0 where the first token opens an empty cache), 1 where it opens a
+    slot, and the final open block. `piece`: tokens per speculative piece (rounded up to whole
+    chunks); the default fills the GPU."""
+    B, T, H, Dk = k.shape
+    Dv, dev = v.shape[-1], k.device
+    dt = state_dtype(k.dtype)
+    C = _chunk(chunk_size)
+    piece = _default_piece(T, B * H, C, dev) if piece is None else int(piece)
+    piece = max(C, -(-piece // C) * C)
+    P = -(-T // piece)
+    if k.dtype in (torch.float32, torch.float64):
+        dot_mode, prec = 0, ("ieee" if dt == torch.float64 or _interpreting() else "tf32x3")
+    else:
+        dot_mode, prec = (1 if k.dtype == torch.bfloat16 else 2), "ieee"
+    BK, BV = _pow2(Dk, 16), _pow2(Dv, 16)
+    k, v = k.contiguous(), v.contiguous()
+    Z0 = Z0.to(dt).contiguous()
+    zz0 = zz0.to(dt).contiguous()
+    m0 = m0.to(torch.int64).contiguous()
+    tau_t = torch.tensor([tau], dtype=dt, device=dev)
+    info = torch.empty(B, H, T, dtype=dt, device=dev)
+    flag = torch.empty(B, H, T, dtype=torch.int8, device=dev)
+    Zs = torch.empty(B, H, P, Dk, Dv, dtype=dt, device=dev)
+    zzs = torch.empty(B, H, P, dtype=dt, device=dev)
+    meta = dict(SCORE_STATE=score == "state", DOT_MODE=dot_mode, PREC=prec, C=C, BK=BK, BV=BV,
+                FDT=tl.float64 if dt == torch.float64 else tl.float32,
+                num_warps=8 if BK * BV >= 128 * 64 else 4)
+    _walk_kernel[(B * H, P)](k, v, Z0, zz0, m0, tau_t, info, flag, Zs, zzs, T, H, Dk, Dv, piece, P, **meta)
+    if P > 1:
+        _fixup_kernel[(B * H,)](k, v, tau_t, info, flag, Zs, zzs, T, H, Dk, Dv, piece, P, **meta)
+    return info, flag, Zs[:, :, P - 1], zzs[:, :, P - 1]
+
+
+def segment_dla(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor,
+                levels: int, score: str, tau: float, chunk_size: int, piece: int | None = None):
+    """`dla` policy: the boundary walk, the merge scan over boundary events, the level map."""
+    B, T, H, _ = k.shape
+    K, dev, BH = int(levels), k.device, B * H
+    dt = state_dtype(k.dtype)
+    fdt = tl.float64 if dt == torch.float64 else tl.float32
+    info, flag, Z, zz = dla_walk(k, v, m0, Z0, zz0, score, tau, chunk_size, piece)
+
+    # compact the events (no host sync): event e of a stream is its e-th flagged token; per
+    # event, the tokens absorbed by the block it closes (index e; index E: after the last event)
+    info, flag = info.reshape(BH, T), flag.reshape(BH, T)
+    opens = flag != 0
+    row = opens.to(torch.int32).cumsum(1, dtype=torch.int32)  # events up to t = cfg row of t
+    E = row[:, -1].contiguous()
+    t_idx = torch.arange(T, device=dev)
+    slot_of = torch.where(opens, row.long() - 1, T)  # T: a dump slot, never read when E < T
+    pos = torch.full((BH, T + 1), T, dtype=torch.int64, device=dev)
+    pos.scatter_(1, slot_of, t_idx.expand(BH, T))
+    absorbed = torch.where(opens, 0.0, info.double()).cumsum(1)  # float64: exact enough for any T
+    csum = absorbed[:, -1:].expand(BH, T + 1).clone()
+    csum.scatter_(1, slot_of, absorbed)
+    absI = torch.diff(csum, dim=1, prepend=csum.new_zeros(BH, 1)).to(dt).contiguous()
+    absN = torch.diff(pos, dim=1, prepend=pos.new_full((BH, 1), -1)) - 1
+    infoE = info.gather(1, pos.clamp(max=T - 1)).contiguous()
+    pos = pos.to(torch.int32)
+
+    BKS = _pow2(K, 2)
+    cfg_st = torch.empty(BH, T + 1, BKS, dtype=torch.int32, device=dev)
+    cfg_m = torch.empty(BH, T + 1, dtype=torch.int32, device=dev)
+    n = torch.empty(B, H, K, dtype=torch.int64, device=dev)
+    I = torch.empty(B, H, K, dtype=dt, device=dev)
+    m = torch.empty(B, H, dtype=torch.int64, device=dev)
+    _merge_kernel[(BH,)](E, pos, infoE, absN, absI, n0.to(torch.int64).contiguous(), I0.to(dt).contiguous(),
+                         m0.to(torch.int64).contiguous(), cfg_st, cfg_m, n, I, m, T, K,
+                         BKS=BKS, FDT=fdt, num_warps=1)
+    level_start = torch.empty(B, T, H, K, dtype=torch.int32, device=dev)
+    CT = 64
+    _fill_kernel[(BH, triton.cdiv(T, CT))](row, cfg_st, cfg_m, level_start, T, H, K, CT=CT, BKS=BKS, num_warps=4)
+    return level_start, n, I, m, Z.contiguous(), zz.contiguous()
+
+
+def _bit_length(x: Tensor) -> Tensor:
+    """bitlen of non-negative int64 values below 2**53 (exact through float64's exponent)."""
+    return torch.frexp(x.to(torch.float64)).exponent.to(torch.int64)
+
+
+def _passthrough(n: Tensor, Z0: Tensor, zz0: Tensor, dt):
+    """I, Z, zz for `fenwick` and `single`: I zero, Z and zz those of the initial state."""
+    return torch.zeros(n.shape, dtype=dt, device=n.device), Z0.to(dt).clone(), zz0.to(dt).clone()
+
+
+def segment_fenwick(k: Tensor, n0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, step0: Tensor, levels: int):
+    """Closed form. At absolute position p = step0 + t, level ℓ ≥ 1 holds
+    [(p>>ℓ)<<ℓ, ((p>>ℓ)<<ℓ) + 2^(ℓ−1)) iff bit ℓ−1 of p is set, level 0 holds p. An initial cache
+    (slot i = level K−1−i at time step0 − 1, pseudo-position −1 − level) is folded in: a level
+    reaching back before step0 starts at the oldest non-empty initial bucket it contains."""
+    B, T, H, _ = k.shape
+    dev, dt, K = k.device, state_dtype(k.dtype), int(levels)
+    step = step0.to(device=dev, dtype=torch.int64)
+    lv = torch.arange(K, device=dev)
+    p = step[:, None] + torch.arange(T, device=dev)  # [B, T]
+    lo = (p[..., None] >> lv) << lv  # [B, T, K]
+    half = 1 << (lv - 1).clamp(min=0)
+    bit = ((p[..., None] >> (lv - 1).clamp(min=0)) & 1) == 1
+    first = torch.maximum(lo, step[:, None, None])  # first token of this call in the level
+    has = bit & (first < lo + half) & (lv >= 1)
+    tok_start = torch.where(has, first - step[:, None, None], EMPTY)
+    tok_start[..., 0] = torch.arange(T, device=dev)
+    count = torch.where(has, lo + half - first, 0)
+    count[..., 0] = 1
+    slot = torch.arange(K, device=dev)
+    ell = K - 1 - slot
+    rep = ((step - 1).clamp(min=0)[:, None] >> ell) << ell  # [B, K] a member of initial bucket ℓ
+    init_level = _bit_length(p[..., None] ^ rep[:, None, :])  # [B, T, K]
+    valid = (slot < m0[..., None]) & (n0 > 0)  # [B, H, K]
+    where = torch.where(valid[:, :, None, :], init_level[:, None], K)  # [B, H, T, K]; K = nowhere
+    init_start = torch.full((B, H, T, K + 1), EMPTY, dtype=torch.int64, device=dev)
+    init_start.scatter_reduce_(-1, where, (-1 - ell).expand(B, H, T, K), reduce="amin")
+    level_start = torch.minimum(init_start[..., :K], tok_start[:, None])
+    level_start = level_start.to(torch.int32).permute(0, 2, 1, 3).contiguous()
+    carried = torch.zeros(B, H, K + 1, dtype=torch.int64, device=dev)
+    carried.scatter_add_(-1, where[:, :, -1], torch.where(valid, n0.to(torch.int64), 0))
+    n = (count[:, -1][:, None] + carried[..., :K]).flip(-1).contiguous()  # slot i = level K − 1 − i
+    m = torch.full((B, H), K, dtype=torch.int64, device=dev)
+    I, Z, zz = _passthrough(n, Z0, zz0, dt)
+    return level_start, n, I, m, Z, zz
+
+
+def segment_single(k: Tensor, n0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, levels: int):
+    """Closed form: everything at rank 0, from the oldest non-empty initial slot (position
+    i − m0) or from token 0."""
+    B, T, H, _ = k.shape
+    dev, dt, K = k.device, state_dtype(k.dtype), int(levels)
+    slot = torch.arange(K, device=dev)
+    valid = (slot < m0[..., None]) & (n0 > 0)
+    oldest = torch.where(valid, slot - m0[..., None], 0).amin(-1)  # [B, H]
+    level_start = torch.full((B, T, H, K), EMPTY, dtype=torch.int32, device=dev)
+    level_start[..., 0] = oldest[:, None, :].to(torch.int32)
+    n = torch.zeros(B, H, K, dtype=torch.int64, device=dev)
+    n[..., 0] = T + torch.where(valid, n0.to(torch.int64), 0).sum(-1)
+    m = torch.ones(B, H, dtype=torch.int64, device=dev)
+    I, Z, zz = _passthrough(n, Z0, zz0, dt)
+    return level_start, n, I, m, Z, zz
+
+
+def segment_triton(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor,
+                   step0: Tensor, levels: int, policy: str, score: str, tau: float, chunk_size: int):
+    """`dla::segment` on the GPU: `(level_start [B,T,H,L] int32, n [B,H,K] int64, I [B,H,K],
+    m [B,H] int64, Z [B,H,Dk,Dv], zz [B,H])`, floats in the state dtype (SCHEMAS.md)."""
+    if policy not in ("dla", "fenwick", "single"):
+        raise ValueError(f"policy must be one of ['dla', 'fenwick', 'single'], got {policy!r}")
+    if score not in ("token", "state"):
+        raise ValueError(f"score must be one of ['token', 'state'], got {score!r}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    with torch.no_grad():
+        k, v = k.detach().contiguous(), v.detach().contiguous()
+        n0, I0, m0 = n0.contiguous(), I0.contiguous(), m0.contiguous()
+        Z0, zz0, step0 = Z0.contiguous(), zz0.contiguous(), step0.contiguous()
+        if policy == "dla":
+            return segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size))
+        if policy == "fenwick":
+            check_fenwick_levels(levels, step0, k.shape[1])
+            return segment_fenwick(k, n0, m0, Z0, zz0, step0, levels)
+        return segment_single(k, n0, m0, Z0, zz0, levels)
