@@ -1,0 +1,139 @@
+"""Checkpoints that a crash cannot corrupt and that load without executing pickled code.
+
+Layout of a run folder:
+
+    RUN/checkpoints/step-00000300/
+        model.safetensors   weights
+        config.json         {"model": ModelConfig fields, "train": TrainConfig fields}
+        optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
+        state.json          step, learning-rate schedule and data position
+    RUN/checkpoints/latest  the name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary folder, flushed to disk, renamed into place,
+and only then named by `latest` (itself replaced atomically); older checkpoints are removed
+after that. A crash at any point leaves `latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+LATEST = "latest"
+FILES = ("model.safetensors", "config.json", "optimizer.pt", "state.json")
+
+
+class CheckpointError(ValueError):
+    """A path that holds no usable checkpoint, or one from an incompatible config."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         config: dict, state: dict) -> Path:
+    """Write the checkpoint of `step` under `run_dir/checkpoints` and return its folder."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    if _read_latest(root) == name:  # already saved: the state at a step is a function of the step
+        return final
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _write_json(tmp / "config.json", config)
+    _write_json(tmp / "state.json", {**state, "step": step})
+    for f in FILES:
+        _fsync(tmp / f)
+    _fsync(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # a stale folder of this name that `latest` never named
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(name + "\n")
+    _fsync(pointer)
+    os.replace(pointer, root / LATEST)
+    _fsync(root)
+    for old in root.iterdir():
+        if old.name not in (name, LATEST):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return final
+
+
+def _read_latest(root: Path) -> str | None:
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return _read_latest(Path(run_dir) / "checkpoints") is not None
+
+
+def find(path: str | Path) -> Path:
+    """The checkpoint folder that `path` names: a run folder, its `checkpoints` folder, or a
+    checkpoint folder itself. Raises `CheckpointError` when it is none of these."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    for root in (path / "checkpoints", path):
+        name = _read_latest(root)
+        if name is not None:
+            path = root / name
+            break
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a dla checkpoint (no {missing[0]}); pass a run folder "
+                              f"(the --out of `dla train`) or one of its checkpoints")
+    return path
+
+
+def read_json(checkpoint: Path, name: str) -> dict:
+    try:
+        return json.loads((checkpoint / name).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{checkpoint / name}: unreadable ({e})") from None
+
+
+def check_compatible(saved: dict, requested: dict, *, what: str) -> None:
+    """Refuse a checkpoint whose config differs from the requested one, naming the field."""
+    for field in sorted(set(saved) | set(requested)):
+        if saved.get(field) != requested.get(field):
+            raise CheckpointError(f"{what} was made with {field} = {saved.get(field)!r}, but this run asks for "
+                                  f"{field} = {requested.get(field)!r}")
+
+
+def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         *, device: torch.device | str = "cpu") -> dict:
+    """Load weights (and optimizer state) into `model` (and `optimizer`); return state.json."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(checkpoint / "model.safetensors", device=str(device))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{checkpoint / 'model.safetensors'}: unreadable ({e})") from None
+    expected = model.state_dict()
+    for key in sorted(set(expected) | set(weights)):
+        if key not in weights or key not in expected or weights[key].shape != expected[key].shape:
+            raise CheckpointError(f"{checkpoint}: weight {key!r} does not fit this model")
+    model.load_state_dict(weights)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+    return read_json(checkpoint, "state.json")

