@@ -1,0 +1,349 @@
+"""Training and held-out evaluation of the causal LM on a byte-level corpus.
+
+One training step: the batch of `(seed, step)`, forward and loss (compiled as one
+`torch.compile(fullgraph=True)` frame unless told otherwise; backward by AOT autograd), a
+finiteness check, gradient clipping, AdamW at the step's learning rate (linear warmup, cosine
+decay). Everything a step depends on is a function of the step number and the checkpoint, so
+a resumed run repeats an uninterrupted one. Metrics go to `RUN/metrics.jsonl`, the loss curve
+to `RUN/loss.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dla import checkpoint
+from dla.data import DataError, Split, batch_at, heldout_batches, prepare, unigram_log_probs
+from dla.model import CausalLM, ModelConfig
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What determines a run's trajectory (a resumed run must repeat it exactly)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    data: str | None = None  # a text file or folder (absolute), or None for the default corpus
+    eval_tokens: int = 32768  # held-out targets scored at the end
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+
+
+# Training defaults by preset, beside the model presets of `dla.model.config.PRESETS`.
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(steps=300, batch_size=16, lr=3e-3, warmup=30),
+    "small": dict(steps=5000, batch_size=32, lr=1.5e-3, warmup=250),
+    "base": dict(steps=20000, batch_size=32, lr=6e-4, warmup=1000),
+    "paper": dict(steps=50000, batch_size=64, lr=3e-4, warmup=2000),
+}
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, what: str):
+        super().__init__(f"{what} is not finite at step {step}")
+        self.step = step
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of step `step` (0-based): linear warmup, then cosine to `min_lr_ratio·lr`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases, gates' scalars or `L_h`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    keep = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device}: not a device (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def compiled_loss(model: CausalLM):
+    """Forward and loss as one `fullgraph=True` frame; AOT autograd derives the backward."""
+    return torch.compile(model.loss, fullgraph=True)
+
+
+@torch.no_grad()
+def evaluate(model: CausalLM, split: Split, *, batch_size: int, max_tokens: int, device: torch.device) -> dict:
+    """Held-out loss and bits per byte of `model`, and of a unigram byte model fitted on the
+    training split, over the same held-out targets."""
+    was_training = model.training
+    model.eval()
+    unigram = torch.from_numpy(-unigram_log_probs(split.train))
+    total = unigram_total = 0.0
+    count = 0
+    for x, y in heldout_batches(split.heldout, batch_size=batch_size, seq_len=model.cfg.seq_len,
+                                max_tokens=max_tokens):
+        with _autocast(device):
+            loss = model.loss(x.to(device), y.to(device))
+        total += float(loss) * y.numel()
+        unigram_total += float(unigram[y].sum())
+        count += y.numel()
+    model.train(was_training)
+    loss = total / count
+    return {"heldout_loss": loss, "heldout_bpb": loss / LN2, "unigram_bpb": unigram_total / count / LN2,
+            "heldout_tokens": count}
+
+
+class Progress:
+    """A one-line progress bar on a terminal; on a pipe, a line every `every` steps."""
+
+    def __init__(self, total: int, *, stream=None, every: int = 0):
+        self.total, self.stream = total, stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every = every or max(1, total // 20)
+        self.last_draw = 0.0
+
+    def update(self, step: int, loss: float, tokens_per_s: float, elapsed: float) -> None:
+        done = step == self.total
+        now = time.monotonic()
+        if self.tty and not done and now - self.last_draw < 0.1:
+            return
+        if not self.tty and not done and step % self.every:
+            return
+        self.last_draw = now
+        width = 24
+        filled = int(width * step / self.total)
+        line = (f"step {step:>{len(str(self.total))}}/{self.total} [{'#' * filled}{'.' * (width - filled)}] "
+                f"loss {loss:.3f}  {_rate(tokens_per_s)} tok/s  {elapsed:.0f}s")
+        self.stream.write(("\r" + line + ("\n" if done else "")) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def _rate(x: float) -> str:
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(metrics: list[dict], path: Path) -> Path:
+    """Training loss (bits per byte) by step, held-out and unigram levels, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "heldout_bpb" in m]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    steps = np.array([m["step"] for m in train])
+    bpb = np.array([m["loss"] for m in train]) / LN2
+    ax.plot(steps, bpb, color="tab:blue", alpha=0.35, lw=1, label="train (per step)")
+    if len(bpb) >= 10:
+        w = max(2, len(bpb) // 25)
+        smooth = np.convolve(bpb, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, color="tab:blue", lw=2, label=f"train ({w}-step mean)")
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["heldout_bpb"] for m in evals], "o", color="tab:red",
+                label="held-out")
+        ax.axhline(evals[-1]["unigram_bpb"], color="gray", ls="--", lw=1, label="unigram byte model")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class Run:
+    """A training run, validated and ready: nothing has been written yet."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    out: Path
+    device: torch.device
+    compile: bool = True
+    checkpoint_every: int = 100
+    resume_from: Path | None = None
+
+    def config(self) -> dict:
+        return {"model": self.model_cfg.to_dict(), "train": dataclasses.asdict(self.train_cfg)}
+
+
+def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *, resume: bool = False,
+         compile: bool = True, device: str | None = None, checkpoint_every: int = 100) -> Run:
+    """Check everything a run needs before it writes anything; raise `ValueError` (or its
+    subclasses `DataError`, `CheckpointError`) with a one-line message otherwise."""
+    out = Path(out)
+    dev = resolve_device(device)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be a positive integer, got {checkpoint_every!r}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    from dla.data import source_files
+
+    source_files(train_cfg.data)
+    run = Run(model_cfg, train_cfg, out, dev, compile, checkpoint_every)
+    if resume:
+        if not checkpoint.has_checkpoint(out):
+            raise checkpoint.CheckpointError(f"--resume: {out} holds no checkpoint to resume")
+        ckpt = checkpoint.find(out)
+        saved = checkpoint.read_json(ckpt, "config.json")
+        requested = run.config()
+        checkpoint.check_compatible(saved.get("model", {}), requested["model"], what=f"the checkpoint in {out}")
+        checkpoint.check_compatible(saved.get("train", {}), requested["train"], what=f"the checkpoint in {out}")
+        run.resume_from = ckpt
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out}: folder is not empty; pass --resume to continue the run in it, "
+                         f"or choose a new folder")
+    return run
+
+
+def train(run: Run, *, log=None) -> dict:
+    """Train, checkpoint, evaluate; return the final metrics. Raises `NonFiniteLoss` when the
+    loss or the gradient norm stops being finite (the last good checkpoint stays)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    mcfg, tcfg, out, device = run.model_cfg, run.train_cfg, run.out, run.device
+    out.mkdir(parents=True, exist_ok=True)
+    split = prepare(tcfg.data, out / "data", seq_len=mcfg.seq_len)
+    torch.manual_seed(tcfg.seed)
+    model = CausalLM(mcfg).to(device)
+    optimizer = make_optimizer(model, tcfg)
+    metrics_path = out / "metrics.jsonl"
+    start = 0
+    if run.resume_from is not None:
+        state = checkpoint.load(run.resume_from, model, optimizer, device=device)
+        if state.get("data", {}).get("train_tokens") != len(split.train):
+            raise DataError(f"--resume: the training split has changed since the checkpoint "
+                            f"({state.get('data', {}).get('train_tokens')} tokens then, {len(split.train)} now)")
+        start = int(state["step"])
+        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= start and "loss" in m]
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        log(f"resuming {out} at step {start}")
+    else:
+        metrics_path.write_text("")
+    log(f"model: {mcfg.backbone}/{mcfg.policy}, {model.num_params() / 1e6:.2f}M parameters, "
+        f"{mcfg.levels} levels; data: {split.source} ({len(split.train):,} training bytes); device {device}")
+
+    loss_fn = compiled_loss(model) if run.compile else model.loss
+    if run.compile and start < tcfg.steps:
+        log("compiling the training step (the first step includes it)")
+    progress = Progress(tcfg.steps)
+    tokens_per_step = tcfg.batch_size * mcfg.seq_len
+    t0 = time.monotonic()
+    window_t, window_steps = t0, 0
+
+    def save(step: int) -> Path:
+        state = {"schedule": {"lr": tcfg.lr, "warmup": tcfg.warmup, "steps": tcfg.steps,
+                              "next_lr": lr_at(tcfg, min(step, tcfg.steps - 1))},
+                 "data": {"source": split.source, "seed": tcfg.seed, "next_step": step,
+                          "train_tokens": len(split.train)}}
+        return checkpoint.save(out, step=step, model=model, optimizer=optimizer, config=run.config(), state=state)
+
+    model.train()
+    with open(metrics_path, "a") as metrics:
+        for step in range(start, tcfg.steps):
+            lr = lr_at(tcfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = batch_at(split.train, step, batch_size=tcfg.batch_size, seq_len=mcfg.seq_len, seed=tcfg.seed,
+                            device=device)
+            with _autocast(device):
+                loss = loss_fn(x, y)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(step + 1, "the loss")
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLoss(step + 1, "the gradient norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            now = time.monotonic()
+            window_steps += 1
+            tokens_per_s = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+            if now - window_t > 5.0:
+                window_t, window_steps = now, 0
+            record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(now - t0, 3)}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            progress.update(step + 1, loss_value, tokens_per_s, now - t0)
+            if (step + 1) % run.checkpoint_every == 0 or step + 1 == tcfg.steps:
+                save(step + 1)
+    ckpt = checkpoint.find(out)
+    result = evaluate(model, split, batch_size=tcfg.batch_size, max_tokens=tcfg.eval_tokens, device=device)
+    result.update(step=tcfg.steps, checkpoint=str(ckpt), train_s=round(time.monotonic() - t0, 1))
+    with open(metrics_path, "a") as metrics:
+        metrics.write(json.dumps({"step": tcfg.steps, **{k: result[k] for k in
+                                  ("heldout_loss", "heldout_bpb", "unigram_bpb", "heldout_tokens")}}) + "\n")
+    result["plot"] = str(plot_loss(_read_metrics(metrics_path), out / "loss.png"))
+    return result
+
+
+def evaluate_checkpoint(path: str | Path, *, device: str | None = None) -> dict:
+    """Held-out metrics of the checkpoint that `path` names (see `checkpoint.find`)."""
+    ckpt = checkpoint.find(path)
+    config = checkpoint.read_json(ckpt, "config.json")
+    try:
+        mcfg = ModelConfig.from_dict(config["model"])
+        tcfg = TrainConfig(**config["train"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{ckpt / 'config.json'}: not a dla run config ({e})") from None
+    dev = resolve_device(device)
+    model = CausalLM(mcfg).to(dev)
+    state = checkpoint.load(ckpt, model, device=dev)
+    run_cache = ckpt.parent.parent / "data"
+    if (run_cache / "meta.json").is_file():
+        split = prepare(tcfg.data, run_cache, seq_len=mcfg.seq_len)
+        result = evaluate(model, split, batch_size=tcfg.batch_size, max_tokens=tcfg.eval_tokens, device=dev)
+    else:
+        with tempfile.TemporaryDirectory() as cache:
+            split = prepare(tcfg.data, Path(cache), seq_len=mcfg.seq_len)
+            result = evaluate(model, split, batch_size=tcfg.batch_size, max_tokens=tcfg.eval_tokens, device=dev)
+    return {"checkpoint": str(ckpt), "step": int(state["step"]), "backbone": mcfg.backbone,
+            "policy": mcfg.policy, **result}
