@@ -1,0 +1,379 @@
+r"""Chunked CPU readout (SPEC §3, phase 2): the CPU kernels of `dla::readout` and
+`dla::readout_backward` (schemas in `dla/compile/SCHEMAS.md`). Plain torch, no autograd: the
+backward is written out below.
+
+What it computes
+================
+Per batch element and head (batched over `N = B·H`), the sequence is cut into chunks of `C`
+tokens (the last one may be shorter). Inside a chunk positions are `1..C`, `G_t = Σ_{u≤t} g_u`
+(chunk-local), `γ_t = exp(G_t)`, `ρ_s = γ_C/γ_s = exp(G_C − G_s)`,
+`Γ[t,s] = exp(G_t − G_s)` for `s ≤ t` (0 above the diagonal). Without `g`: `G ≡ 0`.
+
+    A_qk = QKᵀ ⊙ Γ                                  (lower triangle, diagonal included)
+    without β:  Ã = A_qk,   Q̂ = diag(γ) Q,   E = Kᵀ diag(ρ),   P_C = γ_C I
+    with β:     A_kk = tril(diag(β)(KKᵀ ⊙ Γ), −1),   Tinv = (I + A_kk)⁻¹   (unit lower)
+                M = Tinv diag(β),   Ã = A_qk M,   H = diag(γ) K
+                Q̂ = diag(γ) Q − Ã H,   E = Kᵀ diag(ρ) M,   P_C = γ_C I − E H     [Dk×Dk]
+
+(Derivation: a single state over the chunk is `S_t = γ_t S_0 + Σ_{s≤t} Γ[t,s] k_s u_sᵀ` with
+`(I + A_kk) U = diag(β) V − diag(βγ) K S_0`; so `S_tᵀ q_t` has rows `Ã V + Q̂ S_0` and
+`S_C = P_C S_0 + E V`. `Ã[t,s] = q_tᵀ (A_t ⋯ A_{s+1}) β_s k_s` is the chunk's diagonal block of
+the SPEC's `A_base / scale`, `Q̂[t]ᵀ = q_tᵀ A_t ⋯ A_1`, column `s` of `E` is
+`(A_C ⋯ A_{s+1}) β_s k_s` and `P_C = A_C ⋯ A_1`.)
+
+Levels (`level_start [B,T,H,L]`, `ℓ_t(p) = level_of(level_start[t], p)`, `K = L` slots):
+the old slots at the chunk start `c0` are the ranks `r` of row `c0 − 1` (for the first chunk,
+the initial slots at pseudo-positions `−1 − r`), slot `r` starting at `pos_r` (`EMPTY`: nothing).
+
+    Λ[t,s] = λ_t[ℓ_t(c0+s)]     for chunk tokens s ≤ t   (0 where ℓ = −1)
+    W[t,r] = λ_t[ℓ_t(pos_r)]    for old slots            (0 where pos_r = EMPTY or ℓ = −1)
+
+    o_t = scale · [ ((Ã ⊙ Λ) V)_t + Σ_r W[t,r] · S_rᵀ Q̂_t ]       [C×Dv]
+
+the second term being one GEMM of depth `K·Dk` with the operand `X = W ⊗ Q̂` `[C, K·Dk]`.
+At the chunk end (row `ce`, the chunk's last token) the new slot of rank `r'` collects the old
+slots and chunk tokens that sit at level `r'` after `ce`:
+
+    S'_{r'} = Σ_{r: ℓ_ce(pos_r) = r'} P_C S_r  +  Σ_{s: ℓ_ce(c0+s) = r'} E_s v_sᵀ
+
+`S0 [B,H,K,Dk,Dv]` enters in rank order; the returned `S` is in the rank order of the map's
+last row. Compute dtype: float64 for float64 `q`, float32 otherwise; `o` in `q`'s dtype, `S` in
+the state dtype.
+
+The backward
+============
+A forward pass recomputes the chunk-start slot states (a list); the reverse pass carries
+`dS'` (gradient of the chunk-end states) and, per chunk, with `dÕ = scale · dO`:
+
+    dV   = (Ã ⊙ Λ)ᵀ dÕ + [ dS'_{ℓ_ce(s)}ᵀ E_s ]_s
+    dΛ   = (dÕ Vᵀ) ⊙ Ã,      dÃ = (dÕ Vᵀ) ⊙ Λ
+    dX   = dÕ [S_0; …; S_{K−1}]ᵀ  [C, K, Dk]:   dQ̂ = Σ_r W[:,r] dX_r,   dW[t,r] = ⟨dX[t,r], Q̂_t⟩
+    dλ_t[l] = Σ_{s: ℓ_t(s)=l} dΛ[t,s] + Σ_{r: ℓ_t(pos_r)=l} dW[t,r]          (scatter-add)
+    dPS_r = dS'_{ℓ_ce(pos_r)},   dE_s = dS'_{ℓ_ce(s)} v_s
+    dS_r  = P_Cᵀ dPS_r + X_rᵀ dÕ                  (carried to the previous chunk; dS0 at the end)
+    without β:  dγ_C = Σ_r ⟨dPS_r, S_r⟩,   dKρ = dEᵀ,   dA_qk = dÃ
+    with β:     dP = Σ_r dPS_r S_rᵀ,   dγ_C = tr dP,   dE −= dP Hᵀ,   dÃ −= dQ̂ Hᵀ
+                dH = −Eᵀ dP − Ãᵀ dQ̂  → dK += diag(γ) dH,  dγ += rowsum(dH ⊙ K)
+                dKρ = M dEᵀ,   dM = Kρ dE + A_qkᵀ dÃ   (Kρ = diag(ρ) K),   dA_qk = dÃ Mᵀ
+                dβ_s += Σ_u dM[u,s] Tinv[u,s],   dTinv = dM diag(β)
+                dA_kk = −strict_lower(Tinvᵀ dTinv Tinvᵀ),   dβ_t += Σ_s dA_kk[t,s] (KKᵀ⊙Γ)[t,s]
+                Z_k = diag(β) dA_kk ⊙ Γ:  dK += Z_k K + Z_kᵀ K,   dΓ += diag(β) dA_kk ⊙ KKᵀ
+    dQ = diag(γ) dQ̂ + (dA_qk ⊙ Γ) K,   dγ += rowsum(dQ̂ ⊙ Q)
+    dK += diag(ρ) dKρ + (dA_qk ⊙ Γ)ᵀ Q,   dρ = rowsum(dKρ ⊙ K),   dΓ += dA_qk ⊙ QKᵀ
+    dG = rowsum(dΓ⊙Γ) − colsum(dΓ⊙Γ) + dγ ⊙ γ − dρ ⊙ ρ,   dG_C += Σ_s dρ_s ρ_s + dγ_C γ_C
+    dg_u = Σ_{t ≥ u} dG_t          (reverse cumsum inside the chunk)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from dla.ops.levels import EMPTY, initial_starts, level_of
+from dla.ops.state import state_dtype
+
+__all__ = ["readout_forward", "readout_backward"]
+
+
+# --------------------------------------------------------------------------------------------
+# Layout: [B, T, H, ...] → head-major [N = B·H, T, ...] in the compute dtype.
+# --------------------------------------------------------------------------------------------
+
+
+def _heads(x: Tensor, dtype) -> Tensor:
+    B, T, H = x.shape[:3]
+    return x.to(dtype).transpose(1, 2).reshape(B * H, T, *x.shape[3:])
+
+
+def _unheads(x: Tensor, B: int, H: int, dtype) -> Tensor:
+    N, T = x.shape[:2]
+    return x.reshape(B, H, T, *x.shape[2:]).transpose(1, 2).to(dtype).contiguous()
+
+
+class _Inputs(NamedTuple):
+    q: Tensor  # [N, T, Dk]
+    k: Tensor
+    v: Tensor  # [N, T, Dv]
+    lam: Tensor  # [N, T, L]
+    g: Tensor | None  # [N, T]
+    beta: Tensor | None  # [N, T]
+    starts: Tensor  # [N, T, L] int64
+    S0: Tensor  # [N, K, Dk, Dv]
+
+
+def _prepare(q, k, v, lam, g, beta, level_start, S0) -> tuple[_Inputs, torch.dtype]:
+    cdt = state_dtype(q.dtype)
+    B, T, H, Dk = q.shape
+    L = lam.shape[-1]
+    inputs = _Inputs(
+        q=_heads(q, cdt), k=_heads(k, cdt), v=_heads(v, cdt), lam=_heads(lam, cdt),
+        g=None if g is None else _heads(g, cdt), beta=None if beta is None else _heads(beta, cdt),
+        starts=_heads(level_start, torch.int64),
+        S0=S0.to(cdt).reshape(B * H, L, Dk, v.shape[-1]),
+    )
+    return inputs, cdt
+
+
+# --------------------------------------------------------------------------------------------
+# One chunk: everything both passes need (recomputed in the backward, never saved).
+# --------------------------------------------------------------------------------------------
+
+
+class _Chunk(NamedTuple):
+    q: Tensor  # [N, C, Dk]
+    k: Tensor
+    v: Tensor  # [N, C, Dv]
+    beta: Tensor | None  # [N, C]
+    gam: Tensor  # γ [N, C]
+    rho: Tensor  # ρ = γ_C / γ [N, C]
+    gam_C: Tensor  # γ_C [N]
+    Gam: Tensor  # Γ [N, C, C] (0 above the diagonal)
+    QK: Tensor  # QKᵀ [N, C, C]
+    KK: Tensor | None  # KKᵀ (β only)
+    Tinv: Tensor | None  # (I + A_kk)⁻¹ (β only)
+    M: Tensor | None  # Tinv diag(β) (β only)
+    Aqk: Tensor  # QKᵀ ⊙ Γ
+    At: Tensor  # Ã
+    Qh: Tensor  # Q̂ [N, C, Dk]
+    E: Tensor  # [N, Dk, C]
+    P: Tensor | None  # P_C [N, Dk, Dk] (β only; γ_C I otherwise)
+    Lam: Tensor  # Λ [N, C, C]
+    lev_tok: Tensor  # ℓ_t(c0+s) [N, C, C], −1 where not a level (or s > t)
+    W: Tensor  # [N, C, K]
+    lev_old: Tensor  # ℓ_t(pos_r) [N, C, K], −1 where no weight
+    end_old: Tensor  # new rank of old slot r at the chunk end [N, K], K where dropped
+    end_tok: Tensor  # new rank of chunk token s at the chunk end [N, C], K where dropped
+
+
+def _levels(starts: Tensor, prev_pos: Tensor, c0: int, lam: Tensor, K: int):
+    """Λ, W and the chunk-end remaps from the chunk's rows of the level map."""
+    N, C, L = starts.shape
+    dev = starts.device
+    pos = c0 + torch.arange(C, device=dev)
+    tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
+    lev_tok = level_of(starts, pos.expand(N, C, C))
+    lev_tok = torch.where(tri, lev_tok, -1)
+    Lam = torch.where(lev_tok >= 0, torch.gather(lam, -1, lev_tok.clamp(min=0)), 0.0)
+    live = (prev_pos != EMPTY)[:, None, :]  # [N, 1, K]
+    lev_old = level_of(starts, prev_pos[:, None, :].expand(N, C, K))
+    lev_old = torch.where(live, lev_old, -1)
+    W = torch.where(lev_old >= 0, torch.gather(lam, -1, lev_old.clamp(min=0)), 0.0)
+    end_old = torch.where(lev_old[:, -1] >= 0, lev_old[:, -1], K)
+    end_tok = torch.where(lev_tok[:, -1] >= 0, lev_tok[:, -1], K)
+    return Lam, lev_tok, W, lev_old, end_old, end_tok
+
+
+def _chunk(x: _Inputs, c0: int, c1: int, prev_pos: Tensor, need_levels: bool = True) -> _Chunk:
+    q, k, v = x.q[:, c0:c1], x.k[:, c0:c1], x.v[:, c0:c1]
+    N, C, Dk = k.shape
+    K = x.S0.shape[1]
+    dt, dev = k.dtype, k.device
+    tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
+    if x.g is not None:
+        G = x.g[:, c0:c1].cumsum(1)
+        gam = torch.exp(G)
+        Gam = torch.exp(torch.where(tri, G[:, :, None] - G[:, None, :], -torch.inf))
+        rho = torch.exp(G[:, -1:] - G)
+    else:
+        gam = rho = torch.ones(N, C, dtype=dt, device=dev)
+        Gam = tri.to(dt).expand(N, C, C)
+    gam_C = gam[:, -1]
+    QK = q @ k.transpose(1, 2)
+    Aqk = QK * Gam
+    KK = Tinv = M = P = None
+    beta = None
+    if x.beta is None:
+        At = Aqk
+        Qh = gam[..., None] * q
+        E = (rho[..., None] * k).transpose(1, 2)
+    else:
+        beta = x.beta[:, c0:c1]
+        KK = k @ k.transpose(1, 2)
+        eye = torch.eye(C, dtype=dt, device=dev)
+        Akk = (beta[:, :, None] * KK * Gam).tril(-1)
+        Tinv = torch.linalg.solve_triangular(eye + Akk, eye.expand(N, C, C), upper=False, unitriangular=True)
+        M = Tinv * beta[:, None, :]
+        At = Aqk @ M
+        Hk = gam[..., None] * k
+        Qh = gam[..., None] * q - At @ Hk
+        E = (rho[..., None] * k).transpose(1, 2) @ M
+        P = gam_C[:, None, None] * torch.eye(Dk, dtype=dt, device=dev) - E @ Hk
+    if need_levels:
+        levels = _levels(x.starts[:, c0:c1], prev_pos, c0, x.lam[:, c0:c1], K)
+    else:  # the state pass needs the chunk-end remaps only
+        last = x.starts[:, c1 - 1 : c1]
+        pos = c0 + torch.arange(C, device=dev)
+        lev_tok = level_of(last, pos.expand(N, 1, C))[:, 0]
+        lev_old = level_of(last, prev_pos[:, None, :])[:, 0]
+        lev_old = torch.where(prev_pos != EMPTY, lev_old, -1)
+        levels = (None, None, None, None, torch.where(lev_old >= 0, lev_old, K), torch.where(lev_tok >= 0, lev_tok, K))
+    return _Chunk(q, k, v, beta, gam, rho, gam_C, Gam, QK, KK, Tinv, M, Aqk, At, Qh, E, P, *levels)
+
+
+def _chunk_end(c: _Chunk, S: Tensor) -> Tensor:
+    """S'_{r'} = Σ_{r→r'} P_C S_r + Σ_{s→r'} E_s v_sᵀ, in the new rank order [N, K, Dk, Dv]."""
+    N, K, Dk, Dv = S.shape
+    PS = c.gam_C[:, None, None, None] * S if c.P is None else c.P[:, None] @ S
+    out = S.new_zeros(N, K + 1, Dk, Dv)  # rank K collects what is dropped
+    out.scatter_add_(1, c.end_old[:, :, None, None].expand(N, K, Dk, Dv), PS)
+    writes = c.E.transpose(1, 2)[..., None] * c.v[:, :, None, :]  # [N, C, Dk, Dv]
+    out.scatter_add_(1, c.end_tok[:, :, None, None].expand_as(writes), writes)
+    return out[:, :K]
+
+
+def _chunk_bounds(T: int, chunk_size: int):
+    C = max(int(chunk_size), 1)
+    return [(c0, min(c0 + C, T)) for c0 in range(0, T, C)]
+
+
+def _next_prev_pos(x: _Inputs, c1: int) -> Tensor:
+    return x.starts[:, c1 - 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """`(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] in the state dtype)`; see the module doc."""
+    B, T, H, Dk = q.shape
+    Dv, K = v.shape[-1], lam.shape[-1]
+    x, cdt = _prepare(q, k, v, lam, g, beta, level_start, S0)
+    N = B * H
+    S = x.S0
+    prev_pos = initial_starts(K, q.device).to(torch.int64).expand(N, K)
+    o = torch.empty(N, T, Dv, dtype=cdt, device=q.device)
+    for c0, c1 in _chunk_bounds(T, chunk_size):
+        c = _chunk(x, c0, c1, prev_pos)
+        C = c1 - c0
+        X = (c.W[..., None] * c.Qh[:, :, None, :]).reshape(N, C, K * Dk)
+        o[:, c0:c1] = scale * ((c.At * c.Lam) @ c.v + X @ S.reshape(N, K * Dk, Dv))
+        S = _chunk_end(c, S)
+        prev_pos = _next_prev_pos(x, c1)
+    S_out = S.reshape(B, H, K, Dk, Dv).clone() if T == 0 else S.reshape(B, H, K, Dk, Dv)
+    return _unheads(o, B, H, q.dtype), S_out.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+    """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg`/`dbeta` are
+    float32 zeros `[B,T,H]` when `g`/`beta` is absent. `do` or `dS` may be None (zero)."""
+    B, T, H, Dk = q.shape
+    Dv, K = v.shape[-1], lam.shape[-1]
+    x, cdt = _prepare(q, k, v, lam, g, beta, level_start, S0)
+    N, dev = B * H, q.device
+    bounds = _chunk_bounds(T, chunk_size)
+
+    # 1. forward over the chunks, keeping the chunk-start slot states
+    first_pos = initial_starts(K, dev).to(torch.int64).expand(N, K)
+    states, prev = [], []
+    S, prev_pos = x.S0, first_pos
+    for c0, c1 in bounds:
+        states.append(S)
+        prev.append(prev_pos)
+        S = _chunk_end(_chunk(x, c0, c1, prev_pos, need_levels=False), S)
+        prev_pos = _next_prev_pos(x, c1)
+
+    # 2. reverse pass carrying dS
+    dOt = _heads(do, cdt) * scale if do is not None else torch.zeros(N, T, Dv, dtype=cdt, device=dev)
+    dSc = dS.to(cdt).reshape(N, K, Dk, Dv) if dS is not None else torch.zeros(N, K, Dk, Dv, dtype=cdt, device=dev)
+    dq = torch.zeros(N, T, Dk, dtype=cdt, device=dev)
+    dk, dv = torch.zeros_like(dq), torch.zeros(N, T, Dv, dtype=cdt, device=dev)
+    dlam = torch.zeros(N, T, K, dtype=cdt, device=dev)
+    dg = torch.zeros(N, T, dtype=cdt, device=dev)
+    dbeta = torch.zeros(N, T, dtype=cdt, device=dev)
+    for (c0, c1), S, prev_pos in zip(reversed(bounds), reversed(states), reversed(prev)):
+        c = _chunk(x, c0, c1, prev_pos)
+        dSc = _chunk_backward(c, S, dOt[:, c0:c1], dSc, x.beta is not None, x.g is not None,
+                              dq[:, c0:c1], dk[:, c0:c1], dv[:, c0:c1], dlam[:, c0:c1], dg[:, c0:c1],
+                              dbeta[:, c0:c1])
+
+    f32 = torch.float32
+    return (
+        _unheads(dq, B, H, q.dtype), _unheads(dk, B, H, k.dtype), _unheads(dv, B, H, v.dtype),
+        _unheads(dlam, B, H, lam.dtype),
+        _unheads(dg, B, H, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev),
+        _unheads(dbeta, B, H, beta.dtype) if beta is not None else torch.zeros(B, T, H, dtype=f32, device=dev),
+        dSc.reshape(B, H, K, Dk, Dv).to(S0.dtype).clone(),
+    )
+
+
+def _rowsum(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1)
+
+
+def _chunk_backward(c: _Chunk, S: Tensor, dOt: Tensor, dSn: Tensor, has_beta: bool, has_g: bool,
+                    dq: Tensor, dk: Tensor, dv: Tensor, dlam: Tensor, dg: Tensor, dbeta: Tensor) -> Tensor:
+    """Accumulates the chunk's input gradients into the given views; returns dS at the chunk
+    start (rank order of the old slots)."""
+    N, K, Dk, Dv = S.shape
+    C = c.k.shape[1]
+    # readout: o/scale = (Ã ⊙ Λ) V + X S_flat
+    dv += (c.At * c.Lam).transpose(1, 2) @ dOt
+    dAL = dOt @ c.v.transpose(1, 2)  # [N, C, C]
+    dAt = dAL * c.Lam
+    dLam = dAL * c.At
+    X = c.W[..., None] * c.Qh[:, :, None, :]  # [N, C, K, Dk]
+    dX = (dOt @ S.reshape(N, K * Dk, Dv).transpose(1, 2)).reshape(N, C, K, Dk)
+    dQh = (c.W[..., None] * dX).sum(2)
+    dW = (dX * c.Qh[:, :, None, :]).sum(-1)  # [N, C, K]
+    dS = (X.reshape(N, C, K * Dk).transpose(1, 2) @ dOt).reshape(N, K, Dk, Dv)
+    # λ: scatter-add over levels (masked entries add 0 at level 0)
+    dlam.scatter_add_(-1, c.lev_tok.clamp(min=0), torch.where(c.lev_tok >= 0, dLam, 0.0))
+    dlam.scatter_add_(-1, c.lev_old.clamp(min=0), torch.where(c.lev_old >= 0, dW, 0.0))
+    # chunk end: S' = remap(P_C S) + remap(E_s v_sᵀ)
+    dpad = torch.cat([dSn, dSn.new_zeros(N, 1, Dk, Dv)], dim=1)
+    dPS = torch.gather(dpad, 1, c.end_old[:, :, None, None].expand(N, K, Dk, Dv))
+    D = torch.gather(dpad, 1, c.end_tok[:, :, None, None].expand(N, C, Dk, Dv))  # [N, C, Dk, Dv]
+    dE = torch.einsum("nsde,nse->nds", D, c.v)
+    dv += torch.einsum("nsde,nds->nse", D, c.E)
+    gam, rho, Gam = c.gam, c.rho, c.Gam
+    dgam = _rowsum(dQh, c.q)
+    dq += gam[..., None] * dQh
+    if not has_beta:
+        dS += c.gam_C[:, None, None, None] * dPS
+        dgam_C = (dPS * S).sum((1, 2, 3))
+        dKr = dE.transpose(1, 2)
+        dAqk = dAt
+        dGam = dAqk * c.QK
+    else:
+        dS += c.P.transpose(1, 2)[:, None] @ dPS
+        dP = torch.einsum("nkde,nkfe->ndf", dPS, S)  # [N, Dk, Dk]
+        dgam_C = dP.diagonal(dim1=1, dim2=2).sum(-1)
+        Hk = gam[..., None] * c.k
+        dE = dE - dP @ Hk.transpose(1, 2)
+        dAt = dAt - dQh @ Hk.transpose(1, 2)
+        dH = -(c.E.transpose(1, 2) @ dP) - c.At.transpose(1, 2) @ dQh  # [N, C, Dk]
+        dk += gam[..., None] * dH
+        dgam = dgam + _rowsum(dH, c.k)
+        Kr = rho[..., None] * c.k
+        dKr = c.M @ dE.transpose(1, 2)
+        dM = Kr @ dE + c.Aqk.transpose(1, 2) @ dAt
+        dAqk = dAt @ c.M.transpose(1, 2)
+        dbeta += (dM * c.Tinv).sum(1)
+        dTinv = dM * c.beta[:, None, :]
+        dAkk = -(c.Tinv.transpose(1, 2) @ dTinv @ c.Tinv.transpose(1, 2)).tril(-1)
+        dbeta += (dAkk * c.KK * Gam).sum(2)
+        dB = c.beta[:, :, None] * dAkk
+        Zk = dB * Gam
+        dk += Zk @ c.k + Zk.transpose(1, 2) @ c.k
+        dGam = dB * c.KK + dAqk * c.QK
+    Zq = dAqk * Gam
+    dq += Zq @ c.k
+    dk += rho[..., None] * dKr + Zq.transpose(1, 2) @ c.q
+    if has_g:
+        drho = _rowsum(dKr, c.k)
+        Zg = dGam * Gam
+        dG = Zg.sum(2) - Zg.sum(1) + dgam * gam - drho * rho
+        dG[:, -1] += (drho * rho).sum(1) + dgam_C * c.gam_C
+        dg += dG.flip(1).cumsum(1).flip(1)
+    return dS
