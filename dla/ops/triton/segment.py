@@ -6,29 +6,37 @@ segmentation state, same signature and outputs as the CPU kernel `dla.ops.segmen
 
 1. **Boundary walk** (`_walk_kernel`). Per chunk of `C` tokens: the Gram
    `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)`, `ss_t = ‖k_t‖²‖v_t‖²` and the base term `rowsum((K_c Z) ⊙ V_c)`
-   against the open-block content `Z` at the chunk start (kept in registers). From a known
-   block start `s0` every `c_t` of the chunk is a masked Gram row sum and every `zz_t` an
+   against the open-block content `Z` at the chunk start (carried by the program). From a
+   known block start `s0` every `c_t` of the chunk is a masked Gram row sum and every `zz_t` an
    exclusive prefix sum of `2c + ss`, so the walk *jumps* from boundary to boundary: one
-   vectorised pass per boundary finds the first token with `I_t ≥ τ`. `Z` is brought to the
-   chunk end by one masked `tl.dot` (it restarts at a boundary); `zz` follows its update rule.
-   Outputs per token: `I_t` and a boundary flag.
+   vectorised pass per boundary finds the first token with `I_t ≥ τ`. Runs of boundaries
+   (every token its own block, as on Gaussian inputs) take one step: `I_t` against the block
+   `{t − 1}` is precomputed for the whole chunk from the Gram's subdiagonal, and a boundary
+   extends while it stays `≥ τ`. `Z` is brought to the chunk end by one masked `tl.dot` (it
+   restarts at the chunk's last boundary); `zz` follows its update rule. Outputs per token:
+   `I_t` and a boundary flag.
 
    Parallel over time by speculation: the sequence is cut into *pieces* of whole chunks; piece
    0 starts from the real initial state, piece `p > 0` from a boundary forced at its first
    token, so all `B·H·P` programs run at once. `_fixup_kernel` (one program per `(b, h)`,
    sequential over pieces) then replays each piece from its true incoming block until the true
    walk reaches a boundary that the speculative walk also has: from a common boundary on, the
-   two walks see the same open block and agree, so the rest of the piece (its flags, `I_t`,
-   end `Z` and `zz`) is already right. On piecewise-stationary inputs that happens at the first
-   regime change, so the sequential part is about one block per piece.
+   two walks see the same open block and compute the same numbers, so the rest of the piece
+   (its flags, `I_t`, end `Z` and `zz`) is already right. On piecewise-stationary inputs that
+   happens at the first regime change, so the sequential part is about one block per piece;
+   a piece that never meets a common boundary is replayed whole (the worst case is the
+   sequential walk).
 
-2. **Merge scan and level map** (`_merge_kernel`, one program per `(b, h)`): sequential over
-   boundary events only — the absorbed tokens between two events are one masked sum into the
-   open slot; at an event with a full cache, the `O(K)` argmin of
+2. **Merge scan** (`_merge_kernel`, one program per `(b, h)`, one warp): sequential over
+   boundary events only. The events are compacted first (torch, no host sync): per event its
+   token, `I_t`, and the count and float64 `I` sum of the tokens the block it closes absorbed.
+   Per event: the absorbed tokens join the open slot; with a full cache, the `O(K)` argmin of
    `(I_i + I_{i+1}) / (n_i + n_{i+1})` (ties → smallest `i`) and the shift of the slot vectors
-   (`n`, `I`, start positions, oldest first, in registers); then the append. Each chunk's level
-   rows are kept as a `[C, K]` tile (oldest-first starts per token, updated per event) and
-   stored once, scattered into rank order `r = m − 1 − i`.
+   (`n`, `I`, start positions, oldest first, in registers); then the append. The slot starts
+   after every event go to a configuration row.
+
+3. **Level map** (`_fill_kernel`, parallel over tokens): row `t` is the configuration after
+   the events up to `t`, read in rank order `r = m − 1 − i`.
 
 Decisions in the state dtype (float32 for 16/32-bit inputs, float64 for float64), `ε = 1e-12`,
 radicands clamped at 0. Products that feed decisions keep float32 accuracy: float32 inputs use
@@ -51,6 +59,8 @@ from dla.ops.state import state_dtype
 from dla.ops.validation import check_fenwick_levels
 
 EPS = 1e-12  # SPEC §2: floor of every cosine denominator
+_EPS = tl.constexpr(EPS)  # (kernels may read only constexpr globals)
+_EMPTY = tl.constexpr(EMPTY)
 
 __all__ = ["segment_triton"]
 
@@ -88,47 +98,63 @@ def _walk_range(k_base, v_base, info_base, flag_base, t_begin, t_end, cont, Z, z
     cols = idx[None, :]
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
+    kmask = dk[None, :] < Dk
+    vmask = dv[None, :] < Dv
     synced = cont * 0
     t0 = t_begin
     while (t0 < t_end) & (synced == 0):
         nvalid = tl.minimum(t_end - t0, C)
         valid = idx < nvalid
         tok = (t0 + idx).to(tl.int64)
-        Kc = tl.load(k_base + tok[:, None] * stride_k + dk[None, :],
-                     mask=valid[:, None] & (dk[None, :] < Dk), other=0.0)
-        Vc = tl.load(v_base + tok[:, None] * stride_v + dv[None, :],
-                     mask=valid[:, None] & (dv[None, :] < Dv), other=0.0)
-        Kf = Kc.to(FDT)
-        Vf = Vc.to(FDT)
+        kptr = k_base + tok[:, None] * stride_k + dk[None, :]
+        vptr = v_base + tok[:, None] * stride_v + dv[None, :]
+        Kc = tl.load(kptr, mask=valid[:, None] & kmask, other=0.0)
+        Vc = tl.load(vptr, mask=valid[:, None] & vmask, other=0.0)
         if DOT_MODE == 0:
-            G = tl.dot(Kf, tl.trans(Kf), input_precision=PREC) * tl.dot(Vf, tl.trans(Vf), input_precision=PREC)
+            G = tl.dot(Kc, tl.trans(Kc), input_precision=PREC) * tl.dot(Vc, tl.trans(Vc), input_precision=PREC)
         else:  # 16-bit inputs: products are exact in float32
             G = tl.dot(Kc, tl.trans(Kc)) * tl.dot(Vc, tl.trans(Vc))
-        ss = tl.sum(Kf * Kf, 1) * tl.sum(Vf * Vf, 1)
+        ss = tl.sum(Kc.to(FDT) * Kc.to(FDT), 1) * tl.sum(Vc.to(FDT) * Vc.to(FDT), 1)
         base = tl.zeros([C], FDT)
         if cont != 0:
             if DOT_MODE == 0:
-                KZ = tl.dot(Kf, Z, input_precision=PREC)
+                KZ = tl.dot(Kc, Z, input_precision=PREC)
             elif DOT_MODE == 1:  # bfloat16: Z = hi + lo in bfloat16
                 Zhi = Z.to(tl.bfloat16)
                 Zlo = (Z - Zhi.to(tl.float32)).to(tl.bfloat16)
-                KZ = tl.dot(Kc, Zhi) + tl.dot(Kc, Zlo)
+                KZ = tl.dot(Kc, Zlo, acc=tl.dot(Kc, Zhi))
             else:  # float16 (exact in tf32): Z = hi + lo in tf32
                 Zhi = _tf32_hi(Z)
-                KZ = tl.dot(Kf, Zhi, input_precision="tf32") + tl.dot(Kf, Z - Zhi, input_precision="tf32")
-            base = tl.sum(KZ * Vf, 1)
+                Kf = Kc.to(tl.float32)
+                KZ = tl.dot(Kf, Z - Zhi, acc=tl.dot(Kf, Zhi, input_precision="tf32"), input_precision="tf32")
+            base = tl.sum(KZ * Vc.to(FDT), 1)
+        # I_t if token t − 1 opened a slot ({t − 1} is the block): runs of boundaries in one step
+        prev = cols == rows - 1
+        c_pair = tl.sum(tl.where(prev, G, 0.0), 1)
+        zz_pair = tl.sum(tl.where(prev, ss[None, :], 0.0), 1)
+        if SCORE_STATE:
+            cos_pair = (zz_pair + c_pair) / tl.maximum(
+                tl.sqrt(tl.maximum(zz_pair * (zz_pair + 2.0 * c_pair + ss), 0.0)), _EPS)
+        else:
+            cos_pair = c_pair / tl.maximum(tl.sqrt(tl.maximum(ss * zz_pair, 0.0)), _EPS)
+        info_pair = tl.sqrt(tl.maximum(2.0 - 2.0 * cos_pair, 0.0))
+        pair_stop = (info_pair < tau) | (idx >= nvalid)
         if SYNC:
             spec = tl.load(flag_base + tok, mask=valid, other=0).to(tl.int32)
         else:
             spec = tl.zeros([C], tl.int32)
 
         # jump from boundary to boundary; s0 = block start in the chunk, −1: opened before it
-        s0 = tl.where(cont != 0, -1, 0)
-        zz_start = tl.where(cont != 0, zz, 0.0).to(FDT)
-        infos = tl.zeros([C], FDT)
-        flags = tl.where((idx == 0) & (cont == 0), 1, 0)
+        # a boundary forced at token 0 (cont == 0) and the run of boundaries after it
+        forced = cont == 0
+        run_end = tl.min(tl.where((idx > 0) & pair_stop, idx, C), 0)
+        run = forced & (idx < run_end)
+        s0 = tl.where(forced, run_end - 1, -1)
+        zz_start = tl.where(forced, 0.0, zz).to(FDT)
+        infos = tl.where(run & (idx > 0), info_pair, 0.0).to(FDT)
+        flags = tl.where(run, 1, 0)
         zz_end = zz_start
-        t1 = s0 * 0 + C
+        last = s0 * 0 + C  # the last token this pass decided (the sync token, if any)
         hit = s0 * 0
         done = s0 * 0
         while done == 0:
@@ -144,27 +170,40 @@ def _walk_range(k_base, v_base, info_base, flag_base, t_begin, t_end, cont, Z, z
             else:
                 num = c
                 rad = ss * zzb
-            cos = num / tl.maximum(tl.sqrt(tl.maximum(rad, 0.0)), EPS)
+            cos = num / tl.maximum(tl.sqrt(tl.maximum(rad, 0.0)), _EPS)
             info = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
             later = (idx > s0) & valid
-            t1 = tl.min(tl.where(later & (info >= tau), idx, C), 0)
+            t1 = tl.min(tl.where(later & (info >= tau), idx, C), 0)  # the next boundary
             infos = tl.where(later & (idx <= t1), info, infos)
             flags = tl.where(idx == t1, 1, flags)
             zz_end = zz_start + tl.sum(d, 0)
             hit = ((t1 < C) & (tl.sum(tl.where(idx == t1, spec, 0), 0) != 0)).to(tl.int32)
-            done = ((t1 >= C) | hit).to(tl.int32)
-            s0 = tl.where(done != 0, s0, t1)
+            # tokens after t1 keep opening slots while each differs enough from its predecessor
+            after = (idx > t1) & (hit == 0)
+            run_end = tl.min(tl.where(after & pair_stop, idx, C), 0)
+            ts = tl.min(tl.where(after & (idx < run_end) & (spec != 0), idx, C), 0)
+            run_end = tl.minimum(run_end, ts + 1)
+            run = after & (idx < run_end)
+            infos = tl.where(run, info_pair, infos)
+            flags = tl.where(run, 1, flags)
+            hit = hit | (ts < C).to(tl.int32)
+            last = tl.where(ts < C, ts, t1)
+            done = ((t1 >= C) | (hit != 0)).to(tl.int32)
+            s0 = tl.where(done != 0, s0, tl.maximum(t1, run_end - 1))
             zz_start = tl.where(done != 0, zz_start, 0.0).to(FDT)
 
-        wmask = valid & ((idx <= t1) | (hit == 0))
+        wmask = valid & ((idx <= last) | (hit == 0))
         tl.store(info_base + tok, infos, mask=wmask)
         tl.store(flag_base + tok, flags.to(tl.int8), mask=wmask)
-        # Z at the chunk end: restart at the last boundary, add the open block's tokens
-        inb = (idx >= tl.maximum(s0, 0)) & valid
+        # Z at the chunk end: restart at the last boundary, add the open block's tokens (reloaded
+        # rather than kept live through the walk)
+        inb = ((idx >= tl.maximum(s0, 0)) & valid)[:, None]
+        Kb = tl.load(kptr, mask=inb & kmask, other=0.0)
+        Vb = tl.load(vptr, mask=inb & vmask, other=0.0)
         if DOT_MODE == 0:
-            Zc = tl.dot(tl.trans(tl.where(inb[:, None], Kf, 0.0)), Vf, input_precision=PREC)
+            Zc = tl.dot(tl.trans(Kb), Vb, input_precision=PREC)
         else:
-            Zc = tl.dot(tl.trans(tl.where(inb[:, None], Kc, 0.0)), Vc).to(FDT)
+            Zc = tl.dot(tl.trans(Kb), Vb).to(FDT)
         Z = tl.where(s0 < 0, Z, 0.0) + Zc
         zz = zz_end
         synced = hit
@@ -269,7 +308,7 @@ def _merge_kernel(E_ptr, pos_ptr, infoE_ptr, absN_ptr, absI_ptr, n0_ptr, I0_ptr,
     live = slot < m
     n = tl.load(n0_ptr + bh64 * K + slot, mask=live, other=0).to(tl.int64)
     I = tl.load(I0_ptr + bh64 * K + slot, mask=live, other=0.0).to(FDT)
-    st = tl.where(live, slot - m, EMPTY)  # first member of each slot, oldest first
+    st = tl.where(live, slot - m, _EMPTY)  # first member of each slot, oldest first
     ev = bh64 * (T + 1)
     cfg = cfg_st_ptr + ev * BKS
     tl.store(cfg + slot, st)
@@ -337,7 +376,7 @@ def _fill_kernel(row_ptr, cfg_st_ptr, cfg_m_ptr, level_ptr, T, H, K,
     m = tl.load(cfg_m_ptr + row, mask=valid, other=0)
     src = m[:, None] - 1 - rank[None, :]
     held = (src >= 0) & valid[:, None]
-    val = tl.load(cfg_st_ptr + row[:, None] * BKS + src, mask=held, other=EMPTY)
+    val = tl.load(cfg_st_ptr + row[:, None] * BKS + src, mask=held, other=_EMPTY)
     out = level_ptr + ((b.to(tl.int64) * T + tok[:, None]) * H + h) * K + rank[None, :]
     tl.store(out, val, mask=valid[:, None] & (rank[None, :] < K))
 
@@ -357,14 +396,16 @@ def _chunk(chunk_size: int) -> int:
 
 
 def _default_piece(T: int, streams: int, C: int, device: torch.device) -> int:
-    """Piece length (whole chunks) for the speculative walk: enough programs to fill the GPU,
-    pieces of at least 4 chunks so that the sequential fix-up stays a small part."""
+    """Tokens per speculative piece (whole chunks). The walk costs about T/P chunks per program,
+    the sequential fix-up about 1.5 chunks per piece on piecewise-stationary inputs: P ≈
+    √(chunks / 1.5) balances them, capped by the programs that fill the GPU (a few per SM, to
+    hide the walk's latency) and by pieces of at least 4 chunks."""
     if device.type != "cuda":
         return T
+    chunks = -(-T // C)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    pieces = max(1, min(-(-2 * sms // streams), T // (4 * C)))
-    per_piece = -(-T // pieces)
-    return -(-per_piece // C) * C
+    pieces = max(1, min(-(-4 * sms // streams), int((chunks / 1.5) ** 0.5), chunks // 4))
+    return -(-chunks // pieces) * C
 
 
 def dla_walk(k: Tensor, v: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, score: str, tau: float,
