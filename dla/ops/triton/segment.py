@@ -437,7 +437,7 @@ def dla_walk(k: Tensor, v: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, score: s
     zzs = torch.empty(B, H, P, dtype=dt, device=dev)
     meta = dict(SCORE_STATE=score == "state", DOT_MODE=dot_mode, PREC=prec, C=C, BK=BK, BV=BV,
                 FDT=tl.float64 if dt == torch.float64 else tl.float32,
-                num_warps=8 if BK * BV >= 128 * 64 else 4)
+                num_warps=8 if BK * BV >= 64 * 64 else 4)
     _walk_kernel[(B * H, P)](k, v, Z0, zz0, m0, tau_t, info, flag, Zs, zzs, T, H, Dk, Dv, piece, P, **meta)
     if P > 1:
         _fixup_kernel[(B * H,)](k, v, tau_t, info, flag, Zs, zzs, T, H, Dk, Dv, piece, P, **meta)
