@@ -21,7 +21,7 @@ tokens (the last one may be shorter). Inside a chunk positions are `1..C`, `G_t 
 the SPEC's `A_base / scale`, `Q̂[t]ᵀ = q_tᵀ A_t ⋯ A_1`, column `s` of `E` is
 `(A_C ⋯ A_{s+1}) β_s k_s` and `P_C = A_C ⋯ A_1`.)
 
-Levels (`level_start [B,T,H,L]`, `ℓ_t(p) = level_of(level_start[t], p)`, `K = L` slots):
+Levels (`level_start [B,T,H,L]`, `ℓ_t(p) = _level_of(level_start[t], p)`, `K = L` slots):
 the old slots at the chunk start `c0` are the ranks `r` of row `c0 − 1` (for the first chunk,
 the initial slots at pseudo-positions `−1 − r`), slot `r` starting at `pos_r` (`EMPTY`: nothing).
 
@@ -71,7 +71,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dla.ops.levels import EMPTY, initial_starts, level_of
+from dla.ops.levels import EMPTY, initial_starts
 from dla.ops.state import state_dtype
 
 __all__ = ["readout_forward", "readout_backward"]
@@ -116,6 +116,50 @@ def _prepare(q, k, v, lam, g, beta, level_start, S0) -> tuple[_Inputs, torch.dty
     return inputs, cdt
 
 
+def _level_of(starts: Tensor, positions: Tensor) -> Tensor:
+    """`dla.ops.levels.level_of` by binary search: ℓ(p) = first r with starts[r] ≤ p = the
+    number of r whose running minimum `min_{r' ≤ r} starts[r']` exceeds p (that minimum is
+    non-increasing in r); −1 when it is L. starts [..., L], positions [..., P] → [..., P]."""
+    L = starts.shape[-1]
+    ascending = starts.cummin(-1).values.flip(-1).contiguous()
+    first = L - torch.searchsorted(ascending, positions.contiguous(), right=True)
+    return torch.where(first < L, first, -1)
+
+
+def _flat_index(index: Tensor, R: int) -> Tensor:
+    """Rows index[n, p] of an [N, R, ...] tensor as rows of its [N·R, ...] view; an index R
+    (dropped) is clamped to R − 1 — callers zero those rows."""
+    N = index.shape[0]
+    return (index.clamp(max=R - 1) + R * torch.arange(N, device=index.device)[:, None]).reshape(-1)
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [N, R, *rest], index [N, P] → x[n, index[n, p]] as [N, P, *rest] (0 where index = R)."""
+    N, R = x.shape[:2]
+    out = x.reshape(N * R, -1).index_select(0, _flat_index(index, R)).reshape(*index.shape, *x.shape[2:])
+    if bool((index == R).any()):
+        out = out * (index < R).to(x.dtype).reshape(*index.shape, *[1] * (x.dim() - 2))
+    return out
+
+
+def _add_rows(out: Tensor, index: Tensor, src: Tensor) -> None:
+    """out[n, index[n, p]] += src[n, p] (out [N, R, *rest] contiguous, src [N, P, *rest]);
+    rows with index = R are dropped."""
+    N, R = out.shape[:2]
+    if bool((index == R).any()):
+        src = src * (index < R).to(src.dtype).reshape(*index.shape, *[1] * (src.dim() - 2))
+    out.view(N * R, -1).index_add_(0, _flat_index(index, R), src.reshape(index.numel(), -1))
+
+
+def _token_writes(c: "_Chunk", K: int) -> tuple[Tensor, Tensor]:
+    """M_tok [N, K, C] (token s → its chunk-end rank) and E ⊙ M_tok as [N, K·Dk, C]: column s
+    of E kept in the block of its rank, so that `· V` gives Σ_{s→r'} E_s v_sᵀ for every r' in
+    one GEMM of depth C."""
+    N, Dk, C = c.E.shape
+    Mt = (c.end_tok[:, None, :] == torch.arange(K, device=c.E.device)[:, None]).to(c.E.dtype)
+    return Mt, (c.E[:, None] * Mt[:, :, None, :]).reshape(N, K * Dk, C)
+
+
 # --------------------------------------------------------------------------------------------
 # One chunk: everything both passes need (recomputed in the backward, never saved).
 # --------------------------------------------------------------------------------------------
@@ -153,11 +197,11 @@ def _levels(starts: Tensor, prev_pos: Tensor, c0: int, lam: Tensor, K: int):
     dev = starts.device
     pos = c0 + torch.arange(C, device=dev)
     tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
-    lev_tok = level_of(starts, pos.expand(N, C, C))
+    lev_tok = _level_of(starts, pos.expand(N, C, C))
     lev_tok = torch.where(tri, lev_tok, -1)
     Lam = torch.where(lev_tok >= 0, torch.gather(lam, -1, lev_tok.clamp(min=0)), 0.0)
     live = (prev_pos != EMPTY)[:, None, :]  # [N, 1, K]
-    lev_old = level_of(starts, prev_pos[:, None, :].expand(N, C, K))
+    lev_old = _level_of(starts, prev_pos[:, None, :].expand(N, C, K))
     lev_old = torch.where(live, lev_old, -1)
     W = torch.where(lev_old >= 0, torch.gather(lam, -1, lev_old.clamp(min=0)), 0.0)
     end_old = torch.where(lev_old[:, -1] >= 0, lev_old[:, -1], K)
@@ -205,8 +249,8 @@ def _chunk(x: _Inputs, c0: int, c1: int, prev_pos: Tensor, need_levels: bool = T
     else:  # the state pass needs the chunk-end remaps only
         last = x.starts[:, c1 - 1 : c1]
         pos = c0 + torch.arange(C, device=dev)
-        lev_tok = level_of(last, pos.expand(N, 1, C))[:, 0]
-        lev_old = level_of(last, prev_pos[:, None, :])[:, 0]
+        lev_tok = _level_of(last, pos.expand(N, 1, C))[:, 0]
+        lev_old = _level_of(last, prev_pos[:, None, :])[:, 0]
         lev_old = torch.where(prev_pos != EMPTY, lev_old, -1)
         levels = (None, None, None, None, torch.where(lev_old >= 0, lev_old, K), torch.where(lev_tok >= 0, lev_tok, K))
     return _Chunk(q, k, v, beta, gam, rho, gam_C, Gam, QK, KK, Tinv, M, Aqk, At, Qh, E, P, *levels)
@@ -216,11 +260,9 @@ def _chunk_end(c: _Chunk, S: Tensor) -> Tensor:
     """S'_{r'} = Σ_{r→r'} P_C S_r + Σ_{s→r'} E_s v_sᵀ, in the new rank order [N, K, Dk, Dv]."""
     N, K, Dk, Dv = S.shape
     PS = c.gam_C[:, None, None, None] * S if c.P is None else c.P[:, None] @ S
-    out = S.new_zeros(N, K + 1, Dk, Dv)  # rank K collects what is dropped
-    out.scatter_add_(1, c.end_old[:, :, None, None].expand(N, K, Dk, Dv), PS)
-    writes = c.E.transpose(1, 2)[..., None] * c.v[:, :, None, :]  # [N, C, Dk, Dv]
-    out.scatter_add_(1, c.end_tok[:, :, None, None].expand_as(writes), writes)
-    return out[:, :K]
+    out = (_token_writes(c, K)[1] @ c.v).reshape(N, K, Dk, Dv)
+    _add_rows(out, c.end_old, PS)
+    return out
 
 
 def _chunk_bounds(T: int, chunk_size: int):
@@ -331,11 +373,11 @@ def _chunk_backward(c: _Chunk, S: Tensor, dOt: Tensor, dSn: Tensor, has_beta: bo
     dlam.scatter_add_(-1, c.lev_tok.clamp(min=0), torch.where(c.lev_tok >= 0, dLam, 0.0))
     dlam.scatter_add_(-1, c.lev_old.clamp(min=0), torch.where(c.lev_old >= 0, dW, 0.0))
     # chunk end: S' = remap(P_C S) + remap(E_s v_sᵀ)
-    dpad = torch.cat([dSn, dSn.new_zeros(N, 1, Dk, Dv)], dim=1)
-    dPS = torch.gather(dpad, 1, c.end_old[:, :, None, None].expand(N, K, Dk, Dv))
-    D = torch.gather(dpad, 1, c.end_tok[:, :, None, None].expand(N, C, Dk, Dv))  # [N, C, Dk, Dv]
-    dE = torch.einsum("nsde,nse->nds", D, c.v)
-    dv += torch.einsum("nsde,nds->nse", D, c.E)
+    dPS = _rows(dSn, c.end_old)
+    dSn_flat = dSn.reshape(N, K * Dk, Dv)
+    Mt, EM = _token_writes(c, K)  # [N, K, C], [N, K·Dk, C]
+    dE = ((dSn_flat @ c.v.transpose(1, 2)).reshape(N, K, Dk, C) * Mt[:, :, None, :]).sum(1)  # [N, Dk, C]
+    dv += EM.transpose(1, 2) @ dSn_flat
     gam, rho, Gam = c.gam, c.rho, c.Gam
     dgam = _rowsum(dQh, c.q)
     dq += gam[..., None] * dQh
@@ -347,7 +389,7 @@ def _chunk_backward(c: _Chunk, S: Tensor, dOt: Tensor, dSn: Tensor, has_beta: bo
         dGam = dAqk * c.QK
     else:
         dS += c.P.transpose(1, 2)[:, None] @ dPS
-        dP = torch.einsum("nkde,nkfe->ndf", dPS, S)  # [N, Dk, Dk]
+        dP = (dPS @ S.transpose(2, 3)).sum(1)  # Σ_r dPS_r S_rᵀ [N, Dk, Dk]
         dgam_C = dP.diagonal(dim1=1, dim2=2).sum(-1)
         Hk = gam[..., None] * c.k
         dE = dE - dP @ Hk.transpose(1, 2)
