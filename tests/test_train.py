@@ -41,6 +41,12 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+def train_curve(run: Path) -> list[tuple[int, float]]:
+    """(step, training loss) from a run's metrics.jsonl."""
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
 def tcfg(corpus: Path, **kw) -> TrainConfig:
     return TrainConfig(**{"steps": 6, "batch_size": 2, "lr": 1e-2, "warmup": 2, "eval_tokens": 32,
                           "data": str(corpus), **kw})
@@ -289,10 +295,7 @@ def test_resumed_run_repeats_the_uninterrupted_one(corpus, tmp_path, monkeypatch
     resumed = train(plan(MICRO, tcfg(corpus), tmp_path / "cut", resume=True, compile=False, device="cpu",
                          checkpoint_every=3), log=quiet)
 
-    def curve(run):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open()) if "loss" in r]
-
-    a, b = curve("whole"), curve("cut")
+    a, b = train_curve(tmp_path / "whole"), train_curve(tmp_path / "cut")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6, atol=0)
     assert resumed["heldout_loss"] == pytest.approx(whole["heldout_loss"], rel=1e-6)
