@@ -21,17 +21,15 @@ from dla.ops.reference import segment_naive
 from dla.ops.segment import segment
 from dla.ops.state import MultiStateCache, empty_cache, state_dtype
 from dla.synthetic import piecewise_stationary
-from tests.strategies import DELTA, fenwick_levels, relative_error, well_conditioned
+from tests.strategies import DELTA, fenwick_levels, relative_error
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Relative tolerances of the final floats against the float64 oracle. In float32, `I` inherits
-# the cancellation of the score itself (`c`, `zz` and `ss` are combined without ever forming
-# `Z + k vᵀ`), which costs up to ~1e-3 on tokens nearly opposite to their block; the decisions
-# built on it are compared exactly.
-TOL = {
-    torch.float64: {"I": 1e-10, "Z": 1e-10, "zz": 1e-10},
-    torch.float32: {"I": 1e-2, "Z": 1e-5, "zz": 1e-5},
-}
+# Relative tolerances of Z and zz against the float64 oracle.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# I per slot: |I − I_ref| ≤ rtol·|I_ref| + atol·n. I_t = √(2 − 2cos) near cos = 1 turns cos's
+# rounding ε into √ε, per token (float32 ≈ 1e-3, float64 ≈ 5e-8); the decisions built on I
+# are compared exactly.
+I_TOL = {torch.float64: (1e-10, 1e-7), torch.float32: (1e-4, 1e-3)}
 
 
 @dataclass(frozen=True)
@@ -61,19 +59,25 @@ class SegCase:
 def seg_cases(draw, policies=("dla", "fenwick", "single"), min_length=1, max_length=32, warm=(0, 0, 3, 7)):
     policy = draw(st.sampled_from(policies))
     length = draw(st.integers(min_length, max_length))
-    dk = draw(st.integers(1, 5))
-    dv = draw(st.integers(2 if dk == 1 else 1, 4))  # dk = dv = 1 makes every token collinear
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    score = draw(st.sampled_from(["token", "state"]))
+    # With dk or dv = 1 every block content Z is rank 1, and a token can nearly cancel it
+    # (Z + k vᵀ ≈ 0): the state score's ‖Z + k vᵀ‖² = zz + 2c + ss then cancels, beyond
+    # float32's I tolerance (decisions stay well-conditioned; float64 keeps them).
+    low = 2 if (dtype, score) == ("float32", "state") else 1
+    dk = draw(st.integers(low, 5))
+    dv = draw(st.integers(low, 4))
     w = draw(st.sampled_from(warm))
     levels = draw(st.integers(2, 6))
     if policy == "fenwick":
         levels = max(levels, fenwick_levels(length, w))
     return SegCase(
         batch=draw(st.integers(1, 2)), length=length, heads=draw(st.integers(1, 2)), dk=dk, dv=dv,
-        levels=levels, policy=policy, score=draw(st.sampled_from(["token", "state"])),
+        levels=levels, policy=policy, score=score,
         tau=draw(st.sampled_from([0.0, 0.3, 0.6, 0.6, 1.0])),
         inputs=draw(st.sampled_from(["gaussian", "piecewise", "piecewise"])),
         mean_regime=draw(st.sampled_from([2.0, 4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
-        chunk_size=draw(st.sampled_from([1, 3, 4, 8, 64])), dtype=draw(st.sampled_from(["float32", "float64"])),
+        chunk_size=draw(st.sampled_from([1, 3, 4, 8, 64])), dtype=dtype,
         warm=w,
     )
 
@@ -123,6 +127,15 @@ def fast(case: SegCase, k, v, state, chunk_size=None):
                    case.score, case.tau, chunk_size or case.chunk_size)
 
 
+def well_conditioned(seg, case: SegCase) -> bool:
+    """SPEC §2's margins, as `tests.strategies.well_conditioned`, except that at τ = 0 every
+    scored token is a boundary on every path (I_t = √max(0, ·) ≥ 0 = τ), so |I_t − τ| is no
+    margin there: a token with I_t ≈ 0 is not a decision that may flip."""
+    delta = DELTA[case.torch_dtype]
+    boundaries = case.tau == 0 or bool((seg.boundary_margin >= delta).all())
+    return boundaries and bool((seg.merge_margin >= delta).all())
+
+
 def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return relative_error(a, b) <= tol
 
@@ -130,9 +143,11 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 def assert_final_state(out, ref_n, ref_I, ref_m, ref_Z, ref_zz, dtype):
     _, n, I, m, Z, zz = out
     assert torch.equal(m, ref_m) and torch.equal(n, ref_n)
-    tol = TOL[dtype]
-    for name, got, want in (("I", I, ref_I), ("Z", Z, ref_Z), ("zz", zz, ref_zz)):
-        assert close(got, want, tol[name]), (name, relative_error(got, want))
+    rtol, atol = I_TOL[dtype]
+    err = (I.double() - ref_I.double()).abs()
+    assert (err <= rtol * ref_I.double().abs() + atol * ref_n).all(), ("I", I, ref_I)
+    for name, got, want in (("Z", Z, ref_Z), ("zz", zz, ref_zz)):
+        assert close(got, want, TOL[dtype]), (name, relative_error(got, want))
 
 
 EDGE = dict(batch=1, heads=2, dk=3, dv=2, score="token", inputs="piecewise", mean_regime=4.0, seed=7, policy="dla")
@@ -167,7 +182,7 @@ def with_examples(cases):
 def test_segment_equals_segment_naive(case: SegCase):
     k, v, state = make_inputs(case)
     ref = naive(case, k, v, state)
-    assume(well_conditioned(ref, case.torch_dtype))
+    assume(well_conditioned(ref, case))
     inputs = (k, v, state.n, state.I, state.m, state.Z, state.zz, state.step)
     out = fast(case, k, v, state)
     level_start = out[0]
@@ -194,7 +209,7 @@ def test_edge_examples_are_well_conditioned_and_what_they_claim():
     for name, case in EDGE_CASES.items():
         k, v, state = make_inputs(case)
         ref = naive(case, k, v, state)
-        assert well_conditioned(ref, case.torch_dtype), name
+        assert well_conditioned(ref, case), name
         if name.startswith("every token"):
             assert (ref.m == case.length).all() and (ref.n[..., : case.length] == 1).all(), name
         if name.startswith("all tokens merged"):
@@ -214,7 +229,7 @@ def test_draws_are_mostly_well_conditioned_and_exercise_every_decision():
     def draw(case):
         k, v, state = make_inputs(case)
         ref = naive(case, k, v, state)
-        verdicts.append(well_conditioned(ref, case.torch_dtype))
+        verdicts.append(well_conditioned(ref, case))
         if case.inputs == "piecewise":
             for name in ("boundaries", "absorbed", "capacity_merges"):
                 events[name] += int(getattr(ref, name).sum())
@@ -241,7 +256,7 @@ def test_split_equals_one_call(case: SegCase, cut: int, step0: int):
     state0 = empty_cache(B, H, K, case.dk, case.dv, dtype=case.torch_dtype, device="cpu")._replace(
         step=torch.full((B,), step0, dtype=torch.int64))
     ref = naive(case, k, v, state0)
-    assume(well_conditioned(ref, case.torch_dtype))
+    assume(well_conditioned(ref, case))
 
     one = fast(case, k, v, state0)
     first = fast(case, k[:, :a], v[:, :a], state0)
@@ -278,7 +293,7 @@ def test_zero_tokens_follow_the_eps_rule(zero, score, dtype):
     for x in (k, v) if zero == "both" else ((k,) if zero == "k" else (v,)):
         x[:, ::2] = 0.0  # zero tokens, and zz = 0 when a block opens on one
     ref = naive(case, k, v, state)
-    assert well_conditioned(ref, dtype)
+    assert well_conditioned(ref, case)
     out = fast(case, k, v, state)
     for x in out[1:]:
         assert not x.is_floating_point() or torch.isfinite(x).all()

@@ -1,20 +1,22 @@
 """CPU kernel of `dla::segment` (SCHEMAS.md): the level map and the final segmentation state.
 
 * `dla` (SPEC §2, §3): chunked boundary detection. Per chunk of `C` tokens, batched over
-  `B·H`, the Gram `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)`, the base term `rowsum((K_c Z) ⊙ V_c)` against
-  the open-block content `Z` at the chunk start, `ss_t = ‖k_t‖²‖v_t‖²` and suffix sums of
-  the strictly lower Gram rows. The sequential part loops over the chunk's tokens, vectorised
-  over `B·H`: `c_t = [block opened before the chunk]·base_t + Σ_{s = max(block start, chunk
-  start)}^{t−1} Gram[t, s]` is one gather; then the score, the capacity merge (a masked scan
-  over the `K` slots, only on steps where some row merges) and the append or absorb. Slot
-  start positions are kept oldest first per token and turned into rank order once at the
-  end. `Z` is brought to the chunk end by one masked GEMM (it restarts at a boundary); `zz` is
-  carried by its update rule. Decisions are computed in the state dtype (float32 for float32
-  inputs, float64 for float64), `ε = 1e-12`, radicands clamped at 0.
-* `fenwick` and `single`: closed form, no token loop.
+  `B·H`: the Gram `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)`, the base term `rowsum((K_c Z) ⊙ V_c)` against the
+  open-block content `Z` at the chunk start, `ss_t = ‖k_t‖²‖v_t‖²`, and suffix sums of the
+  strictly lower Gram rows. The sequential part loops over the chunk's tokens in Python,
+  vectorised over `B·H`: `c_t = [block opened before the chunk]·base_t + Σ_{s = max(block
+  start, chunk start)}^{t−1} Gram[t, s]` is one lookup in those sums (no `Dk×Dv` work per
+  token), then the score. A step where no row opens a block only accumulates the open block's
+  `I` and `zz`; on an *event* (some row opens) the open slot is written back, full rows run the
+  capacity merge scan (masks over the `K` slots), and the slot starts and live counts are
+  snapshotted; each step's level-map row is gathered from its snapshot at the end. `Z` is
+  brought to the chunk end by one masked GEMM (it restarts at a boundary); `zz` is carried by
+  its update rule. Decisions are computed in the state dtype (float32 for float32 inputs,
+  float64 for float64), `ε = 1e-12`, radicands clamped at 0.
+* `fenwick` and `single`: closed form, vectorised, no token loop.
 
-The kernel reads tensor values freely (it is opaque to the compiler) and returns fresh
-tensors; it never records autograd.
+The kernel reads tensor values freely (it is opaque to the compiler), returns fresh tensors
+and records no autograd.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def segment(
         raise ValueError(f"score must be one of ['token', 'state'], got {score!r}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if policy == "dla" and levels < 2:
+        raise ValueError(f"policy 'dla' needs levels (capacity K) >= 2, got {levels}")
     with torch.no_grad():
         if policy == "dla":
             return _segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size))
@@ -66,66 +70,97 @@ def _segment_dla(k, v, n0, I0, m0, Z0, zz0, K: int, score: str, tau: float, C: i
     kh = k.detach().to(dt).permute(0, 2, 1, 3).reshape(N, T, Dk)
     vh = v.detach().to(dt).permute(0, 2, 1, 3).reshape(N, T, Dv)
 
+    # Per row (b, h), slots oldest first. n, I and starts are exact for the closed slots; the
+    # open slot m − 1 is tracked by nbase (its count before step t is t + nbase) and cur_I,
+    # and written back ("flushed") only at events (steps where some row opens a block) and at
+    # the end.
     slot = torch.arange(K, device=dev)
     m = m0.reshape(N).to(torch.int64).clone()
     live = slot < m[:, None]
-    n = torch.where(live, n0.reshape(N, K).to(torch.int64), 0)  # [N, K] oldest first
+    n = torch.where(live, n0.reshape(N, K).to(torch.int64), 0)
     I = torch.where(live, I0.reshape(N, K).to(dt), 0.0)
-    starts = torch.where(live, slot - m[:, None], EMPTY)  # first member of each slot; initial slot i at i − m0
+    starts = torch.where(live, slot - m[:, None], EMPTY)  # first member; initial slot i at i − m0
     Z = Z0.reshape(N, Dk, Dv).to(dt).clone()
     zz = zz0.reshape(N).to(dt).clone()
-    # Start of the open block; the initial open block (Z0) counts as opened before every chunk.
-    # Rows with m0 = 0 get it set by their first token.
+    top = (m - 1).clamp(min=0)[:, None]
+    has_open = m > 0
+    # Start of the open block: the initial open block (Z0) sits before every chunk (−1);
+    # rows with m0 = 0 get theirs from their first token.
     bstart = torch.full((N,), -1, dtype=torch.int64, device=dev)
-    start_rows = torch.empty(T, N, K, dtype=torch.int64, device=dev)  # oldest-first starts after each step
-    m_rows = torch.empty(T, N, dtype=torch.int64, device=dev)
+    nbase = torch.where(has_open, n.gather(1, top).squeeze(1), 0)
+    cur_I = torch.where(has_open, I.gather(1, top).squeeze(1), 0.0)
+    two = torch.full((N,), 2.0, dtype=dt, device=dev)
+    rows = torch.arange(N, device=dev)
     token_score = score == "token"
+
+    # the level map: (starts, m) snapshots at events, and each step's snapshot index
+    snaps_starts, snaps_m, snap_of = [starts], [m], []
+
+    def flush(t: int, n, I):
+        at_open = slot == (m - 1)[:, None]
+        n = torch.where(at_open, (nbase + t)[:, None], n)
+        I = torch.where(at_open, cur_I[:, None], I)
+        return n, I
 
     for c0 in range(0, T, C):
         c1 = min(c0 + C, T)
+        Cc = c1 - c0
         Kc, Vc = kh[:, c0:c1], vh[:, c0:c1]
         base = ((Kc @ Z) * Vc).sum(-1)  # [N, Cc]: k_tᵀ Z v_t against the block content at c0
         gram = torch.tril((Kc @ Kc.mT) * (Vc @ Vc.mT), diagonal=-1)  # [N, Cc, Cc], s < t only
-        # suf[t, 1 + j] = Σ_{s=j}^{t−1} gram[t, s] (summed from t − 1 down: no cancellation);
-        # suf[t, 0] adds the base term for a block opened before the chunk.
+        # suf[:, t, 1 + j] = Σ_{s=j}^{t−1} gram[t, s] (summed from t − 1 down: no cancellation);
+        # suf[:, t, 0] adds the base term, for a block opened before the chunk.
         suf = gram.flip(-1).cumsum(-1).flip(-1)
-        suf = torch.cat([(base + suf[..., 0])[..., None], suf], dim=-1)  # [N, Cc, Cc + 1]
-        ss_c = (Kc * Kc).sum(-1) * (Vc * Vc).sum(-1)  # [N, Cc]
+        suf = torch.cat([(base + suf[..., 0])[..., None], suf], dim=-1).reshape(-1)  # flat [N·Cc·(Cc+1)]
+        ss_c = ((Kc * Kc).sum(-1) * (Vc * Vc).sum(-1)).T.contiguous()  # [Cc, N]
+        # flat index of suf[:, j, col] = row_base + col + j·(Cc + 1), col = 1 + block start − c0 or 0
+        row_offset = rows * (Cc * (Cc + 1))
+        row_base = row_offset + (bstart - (c0 - 1)).clamp(min=0)
         for t in range(c0, c1):
             j = t - c0
-            col = (bstart - (c0 - 1)).clamp_(min=0)
-            c = suf[:, j].gather(1, col[:, None]).squeeze(1)
-            ss = ss_c[:, j]
+            c = suf.take(row_base + j * (Cc + 1))
+            ss = ss_c[j]
             if token_score:
-                cos = c / (ss * zz).clamp(min=0).sqrt().clamp(min=EPS)
-                info = (2 - 2 * cos).clamp(min=0).sqrt()
+                denom = (ss * zz).clamp_(min=0).sqrt_().clamp_(min=EPS)
+                info = torch.addcdiv(two, c, denom, value=-2).clamp_(min=0).sqrt_()
             else:
                 info = _state_information(c, ss, zz)
-            first = m == 0
-            opens = (info >= tau) | first
+            opens = info >= tau
+            if t == 0:
+                first = m == 0  # the first token of a sequence opens the first slot, unscored
+                opens = opens | first
+                info = info.masked_fill(first, 0.0)
+            if not bool(opens.any()):  # every row absorbs t into its open block
+                cur_I.add_(info)
+                zz.add_(c, alpha=2).add_(ss)
+                snap_of.append(len(snaps_m) - 1)
+                continue
+            n, I = flush(t, n, I)
             full = opens & (m == K)
             if bool(full.any()):
-                n, I, starts = _capacity_merge(n, I, starts, full, slot, K)
+                n, I, starts = _capacity_merge(n, I, starts, full, slot)
                 m = m - full.long()
-            # append at slot m (opens) or absorb into slot m − 1
-            w = torch.where(opens, m, m - 1)
-            at = slot == w[:, None]  # [N, K]
-            op = opens[:, None]
-            n = torch.where(at, torch.where(op, 1, n + 1), n)
-            I = torch.where(at, torch.where(op, torch.where(first, 0.0, info)[:, None], I + info[:, None]), I)
-            starts = torch.where(at & op, t, starts)
-            m = m + opens.long()
-            zz = torch.where(opens, ss, zz + 2 * c + ss)
-            bstart = torch.where(opens, t, bstart)
-            start_rows[t] = starts
-            m_rows[t] = m
+            m = m + opens
+            starts = starts.masked_fill((slot == (m - 1)[:, None]) & opens[:, None], t)
+            cur_I = torch.where(opens, info, cur_I + info)
+            zz = torch.where(opens, ss, torch.add(zz, c, alpha=2).add_(ss))
+            bstart = bstart.masked_fill(opens, t)
+            nbase = nbase.masked_fill(opens, -t)
+            row_base = torch.where(opens, row_offset + (j + 1), row_base)
+            snaps_starts.append(starts)
+            snaps_m.append(m)
+            snap_of.append(len(snaps_m) - 1)
         # Z at the chunk end: restart where a block opened inside the chunk, then add the open
         # block's tokens of this chunk (one masked GEMM).
         in_block = (torch.arange(c0, c1, device=dev)[None, :] >= bstart[:, None]).to(dt)  # [N, Cc]
         Z = torch.where((bstart >= c0)[:, None, None], 0.0, Z) + (Kc * in_block[..., None]).mT @ Vc
+    n, I = flush(T, n, I)
 
     # rank r is the oldest-first slot m − 1 − r
-    src = m_rows[..., None] - 1 - slot  # [T, N, K]
+    which = torch.tensor(snap_of, dtype=torch.int64, device=dev)
+    start_rows = torch.stack(snaps_starts)[which]  # [T, N, K]
+    m_rows = torch.stack(snaps_m)[which]  # [T, N]
+    src = m_rows[..., None] - 1 - slot
     level_start = torch.where(src >= 0, start_rows.gather(-1, src.clamp(min=0)), EMPTY)
     level_start = level_start.to(torch.int32).reshape(T, B, H, K).permute(1, 0, 2, 3).contiguous()
     return (level_start, n.reshape(B, H, K), I.reshape(B, H, K), m.reshape(B, H),
@@ -147,19 +182,20 @@ def _state_information(c: Tensor, ss: Tensor, zz: Tensor) -> Tensor:
     return torch.where(use_stable, stable, direct).clamp(min=0).sqrt()
 
 
-def _capacity_merge(n, I, starts, full, slot, K: int):
+def _capacity_merge(n, I, starts, full, slot):
     """On rows `full` (all K slots live) merge the adjacent pair with minimal
-    (I_i + I_{i+1}) / (n_i + n_{i+1}) (ties → smallest i); slot K − 1 is left to the append."""
-    nf = n.to(I.dtype)
-    dens = (I[:, :-1] + I[:, 1:]) / (nf[:, :-1] + nf[:, 1:])  # [N, K − 1]
+    (I_i + I_{i+1}) / (n_i + n_{i+1}) (ties → smallest i): slot i takes the sums and keeps its
+    start, later slots move down by one. Slot K − 1 is left stale: the append that follows
+    every capacity merge overwrites its start, and the next flush its n and I."""
+    K = slot.shape[0]
+    dens = (I[:, :-1] + I[:, 1:]) / (n[:, :-1] + n[:, 1:]).to(I.dtype)  # [N, K − 1]
     i = dens.argmin(-1, keepdim=True)  # first minimum
-    src = (slot + (slot > i)).clamp(max=K - 1)  # slots after i shift down by one
-    at = (slot == i) & full[:, None]
-    rows = full[:, None]
-    nxt = (i + 1).clamp(max=K - 1)
-    n = torch.where(rows, n.gather(1, src), n) + torch.where(at, n.gather(1, nxt), 0)
-    I = torch.where(rows, I.gather(1, src), I) + torch.where(at, I.gather(1, nxt), 0.0)
-    starts = torch.where(rows, starts.gather(1, src), starts)  # the merged slot keeps the older start
+    shift = (slot >= i) & full[:, None]  # slots i.. take their right neighbour
+    at = shift & (slot <= i)  # slot i adds its own
+    src = (slot + shift).clamp_(max=K - 1)
+    n = n.gather(1, src) + n * at
+    I = I.gather(1, src) + I * at
+    starts = torch.where(at, starts, starts.gather(1, src))
     return n, I, starts
 
 
