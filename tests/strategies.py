@@ -118,3 +118,15 @@ def random_cache(case: Case, seed: int, dtype=torch.float64) -> MultiStateCache:
     _, state = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], g=t["g"], beta=t["beta"],
                                               output_final_state=True, **options(warm))
     return state
+
+
+# I per slot: |I − I_ref| ≤ rtol·|I_ref| + atol·n. I_t = √(2 − 2cos) near cos = 1 turns cos's
+# rounding ε into √ε per token (float32 ≈ 1e-3, float64 ≈ 5e-8); decisions built on I keep
+# their margins (SPEC §2), only the summed value carries this noise.
+I_TOL = {torch.float64: (1e-10, 1e-7), torch.float32: (1e-4, 1e-3)}
+
+
+def information_close(I: torch.Tensor, ref_I: torch.Tensor, ref_n: torch.Tensor, dtype) -> bool:
+    rtol, atol = I_TOL[dtype]
+    err = (I.double() - ref_I.double()).abs()
+    return bool((err <= rtol * ref_I.double().abs() + atol * ref_n.double()).all())

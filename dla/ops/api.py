@@ -1,4 +1,72 @@
-"""Public operator (SPEC §4). TRANSITIONAL: delegates to the recurrent reference until the
-custom ops land in this session."""
+"""The public operator (SPEC §4): validation, then `dla::segment` and `dla::readout`.
 
-from dla.ops.reference import multistate_attention_recurrent as multistate_attention  # noqa: F401
+Everything here is traced by `torch.compile`: no branch on tensor values, no `.item()`, no
+data-dependent shapes. The cache's slots are stored oldest first; the readout works in rank
+order (newest first), and `reverse_live_slots` converts between the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dla.ops.state import MultiStateCache, empty_cache
+from dla.ops.validation import validate
+
+
+def reverse_live_slots(S: Tensor, m: Tensor) -> Tensor:
+    """Slot i ↔ slot m − 1 − i for the live slots i < m, zeros elsewhere: oldest-first to rank
+    order and back (an involution). S [B, H, K, ...], m [B, H]."""
+    K = S.shape[2]
+    index = m[..., None] - 1 - torch.arange(K, device=S.device)  # [B, H, K]
+    live = index >= 0
+    index = index.clamp(min=0).view(*index.shape, *([1] * (S.dim() - 3))).expand_as(S)
+    return torch.where(live.view(*live.shape, *([1] * (S.dim() - 3))), torch.gather(S, 2, index), 0)
+
+
+def multistate_attention(
+    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="token", scale=None,
+    chunk_size=64, initial_state=None, output_final_state=False,
+):
+    """Multi-state linear attention over the level map of `policy` (SPEC §2, §4).
+
+    q, k [B,T,H,Dk]; v [B,T,H,Dv]; lam [B,T,H,L] (L = K, the slot capacity); g, beta [B,T,H].
+    Returns o [B,T,H,Dv], and with `output_final_state=True` also the `MultiStateCache` that
+    `initial_state` accepts back."""
+    p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale,
+                 chunk_size=chunk_size, initial_state=initial_state)
+    return run_ops(torch.ops.dla, p, q, k, v, lam, g, beta, policy, float(tau), score, chunk_size,
+                   initial_state, output_final_state)
+
+
+def run_ops(ops, p, q, k, v, lam, g, beta, policy, tau, score, chunk_size, initial_state, output_final_state):
+    """The operator over an op namespace (`torch.ops.dla`, or a test namespace)."""
+    state = _start(initial_state, p, k)
+    level_start, n, info, m, Z, zz = _segment(ops, p, k, v, state, policy, score, tau, chunk_size)
+    o, S = ops.readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale, chunk_size)
+    if not output_final_state:
+        return o
+    return o, MultiStateCache(S=reverse_live_slots(S, m), n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + p.length)
+
+
+def level_map(k, v, *, capacity, policy="dla", tau=0.6, score="token", chunk_size=64, initial_state=None) -> Tensor:
+    """The level map alone, `level_start [B,T,H,K]` (see `dla/compile/SCHEMAS.md`): where each
+    level's segment starts after every step. A token `t` opened a new slot iff
+    `level_start[:, t, :, 0] == t`."""
+    B, T, H, _ = k.shape if isinstance(k, Tensor) and k.dim() == 4 else (0, 0, 0, 0)
+    lam = k.new_zeros(()).expand(B, T, H, capacity) if isinstance(k, Tensor) else None
+    p = validate(k, k, v, lam, policy=policy, tau=tau, score=score, chunk_size=chunk_size, initial_state=initial_state)
+    state = _start(initial_state, p, k)
+    return _segment(torch.ops.dla, p, k, v, state, policy, score, float(tau), chunk_size)[0]
+
+
+def _start(initial_state, p, like: Tensor) -> MultiStateCache:
+    if initial_state is not None:
+        return initial_state
+    return empty_cache(p.batch, p.heads, p.levels, p.dk, p.dv, dtype=like.dtype, device=like.device)
+
+
+def _segment(ops, p, k, v, state, policy, score, tau, chunk_size):
+    """Segmentation sees k and v only and carries no gradient (SPEC §2)."""
+    return ops.segment(k.detach(), v.detach(), state.n, state.I, state.m, state.Z, state.zz, state.step,
+                       p.levels, policy, score, tau, chunk_size)

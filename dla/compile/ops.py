@@ -1,0 +1,128 @@
+"""Registration of `dla::segment`, `dla::readout` and `dla::readout_backward` (SCHEMAS.md).
+
+Each op gets a CPU kernel in plain torch (`dla/ops/segment.py`, `dla/ops/readout.py`), a
+CUDA kernel in Triton (`dla/ops/triton/`), a fake (meta) rule for tracing, and `readout` an
+autograd rule whose backward is itself an op, so code calling them compiles as one graph with
+`torch.compile(fullgraph=True)` and AOT autograd produces the backward.
+
+`register_ops` is a factory so that tests can register the same schemas under another
+namespace with other kernels — e.g. the Triton launchers on CPU tensors under the interpreter,
+which lets `opcheck` and compile tests cover the Triton path without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+SEGMENT = (
+    "segment(Tensor k, Tensor v, Tensor n0, Tensor I0, Tensor m0, Tensor Z0, Tensor zz0, Tensor step0, "
+    "int levels, str policy, str score, float tau, int chunk_size) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+READOUT = (
+    "readout(Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, Tensor? beta, Tensor level_start, "
+    "Tensor S0, float scale, int chunk_size) -> (Tensor, Tensor)"
+)
+READOUT_BACKWARD = (
+    "readout_backward(Tensor do, Tensor dS, Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, "
+    "Tensor? beta, Tensor level_start, Tensor S0, float scale, int chunk_size) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+_LIBRARIES: dict[str, torch.library.Library] = {}  # keep each Library alive
+
+
+def _segment_fake(k, v, n0, I0, m0, Z0, zz0, step0, levels, policy, score, tau, chunk_size):
+    B, T, H, _ = k.shape
+    return (
+        k.new_empty(B, T, H, levels, dtype=torch.int32),
+        torch.empty_like(n0), torch.empty_like(I0), torch.empty_like(m0), torch.empty_like(Z0), torch.empty_like(zz0),
+    )
+
+
+def _readout_fake(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
+    return v.new_empty(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.empty_like(S0)
+
+
+def _gate_grad_like(x: Tensor | None, like: Tensor) -> Tensor:
+    return torch.empty_like(x) if x is not None else like.new_empty(like.shape[:3], dtype=torch.float32)
+
+
+def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lam),
+            _gate_grad_like(g, q), _gate_grad_like(beta, q), torch.empty_like(S0))
+
+
+def register_ops(namespace: str, kernels: dict[str, dict[str, Callable]]):
+    """Define the three ops in `namespace`; `kernels[device] = {"segment", "readout",
+    "readout_backward"}` gives the implementation for each device type."""
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    _LIBRARIES[namespace] = lib
+    for schema in (SEGMENT, READOUT, READOUT_BACKWARD):
+        lib.define(schema)
+    for device, impls in kernels.items():
+        for name, fn in impls.items():
+            torch.library.impl(f"{namespace}::{name}", device, fn, lib=lib)
+    torch.library.register_fake(f"{namespace}::segment", _segment_fake, lib=lib)
+    torch.library.register_fake(f"{namespace}::readout", _readout_fake, lib=lib)
+    torch.library.register_fake(f"{namespace}::readout_backward", _readout_backward_fake, lib=lib)
+    ops = getattr(torch.ops, namespace)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, lam, g, beta, level_start, S0, scale, chunk_size = inputs
+        ctx.save_for_backward(q, k, v, lam, g, beta, level_start, S0)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+
+    def backward(ctx, do, dS):
+        q, k, v, lam, g, beta, level_start, S0 = ctx.saved_tensors
+        do = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device) if do is None else do
+        dS = torch.zeros_like(S0) if dS is None else dS
+        dq, dk, dv, dlam, dg, dbeta, dS0 = ops.readout_backward(
+            do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size)
+        return (dq, dk, dv, dlam, dg if g is not None else None, dbeta if beta is not None else None,
+                None, dS0, None, None)
+
+    torch.library.register_autograd(f"{namespace}::readout", backward, setup_context=setup_context, lib=lib)
+    return ops
+
+
+def _cuda_segment(*args):
+    from dla.ops.triton.segment import segment_triton
+
+    return segment_triton(*args)
+
+
+def _cuda_readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
+    if beta is not None:  # the delta-rule Triton kernels are issue #5; the torch chunked path runs on CUDA
+        from dla.ops.readout import readout_forward
+
+        return readout_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    from dla.ops.triton.readout_masked import readout_forward_triton
+
+    return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+
+
+def _cuda_readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
+    if beta is not None:
+        from dla.ops.readout import readout_backward
+
+        return readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    from dla.ops.triton.readout_masked import readout_backward_triton
+
+    return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+
+
+def _cpu_kernels() -> dict[str, Callable]:
+    from dla.ops.readout import readout_backward, readout_forward
+    from dla.ops.segment import segment
+
+    return {"segment": segment, "readout": readout_forward, "readout_backward": readout_backward}
+
+
+ops = register_ops("dla", {
+    "cpu": _cpu_kernels(),
+    "cuda": {"segment": _cuda_segment, "readout": _cuda_readout, "readout_backward": _cuda_readout_backward},
+})

@@ -1,0 +1,258 @@
+"""`dla.ops.multistate_attention` through the custom ops, against the references (SPEC §6):
+outputs and caches on every policy × transition × score, gradients, `opcheck`, compile."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+from dla.ops import level_map, multistate_attention
+from dla.ops.levels import dense_level_map, encode_level_map
+from dla.ops.reference import multistate_attention_materialized, segment_naive
+from tests.strategies import (
+    Case, build, cases, fenwick_levels, information_close, options, random_cache, relative_error, well_conditioned,
+)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+EDGE = dict(batch=1, heads=2, dk=3, dv=2, transition="both", score="token", inputs="piecewise", mean_regime=4.0, seed=7)
+
+
+def reference(case: Case, t: dict, initial_state=None):
+    return multistate_attention_materialized(t["q"], t["k"], t["v"], t["lam"], g=t["g"], beta=t["beta"],
+                                             initial_state=initial_state, output_final_state=True, **options(case))
+
+
+def cast_state(state, dtype):
+    if state is None:
+        return None
+    fdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return state._replace(**{f: getattr(state, f).to(fdt) for f in ("S", "I", "Z", "zz")})
+
+
+def check_against_reference(case: Case, dtype, initial_state=None):
+    t64 = build(case)
+    seg = segment_naive(t64["k"], t64["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score,
+                        initial_state=initial_state)
+    assume(well_conditioned(seg, dtype))
+    o_ref, s_ref = reference(case, t64, initial_state)
+    t = {n: (x.to(dtype) if x is not None else None) for n, x in t64.items()}
+    o, s = multistate_attention(t["q"], t["k"], t["v"], t["lam"], g=t["g"], beta=t["beta"],
+                                initial_state=cast_state(initial_state, dtype), output_final_state=True, **options(case))
+    assert o.dtype == dtype and s.S.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert relative_error(o, o_ref) <= TOL[dtype]
+    assert torch.equal(s.m, s_ref.m) and torch.equal(s.n, s_ref.n) and torch.equal(s.step, s_ref.step)
+    assert information_close(s.I, s_ref.I, s_ref.n, dtype)
+    for name in ("S", "Z", "zz"):
+        assert relative_error(getattr(s, name), getattr(s_ref, name)) <= TOL[dtype] * 10, name
+    return seg
+
+
+@given(cases(), st.sampled_from([torch.float64, torch.float32]))
+@example(Case(length=1, levels=2, policy="dla", tau=0.6, chunk_size=4, **EDGE), torch.float64)
+@example(Case(length=13, levels=16, policy="dla", tau=0.0, chunk_size=4, **EDGE), torch.float64)
+@example(Case(length=13, levels=3, policy="dla", tau=10.0, chunk_size=4, **EDGE), torch.float32)
+@example(Case(length=13, levels=2, policy="dla", tau=0.0, chunk_size=8, **EDGE), torch.float64)
+def test_matches_the_reference(case: Case, dtype):
+    check_against_reference(case, dtype)
+
+
+@given(cases(max_length=12), st.sampled_from([torch.float64, torch.float32]), st.integers(0, 2**31 - 1))
+def test_continues_from_an_initial_state(case: Case, dtype, seed):
+    if case.policy == "fenwick":
+        case = replace(case, levels=fenwick_levels(case.length, offset=5))
+    check_against_reference(case, dtype, initial_state=random_cache(case, seed))
+
+
+@given(cases(policies=("dla", "fenwick")), st.data())
+def test_prefill_split_equals_one_call(case: Case, data):
+    t = build(case)
+    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    assume(well_conditioned(seg))
+    a = data.draw(st.integers(1, case.length))
+    kw = dict(output_final_state=True, **options(case))
+    o_one, s_one = multistate_attention(t["q"], t["k"], t["v"], t["lam"], g=t["g"], beta=t["beta"], **kw)
+    head = {n: (x[:, :a] if x is not None else None) for n, x in t.items()}
+    tail = {n: (x[:, a:] if x is not None else None) for n, x in t.items()}
+    o1, s1 = multistate_attention(head["q"], head["k"], head["v"], head["lam"], g=head["g"], beta=head["beta"], **kw)
+    outs = [o1]
+    if a < case.length:
+        o2, s1 = multistate_attention(tail["q"], tail["k"], tail["v"], tail["lam"], g=tail["g"], beta=tail["beta"],
+                                      initial_state=s1, **kw)
+        outs.append(o2)
+    assert relative_error(torch.cat(outs, 1), o_one) <= 1e-10
+    assert torch.equal(s1.n, s_one.n) and torch.equal(s1.m, s_one.m) and relative_error(s1.S, s_one.S) <= 1e-10
+
+
+@given(cases(max_length=20))
+def test_segment_op_level_map_equals_segment_naive(case: Case):
+    t = build(case)
+    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    assume(well_conditioned(seg))
+    starts = level_map(t["k"], t["v"], capacity=case.levels, policy=case.policy, tau=case.tau, score=case.score,
+                       chunk_size=case.chunk_size)
+    level, _ = dense_level_map(starts, torch.zeros(case.batch, case.heads, dtype=torch.long))
+    assert torch.equal(level, seg.level)
+
+
+def test_piecewise_stationary_draws_exercise_every_decision():
+    """Boundaries, in-block merges and capacity merges all occur in what the tests draw."""
+    events = torch.zeros(3, dtype=torch.long)
+
+    @settings(max_examples=20, database=None)
+    @given(cases(policies=("dla",)))
+    def draw(case):
+        if case.inputs != "piecewise":
+            return
+        t = build(case)
+        seg = segment_naive(t["k"], t["v"], levels=case.levels, policy="dla", tau=case.tau, score=case.score)
+        events.add_(torch.stack([seg.boundaries.sum(), seg.absorbed.sum(), seg.capacity_merges.sum()]))
+
+    draw()
+    assert (events > 0).all(), events
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def fixed_level_map(case: Case, t: dict):
+    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    return encode_level_map(seg.level, seg.initial_level, torch.zeros(case.batch, case.heads, dtype=torch.long))
+
+
+@pytest.mark.parametrize("transition", ["none", "g", "beta", "both"])
+def test_readout_gradcheck_through_the_registered_op(transition):
+    """The op's autograd rule (backward = `dla::readout_backward`) against finite differences;
+    `tests/test_readout.py` covers the kernels themselves on every policy."""
+    case = Case(batch=1, length=5, heads=1, dk=2, dv=2, levels=3, policy="dla", transition=transition,
+                score="token", tau=0.6, inputs="piecewise", mean_regime=3.0, seed=5, chunk_size=3)
+    t = build(case)
+    starts = fixed_level_map(case, t)
+    S0 = torch.randn(1, 1, 3, 2, 2, dtype=torch.float64)
+    names = [n for n in ("q", "k", "v", "lam", "g", "beta") if t[n] is not None]
+    inputs = [t[n].clone().requires_grad_() for n in names] + [S0.requires_grad_()]
+
+    def fn(*xs):
+        kw = dict(zip(names, xs[:-1]))
+        o, S = torch.ops.dla.readout(kw["q"], kw["k"], kw["v"], kw["lam"], kw.get("g"), kw.get("beta"), starts,
+                                     xs[-1], case.dk**-0.5, case.chunk_size)
+        return o, S
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@given(cases(max_length=16))
+def test_float32_gradients_match_the_materialized_reference(case: Case):
+    t64 = build(case)
+    seg = segment_naive(t64["k"], t64["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    assume(well_conditioned(seg, torch.float32))
+    names = [n for n in ("q", "k", "v", "lam", "g", "beta") if t64[n] is not None]
+    weight = torch.randn(case.batch, case.length, case.heads, case.dv, dtype=torch.float64)
+
+    def grads(fn, dtype):
+        xs = {n: t64[n].detach().to(dtype).clone().requires_grad_() for n in names}
+        o = fn(xs["q"], xs["k"], xs["v"], xs["lam"], g=xs.get("g"), beta=xs.get("beta"), **options(case))
+        (o.double() * weight).sum().backward()
+        return {n: xs[n].grad.double() for n in names}
+
+    ref = grads(multistate_attention_materialized, torch.float64)
+    got = grads(multistate_attention, torch.float32)
+    for n in names:
+        # float32 rounding, amplified by the UT solve and decay products, on small tensors
+        assert relative_error(got[n], ref[n]) <= 1e-4, n
+
+
+# ---------------------------------------------------------------------------- opcheck
+
+
+def opcheck_inputs(transition: str, policy="dla"):
+    case = Case(batch=1, length=9, heads=2, dk=3, dv=2, levels=5 if policy == "fenwick" else 4, policy=policy, transition=transition,
+                score="token", tau=0.6, inputs="piecewise", mean_regime=3.0, seed=3, chunk_size=4)
+    t = build(case, torch.float32)
+    return case, t
+
+
+@pytest.mark.parametrize("policy", ["dla", "fenwick", "single"])
+def test_opcheck_segment(policy):
+    case, t = opcheck_inputs("none", policy)
+    state = random_cache(case, seed=1, dtype=torch.float32) if policy != "fenwick" else None
+    from dla.ops.state import empty_cache
+
+    state = state or empty_cache(1, 2, case.levels, 3, 2, dtype=torch.float32, device="cpu")
+    assert policy == "fenwick" or (state.m > 0).all()  # a live cache, so the initial-slot path is checked
+    args = (t["k"], t["v"], state.n, state.I, state.m, state.Z, state.zz, state.step, case.levels, policy, "token", 0.6, 4)
+    torch.library.opcheck(torch.ops.dla.segment.default, args)
+
+
+@pytest.mark.parametrize("transition", ["none", "g", "beta", "both"])
+def test_opcheck_readout(transition):
+    case, t = opcheck_inputs(transition)
+    starts = fixed_level_map(case, build(case))
+    S0 = torch.randn(1, 2, 4, 3, 2)
+    xs = [t[n].requires_grad_() if t[n] is not None else None for n in ("q", "k", "v", "lam", "g", "beta")]
+    torch.library.opcheck(torch.ops.dla.readout.default, (*xs, starts, S0.requires_grad_(), 0.5, 4))
+    do, dS = torch.randn(1, 9, 2, 2), torch.randn(1, 2, 4, 3, 2)
+    plain = [x.detach() if x is not None else None for x in xs]
+    torch.library.opcheck(torch.ops.dla.readout_backward.default, (do, dS, *plain, starts, S0.detach(), 0.5, 4))
+
+
+# ---------------------------------------------------------------------------- compile
+
+
+def compile_inputs(length=24, seed=0):
+    case = Case(batch=2, length=length, heads=2, dk=4, dv=4, levels=4, policy="dla", transition="g", score="token",
+                tau=0.6, inputs="piecewise", mean_regime=4.0, seed=seed, chunk_size=8)
+    t = build(case, torch.float32)
+    for n in ("q", "k", "v", "lam"):
+        t[n].requires_grad_()
+    return t
+
+
+def loss_fn(q, k, v, lam, g):
+    o = multistate_attention(q, k, v, lam, g=g, chunk_size=8)
+    return o.square().mean()
+
+
+def test_forward_and_loss_compile_in_one_frame_with_aot_backward():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    t = compile_inputs()
+    loss = compiled(t["q"], t["k"], t["v"], t["lam"], t["g"])
+    loss.backward()
+    assert counter.frame_count == 1
+    eager = loss_fn(*(x.detach().requires_grad_() for x in (t["q"], t["k"], t["v"], t["lam"])), t["g"])
+    assert torch.allclose(loss, eager, rtol=1e-6)
+    assert t["q"].grad is not None and torch.isfinite(t["q"].grad).all()
+    t2 = compile_inputs(seed=1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled(t2["q"], t2["k"], t2["v"], t2["lam"], t2["g"]).backward()
+    assert counter.frame_count == 1
+
+
+def test_inductor_compiles_forward_and_loss():
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    t = compile_inputs()
+    loss = compiled(t["q"], t["k"], t["v"], t["lam"], t["g"])
+    loss.backward()
+    eager = loss_fn(t["q"].detach(), t["k"].detach(), t["v"].detach(), t["lam"].detach(), t["g"])
+    assert torch.allclose(loss, eager, rtol=1e-5)
+
+
+def test_a_new_length_recompiles_once_then_stays_dynamic():
+    """A new T costs exactly one recompile, which marks T dynamic; later lengths reuse it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    for length, frames in ((24, 1), (40, 2), (56, 2), (33, 2)):
+        t = compile_inputs(length)
+        compiled(t["q"], t["k"], t["v"], t["lam"], t["g"]).backward()
+        assert counter.frame_count == frames, length
