@@ -29,6 +29,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # SPEC §6
 # term still shows as an O(1e-2..1) error.
 GRAD_TOL32 = 1e-4
 NAMES = ("q", "k", "v", "lam", "g", "beta")
+F64, F32 = torch.float64, torch.float32
 BASE = dict(batch=1, heads=2, dk=3, dv=2, score="token", inputs="piecewise", mean_regime=3.0, seed=7)
 
 
@@ -45,6 +46,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def edge(length, levels, policy, transition, tau, chunk_size, initial, dtype):
+    """An edge case for `@example`, drawn as `readout_cases` draws: (Case, initial state?, dtype)."""
+    case = Case(length=length, levels=levels, policy=policy, transition=transition, tau=tau, chunk_size=chunk_size,
+                **BASE)
+    return case, initial, dtype
 
 
 def to_rank_order(S_oldest: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -135,13 +143,13 @@ def test_binary_search_level_of_equals_the_definition(levels, positions, seed):
 
 
 @given(readout_cases())
-@example((Case(length=1, levels=2, policy="dla", transition="both", tau=0.6, chunk_size=4, **BASE), False, torch.float64))
-@example((Case(length=1, levels=3, policy="dla", transition="both", tau=0.6, chunk_size=4, **BASE), True, torch.float32))
-@example((Case(length=11, levels=11, policy="dla", transition="both", tau=0.0, chunk_size=4, **BASE), False, torch.float64))
-@example((Case(length=11, levels=3, policy="dla", transition="g", tau=10.0, chunk_size=3, **BASE), True, torch.float64))
-@example((Case(length=12, levels=2, policy="dla", transition="beta", tau=0.0, chunk_size=8, **BASE), True, torch.float64))
-@example((Case(length=13, levels=6, policy="fenwick", transition="both", tau=0.6, chunk_size=4, **BASE), True, torch.float32))
-@example((Case(length=9, levels=3, policy="single", transition="none", tau=0.6, chunk_size=8, **BASE), True, torch.float64))
+@example(edge(1, 2, "dla", "both", 0.6, 4, False, F64))  # T = 1
+@example(edge(1, 3, "dla", "both", 0.6, 4, True, F32))  # T = 1 after a cache
+@example(edge(11, 11, "dla", "both", 0.0, 4, False, F64))  # every token a boundary
+@example(edge(11, 3, "dla", "g", 10.0, 3, True, F64))  # all tokens merged
+@example(edge(12, 2, "dla", "beta", 0.0, 8, True, F64))  # full cache from the first chunk
+@example(edge(13, 6, "fenwick", "both", 0.6, 4, True, F32))  # fenwick after a cache
+@example(edge(9, 3, "single", "none", 0.6, 8, True, F64))  # single, T < C
 def test_forward_matches_materialized(drawn):
     case, initial, dtype = drawn
     t, t64, state, _, level_start, S0 = setup(case, dtype, initial)
@@ -219,8 +227,8 @@ def test_backward_gradcheck_chunk_sizes(chunk_size):
 
 
 @given(readout_cases(max_length=12))
-@example((Case(length=10, levels=3, policy="dla", transition="both", tau=0.0, chunk_size=4, **BASE), True, torch.float32))
-@example((Case(length=9, levels=5, policy="fenwick", transition="beta", tau=0.6, chunk_size=3, **BASE), True, torch.float32))
+@example(edge(10, 3, "dla", "both", 0.0, 4, True, F32))
+@example(edge(9, 5, "fenwick", "beta", 0.6, 3, True, F32))
 def test_backward_matches_reference_autograd(drawn):
     """Float32 (or float64) readout_backward vs float64 autograd through the materialized form,
     for a loss ⟨o, R_o⟩ + ⟨S, R_S⟩ that exercises both cotangents."""
@@ -285,8 +293,7 @@ def test_backward_accepts_missing_cotangents():
 
 
 @given(readout_cases(max_length=24), st.sampled_from([0.0, 1.0, 30.0, 1000.0]), st.booleans())
-@example((Case(length=16, levels=3, policy="dla", transition="both", tau=0.6, chunk_size=8, **BASE), True,
-          torch.float32), 1000.0, True)
+@example(edge(16, 3, "dla", "both", 0.6, 8, True, F32), 1000.0, True)
 def test_finite_inputs_give_finite_outputs(drawn, decay, zero_tokens):
     """Strong decays (γ underflows to 0 inside a chunk), zero keys/values, β near 1."""
     case, initial, dtype = drawn
