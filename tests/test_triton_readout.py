@@ -141,7 +141,7 @@ def triton_args(case: Case, t: dict, level_start, S0):
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=8)
+@settings(max_examples=10)
 @given(cases(), st.booleans())
 @example(Case(length=1, levels=2, policy="dla", transition="g", tau=0.6, **EDGE), True)  # T = 1
 @example(Case(length=32, levels=3, policy="fenwick", transition="none", tau=0.6, **EDGE), False)  # T = 2 tiles
@@ -161,7 +161,7 @@ def test_forward_matches_materialized(case: Case, initial: bool):
     assert relative_error(S, S_ref) <= TOL32
 
 
-@settings(max_examples=6)
+@settings(max_examples=8)
 @given(cases(max_length=36), st.booleans())
 @example(Case(length=1, levels=2, policy="single", transition="g", tau=0.6, **EDGE), True)
 @example(Case(length=35, levels=3, policy="dla", transition="g", tau=0.6, **EDGE), True)
@@ -236,6 +236,59 @@ def test_rejects_beta_and_float64():
     doubles = [t["q"], t["k"], t["v"], t["lam"]] + args[4:]
     with pytest.raises(TypeError, match="float64"):
         readout_forward_triton(*doubles)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels as the GPU compiles them (ptxas for sm_90, no GPU needed)
+# --------------------------------------------------------------------------------------------
+
+COMPILE = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import dla.ops.triton.readout_masked as R
+
+dtype, D, L, has_g = getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+z = torch.zeros(1, 4, 1, D, dtype=dtype)
+lam = torch.zeros(1, 4, 1, L, dtype=dtype)
+x = R._Prepared(z, z, z, lam, torch.zeros(1, 4, 1) if has_g else None, torch.zeros(1, 4, 1, L, dtype=torch.int32),
+                torch.zeros(1, 1, L, D, D), None)
+ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+inputs = {"Q", "K", "V", "LAM", "DO", "O", "DQ", "DLAM", "DK_", "DV_"}
+kernels = {"fwd": R._fwd_kernel, "dq": R._bwd_dq_kernel, "dkv": R._bwd_dkv_kernel, "fwd_initial": R._fwd_initial_kernel,
+           "state": R._state_kernel, "bwd_initial": R._bwd_initial_kernel, "bwd_final": R._bwd_final_kernel,
+           "ds0": R._bwd_ds0_kernel}
+for name, fn in kernels.items():
+    for extra in ((False, True) if name in ("fwd", "dq", "dkv") else (None,)):
+        meta = x.meta(name)
+        options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+        if extra is not None:
+            meta["EXTRA"] = extra
+        sig = {p.name: "constexpr" if p.is_constexpr else "fp32" if p.name == "scale" else "i32" if p.name in ("T", "H")
+               else ptr if p.name in inputs else "*i32" if p.name == "CM" else "*fp32" for p in fn.params}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
+                       options=options)
+        print(name, extra, "compiled", flush=True)
+"""
+
+
+@pytest.mark.parametrize("dtype,D,L,has_g", [("bfloat16", 128, 32, 1), ("float32", 32, 6, 0)])
+def test_kernels_compile_for_sm90(dtype, D, L, has_g):
+    """Every kernel, with the launchers' meta-parameters, through Triton's GPU compiler and
+    ptxas for the H100 (the interpreter accepts code that the compiler refuses)."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton wheel ships no ptxas")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, dtype, str(D), str(L), str(has_g)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 11
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,20 +33,30 @@ Backward, with `dP = dO Vᵀ`, `dA = dP ⊙ Λ`, `u_t = scale · exp(G_t)`, `X_{
     dG_{T−1} += Σ_s ρ_s k_s · dS_{λ̂_s} v_s + exp(G_{T−1}) Σ_r ⟨dS_{ℓ_{T−1}(−1−r)}, S0_r⟩
     dg_u     = Σ_{t≥u} dG_t
 
-Kernels: `_fwd_kernel` (query tiles: `o`), `_state_kernel` (one program per level and `Dv`
-tile: `S`, reading only that level's token range), `_bwd_dq_kernel` (query tiles: `dq`, `dλ`,
-row part of `dG`), `_bwd_dkv_kernel` (key tiles: `dk`, `dv`, column and final-state parts of
-`dG`), `_bwd_ds0_kernel` (one program per initial slot and `Dv` tile: `dS0`). A `[BT, BS]` tile
-builds `Λ` from the levels its rows can reach there only, `ℓ_t(min(t, s_last)) ≤ r ≤
-ℓ_t(s_first)` — one or two for far tiles of every policy. Cost `(T/2)(Dk + Dv)` per query and
-pass, plus `K·Dk·Dv` per token for the initial slots when a call carries a state.
+Kernels. The quadratic ones: `_fwd_kernel` (query tiles: `o`), `_bwd_dq_kernel` (query tiles:
+`dq`, `dλ`, row part of `dG`), `_bwd_dkv_kernel` (key tiles: `dk`, `dv`, column part of `dG`).
+The state ones: `_fwd_initial_kernel` and `_bwd_initial_kernel` (the initial slots' terms, into
+float32 buffers that the quadratic kernels start their accumulators from), `_state_kernel` (one
+program per level and `Dv` tile: `S`, reading only that level's token range),
+`_bwd_final_kernel` (the final states' terms of `dk`, `dv`, `dG`), `_bwd_ds0_kernel` (one program
+per initial slot and `Dv` tile: `dS0`).
+
+Levels in a tile. Row `t` of a `[BT, BS]` tile sees the levels `ℓ_t(s_first)` down to
+`ℓ_t(min(t, s_last))`, each on its exact range — usually one or two (a tile far from the
+diagonal holds one level for `fenwick` and `single`, and for `dla` a level per segment it
+overlaps). The key loop applies the first `NL` of them per row, unrolled (`NL` fixed by the
+config table; a loop inside would stop Triton from pipelining the key loop), and tracks whether
+a row needed more; only then a second pass over the tiles adds the remaining levels. Cost
+`(T/2)(Dk + Dv)` per query and pass, plus `K·Dk·Dv` per token for the initial slots when a call
+carries a state.
 
 Numerics: `G` is the float64 cumsum split into float32 `hi + lo`, and every `G_t − G_s` is
 formed as `(hi_t − hi_r) + (lo_t − lo_r)` against a tile reference `r`, so decays keep float32
 accuracy over long sequences. Products accumulate in float32; 16-bit inputs multiply in their
 own dtype (the `A ⊙ Λ` and `dA ⊙ Γ` tiles are rounded to it, as in FlashAttention), state terms
 (`S0`, `dS`) in float32 with TF32. float32 inputs use `input_precision` (`"ieee"` by default;
-`"tf32"`, `"tf32x3"` selectable). float64 is the CPU path's.
+`"tf32"`, `"tf32x3"` selectable). float64 is the CPU path's. Offsets inside a `(b, h)` slice are
+int32 (`T·H·max(Dk, Dv, K) < 2³¹`).
 """
 
 from __future__ import annotations
@@ -60,7 +70,8 @@ from torch import Tensor
 
 __all__ = ["readout_forward_triton", "readout_backward_triton"]
 
-NEG = -(2**30)  # running-minimum padding beyond L: ≤ every position, so never counted
+NEG = tl.constexpr(-(2**30))  # running-minimum padding beyond L: ≤ every position, so never counted
+BIG = tl.constexpr(2**31 - 1)  # c[t, −1] = +∞, and the start of a level that does not exist
 
 
 def _interpreting() -> bool:
@@ -95,8 +106,23 @@ if _interpreting():
 
 
 @triton.jit
+def _mask(rows, cols, D: tl.constexpr, BD: tl.constexpr):
+    """Load mask of a [R, BD] tile: valid rows, and columns < D unless the tile is exact."""
+    if BD == D:
+        return rows[:, None]
+    else:
+        return rows[:, None] & (cols[None, :] < D)
+
+
+@triton.jit
+def _mask_kv(dk_, dv_, DK: tl.constexpr, DV: tl.constexpr):
+    """Load mask of a [BK, BV] state tile (dv_ may start past 0)."""
+    return (dk_[:, None] < DK) & (dv_[None, :] < DV)
+
+
+@triton.jit
 def _level(c, p):
-    """ℓ_t(p_t) for each row of the running minimum `c [R, BL]`: p is [R] or a scalar."""
+    """ℓ_t(p_t) for each row of the running minimum `c [R, BL]`: p is [R, 1] or a scalar."""
     return tl.sum((c > p).to(tl.int32), axis=1)
 
 
@@ -116,12 +142,35 @@ def _rel_decay(GH, GL, rows, mask, gh_ref, gl_ref):
 
 
 @triton.jit
-def _level_range(c, t, mt, s_first, s_last, L):
-    """Levels that pairs (t, s), s_first ≤ s ≤ min(t, s_last), of a tile can sit at."""
-    rows = mt & (t >= s_first)
-    r_hi = tl.minimum(tl.max(tl.where(rows, _level(c, s_first), 0)), L - 1)
-    r_lo = tl.min(tl.where(rows, _level(c, tl.minimum(t, s_last)[:, None]), L))
-    return r_lo, r_hi
+def _u(GH, GL, rt, mt, scale, HAS_G: tl.constexpr, BT: tl.constexpr):
+    """u_t = scale · exp(G_t), the weight of the initial slots' read-out."""
+    u = tl.full([BT], scale, tl.float32)
+    if HAS_G:
+        u = u * tl.exp(tl.load(GH + rt, mask=mt, other=0.0) + tl.load(GL + rt, mask=mt, other=0.0))
+    return u
+
+
+@triton.jit
+def _row_levels(c, t, mt, s0, s_last):
+    """Per query row of a tile with keys s0..s_last: the level of s0 (`top`) and how many
+    levels the row meets there (0 for rows without a pair)."""
+    top = _level(c, s0)
+    need = tl.where(mt & (t >= s0), top - _level(c, tl.minimum(t, s_last)[:, None]) + 1, 0)
+    return top, need
+
+
+@triton.jit
+def _level_step(CM, LAM, rq, mq, r, s, L: tl.constexpr, TRANS: tl.constexpr):
+    """Exact mask of level r_t (c[t, r] ≤ s < c[t, r − 1]) for the query rows rq against the
+    keys s, and λ_t[r_t] — as [Q, S] tiles, or [S, Q] when TRANS."""
+    ok = mq & (r >= 0) & (r < L)
+    cr = tl.load(CM + rq * L + r, mask=ok, other=BIG)
+    cp = tl.load(CM + rq * L + r - 1, mask=ok & (r > 0), other=BIG)
+    lr = tl.load(LAM + rq * L + r, mask=ok, other=0.0).to(tl.float32)
+    if TRANS:
+        return (cr[None, :] <= s[:, None]) & (cp[None, :] > s[:, None]), lr[None, :]
+    else:
+        return (cr[:, None] <= s[None, :]) & (cp[:, None] > s[None, :]), lr[:, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,96 +179,165 @@ def _level_range(c, t, mt, s_first, s_last, L):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, S0, O, T, H, L, DK, DV, scale,
-                HAS_G: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
-                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+def _fwd_initial_kernel(Q, LAM, GH, GL, CM, S0, O0, T, H, scale,
+                        L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                        HAS_G: tl.constexpr, PREC32: tl.constexpr,
+                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+    """O0 [B,T,H,Dv] float32: the initial slots' part of o, u_t Σ_r W[t,r] S0_rᵀ q_t."""
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
-    b, h = n // H, n % H
-    bT = b.to(tl.int64) * T
+    row0 = (n // H).to(tl.int64) * T * H + n % H
+    Q += row0 * DK
+    LAM += row0 * L
+    CM += row0 * L
+    O0 += row0 * DV
+    GH += row0
+    GL += row0
+    S0 += n.to(tl.int64) * L * DK * DV
     t = t0 + tl.arange(0, BT)
     dk_ = tl.arange(0, BK)
-    dv_ = tl.arange(0, BV)
+    dv_ = tl.program_id(2) * BV + tl.arange(0, BV)
     cols = tl.arange(0, BL)
     mt = t < T
-    rt = (bT + t) * H + h
-    mk = dk_ < DK
-    mv = dv_ < DV
-    q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+    rt = t * H
     ml = mt[:, None] & (cols[None, :] < L)
     c = tl.load(CM + rt[:, None] * L + cols[None, :], mask=ml, other=NEG)
-    if HAS_G:
-        ref = (bT + t0) * H + h
-        gh_ref = tl.load(GH + ref)
-        gl_ref = tl.load(GL + ref)
-        a = _rel_decay(GH, GL, rt, mt, gh_ref, gl_ref)
-    acc = tl.zeros([BT, BV], dtype=tl.float32)
-    t_end = tl.minimum(t0 + BT, T)
-    for s0 in range(0, t_end, BS):
-        s = s0 + tl.arange(0, BS)
-        ms = s < t_end
-        rs = (bT + s) * H + h
-        k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=ms[:, None] & mk[None, :], other=0.0)
-        v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-        causal = s[None, :] <= t[:, None]
-        if HAS_G:
-            bs = -_rel_decay(GH, GL, rs, ms, gh_ref, gl_ref)
-            decay = tl.where(causal, tl.exp(a[:, None] + bs[None, :]), 0.0)
-        else:
-            decay = tl.where(causal, 1.0, 0.0)
-        r_lo, r_hi = _level_range(c, t, mt, s0, tl.minimum(s0 + BS, t_end) - 1, L)
-        lamm = tl.zeros([BT, BS], dtype=tl.float32)
-        for i in range(0, r_hi - r_lo + 1):
-            r = r_hi - i
-            cr = tl.load(CM + rt * L + r, mask=mt, other=NEG)
-            lr = tl.load(LAM + rt * L + r, mask=mt, other=0.0).to(tl.float32)
-            lamm = tl.where(cr[:, None] <= s[None, :], lr[:, None], lamm)
-        p = tl.dot(q, tl.trans(k), input_precision=PREC) * (decay * lamm * scale)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    # initial slots at pseudo-positions −1 − r
-    u = tl.full([BT], scale, tl.float32)
-    if HAS_G:
-        u = u * tl.exp(tl.load(GH + rt, mask=mt, other=0.0) + tl.load(GL + rt, mask=mt, other=0.0))
-    qu = q.to(tl.float32) * u[:, None]
     lam = tl.load(LAM + rt[:, None] * L + cols[None, :], mask=ml, other=0.0).to(tl.float32)
+    q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=_mask(mt, dk_, DK, BK), other=0.0).to(tl.float32)
+    q = q * _u(GH, GL, rt, mt, scale, HAS_G, BT)[:, None]
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
     for r in range(0, L):
         lev = _level(c, -1 - r)
         live = mt & (lev < L)
         if tl.max(live.to(tl.int32)) > 0:
             w = tl.where(live, _pick(lam, lev, BL), 0.0)
-            s0r = tl.load(S0 + ((n.to(tl.int64) * L + r) * DK + dk_[:, None]) * DV + dv_[None, :],
-                          mask=mk[:, None] & mv[None, :], other=0.0)
-            acc += tl.dot(qu * w[:, None], s0r, input_precision=PREC32)
-    tl.store(O + rt[:, None] * DV + dv_[None, :], acc.to(O.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+            s0r = tl.load(S0 + (r * DK + dk_[:, None]) * DV + dv_[None, :], mask=_mask_kv(dk_, dv_, DK, DV), other=0.0)
+            acc += tl.dot(q * w[:, None], s0r, input_precision=PREC32)
+    tl.store(O0 + rt[:, None] * DV + dv_[None, :], acc, mask=mt[:, None] & (dv_[None, :] < DV))
 
 
 @triton.jit
-def _state_kernel(K, V, GH, GL, CM, S0, S, T, H, L, DK, DV,
+def _fwd_tile(acc, q, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_ref, s0, t_end, top, i0, i1, H, scale,
+              L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
+              UNROLL: tl.constexpr, NL: tl.constexpr,
+              BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """acc + (A ⊙ Λ) V over the key tile at s0, Λ from the levels top − i, i ∈ [i0, i1) per row
+    (i ∈ [0, NL) unrolled when UNROLL)."""
+    s = s0 + tl.arange(0, BS)
+    ms = s < t_end
+    rs = s * H
+    dk_ = tl.arange(0, BK)
+    dv_ = tl.arange(0, BV)
+    k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=_mask(ms, dk_, DK, BK), other=0.0)
+    v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=_mask(ms, dv_, DV, BV), other=0.0)
+    causal = s[None, :] <= t[:, None]
+    if HAS_G:
+        bs = _rel_decay(GH, GL, rs, ms, gh_ref, gl_ref)
+        decay = tl.where(causal, tl.exp(a[:, None] - bs[None, :]), 0.0) * scale
+    else:
+        decay = tl.where(causal, scale, 0.0)
+    lamm = tl.zeros([BT, BS], dtype=tl.float32)
+    if UNROLL:
+        for i in tl.static_range(0, NL):
+            inr, lr = _level_step(CM, LAM, rt, mt, top - i, s, L, False)
+            lamm = tl.where(inr, lr, lamm)
+    else:
+        for i in range(i0, i1):
+            inr, lr = _level_step(CM, LAM, rt, mt, top - i, s, L, False)
+            lamm = tl.where(inr, lr, lamm)
+    p = tl.dot(q, tl.trans(k), input_precision=PREC) * (decay * lamm)
+    return acc + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, T, H, scale,
+                L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
+                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+    """Over a query tile: o = O0 + (A ⊙ Λ) V for the first NL levels of each row and key tile;
+    with EXTRA, O0 += the same for the levels beyond them (a pass over the tiles that have any,
+    launched before the main one)."""
+    t0 = tl.program_id(0) * BT
+    n = tl.program_id(1)
+    row0 = (n // H).to(tl.int64) * T * H + n % H
+    Q += row0 * DK
+    K += row0 * DK
+    V += row0 * DV
+    LAM += row0 * L
+    CM += row0 * L
+    O0 += row0 * DV
+    O += row0 * DV
+    GH += row0
+    GL += row0
+    t = t0 + tl.arange(0, BT)
+    dk_ = tl.arange(0, BK)
+    dv_ = tl.arange(0, BV)
+    cols = tl.arange(0, BL)
+    mt = t < T
+    rt = t * H
+    q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=_mask(mt, dk_, DK, BK), other=0.0)
+    c = tl.load(CM + rt[:, None] * L + cols[None, :], mask=mt[:, None] & (cols[None, :] < L), other=NEG)
+    if HAS_G:
+        gh_ref = tl.load(GH + t0 * H)
+        gl_ref = tl.load(GL + t0 * H)
+        a = _rel_decay(GH, GL, rt, mt, gh_ref, gl_ref)
+    else:
+        gh_ref = 0.0
+        gl_ref = 0.0
+        a = tl.zeros([BT], dtype=tl.float32)
+    o_mask = _mask(mt, dv_, DV, BV)
+    acc = tl.load(O0 + rt[:, None] * DV + dv_[None, :], mask=o_mask, other=0.0)
+    t_end = tl.minimum(t0 + BT, T)
+    for s0 in range(0, t_end, BS):
+        top, need = _row_levels(c, t, mt, s0, tl.minimum(s0 + BS, t_end) - 1)
+        if EXTRA:
+            most = tl.max(need)
+            if most > NL:
+                acc = _fwd_tile(acc, q, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_ref, s0, t_end, top, NL,
+                                most, H, scale, L, DK, DV, HAS_G, PREC, False, NL, BT, BS, BK, BV)
+        else:
+            acc = _fwd_tile(acc, q, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_ref, s0, t_end, top, 0, NL,
+                            H, scale, L, DK, DV, HAS_G, PREC, True, NL, BT, BS, BK, BV)
+    if EXTRA:
+        tl.store(O0 + rt[:, None] * DV + dv_[None, :], acc, mask=o_mask)
+    else:
+        tl.store(O + rt[:, None] * DV + dv_[None, :], acc.to(O.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _state_kernel(K, V, GH, GL, CM, S0, S, T, H,
+                  L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   HAS_G: tl.constexpr, PREC: tl.constexpr,
                   BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """S_r for one level r and Dv tile: its token range [c[T−1, r], c[T−1, r−1]) and the
+    initial slots in it."""
     r = tl.program_id(0)
     n = tl.program_id(1)
-    v0 = tl.program_id(2) * BV
-    b, h = n // H, n % H
-    bT = b.to(tl.int64) * T
+    row0 = (n // H).to(tl.int64) * T * H + n % H
+    K += row0 * DK
+    V += row0 * DV
+    CM += row0 * L
+    GH += row0
+    GL += row0
+    S0 += n.to(tl.int64) * L * DK * DV
+    S += n.to(tl.int64) * L * DK * DV
     dk_ = tl.arange(0, BK)
-    dv_ = v0 + tl.arange(0, BV)
-    mk = dk_ < DK
-    mv = dv_ < DV
-    last = (bT + T - 1) * H + h
+    dv_ = tl.program_id(2) * BV + tl.arange(0, BV)
+    last = (T - 1) * H
     lo = tl.load(CM + last * L + r)
     hi = tl.load(CM + last * L + tl.maximum(r - 1, 0))
-    hi = tl.where(r > 0, hi, 2**31 - 1)
+    hi = tl.where(r > 0, hi, BIG)
+    s_end = tl.minimum(hi, T)
     if HAS_G:
         gh_last = tl.load(GH + last)
         gl_last = tl.load(GL + last)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
-    for s0 in range(tl.maximum(lo, 0), tl.minimum(hi, T), BS):
+    for s0 in range(tl.maximum(lo, 0), s_end, BS):
         s = s0 + tl.arange(0, BS)
-        ms = s < tl.minimum(hi, T)
-        rs = (bT + s) * H + h
-        k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=ms[:, None] & mk[None, :], other=0.0)
-        v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
+        ms = s < s_end
+        rs = s * H
+        k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=_mask(ms, dk_, DK, BK), other=0.0)
+        v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=ms[:, None] & (dv_[None, :] < DV), other=0.0)
         if HAS_G:
             rho = tl.exp(-_rel_decay(GH, GL, rs, ms, gh_last, gl_last))
             k = (k.to(tl.float32) * rho[:, None]).to(v.dtype)
@@ -227,12 +345,10 @@ def _state_kernel(K, V, GH, GL, CM, S0, S, T, H, L, DK, DV,
     carry = 1.0
     if HAS_G:
         carry = tl.exp(gh_last + gl_last)
-    for p in range(tl.maximum(lo, -L), tl.minimum(hi, 0)):
-        s0r = tl.load(S0 + ((n.to(tl.int64) * L + (-1 - p)) * DK + dk_[:, None]) * DV + dv_[None, :],
-                      mask=mk[:, None] & mv[None, :], other=0.0)
-        acc += carry * s0r
-    tl.store(S + ((n.to(tl.int64) * L + r) * DK + dk_[:, None]) * DV + dv_[None, :], acc,
-             mask=mk[:, None] & mv[None, :])
+    tile = dk_[:, None] * DV + dv_[None, :]
+    for p in range(tl.maximum(lo, -L), tl.minimum(hi, 0)):  # initial slots r0 = −1 − p
+        acc += carry * tl.load(S0 + (-1 - p) * DK * DV + tile, mask=_mask_kv(dk_, dv_, DK, DV), other=0.0)
+    tl.store(S + r * DK * DV + tile, acc, mask=_mask_kv(dk_, dv_, DK, DV))
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,214 +357,389 @@ def _state_kernel(K, V, GH, GL, CM, S0, S, T, H, L, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, S0, DO, DQ, DLAM, DGR, T, H, L, DK, DV, scale,
-                   HAS_G: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
-                   BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+def _bwd_initial_kernel(Q, LAM, GH, GL, CM, S0, DO, DQ0, DL0, DG0, T, H, scale,
+                        L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                        HAS_G: tl.constexpr, PREC32: tl.constexpr,
+                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
+                        BL: tl.constexpr):
+    """The initial slots' parts of dq, dλ and dG (float32) over a query tile; X_{t,r} = S0_r dO_t
+    is reduced over Dv in chunks of BC."""
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
-    b, h = n // H, n % H
-    bT = b.to(tl.int64) * T
+    row0 = (n // H).to(tl.int64) * T * H + n % H
+    Q += row0 * DK
+    DO += row0 * DV
+    LAM += row0 * L
+    CM += row0 * L
+    GH += row0
+    GL += row0
+    DQ0 += row0 * DK
+    DL0 += row0 * L
+    DG0 += row0
+    S0 += n.to(tl.int64) * L * DK * DV
     t = t0 + tl.arange(0, BT)
     dk_ = tl.arange(0, BK)
-    dv_ = tl.arange(0, BV)
     cols = tl.arange(0, BL)
     mt = t < T
-    rt = (bT + t) * H + h
-    mk = dk_ < DK
-    mv = dv_ < DV
-    q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-    do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+    rt = t * H
     ml = mt[:, None] & (cols[None, :] < L)
     c = tl.load(CM + rt[:, None] * L + cols[None, :], mask=ml, other=NEG)
-    if HAS_G:
-        ref = (bT + t0) * H + h
-        gh_ref = tl.load(GH + ref)
-        gl_ref = tl.load(GL + ref)
-        a = _rel_decay(GH, GL, rt, mt, gh_ref, gl_ref)
+    lam = tl.load(LAM + rt[:, None] * L + cols[None, :], mask=ml, other=0.0).to(tl.float32)
+    q_mask = _mask(mt, dk_, DK, BK)
+    q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    u = _u(GH, GL, rt, mt, scale, HAS_G, BT)
     dq = tl.zeros([BT, BK], dtype=tl.float32)
     dl = tl.zeros([BT, BL], dtype=tl.float32)
     dg = tl.zeros([BT], dtype=tl.float32)
-    t_end = tl.minimum(t0 + BT, T)
-    for s0 in range(0, t_end, BS):
-        s = s0 + tl.arange(0, BS)
-        ms = s < t_end
-        rs = (bT + s) * H + h
-        k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=ms[:, None] & mk[None, :], other=0.0)
-        v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-        causal = s[None, :] <= t[:, None]
-        if HAS_G:
-            bs = -_rel_decay(GH, GL, rs, ms, gh_ref, gl_ref)
-            decay = tl.where(causal, tl.exp(a[:, None] + bs[None, :]), 0.0) * scale
-        else:
-            decay = tl.where(causal, scale, 0.0)
-        A = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        adp = A * dp
-        r_lo, r_hi = _level_range(c, t, mt, s0, tl.minimum(s0 + BS, t_end) - 1, L)
-        lamm = tl.zeros([BT, BS], dtype=tl.float32)
-        above = tl.full([BT], 2**31 - 1, tl.int32)  # c[t, r − 1] (+∞ for r = 0)
-        if r_lo > 0:
-            above = tl.load(CM + rt * L + r_lo - 1, mask=mt, other=NEG)
-        for r in range(r_lo, r_hi + 1):
-            cr = tl.load(CM + rt * L + r, mask=mt, other=NEG)
-            lr = tl.load(LAM + rt * L + r, mask=mt, other=0.0).to(tl.float32)
-            inr = (cr[:, None] <= s[None, :]) & (above[:, None] > s[None, :])
-            lamm = tl.where(inr, lr[:, None], lamm)
-            part = tl.sum(tl.where(inr, adp, 0.0), axis=1)
-            dl += tl.where(cols[None, :] == r, part[:, None], 0.0)
-            above = cr
-        da = dp * lamm
-        dg += tl.sum(da * A, axis=1)
-        dq += tl.dot((da * decay).to(k.dtype), k, input_precision=PREC)
-    # initial slots
-    u = tl.full([BT], scale, tl.float32)
-    if HAS_G:
-        u = u * tl.exp(tl.load(GH + rt, mask=mt, other=0.0) + tl.load(GL + rt, mask=mt, other=0.0))
-    lam = tl.load(LAM + rt[:, None] * L + cols[None, :], mask=ml, other=0.0).to(tl.float32)
-    qf = q.to(tl.float32)
-    dof = do.to(tl.float32)
     for r in range(0, L):
         lev = _level(c, -1 - r)
         live = mt & (lev < L)
         if tl.max(live.to(tl.int32)) > 0:
             w = tl.where(live, _pick(lam, lev, BL), 0.0)
-            s0r = tl.load(S0 + ((n.to(tl.int64) * L + r) * DK + dk_[:, None]) * DV + dv_[None, :],
-                          mask=mk[:, None] & mv[None, :], other=0.0)
-            x = tl.dot(dof, tl.trans(s0r), input_precision=PREC32)  # [BT, BK]
-            dw = tl.where(live, tl.sum(x * qf, axis=1) * u, 0.0)
+            x = tl.zeros([BT, BK], dtype=tl.float32)
+            for v0 in tl.static_range(0, BV, BC):
+                dv_ = v0 + tl.arange(0, BC)
+                do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=mt[:, None] & (dv_[None, :] < DV), other=0.0)
+                s0r = tl.load(S0 + (r * DK + dk_[:, None]) * DV + dv_[None, :], mask=_mask_kv(dk_, dv_, DK, DV),
+                              other=0.0)
+                x += tl.dot(do.to(tl.float32), tl.trans(s0r), input_precision=PREC32)
+            dw = tl.where(live, tl.sum(x * q, axis=1) * u, 0.0)
             dl += tl.where(cols[None, :] == lev[:, None], dw[:, None], 0.0)
             dq += x * (w * u)[:, None]
             dg += w * dw
-    tl.store(DQ + rt[:, None] * DK + dk_[None, :], dq.to(DQ.dtype.element_ty), mask=mt[:, None] & mk[None, :])
-    tl.store(DLAM + rt[:, None] * L + cols[None, :], dl.to(DLAM.dtype.element_ty), mask=ml)
-    tl.store(DGR + rt, dg, mask=mt)
+    tl.store(DQ0 + rt[:, None] * DK + dk_[None, :], dq, mask=q_mask)
+    tl.store(DL0 + rt[:, None] * L + cols[None, :], dl, mask=ml)
+    tl.store(DG0 + rt, dg, mask=mt)
 
 
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DS, DK_, DV_, DGC, FIN, T, H, L, DK, DV, scale,
-                    HAS_G: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
-                    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
-    """Key-major, tiles laid out [BS (keys), BT (queries)]."""
+def _bwd_final_kernel(K, V, GH, GL, CM, DS, DK0, DV0, DG0, FIN, T, H,
+                      L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      HAS_G: tl.constexpr, PREC32: tl.constexpr,
+                      BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
+    """The final states' parts of dk, dv (float32) over a key tile: token s joins the slot of
+    rank λ̂_s = ℓ_{T−1}(s), carried by ρ_s. Programs with program_id(2) = 0 write
+    dv_s = ρ_s dS_{λ̂_s}ᵀ k_s, the others dk_s = ρ_s dS_{λ̂_s} v_s, FIN_s = k_s · dk_s and
+    DG0 = −FIN (for dG); each in column chunks of BC."""
     s0 = tl.program_id(0) * BS
     n = tl.program_id(1)
-    b, h = n // H, n % H
-    bT = b.to(tl.int64) * T
+    row0 = (n // H).to(tl.int64) * T * H + n % H
+    K += row0 * DK
+    V += row0 * DV
+    CM += row0 * L
+    GH += row0
+    GL += row0
+    DK0 += row0 * DK
+    DV0 += row0 * DV
+    DG0 += row0
+    FIN += row0
+    DS += n.to(tl.int64) * L * DK * DV
+    s = s0 + tl.arange(0, BS)
+    dk_ = tl.arange(0, BK)
+    dv_ = tl.arange(0, BV)
+    ms = s < T
+    rs = s * H
+    last = (T - 1) * H
+    lev = tl.zeros([BS], dtype=tl.int32)
+    for r in range(0, L):  # λ̂_s = #{r : c[T−1, r] > s}
+        lev += (tl.load(CM + last * L + r) > s).to(tl.int32)
+    rho = tl.where(ms & (lev < L), 1.0, 0.0)
+    if HAS_G:
+        rho = rho * tl.exp(-_rel_decay(GH, GL, rs, ms, tl.load(GH + last), tl.load(GL + last)))
+    r_lo = tl.min(tl.where(ms, lev, L))
+    r_hi = tl.minimum(tl.max(tl.where(ms, lev, 0)), L - 1)
+    if tl.program_id(2) == 0:
+        k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=_mask(ms, dk_, DK, BK), other=0.0).to(tl.float32)
+        for c0 in tl.static_range(0, BV, BC):
+            cc = c0 + tl.arange(0, BC)
+            acc = tl.zeros([BS, BC], dtype=tl.float32)
+            for r in range(r_lo, r_hi + 1):
+                coef = tl.where(lev == r, rho, 0.0)
+                ds = tl.load(DS + (r * DK + dk_[:, None]) * DV + cc[None, :], mask=_mask_kv(dk_, cc, DK, DV), other=0.0)
+                acc += tl.dot(k * coef[:, None], ds, input_precision=PREC32)
+            tl.store(DV0 + rs[:, None] * DV + cc[None, :], acc, mask=ms[:, None] & (cc[None, :] < DV))
+    else:
+        v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=_mask(ms, dv_, DV, BV), other=0.0).to(tl.float32)
+        fin = tl.zeros([BS], dtype=tl.float32)
+        for c0 in tl.static_range(0, BK, BC):
+            cc = c0 + tl.arange(0, BC)
+            acc = tl.zeros([BS, BC], dtype=tl.float32)
+            for r in range(r_lo, r_hi + 1):
+                coef = tl.where(lev == r, rho, 0.0)
+                ds = tl.load(DS + (r * DK + cc[:, None]) * DV + dv_[None, :], mask=_mask_kv(cc, dv_, DK, DV), other=0.0)
+                acc += tl.dot(v * coef[:, None], tl.trans(ds), input_precision=PREC32)
+            kc = tl.load(K + rs[:, None] * DK + cc[None, :], mask=ms[:, None] & (cc[None, :] < DK), other=0.0)
+            fin += tl.sum(acc * kc.to(tl.float32), axis=1)
+            tl.store(DK0 + rs[:, None] * DK + cc[None, :], acc, mask=ms[:, None] & (cc[None, :] < DK))
+        tl.store(FIN + rs, fin, mask=ms)
+        tl.store(DG0 + rs, -fin, mask=ms)
+
+
+@triton.jit
+def _dq_tile(dq, dl, dg, q, do, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_ref, s0, t_end, top, i0, i1,
+             H, scale, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HAS_G: tl.constexpr,
+             PREC: tl.constexpr, UNROLL: tl.constexpr, NL: tl.constexpr,
+             BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+    """dq, dλ, dG rows + the key tile at s0 for the levels top − i, i ∈ [i0, i1) per row."""
+    s = s0 + tl.arange(0, BS)
+    ms = s < t_end
+    rs = s * H
+    dk_ = tl.arange(0, BK)
+    dv_ = tl.arange(0, BV)
+    cols = tl.arange(0, BL)
+    k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=_mask(ms, dk_, DK, BK), other=0.0)
+    v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=_mask(ms, dv_, DV, BV), other=0.0)
+    causal = s[None, :] <= t[:, None]
+    if HAS_G:
+        bs = _rel_decay(GH, GL, rs, ms, gh_ref, gl_ref)
+        decay = tl.where(causal, tl.exp(a[:, None] - bs[None, :]), 0.0) * scale
+    else:
+        decay = tl.where(causal, scale, 0.0)
+    A = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    adp = A * dp
+    lamm = tl.zeros([BT, BS], dtype=tl.float32)
+    if UNROLL:
+        for i in tl.static_range(0, NL):
+            inr, lr = _level_step(CM, LAM, rt, mt, top - i, s, L, False)
+            lamm = tl.where(inr, lr, lamm)
+            part = tl.sum(tl.where(inr, adp, 0.0), axis=1)
+            dl += tl.where(cols[None, :] == (top - i)[:, None], part[:, None], 0.0)
+    else:
+        for i in range(i0, i1):
+            inr, lr = _level_step(CM, LAM, rt, mt, top - i, s, L, False)
+            lamm = tl.where(inr, lr, lamm)
+            part = tl.sum(tl.where(inr, adp, 0.0), axis=1)
+            dl += tl.where(cols[None, :] == (top - i)[:, None], part[:, None], 0.0)
+    da = dp * lamm
+    dg += tl.sum(da * A, axis=1)
+    dq += tl.dot((da * decay).to(k.dtype), k, input_precision=PREC)
+    return dq, dl, dg
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, DO, DQ0, DL0, DG0, DQ, DLAM, DGR, T, H, scale,
+                   L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
+                   BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+    """dq, dλ and the row part of dG over a query tile, on top of DQ0, DL0, DG0 (the initial
+    slots' parts); with EXTRA, the levels beyond the first NL go into DQ0, DL0, DG0 instead."""
+    t0 = tl.program_id(0) * BT
+    n = tl.program_id(1)
+    row0 = (n // H).to(tl.int64) * T * H + n % H
+    Q += row0 * DK
+    K += row0 * DK
+    V += row0 * DV
+    DO += row0 * DV
+    LAM += row0 * L
+    CM += row0 * L
+    GH += row0
+    GL += row0
+    DQ0 += row0 * DK
+    DL0 += row0 * L
+    DG0 += row0
+    DQ += row0 * DK
+    DLAM += row0 * L
+    DGR += row0
+    t = t0 + tl.arange(0, BT)
+    dk_ = tl.arange(0, BK)
+    dv_ = tl.arange(0, BV)
+    cols = tl.arange(0, BL)
+    mt = t < T
+    rt = t * H
+    ml = mt[:, None] & (cols[None, :] < L)
+    q_mask = _mask(mt, dk_, DK, BK)
+    q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=_mask(mt, dv_, DV, BV), other=0.0)
+    c = tl.load(CM + rt[:, None] * L + cols[None, :], mask=ml, other=NEG)
+    if HAS_G:
+        gh_ref = tl.load(GH + t0 * H)
+        gl_ref = tl.load(GL + t0 * H)
+        a = _rel_decay(GH, GL, rt, mt, gh_ref, gl_ref)
+    else:
+        gh_ref = 0.0
+        gl_ref = 0.0
+        a = tl.zeros([BT], dtype=tl.float32)
+    dq = tl.load(DQ0 + rt[:, None] * DK + dk_[None, :], mask=q_mask, other=0.0)
+    dl = tl.load(DL0 + rt[:, None] * L + cols[None, :], mask=ml, other=0.0)
+    dg = tl.load(DG0 + rt, mask=mt, other=0.0)
+    t_end = tl.minimum(t0 + BT, T)
+    for s0 in range(0, t_end, BS):
+        top, need = _row_levels(c, t, mt, s0, tl.minimum(s0 + BS, t_end) - 1)
+        if EXTRA:
+            most = tl.max(need)
+            if most > NL:
+                dq, dl, dg = _dq_tile(dq, dl, dg, q, do, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_ref, s0,
+                                      t_end, top, NL, most, H, scale, L, DK, DV, HAS_G, PREC, False, NL,
+                                      BT, BS, BK, BV, BL)
+        else:
+            dq, dl, dg = _dq_tile(dq, dl, dg, q, do, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_ref, s0, t_end,
+                                  top, 0, NL, H, scale, L, DK, DV, HAS_G, PREC, True, NL, BT, BS, BK, BV, BL)
+    if EXTRA:
+        tl.store(DQ0 + rt[:, None] * DK + dk_[None, :], dq, mask=q_mask)
+        tl.store(DL0 + rt[:, None] * L + cols[None, :], dl, mask=ml)
+        tl.store(DG0 + rt, dg, mask=mt)
+    else:
+        tl.store(DQ + rt[:, None] * DK + dk_[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(DLAM + rt[:, None] * L + cols[None, :], dl.to(DLAM.dtype.element_ty), mask=ml)
+        tl.store(DGR + rt, dg, mask=mt)
+
+
+@triton.jit
+def _dkv_tile(dk, dv, dg, k, v, s, bs, Q, DO, CM, LAM, GH, GL, gh_ref, gl_ref, t, mt, rt, top, i0, i1, scale,
+              L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
+              UNROLL: tl.constexpr, NL: tl.constexpr,
+              BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """dk, dv, dG columns + the query tile t for the levels top − i, i ∈ [i0, i1) per query;
+    tiles laid out [BS (keys), BT (queries)]."""
+    dk_ = tl.arange(0, BK)
+    dv_ = tl.arange(0, BV)
+    q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=_mask(mt, dk_, DK, BK), other=0.0)
+    do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=_mask(mt, dv_, DV, BV), other=0.0)
+    causal = (s[:, None] <= t[None, :]) & mt[None, :]
+    if HAS_G:
+        a = _rel_decay(GH, GL, rt, mt, gh_ref, gl_ref)
+        decay = tl.where(causal, tl.exp(a[None, :] - bs[:, None]), 0.0) * scale
+    else:
+        decay = tl.where(causal, scale, 0.0)
+    A = tl.dot(k, tl.trans(q), input_precision=PREC) * decay  # Aᵀ
+    dp = tl.dot(v, tl.trans(do), input_precision=PREC)  # dPᵀ
+    lamm = tl.zeros([BS, BT], dtype=tl.float32)
+    if UNROLL:
+        for i in tl.static_range(0, NL):
+            inr, lr = _level_step(CM, LAM, rt, mt, top - i, s, L, True)
+            lamm = tl.where(inr, lr, lamm)
+    else:
+        for i in range(i0, i1):
+            inr, lr = _level_step(CM, LAM, rt, mt, top - i, s, L, True)
+            lamm = tl.where(inr, lr, lamm)
+    dv += tl.dot((A * lamm).to(do.dtype), do, input_precision=PREC)
+    da = dp * lamm
+    dg -= tl.sum(da * A, axis=1)
+    dk += tl.dot((da * decay).to(q.dtype), q, input_precision=PREC)
+    return dk, dv, dg
+
+
+@triton.jit
+def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, T, H, scale,
+                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                    HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
+                    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+    """dk, dv and the column part of dG over a key tile, on top of DK0, DV0, DG0 (the final
+    states' parts); with EXTRA, the levels beyond the first NL go into DK0, DV0, DG0 instead."""
+    s0 = tl.program_id(0) * BS
+    n = tl.program_id(1)
+    row0 = (n // H).to(tl.int64) * T * H + n % H
+    Q += row0 * DK
+    K += row0 * DK
+    V += row0 * DV
+    DO += row0 * DV
+    LAM += row0 * L
+    CM += row0 * L
+    GH += row0
+    GL += row0
+    DK0 += row0 * DK
+    DV0 += row0 * DV
+    DG0 += row0
+    DK_ += row0 * DK
+    DV_ += row0 * DV
+    DGC += row0
     s = s0 + tl.arange(0, BS)
     dk_ = tl.arange(0, BK)
     dv_ = tl.arange(0, BV)
     cols = tl.arange(0, BL)
     ms = s < T
-    rs = (bT + s) * H + h
-    mk = dk_ < DK
-    mv = dv_ < DV
-    k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=ms[:, None] & mk[None, :], other=0.0)
-    v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
+    rs = s * H
+    k_mask = _mask(ms, dk_, DK, BK)
+    v_mask = _mask(ms, dv_, DV, BV)
+    k = tl.load(K + rs[:, None] * DK + dk_[None, :], mask=k_mask, other=0.0)
+    v = tl.load(V + rs[:, None] * DV + dv_[None, :], mask=v_mask, other=0.0)
     if HAS_G:
-        ref = (bT + s0) * H + h
-        gh_ref = tl.load(GH + ref)
-        gl_ref = tl.load(GL + ref)
-        bs = -_rel_decay(GH, GL, rs, ms, gh_ref, gl_ref)
-    dk = tl.zeros([BS, BK], dtype=tl.float32)
-    dv = tl.zeros([BS, BV], dtype=tl.float32)
-    dg = tl.zeros([BS], dtype=tl.float32)
+        gh_ref = tl.load(GH + s0 * H)
+        gl_ref = tl.load(GL + s0 * H)
+        bs = _rel_decay(GH, GL, rs, ms, gh_ref, gl_ref)
+    else:
+        gh_ref = 0.0
+        gl_ref = 0.0
+        bs = tl.zeros([BS], dtype=tl.float32)
+    dk = tl.load(DK0 + rs[:, None] * DK + dk_[None, :], mask=k_mask, other=0.0)
+    dv = tl.load(DV0 + rs[:, None] * DV + dv_[None, :], mask=v_mask, other=0.0)
+    dg = tl.load(DG0 + rs, mask=ms, other=0.0)
     s_last = tl.minimum(s0 + BS, T) - 1
     for t0 in range(s0, T, BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
-        rt = (bT + t) * H + h
-        q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        rt = t * H
         c = tl.load(CM + rt[:, None] * L + cols[None, :], mask=mt[:, None] & (cols[None, :] < L), other=NEG)
-        causal = (s[:, None] <= t[None, :]) & mt[None, :]
-        if HAS_G:
-            a = _rel_decay(GH, GL, rt, mt, gh_ref, gl_ref)
-            decay = tl.where(causal, tl.exp(bs[:, None] + a[None, :]), 0.0) * scale
+        top, need = _row_levels(c, t, mt, s0, s_last)
+        if EXTRA:
+            most = tl.max(need)
+            if most > NL:
+                dk, dv, dg = _dkv_tile(dk, dv, dg, k, v, s, bs, Q, DO, CM, LAM, GH, GL, gh_ref, gl_ref, t, mt, rt,
+                                       top, NL, most, scale, L, DK, DV, HAS_G, PREC, False, NL, BT, BS, BK, BV)
         else:
-            decay = tl.where(causal, scale, 0.0)
-        A = tl.dot(k, tl.trans(q), input_precision=PREC) * decay  # Aᵀ [BS, BT]
-        dp = tl.dot(v, tl.trans(do), input_precision=PREC)  # dPᵀ
-        r_lo, r_hi = _level_range(c, t, mt, s0, s_last, L)
-        lamm = tl.zeros([BS, BT], dtype=tl.float32)
-        for i in range(0, r_hi - r_lo + 1):
-            r = r_hi - i
-            cr = tl.load(CM + rt * L + r, mask=mt, other=NEG)
-            lr = tl.load(LAM + rt * L + r, mask=mt, other=0.0).to(tl.float32)
-            lamm = tl.where(cr[None, :] <= s[:, None], lr[None, :], lamm)
-        dv += tl.dot((A * lamm).to(do.dtype), do, input_precision=PREC)
-        da = dp * lamm
-        dg -= tl.sum(da * A, axis=1)
-        dk += tl.dot((da * decay).to(q.dtype), q, input_precision=PREC)
-    # final slot states: token s joins the slot of rank ℓ_{T−1}(s), carried by ρ_s
-    last = (bT + T - 1) * H + h
-    c_last = tl.load(CM + last * L + cols, mask=cols < L, other=NEG)
-    lev = tl.sum((c_last[None, :] > s[:, None]).to(tl.int32), axis=1)
-    rho = tl.where(ms & (lev < L), 1.0, 0.0)
-    if HAS_G:
-        rho = rho * tl.exp(-_rel_decay(GH, GL, rs, ms, tl.load(GH + last), tl.load(GL + last)))
-    kf = k.to(tl.float32)
-    vf = v.to(tl.float32)
-    fin = tl.zeros([BS], dtype=tl.float32)
-    r_lo = tl.min(tl.where(ms, lev, L))
-    r_hi = tl.minimum(tl.max(tl.where(ms, lev, 0)), L - 1)
-    for r in range(r_lo, r_hi + 1):
-        ds = tl.load(DS + ((n.to(tl.int64) * L + r) * DK + dk_[:, None]) * DV + dv_[None, :],
-                     mask=mk[:, None] & mv[None, :], other=0.0)
-        coef = tl.where(lev == r, rho, 0.0)
-        dkf = tl.dot(vf, tl.trans(ds), input_precision=PREC32) * coef[:, None]
-        dv += tl.dot(kf, ds, input_precision=PREC32) * coef[:, None]
-        dk += dkf
-        fin += tl.sum(dkf * kf, axis=1)
-    tl.store(DK_ + rs[:, None] * DK + dk_[None, :], dk.to(DK_.dtype.element_ty), mask=ms[:, None] & mk[None, :])
-    tl.store(DV_ + rs[:, None] * DV + dv_[None, :], dv.to(DV_.dtype.element_ty), mask=ms[:, None] & mv[None, :])
-    tl.store(DGC + rs, dg - fin, mask=ms)
-    tl.store(FIN + rs, fin, mask=ms)
+            dk, dv, dg = _dkv_tile(dk, dv, dg, k, v, s, bs, Q, DO, CM, LAM, GH, GL, gh_ref, gl_ref, t, mt, rt, top,
+                                   0, NL, scale, L, DK, DV, HAS_G, PREC, True, NL, BT, BS, BK, BV)
+    if EXTRA:
+        tl.store(DK0 + rs[:, None] * DK + dk_[None, :], dk, mask=k_mask)
+        tl.store(DV0 + rs[:, None] * DV + dv_[None, :], dv, mask=v_mask)
+        tl.store(DG0 + rs, dg, mask=ms)
+    else:
+        tl.store(DK_ + rs[:, None] * DK + dk_[None, :], dk.to(DK_.dtype.element_ty), mask=k_mask)
+        tl.store(DV_ + rs[:, None] * DV + dv_[None, :], dv.to(DV_.dtype.element_ty), mask=v_mask)
+        tl.store(DGC + rs, dg, mask=ms)
 
 
 @triton.jit
-def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, T, H, L, DK, DV, scale,
+def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, T, H, scale,
+                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     HAS_G: tl.constexpr, PREC32: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+    """dS0_r for one initial slot r and Dv tile; CARRY gets its part of dG_{T−1}."""
     r = tl.program_id(0)
     n = tl.program_id(1)
     pv = tl.program_id(2)
-    b, h = n // H, n % H
-    bT = b.to(tl.int64) * T
+    row0 = (n // H).to(tl.int64) * T * H + n % H
+    Q += row0 * DK
+    DO += row0 * DV
+    LAM += row0 * L
+    CM += row0 * L
+    GH += row0
+    GL += row0
+    S0 += n.to(tl.int64) * L * DK * DV
+    DS += n.to(tl.int64) * L * DK * DV
+    DS0 += n.to(tl.int64) * L * DK * DV
     dk_ = tl.arange(0, BK)
     dv_ = pv * BV + tl.arange(0, BV)
     cols = tl.arange(0, BL)
-    mk = dk_ < DK
-    mv = dv_ < DV
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     for t0 in range(0, T, BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
-        rt = (bT + t) * H + h
+        rt = t * H
         ml = mt[:, None] & (cols[None, :] < L)
         c = tl.load(CM + rt[:, None] * L + cols[None, :], mask=ml, other=NEG)
         lev = _level(c, -1 - r)
         live = mt & (lev < L)
         if tl.max(live.to(tl.int32)) > 0:
             lam = tl.load(LAM + rt[:, None] * L + cols[None, :], mask=ml, other=0.0).to(tl.float32)
-            w = tl.where(live, _pick(lam, lev, BL), 0.0) * scale
-            if HAS_G:
-                w = w * tl.exp(tl.load(GH + rt, mask=mt, other=0.0) + tl.load(GL + rt, mask=mt, other=0.0))
-            q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-            do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+            w = tl.where(live, _pick(lam, lev, BL), 0.0) * _u(GH, GL, rt, mt, scale, HAS_G, BT)
+            q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=_mask(mt, dk_, DK, BK), other=0.0)
+            do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=mt[:, None] & (dv_[None, :] < DV), other=0.0)
             acc += tl.dot(tl.trans(q.to(tl.float32) * w[:, None]), do.to(tl.float32), input_precision=PREC32)
     # the slot's carry into the final state S_{ℓ_{T−1}(−1−r)}
-    last = (bT + T - 1) * H + h
+    last = (T - 1) * H
     c_last = tl.load(CM + last * L + cols, mask=cols < L, other=NEG)
     lev_last = tl.sum((c_last > -1 - r).to(tl.int32), axis=0)
     carry = 1.0
     if HAS_G:
         carry = tl.exp(tl.load(GH + last) + tl.load(GL + last))
-    tile = (dk_[:, None] * DV + dv_[None, :])
-    m2 = mk[:, None] & mv[None, :]
-    ds = tl.load(DS + (n.to(tl.int64) * L + tl.minimum(lev_last, L - 1)) * DK * DV + tile,
-                 mask=m2 & (lev_last < L), other=0.0)
-    s0r = tl.load(S0 + (n.to(tl.int64) * L + r) * DK * DV + tile, mask=m2, other=0.0)
+    tile = dk_[:, None] * DV + dv_[None, :]
+    m2 = _mask_kv(dk_, dv_, DK, DV)
+    ds = tl.load(DS + tl.minimum(lev_last, L - 1) * DK * DV + tile, mask=m2 & (lev_last < L), other=0.0)
+    s0r = tl.load(S0 + r * DK * DV + tile, mask=m2, other=0.0)
     acc += carry * ds
-    tl.store(DS0 + (n.to(tl.int64) * L + r) * DK * DV + tile, acc, mask=m2)
+    tl.store(DS0 + r * DK * DV + tile, acc, mask=m2)
     tl.store(CARRY + (n * L + r) * tl.num_programs(2) + pv, carry * tl.sum(tl.sum(ds * s0r, axis=1), axis=0))
 
 
@@ -458,12 +749,17 @@ def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, T, H, L, DK, DV,
 
 
 def _config(dk: int, dv: int) -> dict:
-    """Tile sizes by head dims (fixed configs: the interpreter takes no autotuning)."""
+    """Fixed configs by head dims (the interpreter takes no autotuning), chosen so that no
+    kernel spills registers on sm_90 (checked with ptxas). fwd/dq/dkv: the quadratic kernels'
+    query tile BT, key tile BS and warps; NL: levels per row and tile they apply unrolled; AT:
+    the state kernels' token tile, AV their Dv tile, BC the column chunk of the backward's
+    state terms."""
     if _interpreting():
-        return dict(BT=16, BS=16, num_warps=4, num_stages=1)
-    if max(dk, dv) <= 64:
-        return dict(BT=64, BS=64, num_warps=4, num_stages=2)
-    return dict(BT=64, BS=32, num_warps=4, num_stages=2)
+        quad = dict(BT=16, BS=16, num_warps=4)
+        return dict(fwd=quad, dq=quad, dkv=quad, NL=2, AT=16, AV=16, BC=16, num_warps=4, num_stages=1)
+    bs = 64 if max(dk, dv) <= 64 else 32
+    return dict(fwd=dict(BT=64, BS=bs, num_warps=8), dq=dict(BT=32, BS=bs, num_warps=8),
+                dkv=dict(BT=32, BS=bs, num_warps=8), NL=2, AT=32, AV=32, BC=32, num_warps=8, num_stages=2)
 
 
 def _pow2(x: int) -> int:
@@ -483,15 +779,22 @@ def _check(name: str, q: Tensor, beta: Tensor | None) -> None:
         raise NotImplementedError(f"{name}: beta (the delta rule) is not implemented in Triton yet (issue #5)")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
+    B, T, H, Dk = q.shape
+    if T * H * max(Dk, 16) >= 2**31:
+        raise ValueError(f"{name}: T·H·Dk = {T * H * Dk} must stay below 2**31 (int32 offsets per batch element)")
 
 
 class _Prepared:
-    """Contiguous inputs, the running minimum of the level map and the hi/lo split of G."""
+    """Contiguous inputs, the running minimum of the level map, the hi/lo split of G, the
+    config and the constexpr arguments every kernel takes."""
 
-    def __init__(self, q, k, v, lam, g, level_start, S0):
+    def __init__(self, q, k, v, lam, g, level_start, S0, input_precision):
         self.q, self.k, self.v, self.lam = (x.contiguous() for x in (q, k, v, lam))
         self.B, self.T, self.H, self.dk = q.shape
         self.dv, self.L = v.shape[-1], lam.shape[-1]
+        if self.T * self.H * max(self.dv, self.L) >= 2**31:
+            raise ValueError("readout_triton: T·H·max(Dv, K) must stay below 2**31 (int32 offsets per batch element)")
+        self.N = self.B * self.H
         self.S0 = S0.to(torch.float32).contiguous()
         self.cm = torch.cummin(level_start.contiguous(), dim=-1).values.to(torch.int32).contiguous()
         self.has_g = g is not None
@@ -500,8 +803,32 @@ class _Prepared:
             self.gh = G.to(torch.float32)
             self.gl = (G - self.gh.to(torch.float64)).to(torch.float32)
         else:
-            self.gh = self.gl = self.q  # never read
+            self.gh = self.gl = torch.zeros(1, dtype=torch.float32, device=q.device)  # never read
         self.BK, self.BV, self.BL = _pow2(self.dk), _pow2(self.dv), triton.next_power_of_2(self.L)
+        self.cfg = _config(self.dk, self.dv)
+        self.prec, self.prec32 = _precisions(q.dtype, input_precision)
+        self.dims = dict(L=self.L, DK=self.dk, DV=self.dv, HAS_G=self.has_g,
+                         num_warps=self.cfg["num_warps"], num_stages=self.cfg["num_stages"])
+
+    def meta(self, kernel: str) -> dict:
+        """Meta-parameters (constexprs, num_warps, num_stages) of a kernel: the quadratic ones
+        "fwd", "dq", "dkv" (plus EXTRA at launch) and "fwd_initial", "state", "bwd_initial",
+        "bwd_final", "ds0"."""
+        cfg = self.cfg
+        if kernel in ("fwd", "dq", "dkv"):
+            return {**self.dims, **cfg[kernel], "PREC": self.prec, "NL": cfg["NL"],
+                    "BK": self.BK, "BV": self.BV, "BL": self.BL}
+        av, bc = min(self.BV, cfg["AV"]), min(cfg["BC"], self.BK, self.BV)
+        return {**self.dims, "BK": self.BK, **{
+            "fwd_initial": dict(PREC32=self.prec32, BT=cfg["AT"], BV=av, BL=self.BL),
+            "state": dict(PREC=self.prec, BS=cfg["AT"], BV=av),
+            "bwd_initial": dict(PREC32=self.prec32, BT=cfg["AT"], BV=self.BV, BC=bc, BL=self.BL),
+            "bwd_final": dict(PREC32=self.prec32, BS=cfg["AT"], BV=self.BV, BC=bc),
+            "ds0": dict(PREC32=self.prec32, BT=cfg["AT"], BV=av, BL=self.BL),
+        }[kernel]}
+
+    def empty(self, *shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device=self.q.device)
 
 
 def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
@@ -509,23 +836,23 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] float32)`; see the module doc.
     `chunk_size` is accepted for schema parity (the quadratic form has no chunks)."""
     _check("readout_forward_triton", q, beta)
-    x = _Prepared(q, k, v, lam, g, level_start, S0)
-    B, T, H, L = x.B, x.T, x.H, x.L
+    x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
+    B, T, H, L, N, dv = x.B, x.T, x.H, x.L, x.N, x.dv
     if T == 0:
-        return q.new_empty(B, 0, H, x.dv), x.S0.clone()
-    cfg = _config(x.dk, x.dv)
-    prec, prec32 = _precisions(q.dtype, input_precision)
-    o = torch.empty(B, T, H, x.dv, dtype=q.dtype, device=q.device)
-    _fwd_kernel[(triton.cdiv(T, cfg["BT"]), B * H)](
-        x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, x.S0, o, T, H, L, x.dk, x.dv, float(scale),
-        HAS_G=x.has_g, PREC=prec, PREC32=prec32, BT=cfg["BT"], BS=cfg["BS"], BK=x.BK, BV=x.BV, BL=x.BL,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    S = torch.empty(B, H, L, x.dk, x.dv, dtype=torch.float32, device=q.device)
-    bv = min(x.BV, 64)
-    _state_kernel[(L, B * H, triton.cdiv(x.dv, bv))](
-        x.k, x.v, x.gh, x.gl, x.cm, x.S0, S, T, H, L, x.dk, x.dv,
-        HAS_G=x.has_g, PREC=prec, BS=cfg["BS"], BK=x.BK, BV=bv,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return q.new_empty(B, 0, H, dv), x.S0.clone()
+    scale = float(scale)
+    m = x.meta("fwd_initial")
+    o0 = x.empty(B, T, H, dv)
+    _fwd_initial_kernel[(triton.cdiv(T, m["BT"]), N, triton.cdiv(dv, m["BV"]))](
+        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, o0, T, H, scale, **m)
+    m = x.meta("fwd")
+    o = x.empty(B, T, H, dv, dtype=q.dtype)
+    for extra in (True, False):  # the levels beyond NL per tile first, into o0
+        _fwd_kernel[(triton.cdiv(T, m["BT"]), N)](x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, T, H, scale,
+                                                  EXTRA=extra, **m)
+    m = x.meta("state")
+    S = x.empty(B, H, L, x.dk, dv)
+    _state_kernel[(L, N, triton.cdiv(dv, m["BV"]))](x.k, x.v, x.gh, x.gl, x.cm, x.S0, S, T, H, **m)
     return o, S
 
 
@@ -534,10 +861,9 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg`/`dbeta` are
     float32 zeros `[B,T,H]` when `g`/`beta` is absent. `do` or `dS` may be None (zero)."""
     _check("readout_backward_triton", q, beta)
-    x = _Prepared(q, k, v, lam, g, level_start, S0)
-    B, T, H, L, dk, dv = x.B, x.T, x.H, x.L, x.dk, x.dv
-    dev = q.device
-    f32 = torch.float32
+    x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
+    B, T, H, L, N, dk, dv = x.B, x.T, x.H, x.L, x.N, x.dk, x.dv
+    dev, f32 = q.device, torch.float32
     do = torch.zeros(B, T, H, dv, dtype=q.dtype, device=dev) if do is None else do.to(q.dtype).contiguous()
     dS = torch.zeros(B, H, L, dk, dv, dtype=f32, device=dev) if dS is None else dS.to(f32).contiguous()
     dbeta = torch.zeros(B, T, H, dtype=f32, device=dev)
@@ -545,33 +871,33 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
         dg = torch.zeros(B, 0, H, dtype=g.dtype if g is not None else f32, device=dev)
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape),
                 dg, dbeta, dS.to(S0.dtype).clone())
-    cfg = _config(dk, dv)
-    prec, prec32 = _precisions(q.dtype, input_precision)
-    common = dict(HAS_G=x.has_g, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    N = B * H
+    scale = float(scale)
 
-    dq = torch.empty(B, T, H, dk, dtype=q.dtype, device=dev)
-    dlam = torch.empty(B, T, H, L, dtype=lam.dtype, device=dev)
-    dg_row = torch.empty(B, T, H, dtype=f32, device=dev)
-    _bwd_dq_kernel[(triton.cdiv(T, cfg["BT"]), N)](
-        x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, x.S0, do, dq, dlam, dg_row, T, H, L, dk, dv, float(scale),
-        PREC=prec, PREC32=prec32, BT=cfg["BT"], BS=cfg["BS"], BK=x.BK, BV=x.BV, BL=x.BL, **common)
+    # the initial slots' and final states' terms, into float32 buffers the quadratic kernels
+    # start from (the levels beyond NL per tile are added to them first)
+    m = x.meta("bwd_initial")
+    dq0, dl0, dg0 = x.empty(B, T, H, dk), x.empty(B, T, H, L), x.empty(B, T, H)
+    _bwd_initial_kernel[(triton.cdiv(T, m["BT"]), N)](
+        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dq0, dl0, dg0, T, H, scale, **m)
+    m = x.meta("bwd_final")
+    dk0, dv0, dgc0, fin = x.empty(B, T, H, dk), x.empty(B, T, H, dv), x.empty(B, T, H), x.empty(B, T, H)
+    _bwd_final_kernel[(triton.cdiv(T, m["BS"]), N, 2)](x.k, x.v, x.gh, x.gl, x.cm, dS, dk0, dv0, dgc0, fin, T, H, **m)
 
-    dkk = torch.empty(B, T, H, dk, dtype=k.dtype, device=dev)
-    dvv = torch.empty(B, T, H, dv, dtype=v.dtype, device=dev)
-    dg_col = torch.empty(B, T, H, dtype=f32, device=dev)
-    fin = torch.empty(B, T, H, dtype=f32, device=dev)
-    _bwd_dkv_kernel[(triton.cdiv(T, cfg["BS"]), N)](
-        x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dS, dkk, dvv, dg_col, fin, T, H, L, dk, dv, float(scale),
-        PREC=prec, PREC32=prec32, BT=cfg["BT"], BS=cfg["BS"], BK=x.BK, BV=x.BV, BL=x.BL, **common)
+    mq, mkv = x.meta("dq"), x.meta("dkv")
+    dq, dlam, dg_row = x.empty(B, T, H, dk, dtype=q.dtype), x.empty(B, T, H, L, dtype=lam.dtype), x.empty(B, T, H)
+    dkk, dvv, dg_col = x.empty(B, T, H, dk, dtype=k.dtype), x.empty(B, T, H, dv, dtype=v.dtype), x.empty(B, T, H)
+    for extra in (True, False):
+        _bwd_dq_kernel[(triton.cdiv(T, mq["BT"]), N)](
+            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dq0, dl0, dg0, dq, dlam, dg_row, T, H, scale,
+            EXTRA=extra, **mq)
+        _bwd_dkv_kernel[(triton.cdiv(T, mkv["BS"]), N)](
+            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dk0, dv0, dgc0, dkk, dvv, dg_col, T, H, scale,
+            EXTRA=extra, **mkv)
 
-    dS0 = torch.empty(B, H, L, dk, dv, dtype=f32, device=dev)
-    bv = min(x.BV, 64)
-    nv = triton.cdiv(dv, bv)
-    carry = torch.empty(N, L, nv, dtype=f32, device=dev)
-    _bwd_ds0_kernel[(L, N, nv)](
-        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, dS0, carry, T, H, L, dk, dv, float(scale),
-        PREC32=prec32, BT=cfg["BT"], BK=x.BK, BV=bv, BL=x.BL, **common)
+    m = x.meta("ds0")
+    nv = triton.cdiv(dv, m["BV"])
+    dS0, carry = x.empty(B, H, L, dk, dv), x.empty(N, L, nv)
+    _bwd_ds0_kernel[(L, N, nv)](x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, dS0, carry, T, H, scale, **m)
 
     if g is not None:
         dG = dg_row + dg_col
