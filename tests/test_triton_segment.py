@@ -18,7 +18,9 @@ from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
 from dla.ops.reference import segment_naive
 from dla.ops.state import MultiStateCache, empty_cache
 from dla.ops.triton.segment import dla_walk, segment_dla, segment_triton
-from tests.strategies import DELTA, Case, build, fenwick_levels, random_cache, relative_error, well_conditioned
+from tests.strategies import (
+    DELTA, Case, build, fenwick_levels, information_close, random_cache, relative_error, well_conditioned,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = dict(deadline=None, database=None, derandomize=True,
@@ -269,8 +271,13 @@ def test_16bit_inputs_match_naive(dtype, inputs):
     """The 16-bit dot paths (exact products; hi/lo split of Z) against the oracle on the same
     16-bit values."""
     checked = 0
-    for seed in range(6):
-        case = Case(batch=2, length=96, heads=2, dk=32, dv=16, levels=5, policy="dla", transition="none",
+    # Gaussian streams make every token a boundary and merge densities nearly tie, so fewer of
+    # them are well-conditioned: draw shorter ones, and more of them
+    length, seeds = (48, range(24)) if inputs == "gaussian" else (96, range(6))
+    for seed in seeds:
+        if checked == 6:
+            break
+        case = Case(batch=2, length=length, heads=2, dk=32, dv=16, levels=5, policy="dla", transition="none",
                     score="token", tau=0.6, inputs=inputs, mean_regime=8.0, seed=seed, chunk_size=16)
         t = {name: x.to(dtype) for name, x in build(case, torch.float32).items() if name in ("k", "v")}
         state = initial(case, seed % 2 == 1, seed)
@@ -391,6 +398,8 @@ def test_large_shapes_match_the_cpu_kernel(T, Dk, Dv, K, dtype, inputs, score):
     same = (ours[0].cpu() == theirs[0]).all(-1).all(1)  # [B, H] streams that agree throughout
     ours_cpu = [x.cpu() for x in ours]
     assert torch.equal(ours_cpu[3][same], theirs[3][same]) and torch.equal(ours_cpu[1][same], theirs[1][same])
-    for i in (2, 4, 5):
-        if same.any():
+    if same.any():
+        # I sums √(2 − 2cos) per token, whose float32 rounding near cos = 1 is ~1e-3 a token
+        assert information_close(ours_cpu[2][same], theirs[2][same], theirs[1][same], torch.float32)
+        for i in (4, 5):
             assert relative_error(ours_cpu[i][same], theirs[i][same]) <= 1e-3
