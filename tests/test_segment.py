@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
 from dla.ops.reference import segment_naive
+import dla.ops.segment as segment_module
 from dla.ops.segment import segment
 from dla.ops.state import MultiStateCache, empty_cache, state_dtype
 from dla.synthetic import piecewise_stationary
@@ -303,11 +304,22 @@ def test_zero_tokens_follow_the_eps_rule(zero, score, dtype):
     assert_final_state(out, ref.n, ref.I, ref.m, ref.Z, ref.zz, dtype)
 
 
-def test_chunk_size_does_not_change_the_result():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunking_and_grouping_do_not_change_the_result(monkeypatch, threads):
+    """Chunk sizes, and chunk groups (the Gram precomputed for several chunks at once), only
+    regroup sums; the caller's intra-op thread count survives the call."""
     case = SegCase(batch=2, length=50, heads=2, dk=4, dv=3, levels=4, policy="dla", score="token", tau=0.6,
                    inputs="piecewise", mean_regime=6.0, seed=5, chunk_size=1, dtype="float64")
     k, v, state = make_inputs(case)
-    outs = [fast(case, k, v, state, chunk_size=c) for c in (1, 7, 16, 64)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = [fast(case, k, v, state, chunk_size=c) for c in (1, 7, 16, 64)]
+        monkeypatch.setattr(segment_module, "_GROUP_ELEMENTS", 1)  # one chunk per group
+        outs += [fast(case, k, v, state, chunk_size=c) for c in (7, 16)]
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)
     for out in outs[1:]:
         assert torch.equal(out[0], outs[0][0]) and torch.equal(out[1], outs[0][1])
         for x, y in zip(out[2:], outs[0][2:]):

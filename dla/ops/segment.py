@@ -21,6 +21,9 @@ and records no autograd.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -29,6 +32,8 @@ from dla.ops.state import state_dtype
 from dla.ops.validation import check_fenwick_levels
 
 EPS = 1e-12  # SPEC §2: floor of every cosine denominator
+_GROUP_ELEMENTS = 1 << 22  # chunks whose suffix sums are computed together (≈ 16 MiB in float32)
+_THREADS_LOCK = threading.Lock()
 
 __all__ = ["segment"]
 
@@ -69,102 +74,161 @@ def _segment_dla(k, v, n0, I0, m0, Z0, zz0, K: int, score: str, tau: float, C: i
     dt = state_dtype(k.dtype)
     kh = k.detach().to(dt).permute(0, 2, 1, 3).reshape(N, T, Dk)
     vh = v.detach().to(dt).permute(0, 2, 1, 3).reshape(N, T, Dv)
+    scan = _DlaScan(n0.reshape(N, K), I0.reshape(N, K), m0.reshape(N), Z0.reshape(N, Dk, Dv), zz0.reshape(N),
+                    score, tau, dt)
 
-    # Per row (b, h), slots oldest first. n, I and starts are exact for the closed slots; the
-    # open slot m − 1 is tracked by nbase (its count before step t is t + nbase) and cur_I,
-    # and written back ("flushed") only at events (steps where some row opens a block) and at
-    # the end.
-    slot = torch.arange(K, device=dev)
-    m = m0.reshape(N).to(torch.int64).clone()
-    live = slot < m[:, None]
-    n = torch.where(live, n0.reshape(N, K).to(torch.int64), 0)
-    I = torch.where(live, I0.reshape(N, K).to(dt), 0.0)
-    starts = torch.where(live, slot - m[:, None], EMPTY)  # first member; initial slot i at i − m0
-    Z = Z0.reshape(N, Dk, Dv).to(dt).clone()
-    zz = zz0.reshape(N).to(dt).clone()
-    top = (m - 1).clamp(min=0)[:, None]
-    has_open = m > 0
-    # Start of the open block: the initial open block (Z0) sits before every chunk (−1);
-    # rows with m0 = 0 get theirs from their first token.
-    bstart = torch.full((N,), -1, dtype=torch.int64, device=dev)
-    nbase = torch.where(has_open, n.gather(1, top).squeeze(1), 0)
-    cur_I = torch.where(has_open, I.gather(1, top).squeeze(1), 0.0)
-    two = torch.full((N,), 2.0, dtype=dt, device=dev)
-    rows = torch.arange(N, device=dev)
-    token_score = score == "token"
+    # What needs no sequential state (the Gram, its suffix sums, ss) is computed for a group of
+    # chunks at once; per chunk remain the base term and the Z update, inside the scan.
+    n_chunks = -(-T // C)
+    per_group = max(1, _GROUP_ELEMENTS // (N * C * (C + 1)))
+    for g0 in range(0, n_chunks, per_group):
+        ng = min(per_group, n_chunks - g0)
+        t0, t1 = g0 * C, min((g0 + ng) * C, T)
+        pad = (0, 0, 0, ng * C - (t1 - t0))
+        Kg = torch.nn.functional.pad(kh[:, t0:t1], pad).view(N, ng, C, Dk)
+        Vg = torch.nn.functional.pad(vh[:, t0:t1], pad).view(N, ng, C, Dv)
+        gram = torch.tril((Kg @ Kg.mT) * (Vg @ Vg.mT), diagonal=-1)  # [N, ng, C, C], s < t only
+        # suf[.., t, 1 + j] = Σ_{s=j}^{t−1} gram[t, s] (summed from t − 1 down: no cancellation);
+        # suf[.., t, 0] = the same from j = 0, plus the base term once the scan reaches the chunk.
+        suf = torch.empty(N, ng, C, C + 1, dtype=dt, device=dev)
+        suf[..., 1:] = gram.flip(-1).cumsum(-1).flip(-1)
+        suf[..., 0] = suf[..., 1]
+        ss = ((Kg * Kg).sum(-1) * (Vg * Vg).sum(-1)).permute(1, 2, 0).contiguous()  # [ng, C, N]
+        # The scan: tiny ops, and GEMMs too small to gain from threads, whose fork and join can
+        # cost milliseconds each on a busy machine.
+        with _one_intra_op_thread():
+            for ci in range(ng):
+                c0 = (g0 + ci) * C
+                c1 = min(c0 + C, T)
+                scan.chunk(c0, kh[:, c0:c1], vh[:, c0:c1], suf[:, ci], ss[ci])
+    return scan.result(B, H)
 
-    # the level map: (starts, m) snapshots at events, and each step's snapshot index
-    snaps_starts, snaps_m, snap_of = [starts], [m], []
 
-    def flush(t: int, n, I):
-        at_open = slot == (m - 1)[:, None]
-        n = torch.where(at_open, (nbase + t)[:, None], n)
-        I = torch.where(at_open, cur_I[:, None], I)
-        return n, I
+class _DlaScan:
+    """The sequential part of `dla` segmentation, one row per (b, h), slots oldest first.
 
-    for c0 in range(0, T, C):
-        c1 = min(c0 + C, T)
-        Cc = c1 - c0
-        Kc, Vc = kh[:, c0:c1], vh[:, c0:c1]
-        base = ((Kc @ Z) * Vc).sum(-1)  # [N, Cc]: k_tᵀ Z v_t against the block content at c0
-        gram = torch.tril((Kc @ Kc.mT) * (Vc @ Vc.mT), diagonal=-1)  # [N, Cc, Cc], s < t only
-        # suf[:, t, 1 + j] = Σ_{s=j}^{t−1} gram[t, s] (summed from t − 1 down: no cancellation);
-        # suf[:, t, 0] adds the base term, for a block opened before the chunk.
-        suf = gram.flip(-1).cumsum(-1).flip(-1)
-        suf = torch.cat([(base + suf[..., 0])[..., None], suf], dim=-1).reshape(-1)  # flat [N·Cc·(Cc+1)]
-        ss_c = ((Kc * Kc).sum(-1) * (Vc * Vc).sum(-1)).T.contiguous()  # [Cc, N]
-        # flat index of suf[:, j, col] = row_base + col + j·(Cc + 1), col = 1 + block start − c0 or 0
-        row_offset = rows * (Cc * (Cc + 1))
-        row_base = row_offset + (bstart - (c0 - 1)).clamp(min=0)
-        for t in range(c0, c1):
-            j = t - c0
-            c = suf.take(row_base + j * (Cc + 1))
-            ss = ss_c[j]
-            if token_score:
-                denom = (ss * zz).clamp_(min=0).sqrt_().clamp_(min=EPS)
-                info = torch.addcdiv(two, c, denom, value=-2).clamp_(min=0).sqrt_()
+    `n`, `I` and `starts` (first member of each slot; the initial slot i at pseudo-position
+    i − m0) are exact for the closed slots. The open slot m − 1 is carried by `nbase` (its count
+    before step t is t + nbase) and `cur_I`, and written back only at *events* — steps where
+    some row opens a block — and at the end. `Z` is the open block's content at the current
+    chunk's start, `zz` its squared norm (by the update rule), `bstart` its first position
+    (−1 for the initial open block). Each event snapshots `(starts, m)`; `snap_of[t]` names
+    the snapshot that holds after step t."""
+
+    def __init__(self, n0, I0, m0, Z0, zz0, score: str, tau: float, dt):
+        N, K = n0.shape
+        dev = n0.device
+        self.K, self.tau, self.dt, self.token_score = K, tau, dt, score == "token"
+        self.slot = torch.arange(K, device=dev)
+        self.rows = torch.arange(N, device=dev)
+        self.m = m0.to(torch.int64).clone()
+        live = self.slot < self.m[:, None]
+        self.n = torch.where(live, n0.to(torch.int64), 0)
+        self.I = torch.where(live, I0.to(dt), 0.0)
+        self.starts = torch.where(live, self.slot - self.m[:, None], EMPTY)
+        self.Z = Z0.to(dt).clone()
+        self.zz = zz0.to(dt).clone()
+        top = (self.m - 1).clamp(min=0)[:, None]
+        has_open = self.m > 0
+        self.bstart = torch.full((N,), -1, dtype=torch.int64, device=dev)
+        self.nbase = torch.where(has_open, self.n.gather(1, top).squeeze(1), 0)
+        self.cur_I = torch.where(has_open, self.I.gather(1, top).squeeze(1), 0.0)
+        self.two = torch.full((N,), 2.0, dtype=dt, device=dev)
+        self.snaps_starts, self.snaps_m, self.snap_of = [self.starts], [self.m], []
+
+    def flush(self, t: int) -> None:
+        """Write the open slot's count and information (through step t − 1) back."""
+        at_open = self.slot == (self.m - 1)[:, None]
+        self.n = torch.where(at_open, (self.nbase + t)[:, None], self.n)
+        self.I = torch.where(at_open, self.cur_I[:, None], self.I)
+
+    def chunk(self, c0: int, Kc: Tensor, Vc: Tensor, suf: Tensor, ss: Tensor) -> None:
+        """Steps c0 .. c0 + Cc − 1. `suf [N, C, C + 1]` holds the chunk's Gram suffix sums
+        (column 0 without the base term yet), `ss [C, N]` its ‖k‖²‖v‖²."""
+        N, Cc, Dv = Vc.shape
+        C = suf.shape[-2]
+        # k_tᵀ Z v_t, Z the block content at c0 (row dots as a batch of 1×1 products: a
+        # reduction this size would fork threads)
+        base = torch.bmm((Kc @ self.Z).view(N * Cc, 1, Dv), Vc.reshape(N * Cc, Dv, 1)).view(N, Cc)
+        suf[:, :Cc, 0] += base
+        suf_flat = suf.reshape(-1)  # a copy when suf is a strided view: taken after the base term
+        # flat index of suf[row, j, col] = row_base + j·(C + 1), col = 1 + block start − c0, or 0
+        row_offset = self.rows * (C * (C + 1))
+        row_base = row_offset + (self.bstart - (c0 - 1)).clamp(min=0)
+        m, zz, cur_I = self.m, self.zz, self.cur_I
+        K, slot = self.K, self.slot
+        for j in range(Cc):
+            t = c0 + j
+            c = suf_flat.take(row_base + j * (C + 1))
+            s = ss[j]
+            if self.token_score:
+                denom = (s * zz).clamp_(min=0).sqrt_().clamp_(min=EPS)
+                info = torch.addcdiv(self.two, c, denom, value=-2).clamp_(min=0).sqrt_()
             else:
-                info = _state_information(c, ss, zz)
-            opens = info >= tau
+                info = _state_information(c, s, zz)
+            opens = info >= self.tau
             if t == 0:
                 first = m == 0  # the first token of a sequence opens the first slot, unscored
                 opens = opens | first
                 info = info.masked_fill(first, 0.0)
             if not bool(opens.any()):  # every row absorbs t into its open block
                 cur_I.add_(info)
-                zz.add_(c, alpha=2).add_(ss)
-                snap_of.append(len(snaps_m) - 1)
+                zz.add_(c, alpha=2).add_(s)
+                self.snap_of.append(len(self.snaps_m) - 1)
                 continue
-            n, I = flush(t, n, I)
+            self.m, self.cur_I = m, cur_I
+            self.flush(t)
             full = opens & (m == K)
             if bool(full.any()):
-                n, I, starts = _capacity_merge(n, I, starts, full, slot)
+                self.n, self.I, self.starts = _capacity_merge(self.n, self.I, self.starts, full, slot)
                 m = m - full.long()
             m = m + opens
-            starts = starts.masked_fill((slot == (m - 1)[:, None]) & opens[:, None], t)
+            self.starts = self.starts.masked_fill((slot == (m - 1)[:, None]) & opens[:, None], t)
             cur_I = torch.where(opens, info, cur_I + info)
-            zz = torch.where(opens, ss, torch.add(zz, c, alpha=2).add_(ss))
-            bstart = bstart.masked_fill(opens, t)
-            nbase = nbase.masked_fill(opens, -t)
+            zz = torch.where(opens, s, torch.add(zz, c, alpha=2).add_(s))
+            self.bstart = self.bstart.masked_fill(opens, t)
+            self.nbase = self.nbase.masked_fill(opens, -t)
             row_base = torch.where(opens, row_offset + (j + 1), row_base)
-            snaps_starts.append(starts)
-            snaps_m.append(m)
-            snap_of.append(len(snaps_m) - 1)
+            self.snaps_starts.append(self.starts)
+            self.snaps_m.append(m)
+            self.snap_of.append(len(self.snaps_m) - 1)
+        self.m, self.zz, self.cur_I = m, zz, cur_I
         # Z at the chunk end: restart where a block opened inside the chunk, then add the open
-        # block's tokens of this chunk (one masked GEMM).
-        in_block = (torch.arange(c0, c1, device=dev)[None, :] >= bstart[:, None]).to(dt)  # [N, Cc]
-        Z = torch.where((bstart >= c0)[:, None, None], 0.0, Z) + (Kc * in_block[..., None]).mT @ Vc
-    n, I = flush(T, n, I)
+        # block's tokens of this chunk (one masked GEMM)
+        in_block = (torch.arange(c0, c0 + Cc, device=Kc.device)[None, :] >= self.bstart[:, None]).to(self.dt)
+        kept = self.Z.masked_fill((self.bstart >= c0)[:, None, None], 0.0)
+        self.Z = torch.baddbmm(kept, (Kc * in_block[..., None]).mT, Vc)
 
-    # rank r is the oldest-first slot m − 1 − r
-    which = torch.tensor(snap_of, dtype=torch.int64, device=dev)
-    start_rows = torch.stack(snaps_starts)[which]  # [T, N, K]
-    m_rows = torch.stack(snaps_m)[which]  # [T, N]
-    src = m_rows[..., None] - 1 - slot
-    level_start = torch.where(src >= 0, start_rows.gather(-1, src.clamp(min=0)), EMPTY)
-    level_start = level_start.to(torch.int32).reshape(T, B, H, K).permute(1, 0, 2, 3).contiguous()
-    return (level_start, n.reshape(B, H, K), I.reshape(B, H, K), m.reshape(B, H),
-            Z.reshape(B, H, Dk, Dv).contiguous(), zz.reshape(B, H))
+    def result(self, B: int, H: int):
+        T = len(self.snap_of)
+        self.flush(T)
+        K, slot = self.K, self.slot
+        which = torch.tensor(self.snap_of, dtype=torch.int64, device=slot.device)
+        start_rows = torch.stack(self.snaps_starts)[which]  # [T, N, K] oldest first
+        m_rows = torch.stack(self.snaps_m)[which]  # [T, N]
+        src = m_rows[..., None] - 1 - slot  # rank r is the oldest-first slot m − 1 − r
+        level_start = torch.where(src >= 0, start_rows.gather(-1, src.clamp(min=0)), EMPTY)
+        level_start = level_start.to(torch.int32).reshape(T, B, H, K).permute(1, 0, 2, 3).contiguous()
+        Dk, Dv = self.Z.shape[-2:]
+        return (level_start, self.n.reshape(B, H, K), self.I.reshape(B, H, K), self.m.reshape(B, H),
+                self.Z.reshape(B, H, Dk, Dv).contiguous(), self.zz.reshape(B, H))
+
+
+@contextmanager
+def _one_intra_op_thread():
+    """Run the block with one intra-op thread, restoring the caller's count after. The lock keeps
+    concurrent callers from restoring each other's settings; other threads' ops meanwhile also
+    run on one thread (the setting is process-wide for MKL)."""
+    with _THREADS_LOCK:
+        previous = torch.get_num_threads()
+        if previous == 1:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 def _state_information(c: Tensor, ss: Tensor, zz: Tensor) -> Tensor:
