@@ -1,18 +1,20 @@
 """CPU kernel of `dla::segment` (SCHEMAS.md): the level map and the final segmentation state.
 
 * `dla` (SPEC §2, §3): chunked boundary detection. Per chunk of `C` tokens, batched over
-  `B·H`: the Gram `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)`, the base term `rowsum((K_c Z) ⊙ V_c)` against the
-  open-block content `Z` at the chunk start, `ss_t = ‖k_t‖²‖v_t‖²`, and suffix sums of the
-  strictly lower Gram rows. The sequential part loops over the chunk's tokens in Python,
-  vectorised over `B·H`: `c_t = [block opened before the chunk]·base_t + Σ_{s = max(block
-  start, chunk start)}^{t−1} Gram[t, s]` is one lookup in those sums (no `Dk×Dv` work per
-  token), then the score. A step where no row opens a block only accumulates the open block's
-  `I` and `zz`; on an *event* (some row opens) the open slot is written back, full rows run the
-  capacity merge scan (masks over the `K` slots), and the slot starts and live counts are
-  snapshotted; each step's level-map row is gathered from its snapshot at the end. `Z` is
-  brought to the chunk end by one masked GEMM (it restarts at a boundary); `zz` is carried by
-  its update rule. Decisions are computed in the state dtype (float32 for float32 inputs,
-  float64 for float64), `ε = 1e-12`, radicands clamped at 0.
+  `B·H`: the Gram `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)` with suffix sums of its strictly lower rows and
+  `ss_t = ‖k_t‖²‖v_t‖²` (both computed ahead for a group of chunks), and the base term
+  `rowsum((K_c Z) ⊙ V_c)` against the open-block content `Z` at the chunk start. The
+  sequential part loops over the chunk's tokens in Python, vectorised over `B·H`:
+  `c_t = [block opened before the chunk]·base_t + Σ_{s = max(block start, chunk start)}^{t−1}
+  Gram[t, s]` is one lookup in those sums (no `Dk×Dv` work per token), then the score. A step
+  where no row opens a block only accumulates the open block's `I` and `zz`; at an *event*
+  (some row opens) the open slot is written back, full rows run the capacity merge scan
+  (masks over the `K` slots), and the slot starts and live counts are snapshotted; each
+  step's level-map row is gathered from its snapshot at the end. `Z` is brought to the chunk
+  end by one masked GEMM (it restarts at a boundary); `zz` is carried by its update rule.
+  Decisions are computed in the state dtype (float32 for float32 inputs, float64 for float64),
+  `ε = 1e-12`, radicands clamped at 0; the state score's `1 − cos` is evaluated in a
+  cancellation-free form (`_state_information`). The scan runs on one intra-op thread.
 * `fenwick` and `single`: closed form, vectorised, no token loop.
 
 The kernel reads tensor values freely (it is opaque to the compiler), returns fresh tensors
