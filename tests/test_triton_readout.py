@@ -8,15 +8,17 @@ encodes; the reference re-derives the identical map from the same float64 `k, v`
 decision margin is involved. Outputs are allocated by `torch.empty`; the tests poison it with
 NaN so that an element a kernel forgets to write shows.
 
-`@pytest.mark.gpu` tests run on CUDA (`pytest -m gpu`) with long sequences and production head
-sizes against the chunked torch path (`dla.ops.readout`) in float64 on the same device, on
-synthetic level maps (a random merge process for `dla`, the closed forms for `fenwick` and
-`single`).
+On a GPU machine (`pytest -m gpu`) the same tests run on CUDA tensors, and further ones with long
+sequences and production head sizes compare against the chunked torch path (`dla.ops.readout`)
+in float64 on the device, on synthetic level maps (a random merge process for `dla`, the closed
+forms for `fenwick` and `single`), in float32 and bfloat16. A compile test pushes every kernel
+through Triton's GPU compiler and ptxas for sm_90 on any machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import replace
 
 import pytest
@@ -101,7 +103,10 @@ def setup(case: Case, initial: bool):
     seg = segment_naive(t["k"], t["v"], levels=K, policy=case.policy, tau=case.tau, score=case.score,
                         initial_state=state)
     level_start = encode_level_map(seg.level, seg.initial_level, m0)
-    S0 = to_rank_order(state.S, m0) if state is not None else torch.zeros(B, H, K, case.dk, case.dv, dtype=torch.float64)
+    if state is not None:
+        S0 = to_rank_order(state.S, m0)
+    else:
+        S0 = torch.zeros(B, H, K, case.dk, case.dv, dtype=torch.float64)
     return case, t, state, level_start, S0, live
 
 
@@ -127,21 +132,34 @@ def reference(case: Case, t: dict, state, *, grads=None):
     return result
 
 
-def f32(x):
-    return None if x is None else x.to(torch.float32)
+def f32(x, device="cpu"):
+    return None if x is None else x.to(device=device, dtype=torch.float32)
 
 
-def triton_args(case: Case, t: dict, level_start, S0):
-    return (f32(t["q"]), f32(t["k"]), f32(t["v"]), f32(t["lam"]), f32(t["g"]), None, level_start, f32(S0),
-            case.dk**-0.5, 16)
+def triton_args(case: Case, t: dict, level_start, S0, device="cpu"):
+    return (*(f32(t[n], device) for n in ("q", "k", "v", "lam", "g")), None, level_start.to(device),
+            f32(S0, device), case.dk**-0.5, 16)
+
+
+def cpu(xs):
+    return [x.cpu() for x in xs]
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICES = [  # CPU tensors run through the interpreter; on a GPU machine the same tests run on CUDA
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        INTERPRETING or not torch.cuda.is_available(), reason="needs CUDA (and the interpreter off)")]),
+]
 
 
 # --------------------------------------------------------------------------------------------
-# CPU: the interpreter against the materialized form
+# Against the materialized form: tiny shapes, float32, ieee dots
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=10)
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=6)
 @given(cases(), st.booleans())
 @example(Case(length=1, levels=2, policy="dla", transition="g", tau=0.6, **EDGE), True)  # T = 1
 @example(Case(length=32, levels=3, policy="fenwick", transition="none", tau=0.6, **EDGE), False)  # T = 2 tiles
@@ -149,10 +167,10 @@ def triton_args(case: Case, t: dict, level_start, S0):
 @example(Case(length=33, levels=2, policy="dla", transition="none", tau=0.0, **EDGE), True)  # full from the start
 @example(Case(length=30, levels=4, policy="dla", transition="g", tau=10.0, **EDGE), True)  # all merged
 @example(Case(length=37, levels=4, policy="single", transition="g", tau=0.6, **EDGE), True)
-def test_forward_matches_materialized(case: Case, initial: bool):
+def test_forward_matches_materialized(device, case: Case, initial: bool):
     case, t, state, level_start, S0, _ = setup(case, initial)
     with poisoned_empty():
-        o, S = readout_forward_triton(*triton_args(case, t, level_start, S0))
+        o, S = cpu(readout_forward_triton(*triton_args(case, t, level_start, S0, device)))
     o_ref, S_ref = reference(case, t, state)
     assert o.dtype == torch.float32 and S.dtype == torch.float32
     assert o.shape == o_ref.shape and S.shape == S_ref.shape
@@ -161,19 +179,22 @@ def test_forward_matches_materialized(case: Case, initial: bool):
     assert relative_error(S, S_ref) <= TOL32
 
 
-@settings(max_examples=8)
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=6)
 @given(cases(max_length=36), st.booleans())
 @example(Case(length=1, levels=2, policy="single", transition="g", tau=0.6, **EDGE), True)
 @example(Case(length=35, levels=3, policy="dla", transition="g", tau=0.6, **EDGE), True)
 @example(Case(length=21, levels=6, policy="fenwick", transition="g", tau=0.6, **EDGE), True)
 @example(Case(length=18, levels=18, policy="dla", transition="none", tau=0.0, **EDGE), False)
-def test_backward_matches_materialized(case: Case, initial: bool):
+def test_backward_matches_materialized(device, case: Case, initial: bool):
     case, t, state, level_start, S0, live = setup(case, initial)
     gen = torch.Generator().manual_seed(case.seed + 3)
     do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=gen, dtype=torch.float64)
     dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64)
     with poisoned_empty():
-        dq, dk, dv, dlam, dg, dbeta, dS0 = readout_backward_triton(f32(do), f32(dS), *triton_args(case, t, level_start, S0))
+        args = triton_args(case, t, level_start, S0, device)
+        grads = readout_backward_triton(f32(do, device), f32(dS, device), *args)
+    dq, dk, dv, dlam, dg, dbeta, dS0 = cpu(grads)
     ref = reference(case, t, state, grads=(do, dS))
     got = dict(q=dq, k=dk, v=dv, lam=dlam, g=dg)
     for name in ref:
@@ -192,17 +213,44 @@ def test_backward_matches_materialized(case: Case, initial: bool):
         # so their (zero) states get a gradient there: compare live non-empty slots
         mask = live[..., None, None]
         assert relative_error(torch.where(mask, dS0, 0.0), torch.where(mask, ref["S0"], 0.0)) <= TOL32
-    else:  # no initial slot is in the map: only the final-state carry of nothing, zero
+    else:  # no position of the map is an initial slot
         assert torch.equal(dS0, torch.zeros_like(dS0))
 
 
-def test_missing_cotangents_and_expanded_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("unrolled", [1, 6])
+def test_levels_beyond_the_unrolled_ones(device, unrolled, monkeypatch):
+    """The levels a row meets in a tile go to the unrolled key loop (first NL) or to the EXTRA
+    pass (the rest): every split gives the same result. τ = 0 makes every token a slot, so rows
+    meet many levels per tile."""
+    import dla.ops.triton.readout_masked as kernels
+
+    config = kernels._config
+    monkeypatch.setattr(kernels, "_config", lambda dk, dv: {**config(dk, dv), "NL": unrolled})
+    case = Case(length=24, levels=6, policy="dla", transition="g", tau=0.0, **EDGE)
+    case, t, state, level_start, S0, live = setup(case, True)
+    args = triton_args(case, t, level_start, S0, device)
+    o, S = cpu(readout_forward_triton(*args))
+    o_ref, S_ref = reference(case, t, state)
+    assert relative_error(o, o_ref) <= TOL32 and relative_error(S, S_ref) <= TOL32
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    dS = torch.randn(S.shape, generator=gen, dtype=torch.float64)
+    grads = cpu(readout_backward_triton(f32(do, device), f32(dS, device), *args))
+    ref = reference(case, t, state, grads=(do, dS))
+    for name, got in zip(("q", "k", "v", "lam", "g"), grads):
+        assert relative_error(got, ref[name]) <= TOL32, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_missing_cotangents_and_expanded_gradients(device):
     """`do`/`dS` may be None (zero) or arrive expanded with stride 0."""
-    case, t, _, level_start, S0, _ = setup(Case(length=19, levels=3, policy="dla", transition="g", tau=0.6, **EDGE), True)
-    args = triton_args(case, t, level_start, S0)
+    case = Case(length=19, levels=3, policy="dla", transition="g", tau=0.6, **EDGE)
+    case, t, _, level_start, S0, _ = setup(case, True)
+    args = triton_args(case, t, level_start, S0, device)
     B, T, H, Dv = case.batch, case.length, case.heads, case.dv
-    do = torch.ones(1, 1, 1, 1).expand(B, T, H, Dv)
-    dS = torch.ones(1, 1, 1, 1, 1).expand(S0.shape)
+    do = torch.ones(1, 1, 1, 1, device=device).expand(B, T, H, Dv)
+    dS = torch.ones(1, 1, 1, 1, 1, device=device).expand(S0.shape)
     expanded = readout_backward_triton(do, dS, *args)
     dense = readout_backward_triton(do.contiguous(), dS.contiguous(), *args)
     for a, b in zip(expanded, dense):
@@ -215,17 +263,21 @@ def test_missing_cotangents_and_expanded_gradients():
     assert all(torch.equal(x, torch.zeros_like(x)) for x in zero)
 
 
-def test_empty_sequence_returns_the_initial_state():
-    case, t, _, level_start, S0, _ = setup(Case(length=4, levels=3, policy="dla", transition="g", tau=0.6, **EDGE), True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sequence_returns_the_initial_state(device):
+    case = Case(length=4, levels=3, policy="dla", transition="g", tau=0.6, **EDGE)
+    case, t, _, level_start, S0, _ = setup(case, True)
     empty = {n: (x[:, :0] if x is not None else None) for n, x in t.items()}
-    o, S = readout_forward_triton(*triton_args(case, empty, level_start[:, :0], S0))
-    assert o.shape == (1, 0, 2, case.dv) and torch.equal(S, f32(S0))
-    grads = readout_backward_triton(torch.zeros(1, 0, 2, case.dv), f32(S0), *triton_args(case, empty, level_start[:, :0], S0))
-    assert torch.equal(grads[-1], f32(S0)) and grads[0].shape == (1, 0, 2, case.dk)
+    args = triton_args(case, empty, level_start[:, :0], S0, device)
+    o, S = readout_forward_triton(*args)
+    assert o.shape == (1, 0, 2, case.dv) and torch.equal(S.cpu(), f32(S0))
+    grads = readout_backward_triton(torch.zeros(1, 0, 2, case.dv, device=device), f32(S0, device), *args)
+    assert torch.equal(grads[-1].cpu(), f32(S0)) and grads[0].shape == (1, 0, 2, case.dk)
 
 
-def test_rejects_beta_and_float64():
-    case, t, _, level_start, S0, _ = setup(Case(length=3, levels=2, policy="single", transition="none", tau=0.6, **EDGE), False)
+def test_rejects_beta_float64_and_unknown_precision():
+    case = Case(length=3, levels=2, policy="single", transition="none", tau=0.6, **EDGE)
+    case, t, _, level_start, S0, _ = setup(case, False)
     args = list(triton_args(case, t, level_start, S0))
     with_beta = list(args)
     with_beta[5] = torch.full((1, 3, 2), 0.5)
@@ -236,6 +288,18 @@ def test_rejects_beta_and_float64():
     doubles = [t["q"], t["k"], t["v"], t["lam"]] + args[4:]
     with pytest.raises(TypeError, match="float64"):
         readout_forward_triton(*doubles)
+    with pytest.raises(ValueError, match="input_precision"):
+        readout_forward_triton(*args, input_precision="fp32")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_dots_stay_within_the_tf32_tolerance(device):
+    """SPEC §6: ≤ 1e-3 with TF32 dots (under the interpreter they are float32)."""
+    case = Case(length=20, levels=4, policy="dla", transition="g", tau=0.6, **EDGE)
+    case, t, state, level_start, S0, _ = setup(case, True)
+    o, S = cpu(readout_forward_triton(*triton_args(case, t, level_start, S0, device), input_precision="tf32"))
+    o_ref, S_ref = reference(case, t, state)
+    assert relative_error(o, o_ref) <= 1e-3 and relative_error(S, S_ref) <= 1e-3
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +406,8 @@ def test_synthetic_maps_are_consistent():
     T, K = 23, 6
     k = torch.randn(1, T, 1, 2, dtype=torch.float64)
     seg = segment_naive(k, k, levels=K, policy="fenwick")
-    assert torch.equal(fenwick_map(1, T, 1, K), encode_level_map(seg.level, seg.initial_level, torch.zeros(1, 1, dtype=torch.long)))
+    encoded = encode_level_map(seg.level, seg.initial_level, torch.zeros(1, 1, dtype=torch.long))
+    assert torch.equal(fenwick_map(1, T, 1, K), encoded)
     m0 = 2
     ls = dla_map(2, 40, 1, 4, m0, 0.3, seed=1)
     level, initial = dense_level_map(ls, torch.full((2, 1), m0))
@@ -393,7 +458,8 @@ def gpu_inputs(policy, T, Dk, Dv, K, has_g, initial, B=1, H=2, seed=0):
 
 
 def cast(t: dict, dtype):
-    return {n: (x.to(dtype) if x is not None and n != "g" else (x.float() if x is not None else None)) for n, x in t.items()}
+    """q, k, v, λ in `dtype`, g in float32 (as gates usually are)."""
+    return {n: None if x is None else x.float() if n == "g" else x.to(dtype) for n, x in t.items()}
 
 
 @pytest.mark.gpu
@@ -420,7 +486,8 @@ def test_gpu_matches_chunked_float64(policy, T, Dk, Dv, K, has_g, initial, dtype
         o, S = readout_forward_triton(*args)
         grads = readout_backward_triton(do_x, dS.float(), *args)
     names = ("dq", "dk", "dv", "dlam", "dg", "dbeta", "dS0")
-    outs = dict(o=(o, o_ref), S=(S, S_ref), **{n: (a, b) for n, a, b in zip(names, grads, grads_ref) if n != "dbeta" and (n != "dg" or has_g)})
+    outs = dict(o=(o, o_ref), S=(S, S_ref))
+    outs.update({n: (a, b) for n, a, b in zip(names, grads, grads_ref) if n != "dbeta" and (n != "dg" or has_g)})
     if dtype == torch.float32:
         for name, (a, b) in outs.items():
             assert torch.isfinite(a).all(), name
@@ -428,8 +495,8 @@ def test_gpu_matches_chunked_float64(policy, T, Dk, Dv, K, has_g, initial, dtype
         return
     # bf16: ≤ 2e-2, and at most twice the error of the torch chunked path on the same bf16
     # inputs (SPEC §6); its outputs are rounded to the inputs' dtype like ours
-    o_t, S_t = readout_forward(x["q"], x["k"], x["v"], x["lam"], x["g"], None, ls, S0.float(), scale, 64)
-    grads_t = readout_backward(do_x, dS.float(), x["q"], x["k"], x["v"], x["lam"], x["g"], None, ls, S0.float(), scale, 64)
+    o_t, S_t = readout_forward(*args)
+    grads_t = readout_backward(do_x, dS.float(), *args)
     torch_outs = dict(o=o_t, S=S_t, **dict(zip(names, grads_t)))
     for name, (a, b) in outs.items():
         assert torch.isfinite(a).all(), name

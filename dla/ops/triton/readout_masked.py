@@ -35,20 +35,20 @@ Backward, with `dP = dO Vᵀ`, `dA = dP ⊙ Λ`, `u_t = scale · exp(G_t)`, `X_{
 
 Kernels. The quadratic ones: `_fwd_kernel` (query tiles: `o`), `_bwd_dq_kernel` (query tiles:
 `dq`, `dλ`, row part of `dG`), `_bwd_dkv_kernel` (key tiles: `dk`, `dv`, column part of `dG`).
-The state ones: `_fwd_initial_kernel` and `_bwd_initial_kernel` (the initial slots' terms, into
-float32 buffers that the quadratic kernels start their accumulators from), `_state_kernel` (one
-program per level and `Dv` tile: `S`, reading only that level's token range),
-`_bwd_final_kernel` (the final states' terms of `dk`, `dv`, `dG`), `_bwd_ds0_kernel` (one program
-per initial slot and `Dv` tile: `dS0`).
+The state ones write float32 buffers that the quadratic kernels start their accumulators from:
+`_fwd_initial_kernel` and `_bwd_initial_kernel` (the initial slots' terms), `_bwd_final_kernel`
+(the final states' terms of `dk`, `dv`, `dG`); and `_state_kernel` (one program per level and
+`Dv` tile: `S`, reading only that level's token range), `_bwd_ds0_kernel` (one program per
+initial slot and `Dv` tile: `dS0`).
 
-Levels in a tile. Row `t` of a `[BT, BS]` tile sees the levels `ℓ_t(s_first)` down to
-`ℓ_t(min(t, s_last))`, each on its exact range — usually one or two (a tile far from the
-diagonal holds one level for `fenwick` and `single`, and for `dla` a level per segment it
-overlaps). The key loop applies the first `NL` of them per row, unrolled (`NL` fixed by the
-config table; a loop inside would stop Triton from pipelining the key loop), and tracks whether
-a row needed more; only then a second pass over the tiles adds the remaining levels. Cost
-`(T/2)(Dk + Dv)` per query and pass, plus `K·Dk·Dv` per token for the initial slots when a call
-carries a state.
+Levels in a tile. Row `t` of a `[BT, BS]` tile meets the levels `ℓ_t(s_first)` down to
+`ℓ_t(min(t, s_last))`, each on its exact range — usually one or two (a tile off the diagonal
+holds one level for `fenwick` and `single`, and for `dla` one per segment it overlaps). The
+key loop applies the first `NL` of them per row, unrolled: a loop inside would stop Triton from
+pipelining the key loop. Each quadratic kernel is launched twice: first with `EXTRA`, which adds
+the levels beyond `NL` of the tiles that have any into the float32 buffers (and does little
+else), then the main pass. Cost `(T/2)(Dk + Dv)` per query and pass, plus `K·Dk·Dv` per token
+for the initial slots when a call carries a state.
 
 Numerics: `G` is the float64 cumsum split into float32 `hi + lo`, and every `G_t − G_s` is
 formed as `(hi_t − hi_r) + (lo_t − lo_r)` against a tile reference `r`, so decays keep float32
@@ -774,14 +774,17 @@ def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, s
     return "tf32", "tf32"
 
 
-def _check(name: str, q: Tensor, beta: Tensor | None) -> None:
+def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, input_precision: str | None) -> None:
     if beta is not None:
         raise NotImplementedError(f"{name}: beta (the delta rule) is not implemented in Triton yet (issue #5)")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
+    if input_precision not in (None, "ieee", "tf32", "tf32x3"):
+        raise ValueError(f"{name}: input_precision must be None, 'ieee', 'tf32' or 'tf32x3', got {input_precision!r}")
     B, T, H, Dk = q.shape
-    if T * H * max(Dk, 16) >= 2**31:
-        raise ValueError(f"{name}: T·H·Dk = {T * H * Dk} must stay below 2**31 (int32 offsets per batch element)")
+    width = max(Dk, v.shape[-1], lam.shape[-1])
+    if T * H * width >= 2**31:
+        raise ValueError(f"{name}: T·H·max(Dk, Dv, K) = {T * H * width} must stay below 2**31 (int32 offsets)")
 
 
 class _Prepared:
@@ -792,8 +795,6 @@ class _Prepared:
         self.q, self.k, self.v, self.lam = (x.contiguous() for x in (q, k, v, lam))
         self.B, self.T, self.H, self.dk = q.shape
         self.dv, self.L = v.shape[-1], lam.shape[-1]
-        if self.T * self.H * max(self.dv, self.L) >= 2**31:
-            raise ValueError("readout_triton: T·H·max(Dv, K) must stay below 2**31 (int32 offsets per batch element)")
         self.N = self.B * self.H
         self.S0 = S0.to(torch.float32).contiguous()
         self.cm = torch.cummin(level_start.contiguous(), dim=-1).values.to(torch.int32).contiguous()
@@ -835,7 +836,7 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
                            *, input_precision: str | None = None) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] float32)`; see the module doc.
     `chunk_size` is accepted for schema parity (the quadratic form has no chunks)."""
-    _check("readout_forward_triton", q, beta)
+    _check("readout_forward_triton", q, v, lam, beta, input_precision)
     x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
     B, T, H, L, N, dv = x.B, x.T, x.H, x.L, x.N, x.dv
     if T == 0:
@@ -860,7 +861,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
                             *, input_precision: str | None = None):
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg`/`dbeta` are
     float32 zeros `[B,T,H]` when `g`/`beta` is absent. `do` or `dS` may be None (zero)."""
-    _check("readout_backward_triton", q, beta)
+    _check("readout_backward_triton", q, v, lam, beta, input_precision)
     x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
     B, T, H, L, N, dk, dv = x.B, x.T, x.H, x.L, x.N, x.dk, x.dv
     dev, f32 = q.device, torch.float32
