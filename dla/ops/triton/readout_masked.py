@@ -900,8 +900,8 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     dS0, carry = x.empty(B, H, L, dk, dv), x.empty(N, L, nv)
     _bwd_ds0_kernel[(L, N, nv)](x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, dS0, carry, T, H, scale, **m)
 
-    if g is not None:
-        dG = dg_row + dg_col
+    if g is not None:  # dG, then dg_u = Σ_{t≥u} dG_t (in float64: T terms of either sign)
+        dG = dg_row.double() + dg_col
         dG[:, -1] += fin.sum(1) + carry.sum((1, 2)).view(B, H)
         dg = dG.flip(1).cumsum(1).flip(1).to(g.dtype)
     else:
