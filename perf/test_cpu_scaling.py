@@ -1,0 +1,84 @@
+"""The chunked CPU path is linear in T (issue #3): forward+backward time and peak memory at
+B = 2, H = 4, Dk = Dv = 64, K = 32 on piecewise-stationary inputs grow by at most 2.3× per
+doubling of T over T = 512 … 4096. Times come from pytest-benchmark in this run, as process
+CPU time on one thread (wall-clock ratios on a shared 2-core machine move with its other load);
+peak memory from a fresh subprocess per T (the high-water mark of its resident set above what it held
+once libraries were loaded by a tiny warm-up call and the inputs were built)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dla.ops import multistate_attention
+from perf.inputs import layer_inputs
+
+LENGTHS = (512, 1024, 2048, 4096)
+SHAPE = dict(batch=2, heads=4, dk=64, dv=64, levels=32)
+GROWTH_BOUND = 2.3
+_times: dict[int, float] = {}
+
+
+def fwd_bwd(t: dict) -> None:
+    xs = {n: (x.detach().requires_grad_() if n in ("q", "k", "v", "lam") else x) for n, x in t.items()}
+    o = multistate_attention(xs["q"], xs["k"], xs["v"], xs["lam"], g=xs["g"], chunk_size=64)
+    o.sum().backward()
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.benchmark(group="cpu-scaling", timer=time.process_time)
+@pytest.mark.parametrize("length", LENGTHS)
+def test_forward_backward_time(benchmark, one_thread, length):
+    t = layer_inputs(SHAPE["batch"], length, SHAPE["heads"], SHAPE["dk"], SHAPE["dv"], SHAPE["levels"])
+    benchmark.pedantic(fwd_bwd, args=(t,), rounds=5, iterations=1, warmup_rounds=1)
+    _times[length] = benchmark.stats.stats.min  # interference only adds time: the minimum is the cost
+
+
+def test_time_grows_linearly():
+    assert set(_times) == set(LENGTHS), "run the whole module: the ratios need every length"
+    ratios = [_times[b] / _times[a] for a, b in zip(LENGTHS, LENGTHS[1:])]
+    print("fwd+bwd min CPU s:", {n: round(_times[n], 4) for n in LENGTHS}, "growth per doubling:", ratios)
+    assert max(ratios) <= GROWTH_BOUND, ratios
+
+
+PEAK_SCRIPT = r"""
+import json, os, resource, sys, torch
+torch.set_num_threads(1)
+from perf.inputs import layer_inputs
+from perf.test_cpu_scaling import SHAPE, fwd_bwd
+fwd_bwd(layer_inputs(1, 64, 1, SHAPE["dk"], SHAPE["dv"], SHAPE["levels"]))  # load libraries; a tiny high-water mark
+t = layer_inputs(SHAPE["batch"], int(sys.argv[1]), SHAPE["heads"], SHAPE["dk"], SHAPE["dv"], SHAPE["levels"])
+with open("/proc/self/statm") as f:
+    resident_kib = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+fwd_bwd(t)
+peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"kib": peak_kib - resident_kib}))
+"""
+
+
+def test_peak_memory_grows_linearly():
+    peaks = {}
+    for length in LENGTHS:
+        # a fixed mmap threshold gives every tensor buffer its own mapping, returned on free, so the
+        # resident set follows live tensors instead of glibc's adaptive heap
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(length)], capture_output=True, text=True,
+                             check=True, env=env)
+        peaks[length] = json.loads(out.stdout.strip().splitlines()[-1])["kib"]
+    ratios = [peaks[b] / max(peaks[a], 1) for a, b in zip(LENGTHS, LENGTHS[1:])]
+    print("peak fwd+bwd KiB above inputs:", peaks, "growth per doubling:", ratios)
+    assert all(p > 0 for p in peaks.values()), peaks
+    assert max(ratios) <= GROWTH_BOUND, ratios
