@@ -57,7 +57,7 @@ class TrainConfig:
 
 # Training defaults by preset, beside the model presets of `dla.model.config.PRESETS`.
 TRAIN_PRESETS: dict[str, dict] = {
-    "tiny": dict(steps=300, batch_size=16, lr=3e-3, warmup=30),
+    "tiny": dict(steps=200, batch_size=16, lr=5e-3, warmup=20),
     "small": dict(steps=5000, batch_size=32, lr=1.5e-3, warmup=250),
     "base": dict(steps=20000, batch_size=32, lr=6e-4, warmup=1000),
     "paper": dict(steps=50000, batch_size=64, lr=3e-4, warmup=2000),

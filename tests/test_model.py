@@ -188,7 +188,7 @@ def _compile_counter():
     return CompileCounterWithBackend("aot_eager")
 
 
-@pytest.mark.parametrize("backbone", ["attention"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_training_step_compiles_to_one_graph(backbone):
     """Forward and loss in one fullgraph frame, backward by AOT autograd; a second batch of the
     same shape runs without recompiling."""
