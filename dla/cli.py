@@ -22,6 +22,10 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _relative(lower: float) -> str:
+    return f"{lower:.1%} lower" if lower >= 0 else f"{-lower:.1%} higher"
+
+
 def _add_train(sub) -> None:
     from dla.model.config import BACKBONES, POLICIES, PRESETS
 
@@ -93,7 +97,7 @@ def _train(args) -> int:
         return 1
     lower = 1 - result["heldout_bpb"] / result["unigram_bpb"]
     print(f"held-out bits per byte: {result['heldout_bpb']:.3f} (model, {result['heldout_tokens']:,} bytes)  vs  "
-          f"{result['unigram_bpb']:.3f} (unigram byte model fitted on the training split): {lower:.1%} lower")
+          f"{result['unigram_bpb']:.3f} (unigram byte model fitted on the training split): {_relative(lower)}")
     print(f"loss plot: {result['plot']}")
     print(f"checkpoint: {result['checkpoint']}  ({result['train_s']:.0f} s of training)")
     return 0
@@ -113,7 +117,7 @@ def _eval(args) -> int:
         print(f"{result['checkpoint']} ({result['backbone']}/{result['policy']}, step {result['step']}): "
               f"held-out loss {result['heldout_loss']:.4f} nats, {result['heldout_bpb']:.3f} bits per byte "
               f"over {result['heldout_tokens']:,} bytes; unigram byte model {result['unigram_bpb']:.3f} "
-              f"({lower:.1%} lower)")
+              f"({_relative(lower)})")
     return 0
 
 
