@@ -197,6 +197,11 @@ def test_opcheck_readout(transition):
     do, dS = torch.randn(1, 9, 2, 2), torch.randn(1, 2, 4, 3, 2)
     plain = [x.detach() if x is not None else None for x in xs]
     torch.library.opcheck(torch.ops.dla.readout_backward.default, (do, dS, *plain, starts, S0.detach(), 0.5, 4))
+    # inputs as models hand them over (views of wider projections): gradients still contiguous
+    wide = torch.randn(1, 9, 2, 8)
+    strided = [wide[..., :3], wide[..., 3:6]] + plain[2:]
+    assert not strided[0].is_contiguous()
+    torch.library.opcheck(torch.ops.dla.readout_backward.default, (do, dS, *strided, starts, S0.detach(), 0.5, 4))
 
 
 # ---------------------------------------------------------------------------- compile
