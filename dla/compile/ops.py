@@ -39,23 +39,27 @@ def _segment_fake(k, v, n0, I0, m0, Z0, zz0, step0, levels, policy, score, tau, 
     B, T, H, _ = k.shape
     return (
         k.new_empty(B, T, H, levels, dtype=torch.int32),
-        n0.new_empty(n0.shape), I0.new_empty(I0.shape), m0.new_empty(m0.shape), Z0.new_empty(Z0.shape),
-        zz0.new_empty(zz0.shape),
+        *(_contiguous_like(x) for x in (n0, I0, m0, Z0, zz0)),
     )
 
 
 def _readout_fake(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
-    return v.new_empty(q.shape[:3] + v.shape[3:], dtype=q.dtype), S0.new_empty(S0.shape)
+    return torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device), _contiguous_like(S0)
+
+
+def _contiguous_like(x: Tensor, **kw) -> Tensor:
+    """A contiguous tensor of x's shape (`empty_like` would copy a view's strides)."""
+    return torch.empty(x.shape, **{"dtype": x.dtype, "device": x.device, **kw})
 
 
 def _gate_grad_like(x: Tensor | None, like: Tensor) -> Tensor:
-    return x.new_empty(x.shape) if x is not None else like.new_empty(like.shape[:3], dtype=torch.float32)
+    return _contiguous_like(x) if x is not None else torch.empty(like.shape[:3], dtype=torch.float32, device=like.device)
 
 
 def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
     # the kernels return contiguous gradients whatever the inputs' strides: so must the fake
-    return tuple(x.new_empty(x.shape) for x in (q, k, v, lam)) + (
-        _gate_grad_like(g, q), _gate_grad_like(beta, q), S0.new_empty(S0.shape))
+    return tuple(_contiguous_like(x) for x in (q, k, v, lam)) + (
+        _gate_grad_like(g, q), _gate_grad_like(beta, q), _contiguous_like(S0))
 
 
 def register_ops(namespace: str, kernels: dict[str, dict[str, Callable]]):
