@@ -1,6 +1,11 @@
 import os
+import tempfile
 
 import torch
+
+# A fresh Inductor cache per test session: its FX-graph cache key does not cover the custom ops'
+# fake rules, so graphs cached by an older checkout could hide a changed rule.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dla-inductor-"))
 
 # Without a GPU, Triton kernels run through the interpreter; it must be on before any kernel
 # module is imported.
