@@ -60,8 +60,8 @@ def segment(
         T = k.shape[1]
         if policy == "fenwick":
             check_fenwick_levels(levels, step0, T)
-            return _segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels)
-        return _segment_single(k, v, n0, m0, Z0, zz0, levels)
+            return segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels)
+        return segment_single(k, v, n0, m0, Z0, zz0, levels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +281,9 @@ def _untouched_dla_fields(I_like: Tensor, Z0: Tensor, zz0: Tensor, dt):
     return torch.zeros(I_like.shape, dtype=dt, device=I_like.device), Z0.to(dt).clone(), zz0.to(dt).clone()
 
 
-def _segment_fenwick(k, v, n0, m0, Z0, zz0, step0, L: int):
-    """Level ℓ ≥ 1 at absolute position p holds [(p>>ℓ)<<ℓ, ((p>>ℓ)<<ℓ) + 2^(ℓ−1)) iff bit ℓ−1 of p
+def segment_fenwick(k, v, n0, m0, Z0, zz0, step0, L: int):
+    """Closed form in plain torch on any device (the Triton launcher uses it too).
+    Level ℓ ≥ 1 at absolute position p holds [(p>>ℓ)<<ℓ, ((p>>ℓ)<<ℓ) + 2^(ℓ−1)) iff bit ℓ−1 of p
     is set; level 0 holds p. An initial cache (slot i = level K−1−i at time step0 − 1, at
     pseudo-position −1 − level) is folded in: a level reaching back before step0 starts at the
     oldest non-empty initial bucket it contains."""
@@ -327,7 +328,7 @@ def _segment_fenwick(k, v, n0, m0, Z0, zz0, step0, L: int):
     return level_start, n, I, m, Z, zz
 
 
-def _segment_single(k, v, n0, m0, Z0, zz0, L: int):
+def segment_single(k, v, n0, m0, Z0, zz0, L: int):
     """Everything at rank 0: from the oldest non-empty initial slot (position i − m0) or token 0."""
     B, T, H, _ = k.shape
     dev, dt, K = k.device, state_dtype(k.dtype), L

@@ -55,6 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dla.ops.levels import EMPTY
+from dla.ops.segment import segment_fenwick, segment_single
 from dla.ops.state import state_dtype
 from dla.ops.validation import check_fenwick_levels
 
@@ -486,70 +487,6 @@ def segment_dla(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Te
     return level_start, n, I, m, Z.contiguous(), zz.contiguous()
 
 
-def _bit_length(x: Tensor) -> Tensor:
-    """bitlen of non-negative int64 values below 2**53 (exact through float64's exponent)."""
-    return torch.frexp(x.to(torch.float64)).exponent.to(torch.int64)
-
-
-def _passthrough(n: Tensor, Z0: Tensor, zz0: Tensor, dt):
-    """I, Z, zz for `fenwick` and `single`: I zero, Z and zz those of the initial state."""
-    return torch.zeros(n.shape, dtype=dt, device=n.device), Z0.to(dt).clone(), zz0.to(dt).clone()
-
-
-def segment_fenwick(k: Tensor, n0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, step0: Tensor, levels: int):
-    """Closed form. At absolute position p = step0 + t, level ℓ ≥ 1 holds
-    [(p>>ℓ)<<ℓ, ((p>>ℓ)<<ℓ) + 2^(ℓ−1)) iff bit ℓ−1 of p is set, level 0 holds p. An initial cache
-    (slot i = level K−1−i at time step0 − 1, pseudo-position −1 − level) is folded in: a level
-    reaching back before step0 starts at the oldest non-empty initial bucket it contains."""
-    B, T, H, _ = k.shape
-    dev, dt, K = k.device, state_dtype(k.dtype), int(levels)
-    step = step0.to(device=dev, dtype=torch.int64)
-    lv = torch.arange(K, device=dev)
-    p = step[:, None] + torch.arange(T, device=dev)  # [B, T]
-    lo = (p[..., None] >> lv) << lv  # [B, T, K]
-    half = 1 << (lv - 1).clamp(min=0)
-    bit = ((p[..., None] >> (lv - 1).clamp(min=0)) & 1) == 1
-    first = torch.maximum(lo, step[:, None, None])  # first token of this call in the level
-    has = bit & (first < lo + half) & (lv >= 1)
-    tok_start = torch.where(has, first - step[:, None, None], EMPTY)
-    tok_start[..., 0] = torch.arange(T, device=dev)
-    count = torch.where(has, lo + half - first, 0)
-    count[..., 0] = 1
-    slot = torch.arange(K, device=dev)
-    ell = K - 1 - slot
-    rep = ((step - 1).clamp(min=0)[:, None] >> ell) << ell  # [B, K] a member of initial bucket ℓ
-    init_level = _bit_length(p[..., None] ^ rep[:, None, :])  # [B, T, K]
-    valid = (slot < m0[..., None]) & (n0 > 0)  # [B, H, K]
-    where = torch.where(valid[:, :, None, :], init_level[:, None], K)  # [B, H, T, K]; K = nowhere
-    init_start = torch.full((B, H, T, K + 1), EMPTY, dtype=torch.int64, device=dev)
-    init_start.scatter_reduce_(-1, where, (-1 - ell).expand(B, H, T, K), reduce="amin")
-    level_start = torch.minimum(init_start[..., :K], tok_start[:, None])
-    level_start = level_start.to(torch.int32).permute(0, 2, 1, 3).contiguous()
-    carried = torch.zeros(B, H, K + 1, dtype=torch.int64, device=dev)
-    carried.scatter_add_(-1, where[:, :, -1], torch.where(valid, n0.to(torch.int64), 0))
-    n = (count[:, -1][:, None] + carried[..., :K]).flip(-1).contiguous()  # slot i = level K − 1 − i
-    m = torch.full((B, H), K, dtype=torch.int64, device=dev)
-    I, Z, zz = _passthrough(n, Z0, zz0, dt)
-    return level_start, n, I, m, Z, zz
-
-
-def segment_single(k: Tensor, n0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, levels: int):
-    """Closed form: everything at rank 0, from the oldest non-empty initial slot (position
-    i − m0) or from token 0."""
-    B, T, H, _ = k.shape
-    dev, dt, K = k.device, state_dtype(k.dtype), int(levels)
-    slot = torch.arange(K, device=dev)
-    valid = (slot < m0[..., None]) & (n0 > 0)
-    oldest = torch.where(valid, slot - m0[..., None], 0).amin(-1)  # [B, H]
-    level_start = torch.full((B, T, H, K), EMPTY, dtype=torch.int32, device=dev)
-    level_start[..., 0] = oldest[:, None, :].to(torch.int32)
-    n = torch.zeros(B, H, K, dtype=torch.int64, device=dev)
-    n[..., 0] = T + torch.where(valid, n0.to(torch.int64), 0).sum(-1)
-    m = torch.ones(B, H, dtype=torch.int64, device=dev)
-    I, Z, zz = _passthrough(n, Z0, zz0, dt)
-    return level_start, n, I, m, Z, zz
-
-
 def segment_triton(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor,
                    step0: Tensor, levels: int, policy: str, score: str, tau: float, chunk_size: int):
     """`dla::segment` on the GPU: `(level_start [B,T,H,L] int32, n [B,H,K] int64, I [B,H,K],
@@ -568,5 +505,5 @@ def segment_triton(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0:
             return segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size))
         if policy == "fenwick":
             check_fenwick_levels(levels, step0, k.shape[1])
-            return segment_fenwick(k, n0, m0, Z0, zz0, step0, levels)
-        return segment_single(k, n0, m0, Z0, zz0, levels)
+            return segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels)
+        return segment_single(k, v, n0, m0, Z0, zz0, levels)
