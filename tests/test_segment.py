@@ -24,15 +24,11 @@ import dla.ops.segment as segment_module
 from dla.ops.segment import segment
 from dla.ops.state import MultiStateCache, empty_cache, state_dtype
 from dla.synthetic import piecewise_stationary
-from tests.strategies import DELTA, fenwick_levels, relative_error
+from tests.strategies import DELTA, I_TOL, fenwick_levels, relative_error
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Relative tolerances of Z and zz against the float64 oracle.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-# I per slot: |I − I_ref| ≤ rtol·|I_ref| + atol·n. I_t = √(2 − 2cos) near cos = 1 turns cos's
-# rounding ε into √ε, per token (float32 ≈ 1e-3, float64 ≈ 5e-8); the decisions built on I
-# are compared exactly.
-I_TOL = {torch.float64: (1e-10, 1e-7), torch.float32: (1e-4, 1e-3)}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from dla.ops.levels import EMPTY
 from dla.ops.state import state_dtype
-from dla.ops.validation import check_fenwick_levels
+from dla.ops.validation import check_fenwick_levels, check_segment_options
 
 EPS = 1e-12  # SPEC §2: floor of every cosine denominator
 _GROUP_ELEMENTS = 1 << 22  # chunks whose suffix sums are computed together (≈ 16 MiB in float32)
@@ -46,14 +46,7 @@ def segment(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`(level_start [B,T,H,L] int32, n [B,H,K] int64, I [B,H,K], m [B,H] int64, Z [B,H,Dk,Dv],
     zz [B,H])`, floats in the state dtype; see SCHEMAS.md for the encoding."""
-    if policy not in ("dla", "fenwick", "single"):
-        raise ValueError(f"policy must be one of ['dla', 'fenwick', 'single'], got {policy!r}")
-    if score not in ("token", "state"):
-        raise ValueError(f"score must be one of ['token', 'state'], got {score!r}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if policy == "dla" and levels < 2:
-        raise ValueError(f"policy 'dla' needs levels (capacity K) >= 2, got {levels}")
+    check_segment_options(levels, policy, score, chunk_size)
     with torch.no_grad():
         if policy == "dla":
             return _segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size))

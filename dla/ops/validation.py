@@ -123,6 +123,19 @@ def _validate_state(state, B, H, K, Dk, Dv, q: Tensor) -> None:
             raise ValueError(f"initial_state.{field} is on {x.device} but q is on {q.device}")
 
 
+def check_segment_options(levels: int, policy: str, score: str, chunk_size: int) -> None:
+    """The options a segmentation kernel receives, checked again at the op boundary (an op can be
+    called directly, without `validate`)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if policy == "dla" and levels < 2:
+        raise ValueError(f"policy 'dla' needs levels (capacity K) >= 2, got {levels}")
+
+
 def check_fenwick_levels(levels: int, step: Tensor, length: int) -> None:
     """`fenwick` with a carried `step` needs `L > bitlen(step + T − 1)`; reads `step`, so it
     runs inside the segmentation op, never in traced code."""

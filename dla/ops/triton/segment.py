@@ -57,7 +57,7 @@ from torch import Tensor
 from dla.ops.levels import EMPTY
 from dla.ops.segment import segment_fenwick, segment_single
 from dla.ops.state import state_dtype
-from dla.ops.validation import check_fenwick_levels
+from dla.ops.validation import check_fenwick_levels, check_segment_options
 
 EPS = 1e-12  # SPEC §2: floor of every cosine denominator
 _EPS = tl.constexpr(EPS)  # (kernels may read only constexpr globals)
@@ -491,12 +491,7 @@ def segment_triton(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0:
                    step0: Tensor, levels: int, policy: str, score: str, tau: float, chunk_size: int):
     """`dla::segment` on the GPU: `(level_start [B,T,H,L] int32, n [B,H,K] int64, I [B,H,K],
     m [B,H] int64, Z [B,H,Dk,Dv], zz [B,H])`, floats in the state dtype (SCHEMAS.md)."""
-    if policy not in ("dla", "fenwick", "single"):
-        raise ValueError(f"policy must be one of ['dla', 'fenwick', 'single'], got {policy!r}")
-    if score not in ("token", "state"):
-        raise ValueError(f"score must be one of ['token', 'state'], got {score!r}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_segment_options(levels, policy, score, chunk_size)
     with torch.no_grad():
         k, v = k.detach().contiguous(), v.detach().contiguous()
         n0, I0, m0 = n0.contiguous(), I0.contiguous(), m0.contiguous()
