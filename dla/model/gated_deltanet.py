@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dla.model.cache import RecurrentCache
 from dla.model.config import ModelConfig
 from dla.model.layers import GatedRMSNorm, MultiState, ShortConv, dt_bias_init
 
@@ -47,3 +48,23 @@ class DLAGatedDeltaNet(nn.Module):
         beta = torch.sigmoid(self.b_proj(u).float())
         o = self.multistate(u, q, k, v, g=g, beta=beta)
         return self.o_proj(self.norm(o.flatten(-2), self.g_proj(u)))
+
+    def forward_cached(self, u: Tensor, cache: RecurrentCache, pos: Tensor) -> tuple[Tensor, RecurrentCache]:
+        """`forward` continued from `cache` (the tokens before `u`); returns the new cache."""
+        H = self.heads
+        q, q_state = self.q_conv.forward_cached(self.q_proj(u), cache.conv[0])
+        k, k_state = self.k_conv.forward_cached(self.k_proj(u), cache.conv[1])
+        v, v_state = self.v_conv.forward_cached(self.v_proj(u), cache.conv[2])
+        q = F.normalize(q.unflatten(-1, (H, self.dk)), dim=-1)
+        k = F.normalize(k.unflatten(-1, (H, self.dk)), dim=-1)
+        v = v.unflatten(-1, (H, self.dv))
+        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(u).float() + self.dt_bias)
+        beta = torch.sigmoid(self.b_proj(u).float())
+        o, state = self.multistate(u, q, k, v, g=g, beta=beta, state=cache.state)
+        out = self.o_proj(self.norm(o.flatten(-2), self.g_proj(u)))
+        return out, RecurrentCache(conv=(q_state, k_state, v_state), state=state)
+
+    def empty_cache(self, batch: int, *, max_len: int, dtype: torch.dtype, device) -> RecurrentCache:
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        return RecurrentCache(conv=tuple(c.empty_state(batch, dtype=dtype, device=device) for c in convs),
+                              state=self.multistate.empty_state(batch, dtype=dtype, device=device))

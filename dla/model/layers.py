@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from dla.model.config import ModelConfig
 from dla.ops import multistate_attention
+from dla.ops.state import MultiStateCache, empty_cache
 
 
 class GatedRMSNorm(nn.Module):
@@ -45,6 +46,18 @@ class ShortConv(nn.Module):
         T = x.shape[1]
         return F.silu(self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2))
 
+    def forward_cached(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """The same convolution continued from `state [B, size − 1, C]`, the inputs before
+        `x` (zeros at the start of a sequence, which is the zero padding of `forward`).
+        Returns the output and the last `size − 1` inputs; the state keeps its dtype."""
+        window = torch.cat((state.to(x.dtype), x), dim=1)
+        y = F.conv1d(window.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.groups)
+        # contiguous, so the cache keeps one layout from step to step (a compiled step guards on strides)
+        return F.silu(y.transpose(1, 2)), window[:, x.shape[1]:].to(state.dtype).contiguous()
+
+    def empty_state(self, batch: int, *, dtype: torch.dtype, device) -> Tensor:
+        return torch.zeros(batch, self.conv.kernel_size[0] - 1, self.conv.in_channels, dtype=dtype, device=device)
+
 
 class LevelWeights(nn.Module):
     """λ_t = softplus(L_h ⊙ (W_λ x_t)): per head and level, `L_h` initialised to ones as in
@@ -70,20 +83,28 @@ class MultiState(nn.Module):
         self.lam = LevelWeights(cfg.d_model, heads, cfg.levels) if cfg.policy != "single" else None
 
     def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None,
-                beta: Tensor | None = None, scale: float | None = None) -> Tensor:
+                beta: Tensor | None = None, scale: float | None = None,
+                state: MultiStateCache | None = None) -> Tensor | tuple[Tensor, MultiStateCache]:
         """x [B, T, d_model] (the mixer's input); q, k [B, T, H, Dk]; v [B, T, H, Dv];
-        g, beta [B, T, H] → o [B, T, H, Dv] in v's dtype."""
+        g, beta [B, T, H] → o [B, T, H, Dv] in v's dtype. Given the recurrent `state` (the
+        cache after the tokens before `x`), returns `(o, state after x)`."""
         dtype = v.dtype
         if self.lam is None:
             lam = torch.ones(*v.shape[:3], 1, dtype=dtype, device=v.device)
         else:
             lam = self.lam(x).to(dtype)
         cfg = self.cfg
+        cached = {} if state is None else dict(initial_state=state, output_final_state=True)
         return multistate_attention(
             q.to(dtype), k.to(dtype), v, lam,
             g=None if g is None else g.float(), beta=None if beta is None else beta.float(),
-            policy=cfg.policy, tau=cfg.tau, score=cfg.score, scale=scale, chunk_size=cfg.chunk_size,
+            policy=cfg.policy, tau=cfg.tau, score=cfg.score, scale=scale, chunk_size=cfg.chunk_size, **cached,
         )
+
+    def empty_state(self, batch: int, *, dtype: torch.dtype, device) -> MultiStateCache:
+        """The operator's cache before the first token, for activations of `dtype`."""
+        cfg = self.cfg
+        return empty_cache(batch, self.heads, cfg.levels, cfg.head_dim, cfg.head_dim_v, dtype=dtype, device=device)
 
 
 class SwiGLU(nn.Module):
@@ -101,6 +122,14 @@ def rotary_table(length: int, dim: int, base: float = 10000.0) -> tuple[Tensor, 
     """cos, sin [length, dim / 2] for RoPE on pairs (x[..., :dim/2], x[..., dim/2:])."""
     inv = base ** (-torch.arange(0, dim // 2, dtype=torch.float64) * 2 / dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotary_at(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """`rotary_table` rows at `positions [T]` (int64), computed the same way, so decoding
+    needs no table and is not bounded by its length."""
+    inv = base ** (-torch.arange(0, dim // 2, dtype=torch.float64, device=positions.device) * 2 / dim)
+    angles = positions.to(torch.float64)[:, None] * inv
     return angles.cos().float(), angles.sin().float()
 
 

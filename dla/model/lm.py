@@ -1,5 +1,8 @@
 """Causal language model: token embedding, pre-norm blocks (mixer, SwiGLU MLP), final norm,
-head tied to the embedding. Shapes: `idx, targets [B, T]` int64 with `T ≤ seq_len`."""
+head tied to the embedding. Shapes: `idx, targets [B, T]` int64 with `T ≤ seq_len`.
+
+Generation runs the same blocks over a fixed-shape cache (`dla.model.cache`): `prefill` takes a
+prompt, `step` one token per call."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dla.model.attention import SoftmaxAttention
+from dla.model.cache import LMCache
 from dla.model.config import ModelConfig
 from dla.model.gated_deltanet import DLAGatedDeltaNet
 from dla.model.layers import SwiGLU
@@ -30,6 +34,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.mixer(self.mixer_norm(x))
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward_cached(self, x: Tensor, cache, pos: Tensor):
+        y, cache = self.mixer.forward_cached(self.mixer_norm(x), cache, pos)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class CausalLM(nn.Module):
@@ -56,6 +65,41 @@ class CausalLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return F.linear(self.norm(x), self.embed.weight)
+
+    def empty_cache(self, batch: int, *, max_len: int | None = None, dtype: torch.dtype | None = None,
+                    device=None) -> LMCache:
+        """The decode cache before the first token. `max_len` bounds the attention baseline's
+        key/value cache (default `seq_len`); the recurrent caches do not grow. `dtype` is the
+        activations' dtype (default: the parameters'; bfloat16 under CUDA autocast): recurrent
+        states follow the operator's rule (float32, or float64 for float64), convolution and
+        key/value caches take `dtype`."""
+        param = self.embed.weight
+        dtype = dtype or param.dtype
+        device = param.device if device is None else device
+        max_len = self.cfg.seq_len if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+        layers = tuple(block.mixer.empty_cache(batch, max_len=max_len, dtype=dtype, device=device)
+                       for block in self.blocks)
+        return LMCache(layers=layers, pos=torch.zeros((), dtype=torch.int64, device=device))
+
+    def prefill(self, idx: Tensor, cache: LMCache) -> tuple[Tensor, LMCache]:
+        """The forward of `idx [B, T]` continued from `cache`: logits [B, T, vocab] and the
+        cache after these tokens. From an empty cache the logits equal `forward(idx)` (up to
+        rounding; well-conditioned `dla` decisions, SPEC §2)."""
+        x = self.embed(idx)
+        layers = []
+        for block, layer in zip(self.blocks, cache.layers):
+            x, layer = block.forward_cached(x, layer, cache.pos)
+            layers.append(layer)
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return logits, LMCache(layers=tuple(layers), pos=cache.pos + idx.shape[1])
+
+    def step(self, token: Tensor, cache: LMCache) -> tuple[Tensor, LMCache]:
+        """One decode step: token [B] int64 → next-token logits [B, vocab] and the new cache.
+        Static shapes throughout, so it compiles once with `fullgraph=True`."""
+        logits, cache = self.prefill(token[:, None], cache)
+        return logits[:, 0], cache
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy in nats, float32."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dla.model.cache import RecurrentCache
 from dla.model.config import ModelConfig
 from dla.model.layers import GatedRMSNorm, MultiState, ShortConv, dt_bias_init
 
@@ -37,16 +38,35 @@ class DLAMamba2(nn.Module):
         self.multistate = MultiState(cfg, H)
 
     def forward(self, u: Tensor) -> Tensor:
+        return self._mix(u, None)
+
+    def forward_cached(self, u: Tensor, cache: RecurrentCache, pos: Tensor) -> tuple[Tensor, RecurrentCache]:
+        """`forward` continued from `cache` (the tokens before `u`); returns the new cache."""
+        return self._mix(u, cache)
+
+    def empty_cache(self, batch: int, *, max_len: int, dtype: torch.dtype, device) -> RecurrentCache:
+        return RecurrentCache(conv=(self.conv.empty_state(batch, dtype=dtype, device=device),),
+                              state=self.multistate.empty_state(batch, dtype=dtype, device=device))
+
+    def _mix(self, u: Tensor, cache: RecurrentCache | None):
         Bsz, T, _ = u.shape
         H, N, P = self.heads, self.state_size, self.head_width
         z, xBC, dt = self.in_proj(u).split([H * P, H * P + 2 * N, H], dim=-1)
-        x, B, C = self.conv(xBC).split([H * P, N, N], dim=-1)
+        if cache is None:
+            xBC = self.conv(xBC)
+        else:
+            xBC, conv = self.conv.forward_cached(xBC, cache.conv[0])
+        x, B, C = xBC.split([H * P, N, N], dim=-1)
         x = x.unflatten(-1, (H, P))
         dt = F.softplus(dt.float() + self.dt_bias)  # [B, T, H]
         g = -torch.exp(self.A_log.float()) * dt
         k = B[:, :, None, :].expand(Bsz, T, H, N)
         q = C[:, :, None, :].expand(Bsz, T, H, N)
         v = (x.float() * dt[..., None]).to(x.dtype)
-        o = self.multistate(u, q, k, v, g=g, scale=1.0)
+        if cache is None:
+            o = self.multistate(u, q, k, v, g=g, scale=1.0)
+        else:
+            o, state = self.multistate(u, q, k, v, g=g, scale=1.0, state=cache.state)
         y = o + x * self.D[:, None].to(x.dtype)
-        return self.out_proj(self.norm(y.flatten(-2), z))
+        out = self.out_proj(self.norm(y.flatten(-2), z))
+        return out if cache is None else (out, RecurrentCache(conv=(conv,), state=state))
