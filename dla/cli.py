@@ -46,13 +46,40 @@ def _add_train(sub) -> None:
     p.add_argument("--no-compile", action="store_true", help="run eagerly instead of torch.compile(fullgraph=True)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--dist-backend", choices=["nccl", "gloo"],
+                   help="under torchrun --nproc_per_node=N: the process-group backend (default nccl on CUDA, "
+                        "gloo on the CPU); the model is sharded with FSDP2, --batch-size is the global batch")
+
+
+# Task parameters of `dla eval --task T`: flag, field of the task's generator, type.
+_TASK_FLAGS = (("--seq-len", "seq_len", int), ("--pairs", "pairs", int), ("--vocab", "vocab", int),
+               ("--noise", "noise", int), ("--power-a", "power_a", float), ("--digits", "digits", int),
+               ("--depth", "depth", float), ("--needles", "needles", int), ("--key-len", "key_len", int),
+               ("--tokens", "tokens", int))
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="held-out loss and bits per byte of a checkpoint")
+    from dla.eval.tasks import TASKS
+
+    p = sub.add_parser("eval", help="score a checkpoint: held-out bits per byte (lm) or accuracy on a synthetic task")
     p.add_argument("--checkpoint", required=True, help="a run folder (the --out of dla train) or a checkpoint folder")
+    p.add_argument("--task", default="lm", choices=["lm", *TASKS],
+                   help="lm: held-out bits per byte (default); else accuracy on the task's query positions")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g = p.add_argument_group("synthetic tasks (defaults: the checkpoint's training task's, else the task's own)")
+    g.add_argument("--examples", type=int, help="evaluation sequences (default 512)")
+    g.add_argument("--batch-size", type=int, help="sequences per forward pass (default: about 65,536 tokens)")
+    g.add_argument("--seed", type=int, help="seed of the evaluation stream (default 0)")
+    for flag, field, kind in _TASK_FLAGS:
+        g.add_argument(flag, dest=f"task_{field}", type=kind, metavar=field.upper(),
+                       help=f"the task's {field} ({', '.join(n for n, c in TASKS.items() if field in _fields(c))})")
+
+
+def _fields(cls) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def _positive(name: str, value) -> None:
@@ -63,10 +90,14 @@ def _positive(name: str, value) -> None:
 def _train(args) -> int:
     from pathlib import Path
 
+    from dla import distributed
     from dla.model.config import preset
     from dla.train import TRAIN_PRESETS, NonFiniteLoss, TrainConfig, plan, train
 
+    # under torchrun every process meets the same errors: rank 0 alone reports them
+    report = distributed.is_main_process()
     try:
+        world = distributed.from_env(backend=args.dist_backend, device=args.device)
         for name in ("--steps", "--seq-len", "--batch-size", "--lr", "--checkpoint-every", "--eval-tokens"):
             _positive(name, getattr(args, name[2:].replace("-", "_")))
         if args.capacity is not None and args.policy == "dla" and args.capacity < 2:
@@ -84,17 +115,21 @@ def _train(args) -> int:
             data=None if args.data is None else str(Path(args.data).resolve()),
         )
         run = plan(model_cfg, train_cfg, args.out, resume=args.resume, compile=not args.no_compile,
-                   device=args.device, checkpoint_every=args.checkpoint_every)
+                   device=args.device, checkpoint_every=args.checkpoint_every, world=world)
     except ValueError as e:
-        return _fail(str(e))
+        return _fail(str(e)) if report else 2
     try:
-        result = train(run)
+        with distributed.process_group(world):
+            result = train(run)
     except NonFiniteLoss as e:
         from dla.checkpoint import has_checkpoint
 
         kept = "the last good checkpoint is kept" if has_checkpoint(run.out) else "no checkpoint was written before it"
-        print(f"dla: error: {e}; training stopped, {kept} in {run.out}", file=sys.stderr)
+        if report:
+            print(f"dla: error: {e}; training stopped, {kept} in {run.out}", file=sys.stderr)
         return 1
+    if not report:
+        return 0
     lower = 1 - result["heldout_bpb"] / result["unigram_bpb"]
     print(f"held-out bits per byte: {result['heldout_bpb']:.3f} (model, {result['heldout_tokens']:,} bytes)  vs  "
           f"{result['unigram_bpb']:.3f} (unigram byte model fitted on the training split): {_relative(lower)}")
@@ -103,9 +138,48 @@ def _train(args) -> int:
     return 0
 
 
+def _eval_task(args) -> int:
+    from dla.eval import evaluate_checkpoint_on_task
+    from dla.eval.tasks import task_fields
+
+    fields = task_fields(args.task)
+    params = {}
+    for flag, field, _ in _TASK_FLAGS:
+        value = getattr(args, f"task_{field}")
+        if value is None:
+            continue
+        if field not in fields:
+            return _fail(f"{flag} does not apply to --task {args.task} (it takes "
+                         f"{', '.join('--' + f.replace('_', '-') for f in fields)})")
+        params[field] = value
+    try:
+        _positive("--examples", args.examples)
+        _positive("--batch-size", args.batch_size)
+        if args.seed is not None and args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        result = evaluate_checkpoint_on_task(args.checkpoint, args.task, params, examples=args.examples or 512,
+                                             seed=args.seed or 0, batch_size=args.batch_size, device=args.device)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['checkpoint']} ({result['backbone']}/{result['policy']}, step {result['step']}): "
+              f"{result['task']} {json.dumps(result['params'])}: accuracy {result['accuracy']:.1%} over "
+              f"{result['queries']:,} query positions, all queries right in {result['exact_accuracy']:.1%} of "
+              f"{result['sequences']:,} sequences (chance {result['chance']:.1%})")
+    return 0
+
+
 def _eval(args) -> int:
     from dla.train import evaluate_checkpoint
 
+    if args.task != "lm":
+        return _eval_task(args)
+    given = [flag for flag, field, _ in _TASK_FLAGS if getattr(args, f"task_{field}") is not None]
+    given += [f"--{n.replace('_', '-')}" for n in ("examples", "batch_size", "seed") if getattr(args, n) is not None]
+    if given:
+        return _fail(f"{given[0]} does not apply to --task lm (it scores the checkpoint's held-out text)")
     try:
         result = evaluate_checkpoint(args.checkpoint, device=args.device)
     except ValueError as e:
@@ -121,12 +195,68 @@ def _eval(args) -> int:
     return 0
 
 
+def _add_experiment(sub) -> None:
+    p = sub.add_parser("experiment", help="train and evaluate a grid of models on synthetic tasks (a TOML file); "
+                                          "write results.json, results.md and results.png",
+                       description="Finished runs are kept and skipped when the command is repeated. Exit code 3: "
+                                   "--time-limit stopped the shard with runs left (repeat the command).")
+    p.add_argument("file", help="the experiment file, e.g. experiments/recall_grid.toml")
+    p.add_argument("--shard", help="I/N: run every N-th run starting at the I-th (1 <= I <= N)")
+    p.add_argument("--only", help="run only the runs whose id matches this glob (see --list)")
+    p.add_argument("--out", help="results folder (default: the file's `out`)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--time-limit", type=float, help="seconds: start no run that would end past this, judged by "
+                                                    "the longest run so far")
+    p.add_argument("--list", action="store_true", help="print the shard's runs and whether each is done; run nothing")
+    p.add_argument("--report", action="store_true", help="only rebuild the report from the finished runs")
+
+
+def _experiment(args) -> int:
+    import shlex
+
+    from dla.eval import experiment as ex
+    from dla.train import resolve_device
+
+    try:
+        exp = ex.load(args.file, out=args.out)
+        shard = ex.parse_shard(args.shard)
+        _positive("--time-limit", args.time_limit)
+        runs = ex.select(exp.runs, shard, args.only)
+        if not runs:
+            raise ValueError(f"--only {args.only}: matches no run of shard {shard[0]}/{shard[1]} (see --list)")
+        if args.list:
+            for run in runs:
+                done = ex.finished(run, exp.out)
+                print(f"{run.id}\t{'done' if done else 'to do'}\t{run.task.steps} steps")
+            return 0
+        if args.report:
+            report = ex.write_report(exp)
+        else:
+            device = resolve_device(args.device)
+            words = ["dla", "experiment", args.file]
+            for flag in ("shard", "only", "out", "device", "time_limit"):
+                if getattr(args, flag) is not None:
+                    words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            report = ex.run_experiment(exp, shard=shard, only=args.only, device=device, time_limit=args.time_limit,
+                                       command=shlex.join(words))
+    except ValueError as e:
+        return _fail(str(e))
+    done = len(exp.runs) - len(report["missing"])
+    print(f"{exp.name}: {done} of {len(exp.runs)} runs finished; "
+          + ", ".join(f"{k} {v}" for k, v in report["paths"].items()))
+    if report.get("left"):
+        print(f"{report['left']} runs of this shard are left (--time-limit): repeat the command to continue")
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="dla", description="Dynamic Linear Attention")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="segment a piecewise-stationary stream and check the readout against the reference")
     _add_train(sub)
     _add_eval(sub)
+    _add_experiment(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from dla.demo import main as demo
@@ -136,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "experiment":
+        return _experiment(args)
     return 2
 
 
