@@ -102,21 +102,19 @@ def _cuda_segment(*args):
 
 
 def _cuda_readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
-    if beta is not None:  # the delta-rule Triton kernels are issue #5; the torch chunked path runs on CUDA
-        from dla.ops.readout import readout_forward
-
-        return readout_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    from dla.ops.triton.readout_masked import readout_forward_triton
+    if beta is not None:  # the delta rule: chunked scan (dla/ops/triton/readout_delta.py)
+        from dla.ops.triton.readout_delta import readout_forward_triton
+    else:  # no β: the masked quadratic form
+        from dla.ops.triton.readout_masked import readout_forward_triton
 
     return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
 
 
 def _cuda_readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
     if beta is not None:
-        from dla.ops.readout import readout_backward
-
-        return readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    from dla.ops.triton.readout_masked import readout_backward_triton
+        from dla.ops.triton.readout_delta import readout_backward_triton
+    else:
+        from dla.ops.triton.readout_masked import readout_backward_triton
 
     return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
 

@@ -44,7 +44,8 @@ bound memory) with the torch code of `dla.ops.readout`, which this file calls on
 views (positions made chunk-relative), so both paths share one derivation.
 
 Numerics: chunk-local algebra in float32 (torch, IEEE); the scan's dots on float32 operands,
-`input_precision` `"ieee"` for float32 inputs (SPEC §6 tests) and `"tf32"` for 16-bit inputs.
+`input_precision` `"ieee"` for float32 inputs (SPEC §6 tests) and `"tf32"` for 16-bit inputs,
+except the recursions through `P_C` (`"tf32x3"`: their rounding compounds over chunks).
 float64 runs on the CPU path.
 """
 
@@ -72,7 +73,7 @@ __all__ = ["readout_forward_triton", "readout_backward_triton"]
 
 @triton.jit
 def _transition(SRC, DST, P, ET, V, EOLD, ETOK, rows, dk_, dv_, K: tl.constexpr, DK: tl.constexpr,
-                DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
     """DST[r'] = P_C · Σ_{r: e_r = r'} SRC[r] + Σ_{s: ε_s = r'} E_s v_sᵀ on this program's Dv
     tile (all K new slots written). e_r is non-decreasing in r (segments keep their order), so
     the old slots of one new slot are consecutive; the add is a read-modify-write all the same,
@@ -95,11 +96,11 @@ def _transition(SRC, DST, P, ET, V, EOLD, ETOK, rows, dk_, dv_, K: tl.constexpr,
     for r in range(0, K):
         e = tl.load(EOLD + r)
         if e != cur:
-            _flush(DST, P, run, cur, dk_, tile, m2, K, DK, DV, PREC)
+            _flush(DST, P, run, cur, dk_, tile, m2, K, DK, DV, PREC_P)
             run = tl.zeros([BK, BV], dtype=tl.float32)
             cur = e
         run += tl.load(SRC + r * DK * DV + tile, mask=m2 & (e < K), other=0.0)
-    _flush(DST, P, run, cur, dk_, tile, m2, K, DK, DV, PREC)
+    _flush(DST, P, run, cur, dk_, tile, m2, K, DK, DV, PREC_P)
     tl.debug_barrier()
 
 
@@ -118,7 +119,7 @@ def _flush(DST, P, run, cur, dk_, tile, m2, K: tl.constexpr, DK: tl.constexpr, D
 @triton.jit
 def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
                      K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
     """OI [N, NC·C, Dv] = Σ_r W[t,r] S_rᵀ Q̂_t per chunk; SO = the final slot states. Chunk c's
     start states are S0 (c = 0) or the previous chunk's output; the outputs alternate between
     TMP and SO so that the last chunk writes SO."""
@@ -160,14 +161,14 @@ def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
                 s = tl.load(src + r * DK * DV + tile, mask=m2, other=0.0)
                 acc += tl.dot(qh * w[:, None], s, input_precision=PREC)
         tl.store(OI + rows[:, None] * DV + dv_[None, :], acc, mask=dv_[None, :] < DV)
-        _transition(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, rows, dk_, dv_, K, DK, DV, BK, BV, PREC)
+        _transition(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, rows, dk_, dv_, K, DK, DV, BK, BV, PREC, PREC_P)
 
 
 @triton.jit
 def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0,
                      DQH, DW, DET, DVS, DP, NC, R,
                      K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
     """The reverse pass over chunks (module doc). CK [NSEG, N, K, Dk, Dv]: chunk-start states of
     the chunks c ≡ 0 mod R; SEG [R, N, K, Dk, Dv]: those of the segment being reversed (SEG[0],
     SEG[1] also serve the first forward walk). dS' alternates between DTMP and DS0 so that the
@@ -221,7 +222,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             dst = SEG + STRIDE
         else:
             dst = SEG
-        _transition(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, rows, dk_, dv_, K, DK, DV, BK, BV, PREC)
+        _transition(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, rows, dk_, dv_, K, DK, DV, BK, BV, PREC, PREC_P)
     c_last = NC - 1
     if c_last % R == 0:  # the last chunk starts a segment: its state is the walk's last output
         if c_last == 0:
@@ -248,7 +249,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             c = c_first + j - 1
             rows = c * C + tl.arange(0, C)
             _transition(SEG + (j - 1) * STRIDE, SEG + j * STRIDE, P + c * DK * DK, ET, V, EOLD + c * K, ETOK,
-                        rows, dk_, dv_, K, DK, DV, BK, BV, PREC)
+                        rows, dk_, dv_, K, DK, DV, BK, BV, PREC, PREC_P)
         for jj in range(0, n_in):
             j = n_in - 1 - jj
             c = c_first + j
@@ -290,7 +291,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             dp = tl.zeros([BK, BK], dtype=tl.float32)
             cur = tl.load(EOLD + c * K)
             dsc = tl.load(dsn + cur * DK * DV + tile, mask=m2 & (cur < K), other=0.0)
-            ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc, input_precision=PREC)
+            ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc, input_precision=PREC_P)
             run = tl.zeros([BK, BV], dtype=tl.float32)
             for r in range(0, K):
                 e = tl.load(EOLD + c * K + r)
@@ -300,7 +301,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
                     run = tl.zeros([BK, BV], dtype=tl.float32)
                     dsc = tl.load(dsn + cur * DK * DV + tile, mask=m2 & (cur < K), other=0.0)
                     ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc,
-                                  input_precision=PREC)
+                                  input_precision=PREC_P)
                 w = tl.load(W + rows * K + r)
                 s = tl.load(src + r * DK * DV + tile, mask=m2, other=0.0)
                 run += s
@@ -423,14 +424,21 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, in
         raise ValueError(f"{name}: T·H·max(Dk, Dv, K) must stay below 2**30 (int32 offsets)")
 
 
-def _precision(dtype: torch.dtype, input_precision: str | None) -> str:
-    return (input_precision or "ieee") if dtype == torch.float32 else (input_precision or "tf32")
+def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, str]:
+    """(precision of the scan's dots, precision of its recursions: P_C · S forward, P_Cᵀ · dS
+    backward). The recursions compound their rounding over the chunks (without `g` nothing
+    decays it), so with 16-bit inputs they take tf32x3 (about float32) unless told otherwise."""
+    if dtype == torch.float32:
+        prec = input_precision or "ieee"
+        return prec, prec
+    return input_precision or "tf32", input_precision or "tf32x3"
 
 
 def _launch_meta(x: _Chunked, input_precision: str | None, dtype: torch.dtype) -> tuple[dict, int]:
     cfg = _config(x.dk, x.dv, x.N)
     bv = cfg["BV"]
-    meta = dict(K=x.K, DK=x.dk, DV=x.dv, C=x.C, BK=_pow2(x.dk), BV=bv, PREC=_precision(dtype, input_precision),
+    prec, prec_p = _precisions(dtype, input_precision)
+    meta = dict(K=x.K, DK=x.dk, DV=x.dv, C=x.C, BK=_pow2(x.dk), BV=bv, PREC=prec, PREC_P=prec_p,
                 num_warps=cfg["num_warps"], num_stages=1)
     return meta, triton.cdiv(x.dv, bv)
 
