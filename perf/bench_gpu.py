@@ -9,7 +9,9 @@ Dk = Dv = 128, bf16: SDPA causal attention, fla's `chunk_simple_gla` (SSD) and
 `chunk_gated_delta_rule`, and `dla.ops.multistate_attention` for the Mamba-2 transition under
 the `single`, `fenwick` and `dla` (K = 16, 32) policies; segmentation alone on the benchmark
 inputs and on Gaussian (boundary-dense) inputs; peak memory of forward+backward; the readout's
-TFLOP/s by SPEC §3's count (4 passes × K·Dk·Dv multiply-adds per token and head). Writes
+TFLOP/s by SPEC §3's count (4 passes × K·Dk·Dv multiply-adds per token and head). The same
+for DLA-Gated DeltaNet (`β` and `g`, l2-normalised `q, k`: the delta-rule kernels) beside fla's
+`chunk_gated_delta_rule`, verified first like the Mamba-2 transition. Writes
 `bench_gpu.json` and `bench_gpu.md` to DIR and prints the table last.
 
 fla 0.6 refuses its gated backward on Hopper with Triton < 3.7.1 (fla issue #640, a Triton
@@ -106,11 +108,26 @@ def verify(length, levels, policy, backbone) -> dict:
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
 
-    names = ("dq", "dk", "dv", "dlam", "dg")
+    names = ("dq", "dk", "dv", "dlam", "dg", "dbeta")  # dbeta: zeros on both sides without β
     errs = {"o": rel(o, o_ref), "S": rel(S, S_ref), **{n: rel(a, b) for n, a, b in zip(names, grads, g_ref)}}
-    finite = all(torch.isfinite(x).all() for x in (o, S, *grads[:5]))
-    return {"policy": policy, "K": levels, "T": length, "errors": errs, "finite": bool(finite),
+    finite = all(torch.isfinite(x).all() for x in (o, S, *grads[:6]))
+    return {"policy": policy, "K": levels, "T": length, "backbone": backbone, "errors": errs, "finite": bool(finite),
             "ok": bool(finite and max(errs.values()) <= 2e-2)}
+
+
+def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: int) -> None:
+    """fwd, fwd+bwd, peak memory and readout TFLOP/s of one policy into `row` (`name_…`)."""
+    fwd, fwd_bwd = train_step(t, policy=policy)
+    try:
+        row[f"{name}_fwd"] = bench(lambda: fwd(), rep=rep)
+        row[f"{name}_fwd_bwd"] = bench(fwd_bwd, rep=rep)
+        row[f"{name}_peak_mb"] = peak_memory_mb(fwd_bwd)
+        flop = 4 * 2 * TOKENS * HEADS * levels * DIM * DIM
+        row[f"{name}_readout_tflops"] = flop / (row[f"{name}_fwd_bwd"] * 1e-3) / 1e12
+    except torch.OutOfMemoryError as exc:
+        row[f"{name}_error"] = f"OOM: {exc}"[:200]
+    del t, fwd, fwd_bwd
+    torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -129,6 +146,10 @@ def main() -> int:
 
     for policy, levels in (("single", 16), ("fenwick", 16), ("dla", 16), ("dla", 32)):
         r = verify(2048, levels, policy, "mamba2")
+        results["verify"].append(r)
+        print("verify", r)
+    for policy, levels in (("single", 2), ("fenwick", 16), ("dla", 16), ("dla", 32)):  # the delta-rule kernels
+        r = verify(2048, levels, policy, "gdn")
         results["verify"].append(r)
         print("verify", r)
 
@@ -168,6 +189,9 @@ def main() -> int:
                 row[f"{name}_error"] = f"OOM: {exc}"[:200]
             del t
             torch.cuda.empty_cache()
+        for name, policy, levels in (("gdn_single", "single", 2), ("gdn_fenwick", "fenwick", fenwick_levels),
+                                     ("gdn_dla16", "dla", 16), ("gdn_dla32", "dla", 32)):
+            time_policy(row, name, inputs(length, levels, "gdn"), policy, levels, rep)
         for kind, dense in (("seg_piecewise", False), ("seg_gaussian", True)):
             t = inputs(length, 32, "mamba2", boundary_dense=dense)
             row[f"{kind}_ms"] = bench(lambda: level_map(t["k"], t["v"], capacity=32), rep=rep)
@@ -200,10 +224,24 @@ def render(results) -> str:
             f(r.get("fenwick_fwd_bwd")), f(d16), f(d32), f(d16 / ssd if d16 and ssd else None),
             f(d32 / ssd if d32 and ssd else None), share,
             f"{f(r.get('single_peak_mb'))} / {f(r.get('dla32_peak_mb'))}", f(r.get("dla32_readout_tflops"))]) + " |")
+    lines += ["", "DLA-Gated DeltaNet (β and g: dla/ops/triton/readout_delta.py) beside fla's chunk_gated_delta_rule "
+              "(l2-normalised q, k), same shapes; targets K=16 ≤ 3×, K=32 ≤ 4× fla GDN, peak ≤ 2× single:", "",
+              "| T | fla GDN | single | fenwick | DLA K=16 | DLA K=32 | K=16 / GDN | K=32 / GDN | fwd ms K=32 | "
+              "peak MB single / K=16 / K=32 | readout TFLOP/s K=32 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        gdn = r.get("fla_gdn_fwd_bwd")
+        d16, d32 = r.get("gdn_dla16_fwd_bwd"), r.get("gdn_dla32_fwd_bwd")
+        lines.append("| " + " | ".join([
+            str(r["T"]), f(gdn), f(r.get("gdn_single_fwd_bwd")), f(r.get("gdn_fenwick_fwd_bwd")), f(d16), f(d32),
+            f(d16 / gdn if d16 and gdn else None), f(d32 / gdn if d32 and gdn else None), f(r.get("gdn_dla32_fwd")),
+            f"{f(r.get('gdn_single_peak_mb'))} / {f(r.get('gdn_dla16_peak_mb'))} / {f(r.get('gdn_dla32_peak_mb'))}",
+            f(r.get("gdn_dla32_readout_tflops"))]) + " |")
     lines += ["", "verification vs the float64 torch chunked path on this GPU (T = 2048, bf16 inputs):"]
     for v in results["verify"]:
         worst = max(v["errors"].items(), key=lambda kv: kv[1])
-        lines.append(f"- {v['policy']} K={v['K']}: {'ok' if v['ok'] else 'FAILED'}; worst {worst[0]} {worst[1]:.1e}")
+        lines.append(f"- {v.get('backbone', 'mamba2')} {v['policy']} K={v['K']}: {'ok' if v['ok'] else 'FAILED'}; "
+                     f"worst {worst[0]} {worst[1]:.1e}")
     return "\n".join(lines) + "\n"
 
 
