@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the H100 checks and times, in one call (run from the repository root there):
-#   bash perf/gpu.sh tests [pytest args]   # the GPU suite: pytest -m gpu (e.g. tests/test_triton_delta.py alone)
+#   bash perf/gpu.sh tests [paths/args]   # the GPU suite: pytest -m gpu over tests/ (or the files given)
 #   bash perf/gpu.sh bench   # perf/bench_gpu.py with the anchors beside us
 # Missing packages travel as wheels in .whl/ (fla-core, flash-linear-attention, pytest, hypothesis, ...).
 set -uo pipefail
@@ -13,8 +13,9 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+[ "${1:-}" = tests ] && [ $# -eq 1 ] && set -- tests tests  # no paths given: the whole suite
 case "${1:-all}" in
-  tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests -x -rs "${@:2}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+  tests) python3 -m pytest -q -p no:cacheprovider -m gpu -x -rs "${@:2}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   bench) python3 -m perf.bench_gpu --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
   *) echo "usage: bash perf/gpu.sh {tests|bench} [bench options]"; exit 2 ;;
 esac
