@@ -209,6 +209,8 @@ def _add_experiment(sub) -> None:
                                                     "the longest run so far")
     p.add_argument("--list", action="store_true", help="print the shard's runs and whether each is done; run nothing")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the finished runs")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="keep only each run's result.json (small enough to copy off a GPU machine)")
 
 
 def _experiment(args) -> int:
@@ -237,8 +239,9 @@ def _experiment(args) -> int:
             for flag in ("shard", "only", "out", "device", "time_limit"):
                 if getattr(args, flag) is not None:
                     words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            words += ["--no-checkpoints"] if args.no_checkpoints else []
             report = ex.run_experiment(exp, shard=shard, only=args.only, device=device, time_limit=args.time_limit,
-                                       command=shlex.join(words))
+                                       command=shlex.join(words), checkpoints=not args.no_checkpoints)
     except ValueError as e:
         return _fail(str(e))
     done = len(exp.runs) - len(report["missing"])

@@ -319,8 +319,9 @@ def train_run(spec: RunSpec, *, device: torch.device, compile: bool, log=None):
                    "train_config": dataclasses.asdict(tcfg)}
 
 
-def run_one(spec: RunSpec, out: Path, *, device: torch.device, compile: bool, command: str, log=None) -> dict:
-    """Train, checkpoint and evaluate one run; write `out/runs/ID/result.json` last."""
+def run_one(spec: RunSpec, out: Path, *, device: torch.device, compile: bool, command: str, checkpoints: bool = True,
+            log=None) -> dict:
+    """Train, evaluate and (with `checkpoints`) checkpoint one run; write `out/runs/ID/result.json` last."""
     from dla import checkpoint
 
     folder = out / "runs" / spec.id
@@ -334,6 +335,7 @@ def run_one(spec: RunSpec, out: Path, *, device: torch.device, compile: bool, co
             result = evaluate_task(model, task, examples=t.eval_examples, seed=t.eval_seed)
             evals.append({"label": t.eval_label(overrides), "params": task.params(), **result})
         record["eval_s"] = round(time.monotonic() - t0, 2)
+    if record["status"] == "ok" and checkpoints:
         config = {"model": spec.model, "train": record["train_config"],
                   "task": {"name": t.task, "params": make_task(t.task, **t.params).params()}}
         checkpoint.save(folder, step=t.steps, model=model, optimizer=optimizer, config=config,
@@ -365,7 +367,7 @@ def finished(spec: RunSpec, out: Path) -> dict | None:
 
 
 def run_experiment(exp: Experiment, *, shard=(1, 1), only: str | None = None, device: torch.device,
-                   time_limit: float | None = None, command: str = "", log=None) -> dict:
+                   time_limit: float | None = None, command: str = "", checkpoints: bool = True, log=None) -> dict:
     """Run the unfinished runs of the shard (stopping before one that would pass
     `time_limit` seconds, judged by the longest run so far), then rebuild the report."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -379,7 +381,8 @@ def run_experiment(exp: Experiment, *, shard=(1, 1), only: str | None = None, de
         if time_limit is not None and done and elapsed + longest > time_limit:
             break
         start = time.monotonic()
-        result = run_one(spec, exp.out, device=device, compile=exp.compile, command=command, log=log)
+        result = run_one(spec, exp.out, device=device, compile=exp.compile, command=command, checkpoints=checkpoints,
+                         log=log)
         longest = max(longest, time.monotonic() - start)
         done += 1
         accs = ", ".join(f"{e['label']}: {e['accuracy']:.3f}" for e in result["evals"])
