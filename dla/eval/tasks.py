@@ -28,6 +28,7 @@ inputs alone (exact recall), which the tests use to check that the targets are a
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -61,31 +62,34 @@ def _sample_without_replacement(rng: np.random.Generator, rows: int, population:
     return np.argsort(-keys, axis=1, kind="stable")[:, :size]
 
 
-class Task:
+class Task(abc.ABC):
     """Shared interface: `batch`, `oracle`, `chance`, `vocab_needed`, `seq_len`."""
 
     name: ClassVar[str]
     seq_len: int
 
     @property
+    @abc.abstractmethod
     def vocab_needed(self) -> int:
-        raise NotImplementedError
+        """One more than the largest id the task uses."""
 
     @property
+    @abc.abstractmethod
     def chance(self) -> float:
         """Expected accuracy of a guess that ignores the context (answers are uniform)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def answer_ids(self) -> np.ndarray:
         """The ids an answer can take (a constant guesser picks one of them)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def queries_per_example(self) -> int:
-        raise NotImplementedError
+        """Query positions in every sequence."""
 
+    @abc.abstractmethod
     def generate(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """`inputs, targets` as int64 arrays [batch_size, seq_len], drawn from `rng`."""
 
     def batch(self, batch_size: int, *, seed: int, step: int = 0, split: str = "train",
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,9 +98,9 @@ class Task:
         x, y = self.generate(_rng(seed, split, step), batch_size)
         return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
+    @abc.abstractmethod
     def oracle(self, inputs: np.ndarray) -> np.ndarray:
         """Exact-recall answers from the inputs alone: [B, T], −1 where no query is recognised."""
-        raise NotImplementedError
 
     def params(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,8 +253,9 @@ class _Needles(Task):
         parts += [hay[last:], question]
         return _encode("".join(parts))
 
+    @abc.abstractmethod
     def _min_len(self) -> int:
-        raise NotImplementedError
+        """The shortest `seq_len` that holds the needles and the question."""
 
     def _check(self) -> None:
         _positive_int(self.name, "digits", self.digits)
