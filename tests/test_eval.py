@@ -123,6 +123,7 @@ def test_needle_sits_at_its_depth():
     ("niah-single", dict(seq_len=50), "seq_len = 50"),
     ("niah-single", dict(depth=1.5), "depth"),
     ("niah-multikey", dict(needles=0), "needles"),
+    ("niah-multikey", dict(seq_len=200, needles=4), "seq_len = 200 is shorter than the needles"),
     ("selective-copy", dict(seq_len=10, tokens=8), "tokens = 8"),
     ("mqar", dict(depth=0.5), "unknown parameter 'depth'"),
     ("passkey", {}, "task must be one of"),

@@ -75,7 +75,8 @@ class TaskSpec:
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
     def longest(self) -> int:
-        return max(make_task(self.task, **{**self.params, **o}).seq_len for o in (self.eval or ({},)))
+        """The longest sequence the run trains or is tested on."""
+        return max(make_task(self.task, **{**self.params, **o}).seq_len for o in ({}, *self.eval))
 
 
 @dataclass(frozen=True)

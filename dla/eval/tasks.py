@@ -326,8 +326,9 @@ class NeedleMultiKey(_Needles):
 
     def _min_len(self) -> int:
         key, value = "a" * self.key_len, "0" * self.digits
+        # a filler sentence is at most 24 bytes, so 24 per needle leaves a sentence start for each
         return (self.needles * len(self.NEEDLE.format(key=key, value=value))
-                + len(self.QUESTION.format(key=key, value=value)) + 8 * self.needles)
+                + len(self.QUESTION.format(key=key, value=value)) + 24 * self.needles)
 
     def generate(self, rng, batch_size):
         letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
