@@ -11,7 +11,9 @@ Layout of a run folder:
 
 A checkpoint is written into a hidden temporary folder, flushed to disk, renamed into place,
 and only then named by `latest` (itself replaced atomically); older checkpoints are removed
-after that. A crash at any point leaves `latest` naming a complete checkpoint.
+after that. A crash at any point leaves `latest` naming a complete checkpoint. Runs under
+torchrun write sharded checkpoints by the same protocol (`dla.distributed`); `find` and
+`load` take either kind.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import torch
 
 LATEST = "latest"
 FILES = ("model.safetensors", "config.json", "optimizer.pt", "state.json")
+# A sharded checkpoint (written under torchrun, see dla.distributed): DCP's index, its shards
+# `__R_0.distcp`, and the same JSON files.
+SHARDED_FILES = (".metadata", "config.json", "state.json")
 
 
 class CheckpointError(ValueError):
@@ -98,11 +103,15 @@ def find(path: str | Path) -> Path:
         if name is not None:
             path = root / name
             break
-    missing = [f for f in FILES if not (path / f).is_file()]
+    missing = [f for f in (SHARDED_FILES if is_sharded(path) else FILES) if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a dla checkpoint (no {missing[0]}); pass a run folder "
                               f"(the --out of `dla train`) or one of its checkpoints")
     return path
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / ".metadata").is_file()
 
 
 def read_json(checkpoint: Path, name: str) -> dict:
@@ -123,6 +132,10 @@ def check_compatible(saved: dict, requested: dict, *, what: str) -> None:
 def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          *, device: torch.device | str = "cpu") -> dict:
     """Load weights (and optimizer state) into `model` (and `optimizer`); return state.json."""
+    if is_sharded(checkpoint):
+        from dla import distributed
+
+        return distributed.load(checkpoint, model, optimizer)
     from safetensors.torch import load_file
 
     try:

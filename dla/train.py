@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dla import checkpoint
+from dla import checkpoint, distributed
 from dla.data import DataError, Split, batch_at, heldout_batches, prepare, unigram_log_probs
 from dla.model import CausalLM, ModelConfig
 
@@ -209,17 +210,22 @@ class Run:
     compile: bool = True
     checkpoint_every: int = 100
     resume_from: Path | None = None
+    world: distributed.World | None = None  # set under torchrun (dla.distributed)
 
     def config(self) -> dict:
         return {"model": self.model_cfg.to_dict(), "train": dataclasses.asdict(self.train_cfg)}
 
 
 def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *, resume: bool = False,
-         compile: bool = True, device: str | None = None, checkpoint_every: int = 100) -> Run:
+         compile: bool = True, device: str | None = None, checkpoint_every: int = 100,
+         world: distributed.World | None = None) -> Run:
     """Check everything a run needs before it writes anything; raise `ValueError` (or its
-    subclasses `DataError`, `CheckpointError`) with a one-line message otherwise."""
+    subclasses `DataError`, `CheckpointError`) with a one-line message otherwise. `world`
+    (from `distributed.from_env`) makes it one process of a torchrun run, on `world.device`."""
     out = Path(out)
-    dev = resolve_device(device)
+    dev = resolve_device(device) if world is None else world.device
+    if world is not None:
+        distributed.check_batch(world, train_cfg.batch_size)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be a positive integer, got {checkpoint_every!r}")
     if out.exists() and not out.is_dir():
@@ -227,11 +233,15 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *, res
     from dla.data import source_files
 
     source_files(train_cfg.data)
-    run = Run(model_cfg, train_cfg, out, dev, compile, checkpoint_every)
+    run = Run(model_cfg, train_cfg, out, dev, compile, checkpoint_every, world=world)
     if resume:
         if not checkpoint.has_checkpoint(out):
             raise checkpoint.CheckpointError(f"--resume: {out} holds no checkpoint to resume")
         ckpt = checkpoint.find(out)
+        if world is not None and not checkpoint.is_sharded(ckpt):
+            raise checkpoint.CheckpointError(f"--resume: {ckpt} was written by a single-process run; resume it "
+                                             f"without torchrun (checkpoints written under torchrun resume on "
+                                             f"any number of processes)")
         saved = checkpoint.read_json(ckpt, "config.json")
         requested = run.config()
         checkpoint.check_compatible(saved.get("model", {}), requested["model"], what=f"the checkpoint in {out}")
@@ -248,10 +258,17 @@ def train(run: Run, *, log=None) -> dict:
     loss or the gradient norm stops being finite (the last good checkpoint stays)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     mcfg, tcfg, out, device = run.model_cfg, run.train_cfg, run.out, run.device
+    world = run.world  # under torchrun: the process group is up (distributed.process_group)
+    main = world is None or world.is_main  # the process that logs and writes metrics and plots
+    if not main:
+        log = lambda msg: None  # noqa: E731
     out.mkdir(parents=True, exist_ok=True)
-    split = prepare(tcfg.data, out / "data", seq_len=mcfg.seq_len)
+    with distributed.main_first(world):  # rank 0 writes the token cache, the others map it
+        split = prepare(tcfg.data, out / "data", seq_len=mcfg.seq_len)
     torch.manual_seed(tcfg.seed)
     model = CausalLM(mcfg).to(device)
+    if world is not None:  # the same initial weights on every rank (same seed), then sharded
+        model = distributed.shard(model, world, compile=run.compile)
     optimizer = make_optimizer(model, tcfg)
     metrics_path = out / "metrics.jsonl"
     start = 0
@@ -261,15 +278,17 @@ def train(run: Run, *, log=None) -> dict:
             raise DataError(f"--resume: the training split has changed since the checkpoint "
                             f"({state.get('data', {}).get('train_tokens')} tokens then, {len(split.train)} now)")
         start = int(state["step"])
-        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= start and "loss" in m]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if main:
+            kept = [m for m in _read_metrics(metrics_path) if m["step"] <= start and "loss" in m]
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         log(f"resuming {out} at step {start}")
-    else:
+    elif main:
         metrics_path.write_text("")
     log(f"model: {mcfg.backbone}/{mcfg.policy}, {model.num_params() / 1e6:.2f}M parameters, "
         f"{mcfg.levels} levels; data: {split.source} ({len(split.train):,} training bytes); device {device}")
 
-    loss_fn = compiled_loss(model) if run.compile else model.loss
+    # under torchrun the blocks were compiled one by one before sharding
+    loss_fn = compiled_loss(model) if run.compile and world is None else model.loss
     if run.compile and start < tcfg.steps:
         log("compiling the training step (the first step includes it)")
     progress = Progress(tcfg.steps)
@@ -282,23 +301,26 @@ def train(run: Run, *, log=None) -> dict:
                               "next_lr": lr_at(tcfg, min(step, tcfg.steps - 1))},
                  "data": {"source": split.source, "seed": tcfg.seed, "next_step": step,
                           "train_tokens": len(split.train)}}
-        return checkpoint.save(out, step=step, model=model, optimizer=optimizer, config=run.config(), state=state)
+        write = checkpoint.save if world is None else distributed.save
+        return write(out, step=step, model=model, optimizer=optimizer, config=run.config(), state=state)
 
     model.train()
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path if main else os.devnull, "a") as metrics:
         for step in range(start, tcfg.steps):
             lr = lr_at(tcfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = batch_at(split.train, step, batch_size=tcfg.batch_size, seq_len=mcfg.seq_len, seed=tcfg.seed,
                             device=device)
+            if world is not None:
+                x, y = x[world.rows(tcfg.batch_size)], y[world.rows(tcfg.batch_size)]
             with _autocast(device):
                 loss = loss_fn(x, y)
-            loss_value = float(loss.detach())
+            loss_value = float(loss.detach() if world is None else distributed.mean(loss))
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(step + 1, "the loss")
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
+            grad_norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)))
             if not math.isfinite(grad_norm):
                 raise NonFiniteLoss(step + 1, "the gradient norm")
             optimizer.step()
@@ -312,12 +334,18 @@ def train(run: Run, *, log=None) -> dict:
                       "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(now - t0, 3)}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            progress.update(step + 1, loss_value, tokens_per_s, now - t0)
+            if main:
+                progress.update(step + 1, loss_value, tokens_per_s, now - t0)
             if (step + 1) % run.checkpoint_every == 0 or step + 1 == tcfg.steps:
                 save(step + 1)
     ckpt = checkpoint.find(out)
-    result = evaluate(model, split, batch_size=tcfg.batch_size, max_tokens=tcfg.eval_tokens, device=device)
+    # every rank evaluates the same held-out windows (the sharded forward is collective), a
+    # rank's share of the global batch at a time
+    eval_batch = tcfg.batch_size if world is None else tcfg.batch_size // world.size
+    result = evaluate(model, split, batch_size=eval_batch, max_tokens=tcfg.eval_tokens, device=device)
     result.update(step=tcfg.steps, checkpoint=str(ckpt), train_s=round(time.monotonic() - t0, 1))
+    if not main:
+        return {**result, "plot": None}
     with open(metrics_path, "a") as metrics:
         metrics.write(json.dumps({"step": tcfg.steps, **{k: result[k] for k in
                                   ("heldout_loss", "heldout_bpb", "unigram_bpb", "heldout_tokens")}}) + "\n")
