@@ -308,3 +308,18 @@ def test_the_recall_grid_file_is_the_issue_grid():
     assert {r.model["seq_len"] for r in exp.runs if r.task.label == "niah"} == {8192}
     shards = [ex.select(exp.runs, (i, 8)) for i in range(1, 9)]
     assert sorted(r.id for s in shards for r in s) == sorted(r.id for r in exp.runs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_grid_runs_on_the_gpu(tmp_path, capsys):
+    """The recall grid's path on CUDA: several compiled runs in one process (each after a
+    compiler reset), bf16 autocast, evaluation past the training length."""
+    text = ("compile = true\n[model]\nn_layers = 2\ncapacity = 4\n[shapes.s]\nd_model = 64\nn_heads = 2\n"
+            "head_dim = 32\nhead_dim_v = 64\n[grid]\nmixer = ['mamba2/dla', 'gdn/fenwick', 'gdn/dla', 'attention']\n"
+            "[[tasks]]\nlabel = 'niah'\ntask = 'niah-single'\nparams = { seq_len = 256 }\nsteps = 3\nbatch_size = 4\n"
+            "eval = [{ seq_len = 256 }, { seq_len = 2048 }]\neval_examples = 8\n")
+    assert main(["experiment", _toml(tmp_path, text), "--out", str(tmp_path / "out"), "--device", "cuda"]) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["complete"] and all(r["status"] == "ok" and r["compiled"] for r in report["runs"])
+    assert {len(r["evals"]) for r in report["runs"]} == {2}

@@ -95,8 +95,11 @@ class Task(abc.ABC):
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """`inputs, targets [batch_size, seq_len]` int64 for `(seed, split, step)`."""
         _positive_int(self.name, "batch_size", batch_size)
-        x, y = self.generate(_rng(seed, split, step), batch_size)
-        return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        x, y = (torch.from_numpy(a) for a in self.generate(_rng(seed, split, step), batch_size))
+        if torch.device(device).type == "cuda":
+            # pinned and asynchronous: a pageable copy would wait for the GPU's queued step
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     @abc.abstractmethod
     def oracle(self, inputs: np.ndarray) -> np.ndarray:
