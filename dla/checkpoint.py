@@ -27,6 +27,7 @@ import torch
 
 LATEST = "latest"
 FILES = ("model.safetensors", "config.json", "optimizer.pt", "state.json")
+REQUIRED = ("model.safetensors", "config.json", "state.json")  # an inference checkpoint has no optimizer.pt
 # A sharded checkpoint (written under torchrun, see dla.distributed): DCP's index, its shards
 # `__R_0.distcp`, and the same JSON files.
 SHARDED_FILES = (".metadata", "config.json", "state.json")
@@ -48,9 +49,11 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         config: dict, state: dict) -> Path:
-    """Write the checkpoint of `step` under `run_dir/checkpoints` and return its folder."""
+def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+         config: dict, state: dict, weights: tuple[dict, dict] | None = None) -> Path:
+    """Write the checkpoint of `step` under `run_dir/checkpoints` and return its folder.
+    Without an optimizer the checkpoint is for inference only (no optimizer.pt). `weights`:
+    (tensors, safetensors metadata) to write instead of the model's state dict (`dla.quantize`)."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -62,13 +65,15 @@ def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.o
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    tensors, metadata = weights or ({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, {})
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", **metadata})
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     _write_json(tmp / "config.json", config)
     _write_json(tmp / "state.json", {**state, "step": step})
     for f in FILES:
-        _fsync(tmp / f)
+        if (tmp / f).exists():
+            _fsync(tmp / f)
     _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)  # a stale folder of this name that `latest` never named
     os.replace(tmp, final)
@@ -103,7 +108,7 @@ def find(path: str | Path) -> Path:
         if name is not None:
             path = root / name
             break
-    missing = [f for f in (SHARDED_FILES if is_sharded(path) else FILES) if not (path / f).is_file()]
+    missing = [f for f in (SHARDED_FILES if is_sharded(path) else REQUIRED) if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a dla checkpoint (no {missing[0]}); pass a run folder "
                               f"(the --out of `dla train`) or one of its checkpoints")
@@ -136,6 +141,14 @@ def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         from dla import distributed
 
         return distributed.load(checkpoint, model, optimizer)
+    if optimizer is not None and not (checkpoint / "optimizer.pt").is_file():
+        raise CheckpointError(f"{checkpoint} holds no optimizer state (an inference checkpoint, e.g. from "
+                              f"dla quantize): it cannot be resumed")
+    from dla import quantize
+
+    if quantize.is_quantized(checkpoint):
+        quantize.load_quantized(checkpoint, model, device=device)
+        return read_json(checkpoint, "state.json")
     from safetensors.torch import load_file
 
     try:

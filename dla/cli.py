@@ -46,6 +46,12 @@ def _add_train(sub) -> None:
     p.add_argument("--no-compile", action="store_true", help="run eagerly instead of torch.compile(fullgraph=True)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
+                   help="adamw (default) or torchao's 8-bit AdamW (CPU and GPU)")
+    p.add_argument("--float8", action="store_true",
+                   help="float8 training of the linear layers (torchao; needs a GPU of compute capability >= 8.9)")
+    p.add_argument("--float8-recipe", choices=["tensorwise", "rowwise"],
+                   help="float8 scaling recipe (default tensorwise; needs --float8)")
     p.add_argument("--dist-backend", choices=["nccl", "gloo"],
                    help="under torchrun --nproc_per_node=N: the process-group backend (default nccl on CUDA, "
                         "gloo on the CPU); the model is sharded with FSDP2, --batch-size is the global batch")
@@ -100,6 +106,8 @@ def _train(args) -> int:
         world = distributed.from_env(backend=args.dist_backend, device=args.device)
         for name in ("--steps", "--seq-len", "--batch-size", "--lr", "--checkpoint-every", "--eval-tokens"):
             _positive(name, getattr(args, name[2:].replace("-", "_")))
+        if args.float8_recipe is not None and not args.float8:
+            raise ValueError(f"--float8-recipe {args.float8_recipe} needs --float8")
         if args.capacity is not None and args.policy == "dla" and args.capacity < 2:
             raise ValueError(f"--capacity must be >= 2 with --policy dla, got {args.capacity}")
         overrides = {"backbone": args.backbone, "policy": args.policy}
@@ -111,7 +119,8 @@ def _train(args) -> int:
         given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
         train_cfg = TrainConfig(
             **{**TRAIN_PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None}},
-            seed=args.seed, eval_tokens=args.eval_tokens,
+            seed=args.seed, eval_tokens=args.eval_tokens, optim=args.optim,
+            float8=(args.float8_recipe or "tensorwise") if args.float8 else None,
             data=None if args.data is None else str(Path(args.data).resolve()),
         )
         run = plan(model_cfg, train_cfg, args.out, resume=args.resume, compile=not args.no_compile,
@@ -253,12 +262,90 @@ def _experiment(args) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (compiled decode step)")
+    p.add_argument("--checkpoint", required=True, help="a run folder (the --out of dla train or dla quantize) or a checkpoint folder")
+    p.add_argument("--prompt", required=True, help="text to continue (encoded as UTF-8 bytes)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="bytes to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely bytes (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the decode step eagerly (default: torch.compile, with CUDA graphs on CUDA)")
+
+
+def _generate(args) -> int:
+    import torch
+
+    from dla.data import decode, encode
+    from dla.generate import check_request, generate, load_model
+    from dla.train import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        try:
+            model, _, _ = load_model(args.checkpoint, device=device)
+        except ValueError as e:
+            raise ValueError(f"--checkpoint {e}") from None
+        prompt = torch.tensor(encode(args.prompt), dtype=torch.int64, device=device)[None]
+        check_request(model.cfg, prompt.shape[1], args.max_new_tokens, args.temperature, args.top_k)
+    except ValueError as e:
+        return _fail(str(e))
+    tokens = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      seed=args.seed, compile="none" if args.no_compile else "auto")
+    print(args.prompt + decode(tokens[0].cpu().numpy()))
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="int8 weight-only checkpoint (torchao), with held-out bits per byte before and after")
+    p.add_argument("--checkpoint", required=True, help="a run folder (the --out of dla train) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="run folder for the int8 checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation before and after")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", help="device of the evaluation: cpu or cuda (default: cuda when available)")
+
+
+def _quantize(args) -> int:
+    from dla.quantize import quantize_checkpoint
+    from dla.train import evaluate_checkpoint, resolve_device
+
+    try:
+        resolve_device(args.device)
+        try:
+            out = quantize_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+        except ValueError as e:
+            message = str(e)
+            raise ValueError(message if message.startswith("--") else f"--checkpoint {message}") from None
+    except ValueError as e:
+        return _fail(str(e))
+    result = {"checkpoint": str(out), "source": str(args.checkpoint)}
+    if not args.no_eval:
+        before = evaluate_checkpoint(args.checkpoint, device=args.device)
+        after = evaluate_checkpoint(out, device=args.device)
+        result.update(heldout_bpb_before=before["heldout_bpb"], heldout_bpb_after=after["heldout_bpb"],
+                      heldout_tokens=after["heldout_tokens"])
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"int8 weight-only checkpoint: {out}")
+    if not args.no_eval:
+        print(f"held-out bits per byte over {result['heldout_tokens']:,} bytes: {result['heldout_bpb_before']:.4f} "
+              f"before, {result['heldout_bpb_after']:.4f} after quantization "
+              f"({result['heldout_bpb_after'] - result['heldout_bpb_before']:+.4f})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="dla", description="Dynamic Linear Attention")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="segment a piecewise-stationary stream and check the readout against the reference")
     _add_train(sub)
     _add_eval(sub)
+    _add_generate(sub)
+    _add_quantize(sub)
     _add_experiment(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -269,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "quantize":
+        return _quantize(args)
     if args.command == "experiment":
         return _experiment(args)
     return 2

@@ -26,6 +26,7 @@ import torch
 from dla import checkpoint, distributed
 from dla.data import DataError, Split, batch_at, heldout_batches, prepare, unigram_log_probs
 from dla.model import CausalLM, ModelConfig
+from dla.optim import set_lr
 
 LN2 = math.log(2.0)
 
@@ -44,8 +45,16 @@ class TrainConfig:
     seed: int = 0
     data: str | None = None  # a text file or folder (absolute), or None for the default corpus
     eval_tokens: int = 32768  # held-out targets scored at the end
+    optim: str = "adamw"  # adamw | adamw8bit (torchao, dla.optim)
+    float8: str | None = None  # None, or the float8 training recipe: tensorwise | rowwise (dla.optim)
 
     def __post_init__(self) -> None:
+        from dla.optim import FLOAT8_RECIPES, OPTIMIZERS
+
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"--optim must be one of {list(OPTIMIZERS)}, got {self.optim!r}")
+        if self.float8 is not None and self.float8 not in FLOAT8_RECIPES:
+            raise ValueError(f"--float8-recipe must be one of {list(FLOAT8_RECIPES)}, got {self.float8!r}")
         for name in ("steps", "batch_size", "eval_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -79,13 +88,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms, biases, gates' scalars or `L_h`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    keep = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (`cfg.optim`: torch's, or torchao's 8-bit); weight decay on matrices only (not on
+    norms, biases, gates' scalars or `L_h`)."""
+    from dla.optim import make_optimizer as make
+
+    return make(model, name=cfg.optim, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -230,6 +238,12 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *, res
         raise ValueError(f"--checkpoint-every must be a positive integer, got {checkpoint_every!r}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    if train_cfg.float8 is not None:
+        from dla.optim import float8_unavailable
+
+        reason = float8_unavailable(dev)
+        if reason is not None:
+            raise ValueError(reason)
     from dla.data import source_files
 
     source_files(train_cfg.data)
@@ -267,6 +281,10 @@ def train(run: Run, *, log=None) -> dict:
         split = prepare(tcfg.data, out / "data", seq_len=mcfg.seq_len)
     torch.manual_seed(tcfg.seed)
     model = CausalLM(mcfg).to(device)
+    if tcfg.float8 is not None:  # before compiling (and sharding): Float8Linear replaces nn.Linear
+        from dla.optim import convert_to_float8
+
+        convert_to_float8(model, tcfg.float8)
     if world is not None:  # the same initial weights on every rank (same seed), then sharded
         model = distributed.shard(model, world, compile=run.compile)
     optimizer = make_optimizer(model, tcfg)
@@ -308,8 +326,7 @@ def train(run: Run, *, log=None) -> dict:
     with open(metrics_path if main else os.devnull, "a") as metrics:
         for step in range(start, tcfg.steps):
             lr = lr_at(tcfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             x, y = batch_at(split.train, step, batch_size=tcfg.batch_size, seq_len=mcfg.seq_len, seed=tcfg.seed,
                             device=device)
             if world is not None:
