@@ -9,7 +9,8 @@ shares). Outputs are allocated by `torch.empty`, which the tests poison with NaN
 registration (`dla_triton_delta::…`) routes CPU tensors to the Triton launchers, so `opcheck`
 and a `fullgraph=True` compile of forward and backward cover that path in CI.
 
-On a GPU machine (`pytest -m gpu`) the interpreter tests run on CUDA, and a fixed grid of long
+On a GPU machine (`pytest -m gpu`) the small fixed tests also run on CUDA (the drawn ones stay on
+the interpreter: each new shape recompiles the kernels on the card), and a fixed grid of long
 sequences and production head sizes — every scan configuration the launcher picks (`Dv` tile
 16 and 32, 4 and 8 warps, chunk 64 and 32, ieee / tf32 / tf32x3 dots) — is compared against
 the chunked torch path (`dla.ops.readout`) in float64 on the device, in float32 and bfloat16
@@ -36,6 +37,9 @@ from tests.test_triton_readout import (DEVICES, cast, cpu, dla_map, f32, fenwick
                                        single_map, to_rank_order)
 
 TOL32 = 1e-5  # SPEC §6, float32 with ieee dots
+# The drawn tests run under the interpreter only: on the card every new (K, Dk, Dv) recompiles
+# both scan kernels (seconds each), and the GPU budget goes to the fixed grid at the end.
+INTERPRETER = [DEVICES[0]]
 GRADS = ("q", "k", "v", "lam", "g", "beta")
 EDGE = dict(batch=1, heads=2, dk=16, dv=16, score="token", inputs="piecewise", mean_regime=4.0, seed=7)
 
@@ -85,11 +89,11 @@ def args_for(case: Case, t: dict, level_start, S0, device="cpu"):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=4)
-@given(cases(), st.booleans())
+@pytest.mark.parametrize("device", INTERPRETER)
+@settings(max_examples=3)
+@given(cases(max_length=34), st.booleans())
 @example(Case(length=1, levels=2, policy="dla", transition="both", tau=0.6, **EDGE), True)  # T = 1
-@example(Case(length=37, levels=4, policy="dla", transition="beta", tau=0.6, **EDGE), True)  # T % C ≠ 0, no g
+@example(Case(length=27, levels=4, policy="dla", transition="beta", tau=0.6, **EDGE), True)  # T % C ≠ 0, no g
 @example(Case(length=33, levels=6, policy="fenwick", transition="both", tau=0.6, **EDGE), False)
 @example(Case(length=19, levels=3, policy="single", transition="both", tau=0.6, **EDGE), True)
 @example(Case(length=20, levels=20, policy="dla", transition="both", tau=0.0, **EDGE), False)  # every token a slot
@@ -139,8 +143,8 @@ def cotangents(case: Case, S0):
     return do, torch.randn(S0.shape, generator=gen, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=5)
+@pytest.mark.parametrize("device", INTERPRETER)
+@settings(max_examples=4)
 @given(cases(max_length=36), st.booleans())
 @example(Case(length=1, levels=2, policy="single", transition="beta", tau=0.6, **EDGE), True)
 @example(Case(length=70, levels=3, policy="dla", transition="both", tau=0.6, **EDGE), True)  # 5 chunks, 3 segments
@@ -157,7 +161,7 @@ def test_backward_matches_chunked_float64(device, case: Case, initial: bool):
         assert torch.equal(got["S0"], torch.zeros_like(got["S0"]))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", INTERPRETER)
 @pytest.mark.parametrize("case", [
     Case(length=13, levels=3, policy="dla", transition="both", tau=0.6, **EDGE),
     Case(length=17, levels=5, policy="fenwick", transition="beta", tau=0.6, **EDGE),
@@ -306,22 +310,20 @@ def test_cuda_registration_routes_beta_to_the_delta_kernels(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 COMPILE = r"""
-import sys, triton
+import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import dla.ops.triton.readout_delta as R
 
 for spec in sys.argv[1:]:
-    D, K, N, prec = spec.split(":")
-    D, K, N = int(D), int(K), int(N)
-    cfg = R._config(D, D, N)
-    p, pp = R._precisions(__import__("torch").bfloat16 if prec == "bf16" else __import__("torch").float32, None)
-    meta = dict(K=K, DK=D, DV=D, C=cfg["C"], BK=R._pow2(D), BV=cfg["BV"], PREC=p, PREC_P=pp)
+    D, K, N, dtype = spec.split(":")
+    meta, _ = R._meta(int(D), int(D), int(K), int(N), getattr(torch, dtype), None)
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
     for fn in (R._fwd_scan_kernel, R._bwd_scan_kernel):
         sig = {a.name: "constexpr" if a.is_constexpr else "i32" if a.name in ("NC", "R")
                else "*i32" if a.name in ("EOLD", "ETOK") else "*fp32" for a in fn.params}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=cfg["num_warps"], num_stages=1))
+                       options=options)
         print(spec, fn.__name__, "compiled", flush=True)
 """
 
@@ -335,7 +337,7 @@ def test_kernels_compile_for_sm90():
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton wheel ships no ptxas")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    specs = ["128:32:16:bf16"]  # the ieee variant differs by the dots' flag only (and compiles slowly)
+    specs = ["128:32:16:bfloat16"]  # the ieee variant differs by the dots' flag only (and compiles slowly)
     done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -72,54 +72,84 @@ __all__ = ["readout_forward_triton", "readout_backward_triton"]
 
 
 @triton.jit
-def _transition(SRC, DST, P, ET, V, EOLD, ETOK, rows, dk_, dv_, K: tl.constexpr, DK: tl.constexpr,
-                DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
-    """DST[r'] = P_C · Σ_{r: e_r = r'} SRC[r] + Σ_{s: ε_s = r'} E_s v_sᵀ on this program's Dv
-    tile (all K new slots written). e_r is non-decreasing in r (segments keep their order), so
-    the old slots of one new slot are consecutive; the add is a read-modify-write all the same,
-    so any order stays right."""
+def _new_slot(DST, r, ET, rows, v, etok, lo, hi, run, P, dv_, HAS_OLD: tl.constexpr, DK: tl.constexpr,
+              DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+              PREC_P: tl.constexpr):
+    """Writes new slot r: Σ_{s: ε_s = r} E_s v_sᵀ, plus P_C · run (its old slots' sum) when
+    HAS_OLD — in blocks of BH rows of Dk, so that P_C is never held whole in registers."""
+    tok = (r >= lo) & (r <= hi)
+    sel = (etok == r)[:, None]
+    for h in tl.static_range(0, BK, BH):
+        dh = h + tl.arange(0, BH)
+        acc = tl.zeros([BH, BV], dtype=tl.float32)
+        if HAS_OLD:
+            pm = tl.load(P + dh[:, None] * DK + tl.arange(0, BK)[None, :],
+                         mask=(dh[:, None] < DK) & (tl.arange(0, BK)[None, :] < DK), other=0.0)
+            acc = tl.dot(pm, run, input_precision=PREC_P)
+        if tok:
+            et = tl.load(ET + rows[:, None] * DK + dh[None, :], mask=sel & (dh[None, :] < DK), other=0.0)
+            acc += tl.dot(tl.trans(et), v, input_precision=PREC)
+        tl.store(DST + r * DK * DV + dh[:, None] * DV + dv_[None, :], acc,
+                 mask=(dh[:, None] < DK) & (dv_[None, :] < DV))
+
+
+@triton.jit
+def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr, DK: tl.constexpr,
+          DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+          READ: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
+    """One chunk on this program's Dv tile, every old slot read once: returns (with READ) the
+    slots' read-out Σ_r W[:,r] ⊙ Q̂ S_r [C, BV], and writes DST[r'] = P_C · Σ_{r: e_r = r'} SRC[r]
+    + Σ_{s: ε_s = r'} E_s v_sᵀ for all K new slots, each exactly once, in order. Old slots
+    with e_r = K (no slot: empty levels) carry nothing; the others have non-decreasing e_r (a
+    level holds a range of positions, and the old slots are in position order), so each new
+    slot's old slots are consecutive."""
     tile = dk_[:, None] * DV + dv_[None, :]
     m2 = (dk_[:, None] < DK) & (dv_[None, :] < DV)
-    et = tl.load(ET + rows[:, None] * DK + dk_[None, :], mask=dk_[None, :] < DK, other=0.0)
     v = tl.load(V + rows[:, None] * DV + dv_[None, :], mask=dv_[None, :] < DV, other=0.0)
     etok = tl.load(ETOK + rows)
     lo = tl.min(etok, axis=0)
     hi = tl.max(tl.where(etok < K, etok, -1), axis=0)
-    for r in range(0, K):
-        acc = tl.zeros([BK, BV], dtype=tl.float32)
-        if (r >= lo) & (r <= hi):
-            acc = tl.dot(tl.trans(tl.where((etok == r)[:, None], et, 0.0)), v, input_precision=PREC)
-        tl.store(DST + r * DK * DV + tile, acc, mask=m2)
-    tl.debug_barrier()
-    cur = tl.load(EOLD)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    if READ:
+        qh = tl.load(QH + rows[:, None] * DK + dk_[None, :], mask=dk_[None, :] < DK, other=0.0)
     run = tl.zeros([BK, BV], dtype=tl.float32)
+    cur = lo * 0 - 1  # the new slot being gathered (−1: none yet)
+    nxt = lo * 0  # the first new slot not written yet
     for r in range(0, K):
         e = tl.load(EOLD + r)
-        if e != cur:
-            _flush(DST, P, run, cur, dk_, tile, m2, K, DK, DV, PREC_P)
-            run = tl.zeros([BK, BV], dtype=tl.float32)
-            cur = e
-        run += tl.load(SRC + r * DK * DV + tile, mask=m2 & (e < K), other=0.0)
-    _flush(DST, P, run, cur, dk_, tile, m2, K, DK, DV, PREC_P)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _flush(DST, P, run, cur, dk_, tile, m2, K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-           PREC: tl.constexpr):
-    """DST[cur] += P_C · run (nothing for a dropped group, cur = K)."""
-    if cur < K:
-        pm = tl.load(P + dk_[:, None] * DK + dk_[None, :], mask=(dk_[:, None] < DK) & (dk_[None, :] < DK), other=0.0)
-        add = tl.dot(pm, run, input_precision=PREC)
-        tl.debug_barrier()
-        old = tl.load(DST + cur * DK * DV + tile, mask=m2, other=0.0)
-        tl.store(DST + cur * DK * DV + tile, old + add, mask=m2)
+        need = e < K
+        if READ:
+            w = tl.load(W + rows * K + r)
+            read = tl.max(tl.abs(w), axis=0) > 0
+            s = tl.load(SRC + r * DK * DV + tile, mask=m2 & (need | read), other=0.0)
+            if read:
+                acc += tl.dot(qh * w[:, None], s, input_precision=PREC)
+        else:
+            s = tl.load(SRC + r * DK * DV + tile, mask=m2 & need, other=0.0)
+        if need:
+            if e != cur:
+                if cur >= 0:
+                    _new_slot(DST, cur, ET, rows, v, etok, lo, hi, run, P, dv_, True, DK, DV, BK, BV, BH, PREC, PREC_P)
+                for r2 in range(nxt, e):  # new slots without old ones
+                    _new_slot(DST, r2, ET, rows, v, etok, lo, hi, run, P, dv_, False, DK, DV, BK, BV, BH, PREC,
+                              PREC_P)
+                nxt = e + 1
+                cur = e
+                run = tl.zeros([BK, BV], dtype=tl.float32)
+            run += s
+    if cur >= 0:
+        _new_slot(DST, cur, ET, rows, v, etok, lo, hi, run, P, dv_, True, DK, DV, BK, BV, BH, PREC, PREC_P)
+    for r2 in range(nxt, K):
+        _new_slot(DST, r2, ET, rows, v, etok, lo, hi, run, P, dv_, False, DK, DV, BK, BV, BH, PREC, PREC_P)
+    tl.debug_barrier()  # the next chunk reads DST (other threads' stores)
+    return acc
 
 
 @triton.jit
 def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
                      K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                     PREC_P: tl.constexpr):
     """OI [N, NC·C, Dv] = Σ_r W[t,r] S_rᵀ Q̂_t per chunk; SO = the final slot states. Chunk c's
     start states are S0 (c = 0) or the previous chunk's output; the outputs alternate between
     TMP and SO so that the last chunk writes SO."""
@@ -153,22 +183,17 @@ def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
             dst = SO
         else:
             dst = TMP
-        qh = tl.load(QH + rows[:, None] * DK + dk_[None, :], mask=dk_[None, :] < DK, other=0.0)
-        acc = tl.zeros([C, BV], dtype=tl.float32)
-        for r in range(0, K):
-            w = tl.load(W + rows * K + r)
-            if tl.max(tl.abs(w), axis=0) > 0:
-                s = tl.load(src + r * DK * DV + tile, mask=m2, other=0.0)
-                acc += tl.dot(qh * w[:, None], s, input_precision=PREC)
+        acc = _step(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, QH, W, rows, dk_, dv_, K, DK, DV, C, BK, BV,
+                    BH, True, PREC, PREC_P)
         tl.store(OI + rows[:, None] * DV + dv_[None, :], acc, mask=dv_[None, :] < DV)
-        _transition(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, rows, dk_, dv_, K, DK, DV, BK, BV, PREC, PREC_P)
 
 
 @triton.jit
 def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0,
                      DQH, DW, DET, DVS, DP, NC, R,
                      K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                     PREC_P: tl.constexpr):
     """The reverse pass over chunks (module doc). CK [NSEG, N, K, Dk, Dv]: chunk-start states of
     the chunks c ≡ 0 mod R; SEG [R, N, K, Dk, Dv]: those of the segment being reversed (SEG[0],
     SEG[1] also serve the first forward walk). dS' alternates between DTMP and DS0 so that the
@@ -222,7 +247,8 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             dst = SEG + STRIDE
         else:
             dst = SEG
-        _transition(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, rows, dk_, dv_, K, DK, DV, BK, BV, PREC, PREC_P)
+        _step(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, QH, W, rows, dk_, dv_, K, DK, DV, C, BK, BV, BH, False,
+              PREC, PREC_P)
     c_last = NC - 1
     if c_last % R == 0:  # the last chunk starts a segment: its state is the walk's last output
         if c_last == 0:
@@ -248,8 +274,8 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
         for j in range(1, n_in):
             c = c_first + j - 1
             rows = c * C + tl.arange(0, C)
-            _transition(SEG + (j - 1) * STRIDE, SEG + j * STRIDE, P + c * DK * DK, ET, V, EOLD + c * K, ETOK,
-                        rows, dk_, dv_, K, DK, DV, BK, BV, PREC, PREC_P)
+            _step(SEG + (j - 1) * STRIDE, SEG + j * STRIDE, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, QH, W, rows,
+                  dk_, dv_, K, DK, DV, C, BK, BV, BH, False, PREC, PREC_P)
         for jj in range(0, n_in):
             j = n_in - 1 - jj
             c = c_first + j
@@ -382,8 +408,9 @@ class _Chunked:
         return x, self.prev[i0:i1]
 
     def blocks(self):
-        """Blocks of chunk rows bounding the chunk-local temporaries (~24 [C, C] tensors per chunk)."""
-        step = max(1, (1 << 22) // (self.C * self.C))
+        """Blocks of chunk rows bounding the chunk-local temporaries (~24 [C, C] tensors per chunk,
+        float32: about 0.8 GB per block at 2²³ elements each, few blocks so few launches)."""
+        step = max(1, (1 << 23) // (self.C * self.C))
         R = self.N * self.NC
         return [(i, min(i + step, R)) for i in range(0, R, step)]
 
@@ -434,13 +461,19 @@ def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, s
     return input_precision or "tf32", input_precision or "tf32x3"
 
 
-def _launch_meta(x: _Chunked, input_precision: str | None, dtype: torch.dtype) -> tuple[dict, int]:
-    cfg = _config(x.dk, x.dv, x.N)
-    bv = cfg["BV"]
+def _meta(dk: int, dv: int, K: int, N: int, dtype: torch.dtype, input_precision: str | None) -> tuple[dict, int]:
+    """The scan kernels' meta-parameters (constexprs, num_warps, num_stages) and the number of
+    Dv tiles, from the shapes alone (the sm_90 compile test uses the same)."""
+    cfg = _config(dk, dv, N)
+    bv, bk = cfg["BV"], _pow2(dk)
     prec, prec_p = _precisions(dtype, input_precision)
-    meta = dict(K=x.K, DK=x.dk, DV=x.dv, C=x.C, BK=_pow2(x.dk), BV=bv, PREC=prec, PREC_P=prec_p,
+    meta = dict(K=K, DK=dk, DV=dv, C=cfg["C"], BK=bk, BV=bv, BH=min(bk, 64), PREC=prec, PREC_P=prec_p,
                 num_warps=cfg["num_warps"], num_stages=1)
-    return meta, triton.cdiv(x.dv, bv)
+    return meta, triton.cdiv(dv, bv)
+
+
+def _launch_meta(x: _Chunked, input_precision: str | None, dtype: torch.dtype) -> tuple[dict, int]:
+    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision)
 
 
 def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
