@@ -131,6 +131,8 @@ def process_group(world: World | None):
         torch.cuda.set_device(world.device)
     dist.init_process_group(world.backend, device_id=world.device if world.device.type == "cuda" else None)
     try:
+        # every process has passed `plan` (which refuses a non-empty --out) before any writes
+        dist.barrier()
         yield
     finally:
         dist.destroy_process_group()

@@ -5,7 +5,9 @@ One training step: the batch of `(seed, step)`, forward and loss (compiled as on
 finiteness check, gradient clipping, AdamW at the step's learning rate (linear warmup, cosine
 decay). Everything a step depends on is a function of the step number and the checkpoint, so
 a resumed run repeats an uninterrupted one. Metrics go to `RUN/metrics.jsonl`, the loss curve
-to `RUN/loss.png`.
+to `RUN/loss.png`. Under torchrun each process trains its rows of the global batch on an
+FSDP2-sharded model and writes sharded checkpoints; rank 0 alone logs and writes the record
+(`dla.distributed`).
 """
 
 from __future__ import annotations
