@@ -123,7 +123,7 @@ def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr
             read = tl.max(tl.abs(w), axis=0) > 0
             s = tl.load(SRC + r * DK * DV + tile, mask=m2 & (need | read), other=0.0)
             if read:
-                acc += tl.dot(qh * w[:, None], s, input_precision=PREC)
+                acc += w[:, None] * tl.dot(qh, s, input_precision=PREC)  # diag(w) (Q̂ S_r): no [C, Dk] temporary
         else:
             s = tl.load(SRC + r * DK * DV + tile, mask=m2 & need, other=0.0)
         if need:
@@ -311,7 +311,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
                     det += tl.where(sel, tl.dot(v, tl.trans(d), input_precision=PREC), 0.0)
                     dvs += tl.where(sel, tl.dot(et, d, input_precision=PREC), 0.0)
             tl.store(DVS + rows[:, None] * DV + dv_[None, :], dvs, mask=mv)
-            tl.atomic_add(DET + rows[:, None] * DK + dk_[None, :], det, mask=mk)
+            tl.atomic_add(DET + rows[:, None] * DK + dk_[None, :], det, mask=mk, sem="relaxed")
             # old slots: read-out and transition
             dqh = tl.zeros([C, BK], dtype=tl.float32)
             dp = tl.zeros([BK, BK], dtype=tl.float32)
@@ -335,12 +335,12 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
                 if tl.max(tl.abs(w), axis=0) > 0:
                     dx = tl.dot(do, tl.trans(s), input_precision=PREC)  # [C, BK]
                     dqh += w[:, None] * dx
-                    tl.atomic_add(DW + rows * K + r, tl.sum(dx * qh, axis=1))
-                    ds += tl.dot(tl.trans(qh * w[:, None]), do, input_precision=PREC)
+                    tl.atomic_add(DW + rows * K + r, tl.sum(dx * qh, axis=1), sem="relaxed")
+                    ds += tl.dot(tl.trans(qh), w[:, None] * do, input_precision=PREC)
                 tl.store(dst + r * DK * DV + tile, ds, mask=m2)
             dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
-            tl.atomic_add(DQH + rows[:, None] * DK + dk_[None, :], dqh, mask=mk)
-            tl.atomic_add(DP + c * DK * DK + pm_tile, dp, mask=pm_mask)
+            tl.atomic_add(DQH + rows[:, None] * DK + dk_[None, :], dqh, mask=mk, sem="relaxed")
+            tl.atomic_add(DP + c * DK * DK + pm_tile, dp, mask=pm_mask, sem="relaxed")
             tl.debug_barrier()
 
 
