@@ -246,8 +246,9 @@ def _experiment(args) -> int:
             device = resolve_device(args.device)
             words = ["dla", "experiment", args.file]
             for flag in ("shard", "only", "out", "device", "time_limit"):
-                if getattr(args, flag) is not None:
-                    words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+                value = getattr(args, flag)
+                if value is not None:
+                    words += [f"--{flag.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else value]
             words += ["--no-checkpoints"] if args.no_checkpoints else []
             report = ex.run_experiment(exp, shard=shard, only=args.only, device=device, time_limit=args.time_limit,
                                        command=shlex.join(words), checkpoints=not args.no_checkpoints)
