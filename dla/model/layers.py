@@ -52,8 +52,10 @@ class ShortConv(nn.Module):
         Returns the output and the last `size − 1` inputs; the state keeps its dtype."""
         window = torch.cat((state.to(x.dtype), x), dim=1)
         y = F.conv1d(window.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.groups)
-        # contiguous, so the cache keeps one layout from step to step (a compiled step guards on strides)
-        return F.silu(y.transpose(1, 2)), window[:, x.shape[1]:].to(state.dtype).contiguous()
+        # copied into a fresh tensor, so the cache keeps one layout from step to step (a compiled
+        # step guards on strides; `.contiguous()` keeps a slice's strides when the batch is 1)
+        tail = state.new_empty(state.shape).copy_(window[:, x.shape[1]:])
+        return F.silu(y.transpose(1, 2)), tail
 
     def empty_state(self, batch: int, *, dtype: torch.dtype, device) -> Tensor:
         return torch.zeros(batch, self.conv.kernel_size[0] - 1, self.conv.in_channels, dtype=dtype, device=device)
