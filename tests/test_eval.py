@@ -287,7 +287,8 @@ def test_bad_experiment_input(tmp_path, text, extra, message, capsys):
 def test_a_changed_file_does_not_reuse_old_runs(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(["experiment", _toml(tmp_path, GOOD), "--out", out, "--device", "cpu", "--no-checkpoints"]) == 0
-    assert [p.name for p in (tmp_path / "out" / "runs" / "mqar--default--mamba2-dla--seed0").iterdir()] == ["result.json"]
+    run = tmp_path / "out" / "runs" / "mqar--default--mamba2-dla--seed0"
+    assert [p.name for p in run.iterdir()] == ["result.json"]
     changed = GOOD.replace("batch_size = 1", "batch_size = 2")
     assert main(["experiment", _toml(tmp_path, changed), "--out", out, "--device", "cpu"]) == 2
     assert "was made with another configuration" in capsys.readouterr().err

@@ -157,7 +157,8 @@ def _task_spec(path: Path, i: int, raw) -> TaskSpec:
         raise ValueError(f"{_where(path, where)}: {e}") from None
     label = raw.get("label", raw["task"])
     if not isinstance(label, str) or not label or "--" in label or "/" in label:
-        raise ValueError(f"{_where(path, where + '.label')} must be a non-empty name without '--' or '/', got {label!r}")
+        raise ValueError(f"{_where(path, where + '.label')} must be a non-empty name without '--' or '/', "
+                         f"got {label!r}")
     return TaskSpec(
         label=label, task=raw["task"], params=params,
         steps=_int(path, f"{where}.steps", raw["steps"]),
