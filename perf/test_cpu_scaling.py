@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dla.ops import multistate_attention
+from perf import timing
 from perf.inputs import layer_inputs
 
 LENGTHS = (512, 1024, 2048, 4096)
@@ -32,10 +33,8 @@ def fwd_bwd(t: dict) -> None:
 
 @pytest.fixture
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with timing.one_thread():
+        yield
 
 
 @pytest.mark.benchmark(group="cpu-scaling", timer=time.process_time)
