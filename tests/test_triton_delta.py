@@ -12,7 +12,7 @@ and a `fullgraph=True` compile of forward and backward cover that path in CI.
 On a GPU machine (`pytest -m gpu`) the small fixed tests also run on CUDA (the drawn ones stay on
 the interpreter: each new shape recompiles the kernels on the card), and a fixed grid of long
 sequences and production head sizes — every scan configuration the launcher picks (`Dv` tile
-16 and 32, 4 and 8 warps, chunk 64 and 32, ieee / tf32 / tf32x3 dots) — is compared against
+16 and 32, 4 and 8 warps, ieee / tf32 / tf32x3 dots; `Dk ≤ 128`) — is compared against
 the chunked torch path (`dla.ops.readout`) in float64 on the device, in float32 and bfloat16
 (SPEC §6: bf16 ≤ 2e-2 and at most twice the torch path's own bf16 error). A compile test pushes
 both scan kernels through Triton's GPU compiler and ptxas for sm_90 on any machine.
@@ -236,6 +236,9 @@ def test_rejects_missing_beta_float64_and_unknown_precision():
         readout_forward_triton(*doubles)
     with pytest.raises(ValueError, match="input_precision"):
         readout_backward_triton(None, None, *args, input_precision="fp32")
+    wide = torch.zeros(1, 3, 2, 256)
+    with pytest.raises(ValueError, match="Dk"):
+        readout_forward_triton(wide, wide, *args[2:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +362,7 @@ GPU_CASES = [  # (policy, B, H, T, Dk, Dv, K, has_g, initial, dtype): every scan
     ("single", 1, 2, 3000, 128, 128, 8, False, False, "bf16"),  # no decay: rounding compounds
     ("dla", 8, 16, 256, 128, 128, 16, True, True, "bf16"),  # N·Dv/32 ≥ 128: Dv tile 32
     ("dla", 8, 16, 200, 128, 128, 16, False, False, "fp32"),
-    ("dla", 1, 2, 300, 256, 256, 4, True, True, "fp32"),  # head size 256: chunk 32
+    ("dla", 1, 2, 300, 128, 256, 4, True, True, "bf16"),  # Dv = 256 (the paper preset)
 ]
 
 

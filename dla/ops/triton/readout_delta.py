@@ -351,11 +351,12 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
 
 def _config(dk: int, dv: int, N: int) -> dict:
     """Chunk size C, Dv tile BV and warps of the scan. Smaller BV gives more programs (the scan
-    has only N·Dv/BV of them) at the price of more atomic traffic in the backward."""
+    has only N·Dv/BV of them) at the price of more atomic traffic in the backward. Dv only sets
+    the number of tiles; Dk ≤ 128 (see `_check`)."""
     if _interpreting():
         return dict(C=16, BV=16, num_warps=4)
     bv = 32 if N * triton.cdiv(dv, 32) >= 128 else 16
-    return dict(C=64 if max(dk, dv) <= 128 else 32, BV=min(bv, _pow2(dv)), num_warps=8 if dk >= 128 else 4)
+    return dict(C=64, BV=min(bv, _pow2(dv)), num_warps=8 if dk >= 128 else 4)
 
 
 def _pow2(x: int) -> int:
@@ -447,8 +448,11 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, in
     if input_precision not in (None, "ieee", "tf32", "tf32x3"):
         raise ValueError(f"{name}: input_precision must be None, 'ieee', 'tf32' or 'tf32x3', got {input_precision!r}")
     B, T, H, Dk = q.shape
-    if T * H * max(Dk, v.shape[-1], lam.shape[-1]) >= 2**31 // 2:
-        raise ValueError(f"{name}: T·H·max(Dk, Dv, K) must stay below 2**30 (int32 offsets)")
+    if Dk > 128:  # [C, Dk] and [Dk, Dk] tiles beyond 128 are neither tuned nor tested on the card
+        raise ValueError(f"{name}: key head size Dk = {Dk} > 128 is not supported by the delta-rule Triton kernels "
+                         "(the CPU path takes any size)")
+    if (T + 64) * max(Dk, v.shape[-1], lam.shape[-1]) >= 2**31:
+        raise ValueError(f"{name}: T·max(Dk, Dv, K) must stay below 2**31 (int32 offsets within a head)")
 
 
 def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, str]:
