@@ -131,7 +131,8 @@ def train_row(args, device, backbone: str, policy: str, float8: str | None = Non
 def decode_row(args, device, backbone: str, policy: str, batch: int, context: int) -> dict:
     from dla.generate import activation_dtype, decode_step
 
-    row = {"section": "decode", "backbone": backbone, "policy": policy, "batch": batch, "context": context}
+    row = {"section": "decode", "backbone": backbone, "policy": policy, "batch": batch, "context": context,
+           "mode": args.decode_compile if args.compile else "none"}
     torch._dynamo.reset()
     # seq_len bounds fenwick's levels and nothing the other policies read: size it for the context
     cfg = model_config(args, backbone, policy, context + args.decode_steps + args.warmup + 1)
@@ -148,7 +149,7 @@ def decode_row(args, device, backbone: str, policy: str, batch: int, context: in
             logits, cache = model.prefill(prompt[:, start:start + args.prefill_chunk].to(device), cache)
     sync(device)
     prefill_s = time.perf_counter() - t0
-    step = decode_step(model, "auto" if args.compile else "none")
+    step = decode_step(model, args.decode_compile if args.compile else "none")
     token = logits[:, -1].argmax(-1)
     with autocast:
         t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def decode_row(args, device, backbone: str, policy: str, batch: int, context: in
 
 
 def key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("section", "backbone", "policy", "precision", "batch", "T", "context"))
+    return tuple(row.get(k) for k in ("section", "backbone", "policy", "precision", "batch", "T", "context", "mode"))
 
 
 def render(results: dict) -> str:
@@ -205,13 +206,16 @@ def render(results: dict) -> str:
         lines.append("")
     dec = [r for r in rows if r["section"] == "decode"]
     if dec:
-        lines += ["## Decode", "", "| backbone | policy | batch | context | tokens/s | ms/step | vs shortest context |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sorted(dec, key=lambda r: (r["backbone"], r["policy"], r["batch"], r["context"])):
-            first = min((d for d in dec if (d["backbone"], d["policy"], d["batch"]) == (r["backbone"], r["policy"], r["batch"])),
-                        key=lambda d: d["context"])
-            lines.append(f"| {r['backbone']} | {r['policy']} | {r['batch']} | {r['context']:,} | {r['tokens_per_s']:,.0f} | "
-                         f"{r['ms_per_step']} | {r['ms_per_step'] / first['ms_per_step']:.2f}× time |")
+        lines += ["## Decode", "", "| backbone | policy | mode | batch | context | tokens/s | ms/step | vs shortest context |",
+                  "|---|---|---|---|---|---|---|---|"]
+
+        def group(r):
+            return r["backbone"], r["policy"], r.get("mode"), r["batch"]
+
+        for r in sorted(dec, key=lambda r: (*map(str, group(r)), r["context"])):
+            first = min((d for d in dec if group(d) == group(r)), key=lambda d: d["context"])
+            lines.append(f"| {r['backbone']} | {r['policy']} | {r.get('mode')} | {r['batch']} | {r['context']:,} | "
+                         f"{r['tokens_per_s']:,.0f} | {r['ms_per_step']} | {r['ms_per_step'] / first['ms_per_step']:.2f}× time |")
         lines.append("")
     return "\n".join(lines)
 
@@ -235,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-policies", nargs="+", default=["single", "dla"], choices=POLICIES)
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--decode-compile", default="auto", choices=["auto", "default", "reduce-overhead"],
+                   help="mode of the compiled decode step (auto: CUDA graphs on CUDA, as dla generate); under "
+                        "CUDA graphs each step also copies the cache out of the graph's memory")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (preset tiny, T = 64), eager unless --compile-smoke")
     p.add_argument("--compile-smoke", action="store_true", help="with --smoke: compile as on the GPU")
