@@ -2,9 +2,12 @@
 the oracles.
 
 On the CPU the kernels run through the Triton interpreter (tiny shapes, float32,
-`input_precision="ieee"`) against the materialized masked form in float64: output, final slot
-states and every gradient (`dq, dk, dv, dλ, dg, dβ, dS0`) against autograd of the reference, with
-the same level map on both sides (as in `tests/test_triton_readout.py`, whose helpers this file
+`input_precision="ieee"`, chunk 16 so that sequences span several chunks and the backward's
+checkpoint segments): output and final slot states against the materialized masked form in
+float64; every gradient (`dq, dk, dv, dλ, dg, dβ, dS0`) against the CPU op's chunked backward in
+float64 on drawn cases (it is held to autograd of the materialized form by tests/test_readout.py,
+and is ~100× faster than that autograd) and against the autograd itself on fixed small cases.
+Both sides get the same level map (as in `tests/test_triton_readout.py`, whose helpers this file
 shares). Outputs are allocated by `torch.empty`, which the tests poison with NaN. A test-only
 registration (`dla_triton_delta::…`) routes CPU tensors to the Triton launchers, so `opcheck`
 and a `fullgraph=True` compile of forward and backward cover that path in CI.
