@@ -322,7 +322,11 @@ def _quantize(args) -> int:
             raise ValueError(message if message.startswith("--") else f"--checkpoint {message}") from None
     except ValueError as e:
         return _fail(str(e))
-    result = {"checkpoint": str(out), "source": str(args.checkpoint)}
+    from dla.checkpoint import find
+
+    weights = {name: (find(path) / "model.safetensors").stat().st_size
+               for name, path in (("bytes_before", args.checkpoint), ("bytes_after", out))}
+    result = {"checkpoint": str(out), "source": str(args.checkpoint), **weights}
     if not args.no_eval:
         before = evaluate_checkpoint(args.checkpoint, device=args.device)
         after = evaluate_checkpoint(out, device=args.device)
@@ -331,7 +335,8 @@ def _quantize(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"int8 weight-only checkpoint: {out}")
+    print(f"int8 weight-only checkpoint: {out} (weights {result['bytes_before'] / 2**20:.2f} MiB -> "
+          f"{result['bytes_after'] / 2**20:.2f} MiB)")
     if not args.no_eval:
         print(f"held-out bits per byte over {result['heldout_tokens']:,} bytes: {result['heldout_bpb_before']:.4f} "
               f"before, {result['heldout_bpb_after']:.4f} after quantization "

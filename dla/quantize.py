@@ -102,17 +102,3 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool 
     return checkpoint.save(out, step=int(state["step"]), model=model, optimizer=None, config=config, state=state,
                            weights=(tensors, metadata))
 
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters as stored (int8 data and scales for quantized layers)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    total = 0
-    for p in model.state_dict().values():
-        if is_traceable_wrapper_subclass(p):
-            names, _ = p.__tensor_flatten__()
-            total += sum(getattr(p, n).numel() * getattr(p, n).element_size() for n in names
-                         if isinstance(getattr(p, n), torch.Tensor))
-        else:
-            total += p.numel() * p.element_size()
-    return total

@@ -178,6 +178,7 @@ def test_quantize_reports_bpb_before_and_after(run_8bit, tmp_path, capsys):
     before, after = result["heldout_bpb_before"], result["heldout_bpb_after"]
     assert before == pytest.approx(json.loads(main_eval(run_8bit, capsys))["heldout_bpb"])
     assert after != before and abs(after - before) <= BPB_RTOL * before
+    assert result["bytes_before"] > 0 and result["bytes_after"] > 0  # reported (the micro model is mostly embedding)
     ckpt = checkpoint.find(out)
     assert not (ckpt / "optimizer.pt").exists()
     assert json.loads((ckpt / "config.json").read_text())["quantization"]["method"] == "int8_weight_only"
