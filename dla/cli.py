@@ -324,8 +324,9 @@ def _quantize(args) -> int:
         return _fail(str(e))
     from dla.checkpoint import find
 
-    weights = {name: (find(path) / "model.safetensors").stat().st_size
-               for name, path in (("bytes_before", args.checkpoint), ("bytes_after", out))}
+    files = {name: find(path) / "model.safetensors" for name, path in (("bytes_before", args.checkpoint),
+                                                                        ("bytes_after", out))}
+    weights = {name: f.stat().st_size if f.is_file() else None for name, f in files.items()}  # none if sharded
     result = {"checkpoint": str(out), "source": str(args.checkpoint), **weights}
     if not args.no_eval:
         before = evaluate_checkpoint(args.checkpoint, device=args.device)
@@ -335,8 +336,9 @@ def _quantize(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"int8 weight-only checkpoint: {out} (weights {result['bytes_before'] / 2**20:.2f} MiB -> "
-          f"{result['bytes_after'] / 2**20:.2f} MiB)")
+    sizes = "" if weights["bytes_before"] is None else (f" (weights {weights['bytes_before'] / 2**20:.2f} MiB -> "
+                                                        f"{weights['bytes_after'] / 2**20:.2f} MiB)")
+    print(f"int8 weight-only checkpoint: {out}{sizes}")
     if not args.no_eval:
         print(f"held-out bits per byte over {result['heldout_tokens']:,} bytes: {result['heldout_bpb_before']:.4f} "
               f"before, {result['heldout_bpb_after']:.4f} after quantization "
