@@ -182,6 +182,20 @@ def test_backward_matches_materialized_autograd(device, case: Case):
     assert relative_error(torch.where(mask, got["S0"], 0.0), torch.where(mask, ref["S0"], 0.0)) <= TOL32
 
 
+@pytest.mark.parametrize("device", INTERPRETER)
+def test_backward_in_head_groups(device, monkeypatch):
+    """The backward scan launched for a few heads at a time (scratch reused between launches, as
+    on the card when B·H is large) gives the same gradients."""
+    import dla.ops.triton.readout_delta as D
+
+    monkeypatch.setattr(D, "_heads_per_launch", lambda N, nv, dev: 3)  # 4 heads: launches of 3 and 1
+    case = Case(length=40, levels=4, policy="dla", transition="both", tau=0.6, **{**EDGE, "batch": 2})
+    case, t, _, level_start, S0, _ = setup(case, True)
+    do, dS = cotangents(case, S0)
+    got = triton_grads(case, t, level_start, S0, do, dS, device)
+    check_grads(got, chunked_grads(case, t, level_start, S0, do, dS), True)
+
+
 def test_drawn_cases_exercise_every_decision():
     """Boundaries, in-block merges and capacity merges all occur in what the tests above draw."""
     events = torch.zeros(3, dtype=torch.long)

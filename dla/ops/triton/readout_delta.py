@@ -359,6 +359,17 @@ def _config(dk: int, dv: int, N: int) -> dict:
     return dict(C=64, BV=min(bv, _pow2(dv)), num_warps=8 if dk >= 128 else 4)
 
 
+def _heads_per_launch(N: int, nv: int, device) -> int:
+    """Heads per launch of the backward scan, whose scratch (≈ 2·√(#chunks) sets of slot states)
+    is sized for one launch: enough programs for about two per SM (the scan's programs are heavy,
+    one or two fit an SM), so that splitting costs little parallelism and bounds the scratch
+    when B·H is large (short sequences)."""
+    if device.type != "cuda":
+        return N
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(N, triton.cdiv(2 * sms, nv)))
+
+
 def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
@@ -576,10 +587,11 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     dS = torch.zeros(B, H, K, Dk, Dv, dtype=f32, device=dev) if dS is None else dS.to(f32).contiguous()
     R = max(1, math.isqrt(NC))
     nseg = triton.cdiv(NC, R)
+    G = _heads_per_launch(N, nv, dev)
     sets = dict(dtype=f32, device=dev)
-    ck = torch.empty(nseg, N, K, Dk, Dv, **sets)
-    seg = torch.empty(max(R, 2), N, K, Dk, Dv, **sets)
-    dtmp = torch.empty(N, K, Dk, Dv, **sets)
+    ck = torch.empty(nseg, G, K, Dk, Dv, **sets)  # scratch for G heads, reused by each launch
+    seg = torch.empty(max(R, 2), G, K, Dk, Dv, **sets)
+    dtmp = torch.empty(G, K, Dk, Dv, **sets)
     dS0 = torch.empty(B, H, K, Dk, Dv, **sets)
     dqh = torch.zeros(N, Tp, Dk, **sets)
     dw = torch.zeros(N, Tp, K, **sets)
@@ -587,8 +599,13 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     dvs = torch.empty(N, Tp, Dv, **sets)
     dp = torch.zeros(N * NC, Dk, Dk, **sets)
     v32 = x.v.to(f32).contiguous()
-    _bwd_scan_kernel[(nv, N)](qh, w, p, et, v32, eold, etok, dOt, x.S0, dS, ck, seg, dtmp, dS0,
-                              dqh, dw, det, dvs, dp, NC, R, **meta)
+    heads = (dOt, x.S0, dS.view(N, K, Dk, Dv), dS0.view(N, K, Dk, Dv), dqh, dw, det, dvs, v32)
+    for n0 in range(0, N, G):
+        n1 = min(N, n0 + G)
+        h = [t[n0:n1] for t in heads]
+        c = [t[n0 * NC : n1 * NC] for t in (qh, w, p, et, eold, etok, dp)]
+        _bwd_scan_kernel[(nv, n1 - n0)](c[0], c[1], c[2], c[3], h[8], c[4], c[5], h[0], h[1], h[2], ck, seg, dtmp,
+                                        h[3], h[4], h[5], h[6], h[7], c[6], NC, R, **meta)
     del ck, seg, dtmp
 
     grads = [torch.empty(N * NC, C, d, dtype=x.cdt, device=dev) for d in (Dk, Dk, Dv, K)]
