@@ -36,7 +36,9 @@ chunk-start states every `R ≈ √(#chunks)` chunks, then walks the segments ba
 each segment's chunk-start states from its checkpoint and applying the reverse step above —
 `dQ̂, dW, dE, dP_C` are sums over `Dv`, so the `Dv` tiles add them with float32 atomics; `dv`'s
 state part and the carried `dS` belong to the tile. No saved tensor grows with `T·K·Dk·Dv`:
-scratch is `(#checkpoints + R + 2)` sets of slot states, freed when the op returns.
+scratch is `(#checkpoints + R + 1)` sets of slot states for the heads of one launch (the
+backward scan is launched for about two programs per SM of heads at a time), freed when the op
+returns.
 
 The chunk-parallel part — the UT solve, `Ã, Q̂, E, P_C`, the level weights, the intra-chunk
 `(Ã ⊙ Λ) V` and the chunk-local backward — is batched over all chunks at once (in blocks, to
