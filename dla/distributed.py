@@ -82,7 +82,8 @@ def from_env(*, backend: str | None = None, device: str | None = None, env=None)
         rank, size, local_rank, local_size = (int(env[n]) for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                     "LOCAL_WORLD_SIZE"))
     except ValueError:
-        raise ValueError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (set by torchrun)") from None
+        raise ValueError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers "
+                         "(torchrun sets them)") from None
     if not (size >= 1 and 0 <= rank < size and 0 <= local_rank < local_size):
         raise ValueError(f"inconsistent torchrun variables: RANK={rank} WORLD_SIZE={size} "
                          f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_size}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -98,12 +99,13 @@ def run_one(nproc: int, args, data: Path, work: Path, *, plain: bool = False) ->
         raise SystemExit(f"run {label} failed (exit {done.returncode}); the end of its log:\n{log[-4000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    if len(steps) != args.steps or not all(map(lambda r: r["loss"] == r["loss"] and abs(r["loss"]) < 1e30, steps)):
+    if len(steps) != args.steps or not all(math.isfinite(r["loss"]) for r in steps):
         raise SystemExit(f"run {label}: {len(steps)} steps recorded or a non-finite loss; see {work}")
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:])][args.warmup_steps - 1:]
     tokens = batch * args.seq_len
     median = statistics.median(times)
-    return {"processes": nproc, "torchrun": not plain, "global_batch": batch, "tokens_per_step": tokens, "timed_steps": len(times),
+    return {"processes": nproc, "torchrun": not plain, "global_batch": batch, "tokens_per_step": tokens,
+            "timed_steps": len(times),
             "median_step_s": round(median, 5), "mean_step_s": round(statistics.fmean(times), 5),
             "tokens_per_s": round(tokens / median, 1), "final_loss": steps[-1]["loss"], "wall_s": round(wall, 1),
             "first_step_s": steps[0]["elapsed_s"]}

@@ -1,6 +1,8 @@
-"""`dla train` under torchrun on CPU processes (gloo, FSDP2, `--no-compile`): two processes
-train the `tiny` preset as one process does on the same global batch, write sharded checkpoints
-(DCP) that resume identically, on two processes or on one, and bad set-ups fail with one line.
+"""`dla train` under torchrun on CPU processes (gloo, FSDP2, `--no-compile`, float32): two
+processes train the `tiny` preset for 5 steps as one process does on the same global batch,
+write sharded checkpoints (DCP) that resume identically, on two processes or on one, and bad
+set-ups fail with one line. Two torchrun launches carry the run (killed during step 5, then
+resumed), to keep the file near a minute on two busy cores.
 
 The torchrun workers run this file as a script (see the bottom): `dla.cli.main` on the given
 arguments, optionally killed at a step the way test_train kills a single process."""
@@ -21,7 +23,8 @@ import torch
 
 from dla import checkpoint
 from dla.cli import main
-from tests.test_train import train_curve, write_corpus
+from dla.data import batch_at, prepare
+from tests.test_train import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
@@ -41,10 +44,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], *, nproc: int = 2, crash_at: int | None = None) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], *, nproc: int = 2, crash_at: int | None = None,
+             record: Path | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=nproc` of this file's worker on 127.0.0.1."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     worker = [str(Path(__file__).resolve())] + (["--crash-at", str(crash_at)] if crash_at is not None else [])
+    worker += ["--record", str(record)] if record is not None else []
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *worker, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -65,22 +70,22 @@ def relative(a, b) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process; two processes straight through; two processes killed during step 5 (after
-    the step-3 checkpoint and one step more) and resumed on two; the killed run resumed on one
-    plain process."""
+    """One process; two processes killed during step 5 (after the step-3 checkpoint and one step
+    more), then resumed on two; the killed run resumed on one plain process instead."""
     tmp = tmp_path_factory.mktemp("dist")
     corpus = write_corpus(tmp / "corpus")
     assert main(train_args(corpus, tmp / "one")) == 0
-    two = torchrun(train_args(corpus, tmp / "two"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    cut = torchrun(train_args(corpus, tmp / "cut"), crash_at=4)
+    cut = torchrun(train_args(corpus, tmp / "two"), crash_at=4, record=tmp / "batches")
     assert cut.returncode != 0 and "KeyboardInterrupt" in cut.stderr, cut.stderr[-3000:]
-    assert checkpoint.find(tmp / "cut").name == "step-00000003"
-    shutil.copytree(tmp / "cut", tmp / "cut-one")
-    resumed = torchrun(train_args(corpus, tmp / "cut", "--resume"))
+    assert checkpoint.find(tmp / "two").name == "step-00000003"
+    uninterrupted = records(tmp / "two")
+    assert [r["step"] for r in uninterrupted] == [1, 2, 3, 4]  # a step past the checkpoint, to be redone
+    shutil.copytree(tmp / "two", tmp / "two-then-one")
+    resumed = torchrun(train_args(corpus, tmp / "two", "--resume"))
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-3000:]
-    assert main(train_args(corpus, tmp / "cut-one", "--resume")) == 0
-    return {"corpus": corpus, "tmp": tmp, "two_stderr": two.stderr, **{k: tmp / k for k in ("one", "two", "cut", "cut-one")}}
+    assert main(train_args(corpus, tmp / "two-then-one", "--resume")) == 0
+    return {"corpus": corpus, "uninterrupted": uninterrupted, "stderr": resumed.stderr, "batches": tmp / "batches",
+            **{k: tmp / k for k in ("one", "two", "two-then-one")}}
 
 
 def test_fsdp2_on_gloo_cpu_is_available():
@@ -92,8 +97,10 @@ def test_fsdp2_on_gloo_cpu_is_available():
 
 
 def test_two_processes_train_as_one_on_the_global_batch(runs):
+    """Steps 1-4 straight through and 5 after the resume, on two processes, against one process."""
     one, two = records(runs["one"]), records(runs["two"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
+    two = runs["uninterrupted"] + two[4:]
     assert max(relative([r["loss"] for r in two], [r["loss"] for r in one])) < 1e-5
     # the clip threshold is 1: the sharded gradient norm must be the global one for the steps to agree
     assert min(r["grad_norm"] for r in one) > 1.0
@@ -102,12 +109,33 @@ def test_two_processes_train_as_one_on_the_global_batch(runs):
     assert relative(eval_record(runs["two"])["heldout_loss"], eval_record(runs["one"])["heldout_loss"]) < 1e-5
 
 
+def test_each_rank_trains_on_its_rows_of_the_global_batch(runs):
+    """Rank r saw rows [2r, 2r + 2) of `batch_at(seed, step)`, for each step before the kill (every
+    rank training on the whole batch would match one process too, at twice the cost)."""
+    split = prepare(str(runs["corpus"]), runs["two"] / "data", seq_len=16)
+    seen = {r: [json.loads(line) for line in (runs["batches"] / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)}
+    assert len(seen[0]) == len(seen[1]) == 4
+    for step in range(4):
+        x, _ = batch_at(split.train, step, batch_size=4, seq_len=16, seed=0)
+        assert seen[0][step] == x[:2].tolist() and seen[1][step] == x[2:].tolist(), step
+
+
+def test_resume_from_the_sharded_checkpoint_continues_identically(runs):
+    """Step 4 redone from the step-3 checkpoint is the step 4 of the uninterrupted processes, to
+    the bit (weights, data position and learning rate restored); step 5 then needs the restored
+    optimizer moments too, and matches one process."""
+    before, after = runs["uninterrupted"], records(runs["two"])
+    assert after[:3] == before[:3]  # the record up to the checkpoint is kept
+    for key in ("loss", "grad_norm", "lr"):
+        assert after[3][key] == before[3][key], key
+
+
 def test_only_rank_0_writes_the_record(runs):
     lines = (runs["two"] / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == STEPS + 1 and "heldout_bpb" in json.loads(lines[-1])
     assert (runs["two"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert runs["two_stderr"].count("held-out bits per byte") == 0  # the summary goes to stdout, once
-    assert runs["two_stderr"].count("model: mamba2/dla") == 1
+    assert runs["stderr"].count("resuming") == 1 and runs["stderr"].count("model: mamba2/dla") == 1
 
 
 def test_sharded_checkpoint_layout(runs):
@@ -120,20 +148,12 @@ def test_sharded_checkpoint_layout(runs):
     assert state["step"] == STEPS and state["world_size"] == 2 and state["data"]["next_step"] == STEPS
 
 
-def test_resume_from_the_sharded_checkpoint_continues_identically(runs):
-    straight, resumed = train_curve(runs["two"]), train_curve(runs["cut"])
-    assert [s for s, _ in resumed] == list(range(1, STEPS + 1))
-    # the same processes, data and reduction order: the same numbers
-    assert resumed == straight
-    assert eval_record(runs["cut"])["heldout_loss"] == eval_record(runs["two"])["heldout_loss"]
-
-
 def test_sharded_checkpoint_resumes_on_one_process(runs):
     """DCP reshards on load: the two-process checkpoint continues on one plain process."""
-    a, b = records(runs["one"]), records(runs["cut-one"])
+    a, b = records(runs["one"]), records(runs["two-then-one"])
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
     assert max(relative([r["loss"] for r in b], [r["loss"] for r in a])) < 1e-5
-    assert not checkpoint.is_sharded(checkpoint.find(runs["cut-one"]))  # a plain process writes a plain one
+    assert not checkpoint.is_sharded(checkpoint.find(runs["two-then-one"]))  # a plain process writes a plain one
 
 
 def test_dla_eval_reads_a_sharded_checkpoint(runs, capsys):
@@ -201,7 +221,7 @@ def test_torchrun_reports_a_bad_batch_once(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-if __name__ == "__main__":  # a torchrun worker: `[--crash-at STEP] ARGS...` of `dla`
+if __name__ == "__main__":  # a torchrun worker: `[--crash-at STEP] [--record DIR] ARGS...` of `dla`
     argv = sys.argv[1:]
     if argv[:1] == ["--crash-at"]:
         import dla.train as train_mod
@@ -215,4 +235,18 @@ if __name__ == "__main__":  # a torchrun worker: `[--crash-at STEP] ARGS...` of 
             return real(stream, step, **kw)
 
         train_mod.batch_at = crashing
+    if argv[:1] == ["--record"]:  # the token rows each rank trains on, a line per step
+        from dla.model import CausalLM
+
+        record, argv = Path(argv[1]), argv[2:]
+        record.mkdir(parents=True, exist_ok=True)
+        real_loss = CausalLM.loss
+
+        def recording(self, idx, targets):
+            if self.training:
+                with open(record / f"rank{os.environ['RANK']}.jsonl", "a") as f:
+                    f.write(json.dumps(idx.tolist()) + "\n")
+            return real_loss(self, idx, targets)
+
+        CausalLM.loss = recording
     sys.exit(main(argv))
