@@ -142,7 +142,7 @@ def _load_json(path: Path, what: str) -> dict:
 
 
 def failed_verifications(result: dict) -> list[str]:
-    return [f"{v.get('policy')} K={v.get('K')} T={v.get('T')}: errors {v.get('errors')}"
+    return [f"{v.get('backbone', 'mamba2')} {v.get('policy')} K={v.get('K')} T={v.get('T')}: errors {v.get('errors')}"
             for v in result.get("verify", []) if not v.get("ok")]
 
 

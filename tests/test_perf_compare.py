@@ -155,8 +155,8 @@ def test_missing_figure_fails(tmp_path, result, baseline, capsys):
 
 
 def test_new_rows_are_listed_not_failing(tmp_path, result, baseline, capsys):
-    """Delta-rule rows (named as bench_gpu may name them) appear against fla Gated DeltaNet and
-    their own `single`, and do not fail until a baseline holds them."""
+    """Delta-rule rows (named as bench_gpu.py names them: `gdn_<policy>_…`) appear against fla
+    Gated DeltaNet and their own `single`, and do not fail until a baseline holds them."""
     more = copy.deepcopy(result)
     for r in more["rows"]:
         r.update(gdn_single_fwd_bwd=3 * r["fla_gdn_fwd_bwd"], gdn_dla16_fwd_bwd=6 * r["fla_gdn_fwd_bwd"],
@@ -182,7 +182,7 @@ def test_failed_verification_fails(tmp_path, result, baseline, capsys):
     wrong = copy.deepcopy(result)
     wrong["verify"][2]["ok"] = False
     rc, out = run(tmp_path, wrong, baseline, capsys)
-    assert rc == 1 and "FAILED VERIFICATION in NEW: dla K=16 T=2048" in out
+    assert rc == 1 and "FAILED VERIFICATION in NEW: mamba2 dla K=16 T=2048" in out
     src = tmp_path / "wrong.json"
     src.write_text(json.dumps(wrong))
     with pytest.raises(compare.InputError, match="RESULT: .* failed verification"):
