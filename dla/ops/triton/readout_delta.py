@@ -74,17 +74,16 @@ __all__ = ["readout_forward_triton", "readout_backward_triton"]
 
 
 @triton.jit
-def _new_slot(DST, r, ET, rows, v, etok, lo, hi, run, P, dv_, HAS_OLD: tl.constexpr, DK: tl.constexpr,
-              DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-              PREC_P: tl.constexpr):
+def _new_slot(DST, r, ET, rows, v, etok, lo, hi, has_old, run, P, dv_, DK: tl.constexpr, DV: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
     """Writes new slot r: Σ_{s: ε_s = r} E_s v_sᵀ, plus P_C · run (its old slots' sum) when
-    HAS_OLD — in blocks of BH rows of Dk, so that P_C is never held whole in registers."""
+    has_old — in blocks of BH rows of Dk, so that P_C is never held whole in registers."""
     tok = (r >= lo) & (r <= hi)
     sel = (etok == r)[:, None]
     for h in tl.static_range(0, BK, BH):
         dh = h + tl.arange(0, BH)
         acc = tl.zeros([BH, BV], dtype=tl.float32)
-        if HAS_OLD:
+        if has_old:
             pm = tl.load(P + dh[:, None] * DK + tl.arange(0, BK)[None, :],
                          mask=(dh[:, None] < DK) & (tl.arange(0, BK)[None, :] < DK), other=0.0)
             acc = tl.dot(pm, run, input_precision=PREC_P)
@@ -104,7 +103,9 @@ def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr
     + Σ_{s: ε_s = r'} E_s v_sᵀ for all K new slots, each exactly once, in order. Old slots
     with e_r = K (no slot: empty levels) carry nothing; the others have non-decreasing e_r (a
     level holds a range of positions, and the old slots are in position order), so each new
-    slot's old slots are consecutive."""
+    slot's old slots are consecutive: when a group ends (a new e_r, or the sentinel r = K), the
+    new slots from the group's own up to the next group's are written (one call site, so the
+    kernels stay small)."""
     tile = dk_[:, None] * DV + dv_[None, :]
     m2 = (dk_[:, None] < DK) & (dv_[None, :] < DV)
     v = tl.load(V + rows[:, None] * DV + dv_[None, :], mask=dv_[None, :] < DV, other=0.0)
@@ -117,32 +118,28 @@ def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr
     run = tl.zeros([BK, BV], dtype=tl.float32)
     cur = lo * 0 - 1  # the new slot being gathered (−1: none yet)
     nxt = lo * 0  # the first new slot not written yet
-    for r in range(0, K):
-        e = tl.load(EOLD + r)
+    for r in range(0, K + 1):
+        last = r == K  # the sentinel: closes the last group and fills the remaining slots
+        e = tl.load(EOLD + r, mask=r < K, other=K)
         need = e < K
         if READ:
-            w = tl.load(W + rows * K + r)
+            w = tl.load(W + rows * K + r, mask=(rows >= 0) & (r < K), other=0.0)
             read = tl.max(tl.abs(w), axis=0) > 0
             s = tl.load(SRC + r * DK * DV + tile, mask=m2 & (need | read), other=0.0)
             if read:
                 acc += w[:, None] * tl.dot(qh, s, input_precision=PREC)  # diag(w) (Q̂ S_r): no [C, Dk] temporary
         else:
             s = tl.load(SRC + r * DK * DV + tile, mask=m2 & need, other=0.0)
+        if (need & (e != cur)) | last:
+            first = tl.where(cur >= 0, cur, nxt)  # the open group's slot (= nxt − 1), else nxt
+            for r2 in range(first, tl.where(last, K, e)):
+                _new_slot(DST, r2, ET, rows, v, etok, lo, hi, r2 == cur, run, P, dv_, DK, DV, BK, BV, BH, PREC,
+                          PREC_P)
+            nxt = e + 1
+            cur = e
+            run = tl.zeros([BK, BV], dtype=tl.float32)
         if need:
-            if e != cur:
-                if cur >= 0:
-                    _new_slot(DST, cur, ET, rows, v, etok, lo, hi, run, P, dv_, True, DK, DV, BK, BV, BH, PREC, PREC_P)
-                for r2 in range(nxt, e):  # new slots without old ones
-                    _new_slot(DST, r2, ET, rows, v, etok, lo, hi, run, P, dv_, False, DK, DV, BK, BV, BH, PREC,
-                              PREC_P)
-                nxt = e + 1
-                cur = e
-                run = tl.zeros([BK, BV], dtype=tl.float32)
             run += s
-    if cur >= 0:
-        _new_slot(DST, cur, ET, rows, v, etok, lo, hi, run, P, dv_, True, DK, DV, BK, BV, BH, PREC, PREC_P)
-    for r2 in range(nxt, K):
-        _new_slot(DST, r2, ET, rows, v, etok, lo, hi, run, P, dv_, False, DK, DV, BK, BV, BH, PREC, PREC_P)
     tl.debug_barrier()  # the next chunk reads DST (other threads' stores)
     return acc
 
