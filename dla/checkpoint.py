@@ -126,6 +126,17 @@ def read_json(checkpoint: Path, name: str) -> dict:
         raise CheckpointError(f"{checkpoint / name}: unreadable ({e})") from None
 
 
+def model_config(checkpoint: Path):
+    """The `ModelConfig` a checkpoint was saved with (its config.json), or one clear error."""
+    from dla.model.config import ModelConfig
+
+    config = read_json(checkpoint, "config.json")
+    try:
+        return ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint / 'config.json'}: not a dla run config ({e})") from None
+
+
 def check_compatible(saved: dict, requested: dict, *, what: str) -> None:
     """Refuse a checkpoint whose config differs from the requested one, naming the field."""
     for field in sorted(set(saved) | set(requested)):

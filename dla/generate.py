@@ -30,12 +30,7 @@ def load_model(path: str | Path, *, device: torch.device) -> tuple[CausalLM, Pat
     """The model of the checkpoint that `path` names (a run folder, or a checkpoint folder,
     float or int8) in eval mode on `device`; the checkpoint folder and its state.json."""
     ckpt = checkpoint.find(path)
-    config = checkpoint.read_json(ckpt, "config.json")
-    try:
-        cfg = ModelConfig.from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"{ckpt / 'config.json'}: not a dla run config ({e})") from None
-    model = CausalLM(cfg).to(device)
+    model = CausalLM(checkpoint.model_config(ckpt)).to(device)
     state = checkpoint.load(ckpt, model, device=device)
     return model.eval(), ckpt, state
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from dla import checkpoint
@@ -74,7 +73,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool 
     that already holds a checkpoint unless `overwrite`."""
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    from dla.model import CausalLM, ModelConfig
+    from dla.model import CausalLM
 
     ckpt = checkpoint.find(source)
     config = checkpoint.read_json(ckpt, "config.json")
@@ -87,10 +86,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool 
         raise ValueError(f"--out {out}: already holds a checkpoint; pass --overwrite to replace it")
     if out.resolve() == ckpt.parent.parent.resolve():
         raise ValueError(f"--out {out}: is the source run folder; choose another folder")
-    try:
-        model = CausalLM(ModelConfig.from_dict(config["model"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"{ckpt / 'config.json'}: not a dla run config ({e})") from None
+    model = CausalLM(checkpoint.model_config(ckpt))
     state = checkpoint.load(ckpt, model)
     quantize_model(model.eval())
     tensors, metadata = flatten_tensor_state_dict(model.state_dict())

@@ -177,18 +177,7 @@ def main() -> int:
         fenwick_levels = max(16, (length - 1).bit_length() + 1)
         for name, policy, levels in (("single", "single", 2), ("fenwick", "fenwick", fenwick_levels),
                                      ("dla16", "dla", 16), ("dla32", "dla", 32)):
-            t = inputs(length, levels, "mamba2")
-            fwd, fwd_bwd = train_step(t, policy=policy)
-            try:
-                row[f"{name}_fwd"] = bench(lambda: fwd(), rep=rep)
-                row[f"{name}_fwd_bwd"] = bench(fwd_bwd, rep=rep)
-                row[f"{name}_peak_mb"] = peak_memory_mb(fwd_bwd)
-                flop = 4 * 2 * TOKENS * HEADS * levels * DIM * DIM
-                row[f"{name}_readout_tflops"] = flop / (row[f"{name}_fwd_bwd"] * 1e-3) / 1e12
-            except torch.OutOfMemoryError as exc:
-                row[f"{name}_error"] = f"OOM: {exc}"[:200]
-            del t
-            torch.cuda.empty_cache()
+            time_policy(row, name, inputs(length, levels, "mamba2"), policy, levels, rep)
         for name, policy, levels in (("gdn_single", "single", 2), ("gdn_fenwick", "fenwick", fenwick_levels),
                                      ("gdn_dla16", "dla", 16), ("gdn_dla32", "dla", 32)):
             time_policy(row, name, inputs(length, levels, "gdn"), policy, levels, rep)

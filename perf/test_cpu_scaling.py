@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from dla.ops import multistate_attention
 from perf import timing

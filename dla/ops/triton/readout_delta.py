@@ -168,8 +168,6 @@ def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
     SO += n * K * DK * DV
     dk_ = tl.arange(0, BK)
     dv_ = pv * BV + tl.arange(0, BV)
-    tile = dk_[:, None] * DV + dv_[None, :]
-    m2 = (dk_[:, None] < DK) & (dv_[None, :] < DV)
     for c in range(0, NC):
         rows = c * C + tl.arange(0, C)
         if c == 0:
