@@ -261,7 +261,9 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *, res
         saved = checkpoint.read_json(ckpt, "config.json")
         requested = run.config()
         checkpoint.check_compatible(saved.get("model", {}), requested["model"], what=f"the checkpoint in {out}")
-        checkpoint.check_compatible(saved.get("train", {}), requested["train"], what=f"the checkpoint in {out}")
+        # fields added since a checkpoint was written (optim, float8) held their defaults then
+        saved_train = {**dataclasses.asdict(TrainConfig()), **saved.get("train", {})}
+        checkpoint.check_compatible(saved_train, requested["train"], what=f"the checkpoint in {out}")
         run.resume_from = ckpt
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out}: folder is not empty; pass --resume to continue the run in it, "

@@ -329,3 +329,17 @@ def test_resume_refuses_another_config_naming_the_field(corpus, tmp_path):
         plan(MICRO, tcfg(corpus, steps=2, batch_size=3), tmp_path, resume=True)
     with pytest.raises(ValueError, match="not empty"):
         plan(MICRO, tcfg(corpus, steps=2), tmp_path)
+
+
+def test_resume_accepts_a_checkpoint_from_before_later_train_fields(corpus, tmp_path):
+    """A run saved before `optim`/`float8` existed held their defaults: it resumes, and a run
+    that asks for another value is still refused by name."""
+    train(plan(MICRO, tcfg(corpus, steps=2), tmp_path, compile=False, device="cpu"), log=quiet)
+    config_path = checkpoint.find(tmp_path) / "config.json"
+    config = json.loads(config_path.read_text())
+    for field in ("optim", "float8"):
+        del config["train"][field]
+    config_path.write_text(json.dumps(config))
+    assert plan(MICRO, tcfg(corpus, steps=2), tmp_path, resume=True).resume_from == config_path.parent
+    with pytest.raises(checkpoint.CheckpointError, match="optim = 'adamw', but this run asks for optim = 'adamw8bit'"):
+        plan(MICRO, tcfg(corpus, steps=2, optim="adamw8bit"), tmp_path, resume=True)
