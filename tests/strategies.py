@@ -130,3 +130,9 @@ def information_close(I: torch.Tensor, ref_I: torch.Tensor, ref_n: torch.Tensor,
     rtol, atol = I_TOL[dtype]
     err = (I.double() - ref_I.double()).abs()
     return bool((err <= rtol * ref_I.double().abs() + atol * ref_n.double()).all())
+
+
+def decision_counts(seg) -> torch.Tensor:
+    """[boundaries, in-block merges, capacity merges] of a `segment_naive` result: the drawn
+    inputs must make all three happen (SPEC §6)."""
+    return torch.stack([seg.boundaries.sum(), seg.absorbed.sum(), seg.capacity_merges.sum()])

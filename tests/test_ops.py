@@ -14,7 +14,8 @@ from dla.ops import level_map, multistate_attention
 from dla.ops.levels import dense_level_map, encode_level_map
 from dla.ops.reference import multistate_attention_materialized, segment_naive
 from tests.strategies import (
-    Case, build, cases, fenwick_levels, information_close, options, random_cache, relative_error, well_conditioned,
+    Case, build, cases, decision_counts, fenwick_levels, information_close, options, random_cache, relative_error,
+    well_conditioned,
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -109,7 +110,7 @@ def test_piecewise_stationary_draws_exercise_every_decision():
             return
         t = build(case)
         seg = segment_naive(t["k"], t["v"], levels=case.levels, policy="dla", tau=case.tau, score=case.score)
-        events.add_(torch.stack([seg.boundaries.sum(), seg.absorbed.sum(), seg.capacity_merges.sum()]))
+        events.add_(decision_counts(seg))
 
     draw()
     assert (events > 0).all(), events

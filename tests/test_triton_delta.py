@@ -35,9 +35,9 @@ from hypothesis import strategies as st
 from dla.compile.ops import register_ops
 from dla.ops.reference import multistate_attention_materialized, segment_naive
 from dla.ops.triton.readout_delta import readout_backward_triton, readout_forward_triton
-from tests.strategies import Case, build, relative_error
-from tests.test_triton_readout import (DEVICES, cast, cpu, dla_map, f32, fenwick_map, poisoned_empty, setup,
-                                       single_map, to_rank_order)
+from tests.strategies import Case, build, decision_counts, relative_error
+from tests.test_triton_readout import (DEVICES, assert_matches_chunked_float64, cast, cpu, dla_map, f32, fenwick_map,
+                                       poisoned_empty, setup, single_map, to_rank_order)
 
 TOL32 = 1e-5  # SPEC §6, float32 with ieee dots
 # The drawn tests run under the interpreter only: on the card every new (K, Dk, Dv) recompiles
@@ -207,7 +207,7 @@ def test_drawn_cases_exercise_every_decision():
             return
         t = build(case)
         seg = segment_naive(t["k"], t["v"], levels=case.levels, policy="dla", tau=case.tau, score=case.score)
-        events.add_(torch.stack([seg.boundaries.sum(), seg.absorbed.sum(), seg.capacity_merges.sum()]))
+        events.add_(decision_counts(seg))
 
     draw()
     assert (events > 0).all(), events
@@ -408,8 +408,6 @@ def gpu_inputs(policy, B, H, T, Dk, Dv, K, has_g, initial, seed=0):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy,B,H,T,Dk,Dv,K,has_g,initial,dtype", GPU_CASES)
 def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial, dtype):
-    from dla.ops.readout import readout_backward, readout_forward
-
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     t, ls, S0 = gpu_inputs(policy, B, H, T, Dk, Dv, K, has_g, initial)
     scale = Dk**-0.5
@@ -418,30 +416,5 @@ def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial,
     dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64).cuda()
     x = cast(t, dtype)  # q, k, v, λ in dtype; g, β in float32 (as gates usually are)
     x["beta"] = t["beta"].float()
-    x64 = {n: (v.double() if v is not None else None) for n, v in x.items()}
-    do_x = do.to(dtype)
-    ref_args = (x64["q"], x64["k"], x64["v"], x64["lam"], x64["g"], x64["beta"], ls, S0)
-    o_ref, S_ref = readout_forward(*ref_args, scale, 64)
-    grads_ref = readout_backward(do_x.double(), dS, *ref_args, scale, 64)
-    args = (x["q"], x["k"], x["v"], x["lam"], x["g"], x["beta"], ls, S0.float(), scale, 64)
-    with poisoned_empty():
-        o, S = readout_forward_triton(*args)
-        grads = readout_backward_triton(do_x, dS.float(), *args)
-    names = ("dq", "dk", "dv", "dlam", "dg", "dbeta", "dS0")
-    outs = dict(o=(o, o_ref), S=(S, S_ref))
-    outs.update({n: (a, b) for n, a, b in zip(names, grads, grads_ref) if n != "dg" or has_g})
-    if dtype == torch.float32:
-        for name, (a, b) in outs.items():
-            assert torch.isfinite(a).all(), name
-            assert relative_error(a, b) <= TOL32, (name, relative_error(a, b))
-        return
-    # bf16: ≤ 2e-2, and at most twice the error of the torch chunked path on the same inputs
-    o_t, S_t = readout_forward(*args)
-    grads_t = readout_backward(do_x, dS.float(), *args)
-    torch_outs = dict(o=o_t, S=S_t, **dict(zip(names, grads_t)))
-    for name, (a, b) in outs.items():
-        assert torch.isfinite(a).all(), name
-        err, err_torch = relative_error(a, b), relative_error(torch_outs[name], b)
-        assert err <= 2e-2, (name, err)
-        if a.dtype == torch.bfloat16:  # float32 outputs (S, dg, dβ, dS0) are held to 2e-2 only
-            assert err <= 2 * err_torch, (name, err, err_torch)
+    assert_matches_chunked_float64(readout_forward_triton, readout_backward_triton, x, do.to(dtype), dS, ls, S0,
+                                   scale)

@@ -19,7 +19,8 @@ from dla.ops.reference import segment_naive
 from dla.ops.state import MultiStateCache, empty_cache
 from dla.ops.triton.segment import dla_walk, segment_dla, segment_triton
 from tests.strategies import (
-    DELTA, Case, build, fenwick_levels, information_close, random_cache, relative_error, well_conditioned,
+    DELTA, Case, build, decision_counts, fenwick_levels, information_close, random_cache, relative_error,
+    well_conditioned,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +106,7 @@ def test_dla_matches_naive():
         verdicts.append(well_conditioned(seg, torch.float32))
         if not verdicts[-1]:
             return
-        events.add_(torch.stack([seg.boundaries.sum(), seg.absorbed.sum(), seg.capacity_merges.sum()]))
+        events.add_(decision_counts(seg))
         assert_matches_naive(case, t, state, seg, run_triton(case, t, state, piece))
 
     check()
