@@ -126,11 +126,12 @@ def read_json(checkpoint: Path, name: str) -> dict:
         raise CheckpointError(f"{checkpoint / name}: unreadable ({e})") from None
 
 
-def model_config(checkpoint: Path):
-    """The `ModelConfig` a checkpoint was saved with (its config.json), or one clear error."""
+def model_config(checkpoint: Path, config: dict | None = None):
+    """The `ModelConfig` a checkpoint was saved with, or one clear error; `config` is its
+    config.json when the caller has read it already."""
     from dla.model.config import ModelConfig
 
-    config = read_json(checkpoint, "config.json")
+    config = read_json(checkpoint, "config.json") if config is None else config
     try:
         return ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as e:

@@ -86,7 +86,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool 
         raise ValueError(f"--out {out}: already holds a checkpoint; pass --overwrite to replace it")
     if out.resolve() == ckpt.parent.parent.resolve():
         raise ValueError(f"--out {out}: is the source run folder; choose another folder")
-    model = CausalLM(checkpoint.model_config(ckpt))
+    model = CausalLM(checkpoint.model_config(ckpt, config))
     state = checkpoint.load(ckpt, model)
     quantize_model(model.eval())
     tensors, metadata = flatten_tensor_state_dict(model.state_dict())

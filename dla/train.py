@@ -378,8 +378,8 @@ def evaluate_checkpoint(path: str | Path, *, device: str | None = None) -> dict:
     """Held-out metrics of the checkpoint that `path` names (see `checkpoint.find`)."""
     ckpt = checkpoint.find(path)
     config = checkpoint.read_json(ckpt, "config.json")
+    mcfg = checkpoint.model_config(ckpt, config)
     try:
-        mcfg = ModelConfig.from_dict(config["model"])
         tcfg = TrainConfig(**config["train"])
     except (KeyError, TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{ckpt / 'config.json'}: not a dla run config ({e})") from None

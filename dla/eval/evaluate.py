@@ -75,8 +75,8 @@ def evaluate_checkpoint_on_task(path, task_name: str, params: dict, *, examples:
     from dla.train import resolve_device
 
     ckpt = checkpoint.find(path)
-    cfg = checkpoint.model_config(ckpt)
     config = checkpoint.read_json(ckpt, "config.json")
+    cfg = checkpoint.model_config(ckpt, config)
     trained = config.get("task") or {}
     base = dict(trained.get("params", {})) if trained.get("name") == task_name else {}
     task = make_task(task_name, **{**base, **params})
