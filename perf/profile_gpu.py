@@ -1,0 +1,289 @@
+"""Where the time of one DLA layer goes, kernel by kernel (the rule of issues #4 and #5 for a
+missed target: the achieved TFLOP/s and bandwidth of each kernel, and what limits it).
+
+    python3 -m perf.profile_gpu --out DIR [--length 8192] [--configs mamba2:dla:32 gdn:dla:32 ...]
+
+For each configuration (backbone : policy : K) it profiles one forward+backward of
+`dla.ops.multistate_attention` on the inputs of `perf/bench_gpu.py` (32,768 tokens, H = 16,
+Dk = Dv = 128, bf16), after warm-up calls, twice:
+
+1. `torch.profiler`, the kernels as they really run (concurrent, boosted clocks): CUDA time per
+   kernel name, launch count, and share of the layer's kernel time.
+2. Nsight Compute (`ncu --clock-control none`, each kernel replayed alone with the caches flushed),
+   when `ncu` is on the PATH: DRAM bytes, tensor-core operations (bf16 and tf32 sources), FP32
+   operations (2·FFMA + FADD + FMUL), SM and memory throughput as % of the card's peak, achieved
+   occupancy and registers per thread. From them: achieved GB/s and TFLOP/s per kernel name.
+   If the card's ncu lacks a metric, the script falls back to a smaller set and says so.
+
+A kernel near the memory roof is bandwidth-bound; one far from both roofs with low occupancy is
+latency- or launch-bound (small grids, serial scans). Writes `profile_gpu.json` and
+`profile_gpu.md` to DIR and prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FULL_METRICS = [
+    "gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread",
+    "sm__ops_path_tensor_src_bf16_dst_fp32.sum", "sm__ops_path_tensor_src_tf32_dst_fp32.sum",
+    "smsp__sass_thread_inst_executed_op_ffma_pred_on.sum", "smsp__sass_thread_inst_executed_op_fadd_pred_on.sum",
+    "smsp__sass_thread_inst_executed_op_fmul_pred_on.sum",
+]
+BASIC_METRICS = FULL_METRICS[:7]
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without its parameter list and namespaces; template arguments stay (they
+    tell torch's generic elementwise and GEMM kernels apart), cut at 80 characters."""
+    name = re.sub(r"^void\s+", "", name.strip())
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # the parameter list is the first '(' outside template brackets
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            cut = i
+            break
+    name = re.sub(r"\b(at::native::|at::|cutlass::|std::|\(anonymous namespace\)::)", "", name[:cut])
+    return name[:80] or "?"
+
+
+def workload(backbone: str, policy: str, levels: int, length: int):
+    """(fwd_bwd callable) on bench_gpu's inputs; the same call bench_gpu times."""
+    from perf.bench_gpu import inputs, train_step
+
+    _, fwd_bwd = train_step(inputs(length, levels, backbone), policy=policy)
+    return fwd_bwd
+
+
+def child(config: str, length: int, warmup: int) -> None:
+    """Run under ncu: warm up, then one profiled forward+backward between cudaProfilerStart/Stop."""
+    import torch
+
+    backbone, policy, levels = parse_config(config)
+    fwd_bwd = workload(backbone, policy, levels, length)
+    for _ in range(warmup):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+def parse_config(text: str) -> tuple[str, str, int]:
+    try:
+        backbone, policy, levels = text.split(":")
+        return backbone, policy, int(levels)
+    except ValueError:
+        raise SystemExit(f"--configs entries must be BACKBONE:POLICY:K (e.g. gdn:dla:32), got {text!r}") from None
+
+
+def torch_profile(config: str, length: int, warmup: int) -> dict:
+    """Per-kernel CUDA time of one forward+backward as it really runs."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    backbone, policy, levels = parse_config(config)
+    fwd_bwd = workload(backbone, policy, levels, length)
+    for _ in range(warmup):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd_bwd()
+        torch.cuda.synchronize()
+    kernels = defaultdict(lambda: {"us": 0.0, "launches": 0})
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            k = kernels[short_name(ev.name)]
+            k["us"] += ev.device_time
+            k["launches"] += 1
+    total = sum(k["us"] for k in kernels.values())
+    rows = sorted(({"kernel": n, **v, "share": v["us"] / total} for n, v in kernels.items()), key=lambda r: -r["us"])
+    del fwd_bwd
+    torch.cuda.empty_cache()
+    return {"total_us": total, "kernels": rows}
+
+
+def read_ncu_csv(text: str) -> list[dict]:
+    """ncu --csv --page raw --print-units base: a header row, a units row, then one row per kernel."""
+    start = text.find('"ID"')
+    if start < 0:
+        return []
+    rows = list(csv.reader(io.StringIO(text[start:])))
+    header, data = rows[0], rows[2:]
+    out = []
+    for r in data:
+        if len(r) != len(header):
+            continue
+        rec = dict(zip(header, r))
+        for key in list(rec):
+            if "__" in key or key.startswith("launch"):
+                try:
+                    rec[key] = float(rec[key].replace(",", ""))
+                except ValueError:
+                    rec[key] = None
+        out.append(rec)
+    return out
+
+
+def ncu_profile(config: str, length: int, warmup: int, work: Path) -> dict:
+    """Per-kernel hardware counters under Nsight Compute; the full metric set, else the basic one."""
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        return {"error": "ncu not on PATH"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for metrics, label in ((FULL_METRICS, "full"), (BASIC_METRICS, "basic")):
+        log = work / f"ncu-{config.replace(':', '_')}-{label}.csv"
+        cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--csv", "--page", "raw",
+               "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(metrics),
+               sys.executable, "-m", "perf.profile_gpu", "--child", config, "--length", str(length),
+               "--warmup", str(warmup)]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        text = log.read_text() if log.exists() else ""
+        records = read_ncu_csv(text)
+        if done.returncode == 0 and records:
+            return {"metric_set": label, "kernels": aggregate(records)}
+        tail = (done.stdout + done.stderr + text)[-1500:]
+        print(f"ncu ({label} metrics) gave no records for {config} (exit {done.returncode}):\n{tail}", flush=True)
+    return {"error": f"ncu failed: {tail[-400:]}"}
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Sum counters per kernel name; derive GB/s, TFLOP/s and time-weighted percentages."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[short_name(r.get("Kernel Name", "?"))].append(r)
+
+    def total(rs, key):
+        return sum(r.get(key) or 0.0 for r in rs)
+
+    def weighted(rs, key, ns):
+        vals = [(r.get(key), r.get("gpu__time_duration.sum") or 0.0) for r in rs if r.get(key) is not None]
+        return sum(v * w for v, w in vals) / ns if vals and ns else None
+
+    out = []
+    for name, rs in groups.items():
+        ns = total(rs, "gpu__time_duration.sum")
+        dram = total(rs, "dram__bytes_read.sum") + total(rs, "dram__bytes_write.sum")
+        tensor = total(rs, "sm__ops_path_tensor_src_bf16_dst_fp32.sum") + total(rs, "sm__ops_path_tensor_src_tf32_dst_fp32.sum")
+        fp32 = (2 * total(rs, "smsp__sass_thread_inst_executed_op_ffma_pred_on.sum")
+                + total(rs, "smsp__sass_thread_inst_executed_op_fadd_pred_on.sum")
+                + total(rs, "smsp__sass_thread_inst_executed_op_fmul_pred_on.sum"))
+        has_ops = any(r.get("sm__ops_path_tensor_src_bf16_dst_fp32.sum") is not None for r in rs)
+        out.append({
+            "kernel": name, "launches": len(rs), "us": ns / 1e3, "dram_gb": dram / 1e9,
+            "gb_per_s": dram / ns if ns else None,  # bytes per ns = GB/s
+            "tensor_tflops": tensor / ns / 1e3 if ns and has_ops else None,
+            "fp32_tflops": fp32 / ns / 1e3 if ns and has_ops else None,
+            "sm_pct": weighted(rs, "sm__throughput.avg.pct_of_peak_sustained_elapsed", ns),
+            "mem_pct": weighted(rs, "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", ns),
+            "occupancy_pct": weighted(rs, "sm__warps_active.avg.pct_of_peak_sustained_active", ns),
+            "registers": max((r.get("launch__registers_per_thread") or 0) for r in rs),
+        })
+    return sorted(out, key=lambda r: -r["us"])
+
+
+def limit(k: dict) -> str:
+    """A one-word reading of what bounds a kernel, from its throughput percentages."""
+    sm, mem, occ = k.get("sm_pct"), k.get("mem_pct"), k.get("occupancy_pct")
+    if sm is None or mem is None:
+        return "?"
+    if mem >= 60 and mem >= sm:
+        return "memory"
+    if sm >= 60:
+        return "compute"
+    if occ is not None and occ < 25:
+        return "latency (low occupancy)"
+    return "latency"
+
+
+def render(result: dict) -> str:
+    env = result["env"]
+    lines = [f"# Per-kernel profile of one DLA layer, forward+backward — {env['device']}",
+             "", f"torch {env['torch']}, triton {env['triton']}; T = {result['length']}, 32,768 tokens, H = 16, "
+             f"Dk = Dv = 128, bf16. Time share from torch.profiler (kernels as they run); counters from "
+             f"Nsight Compute with --clock-control none, each kernel replayed alone (its duration there is "
+             f"the ncu column). `python3 -m perf.profile_gpu {' '.join(result['argv'])}`", ""]
+    for cfg in result["configs"]:
+        prof = cfg["torch"]
+        lines += [f"## {cfg['config']}: {prof['total_us'] / 1e3:.2f} ms of kernels", ""]
+        counters = {k["kernel"]: k for k in cfg["ncu"].get("kernels", [])}
+        if "error" in cfg["ncu"]:
+            lines += [f"ncu: {cfg['ncu']['error']}", ""]
+        elif cfg["ncu"].get("metric_set") != "full":
+            lines += ["ncu: the tensor/FP32 operation counters were not available; basic set only", ""]
+        lines += ["| kernel | launches | ms | share | ncu ms | DRAM GB/s | tensor TFLOP/s | FP32 TFLOP/s | SM % | mem % | occupancy % | regs | bound by |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+        def f(x, fmt="{:.1f}"):
+            return "—" if x is None else fmt.format(x)
+
+        shown = prof["kernels"][:14]
+        for k in shown:
+            c = counters.get(k["kernel"], {})
+            lines.append(f"| `{k['kernel']}` | {k['launches']} | {k['us'] / 1e3:.3f} | {100 * k['share']:.1f}% | "
+                         f"{f(c.get('us') and c['us'] / 1e3, '{:.3f}')} | {f(c.get('gb_per_s'), '{:.0f}')} | "
+                         f"{f(c.get('tensor_tflops'))} | {f(c.get('fp32_tflops'), '{:.2f}')} | {f(c.get('sm_pct'))} | "
+                         f"{f(c.get('mem_pct'))} | {f(c.get('occupancy_pct'))} | {c.get('registers', '—')} | "
+                         f"{limit(c) if c else '—'} |")
+        rest = prof["kernels"][len(shown):]
+        if rest:
+            us = sum(k["us"] for k in rest)
+            lines.append(f"| {len(rest)} other kernels | {sum(k['launches'] for k in rest)} | {us / 1e3:.3f} | "
+                         f"{100 * us / prof['total_us']:.1f}% | | | | | | | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--configs", nargs="+", default=["mamba2:single:2", "mamba2:dla:32", "gdn:single:2", "gdn:dla:32"],
+                   help="BACKBONE:POLICY:K entries (default: each backbone's single and dla K=32)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-ncu", action="store_true", help="torch.profiler only")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child, args.length, args.warmup)
+        return 0
+    if args.out is None:
+        p.error("--out is required")
+    for c in args.configs:
+        parse_config(c)
+    import torch
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__},
+              "length": args.length, "argv": argv if argv is not None else sys.argv[1:], "configs": []}
+    for config in args.configs:
+        entry = {"config": config, "torch": torch_profile(config, args.length, args.warmup)}
+        entry["ncu"] = {"error": "skipped (--no-ncu)"} if args.no_ncu else ncu_profile(config, args.length, args.warmup, args.out)
+        result["configs"].append(entry)
+        (args.out / "profile_gpu.json").write_text(json.dumps(result, indent=1))
+        print(f"{config}: {entry['torch']['total_us'] / 1e3:.2f} ms of kernels", flush=True)
+    md = render(result)
+    (args.out / "profile_gpu.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
