@@ -431,7 +431,8 @@ def dla_walk(k: Tensor, v: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, score: s
     Z0 = Z0.to(dt).contiguous()
     zz0 = zz0.to(dt).contiguous()
     m0 = m0.to(torch.int64).contiguous()
-    tau_t = torch.tensor([tau], dtype=dt, device=dev)
+    # a fill on the device, not a host-to-device copy: a CUDA graph (compiled decode) can capture it
+    tau_t = torch.full((1,), tau, dtype=dt, device=dev)
     info = torch.empty(B, H, T, dtype=dt, device=dev)
     flag = torch.empty(B, H, T, dtype=torch.int8, device=dev)
     Zs = torch.empty(B, H, P, Dk, Dv, dtype=dt, device=dev)
