@@ -15,7 +15,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dla.ops.levels import EMPTY, encode_level_map, level_of
+from dla.ops.levels import EMPTY, encode_level_map, level_of, running_min
 from dla.ops.readout import _level_of, readout_backward, readout_forward
 from dla.ops.reference import multistate_attention_materialized, segment_naive
 from dla.ops.state import MultiStateCache
@@ -140,6 +140,16 @@ def test_binary_search_level_of_equals_the_definition(levels, positions, seed):
     pos = torch.randint(-5, 13, (3, 5, positions), generator=gen)
     pos = torch.where(torch.rand(pos.shape, generator=gen) < 0.1, EMPTY, pos)
     assert torch.equal(_level_of(starts.long(), pos), level_of(starts, pos))
+
+
+@given(st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_running_min_equals_cummin(levels, seed):
+    """The shifted-minima scan is `torch.cummin`'s values at every length (powers of two and
+    not), with EMPTY entries and negative positions."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(-4, 50, (2, 3, levels), generator=gen)
+    starts = torch.where(torch.rand(starts.shape, generator=gen) < 0.3, EMPTY, starts).to(torch.int32)
+    assert torch.equal(running_min(starts), starts.cummin(-1).values)
 
 
 @given(readout_cases())

@@ -71,7 +71,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dla.ops.levels import EMPTY, initial_starts
+from dla.ops.levels import EMPTY, initial_starts, running_min
 from dla.ops.state import state_dtype
 
 __all__ = ["readout_forward", "readout_backward"]
@@ -121,7 +121,7 @@ def _level_of(starts: Tensor, positions: Tensor) -> Tensor:
     number of r whose running minimum `min_{r' ≤ r} starts[r']` exceeds p (that minimum is
     non-increasing in r); −1 when it is L. starts [..., L], positions [..., P] → [..., P]."""
     L = starts.shape[-1]
-    ascending = starts.cummin(-1).values.flip(-1).contiguous()
+    ascending = running_min(starts).flip(-1).contiguous()
     first = L - torch.searchsorted(ascending, positions.contiguous(), right=True)
     return torch.where(first < L, first, -1)
 
