@@ -82,8 +82,10 @@ def decode_step(model: CausalLM, mode: str = "auto"):
         return model.step
     cuda = model.embed.weight.device.type == "cuda"
     if mode == "auto":
-        # fenwick's segmentation op reads `step` on the host to check its level budget
-        # (`check_fenwick_levels`), a synchronisation that a CUDA graph cannot capture
+        # fenwick's segmentation op reads `step` on the host to check its level budget, which a
+        # CUDA graph cannot capture; the op now skips it while capturing (max_context bounds the
+        # request instead), but that path has not run on a GPU yet
+        # (tests/test_generate.py::test_decode_under_cuda_graphs_matches_eager_steps)
         graphs = cuda and model.cfg.policy != "fenwick"
         mode = "reduce-overhead" if graphs else "default"
     compiled = torch.compile(model.step, fullgraph=True, mode=mode)

@@ -500,6 +500,9 @@ def segment_triton(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0:
         if policy == "dla":
             return segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size))
         if policy == "fenwick":
-            check_fenwick_levels(levels, step0, k.shape[1])
+            # the check reads `step` on the host, which a CUDA graph being captured (the compiled
+            # decode step) cannot do; there the request was bounded up front (generate.max_context)
+            if not (k.is_cuda and torch.cuda.is_current_stream_capturing()):
+                check_fenwick_levels(levels, step0, k.shape[1])
             return segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels)
         return segment_single(k, v, n0, m0, Z0, zz0, levels)
