@@ -62,11 +62,18 @@ def short_name(name: str) -> str:
     return name[:80] or "?"
 
 
-def workload(backbone: str, policy: str, levels: int, length: int):
-    """(fwd_bwd callable) on bench_gpu's inputs; the same call bench_gpu times."""
+def warmed_workload(config: str, length: int, warmup: int):
+    """The forward+backward that bench_gpu times (its inputs, its call), run `warmup` times so
+    that compilation and autotuning stay out of the profile."""
+    import torch
+
     from perf.bench_gpu import inputs, train_step
 
+    backbone, policy, levels = parse_config(config)
     _, fwd_bwd = train_step(inputs(length, levels, backbone), policy=policy)
+    for _ in range(warmup):
+        fwd_bwd()
+    torch.cuda.synchronize()
     return fwd_bwd
 
 
@@ -74,11 +81,7 @@ def child(config: str, length: int, warmup: int) -> None:
     """Run under ncu: warm up, then one profiled forward+backward between cudaProfilerStart/Stop."""
     import torch
 
-    backbone, policy, levels = parse_config(config)
-    fwd_bwd = workload(backbone, policy, levels, length)
-    for _ in range(warmup):
-        fwd_bwd()
-    torch.cuda.synchronize()
+    fwd_bwd = warmed_workload(config, length, warmup)
     torch.cuda.profiler.start()
     fwd_bwd()
     torch.cuda.synchronize()
@@ -98,11 +101,7 @@ def torch_profile(config: str, length: int, warmup: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    backbone, policy, levels = parse_config(config)
-    fwd_bwd = workload(backbone, policy, levels, length)
-    for _ in range(warmup):
-        fwd_bwd()
-    torch.cuda.synchronize()
+    fwd_bwd = warmed_workload(config, length, warmup)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fwd_bwd()
         torch.cuda.synchronize()

@@ -1,0 +1,52 @@
+"""perf/profile_gpu.py's host side: Nsight Compute's CSV parsed, counters summed per kernel name,
+rates derived, and the table rendered (the GPU passes themselves run only on a card)."""
+
+from __future__ import annotations
+
+import pytest
+
+from perf.profile_gpu import aggregate, limit, read_ncu_csv, render, short_name
+
+HEADER = ('"ID","Kernel Name","gpu__time_duration.sum","dram__bytes_read.sum","dram__bytes_write.sum",'
+          '"sm__throughput.avg.pct_of_peak_sustained_elapsed",'
+          '"gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",'
+          '"sm__warps_active.avg.pct_of_peak_sustained_active","launch__registers_per_thread",'
+          '"sm__ops_path_tensor_src_bf16_dst_fp32.sum","sm__ops_path_tensor_src_tf32_dst_fp32.sum",'
+          '"smsp__sass_thread_inst_executed_op_ffma_pred_on.sum","smsp__sass_thread_inst_executed_op_fadd_pred_on.sum",'
+          '"smsp__sass_thread_inst_executed_op_fmul_pred_on.sum"\n'
+          '"","","ns","byte","byte","%","%","%","register/thread","","","inst","inst","inst"\n')
+ROWS = ('"0","_fwd_kernel","2,000","3000","1000","40","10","12.5","255","4000000","0","100","0","0"\n'
+        '"1","_fwd_kernel","2000","1000","0","20","30","12.5","240","2000000","0","0","0","0"\n'
+        '"2","void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, '
+        'std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)",'
+        '"1000","2500000","500000","5","85","80","32","0","0","0","0","0"\n')
+
+
+def test_counters_are_summed_per_kernel_and_turned_into_rates():
+    text = "==PROF== Connected to process\n" + HEADER + ROWS
+    kernels = {k["kernel"]: k for k in aggregate(read_ncu_csv(text))}
+    fwd = kernels["_fwd_kernel"]
+    assert fwd["launches"] == 2 and fwd["us"] == pytest.approx(4.0)  # "2,000" ns parsed as 2000
+    assert fwd["gb_per_s"] == pytest.approx(5000 / 4000)  # bytes per ns
+    assert fwd["tensor_tflops"] == pytest.approx(6e6 / 4000 / 1e3)
+    assert fwd["fp32_tflops"] == pytest.approx(200 / 4000 / 1e3)  # an FFMA is two operations
+    assert fwd["sm_pct"] == pytest.approx(30.0) and fwd["registers"] == 255  # time-weighted, max
+    fill = kernels["vectorized_elementwise_kernel<4, FillFunctor<float>, array<char*, 1ul> >"]
+    assert limit(fill) == "memory" and limit(fwd) == "latency (low occupancy)"
+
+
+def test_short_names_drop_parameters_and_namespaces_but_keep_templates():
+    assert short_name("_walk_kernel") == "_walk_kernel"
+    assert short_name("void cutlass::Kernel2<cutlass_80_gemm>(cutlass_80_gemm::Params)") == "Kernel2<cutlass_80_gemm>"
+
+
+def test_render_with_and_without_the_torch_profile():
+    kernels = aggregate(read_ncu_csv(HEADER + ROWS))
+    timed = {"total_us": 5.0, "kernels": [{"kernel": "_fwd_kernel", "us": 4.0, "launches": 2, "share": 0.8}]}
+    result = {"env": {"device": "card", "torch": "t", "triton": "tr"}, "length": 8192, "argv": ["--out", "x"],
+              "configs": [{"config": "mamba2:dla:32", "torch": timed, "ncu": {"metric_set": "full", "kernels": kernels}},
+                          {"config": "gdn:dla:32", "torch": None, "ncu": {"metric_set": "full", "kernels": kernels}},
+                          {"config": "gdn:single:2", "torch": timed, "ncu": {"error": "ncu not on PATH"}}]}
+    md = render(result)
+    assert "## mamba2:dla:32: 0.01 ms of kernels" in md and "| `_fwd_kernel` | 2 | 0.004 | 80.0% |" in md
+    assert "under ncu (no torch.profiler pass" in md and "ncu: ncu not on PATH" in md
