@@ -14,9 +14,9 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-# The whole GPU suite takes about ten minutes on one card; with several cards, `tests` without
-# paths deals these parts out round-robin, each GPU running its parts one after another (the
-# masked readout's float64 comparisons, the longest part, sit where they share a GPU last).
+# The whole GPU suite did not finish in 560 s on one H100; with several cards, `tests` without
+# paths deals these parts out round-robin, each GPU running its parts one after another (on
+# four cards the masked readout's float64 comparisons, the longest part, have a GPU to themselves).
 PARTS=("tests/test_triton_segment.py tests/test_generate.py" "tests/test_triton_readout.py -k gpu_matches"
        "tests/test_triton_readout.py -k 'not gpu_matches'" "tests/test_triton_delta.py"
        "tests --ignore=tests/test_triton_segment.py --ignore=tests/test_generate.py --ignore=tests/test_triton_readout.py --ignore=tests/test_triton_delta.py")
