@@ -167,18 +167,21 @@ def test_compiled_decode_step_is_one_graph_without_recompiles(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backbone,policy", [("mamba2", "dla"), ("gdn", "dla"), ("mamba2", "single"),
                                              ("gdn", "fenwick"), ("attention", "dla")])
-def test_decode_under_cuda_graphs_matches_eager_steps(backbone, policy):
+def test_decode_under_cuda_graphs_matches_eager_steps(backbone, policy, monkeypatch):
     """The compiled decode step under CUDA graphs (what `dla generate` runs on CUDA; fenwick is
     forced, as "auto" still leaves it out): nothing in it may copy from the host or synchronise
     while the graph is captured, and replays equal the eager step."""
-    model = model_for(backbone, policy).float().cuda()
-    x = tokens(2, 12).cuda()
+    model = model_for(backbone, policy).float()
+    x = tokens(2, 12)
+    if policy == "dla" and backbone != "attention":  # no decision within float32's reach of flipping
+        assert_decisions_well_conditioned(model, x, monkeypatch)
+    model, x = model.cuda(), x.cuda()
     step = decode_step(model, "reduce-overhead")
     with torch.no_grad():
         ref, _ = decode_all(model, x, model.empty_cache(2))
         out, cache = decode_all(model, x, model.empty_cache(2), step=step)
     assert torch.isfinite(out).all() and int(cache.pos) == x.shape[1]
-    assert relative_error(out, ref) <= 1e-3  # float32 with TF32 dots in the compiled kernels
+    assert relative_error(out, ref) <= 1e-4  # float32: compiled and eager kernels round differently
 
 
 def test_sampling():
