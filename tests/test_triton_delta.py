@@ -33,11 +33,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dla.compile.ops import register_ops
-from dla.ops.reference import multistate_attention_materialized, segment_naive
+from dla.ops.reference import segment_naive
 from dla.ops.triton.readout_delta import readout_backward_triton, readout_forward_triton
 from tests.strategies import Case, build, decision_counts, relative_error
 from tests.test_triton_readout import (DEVICES, assert_matches_chunked_float64, cast, cpu, dla_map, f32, fenwick_map,
-                                       poisoned_empty, setup, single_map, to_rank_order)
+                                       poisoned_empty, reference, setup, single_map)
 
 TOL32 = 1e-5  # SPEC §6, float32 with ieee dots
 # The drawn tests run under the interpreter only: on the card every new (K, Dk, Dv) recompiles
@@ -58,28 +58,6 @@ def cases(draw, max_length=40):
         inputs=draw(st.sampled_from(["gaussian", "piecewise", "piecewise"])),
         mean_regime=draw(st.sampled_from([2.0, 4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
     )
-
-
-def reference(case: Case, t: dict, state, *, grads=None):
-    """Materialized `(o, S in rank order)` with β; with `grads = (do, dS)` also the gradients of
-    `⟨o, do⟩ + ⟨S, dS⟩`, keyed like `GRADS` plus `"S0"` (rank order)."""
-    leaves = {n: (x.clone().requires_grad_(grads is not None) if x is not None else None) for n, x in t.items()}
-    if state is not None and grads is not None:
-        state = state._replace(S=state.S.clone().requires_grad_(True))
-    o, final = multistate_attention_materialized(
-        leaves["q"], leaves["k"], leaves["v"], leaves["lam"], g=leaves["g"], beta=leaves["beta"], policy=case.policy,
-        tau=case.tau, score=case.score, initial_state=state, output_final_state=True)
-    S = to_rank_order(final.S, final.m)
-    if grads is None:
-        return o.detach(), S.detach()
-    do, dS = grads
-    names = [n for n in GRADS if leaves[n] is not None]
-    wrt = [leaves[n] for n in names] + ([state.S] if state is not None else [])
-    out = torch.autograd.grad((o * do).sum() + (S * dS).sum(), wrt)
-    result = dict(zip(names, out))
-    if state is not None:
-        result["S0"] = to_rank_order(out[-1], state.m)
-    return result
 
 
 def args_for(case: Case, t: dict, level_start, S0, device="cpu"):

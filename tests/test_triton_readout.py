@@ -111,19 +111,20 @@ def setup(case: Case, initial: bool):
 
 
 def reference(case: Case, t: dict, state, *, grads=None):
-    """Materialized `(o, S in rank order)`; with `grads = (do, dS)` also the gradients of
-    `⟨o, do⟩ + ⟨S, dS⟩` by autograd, keyed like `GRADS` plus `"S0"` (rank order)."""
+    """Materialized `(o, S in rank order)`, with β where the case has it (the delta-rule tests
+    use this too); with `grads = (do, dS)` also the gradients of `⟨o, do⟩ + ⟨S, dS⟩` by
+    autograd, keyed like `GRADS` (and `"beta"`) plus `"S0"` (rank order)."""
     leaves = {n: (x.clone().requires_grad_(grads is not None) if x is not None else None) for n, x in t.items()}
     if state is not None and grads is not None:
         state = state._replace(S=state.S.clone().requires_grad_(True))
     o, final = multistate_attention_materialized(
-        leaves["q"], leaves["k"], leaves["v"], leaves["lam"], g=leaves["g"], policy=case.policy, tau=case.tau,
-        score=case.score, initial_state=state, output_final_state=True)
+        leaves["q"], leaves["k"], leaves["v"], leaves["lam"], g=leaves["g"], beta=leaves.get("beta"),
+        policy=case.policy, tau=case.tau, score=case.score, initial_state=state, output_final_state=True)
     S = to_rank_order(final.S, final.m)
     if grads is None:
         return o.detach(), S.detach()
     do, dS = grads
-    names = [n for n in GRADS if leaves[n] is not None]
+    names = [n for n in (*GRADS, "beta") if leaves.get(n) is not None]
     wrt = [leaves[n] for n in names] + ([state.S] if state is not None else [])
     out = torch.autograd.grad((o * do).sum() + (S * dS).sum(), wrt)
     result = dict(zip(names, out))
