@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dla.ops.reference import segment_naive
 from dla.ops.state import MultiStateCache
 from dla.synthetic import piecewise_stationary
 
@@ -136,3 +138,21 @@ def decision_counts(seg) -> torch.Tensor:
     """[boundaries, in-block merges, capacity merges] of a `segment_naive` result: the drawn
     inputs must make all three happen (SPEC §6)."""
     return torch.stack([seg.boundaries.sum(), seg.absorbed.sum(), seg.capacity_merges.sum()])
+
+
+def assert_draws_exercise_every_decision(strategy, **hypothesis_settings) -> None:
+    """Boundaries, in-block merges and capacity merges all occur among the `dla` cases on
+    piecewise-stationary inputs that `strategy` draws (with these hypothesis settings)."""
+    events = torch.zeros(3, dtype=torch.long)
+
+    @settings(database=None, **hypothesis_settings)
+    @given(strategy)
+    def draw(case):
+        if case.policy != "dla" or case.inputs != "piecewise":
+            return
+        t = build(case)
+        seg = segment_naive(t["k"], t["v"], levels=case.levels, policy="dla", tau=case.tau, score=case.score)
+        events.add_(decision_counts(seg))
+
+    draw()
+    assert (events > 0).all(), events

@@ -7,15 +7,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import assume, example, given, settings
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from dla.ops import level_map, multistate_attention
 from dla.ops.levels import dense_level_map, encode_level_map
 from dla.ops.reference import multistate_attention_materialized, segment_naive
 from tests.strategies import (
-    Case, build, cases, decision_counts, fenwick_levels, information_close, options, random_cache, relative_error,
-    well_conditioned,
+    Case, assert_draws_exercise_every_decision, build, cases, fenwick_levels, information_close, options, random_cache,
+    relative_error, well_conditioned,
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -101,19 +101,7 @@ def test_segment_op_level_map_equals_segment_naive(case: Case):
 
 def test_piecewise_stationary_draws_exercise_every_decision():
     """Boundaries, in-block merges and capacity merges all occur in what the tests draw."""
-    events = torch.zeros(3, dtype=torch.long)
-
-    @settings(max_examples=20, database=None)
-    @given(cases(policies=("dla",)))
-    def draw(case):
-        if case.inputs != "piecewise":
-            return
-        t = build(case)
-        seg = segment_naive(t["k"], t["v"], levels=case.levels, policy="dla", tau=case.tau, score=case.score)
-        events.add_(decision_counts(seg))
-
-    draw()
-    assert (events > 0).all(), events
+    assert_draws_exercise_every_decision(cases(policies=("dla",)), max_examples=20)
 
 
 # ---------------------------------------------------------------------------- gradients

@@ -33,9 +33,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dla.compile.ops import register_ops
-from dla.ops.reference import segment_naive
 from dla.ops.triton.readout_delta import readout_backward_triton, readout_forward_triton
-from tests.strategies import Case, build, decision_counts, relative_error
+from tests.strategies import Case, assert_draws_exercise_every_decision, relative_error
 from tests.test_triton_readout import (DEVICES, assert_matches_chunked_float64, cast, cpu, dla_map, f32, fenwick_map,
                                        poisoned_empty, reference, setup, single_map)
 
@@ -176,19 +175,7 @@ def test_backward_in_head_groups(device, monkeypatch):
 
 def test_drawn_cases_exercise_every_decision():
     """Boundaries, in-block merges and capacity merges all occur in what the tests above draw."""
-    events = torch.zeros(3, dtype=torch.long)
-
-    @settings(max_examples=100, database=None, derandomize=True)
-    @given(cases())
-    def draw(case):
-        if case.policy != "dla" or case.inputs != "piecewise":
-            return
-        t = build(case)
-        seg = segment_naive(t["k"], t["v"], levels=case.levels, policy="dla", tau=case.tau, score=case.score)
-        events.add_(decision_counts(seg))
-
-    draw()
-    assert (events > 0).all(), events
+    assert_draws_exercise_every_decision(cases(), max_examples=100, derandomize=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
