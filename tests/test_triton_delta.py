@@ -35,10 +35,11 @@ from hypothesis import strategies as st
 from dla.compile.ops import register_ops
 from dla.ops.triton.readout_delta import readout_backward_triton, readout_forward_triton
 from tests.strategies import Case, assert_draws_exercise_every_decision, relative_error
-from tests.test_triton_readout import (DEVICES, assert_matches_chunked_float64, cast, cpu, dla_map, f32, fenwick_map,
-                                       poisoned_empty, reference, setup, single_map)
+from tests.test_triton_readout import (
+    DEVICES, TOL32, assert_forward_matches_materialized, assert_matches_chunked_float64, cast, cotangents, cpu, dla_map,
+    f32, fenwick_map, poisoned_empty, reference, setup, single_map, triton_args,
+)
 
-TOL32 = 1e-5  # SPEC §6, float32 with ieee dots
 # The drawn tests run under the interpreter only: on the card every new (K, Dk, Dv) recompiles
 # both scan kernels (seconds each), and the GPU budget goes to the fixed grid at the end.
 INTERPRETER = [DEVICES[0]]
@@ -59,11 +60,6 @@ def cases(draw, max_length=40):
     )
 
 
-def args_for(case: Case, t: dict, level_start, S0, device="cpu"):
-    return (*(f32(t[n], device) for n in ("q", "k", "v", "lam", "g", "beta")), level_start.to(device),
-            f32(S0, device), case.dk**-0.5, 16)
-
-
 # --------------------------------------------------------------------------------------------
 # Against the materialized form: tiny shapes, float32, ieee dots (the interpreter's chunk is 16)
 # --------------------------------------------------------------------------------------------
@@ -79,15 +75,7 @@ def args_for(case: Case, t: dict, level_start, S0, device="cpu"):
 @example(Case(length=20, levels=20, policy="dla", transition="both", tau=0.0, **EDGE), False)  # every token a slot
 @example(Case(length=30, levels=2, policy="dla", transition="beta", tau=0.0, **EDGE), True)  # full from the start
 def test_forward_matches_materialized(device, case: Case, initial: bool):
-    case, t, state, level_start, S0, _ = setup(case, initial)
-    with poisoned_empty():
-        o, S = cpu(readout_forward_triton(*args_for(case, t, level_start, S0, device)))
-    o_ref, S_ref = reference(case, t, state)
-    assert o.dtype == torch.float32 and S.dtype == torch.float32
-    assert o.shape == o_ref.shape and S.shape == S_ref.shape
-    assert torch.isfinite(o).all() and torch.isfinite(S).all()
-    assert relative_error(o, o_ref) <= TOL32
-    assert relative_error(S, S_ref) <= TOL32
+    assert_forward_matches_materialized(readout_forward_triton, case, initial, device)
 
 
 def chunked_grads(case: Case, t: dict, level_start, S0, do, dS) -> dict:
@@ -113,14 +101,8 @@ def check_grads(got: dict, ref: dict, has_g: bool):
 
 def triton_grads(case, t, level_start, S0, do, dS, device):
     with poisoned_empty():
-        grads = readout_backward_triton(f32(do, device), f32(dS, device), *args_for(case, t, level_start, S0, device))
+        grads = readout_backward_triton(f32(do, device), f32(dS, device), *triton_args(case, t, level_start, S0, device))
     return dict(zip(GRADS + ("S0",), cpu(grads)))
-
-
-def cotangents(case: Case, S0):
-    gen = torch.Generator().manual_seed(case.seed + 3)
-    do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=gen, dtype=torch.float64)
-    return do, torch.randn(S0.shape, generator=gen, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("device", INTERPRETER)
@@ -183,7 +165,7 @@ def test_missing_cotangents_and_empty_sequence(device):
     """`do`/`dS` may be None (zero); T = 0 returns the initial state and its cotangent."""
     case = Case(length=19, levels=3, policy="dla", transition="both", tau=0.6, **EDGE)
     case, t, _, level_start, S0, _ = setup(case, True)
-    args = args_for(case, t, level_start, S0, device)
+    args = triton_args(case, t, level_start, S0, device)
     B, T, H, Dv = case.batch, case.length, case.heads, case.dv
     gen = torch.Generator().manual_seed(2)
     do = torch.randn(B, T, H, Dv, generator=gen).to(device)
@@ -196,7 +178,7 @@ def test_missing_cotangents_and_empty_sequence(device):
     zero = readout_backward_triton(None, None, *args)
     assert all(torch.equal(x, torch.zeros_like(x)) for x in zero)
     empty = {n: (x[:, :0] if x is not None else None) for n, x in t.items()}
-    eargs = args_for(case, empty, level_start[:, :0], S0, device)
+    eargs = triton_args(case, empty, level_start[:, :0], S0, device)
     o, S = readout_forward_triton(*eargs)
     assert o.shape == (B, 0, H, Dv) and torch.equal(S.cpu(), f32(S0))
     grads = readout_backward_triton(torch.zeros(B, 0, H, Dv, device=device), f32(S0, device), *eargs)
@@ -206,7 +188,7 @@ def test_missing_cotangents_and_empty_sequence(device):
 def test_rejects_missing_beta_float64_and_unknown_precision():
     case = Case(length=3, levels=2, policy="single", transition="beta", tau=0.6, **EDGE)
     case, t, _, level_start, S0, _ = setup(case, False)
-    args = list(args_for(case, t, level_start, S0))
+    args = list(triton_args(case, t, level_start, S0))
     no_beta = list(args)
     no_beta[5] = None
     with pytest.raises(ValueError, match="beta"):
@@ -246,7 +228,7 @@ def test_registered_op_opcheck_and_fullgraph_compile():
     ops = _ops()
     case = Case(length=18, levels=3, policy="dla", transition="both", tau=0.6, **EDGE)
     case, t, state, level_start, S0, _ = setup(case, True)
-    q, k, v, lam, g, beta, ls, S0f, scale, C = args_for(case, t, level_start, S0)
+    q, k, v, lam, g, beta, ls, S0f, scale, C = triton_args(case, t, level_start, S0)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, lam, g, beta, S0f)]
     torch.library.opcheck(ops.readout.default, (*leaves[:6], ls, leaves[6], scale, C),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -138,8 +138,30 @@ def f32(x, device="cpu"):
 
 
 def triton_args(case: Case, t: dict, level_start, S0, device="cpu"):
-    return (*(f32(t[n], device) for n in ("q", "k", "v", "lam", "g")), None, level_start.to(device),
+    """The launchers' arguments (the masked readout's and the delta rule's take the same), β
+    None where the case has none."""
+    return (*(f32(t[n], device) for n in ("q", "k", "v", "lam", "g", "beta")), level_start.to(device),
             f32(S0, device), case.dk**-0.5, 16)
+
+
+def cotangents(case: Case, S0):
+    """`(do, dS)` drawn from the case's seed, float64."""
+    gen = torch.Generator().manual_seed(case.seed + 3)
+    do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=gen, dtype=torch.float64)
+    return do, torch.randn(S0.shape, generator=gen, dtype=torch.float64)
+
+
+def assert_forward_matches_materialized(forward, case: Case, initial: bool, device):
+    """`forward` (a launcher) on NaN-poisoned fresh memory against the materialized form, float32."""
+    case, t, state, level_start, S0, _ = setup(case, initial)
+    with poisoned_empty():
+        o, S = cpu(forward(*triton_args(case, t, level_start, S0, device)))
+    o_ref, S_ref = reference(case, t, state)
+    assert o.dtype == torch.float32 and S.dtype == torch.float32
+    assert o.shape == o_ref.shape and S.shape == S_ref.shape
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    assert relative_error(o, o_ref) <= TOL32
+    assert relative_error(S, S_ref) <= TOL32
 
 
 def cpu(xs):
@@ -169,15 +191,7 @@ DEVICES = [  # CPU tensors run through the interpreter; on a GPU machine the sam
 @example(Case(length=30, levels=4, policy="dla", transition="g", tau=10.0, **EDGE), True)  # all merged
 @example(Case(length=37, levels=4, policy="single", transition="g", tau=0.6, **EDGE), True)
 def test_forward_matches_materialized(device, case: Case, initial: bool):
-    case, t, state, level_start, S0, _ = setup(case, initial)
-    with poisoned_empty():
-        o, S = cpu(readout_forward_triton(*triton_args(case, t, level_start, S0, device)))
-    o_ref, S_ref = reference(case, t, state)
-    assert o.dtype == torch.float32 and S.dtype == torch.float32
-    assert o.shape == o_ref.shape and S.shape == S_ref.shape
-    assert torch.isfinite(o).all() and torch.isfinite(S).all()
-    assert relative_error(o, o_ref) <= TOL32
-    assert relative_error(S, S_ref) <= TOL32
+    assert_forward_matches_materialized(readout_forward_triton, case, initial, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -189,9 +203,7 @@ def test_forward_matches_materialized(device, case: Case, initial: bool):
 @example(Case(length=18, levels=18, policy="dla", transition="none", tau=0.0, **EDGE), False)
 def test_backward_matches_materialized(device, case: Case, initial: bool):
     case, t, state, level_start, S0, live = setup(case, initial)
-    gen = torch.Generator().manual_seed(case.seed + 3)
-    do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=gen, dtype=torch.float64)
-    dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64)
+    do, dS = cotangents(case, S0)
     with poisoned_empty():
         args = triton_args(case, t, level_start, S0, device)
         grads = readout_backward_triton(f32(do, device), f32(dS, device), *args)
