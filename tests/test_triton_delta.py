@@ -101,7 +101,8 @@ def check_grads(got: dict, ref: dict, has_g: bool):
 
 def triton_grads(case, t, level_start, S0, do, dS, device):
     with poisoned_empty():
-        grads = readout_backward_triton(f32(do, device), f32(dS, device), *triton_args(case, t, level_start, S0, device))
+        args = triton_args(case, t, level_start, S0, device)
+        grads = readout_backward_triton(f32(do, device), f32(dS, device), *args)
     return dict(zip(GRADS + ("S0",), cpu(grads)))
 
 
