@@ -135,23 +135,27 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--scalar-readout", choices=["auto", "scan", "masked"], default="auto",
+                        help="the CUDA kernel for transitions without β (dla.compile.ops.SCALAR_READOUT)")
+    parser.add_argument("--backbones", nargs="+", choices=["mamba2", "gdn"], default=["mamba2", "gdn"])
     args = parser.parse_args()
+    import dla.compile.ops
+
+    dla.compile.ops.SCALAR_READOUT = args.scalar_readout
     args.out.mkdir(parents=True, exist_ok=True)
     rep = 50 if args.quick else 200
     dev = torch.cuda.get_device_name()
     env = {"device": dev, "torch": torch.__version__, "triton": __import__("triton").__version__,
+           "scalar_readout": args.scalar_readout,
            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(env)
     results = {"env": env, "verify": [], "rows": []}
 
-    for policy, levels in (("single", 16), ("fenwick", 16), ("dla", 16), ("dla", 32)):
-        r = verify(2048, levels, policy, "mamba2")
-        results["verify"].append(r)
-        print("verify", r)
-    for policy, levels in (("single", 2), ("fenwick", 16), ("dla", 16), ("dla", 32)):  # the delta-rule kernels
-        r = verify(2048, levels, policy, "gdn")
-        results["verify"].append(r)
-        print("verify", r)
+    for backbone in args.backbones:
+        for policy, levels in (("single", 2), ("fenwick", 16), ("dla", 16), ("dla", 32)):
+            r = verify(2048, levels, policy, backbone)
+            results["verify"].append(r)
+            print("verify", r)
 
     ssd, gdn = fla_anchors()
     for length in args.lengths:
@@ -163,24 +167,26 @@ def main() -> int:
         row["sdpa_fwd_bwd"] = bench(lambda: torch.autograd.backward(
             F.scaled_dot_product_attention(q, k, v, is_causal=True), do), rep=rep)
         del q, k, v, do
-        if ssd is not None:
+        if ssd is not None and "mamba2" in args.backbones:
             t = inputs(length, 16, "mamba2")
             xs = [t[n].detach().requires_grad_() for n in ("q", "k", "v")]
             g = t["g"].detach().requires_grad_()
             do = torch.randn_like(xs[2])
             row["fla_ssd_fwd_bwd"] = bench(lambda: torch.autograd.backward(ssd(*xs, g=g)[0], do), rep=rep)
+        if gdn is not None and "gdn" in args.backbones:
             t = inputs(length, 16, "gdn")
             xs = [t[n].detach().requires_grad_() for n in ("q", "k", "v")]
             g, beta = t["g"].detach().requires_grad_(), t["beta"].detach().requires_grad_()
+            do = torch.randn_like(xs[2])
             row["fla_gdn_fwd_bwd"] = bench(lambda: torch.autograd.backward(gdn(*xs, g=g, beta=beta)[0], do), rep=rep)
             del xs, g, beta, do
         fenwick_levels = max(16, (length - 1).bit_length() + 1)
-        for name, policy, levels in (("single", "single", 2), ("fenwick", "fenwick", fenwick_levels),
-                                     ("dla16", "dla", 16), ("dla32", "dla", 32)):
-            time_policy(row, name, inputs(length, levels, "mamba2"), policy, levels, rep)
-        for name, policy, levels in (("gdn_single", "single", 2), ("gdn_fenwick", "fenwick", fenwick_levels),
-                                     ("gdn_dla16", "dla", 16), ("gdn_dla32", "dla", 32)):
-            time_policy(row, name, inputs(length, levels, "gdn"), policy, levels, rep)
+        for backbone, prefix in (("mamba2", ""), ("gdn", "gdn_")):
+            if backbone not in args.backbones:
+                continue
+            for name, policy, levels in (("single", "single", 2), ("fenwick", "fenwick", fenwick_levels),
+                                         ("dla16", "dla", 16), ("dla32", "dla", 32)):
+                time_policy(row, prefix + name, inputs(length, levels, backbone), policy, levels, rep)
         for kind, dense in (("seg_piecewise", False), ("seg_gaussian", True)):
             t = inputs(length, 32, "mamba2", boundary_dense=dense)
             row[f"{kind}_ms"] = bench(lambda: level_map(t["k"], t["v"], capacity=32), rep=rep)
@@ -197,7 +203,8 @@ def main() -> int:
 def render(results) -> str:
     env = results["env"]
     lines = [f"GPU benchmark on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['time']}",
-             "fwd+bwd median ms, bf16, 32,768 tokens per call, H = 16, Dk = Dv = 128 (perf/bench_gpu.py)", "",
+             "fwd+bwd median ms, bf16, 32,768 tokens per call, H = 16, Dk = Dv = 128 (perf/bench_gpu.py; "
+             f"CUDA kernel without β: {env.get('scalar_readout', 'masked')})", "",
              "| T | SDPA | fla SSD | fla GDN | single | fenwick | DLA K=16 | DLA K=32 | K=16 / SSD | K=32 / SSD | seg share K=32 (piecewise / gaussian) | peak MB single / K=32 | readout TFLOP/s K=32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 

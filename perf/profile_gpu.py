@@ -140,7 +140,8 @@ def read_ncu_csv(text: str) -> list[dict]:
     return out
 
 
-def ncu_profile(config: str, length: int, warmup: int, work: Path) -> dict:
+def ncu_profile(config: str, length: int, warmup: int, work: Path, kernels: str | None = None,
+                scalar_readout: str = "auto") -> dict:
     """Per-kernel hardware counters under Nsight Compute; the full metric set, else the basic one."""
     ncu = shutil.which("ncu")
     if ncu is None:
@@ -150,8 +151,9 @@ def ncu_profile(config: str, length: int, warmup: int, work: Path) -> dict:
         log = work / f"ncu-{config.replace(':', '_')}-{label}.csv"
         cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--csv", "--page", "raw",
                "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(metrics),
+               *(["--kernel-name", f"regex:{kernels}"] if kernels else []),
                sys.executable, "-m", "perf.profile_gpu", "--child", config, "--length", str(length),
-               "--warmup", str(warmup)]
+               "--warmup", str(warmup), "--scalar-readout", scalar_readout]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         text = log.read_text() if log.exists() else ""
         records = read_ncu_csv(text)
@@ -264,8 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="BACKBONE:POLICY:K entries (default: each backbone's single and dla K=32)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-ncu", action="store_true", help="torch.profiler only")
+    p.add_argument("--ncu-kernels", metavar="REGEX",
+                   help="ncu only the kernels whose name matches (replaying every torch kernel is slow)")
+    p.add_argument("--scalar-readout", choices=["auto", "scan", "masked"], default="auto",
+                   help="the CUDA kernel for transitions without β (dla.compile.ops.SCALAR_READOUT)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    import dla.compile.ops
+
+    dla.compile.ops.SCALAR_READOUT = args.scalar_readout
     if args.child:
         child(args.child, args.length, args.warmup)
         return 0
@@ -281,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
               "length": args.length, "argv": argv if argv is not None else sys.argv[1:], "configs": []}
     for config in args.configs:
         entry = {"config": config, "torch": torch_profile(config, args.length, args.warmup)}
-        entry["ncu"] = {"error": "skipped (--no-ncu)"} if args.no_ncu else ncu_profile(config, args.length, args.warmup, args.out)
+        entry["ncu"] = ({"error": "skipped (--no-ncu)"} if args.no_ncu else
+                        ncu_profile(config, args.length, args.warmup, args.out, args.ncu_kernels, args.scalar_readout))
         result["configs"].append(entry)
         (args.out / "profile_gpu.json").write_text(json.dumps(result, indent=1))
         print(f"{config}: {entry['torch']['total_us'] / 1e3:.2f} ms of kernels", flush=True)

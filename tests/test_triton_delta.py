@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from dla.compile.ops import register_ops
 from dla.ops.triton.readout_delta import readout_backward_triton, readout_forward_triton
-from tests.strategies import Case, assert_draws_exercise_every_decision, relative_error
+from tests.strategies import TRANSITIONS, Case, assert_draws_exercise_every_decision, relative_error
 from tests.test_triton_readout import (
     DEVICES, TOL32, assert_forward_matches_materialized, assert_matches_chunked_float64, cast, cotangents, cpu, dla_map,
     f32, fenwick_map, poisoned_empty, reference, setup, single_map, triton_args,
@@ -53,7 +53,7 @@ def cases(draw, max_length=40):
     return Case(
         batch=draw(st.integers(1, 2)), length=draw(st.integers(1, max_length)), heads=draw(st.integers(1, 2)),
         dk=draw(st.sampled_from([16, 32])), dv=draw(st.sampled_from([16, 32])), levels=draw(st.integers(2, 6)),
-        policy=policy, transition=draw(st.sampled_from(["beta", "both"])), score="token",
+        policy=policy, transition=draw(st.sampled_from(TRANSITIONS)), score="token",
         tau=draw(st.sampled_from([0.0, 0.3, 0.6, 0.6, 1.0])),
         inputs=draw(st.sampled_from(["gaussian", "piecewise", "piecewise"])),
         mean_regime=draw(st.sampled_from([2.0, 4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
@@ -70,6 +70,8 @@ def cases(draw, max_length=40):
 @given(cases(max_length=34), st.booleans())
 @example(Case(length=1, levels=2, policy="dla", transition="both", tau=0.6, **EDGE), True)  # T = 1
 @example(Case(length=27, levels=4, policy="dla", transition="beta", tau=0.6, **EDGE), True)  # T % C ≠ 0, no g
+@example(Case(length=37, levels=5, policy="dla", transition="g", tau=0.6, **EDGE), True)  # no β: P_C = γ_C
+@example(Case(length=35, levels=3, policy="dla", transition="none", tau=0.6, **EDGE), True)  # linear attention
 @example(Case(length=33, levels=6, policy="fenwick", transition="both", tau=0.6, **EDGE), False)
 @example(Case(length=19, levels=3, policy="single", transition="both", tau=0.6, **EDGE), True)
 @example(Case(length=20, levels=20, policy="dla", transition="both", tau=0.0, **EDGE), False)  # every token a slot
@@ -115,6 +117,8 @@ def triton_grads(case, t, level_start, S0, do, dS, device):
 @example(Case(length=18, levels=18, policy="dla", transition="both", tau=0.0, **EDGE), False)
 @example(Case(length=29, levels=4, policy="dla", transition="both", tau=10.0, **EDGE), True)  # all merged
 @example(Case(length=40, levels=2, policy="dla", transition="beta", tau=0.0, **EDGE), True)  # capacity merges
+@example(Case(length=52, levels=4, policy="dla", transition="g", tau=0.6, **EDGE), True)  # no β, 4 chunks
+@example(Case(length=33, levels=6, policy="fenwick", transition="none", tau=0.6, **EDGE), True)
 def test_backward_matches_chunked_float64(device, case: Case, initial: bool):
     case, t, _, level_start, S0, _ = setup(case, initial)
     do, dS = cotangents(case, S0)
@@ -128,7 +132,8 @@ def test_backward_matches_chunked_float64(device, case: Case, initial: bool):
 @pytest.mark.parametrize("case", [
     Case(length=13, levels=3, policy="dla", transition="both", tau=0.6, **EDGE),
     Case(length=17, levels=5, policy="fenwick", transition="beta", tau=0.6, **EDGE),
-], ids=["dla-both", "fenwick-beta"])
+    Case(length=21, levels=4, policy="dla", transition="g", tau=0.6, **EDGE),
+], ids=["dla-both", "fenwick-beta", "dla-g"])
 def test_backward_matches_materialized_autograd(device, case: Case):
     """The oracle itself (autograd of the materialized form) on a few small cases."""
     case, t, state, level_start, S0, live = setup(case, True)
@@ -186,16 +191,10 @@ def test_missing_cotangents_and_empty_sequence(device):
     assert torch.equal(grads[-1].cpu(), f32(S0)) and grads[0].shape == (B, 0, H, case.dk)
 
 
-def test_rejects_missing_beta_float64_and_unknown_precision():
+def test_rejects_float64_unknown_precision_and_wide_keys():
     case = Case(length=3, levels=2, policy="single", transition="beta", tau=0.6, **EDGE)
     case, t, _, level_start, S0, _ = setup(case, False)
     args = list(triton_args(case, t, level_start, S0))
-    no_beta = list(args)
-    no_beta[5] = None
-    with pytest.raises(ValueError, match="beta"):
-        readout_forward_triton(*no_beta)
-    with pytest.raises(ValueError, match="beta"):
-        readout_backward_triton(None, None, *no_beta)
     doubles = [t["q"], t["k"], t["v"], t["lam"]] + args[4:]
     with pytest.raises(TypeError, match="float64"):
         readout_forward_triton(*doubles)
@@ -253,24 +252,38 @@ def test_registered_op_opcheck_and_fullgraph_compile():
         1 + abs(float(value.detach())))
 
 
-def test_cuda_registration_routes_beta_to_the_delta_kernels(monkeypatch):
-    """`dla::readout` / `dla::readout_backward` on CUDA send β to these launchers, the rest to the
-    masked kernels (checked on the registration functions themselves, no GPU needed)."""
+def test_cuda_registration_routes_to_the_scan_or_the_masked_kernels(monkeypatch):
+    """`dla::readout` / `dla::readout_backward` on CUDA send β to these launchers always, and
+    transitions without β here from `SCAN_FROM_LENGTH` tokens on, to the masked kernels below
+    (`SCALAR_READOUT` forces either); checked on the registration functions, no GPU needed."""
     import dla.compile.ops as O
     import dla.ops.triton.readout_delta as D
     import dla.ops.triton.readout_masked as M
 
     calls = []
-    monkeypatch.setattr(D, "readout_forward_triton", lambda *a: calls.append("delta_fwd"))
-    monkeypatch.setattr(D, "readout_backward_triton", lambda *a: calls.append("delta_bwd"))
-    monkeypatch.setattr(M, "readout_forward_triton", lambda *a: calls.append("masked_fwd"))
-    monkeypatch.setattr(M, "readout_backward_triton", lambda *a: calls.append("masked_bwd"))
-    x = torch.zeros(1)
-    O._cuda_readout(x, x, x, x, None, x, x, x, 1.0, 64)
-    O._cuda_readout(x, x, x, x, None, None, x, x, 1.0, 64)
-    O._cuda_readout_backward(x, x, x, x, x, x, None, x, x, x, 1.0, 64)
-    O._cuda_readout_backward(x, x, x, x, x, x, None, None, x, x, 1.0, 64)
-    assert calls == ["delta_fwd", "masked_fwd", "delta_bwd", "masked_bwd"]
+    monkeypatch.setattr(D, "readout_forward_triton", lambda *a: calls.append("scan"))
+    monkeypatch.setattr(D, "readout_backward_triton", lambda *a: calls.append("scan"))
+    monkeypatch.setattr(M, "readout_forward_triton", lambda *a: calls.append("masked"))
+    monkeypatch.setattr(M, "readout_backward_triton", lambda *a: calls.append("masked"))
+    monkeypatch.setattr(O, "SCAN_FROM_LENGTH", 8)
+
+    def route(T, beta):
+        x = torch.zeros(1, T, 1, 1)
+        b = x if beta else None
+        calls.clear()
+        O._cuda_readout(x, x, x, x, None, b, x, x, 1.0, 64)
+        O._cuda_readout_backward(x, x, x, x, x, x, None, b, x, x, 1.0, 64)
+        assert calls[0] == calls[1]
+        return calls[0]
+
+    assert [route(T, beta) for T in (4, 8) for beta in (True, False)] == ["scan", "masked", "scan", "scan"]
+    monkeypatch.setattr(O, "SCALAR_READOUT", "masked")
+    assert [route(16, True), route(16, False)] == ["scan", "masked"]
+    monkeypatch.setattr(O, "SCALAR_READOUT", "scan")
+    assert route(4, False) == "scan"
+    monkeypatch.setattr(O, "SCALAR_READOUT", "fast")
+    with pytest.raises(ValueError, match="SCALAR_READOUT"):
+        route(4, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,8 +297,8 @@ from triton.compiler import ASTSource
 import dla.ops.triton.readout_delta as R
 
 for spec in sys.argv[1:]:
-    D, K, N, dtype = spec.split(":")
-    meta, _ = R._meta(int(D), int(D), int(K), int(N), getattr(torch, dtype), None)
+    D, K, N, dtype, has_beta = spec.split(":")
+    meta, _ = R._meta(int(D), int(D), int(K), int(N), getattr(torch, dtype), None, has_beta == "beta")
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
     for fn in (R._fwd_scan_kernel, R._bwd_scan_kernel):
         sig = {a.name: "constexpr" if a.is_constexpr else "i32" if a.name in ("NC", "R")
@@ -305,7 +318,8 @@ def test_kernels_compile_for_sm90():
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton wheel ships no ptxas")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    specs = ["128:32:16:bfloat16"]  # the ieee variant differs by the dots' flag only (and compiles slowly)
+    # the ieee variant differs by the dots' flag only (and compiles slowly); β and no β differ in P_C
+    specs = ["128:32:16:bfloat16:beta", "128:32:16:bfloat16:none"]
     done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -332,6 +346,15 @@ GPU_CASES = [  # (policy, B, H, T, Dk, Dv, K, has_g, initial, dtype): every scan
 ]
 
 
+GPU_CASES_WITHOUT_BETA = [  # P_C = γ_C (HAS_P off): the same configurations, fewer shapes
+    ("dla", 1, 2, 2048, 128, 128, 32, True, True, "fp32"),  # 8 warps, tile 16, ieee
+    ("fenwick", 8, 16, 256, 64, 64, 16, False, False, "fp32"),  # 4 warps, tile 32, ieee; no decay
+    ("dla", 1, 2, 16384, 128, 128, 32, True, True, "bf16"),  # long, K = 32, tf32
+    ("single", 1, 2, 3000, 64, 64, 16, False, False, "bf16"),  # 4 warps, tile 16; no decay: rounding compounds
+    ("dla", 8, 16, 256, 128, 128, 16, True, False, "bf16"),  # 8 warps, tile 32
+]
+
+
 def gpu_inputs(policy, B, H, T, Dk, Dv, K, has_g, initial, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64)
@@ -354,8 +377,9 @@ def gpu_inputs(policy, B, H, T, Dk, Dv, K, has_g, initial, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy,B,H,T,Dk,Dv,K,has_g,initial,dtype", GPU_CASES)
-def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial, dtype):
+@pytest.mark.parametrize("policy,B,H,T,Dk,Dv,K,has_g,initial,dtype,has_beta",
+                         [c + (True,) for c in GPU_CASES] + [c + (False,) for c in GPU_CASES_WITHOUT_BETA])
+def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial, dtype, has_beta):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     t, ls, S0 = gpu_inputs(policy, B, H, T, Dk, Dv, K, has_g, initial)
     scale = Dk**-0.5
@@ -363,6 +387,6 @@ def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial,
     do = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64).cuda()
     dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64).cuda()
     x = cast(t, dtype)  # q, k, v, λ in dtype; g, β in float32 (as gates usually are)
-    x["beta"] = t["beta"].float()
+    x["beta"] = t["beta"].float() if has_beta else None
     assert_matches_chunked_float64(readout_forward_triton, readout_backward_triton, x, do.to(dtype), dS, ls, S0,
                                    scale)

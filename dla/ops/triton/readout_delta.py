@@ -75,18 +75,23 @@ __all__ = ["readout_forward_triton", "readout_backward_triton"]
 
 @triton.jit
 def _new_slot(DST, r, ET, rows, v, etok, lo, hi, has_old, run, P, dv_, DK: tl.constexpr, DV: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
+              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr,
+              HAS_P: tl.constexpr):
     """Writes new slot r: Σ_{s: ε_s = r} E_s v_sᵀ, plus P_C · run (its old slots' sum) when
-    has_old — in blocks of BH rows of Dk, so that P_C is never held whole in registers."""
+    has_old — in blocks of BH rows of Dk, so that P_C is never held whole in registers. Without
+    β (not HAS_P) P points at the scalar γ_C and BH = BK (one block)."""
     tok = (r >= lo) & (r <= hi)
     sel = (etok == r)[:, None]
     for h in tl.static_range(0, BK, BH):
         dh = h + tl.arange(0, BH)
         acc = tl.zeros([BH, BV], dtype=tl.float32)
         if has_old:
-            pm = tl.load(P + dh[:, None] * DK + tl.arange(0, BK)[None, :],
-                         mask=(dh[:, None] < DK) & (tl.arange(0, BK)[None, :] < DK), other=0.0)
-            acc = tl.dot(pm, run, input_precision=PREC_P)
+            if HAS_P:
+                pm = tl.load(P + dh[:, None] * DK + tl.arange(0, BK)[None, :],
+                             mask=(dh[:, None] < DK) & (tl.arange(0, BK)[None, :] < DK), other=0.0)
+                acc = tl.dot(pm, run, input_precision=PREC_P)
+            else:
+                acc = tl.load(P) * run
         if tok:
             et = tl.load(ET + rows[:, None] * DK + dh[None, :], mask=sel & (dh[None, :] < DK), other=0.0)
             acc += tl.dot(tl.trans(et), v, input_precision=PREC)
@@ -97,7 +102,7 @@ def _new_slot(DST, r, ET, rows, v, etok, lo, hi, has_old, run, P, dv_, DK: tl.co
 @triton.jit
 def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr, DK: tl.constexpr,
           DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-          READ: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
+          READ: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr, HAS_P: tl.constexpr):
     """One chunk on this program's Dv tile, every old slot read once: returns (with READ) the
     slots' read-out Σ_r W[:,r] ⊙ Q̂ S_r [C, BV], and writes DST[r'] = P_C · Σ_{r: e_r = r'} SRC[r]
     + Σ_{s: ε_s = r'} E_s v_sᵀ for all K new slots, each exactly once, in order. Old slots
@@ -134,7 +139,7 @@ def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr
             first = tl.where(cur >= 0, cur, nxt)  # the open group's slot (= nxt − 1), else nxt
             for r2 in range(first, tl.where(last, K, e)):
                 _new_slot(DST, r2, ET, rows, v, etok, lo, hi, r2 == cur, run, P, dv_, DK, DV, BK, BV, BH, PREC,
-                          PREC_P)
+                          PREC_P, HAS_P)
             nxt = e + 1
             cur = e
             run = tl.zeros([BK, BV], dtype=tl.float32)
@@ -148,7 +153,7 @@ def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr
 def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
                      K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     PREC_P: tl.constexpr):
+                     PREC_P: tl.constexpr, HAS_P: tl.constexpr):
     """OI [N, NC·C, Dv] = Σ_r W[t,r] S_rᵀ Q̂_t per chunk; SO = the final slot states. Chunk c's
     start states are S0 (c = 0) or the previous chunk's output; the outputs alternate between
     TMP and SO so that the last chunk writes SO."""
@@ -161,7 +166,8 @@ def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
     V += tok * DV
     OI += tok * DV
     ETOK += tok
-    P += n * NC * DK * DK
+    PSZ: tl.constexpr = DK * DK if HAS_P else 1  # P_C per chunk: [Dk, Dk], or the scalar γ_C
+    P += n * NC * PSZ
     EOLD += n * NC * K
     S0 += n * K * DK * DV
     TMP += n * K * DK * DV
@@ -180,8 +186,8 @@ def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
             dst = SO
         else:
             dst = TMP
-        acc = _step(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, QH, W, rows, dk_, dv_, K, DK, DV, C, BK, BV,
-                    BH, True, PREC, PREC_P)
+        acc = _step(src, dst, P + c * PSZ, ET, V, EOLD + c * K, ETOK, QH, W, rows, dk_, dv_, K, DK, DV, C, BK, BV,
+                    BH, True, PREC, PREC_P, HAS_P)
         tl.store(OI + rows[:, None] * DV + dv_[None, :], acc, mask=dv_[None, :] < DV)
 
 
@@ -190,12 +196,13 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
                      DQH, DW, DET, DVS, DP, NC, R,
                      K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     PREC_P: tl.constexpr):
+                     PREC_P: tl.constexpr, HAS_P: tl.constexpr):
     """The reverse pass over chunks (module doc). CK [NSEG, N, K, Dk, Dv]: chunk-start states of
     the chunks c ≡ 0 mod R; SEG [R, N, K, Dk, Dv]: those of the segment being reversed (SEG[0],
     SEG[1] also serve the first forward walk). dS' alternates between DTMP and DS0 so that the
     first chunk writes DS0. DQH, DW, DET, DP (zeroed) get this tile's share by atomic adds; DVS
-    [N, NC·C, Dv] is written."""
+    [N, NC·C, Dv] is written. Without β (not HAS_P) P holds γ_C and DP its gradient
+    dγ_C = Σ_r ⟨dS'_{e_r}, S_r⟩ = tr dP_C, one number per chunk."""
     pv = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     N = tl.num_programs(1).to(tl.int64)
@@ -210,8 +217,9 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
     DO += tok * DV
     DVS += tok * DV
     ETOK += tok
-    P += n * NC * DK * DK
-    DP += n * NC * DK * DK
+    PSZ: tl.constexpr = DK * DK if HAS_P else 1
+    P += n * NC * PSZ
+    DP += n * NC * PSZ
     EOLD += n * NC * K
     SET = K * DK * DV  # one set of slot states
     S0 += n * SET
@@ -244,8 +252,8 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             dst = SEG + STRIDE
         else:
             dst = SEG
-        _step(src, dst, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, QH, W, rows, dk_, dv_, K, DK, DV, C, BK, BV, BH, False,
-              PREC, PREC_P)
+        _step(src, dst, P + c * PSZ, ET, V, EOLD + c * K, ETOK, QH, W, rows, dk_, dv_, K, DK, DV, C, BK, BV, BH, False,
+              PREC, PREC_P, HAS_P)
     c_last = NC - 1
     if c_last % R == 0:  # the last chunk starts a segment: its state is the walk's last output
         if c_last == 0:
@@ -271,8 +279,8 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
         for j in range(1, n_in):
             c = c_first + j - 1
             rows = c * C + tl.arange(0, C)
-            _step(SEG + (j - 1) * STRIDE, SEG + j * STRIDE, P + c * DK * DK, ET, V, EOLD + c * K, ETOK, QH, W, rows,
-                  dk_, dv_, K, DK, DV, C, BK, BV, BH, False, PREC, PREC_P)
+            _step(SEG + (j - 1) * STRIDE, SEG + j * STRIDE, P + c * PSZ, ET, V, EOLD + c * K, ETOK, QH, W, rows,
+                  dk_, dv_, K, DK, DV, C, BK, BV, BH, False, PREC, PREC_P, HAS_P)
         for jj in range(0, n_in):
             j = n_in - 1 - jj
             c = c_first + j
@@ -288,7 +296,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             else:
                 dst = DTMP
             rows = c * C + tl.arange(0, C)
-            Pc = P + c * DK * DK
+            Pc = P + c * PSZ
             pm_mask = (dk_[:, None] < DK) & (dk_[None, :] < DK)
             pm_tile = dk_[:, None] * DK + dk_[None, :]
             do = tl.load(DO + rows[:, None] * DV + dv_[None, :], mask=mv, other=0.0)
@@ -311,20 +319,30 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             tl.atomic_add(DET + rows[:, None] * DK + dk_[None, :], det, mask=mk, sem="relaxed")
             # old slots: read-out and transition
             dqh = tl.zeros([C, BK], dtype=tl.float32)
-            dp = tl.zeros([BK, BK], dtype=tl.float32)
+            dp = tl.zeros([BK, BK], dtype=tl.float32)  # dP_C (HAS_P), else dγ_C in dgc
+            dgc = tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)
             cur = tl.load(EOLD + c * K)
             dsc = tl.load(dsn + cur * DK * DV + tile, mask=m2 & (cur < K), other=0.0)
-            ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc, input_precision=PREC_P)
+            if HAS_P:
+                ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc, input_precision=PREC_P)
+            else:
+                ptds = tl.load(Pc) * dsc
             run = tl.zeros([BK, BV], dtype=tl.float32)
             for r in range(0, K):
                 e = tl.load(EOLD + c * K + r)
                 if e != cur:
-                    dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
+                    if HAS_P:
+                        dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
+                    else:
+                        dgc += tl.sum(tl.sum(dsc * run, axis=1), axis=0)
                     cur = e
                     run = tl.zeros([BK, BV], dtype=tl.float32)
                     dsc = tl.load(dsn + cur * DK * DV + tile, mask=m2 & (cur < K), other=0.0)
-                    ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc,
-                                  input_precision=PREC_P)
+                    if HAS_P:
+                        ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc,
+                                      input_precision=PREC_P)
+                    else:
+                        ptds = tl.load(Pc) * dsc
                 w = tl.load(W + rows * K + r)
                 s = tl.load(src + r * DK * DV + tile, mask=m2, other=0.0)
                 run += s
@@ -335,9 +353,13 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
                     tl.atomic_add(DW + rows * K + r, tl.sum(dx * qh, axis=1), sem="relaxed")
                     ds += tl.dot(tl.trans(qh), w[:, None] * do, input_precision=PREC)
                 tl.store(dst + r * DK * DV + tile, ds, mask=m2)
-            dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
             tl.atomic_add(DQH + rows[:, None] * DK + dk_[None, :], dqh, mask=mk, sem="relaxed")
-            tl.atomic_add(DP + c * DK * DK + pm_tile, dp, mask=pm_mask, sem="relaxed")
+            if HAS_P:
+                dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
+                tl.atomic_add(DP + c * PSZ + pm_tile, dp, mask=pm_mask, sem="relaxed")
+            else:
+                dgc += tl.sum(tl.sum(dsc * run, axis=1), axis=0)
+                tl.atomic_add(DP + c * PSZ, dgc, sem="relaxed")
             tl.debug_barrier()
 
 
@@ -391,7 +413,7 @@ class _Chunked:
 
         self.q, self.k, self.v, self.lam = heads(q), heads(k), heads(v), heads(lam)
         self.g = None if g is None else heads(g)
-        self.beta = heads(beta)
+        self.beta = None if beta is None else heads(beta)
         starts = _heads(level_start, torch.int64)  # [N, T, K]
         if pad:  # padded rows repeat the last row: the chunk end is read there
             starts = torch.cat([starts, starts[:, -1:].expand(N, pad, K)], 1)
@@ -430,7 +452,7 @@ class _Chunked:
         R = N * NC
         qh, et = torch.empty(R, C, dk, dtype=f32, device=dev), torch.empty(R, C, dk, dtype=f32, device=dev)
         w = torch.empty(R, C, K, dtype=f32, device=dev)
-        p = torch.empty(R, dk, dk, dtype=f32, device=dev)
+        p = torch.empty((R, dk, dk) if self.beta is not None else (R,), dtype=f32, device=dev)
         eold = torch.empty(R, K, dtype=torch.int32, device=dev)
         etok = torch.empty(R, C, dtype=torch.int32, device=dev)
         intra = torch.empty(R, C, dv, dtype=self.cdt, device=dev) if with_intra else None
@@ -440,7 +462,7 @@ class _Chunked:
             qh[i0:i1] = c.Qh
             et[i0:i1] = c.E.transpose(1, 2)
             w[i0:i1] = c.W
-            p[i0:i1] = c.P
+            p[i0:i1] = c.P if c.P is not None else c.gam_C
             eold[i0:i1] = c.end_old
             etok[i0:i1] = c.end_tok
             if with_intra:
@@ -449,8 +471,6 @@ class _Chunked:
 
 
 def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, input_precision: str | None) -> None:
-    if beta is None:
-        raise ValueError(f"{name}: beta is required (transitions without β run in dla.ops.triton.readout_masked)")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
     if input_precision not in (None, "ieee", "tf32", "tf32x3"):
@@ -473,19 +493,21 @@ def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, s
     return input_precision or "tf32", input_precision or "tf32x3"
 
 
-def _meta(dk: int, dv: int, K: int, N: int, dtype: torch.dtype, input_precision: str | None) -> tuple[dict, int]:
+def _meta(dk: int, dv: int, K: int, N: int, dtype: torch.dtype, input_precision: str | None,
+          has_beta: bool = True) -> tuple[dict, int]:
     """The scan kernels' meta-parameters (constexprs, num_warps, num_stages) and the number of
-    Dv tiles, from the shapes alone (the sm_90 compile test uses the same)."""
+    Dv tiles, from the shapes alone (the sm_90 compile test uses the same). Without β the chunk
+    transition is the scalar γ_C (HAS_P off): no [Dk, Dk] product, and new slots in one block."""
     cfg = _config(dk, dv, N)
     bv, bk = cfg["BV"], _pow2(dk)
     prec, prec_p = _precisions(dtype, input_precision)
-    meta = dict(K=K, DK=dk, DV=dv, C=cfg["C"], BK=bk, BV=bv, BH=min(bk, 64), PREC=prec, PREC_P=prec_p,
-                num_warps=cfg["num_warps"], num_stages=1)
+    meta = dict(K=K, DK=dk, DV=dv, C=cfg["C"], BK=bk, BV=bv, BH=min(bk, 64) if has_beta else bk, PREC=prec,
+                PREC_P=prec_p, HAS_P=has_beta, num_warps=cfg["num_warps"], num_stages=1)
     return meta, triton.cdiv(dv, bv)
 
 
 def _launch_meta(x: _Chunked, input_precision: str | None, dtype: torch.dtype) -> tuple[dict, int]:
-    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision)
+    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision, x.beta is not None)
 
 
 def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
@@ -512,9 +534,9 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
 
 
 def _local_backward(c, dOt, dQh, dW, dEt, dvs, dP, has_g: bool):
-    """The chunk-local part of `dla.ops.readout._chunk_backward` (β branch), given the scan's
-    sums over slots: dQ̂, dW, dE (token writes), dv (token writes) and dP_C. Returns
-    (dq, dk, dv, dλ, dg, dβ) for the block's chunks."""
+    """The chunk-local part of `dla.ops.readout._chunk_backward`, given the scan's sums over
+    slots: dQ̂, dW, dE (token writes), dv (token writes) and dP_C (dγ_C without β). Returns
+    (dq, dk, dv, dλ, dg, dβ) for the block's chunks (dβ None without β)."""
     N, C, Dk = c.k.shape
     K = c.W.shape[-1]
     dv = (c.At * c.Lam).transpose(1, 2) @ dOt + dvs
@@ -525,9 +547,12 @@ def _local_backward(c, dOt, dQh, dW, dEt, dvs, dP, has_g: bool):
     dlam.scatter_add_(-1, c.lev_tok.clamp(min=0), torch.where(c.lev_tok >= 0, dLam, 0.0))
     dlam.scatter_add_(-1, c.lev_old.clamp(min=0), torch.where(c.lev_old >= 0, dW, 0.0))
     gam, rho, Gam = c.gam, c.rho, c.Gam
-    dE = dEt.transpose(1, 2)
     dgam = (dQh * c.q).sum(-1)
     dq = gam[..., None] * dQh
+    if c.beta is None:  # Q̂ = diag(γ) Q, E = Kᵀ diag(ρ), P_C = γ_C I
+        dq, dk, dg = _local_backward_gated(c, dq, dAt, dEt, dgam, dP, has_g)
+        return dq, dk, dv, dlam, dg, None
+    dE = dEt.transpose(1, 2)
     dgam_C = dP.diagonal(dim1=1, dim2=2).sum(-1)
     Hk = gam[..., None] * c.k
     dE = dE - dP @ Hk.transpose(1, 2)
@@ -550,14 +575,25 @@ def _local_backward(c, dOt, dQh, dW, dEt, dvs, dP, has_g: bool):
     Zq = dAqk * Gam
     dq = dq + Zq @ c.k
     dk = dk + rho[..., None] * dKr + Zq.transpose(1, 2) @ c.q
-    dg = None
-    if has_g:
-        drho = (dKr * c.k).sum(-1)
-        Zg = dGam * Gam
-        dG = Zg.sum(2) - Zg.sum(1) + dgam * gam - drho * rho
-        dG[:, -1] += (drho * rho).sum(1) + dgam_C * c.gam_C
-        dg = dG.flip(1).cumsum(1).flip(1)
+    dg = _dg(c, dGam, dKr, dgam, dgam_C) if has_g else None
     return dq, dk, dv, dlam, dg, dbeta
+
+
+def _local_backward_gated(c, dq, dAqk, dKr, dgam, dgam_C, has_g: bool):
+    """`_local_backward` without β (the CPU kernel's no-β branch): returns (dq, dk, dg)."""
+    Zq = dAqk * c.Gam
+    dq = dq + Zq @ c.k
+    dk = c.rho[..., None] * dKr + Zq.transpose(1, 2) @ c.q
+    return dq, dk, _dg(c, dAqk * c.QK, dKr, dgam, dgam_C) if has_g else None
+
+
+def _dg(c, dGam, dKr, dgam, dgam_C):
+    """dg from the gradients of Γ, ρ (through `Kᵀ diag(ρ)`), γ and γ_C: reverse cumsum of dG."""
+    drho = (dKr * c.k).sum(-1)
+    Zg = dGam * c.Gam
+    dG = Zg.sum(2) - Zg.sum(1) + dgam * c.gam - drho * c.rho
+    dG[:, -1] += (drho * c.rho).sum(1) + dgam_C * c.gam_C
+    return dG.flip(1).cumsum(1).flip(1)
 
 
 def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
@@ -572,7 +608,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
         dg = torch.zeros(B, 0, H, dtype=g.dtype if g is not None else f32, device=dev)
         dS0 = torch.zeros(S0.shape, dtype=f32, device=dev) if dS is None else dS.to(f32).clone()
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape),
-                dg, torch.zeros(B, 0, H, dtype=beta.dtype, device=dev), dS0.to(S0.dtype))
+                dg, torch.zeros(B, 0, H, dtype=beta.dtype if beta is not None else f32, device=dev), dS0.to(S0.dtype))
     x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H)["C"])
     N, NC, C, Tp = x.N, x.NC, x.C, x.Tp
     qh, w, et, p, eold, etok, _ = x.scan_inputs(with_intra=False)
@@ -594,7 +630,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     dw = torch.zeros(N, Tp, K, **sets)
     det = torch.zeros(N, Tp, Dk, **sets)
     dvs = torch.empty(N, Tp, Dv, **sets)
-    dp = torch.zeros(N * NC, Dk, Dk, **sets)
+    dp = torch.zeros((N * NC, Dk, Dk) if beta is not None else (N * NC,), **sets)  # dP_C, or dγ_C without β
     v32 = x.v.to(f32).contiguous()
     heads = (dOt, x.S0, dS.view(N, K, Dk, Dv), dS0.view(N, K, Dk, Dv), dqh, dw, det, dvs, v32)
     for n0 in range(0, N, G):
@@ -607,7 +643,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
 
     grads = [torch.empty(N * NC, C, d, dtype=x.cdt, device=dev) for d in (Dk, Dk, Dv, K)]
     dg = torch.zeros(N * NC, C, dtype=x.cdt, device=dev)
-    dbeta = torch.empty(N * NC, C, dtype=x.cdt, device=dev)
+    dbeta = torch.empty(N * NC, C, dtype=x.cdt, device=dev) if beta is not None else None
     rows = x.rows
     dOt_r, dqh_r, dw_r, det_r, dvs_r = (rows(t).to(x.cdt) for t in (dOt, dqh, dw, det, dvs))
     for i0, i1 in x.blocks():
@@ -619,11 +655,13 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
             buf[i0:i1] = val
         if g is not None:
             dg[i0:i1] = out[4]
-        dbeta[i0:i1] = out[5]
+        if beta is not None:
+            dbeta[i0:i1] = out[5]
 
     def back(t, dtype):
         return _unheads(t.view(N, Tp, *t.shape[2:])[:, :T], B, H, dtype)
 
     dq, dk, dv, dlam = (back(t, ref.dtype) for t, ref in zip(grads, (q, k, v, lam)))
     dg_out = back(dg, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev)
-    return dq, dk, dv, dlam, dg_out, back(dbeta, beta.dtype), dS0.to(S0.dtype)
+    dbeta_out = back(dbeta, beta.dtype) if beta is not None else torch.zeros(B, T, H, dtype=f32, device=dev)
+    return dq, dk, dv, dlam, dg_out, dbeta_out, dS0.to(S0.dtype)
