@@ -2,8 +2,8 @@
 
 The step `model.step(token, cache) → (logits, cache)` has static shapes (`dla.model.cache`), so
 it compiles once with `torch.compile(fullgraph=True)`; on CUDA the default mode is
-"reduce-overhead", which replays it as a CUDA graph (not for `fenwick`, whose segmentation
-op synchronises to check its level budget). Sampling happens outside the compiled
+"reduce-overhead", which replays it as a CUDA graph (every backbone and policy; nothing in the
+step reads from the host). Sampling happens outside the compiled
 step: temperature 0 is greedy, otherwise softmax(logits / temperature) over the `top_k` most
 likely bytes (all when `top_k` is None), drawn from a seeded generator.
 
@@ -82,12 +82,7 @@ def decode_step(model: CausalLM, mode: str = "auto"):
         return model.step
     cuda = model.embed.weight.device.type == "cuda"
     if mode == "auto":
-        # fenwick's segmentation op reads `step` on the host to check its level budget, which a
-        # CUDA graph cannot capture; the op now skips it while capturing (max_context bounds the
-        # request instead), but that path has not run on a GPU yet
-        # (tests/test_generate.py::test_decode_under_cuda_graphs_matches_eager_steps)
-        graphs = cuda and model.cfg.policy != "fenwick"
-        mode = "reduce-overhead" if graphs else "default"
+        mode = "reduce-overhead" if cuda else "default"
     compiled = torch.compile(model.step, fullgraph=True, mode=mode)
     if mode != "reduce-overhead" or not cuda:
         return compiled
