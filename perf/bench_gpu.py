@@ -220,7 +220,7 @@ def render(results) -> str:
             f(r.get("fenwick_fwd_bwd")), f(d16), f(d32), f(d16 / ssd if d16 and ssd else None),
             f(d32 / ssd if d32 and ssd else None), share,
             f"{f(r.get('single_peak_mb'))} / {f(r.get('dla32_peak_mb'))}", f(r.get("dla32_readout_tflops"))]) + " |")
-    lines += ["", "DLA-Gated DeltaNet (β and g: dla/ops/triton/readout_delta.py) beside fla's chunk_gated_delta_rule "
+    lines += ["", "DLA-Gated DeltaNet (β and g: dla/ops/triton/readout_scan.py) beside fla's chunk_gated_delta_rule "
               "(l2-normalised q, k), same shapes; targets K=16 ≤ 3×, K=32 ≤ 4× fla GDN, peak ≤ 2× single:", "",
               "| T | fla GDN | single | fenwick | DLA K=16 | DLA K=32 | K=16 / GDN | K=32 / GDN | fwd ms K=32 | "
               "peak MB single / K=16 / K=32 | readout TFLOP/s K=32 |",

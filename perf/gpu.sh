@@ -18,8 +18,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # paths deals these parts out round-robin, each GPU running its parts one after another (on
 # four cards the masked readout's float64 comparisons, the longest part, have a GPU to themselves).
 PARTS=("tests/test_triton_segment.py tests/test_generate.py" "tests/test_triton_readout.py -k gpu_matches"
-       "tests/test_triton_readout.py -k 'not gpu_matches'" "tests/test_triton_delta.py"
-       "tests --ignore=tests/test_triton_segment.py --ignore=tests/test_generate.py --ignore=tests/test_triton_readout.py --ignore=tests/test_triton_delta.py")
+       "tests/test_triton_readout.py -k 'not gpu_matches'" "tests/test_triton_scan.py"
+       "tests --ignore=tests/test_triton_segment.py --ignore=tests/test_generate.py --ignore=tests/test_triton_readout.py --ignore=tests/test_triton_scan.py")
 tests_on_every_gpu() {
   local n g i rc=0
   n=$(nvidia-smi -L | wc -l)

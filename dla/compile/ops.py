@@ -103,24 +103,25 @@ def _cuda_segment(*args):
 
 SCALAR_READOUT = "auto"
 """Which CUDA kernel reads out transitions without `β`: `"scan"` (the chunked scan of
-`dla/ops/triton/readout_delta.py`, linear in T), `"masked"` (the masked quadratic form of
+`dla/ops/triton/readout_scan.py`, linear in T), `"masked"` (the masked quadratic form of
 `dla/ops/triton/readout_masked.py`, O(T²) but without a sequential part), or `"auto"`: the scan
-from `SCAN_FROM_LENGTH` tokens on. With `β` the scan always runs. Results agree to rounding
-(both are held to the same oracles), so this is a speed setting, read when the op runs."""
+from `SCAN_FROM_LENGTH` tokens on (and `Dk ≤ 128`, the scan's limit). With `β` the scan always
+runs. Results agree to rounding (both are held to the same oracles), so this is a speed setting,
+read when the op runs."""
 SCAN_FROM_LENGTH = 0
 
 
-def _scalar_kernel(T: int) -> str:
+def _scalar_kernel(q: Tensor) -> str:
     if SCALAR_READOUT not in ("auto", "scan", "masked"):
         raise ValueError(f"dla.compile.ops.SCALAR_READOUT must be 'auto', 'scan' or 'masked', got {SCALAR_READOUT!r}")
     if SCALAR_READOUT != "auto":
         return SCALAR_READOUT
-    return "scan" if T >= SCAN_FROM_LENGTH else "masked"
+    return "scan" if q.shape[1] >= SCAN_FROM_LENGTH and q.shape[3] <= 128 else "masked"
 
 
 def _cuda_readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
-    if beta is not None or _scalar_kernel(q.shape[1]) == "scan":
-        from dla.ops.triton.readout_delta import readout_forward_triton
+    if beta is not None or _scalar_kernel(q) == "scan":
+        from dla.ops.triton.readout_scan import readout_forward_triton
     else:
         from dla.ops.triton.readout_masked import readout_forward_triton
 
@@ -128,8 +129,8 @@ def _cuda_readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
 
 
 def _cuda_readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
-    if beta is not None or _scalar_kernel(q.shape[1]) == "scan":
-        from dla.ops.triton.readout_delta import readout_backward_triton
+    if beta is not None or _scalar_kernel(q) == "scan":
+        from dla.ops.triton.readout_scan import readout_backward_triton
     else:
         from dla.ops.triton.readout_masked import readout_backward_triton
 

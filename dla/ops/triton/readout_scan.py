@@ -1,6 +1,8 @@
-r"""CUDA kernels of `dla::readout` and `dla::readout_backward` (SCHEMAS.md) for transitions with
-`β` (DeltaNet, and Gated DeltaNet with `g`): the chunked scan of SPEC §3. Same signatures and
-outputs as the CPU kernels in `dla.ops.readout`, whose module doc derives the algebra used here.
+r"""CUDA kernels of `dla::readout` and `dla::readout_backward` (SCHEMAS.md): the chunked scan of
+SPEC §3, linear in T, for every transition — with `β` (DeltaNet, Gated DeltaNet) always, and
+without `β` (linear attention, Mamba-2) when `dla.compile.ops` picks it over the masked quadratic
+kernels. Same signatures and outputs as the CPU kernels in `dla.ops.readout`, whose module doc
+derives the algebra used here.
 
 What it computes
 ================
@@ -16,7 +18,8 @@ the chunk-end remaps of old slots `r → e_r` and chunk tokens `s → ε_s`, ran
 
 Every slot carries its own state through the chunk's transition product `P_C` (`K·Dk²·Dv` per
 chunk; slots that merge at the chunk end are summed first, `P_C` being linear), and every query
-reads every slot (`K·Dk·Dv` per token). Backward, with `dÕ = scale · dO` and `dS'` the gradient
+reads every slot (`K·Dk·Dv` per token). Without `β`, `P_C = γ_C I`: the kernels take the scalar
+`γ_C` (`HAS_P` off) and scale instead of multiplying, and `dP_C` shrinks to `dγ_C = tr dP_C`. Backward, with `dÕ = scale · dO` and `dS'` the gradient
 of the chunk-end states (new rank order), per chunk in reverse:
 
     dX_r  = dÕ S_rᵀ:   dQ̂ = Σ_r W[:,r] ⊙ dX_r,   dW[t,r] = ⟨dX_r[t], Q̂_t⟩
@@ -477,7 +480,7 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, in
         raise ValueError(f"{name}: input_precision must be None, 'ieee', 'tf32' or 'tf32x3', got {input_precision!r}")
     B, T, H, Dk = q.shape
     if Dk > 128:  # [C, Dk] and [Dk, Dk] tiles beyond 128 are neither tuned nor tested on the card
-        raise ValueError(f"{name}: key head size Dk = {Dk} > 128 is not supported by the delta-rule Triton kernels "
+        raise ValueError(f"{name}: key head size Dk = {Dk} > 128 is not supported by the scan Triton kernels "
                          "(the CPU path takes any size)")
     if (T + 64) * max(Dk, v.shape[-1], lam.shape[-1]) >= 2**31:
         raise ValueError(f"{name}: T·max(Dk, Dv, K) must stay below 2**31 (int32 offsets within a head)")

@@ -1,5 +1,5 @@
-"""The Triton delta-rule readout (`dla.ops.triton.readout_delta`: β, with and without g) against
-the oracles.
+"""The Triton chunked-scan readout (`dla.ops.triton.readout_scan`: every transition — β with and
+without g, and without β, where the chunk transition is the scalar γ_C) against the oracles.
 
 On the CPU the kernels run through the Triton interpreter (tiny shapes, float32,
 `input_precision="ieee"`, chunk 16 so that sequences span several chunks and the backward's
@@ -9,7 +9,7 @@ float64 on drawn cases (it is held to autograd of the materialized form by tests
 and is ~100× faster than that autograd) and against the autograd itself on fixed small cases.
 Both sides get the same level map (as in `tests/test_triton_readout.py`, whose helpers this file
 shares). Outputs are allocated by `torch.empty`, which the tests poison with NaN. A test-only
-registration (`dla_triton_delta::…`) routes CPU tensors to the Triton launchers, so `opcheck`
+registration (`dla_triton_scan::…`) routes CPU tensors to the Triton launchers, so `opcheck`
 and a `fullgraph=True` compile of forward and backward cover that path in CI.
 
 On a GPU machine (`pytest -m gpu`) the small fixed tests also run on CUDA (the drawn ones stay on
@@ -33,7 +33,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dla.compile.ops import register_ops
-from dla.ops.triton.readout_delta import readout_backward_triton, readout_forward_triton
+from dla.ops.triton.readout_scan import readout_backward_triton, readout_forward_triton
 from tests.strategies import TRANSITIONS, Case, assert_draws_exercise_every_decision, relative_error
 from tests.test_triton_readout import (
     DEVICES, TOL32, assert_forward_matches_materialized, assert_matches_chunked_float64, cast, cotangents, cpu, dla_map,
@@ -151,7 +151,7 @@ def test_backward_matches_materialized_autograd(device, case: Case):
 def test_backward_in_head_groups(device, monkeypatch):
     """The backward scan launched for a few heads at a time (scratch reused between launches, as
     on the card when B·H is large) gives the same gradients."""
-    import dla.ops.triton.readout_delta as D
+    import dla.ops.triton.readout_scan as D
 
     monkeypatch.setattr(D, "_heads_per_launch", lambda N, nv, dev: 3)  # 4 heads: launches of 3 and 1
     case = Case(length=40, levels=4, policy="dla", transition="both", tau=0.6, **{**EDGE, "batch": 2})
@@ -213,10 +213,10 @@ def test_rejects_float64_unknown_precision_and_wide_keys():
 def _ops():
     import dla.ops.segment as seg
 
-    if not hasattr(torch.ops, "dla_triton_delta") or not hasattr(torch.ops.dla_triton_delta, "readout"):
-        register_ops("dla_triton_delta", {"cpu": {"segment": seg.segment, "readout": readout_forward_triton,
+    if not hasattr(torch.ops, "dla_triton_scan") or not hasattr(torch.ops.dla_triton_scan, "readout"):
+        register_ops("dla_triton_scan", {"cpu": {"segment": seg.segment, "readout": readout_forward_triton,
                                                   "readout_backward": readout_backward_triton}})
-    return torch.ops.dla_triton_delta
+    return torch.ops.dla_triton_scan
 
 
 INTERPRETER_ONLY = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
@@ -257,7 +257,7 @@ def test_cuda_registration_routes_to_the_scan_or_the_masked_kernels(monkeypatch)
     transitions without β here from `SCAN_FROM_LENGTH` tokens on, to the masked kernels below
     (`SCALAR_READOUT` forces either); checked on the registration functions, no GPU needed."""
     import dla.compile.ops as O
-    import dla.ops.triton.readout_delta as D
+    import dla.ops.triton.readout_scan as D
     import dla.ops.triton.readout_masked as M
 
     calls = []
@@ -268,7 +268,7 @@ def test_cuda_registration_routes_to_the_scan_or_the_masked_kernels(monkeypatch)
     monkeypatch.setattr(O, "SCAN_FROM_LENGTH", 8)
 
     def route(T, beta):
-        x = torch.zeros(1, T, 1, 1)
+        x = torch.zeros(1, T, 1, 16)
         b = x if beta else None
         calls.clear()
         O._cuda_readout(x, x, x, x, None, b, x, x, 1.0, 64)
@@ -279,6 +279,11 @@ def test_cuda_registration_routes_to_the_scan_or_the_masked_kernels(monkeypatch)
     assert [route(T, beta) for T in (4, 8) for beta in (True, False)] == ["scan", "masked", "scan", "scan"]
     monkeypatch.setattr(O, "SCALAR_READOUT", "masked")
     assert [route(16, True), route(16, False)] == ["scan", "masked"]
+    monkeypatch.setattr(O, "SCALAR_READOUT", "auto")
+    wide = torch.zeros(1, 16, 1, 256)  # Dk > 128: beyond the scan, the masked kernels take it
+    calls.clear()
+    O._cuda_readout(wide, wide, wide, wide, None, None, wide, wide, 1.0, 64)
+    assert calls == ["masked"]
     monkeypatch.setattr(O, "SCALAR_READOUT", "scan")
     assert route(4, False) == "scan"
     monkeypatch.setattr(O, "SCALAR_READOUT", "fast")
@@ -294,7 +299,7 @@ COMPILE = r"""
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import dla.ops.triton.readout_delta as R
+import dla.ops.triton.readout_scan as R
 
 for spec in sys.argv[1:]:
     D, K, N, dtype, has_beta = spec.split(":")
