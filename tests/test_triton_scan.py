@@ -161,6 +161,23 @@ def test_backward_in_head_groups(device, monkeypatch):
     check_grads(got, chunked_grads(case, t, level_start, S0, do, dS), True)
 
 
+def test_scan_config_override(monkeypatch):
+    """`DLA_SCAN_CONFIG` (the GPU sweep's hook) overrides the launch configuration, and a bad
+    string names the variable."""
+    import dla.ops.triton.readout_scan as D
+
+    monkeypatch.setattr(D, "_interpreting", lambda: False)
+    monkeypatch.setenv("DLA_SCAN_CONFIG", "C=128, num_warps=16,PREC_P=tf32")
+    meta, nv = D._meta(128, 128, 32, 64, torch.bfloat16, None, True)
+    assert (meta["C"], meta["num_warps"], meta["PREC_P"], meta["BV"], nv) == (128, 16, "tf32", 32, 4)
+    monkeypatch.delenv("DLA_SCAN_CONFIG")
+    assert D._meta(128, 128, 32, 64, torch.bfloat16, None, True)[0]["C"] == 64
+    for bad in ("C=", "warps=4", "C=64;BV=16"):
+        monkeypatch.setenv("DLA_SCAN_CONFIG", bad)
+        with pytest.raises(ValueError, match="DLA_SCAN_CONFIG"):
+            D._config(128, 128, 64)
+
+
 def test_drawn_cases_exercise_every_decision():
     """Boundaries, in-block merges and capacity merges all occur in what the tests above draw."""
     assert_draws_exercise_every_decision(cases(), max_examples=100, derandomize=True)

@@ -57,6 +57,7 @@ float64 runs on the CPU path.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -378,7 +379,26 @@ def _config(dk: int, dv: int, N: int) -> dict:
     if _interpreting():
         return dict(C=16, BV=16, num_warps=4)
     bv = 32 if N * triton.cdiv(dv, 32) >= 128 else 16
-    return dict(C=64, BV=min(bv, _pow2(dv)), num_warps=8 if dk >= 128 else 4)
+    cfg = dict(C=64, BV=min(bv, _pow2(dv)), num_warps=8 if dk >= 128 else 4)
+    return {**cfg, **_config_override()}
+
+
+def _config_override() -> dict:
+    """`DLA_SCAN_CONFIG="C=128,num_warps=16"`: a tuning hook for the GPU sweep
+    (`perf/sweep_scan_gpu.py`), which verifies each configuration before timing it."""
+    text = os.environ.get("DLA_SCAN_CONFIG", "").strip()
+    if not text:
+        return {}
+    keys = {"C": int, "BV": int, "num_warps": int, "PREC_P": str}
+    try:
+        out = {key.strip(): value.strip() for key, value in (item.split("=") for item in text.split(","))}
+        unknown = set(out) - set(keys)
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        return {key: keys[key](value) for key, value in out.items()}
+    except ValueError as exc:
+        raise ValueError(f"DLA_SCAN_CONFIG must look like 'C=128,num_warps=16,BV=32,PREC_P=tf32' ({exc}), "
+                         f"got {text!r}") from None
 
 
 def _heads_per_launch(N: int, nv: int, device) -> int:
@@ -504,6 +524,7 @@ def _meta(dk: int, dv: int, K: int, N: int, dtype: torch.dtype, input_precision:
     cfg = _config(dk, dv, N)
     bv, bk = cfg["BV"], _pow2(dk)
     prec, prec_p = _precisions(dtype, input_precision)
+    prec_p = cfg.get("PREC_P", prec_p)
     meta = dict(K=K, DK=dk, DV=dv, C=cfg["C"], BK=bk, BV=bv, BH=min(bk, 64) if has_beta else bk, PREC=prec,
                 PREC_P=prec_p, HAS_P=has_beta, num_warps=cfg["num_warps"], num_stages=1)
     return meta, triton.cdiv(dv, bv)
