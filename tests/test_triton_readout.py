@@ -277,6 +277,32 @@ def test_missing_cotangents_and_expanded_gradients(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_diagonal_blocks_of_one_chunk_are_the_whole_readout(device):
+    """`intra_chunk_forward/backward` (the chunked scan's intra-chunk part) with one chunk
+    covering the call equal the full masked kernels without a carried state, dG's reverse cumsum
+    being dg; a band the tiles do not divide is refused. (With several chunks they are held to
+    the oracles through tests/test_triton_scan.py.)"""
+    from dla.ops.triton.readout_masked import intra_chunk_backward, intra_chunk_forward
+
+    case = Case(length=29, levels=4, policy="dla", transition="g", tau=0.6, **EDGE)
+    case, t, _, level_start, S0, _ = setup(case, False)
+    q, k, v, lam, g, _, ls, S0f, scale, _ = triton_args(case, t, level_start, S0, device)
+    do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=torch.Generator().manual_seed(3)).to(device)
+    band = 32
+    with poisoned_empty():
+        o = intra_chunk_forward(q, k, v, lam, g, ls, scale, band)
+        dq, dk, dv, dlam, dG = intra_chunk_backward(do, q, k, v, lam, g, ls, scale, band)
+        ref_o, _ = readout_forward_triton(q, k, v, lam, g, None, ls, S0f, scale, 64)
+        ref = readout_backward_triton(do, None, q, k, v, lam, g, None, ls, S0f, scale, 64)
+    assert relative_error(o.cpu(), ref_o.cpu()) <= TOL32
+    dg = dG.flip(1).cumsum(1).flip(1)
+    for got, want in zip((dq, dk, dv, dlam, dg), ref[:5]):
+        assert got.dtype == torch.float32 and relative_error(got.cpu(), want.cpu()) <= TOL32
+    with pytest.raises(ValueError, match="band 24"):
+        intra_chunk_forward(q, k, v, lam, g, ls, scale, 24)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_sequence_returns_the_initial_state(device):
     case = Case(length=4, levels=3, policy="dla", transition="g", tau=0.6, **EDGE)
     case, t, _, level_start, S0, _ = setup(case, True)
@@ -336,16 +362,17 @@ kernels = {"fwd": R._fwd_kernel, "dq": R._bwd_dq_kernel, "dkv": R._bwd_dkv_kerne
            "state": R._state_kernel, "bwd_initial": R._bwd_initial_kernel, "bwd_final": R._bwd_final_kernel,
            "ds0": R._bwd_ds0_kernel}
 for name, fn in kernels.items():
-    for extra in ((False, True) if name in ("fwd", "dq", "dkv") else (None,)):
+    quadratic = name in ("fwd", "dq", "dkv")  # each also in the scan's diagonal-block mode (BAND = 64)
+    for extra, band in ([(False, 0), (True, 0), (False, 64), (True, 64)] if quadratic else [(None, None)]):
         meta = x.meta(name)
         options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
         if extra is not None:
-            meta["EXTRA"] = extra
+            meta["EXTRA"], meta["BAND"] = extra, band
         sig = {p.name: "constexpr" if p.is_constexpr else "fp32" if p.name == "scale" else "i32" if p.name in ("T", "H")
                else ptr if p.name in inputs else "*i32" if p.name == "CM" else "*fp32" for p in fn.params}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
                        options=options)
-        print(name, extra, "compiled", flush=True)
+        print(name, extra, band, "compiled", flush=True)
 """
 
 
@@ -365,7 +392,7 @@ def test_kernels_compile_for_sm90(dtype, D, L, has_g):
     done = subprocess.run([sys.executable, "-c", COMPILE, dtype, str(D), str(L), str(has_g)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 11
+    assert done.stdout.count("compiled") == 17
 
 
 # --------------------------------------------------------------------------------------------

@@ -354,7 +354,8 @@ def test_kernels_compile_for_sm90():
 
 GPU_CASES = [  # (policy, B, H, T, Dk, Dv, K, has_g, initial, dtype): every scan configuration the
     # launcher ships — 4 / 8 warps (Dk < 128 / = 128) × Dv tile 16 / 32 (N·Dv/32 < / ≥ 128) × ieee
-    # (float32) / tf32 with tf32x3 recursions (16-bit) — with few distinct (K, Dk, Dv): each is a compile
+    # (float32) / tf32, recursions tf32x3 without g and tf32 with g (16-bit) — with few distinct
+    # (K, Dk, Dv): each is a compile
     ("dla", 1, 2, 2048, 64, 128, 16, False, True, "fp32"),  # 4 warps, tile 16, ieee; no decay
     ("single", 1, 2, 2048, 128, 128, 16, True, True, "fp32"),  # 8 warps, tile 16, ieee
     ("dla", 8, 16, 200, 128, 128, 16, False, False, "fp32"),  # 8 warps, tile 32, ieee

@@ -70,7 +70,7 @@ from torch import Tensor
 
 from dla.ops.levels import running_min
 
-__all__ = ["readout_forward_triton", "readout_backward_triton"]
+__all__ = ["readout_forward_triton", "readout_backward_triton", "intra_chunk_forward", "intra_chunk_backward"]
 
 NEG = tl.constexpr(-(2**30))  # running-minimum padding beyond L: ≤ every position, so never counted
 BIG = tl.constexpr(2**31 - 1)  # c[t, −1] = +∞, and the start of a level that does not exist
@@ -141,6 +141,16 @@ def _rel_decay(GH, GL, rows, mask, gh_ref, gl_ref):
     gh = tl.load(GH + rows, mask=mask, other=0.0)
     gl = tl.load(GL + rows, mask=mask, other=0.0)
     return (gh - gh_ref) + (gl - gl_ref)
+
+
+@triton.jit
+def _band_start(t0, BAND: tl.constexpr):
+    """The first key tile a query tile starting at t0 reads: 0, or its chunk's start (BAND > 0,
+    a multiple of the tiles)."""
+    if BAND > 0:
+        return (t0 // BAND) * BAND
+    else:
+        return t0 * 0
 
 
 @triton.jit
@@ -255,10 +265,11 @@ def _fwd_tile(acc, q, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_ref, s0, t
 def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, T, H, scale,
                 L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
-                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
+                BAND: tl.constexpr = 0):
     """Over a query tile: o = O0 + (A ⊙ Λ) V for the first NL levels of each row and key tile;
     with EXTRA, O0 += the same for the levels beyond them (a pass over the tiles that have any,
-    launched before the main one)."""
+    launched before the main one). BAND > 0: only keys in the query's chunk of BAND tokens."""
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     row0 = (n // H).to(tl.int64) * T * H + n % H
@@ -290,7 +301,7 @@ def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, T, H, scale,
     o_mask = _mask(mt, dv_, DV, BV)
     acc = tl.load(O0 + rt[:, None] * DV + dv_[None, :], mask=o_mask, other=0.0)
     t_end = tl.minimum(t0 + BT, T)
-    for s0 in range(0, t_end, BS):
+    for s0 in range(_band_start(t0, BAND), t_end, BS):
         top, need = _row_levels(c, t, mt, s0, tl.minimum(s0 + BS, t_end) - 1)
         if EXTRA:
             most = tl.max(need)
@@ -523,9 +534,11 @@ def _dq_tile(dq, dl, dg, q, do, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_
 def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, DO, DQ0, DL0, DG0, DQ, DLAM, DGR, T, H, scale,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
-                   BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+                   BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
+                   BAND: tl.constexpr = 0):
     """dq, dλ and the row part of dG over a query tile, on top of DQ0, DL0, DG0 (the initial
-    slots' parts); with EXTRA, the levels beyond the first NL go into DQ0, DL0, DG0 instead."""
+    slots' parts); with EXTRA, the levels beyond the first NL go into DQ0, DL0, DG0 instead.
+    BAND > 0: only keys in the query's chunk of BAND tokens."""
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     row0 = (n // H).to(tl.int64) * T * H + n % H
@@ -566,7 +579,7 @@ def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, DO, DQ0, DL0, DG0, DQ, DLAM, DGR, T
     dl = tl.load(DL0 + rt[:, None] * L + cols[None, :], mask=ml, other=0.0)
     dg = tl.load(DG0 + rt, mask=mt, other=0.0)
     t_end = tl.minimum(t0 + BT, T)
-    for s0 in range(0, t_end, BS):
+    for s0 in range(_band_start(t0, BAND), t_end, BS):
         top, need = _row_levels(c, t, mt, s0, tl.minimum(s0 + BS, t_end) - 1)
         if EXTRA:
             most = tl.max(need)
@@ -626,9 +639,11 @@ def _dkv_tile(dk, dv, dg, k, v, s, bs, Q, DO, CM, LAM, GH, GL, gh_ref, gl_ref, t
 def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, T, H, scale,
                     L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
-                    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
+                    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
+                    BAND: tl.constexpr = 0):
     """dk, dv and the column part of dG over a key tile, on top of DK0, DV0, DG0 (the final
-    states' parts); with EXTRA, the levels beyond the first NL go into DK0, DV0, DG0 instead."""
+    states' parts); with EXTRA, the levels beyond the first NL go into DK0, DV0, DG0 instead.
+    BAND > 0: only queries in the key's chunk of BAND tokens."""
     s0 = tl.program_id(0) * BS
     n = tl.program_id(1)
     row0 = (n // H).to(tl.int64) * T * H + n % H
@@ -668,7 +683,11 @@ def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, 
     dv = tl.load(DV0 + rs[:, None] * DV + dv_[None, :], mask=v_mask, other=0.0)
     dg = tl.load(DG0 + rs, mask=ms, other=0.0)
     s_last = tl.minimum(s0 + BS, T) - 1
-    for t0 in range(s0, T, BT):
+    if BAND > 0:
+        t_stop = tl.minimum((s0 // BAND + 1) * BAND, T)
+    else:
+        t_stop = T
+    for t0 in range(s0, t_stop, BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
         rt = t * H
@@ -911,3 +930,60 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     else:
         dg = torch.zeros(B, T, H, dtype=f32, device=dev)
     return dq, dkk, dvv, dlam, dg, dbeta, dS0.to(S0.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The diagonal blocks alone: the chunked scan's intra-chunk part (dla/ops/triton/readout_scan.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _band_prepared(name, q, k, v, lam, g, level_start, band: int, input_precision) -> _Prepared:
+    _check(name, q, v, lam, None, input_precision)
+    x = _Prepared(q, k, v, lam, g, level_start, q.new_zeros(0), input_precision)
+    for kernel in ("fwd", "dq", "dkv"):
+        m = x.meta(kernel)
+        if band % m["BT"] or band % m["BS"]:
+            raise ValueError(f"{name}: band {band} must be a multiple of the {kernel} tiles ({m['BT']}, {m['BS']})")
+    return x
+
+
+def intra_chunk_forward(q, k, v, lam, g, level_start, scale: float, band: int, *,
+                        input_precision: str | None = None) -> Tensor:
+    """`o_t = Σ_s (A ⊙ Λ)[t, s] v_s` over the keys `s ≤ t` of t's chunk (`band` tokens, chunks
+    from position 0), float32 `[B,T,H,Dv]`: the quadratic kernels on the diagonal blocks only,
+    `(T·band/2)(Dk+Dv)` per head instead of `(T²/2)(Dk+Dv)`. No initial or final states: the
+    chunked scan carries the slots across chunks."""
+    x = _band_prepared("intra_chunk_forward", q, k, v, lam, g, level_start, band, input_precision)
+    B, T, H, N, dv = x.B, x.T, x.H, x.N, x.dv
+    m = x.meta("fwd")
+    o0 = torch.zeros(B, T, H, dv, dtype=torch.float32, device=q.device)
+    o = x.empty(B, T, H, dv)
+    for extra in (True, False):
+        _fwd_kernel[(triton.cdiv(T, m["BT"]), N)](x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, T, H, float(scale),
+                                                  EXTRA=extra, BAND=band, **m)
+    return o
+
+
+def intra_chunk_backward(do, q, k, v, lam, g, level_start, scale: float, band: int, *,
+                         input_precision: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of `intra_chunk_forward` given `do`: `(dq, dk, dv, dλ, dG)` in float32, where
+    `dG [B,T,H]` is the gradient w.r.t. `G = cumsum(g)` (the caller turns it into `dg` by a
+    reverse cumsum; within each chunk, since a chunk's terms of dG sum to zero)."""
+    x = _band_prepared("intra_chunk_backward", q, k, v, lam, g, level_start, band, input_precision)
+    B, T, H, L, N, dk, dv = x.B, x.T, x.H, x.L, x.N, x.dk, x.dv
+    zeros = dict(dtype=torch.float32, device=q.device)
+    do = do.to(q.dtype).contiguous()
+    dq0, dl0, dg0 = torch.zeros(B, T, H, dk, **zeros), torch.zeros(B, T, H, L, **zeros), torch.zeros(B, T, H, **zeros)
+    dk0, dv0, dgc0 = torch.zeros(B, T, H, dk, **zeros), torch.zeros(B, T, H, dv, **zeros), torch.zeros(B, T, H, **zeros)
+    mq, mkv = x.meta("dq"), x.meta("dkv")
+    dq, dlam, dg_row = x.empty(B, T, H, dk), x.empty(B, T, H, L), x.empty(B, T, H)
+    dkk, dvv, dg_col = x.empty(B, T, H, dk), x.empty(B, T, H, dv), x.empty(B, T, H)
+    scale = float(scale)
+    for extra in (True, False):
+        _bwd_dq_kernel[(triton.cdiv(T, mq["BT"]), N)](
+            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dq0, dl0, dg0, dq, dlam, dg_row, T, H, scale,
+            EXTRA=extra, BAND=band, **mq)
+        _bwd_dkv_kernel[(triton.cdiv(T, mkv["BS"]), N)](
+            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dk0, dv0, dgc0, dkk, dvv, dg_col, T, H, scale,
+            EXTRA=extra, BAND=band, **mkv)
+    return dq, dkk, dvv, dlam, dg_row + dg_col

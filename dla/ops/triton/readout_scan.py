@@ -48,16 +48,22 @@ The chunk-parallel part — the UT solve, `Ã, Q̂, E, P_C`, the level weights, 
 bound memory) with the torch code of `dla.ops.readout`, which this file calls on chunk-major
 views (positions made chunk-relative), so both paths share one derivation.
 
+Without β the intra-chunk part `(Ã ⊙ Λ) V` (and its backward) is not torch: it is the masked
+quadratic kernels of `dla.ops.triton.readout_masked` restricted to the diagonal `C×C` blocks
+(`intra_chunk_forward/backward`), and the chunk-parallel torch code shrinks to per-token and
+per-slot quantities (`_gated_chunk`).
+
 Numerics: chunk-local algebra in float32 (torch, IEEE); the scan's dots on float32 operands,
 `input_precision` `"ieee"` for float32 inputs (SPEC §6 tests) and `"tf32"` for 16-bit inputs,
-except the recursions through `P_C` (`"tf32x3"`: their rounding compounds over chunks).
-float64 runs on the CPU path.
+except the recursions through `P_C` without `g` (`"tf32x3"`: their rounding compounds over
+chunks, nothing decays it; see `_precisions`). float64 runs on the CPU path.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -65,9 +71,9 @@ import triton.language as tl
 from torch import Tensor
 
 from dla.ops.levels import EMPTY, initial_starts
-from dla.ops.readout import _chunk, _heads, _Inputs, _unheads
+from dla.ops.readout import _chunk, _heads, _Inputs, _level_of, _unheads
 from dla.ops.state import state_dtype
-from dla.ops.triton.readout_masked import _interpreting  # noqa: F401  (imports the interpreter range fix)
+from dla.ops.triton.readout_masked import _interpreting, intra_chunk_backward, intra_chunk_forward
 
 __all__ = ["readout_forward_triton", "readout_backward_triton"]
 
@@ -435,6 +441,7 @@ class _Chunked:
             return torch.nn.functional.pad(h, (0, 0) * (h.dim() - 2) + (0, pad)) if pad else h
 
         self.q, self.k, self.v, self.lam = heads(q), heads(k), heads(v), heads(lam)
+        self.q_in, self.k_in, self.v_in, self.lam_in, self.g_in = q, k, v, lam, g  # for the gradients' dtypes
         self.g = None if g is None else heads(g)
         self.beta = None if beta is None else heads(beta)
         starts = _heads(level_start, torch.int64)  # [N, T, K]
@@ -468,6 +475,30 @@ class _Chunked:
         R = self.N * self.NC
         return [(i, min(i + step, R)) for i in range(0, R, step)]
 
+    def gated_scan_inputs(self):
+        """Without β: Q̂, W, Eᵀ, γ_C, e, ε for every chunk (`_gated_chunk`, no C×C work)."""
+        N, NC, C, K, dk = self.N, self.NC, self.C, self.K, self.dk
+        dev, f32 = self.q.device, torch.float32
+        R = N * NC
+        qh, et = torch.empty(R, C, dk, dtype=f32, device=dev), torch.empty(R, C, dk, dtype=f32, device=dev)
+        w = torch.empty(R, C, K, dtype=f32, device=dev)
+        p = torch.empty(R, dtype=f32, device=dev)
+        eold = torch.empty(R, K, dtype=torch.int32, device=dev)
+        etok = torch.empty(R, C, dtype=torch.int32, device=dev)
+        for i0, i1 in self.blocks():
+            c = _gated_chunk(*self.block(i0, i1))
+            qh[i0:i1], et[i0:i1], w[i0:i1], p[i0:i1] = c.Qh, c.Et, c.W, c.gam_C
+            eold[i0:i1], etok[i0:i1] = c.end_old, c.end_tok
+        return qh, w, et, p, eold, etok
+
+    def band(self, t: Tensor) -> Tensor:
+        """A `[B, T, H, ...]` output of the intra-chunk kernels as chunk rows `[N·NC, C, ...]`
+        (float32, the padding zero)."""
+        h = _heads(t, torch.float32)
+        pad = self.Tp - self.T
+        h = torch.nn.functional.pad(h, (0, 0) * (h.dim() - 2) + (0, pad)) if pad else h
+        return self.rows(h)
+
     def scan_inputs(self, with_intra: bool):
         """Q̂, W, Eᵀ, P_C, e, ε for every chunk (and the scale-free intra-chunk o)."""
         N, NC, C, K, dk, dv = self.N, self.NC, self.C, self.K, self.dk, self.dv
@@ -493,6 +524,38 @@ class _Chunked:
         return qh, w, et, p, eold, etok, intra
 
 
+class _Gated(NamedTuple):
+    gam: Tensor  # γ [R, C]
+    rho: Tensor  # ρ [R, C]
+    gam_C: Tensor  # [R]
+    Qh: Tensor  # Q̂ = diag(γ) Q [R, C, Dk]
+    Et: Tensor  # Eᵀ = diag(ρ) K [R, C, Dk]
+    W: Tensor  # [R, C, K]
+    lev_old: Tensor  # [R, C, K], −1 where no weight
+    end_old: Tensor  # [R, K], K where dropped
+    end_tok: Tensor  # [R, C], K where dropped
+
+
+def _gated_chunk(x: _Inputs, prev_pos: Tensor) -> _Gated:
+    """What the scan needs of a block of chunks without β — per-token and per-slot quantities
+    only, as in `dla.ops.readout._chunk`; the `C×C` intra-chunk part runs in the masked kernels'
+    diagonal blocks (`intra_chunk_forward`). Positions are chunk-relative (`_Chunked`)."""
+    q, k, lam, starts = x.q, x.k, x.lam, x.starts
+    R, C, _ = k.shape
+    K = lam.shape[-1]
+    if x.g is not None:
+        G = x.g.cumsum(1)
+        gam, rho = torch.exp(G), torch.exp(G[:, -1:] - G)
+    else:
+        gam = rho = torch.ones(R, C, dtype=k.dtype, device=k.device)
+    lev_old = _level_of(starts, prev_pos[:, None, :].expand(R, C, K))
+    lev_old = torch.where((prev_pos != EMPTY)[:, None, :], lev_old, -1)
+    W = torch.where(lev_old >= 0, torch.gather(lam, -1, lev_old.clamp(min=0)), 0.0)
+    lev_end = _level_of(starts[:, -1:], torch.arange(C, device=k.device).expand(R, 1, C))[:, 0]
+    return _Gated(gam, rho, gam[:, -1], gam[..., None] * q, rho[..., None] * k, W, lev_old,
+                  torch.where(lev_old[:, -1] >= 0, lev_old[:, -1], K), torch.where(lev_end >= 0, lev_end, K))
+
+
 def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, input_precision: str | None) -> None:
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
@@ -506,24 +569,27 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, in
         raise ValueError(f"{name}: T·max(Dk, Dv, K) must stay below 2**31 (int32 offsets within a head)")
 
 
-def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, str]:
+def _precisions(dtype: torch.dtype, input_precision: str | None, has_g: bool = False) -> tuple[str, str]:
     """(precision of the scan's dots, precision of its recursions: P_C · S forward, P_Cᵀ · dS
-    backward). The recursions compound their rounding over the chunks (without `g` nothing
-    decays it), so with 16-bit inputs they take tf32x3 (about float32) unless told otherwise."""
+    backward). The recursions compound their rounding over the chunks; without `g` nothing
+    decays it, so with 16-bit inputs they take tf32x3 (about float32) unless told otherwise.
+    With `g` they take tf32: on the H100 that made DLA-Gated DeltaNet's forward+backward 2.2×
+    faster at K = 32 (`perf/results/sweep_scan-h100.md`), and the GPU grid holds it to the bf16
+    tolerance up to T = 16384."""
     if dtype == torch.float32:
         prec = input_precision or "ieee"
         return prec, prec
-    return input_precision or "tf32", input_precision or "tf32x3"
+    return input_precision or "tf32", input_precision or ("tf32" if has_g else "tf32x3")
 
 
 def _meta(dk: int, dv: int, K: int, N: int, dtype: torch.dtype, input_precision: str | None,
-          has_beta: bool = True) -> tuple[dict, int]:
+          has_beta: bool = True, has_g: bool = False) -> tuple[dict, int]:
     """The scan kernels' meta-parameters (constexprs, num_warps, num_stages) and the number of
     Dv tiles, from the shapes alone (the sm_90 compile test uses the same). Without β the chunk
     transition is the scalar γ_C (HAS_P off): no [Dk, Dk] product, and new slots in one block."""
     cfg = _config(dk, dv, N)
     bv, bk = cfg["BV"], _pow2(dk)
-    prec, prec_p = _precisions(dtype, input_precision)
+    prec, prec_p = _precisions(dtype, input_precision, has_g)
     prec_p = cfg.get("PREC_P", prec_p)
     meta = dict(K=K, DK=dk, DV=dv, C=cfg["C"], BK=bk, BV=bv, BH=min(bk, 64) if has_beta else bk, PREC=prec,
                 PREC_P=prec_p, HAS_P=has_beta, num_warps=cfg["num_warps"], num_stages=1)
@@ -531,7 +597,7 @@ def _meta(dk: int, dv: int, K: int, N: int, dtype: torch.dtype, input_precision:
 
 
 def _launch_meta(x: _Chunked, input_precision: str | None, dtype: torch.dtype) -> tuple[dict, int]:
-    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision, x.beta is not None)
+    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision, x.beta is not None, x.g is not None)
 
 
 def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
@@ -545,7 +611,13 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
     if T == 0:
         return q.new_empty(B, 0, H, Dv), S0.to(torch.float32).clone()
     x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H)["C"])
-    qh, w, et, p, eold, etok, intra = x.scan_inputs(with_intra=True)
+    scale = float(scale)
+    if beta is None:  # the C×C part in the masked kernels' diagonal blocks, scale included
+        qh, w, et, p, eold, etok = x.gated_scan_inputs()
+        intra = x.band(intra_chunk_forward(q, k, v, lam, g, level_start, scale, x.C, input_precision=input_precision))
+    else:
+        qh, w, et, p, eold, etok, intra = x.scan_inputs(with_intra=True)
+        intra = intra * scale
     meta, nv = _launch_meta(x, input_precision, q.dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
     S = torch.empty(B, H, K, Dk, Dv, **f32)
@@ -553,7 +625,7 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
     oi = torch.empty(x.N, x.Tp, Dv, **f32)
     v32 = x.v.to(torch.float32).contiguous()
     _fwd_scan_kernel[(nv, x.N)](qh, w, p, et, v32, eold, etok, x.S0, tmp, S, oi, x.NC, **meta)
-    o = (oi.to(x.cdt) + intra.view(x.N, x.Tp, Dv)) * float(scale)
+    o = oi.to(x.cdt) * scale + intra.view(x.N, x.Tp, Dv)
     return _unheads(o[:, :T], B, H, q.dtype), S
 
 
@@ -620,6 +692,36 @@ def _dg(c, dGam, dKr, dgam, dgam_C):
     return dG.flip(1).cumsum(1).flip(1)
 
 
+def _gated_backward(x: _Chunked, band: list[Tensor], dqh: Tensor, dw: Tensor, det: Tensor, dvs: Tensor, dgc: Tensor):
+    """Without β: the input gradients from the diagonal blocks' (`band`: dq, dk, dv, dλ, dG as
+    chunk rows) and the scan's sums over slots (dQ̂, dW, dEᵀ, dv, dγ_C), through Q̂ = diag(γ) Q,
+    Eᵀ = diag(ρ) K and γ_C (the no-β branch of `dla.ops.readout._chunk_backward`)."""
+    N, NC, C, T, B, H = x.N, x.NC, x.C, x.T, x.B, x.H
+    dq_b, dk_b, dv_b, dl_b, dG_b = band
+    out = [torch.empty_like(t) for t in (dq_b, dk_b, dv_b, dl_b, dG_b)]
+    rows = [x.rows(t) for t in (dqh, dw, det, dvs)]
+    for i0, i1 in x.blocks():
+        xb, prev = x.block(i0, i1)
+        c = _gated_chunk(xb, prev)
+        dQh, dW, dEt, dVs = (t[i0:i1] for t in rows)
+        out[0][i0:i1] = dq_b[i0:i1] + c.gam[..., None] * dQh
+        out[1][i0:i1] = dk_b[i0:i1] + c.rho[..., None] * dEt
+        out[2][i0:i1] = dv_b[i0:i1] + dVs
+        out[3][i0:i1] = dl_b[i0:i1].scatter_add(-1, c.lev_old.clamp(min=0), torch.where(c.lev_old >= 0, dW, 0.0))
+        if x.g is not None:  # dG, then dg_u = Σ_{t ≥ u} dG_t within the chunk
+            drho_rho = (dEt * xb.k).sum(-1) * c.rho
+            dG = dG_b[i0:i1] + (dQh * xb.q).sum(-1) * c.gam - drho_rho
+            dG[:, -1] += drho_rho.sum(1) + dgc[i0:i1] * c.gam_C
+            out[4][i0:i1] = dG.flip(1).cumsum(1).flip(1)
+
+    def back(t, dtype):
+        return _unheads(t.view(N, NC * C, *t.shape[2:])[:, :T], B, H, dtype)
+
+    dq, dk, dv, dlam = (back(t, ref.dtype) for t, ref in zip(out[:4], (x.q_in, x.k_in, x.v_in, x.lam_in)))
+    dg = back(out[4], x.g_in.dtype) if x.g is not None else torch.zeros(B, T, H, dtype=torch.float32, device=dq.device)
+    return dq, dk, dv, dlam, dg
+
+
 def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
                             *, input_precision: str | None = None):
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg` is float32
@@ -635,7 +737,10 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
                 dg, torch.zeros(B, 0, H, dtype=beta.dtype if beta is not None else f32, device=dev), dS0.to(S0.dtype))
     x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H)["C"])
     N, NC, C, Tp = x.N, x.NC, x.C, x.Tp
-    qh, w, et, p, eold, etok, _ = x.scan_inputs(with_intra=False)
+    if beta is None:
+        qh, w, et, p, eold, etok = x.gated_scan_inputs()
+    else:
+        qh, w, et, p, eold, etok, _ = x.scan_inputs(with_intra=False)
     meta, nv = _launch_meta(x, input_precision, q.dtype)
     if do is None:
         dOt = torch.zeros(N, Tp, Dv, dtype=f32, device=dev)
@@ -665,6 +770,12 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
                                         h[3], h[4], h[5], h[6], h[7], c[6], NC, R, **meta)
     del ck, seg, dtmp
 
+    if beta is None:
+        do = torch.zeros(B, T, H, Dv, dtype=q.dtype, device=dev) if do is None else do
+        band = intra_chunk_backward(do, q, k, v, lam, g, level_start, float(scale), C, input_precision=input_precision)
+        dq, dk, dv, dlam, dg = _gated_backward(x, [x.band(t) for t in band], dqh, dw, det, dvs, dp)
+        dS0 = dS0.to(S0.dtype)
+        return dq, dk, dv, dlam, dg, torch.zeros(B, T, H, dtype=f32, device=dev), dS0
     grads = [torch.empty(N * NC, C, d, dtype=x.cdt, device=dev) for d in (Dk, Dk, Dv, K)]
     dg = torch.zeros(N * NC, C, dtype=x.cdt, device=dev)
     dbeta = torch.empty(N * NC, C, dtype=x.cdt, device=dev) if beta is not None else None
