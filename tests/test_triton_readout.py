@@ -287,7 +287,8 @@ def test_diagonal_blocks_of_one_chunk_are_the_whole_readout(device):
     case = Case(length=29, levels=4, policy="dla", transition="g", tau=0.6, **EDGE)
     case, t, _, level_start, S0, _ = setup(case, False)
     q, k, v, lam, g, _, ls, S0f, scale, _ = triton_args(case, t, level_start, S0, device)
-    do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=torch.Generator().manual_seed(3)).to(device)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=gen).to(device)
     band = 32
     with poisoned_empty():
         o = intra_chunk_forward(q, k, v, lam, g, ls, scale, band)

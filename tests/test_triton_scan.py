@@ -365,7 +365,7 @@ GPU_CASES = [  # (policy, B, H, T, Dk, Dv, K, has_g, initial, dtype): every scan
     ("dla", 1, 2, 4096, 128, 256, 16, True, False, "bf16"),
     ("dla", 8, 16, 256, 128, 128, 16, True, True, "bf16"),  # 8 warps, tile 32
     ("single", 1, 2, 3000, 64, 64, 16, False, False, "bf16"),  # 4 warps, tile 16; no decay: rounding compounds
-    ("dla", 8, 16, 256, 64, 64, 16, True, True, "bf16"),  # 4 warps, tile 32
+    ("dla", 8, 16, 256, 64, 64, 8, True, True, "bf16"),  # 4 warps, tile 32, K = 8
 ]
 
 
@@ -374,7 +374,7 @@ GPU_CASES_WITHOUT_BETA = [  # P_C = γ_C (HAS_P off): the same configurations, f
     ("fenwick", 8, 16, 256, 64, 64, 16, False, False, "fp32"),  # 4 warps, tile 32, ieee; no decay
     ("dla", 1, 2, 16384, 128, 128, 32, True, True, "bf16"),  # long, K = 32, tf32
     ("single", 1, 2, 3000, 64, 64, 16, False, False, "bf16"),  # 4 warps, tile 16; no decay: rounding compounds
-    ("dla", 8, 16, 256, 128, 128, 16, True, False, "bf16"),  # 8 warps, tile 32
+    ("dla", 8, 16, 256, 128, 128, 8, True, False, "bf16"),  # 8 warps, tile 32, K = 8
 ]
 
 

@@ -19,8 +19,9 @@ the chunk-end remaps of old slots `r → e_r` and chunk tokens `s → ε_s`, ran
 Every slot carries its own state through the chunk's transition product `P_C` (`K·Dk²·Dv` per
 chunk; slots that merge at the chunk end are summed first, `P_C` being linear), and every query
 reads every slot (`K·Dk·Dv` per token). Without `β`, `P_C = γ_C I`: the kernels take the scalar
-`γ_C` (`HAS_P` off) and scale instead of multiplying, and `dP_C` shrinks to `dγ_C = tr dP_C`. Backward, with `dÕ = scale · dO` and `dS'` the gradient
-of the chunk-end states (new rank order), per chunk in reverse:
+`γ_C` (`HAS_P` off) and scale instead of multiplying, and `dP_C` shrinks to `dγ_C = tr dP_C`.
+Backward, with `dÕ = scale · dO` and `dS'` the gradient of the chunk-end states (new rank
+order), per chunk in reverse:
 
     dX_r  = dÕ S_rᵀ:   dQ̂ = Σ_r W[:,r] ⊙ dX_r,   dW[t,r] = ⟨dX_r[t], Q̂_t⟩
     dS_r  = P_Cᵀ dS'_{e_r} + (W[:,r] ⊙ Q̂)ᵀ dÕ                 (carried to the previous chunk)
