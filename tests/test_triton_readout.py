@@ -478,14 +478,16 @@ GPU_CASES = [  # (policy, T, Dk, Dv, K, has_g, initial)
 ]
 
 
-def gpu_inputs(policy, T, Dk, Dv, K, has_g, initial, B=1, H=2, seed=0):
-    dev = "cuda"
+def gpu_inputs(policy, T, Dk, Dv, K, has_g, initial, B=1, H=2, seed=0, with_beta=False, dev="cuda"):
+    """float64 inputs of the GPU grids (this file's and tests/test_triton_scan.py's, which also
+    draws β), the synthetic level map and S0, on `dev`."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64)
     k = torch.nn.functional.normalize(torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64), dim=-1)
     v = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64)
     lam = torch.rand(B, T, H, K, generator=gen, dtype=torch.float64) + 0.1
     g = -0.5 * torch.rand(B, T, H, generator=gen, dtype=torch.float64) if has_g else None
+    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05 if with_beta else None
     m0 = min(3, K) if initial and policy == "dla" else int(initial)
     if policy == "dla":
         ls = dla_map(B, T, H, K, m0, 1 / 16, seed)
@@ -494,7 +496,7 @@ def gpu_inputs(policy, T, Dk, Dv, K, has_g, initial, B=1, H=2, seed=0):
     else:
         ls = single_map(B, T, H, K, initial)
     S0 = torch.randn(B, H, K, Dk, Dv, generator=gen, dtype=torch.float64) * (torch.arange(K) < m0)[:, None, None]
-    t = dict(q=q, k=k, v=v, lam=lam, g=g)
+    t = dict(q=q, k=k, v=v, lam=lam, g=g, **({"beta": beta} if with_beta else {}))
     return {n: (x.to(dev) if x is not None else None) for n, x in t.items()}, ls.to(dev), S0.to(dev)
 
 

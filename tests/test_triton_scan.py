@@ -36,8 +36,8 @@ from dla.compile.ops import register_ops
 from dla.ops.triton.readout_scan import readout_backward_triton, readout_forward_triton
 from tests.strategies import TRANSITIONS, Case, assert_draws_exercise_every_decision, relative_error
 from tests.test_triton_readout import (
-    DEVICES, TOL32, assert_forward_matches_materialized, assert_matches_chunked_float64, cast, cotangents, cpu, dla_map,
-    f32, fenwick_map, poisoned_empty, reference, setup, single_map, triton_args,
+    DEVICES, TOL32, assert_forward_matches_materialized, assert_matches_chunked_float64, cast, cotangents, cpu, f32,
+    gpu_inputs, poisoned_empty, reference, setup, triton_args,
 )
 
 # The drawn tests run under the interpreter only: on the card every new (K, Dk, Dv) recompiles
@@ -378,33 +378,13 @@ GPU_CASES_WITHOUT_BETA = [  # P_C = γ_C (HAS_P off): the same configurations, f
 ]
 
 
-def gpu_inputs(policy, B, H, T, Dk, Dv, K, has_g, initial, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64), dim=-1)
-    v = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64)
-    lam = torch.rand(B, T, H, K, generator=gen, dtype=torch.float64) + 0.1
-    g = -0.5 * torch.rand(B, T, H, generator=gen, dtype=torch.float64) if has_g else None
-    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05
-    m0 = min(3, K) if initial and policy == "dla" else int(initial)
-    if policy == "dla":
-        ls = dla_map(B, T, H, K, m0, 1 / 16, seed)
-    elif policy == "fenwick":
-        ls = fenwick_map(B, T, H, K)
-    else:
-        ls = single_map(B, T, H, K, initial)
-    S0 = torch.randn(B, H, K, Dk, Dv, generator=gen, dtype=torch.float64) * (torch.arange(K) < m0)[:, None, None]
-    t = dict(q=q, k=k, v=v, lam=lam, g=g, beta=beta)
-    return {n: (x.cuda() if x is not None else None) for n, x in t.items()}, ls.cuda(), S0.cuda()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy,B,H,T,Dk,Dv,K,has_g,initial,dtype,has_beta",
                          [c + (True,) for c in GPU_CASES] + [c + (False,) for c in GPU_CASES_WITHOUT_BETA])
 def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial, dtype, has_beta):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    t, ls, S0 = gpu_inputs(policy, B, H, T, Dk, Dv, K, has_g, initial)
+    t, ls, S0 = gpu_inputs(policy, T, Dk, Dv, K, has_g, initial, B=B, H=H, with_beta=True)
     scale = Dk**-0.5
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64).cuda()
