@@ -109,11 +109,12 @@ from `SCAN_FROM_LENGTH` tokens on (and `Dk ≤ 128`, the scan's limit). With `β
 runs. Results agree to rounding (both are held to the same oracles), so this is a speed setting,
 read when the op runs."""
 SCAN_FROM_LENGTH = 8192
-"""On the H100 (`perf/results/bench_gpu-h100.md`, Mamba-2, 32,768 tokens, fwd+bwd) the scan took
-35–133 ms at T = 8192 against the masked kernels' 129–167 ms, and 47–198 ms against 477–560 ms
-at T = 32768; at T = 2048 the masked kernels won for `dla` and `fenwick` (56–62 ms against
-79–120 ms). T between 2048 and 8192 was not measured; the switch sits at the first length
-where the scan was measured faster for every policy."""
+"""On the H100 (Mamba-2, 32,768 tokens, fwd+bwd; the scan in `perf/results/bench_gpu_scan-h100.md`,
+the masked kernels in `bench_gpu_masked-h100.md` at T = 32768 and in `bench_gpu-h100.md` below)
+the scan took 35–133 ms at T = 8192 against the masked kernels' 129–167 ms, and 47–198 ms
+against 477–560 ms at T = 32768; at T = 2048 the masked kernels won for `dla` and `fenwick`
+(56–62 ms against 79–120 ms). T between 2048 and 8192 was not measured; the switch sits at the
+first length where the scan was measured faster for every policy."""
 
 
 def _scalar_kernel(q: Tensor) -> str:

@@ -434,17 +434,12 @@ class _Chunked:
         self.N, self.C = self.B * self.H, C
         self.NC = triton.cdiv(self.T, C)
         self.Tp = self.NC * C
-        dev, cdt, N, NC, K = q.device, self.cdt, self.N, self.NC, self.K
+        dev, N, NC, K = q.device, self.N, self.NC, self.K
         pad = self.Tp - self.T
-
-        def heads(x, dtype=cdt):
-            h = _heads(x, dtype)
-            return torch.nn.functional.pad(h, (0, 0) * (h.dim() - 2) + (0, pad)) if pad else h
-
-        self.q, self.k, self.v, self.lam = heads(q), heads(k), heads(v), heads(lam)
+        self.q, self.k, self.v, self.lam = (self.padded_heads(x) for x in (q, k, v, lam))
         self.q_in, self.k_in, self.v_in, self.lam_in, self.g_in = q, k, v, lam, g  # for the gradients' dtypes
-        self.g = None if g is None else heads(g)
-        self.beta = None if beta is None else heads(beta)
+        self.g = None if g is None else self.padded_heads(g)
+        self.beta = None if beta is None else self.padded_heads(beta)
         starts = _heads(level_start, torch.int64)  # [N, T, K]
         if pad:  # padded rows repeat the last row: the chunk end is read there
             starts = torch.cat([starts, starts[:, -1:].expand(N, pad, K)], 1)
@@ -455,6 +450,12 @@ class _Chunked:
         st = starts.view(N, NC, C, K)
         self.starts = torch.where(st == EMPTY, st, st - c0[..., None]).reshape(N * NC, C, K)
         self.S0 = S0.to(torch.float32).reshape(N, K, self.dk, self.dv).contiguous()
+
+    def padded_heads(self, x: Tensor, dtype=None) -> Tensor:
+        """`[B, T, H, ...]` → head-major `[N, Tp, ...]` in `dtype` (the compute dtype), zero-padded."""
+        h = _heads(x, dtype or self.cdt)
+        pad = self.Tp - self.T
+        return torch.nn.functional.pad(h, (0, 0) * (h.dim() - 2) + (0, pad)) if pad else h
 
     def rows(self, x: Tensor | None) -> Tensor | None:
         return None if x is None else x.reshape(self.N * self.NC, self.C, *x.shape[2:])
@@ -495,19 +496,16 @@ class _Chunked:
     def band(self, t: Tensor) -> Tensor:
         """A `[B, T, H, ...]` output of the intra-chunk kernels as chunk rows `[N·NC, C, ...]`
         (float32, the padding zero)."""
-        h = _heads(t, torch.float32)
-        pad = self.Tp - self.T
-        h = torch.nn.functional.pad(h, (0, 0) * (h.dim() - 2) + (0, pad)) if pad else h
-        return self.rows(h)
+        return self.rows(self.padded_heads(t, torch.float32))
 
     def scan_inputs(self, with_intra: bool):
-        """Q̂, W, Eᵀ, P_C, e, ε for every chunk (and the scale-free intra-chunk o)."""
+        """With β: Q̂, W, Eᵀ, P_C, e, ε for every chunk (and the scale-free intra-chunk o)."""
         N, NC, C, K, dk, dv = self.N, self.NC, self.C, self.K, self.dk, self.dv
         dev, f32 = self.q.device, torch.float32
         R = N * NC
         qh, et = torch.empty(R, C, dk, dtype=f32, device=dev), torch.empty(R, C, dk, dtype=f32, device=dev)
         w = torch.empty(R, C, K, dtype=f32, device=dev)
-        p = torch.empty((R, dk, dk) if self.beta is not None else (R,), dtype=f32, device=dev)
+        p = torch.empty(R, dk, dk, dtype=f32, device=dev)
         eold = torch.empty(R, K, dtype=torch.int32, device=dev)
         etok = torch.empty(R, C, dtype=torch.int32, device=dev)
         intra = torch.empty(R, C, dv, dtype=self.cdt, device=dev) if with_intra else None
@@ -517,7 +515,7 @@ class _Chunked:
             qh[i0:i1] = c.Qh
             et[i0:i1] = c.E.transpose(1, 2)
             w[i0:i1] = c.W
-            p[i0:i1] = c.P if c.P is not None else c.gam_C
+            p[i0:i1] = c.P
             eold[i0:i1] = c.end_old
             etok[i0:i1] = c.end_tok
             if with_intra:
@@ -631,9 +629,9 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
 
 
 def _local_backward(c, dOt, dQh, dW, dEt, dvs, dP, has_g: bool):
-    """The chunk-local part of `dla.ops.readout._chunk_backward`, given the scan's sums over
-    slots: dQ̂, dW, dE (token writes), dv (token writes) and dP_C (dγ_C without β). Returns
-    (dq, dk, dv, dλ, dg, dβ) for the block's chunks (dβ None without β)."""
+    """The chunk-local part of `dla.ops.readout._chunk_backward` (β branch), given the scan's
+    sums over slots: dQ̂, dW, dE (token writes), dv (token writes) and dP_C. Returns
+    (dq, dk, dv, dλ, dg, dβ) for the block's chunks. (Without β: `_gated_backward`.)"""
     N, C, Dk = c.k.shape
     K = c.W.shape[-1]
     dv = (c.At * c.Lam).transpose(1, 2) @ dOt + dvs
@@ -646,9 +644,6 @@ def _local_backward(c, dOt, dQh, dW, dEt, dvs, dP, has_g: bool):
     gam, rho, Gam = c.gam, c.rho, c.Gam
     dgam = (dQh * c.q).sum(-1)
     dq = gam[..., None] * dQh
-    if c.beta is None:  # Q̂ = diag(γ) Q, E = Kᵀ diag(ρ), P_C = γ_C I
-        dq, dk, dg = _local_backward_gated(c, dq, dAt, dEt, dgam, dP, has_g)
-        return dq, dk, dv, dlam, dg, None
     dE = dEt.transpose(1, 2)
     dgam_C = dP.diagonal(dim1=1, dim2=2).sum(-1)
     Hk = gam[..., None] * c.k
@@ -674,14 +669,6 @@ def _local_backward(c, dOt, dQh, dW, dEt, dvs, dP, has_g: bool):
     dk = dk + rho[..., None] * dKr + Zq.transpose(1, 2) @ c.q
     dg = _dg(c, dGam, dKr, dgam, dgam_C) if has_g else None
     return dq, dk, dv, dlam, dg, dbeta
-
-
-def _local_backward_gated(c, dq, dAqk, dKr, dgam, dgam_C, has_g: bool):
-    """`_local_backward` without β (the CPU kernel's no-β branch): returns (dq, dk, dg)."""
-    Zq = dAqk * c.Gam
-    dq = dq + Zq @ c.k
-    dk = c.rho[..., None] * dKr + Zq.transpose(1, 2) @ c.q
-    return dq, dk, _dg(c, dAqk * c.QK, dKr, dgam, dgam_C) if has_g else None
 
 
 def _dg(c, dGam, dKr, dgam, dgam_C):
@@ -779,7 +766,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
         return dq, dk, dv, dlam, dg, torch.zeros(B, T, H, dtype=f32, device=dev), dS0
     grads = [torch.empty(N * NC, C, d, dtype=x.cdt, device=dev) for d in (Dk, Dk, Dv, K)]
     dg = torch.zeros(N * NC, C, dtype=x.cdt, device=dev)
-    dbeta = torch.empty(N * NC, C, dtype=x.cdt, device=dev) if beta is not None else None
+    dbeta = torch.empty(N * NC, C, dtype=x.cdt, device=dev)
     rows = x.rows
     dOt_r, dqh_r, dw_r, det_r, dvs_r = (rows(t).to(x.cdt) for t in (dOt, dqh, dw, det, dvs))
     for i0, i1 in x.blocks():
@@ -791,13 +778,11 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
             buf[i0:i1] = val
         if g is not None:
             dg[i0:i1] = out[4]
-        if beta is not None:
-            dbeta[i0:i1] = out[5]
+        dbeta[i0:i1] = out[5]
 
     def back(t, dtype):
         return _unheads(t.view(N, Tp, *t.shape[2:])[:, :T], B, H, dtype)
 
     dq, dk, dv, dlam = (back(t, ref.dtype) for t, ref in zip(grads, (q, k, v, lam)))
     dg_out = back(dg, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev)
-    dbeta_out = back(dbeta, beta.dtype) if beta is not None else torch.zeros(B, T, H, dtype=f32, device=dev)
-    return dq, dk, dv, dlam, dg_out, dbeta_out, dS0.to(S0.dtype)
+    return dq, dk, dv, dlam, dg_out, back(dbeta, beta.dtype), dS0.to(S0.dtype)
