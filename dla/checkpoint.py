@@ -71,9 +71,17 @@ def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.o
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     _write_json(tmp / "config.json", config)
     _write_json(tmp / "state.json", {**state, "step": step})
-    for f in FILES:
-        if (tmp / f).exists():
-            _fsync(tmp / f)
+    return publish(root, tmp, name)
+
+
+def publish(root: Path, tmp: Path, name: str) -> Path:
+    """The last half of the protocol (module doc), for a complete checkpoint written into the
+    hidden folder `tmp`: flush its files, rename it to `root/name`, point `latest` at it, then
+    remove the older checkpoints. Returns the checkpoint's folder. (`dla.distributed.save`
+    writes sharded checkpoints into `tmp` and publishes them here too.)"""
+    final = root / name
+    for f in tmp.iterdir():
+        _fsync(f)
     _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)  # a stale folder of this name that `latest` never named
     os.replace(tmp, final)

@@ -208,19 +208,7 @@ def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.o
     if main:
         checkpoint._write_json(tmp / "config.json", config)
         checkpoint._write_json(tmp / "state.json", {**state, "step": step, "world_size": dist.get_world_size()})
-        for f in tmp.iterdir():
-            checkpoint._fsync(f)
-        checkpoint._fsync(tmp)
-        shutil.rmtree(final, ignore_errors=True)  # a stale folder of this name that `latest` never named
-        os.replace(tmp, final)
-        pointer = root / f".{checkpoint.LATEST}.tmp"
-        pointer.write_text(name + "\n")
-        checkpoint._fsync(pointer)
-        os.replace(pointer, root / checkpoint.LATEST)
-        checkpoint._fsync(root)
-        for old in root.iterdir():
-            if old.name not in (name, checkpoint.LATEST):
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        checkpoint.publish(root, tmp, name)
     dist.barrier()  # no rank goes on before the checkpoint is published
     return final
 
