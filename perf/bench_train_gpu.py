@@ -55,6 +55,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, n: int, device: torch.device):
+    """Call `fn` `n` times, then wait for the device: (the last result or None, seconds)."""
+    out, t0 = None, time.perf_counter()
+    for _ in range(n):
+        out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -109,16 +118,8 @@ def train_row(args, device, backbone: str, policy: str, float8: str | None = Non
         return loss.detach()
 
     reset_peak(device)
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    warm_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    sync(device)
-    elapsed = time.perf_counter() - t0
+    _, warm_s = timed(step, args.warmup, device)
+    loss, elapsed = timed(step, args.steps, device)
     tokens = args.batch_size * args.seq_len * args.steps
     row.update(params_m=round(model.num_params() / 1e6, 1), levels=cfg.levels, tokens_per_s=round(tokens / elapsed, 1),
                ms_per_step=round(1e3 * elapsed / args.steps, 2), warmup_s=round(warm_s, 1),
@@ -151,19 +152,15 @@ def decode_row(args, device, backbone: str, policy: str, batch: int, context: in
     prefill_s = time.perf_counter() - t0
     step = decode_step(model, args.decode_compile if args.compile else "none")
     token = logits[:, -1].argmax(-1)
+
+    def greedy_step() -> None:
+        nonlocal logits, cache, token
+        logits, cache = step(token, cache)
+        token = logits.argmax(-1)
+
     with autocast:
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            logits, cache = step(token, cache)
-            token = logits.argmax(-1)
-        sync(device)
-        warm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(args.decode_steps):
-            logits, cache = step(token, cache)
-            token = logits.argmax(-1)
-        sync(device)
-    elapsed = time.perf_counter() - t0
+        _, warm_s = timed(greedy_step, args.warmup, device)
+        _, elapsed = timed(greedy_step, args.decode_steps, device)
     row.update(tokens_per_s=round(batch * args.decode_steps / elapsed, 1),
                ms_per_step=round(1e3 * elapsed / args.decode_steps, 3), prefill_s=round(prefill_s, 2),
                warmup_s=round(warm_s, 1), peak_gb=None if peak_gb(device) is None else round(peak_gb(device), 2),
