@@ -111,7 +111,7 @@ def setup(case: Case, initial: bool):
 
 
 def reference(case: Case, t: dict, state, *, grads=None):
-    """Materialized `(o, S in rank order)`, with β where the case has it (the delta-rule tests
+    """Materialized `(o, S in rank order)`, with β where the case has it (the scan tests
     use this too); with `grads = (do, dS)` also the gradients of `⟨o, do⟩ + ⟨S, dS⟩` by
     autograd, keyed like `GRADS` (and `"beta"`) plus `"S0"` (rank order)."""
     leaves = {n: (x.clone().requires_grad_(grads is not None) if x is not None else None) for n, x in t.items()}
@@ -138,7 +138,7 @@ def f32(x, device="cpu"):
 
 
 def triton_args(case: Case, t: dict, level_start, S0, device="cpu"):
-    """The launchers' arguments (the masked readout's and the delta rule's take the same), β
+    """The launchers' arguments (the masked readout's and the scan's take the same), β
     None where the case has none."""
     return (*(f32(t[n], device) for n in ("q", "k", "v", "lam", "g", "beta")), level_start.to(device),
             f32(S0, device), case.dk**-0.5, 16)
