@@ -1,7 +1,8 @@
 """The regression checks of issue #9 on recorded data (no timing here): `perf.compare` on a GPU
-result derived from `perf/results/bench_gpu-h200.json`, and the CPU suite's bound check and
-baseline refresh (`perf.timing`). Each check passes on identical input and fails on an injected
-regression."""
+result derived from a recorded run (`tests/data/bench_gpu-h200-2026-11-26.json`, the
+`perf/results/bench_gpu-h200.json` of that day, frozen so that refreshed results do not move
+these checks), and the CPU suite's bound check and baseline refresh (`perf.timing`). Each check
+passes on identical input and fails on an injected regression."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # `perf` is a folder of the checkout, not an inst
 
 from perf import compare, timing  # noqa: E402
 
-H200 = ROOT / "perf" / "results" / "bench_gpu-h200.json"
+H200 = ROOT / "tests" / "data" / "bench_gpu-h200-2026-11-26.json"
 
 
 @pytest.fixture

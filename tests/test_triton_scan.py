@@ -273,7 +273,7 @@ def test_registered_op_opcheck_and_fullgraph_compile(transition):
 
 def test_cuda_registration_routes_to_the_scan_or_the_masked_kernels(monkeypatch):
     """`dla::readout` / `dla::readout_backward` on CUDA send β to these launchers always, and
-    transitions without β here from `SCAN_FROM_LENGTH` tokens on, to the masked kernels below
+    transitions without β here where `scan_pays(T, K)`, to the masked kernels otherwise
     (`SCALAR_READOUT` forces either); checked on the registration functions, no GPU needed."""
     import dla.compile.ops as O
     import dla.ops.triton.readout_scan as D
@@ -284,27 +284,30 @@ def test_cuda_registration_routes_to_the_scan_or_the_masked_kernels(monkeypatch)
     monkeypatch.setattr(D, "readout_backward_triton", lambda *a: calls.append("scan"))
     monkeypatch.setattr(M, "readout_forward_triton", lambda *a: calls.append("masked"))
     monkeypatch.setattr(M, "readout_backward_triton", lambda *a: calls.append("masked"))
-    monkeypatch.setattr(O, "SCAN_FROM_LENGTH", 8)
 
-    def route(T, beta):
-        x = torch.zeros(1, T, 1, 16)
+    def route(T, beta, K=2, Dk=16):
+        x = torch.zeros(1, T, 1, Dk)
+        lam = torch.zeros(1, T, 1, K)
         b = x if beta else None
         calls.clear()
-        O._cuda_readout(x, x, x, x, None, b, x, x, 1.0, 64)
-        O._cuda_readout_backward(x, x, x, x, x, x, None, b, x, x, 1.0, 64)
+        O._cuda_readout(x, x, x, lam, None, b, x, x, 1.0, 64)
+        O._cuda_readout_backward(x, x, x, x, x, lam, None, b, x, x, 1.0, 64)
         assert calls[0] == calls[1]
         return calls[0]
 
-    assert [route(T, beta) for T in (4, 8) for beta in (True, False)] == ["scan", "masked", "scan", "scan"]
+    # the measured crossover: K ≤ 9 at T = 2048, ≤ 21 at 4096, ≤ 44 at 8192 take the scan
+    assert [O.scan_pays(T, K) for T, K in ((2048, 9), (2048, 10), (4096, 21), (4096, 22), (8192, 44), (8192, 45),
+                                           (256, 1), (1024, 4), (1024, 5))] == [
+        True, False, True, False, True, False, False, True, False]
+    assert [route(T, beta, K) for T, K in ((2048, 16), (4096, 16)) for beta in (True, False)] == [
+        "scan", "masked", "scan", "scan"]
+    assert [route(2048, False, 2), route(2048, False, 32), route(8192, False, 32)] == ["scan", "masked", "scan"]
     monkeypatch.setattr(O, "SCALAR_READOUT", "masked")
-    assert [route(16, True), route(16, False)] == ["scan", "masked"]
+    assert [route(16, True), route(8192, False)] == ["scan", "masked"]
     monkeypatch.setattr(O, "SCALAR_READOUT", "auto")
-    wide = torch.zeros(1, 16, 1, 256)  # Dk > 128: beyond the scan, the masked kernels take it
-    calls.clear()
-    O._cuda_readout(wide, wide, wide, wide, None, None, wide, wide, 1.0, 64)
-    assert calls == ["masked"]
+    assert route(8192, False, 2, Dk=256) == "masked"  # Dk > 128: beyond the scan, the masked kernels take it
     monkeypatch.setattr(O, "SCALAR_READOUT", "scan")
-    assert route(4, False) == "scan"
+    assert route(4, False, 32) == "scan"
     monkeypatch.setattr(O, "SCALAR_READOUT", "fast")
     with pytest.raises(ValueError, match="SCALAR_READOUT"):
         route(4, False)

@@ -103,30 +103,39 @@ def _cuda_segment(*args):
 
 SCALAR_READOUT = "auto"
 """Which CUDA kernel reads out transitions without `β`: `"scan"` (the chunked scan of
-`dla/ops/triton/readout_scan.py`, linear in T), `"masked"` (the masked quadratic form of
-`dla/ops/triton/readout_masked.py`, O(T²) but without a sequential part), or `"auto"`: the scan
-from `SCAN_FROM_LENGTH` tokens on (and `Dk ≤ 128`, the scan's limit). With `β` the scan always
-runs. Results agree to rounding (both are held to the same oracles), so this is a speed setting,
-read when the op runs."""
-SCAN_FROM_LENGTH = 8192
-"""On the H100 (Mamba-2, 32,768 tokens, fwd+bwd; the scan in `perf/results/bench_gpu_scan-h100.md`,
-the masked kernels in `bench_gpu_masked-h100.md` at T = 32768 and in `bench_gpu-h100.md` below)
-the scan took 35–133 ms at T = 8192 against the masked kernels' 129–167 ms, and 47–198 ms
-against 477–560 ms at T = 32768; at T = 2048 the masked kernels won for `dla` and `fenwick`
-(56–62 ms against 79–120 ms). T between 2048 and 8192 was not measured; the switch sits at the
-first length where the scan was measured faster for every policy."""
+`dla/ops/triton/readout_scan.py`, linear in T, its cost growing with the slot count K),
+`"masked"` (the masked quadratic form of `dla/ops/triton/readout_masked.py`, O(T²) but without
+a sequential part, its cost nearly independent of K), or `"auto"`: the scan where
+`scan_pays(T, K)` (and `Dk ≤ 128`, the scan's limit). With `β` the scan always runs. Results
+agree to rounding (both are held to the same oracles), so this is a speed setting, read when
+the op runs."""
+SCAN_SLOTS_PER_KTOKEN = 5.7
+SCAN_SLOTS_OFFSET = 1.5
 
 
-def _scalar_kernel(q: Tensor) -> str:
+def scan_pays(T: int, K: int) -> bool:
+    """The scan beats the masked kernels when `K ≤ 5.7·T/1024 − 1.5` (K ≤ 9 at T = 2048, 21 at
+    4096, 44 at 8192). Fitted on Mamba-2 forward+backward, 32,768 tokens, H = 16, Dk = Dv = 128,
+    bf16, both kernels in one call on one H200 (`perf/results/bench_gpu_scan-h200.md`,
+    `bench_gpu_masked-h200.md`): the scan took about 20 + 2.8·K ms at every T (25.8 / 67.3 /
+    102.5 ms for K = 2 / 16 / 32 at T = 2048), the masked kernels about 15.5 + 16·T/1024 ms for
+    K ≥ 16 (47 / 78 / 147 ms at T = 2048 / 4096 / 8192) and less for K = 2 (34 / 61 / 119 ms).
+    The rule picks the faster kernel at each of those 12 points (one a near-tie: fenwick, K = 16,
+    at T = 4096, 76.8 against 77.8 ms) and at each of the 8 H100 points of `bench_gpu-h100.md`
+    and `bench_gpu_scan-h100.md` (T = 2048, 8192; earlier calls)."""
+    return K <= SCAN_SLOTS_PER_KTOKEN * T / 1024 - SCAN_SLOTS_OFFSET
+
+
+def _scalar_kernel(q: Tensor, lam: Tensor) -> str:
     if SCALAR_READOUT not in ("auto", "scan", "masked"):
         raise ValueError(f"dla.compile.ops.SCALAR_READOUT must be 'auto', 'scan' or 'masked', got {SCALAR_READOUT!r}")
     if SCALAR_READOUT != "auto":
         return SCALAR_READOUT
-    return "scan" if q.shape[1] >= SCAN_FROM_LENGTH and q.shape[3] <= 128 else "masked"
+    return "scan" if q.shape[3] <= 128 and scan_pays(q.shape[1], lam.shape[-1]) else "masked"
 
 
 def _cuda_readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
-    if beta is not None or _scalar_kernel(q) == "scan":
+    if beta is not None or _scalar_kernel(q, lam) == "scan":
         from dla.ops.triton.readout_scan import readout_forward_triton
     else:
         from dla.ops.triton.readout_masked import readout_forward_triton
@@ -135,7 +144,7 @@ def _cuda_readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
 
 
 def _cuda_readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
-    if beta is not None or _scalar_kernel(q) == "scan":
+    if beta is not None or _scalar_kernel(q, lam) == "scan":
         from dla.ops.triton.readout_scan import readout_backward_triton
     else:
         from dla.ops.triton.readout_masked import readout_backward_triton
