@@ -25,6 +25,10 @@ class MultiStateCache(NamedTuple):
     step: Tensor  # [B] int64 tokens consumed before the call that takes this cache
 
 
+EPS = 1e-12
+"""SPEC §2 ("Numerics of decisions"): the floor of every cosine denominator."""
+
+
 def state_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """States and decision statistics: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if input_dtype == torch.float64 else torch.float32
