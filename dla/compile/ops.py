@@ -24,11 +24,11 @@ SEGMENT = (
 )
 READOUT = (
     "readout(Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, Tensor? beta, Tensor level_start, "
-    "Tensor S0, float scale, int chunk_size) -> (Tensor, Tensor)"
+    "Tensor S0, float scale, int chunk_size, Tensor? step=None) -> (Tensor, Tensor)"
 )
 READOUT_BACKWARD = (
     "readout_backward(Tensor do, Tensor dS, Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, "
-    "Tensor? beta, Tensor level_start, Tensor S0, float scale, int chunk_size) "
+    "Tensor? beta, Tensor level_start, Tensor S0, float scale, int chunk_size, Tensor? step=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -41,7 +41,7 @@ def _segment_fake(k, v, n0, I0, m0, Z0, zz0, step0, levels, policy, score, tau, 
     )
 
 
-def _readout_fake(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
+def _readout_fake(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step=None):
     return torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device), _contiguous_like(S0)
 
 
@@ -54,7 +54,7 @@ def _gate_grad_like(x: Tensor | None, like: Tensor) -> Tensor:
     return _contiguous_like(x) if x is not None else torch.empty(like.shape[:3], dtype=torch.float32, device=like.device)
 
 
-def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
+def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step=None):
     # the kernels return contiguous gradients whatever the inputs' strides: so must the fake
     return tuple(_contiguous_like(x) for x in (q, k, v, lam)) + (
         _gate_grad_like(g, q), _gate_grad_like(beta, q), _contiguous_like(S0))
@@ -75,19 +75,19 @@ def _register() -> torch.library.Library:
 
 
 def _readout_setup_context(ctx, inputs, output):
-    q, k, v, lam, g, beta, level_start, S0, scale, chunk_size = inputs
-    ctx.save_for_backward(q, k, v, lam, g, beta, level_start, S0)
+    q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step = inputs
+    ctx.save_for_backward(q, k, v, lam, g, beta, level_start, S0, step)
     ctx.scale, ctx.chunk_size = scale, chunk_size
 
 
 def _readout_grad(ctx, do, dS):
-    q, k, v, lam, g, beta, level_start, S0 = ctx.saved_tensors
+    q, k, v, lam, g, beta, level_start, S0, step = ctx.saved_tensors
     do = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device) if do is None else do
     dS = torch.zeros_like(S0) if dS is None else dS
     dq, dk, dv, dlam, dg, dbeta, dS0 = torch.ops.dla.readout_backward(
-        do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size)
+        do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size, step)
     return (dq, dk, dv, dlam, dg if g is not None else None, dbeta if beta is not None else None,
-            None, dS0, None, None)
+            None, dS0, None, None, None)
 
 
 LIBRARY = _register()  # kept alive: the registrations last as long as this object

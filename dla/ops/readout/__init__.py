@@ -26,7 +26,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+import torch
+
 from dla.ops.readout.chunked import chunked_backward, chunked_forward
+from dla.ops.readout.objects import objects_backward, objects_forward
 
 __all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton",
            "scan_has_fewer_products"]
@@ -40,25 +43,41 @@ def scan_has_fewer_products(T: int, K: int, Dk: int, Dv: int) -> bool:
     return Dk <= SCAN_MAX_DK and K * Dk * Dv < (T / 2) * (Dk + Dv)
 
 
-def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
     """`dla::readout` on the tensors' device: `(o [B,T,H,Dv], S [B,H,K,Dk,Dv])` (SCHEMAS.md)."""
     if q.is_cuda:
-        return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    return chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+        return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
+    if beta is not None:
+        return chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    return objects_forward(q, k, v, lam, g, level_start, S0, scale, chunk_size, _steps(step, q))
 
 
-def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
     """`dla::readout_backward` on the tensors' device: `(dq, dk, dv, dlam, dg, dbeta, dS0)`."""
     if q.is_cuda:
-        return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    return chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+        return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
+    if beta is not None:
+        return chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    dq, dk, dv, dlam, dg, dS0 = objects_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, chunk_size,
+                                                 _steps(step, q))
+    return dq, dk, dv, dlam, _gate_grad(dg, q), _gate_grad(None, q), dS0
+
+
+def _steps(step, q):
+    """`step [B]` int64, zeros when the caller gives none."""
+    return torch.zeros(q.shape[0], dtype=torch.int64, device=q.device) if step is None else step
+
+
+def _gate_grad(dg, q):
+    """The gradient of an absent gate: float32 zeros `[B,T,H]` (SCHEMAS.md)."""
+    return torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device) if dg is None else dg
 
 
 # The Triton kernels are imported inside the two functions below: they are compiled only where a
 # GPU runs them (or interpreted, for CPU tensors under `dla.testing.triton_interpreter()`).
 
 
-def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
     """The CUDA side of the rule (scan or masked kernels), for the tensors' device."""
     if _takes_scan(q, v, lam, beta):
         from dla.ops.readout.scan_triton import scan_forward
@@ -69,7 +88,8 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
     return masked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
 
 
-def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
+                            step=None):
     """The backward of `readout_forward_triton`, by the same rule."""
     if _takes_scan(q, v, lam, beta):
         from dla.ops.readout.scan_triton import scan_backward
