@@ -78,27 +78,25 @@ def _gate_grad(dg, q):
 
 
 def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
-    """The CUDA side of the rule (scan or masked kernels), for the tensors' device."""
-    if _takes_scan(q, v, lam, beta):
+    """The CUDA side of the rule, for the tensors' device: the scan with β, else objects or dense
+    rows (`objects_triton.mixed_forward`)."""
+    if beta is not None:
         from dla.ops.readout.scan_triton import scan_forward
 
         return scan_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    from dla.ops.readout.masked_triton import masked_forward
+    from dla.ops.readout.objects_triton import mixed_forward
 
-    return masked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
 
 
 def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
                             step=None):
     """The backward of `readout_forward_triton`, by the same rule."""
-    if _takes_scan(q, v, lam, beta):
+    if beta is not None:
         from dla.ops.readout.scan_triton import scan_backward
 
         return scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    from dla.ops.readout.masked_triton import masked_backward
+    from dla.ops.readout.objects_triton import mixed_backward
 
-    return masked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-
-
-def _takes_scan(q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) -> bool:
-    return beta is not None or scan_has_fewer_products(q.shape[1], lam.shape[-1], q.shape[-1], v.shape[-1])
+    dq, dk, dv, dlam, dg, dS0 = mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step)
+    return dq, dk, dv, dlam, dg, _gate_grad(None, q), dS0.to(S0.dtype)

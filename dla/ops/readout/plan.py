@@ -88,12 +88,14 @@ class Plan(NamedTuple):
     """One row per `(b, h)`; `R = NC + 1` chunk indices (`NC` = the final state), `P` ids."""
 
     chunk: int  # C
+    master_capacity: int  # M: masters, initial slots included
     starts: Tensor  # cs [N, R] int64
     read: Tensor  # [N, R, L] int32: id of E_{c,r}, −1 where empty
     first: Tensor  # [N, R, L] int64: a of E_{c,r} (EMPTY where empty)
     last: Tensor  # [N, R, L] int64: e of E_{c,r}
     new: Tensor  # [N, R, L] bool: E_{c,r} is created at c
     lam_rank: Tensor  # [N, R] int64: the rank of Λ_c (−1: none)
+    lam_id: Tensor  # [N, R] int32: the id of Λ_c (−1: none)
     obj_chunk: Tensor  # [N, P] int32: creation chunk (−1 for initial slots and unused ids)
     obj_first: Tensor  # [N, P] int32: a
     obj_last: Tensor  # [N, P] int32: e (the anchor)
@@ -102,6 +104,7 @@ class Plan(NamedTuple):
     tok_lo: Tensor  # [N, P] int32: token range [tok_lo, tok_hi) in chunk c − 1 (empty: tok_lo ≥ tok_hi)
     tok_hi: Tensor  # [N, P] int32
     master: Tensor  # [N, P] int32: master index (−1: none); initial slots keep their own id
+    merged: Tensor  # [N, P] bool: a later chunk's build reads it from its master (not as Λ_{c−1})
     read_lo: Tensor  # [N, P] int32: first chunk < NC that reads the object (NC: none)
     read_hi: Tensor  # [N, P] int32: last chunk < NC that reads it (−1: none)
     final_rank: Tensor  # [N, P] int32: its rank in the final state (−1: none)
@@ -180,6 +183,10 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
     persists = ((a[..., :, None] == a_next[..., None, :]) & (e[..., :, None] == e_next[..., None, :])).any(-1)
     not_final = torch.arange(R, device=dev)[None, :, None] < NC  # the final state is written as it is built
     needs_master = new & ~(holds_last & ~persists) & not_final
+    # retired at c + 1 < NC, not as Λ_c: a parent the backward's build (which stops before the
+    # final state) reads from memory
+    before_last = torch.arange(R, device=dev)[None, :, None] < NC - 1
+    merged_here = valid & ~persists & ~holds_last & before_last
     flat_master = needs_master.reshape(N, R * L)
     master_of_new = L + torch.cumsum(flat_master.to(i64), 1) - 1
 
@@ -207,6 +214,12 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
     master = per_object(torch.where(needs_master, master_of_new.reshape(N, R, L), NONE), NONE,
                         torch.arange(L, device=dev).expand(N, L))
     master = torch.where(master < PM, master, NONE)
+    merged = torch.zeros(N, P + 1, dtype=torch.bool, device=dev)
+    merged.scatter_(1, torch.where(merged_here.reshape(N, R * L) & (read.reshape(N, R * L) < P),
+                                   read.reshape(N, R * L), P), True)
+    merged[:, :L] = False  # initial slots are S0
+    lam_id = torch.gather(read, 2, lam_rank.clamp(min=0)[..., None])[..., 0]
+    lam_id = torch.where((lam_rank >= 0) & (lam_id < P), lam_id, NONE)
 
     # which chunks read each object, and its final rank
     reads = read[:, :NC].reshape(N, NC * L).to(i64)
@@ -225,9 +238,9 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
     new_ids = torch.where(new_ids < P, new_ids, NONE)
 
     return Plan(
-        chunk=C, starts=cs, read=torch.where(read < P, read, NONE).to(torch.int32), first=a, last=e, new=new,
-        lam_rank=lam_rank, obj_chunk=obj_chunk, obj_first=obj_first, obj_last=obj_last, par_lo=plo, par_hi=phi,
-        tok_lo=tlo, tok_hi=thi, master=master, read_lo=read_lo.to(torch.int32), read_hi=read_hi.to(torch.int32),
+        chunk=C, master_capacity=PM, starts=cs, read=torch.where(read < P, read, NONE).to(torch.int32), first=a, last=e, new=new,
+        lam_rank=lam_rank, lam_id=lam_id.to(torch.int32), obj_chunk=obj_chunk, obj_first=obj_first, obj_last=obj_last, par_lo=plo, par_hi=phi,
+        tok_lo=tlo, tok_hi=thi, master=master, merged=merged[:, :P], read_lo=read_lo.to(torch.int32), read_hi=read_hi.to(torch.int32),
         final_rank=final_rank[:, :P].to(torch.int32), new_ids=new_ids[..., :L].to(torch.int32),
         new_count=new.sum(-1).to(torch.int32), created=created, masters=masters, overflow=overflow,
     )
