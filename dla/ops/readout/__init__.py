@@ -3,44 +3,34 @@
 
 | file | what it holds |
 | --- | --- |
-| `chunked.py` | the CPU kernel: the chunked form in torch, every transition, forward and backward written out |
-| `scan_triton.py` | CUDA: the chunked scan over the slot states, linear in `T`, every transition, `Dk ≤ 128` |
-| `masked_triton.py` | CUDA: the masked quadratic form `(A_base ⊙ Λ) V` without a sequential part, transitions without `β` |
+| `plan.py` | the object plan from the level map (static shapes, on the device): what each chunk reads and builds |
+| `objects.py` | the CPU kernel without `β`: the persistent-object readout of SPEC §3.1 in torch, forward and backward written out |
+| `chunked.py` | the CPU kernel with `β`: the chunked form in torch, every slot rewritten per chunk |
+| `objects_triton.py` | CUDA without `β`: the object kernels, and the call that mixes object and dense heads |
+| `masked_triton.py` | CUDA without `β`, the dense path: the masked quadratic form `(A_base ⊙ Λ) V` for heads whose plan is too dense or overflows the pool, and for calls of one chunk |
+| `scan_triton.py` | CUDA with `β`: the chunked scan over the slot states, linear in `T`, `Dk ≤ 128` |
+| `cost.py` | what each CUDA kernel costs (FLOPs, bytes), the pool bound, and the rule between objects and the dense path |
 
 The references are `dla.ops.reference.multistate_attention_materialized` (the masked form) and
 `multistate_attention_recurrent`.
 
-The rule (`readout_forward`, `readout_backward`): CPU tensors take the torch kernel. On CUDA, `β`
-(the delta rule) takes the scan, the only kernel that has it; without `β` the kernel with fewer
-multiply-adds per token and pass, by the counts each kernel's derivation gives:
-
-    masked:  (T/2)·(Dk + Dv)       (a query meets T/2 keys on average, each in two products)
-    scan:    K·Dk·Dv               (a query reads every slot's Dk×Dv state)
-
-so the scan where `K·Dk·Dv < (T/2)·(Dk + Dv)` (`K < T/128` at `Dk = Dv = 128`) and `Dk ≤ 128`.
-Results agree to rounding (both are held to the same oracles): the choice is one of speed, made
-from shapes alone, with no constant measured on any card.
+The rule (`readout_forward`, `readout_backward`): CPU tensors take the torch kernels — objects
+without `β`, the chunked form with it. On CUDA, `β` takes the scan; without `β` each head takes
+the object kernels or the dense ones by `cost.takes_objects` — the plan fits the pool bound
+(derived from the memory target) and the object kernels' roofline time on the card's row of
+`cost.ARCHITECTURES` is at most the dense kernels' — evaluated on the device, so no host read
+happens; a call of at most one chunk (decode) is dense from its shapes alone. Results agree to
+rounding (all kernels are held to the same oracles): the choice is one of speed and memory.
 """
 
 from __future__ import annotations
-
-from torch import Tensor
 
 import torch
 
 from dla.ops.readout.chunked import chunked_backward, chunked_forward
 from dla.ops.readout.objects import objects_backward, objects_forward
 
-__all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton",
-           "scan_has_fewer_products"]
-
-SCAN_MAX_DK = 128  # the scan keeps a [Dk, BV] slot tile per program in registers
-
-
-def scan_has_fewer_products(T: int, K: int, Dk: int, Dv: int) -> bool:
-    """The rule without `β`: the scan's `K·Dk·Dv` multiply-adds per token and pass against the
-    masked form's `(T/2)·(Dk + Dv)`; see the module doc."""
-    return Dk <= SCAN_MAX_DK and K * Dk * Dv < (T / 2) * (Dk + Dv)
+__all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton"]
 
 
 def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
