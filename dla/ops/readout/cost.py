@@ -176,10 +176,12 @@ def plan_counts(plan: Plan) -> dict[str, Tensor]:
     final_live = (read[:, NC] >= 0).sum(1).to(f)
     readable = new[:, :NC].sum((1, 2)).to(f)
     initial_reads = (ntok[..., None] * ((read[:, :NC] >= 0) & (plan.first[:, :NC] < 0)).to(f)).sum((1, 2))
+    initial_slots = (plan.read_lo[:, :L] < NC).sum(1).to(f)
     return {
         "created": plan.created.to(f), "copies": readable, "masters": plan.masters.to(f), "reads": reads,
         "with_tokens": with_tokens, "links": links, "links_memory": links_memory, "lam_tokens": lam_tokens,
         "final_masters": final_live - final_new, "chunks": (ntok > 0).sum(1).to(f), "initial_reads": initial_reads,
+        "initial_slots": initial_slots,
     }
 
 
@@ -234,7 +236,8 @@ def object_kernels(s: Shapes, n: dict) -> dict[str, tuple]:
 
 def dense_kernels(s: Shapes, n: dict) -> dict[str, tuple]:
     """Per row, the masked quadratic kernels (forward + backward) for a head of `T` tokens; the
-    initial slots' terms by `n["initial_reads"]`."""
+    initial slots' terms by `n["initial_reads"]` (token reads) and `n["initial_slots"]` (slots
+    read at all: the dS0 kernel walks all tokens for each)."""
     T, L, D, it = s.T, s.K, s.D, s.itemsize
     pairs = 1.0 * T * (T + s.BT)
     rows = T * (L * it + L * 4 + 8)
@@ -247,7 +250,8 @@ def dense_kernels(s: Shapes, n: dict) -> dict[str, tuple]:
                                  io + T * s.Dv * it + rows + T * (s.Dk * (4 + it) + L * (4 + it) + 8)),
         "masked backward dkv": _k(1.0 * T * (T + s.BS) * (2 * s.Dk + 2 * s.Dv) + 4.0 * T * D,
                                   io + T * s.Dv * it + rows + T * (s.Dk + s.Dv) * (4 + it) + T * 16 + L * D * 4),
-        "masked backward dS0": _k(2.0 * D * init, L * (T * L * 4) + L * D * 4 * 3),
+        "masked backward dS0": _k(2.0 * D * init, L * L * 4 + L * D * 4 * 3
+                                  + n["initial_slots"] * T * (L * (4 + it) + (s.Dk + s.Dv) * it + 8)),
     }
 
 

@@ -88,10 +88,18 @@ def _decay(ah, al, bh, bl):
 
 
 @triton.jit
-def _tile_offsets(BK: tl.constexpr, BV: tl.constexpr, dv0, DK: tl.constexpr, DV: tl.constexpr):
-    dk_ = tl.arange(0, BK)
+def _tile_offsets(BK: tl.constexpr, BV: tl.constexpr, dk0, dv0, DK: tl.constexpr, DV: tl.constexpr):
+    """Offsets and mask of the [BK, BV] tile at (dk0, dv0) of a [Dk, Dv] state."""
+    dk_ = dk0 + tl.arange(0, BK)
     dv_ = dv0 + tl.arange(0, BV)
     return dk_[:, None] * DV + dv_[None, :], (dk_[:, None] < DK) & (dv_[None, :] < DV)
+
+
+@triton.jit
+def _tile(NV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """(dk0, dv0) of this program's tile: program_id(0) = dk tile · NV + dv tile."""
+    pid = tl.program_id(0)
+    return (pid // NV) * BK, (pid % NV) * BV
 
 
 @triton.jit
@@ -161,9 +169,9 @@ def _build_kernel(K, V, GH, GL, S0, COPY, LO, S, MODE, STARTS, READ, NEW_IDS, NE
                   T, H, NC, P, M,
                   L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_LO: tl.constexpr,
-                  FINAL: tl.constexpr, ALL_MASTERS: tl.constexpr, PREC: tl.constexpr):
-    """The objects of one row and Dv tile, chunk by chunk (module doc). ALL_MASTERS: write every
-    master (forward), else only those a later build reads (`MERGED`)."""
+                  FINAL: tl.constexpr, ALL_MASTERS: tl.constexpr, PREC: tl.constexpr, NV: tl.constexpr):
+    """The objects of one row and [BK, BV] tile, chunk by chunk (module doc). ALL_MASTERS: write
+    every master (forward), else only those a later build reads (`MERGED`)."""
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
         return
@@ -192,9 +200,9 @@ def _build_kernel(K, V, GH, GL, S0, COPY, LO, S, MODE, STARTS, READ, NEW_IDS, NE
     MERGED += n * P
     FINAL_RANK += n * P
     READ_LO += n * P
-    dv0 = tl.program_id(0) * BV
-    tile, mtile = _tile_offsets(BK, BV, dv0, DK, DV)
-    dk_ = tl.arange(0, BK)
+    dk0, dv0 = _tile(NV, BK, BV)
+    tile, mtile = _tile_offsets(BK, BV, dk0, dv0, DK, DV)
+    dk_ = dk0 + tl.arange(0, BK)
     dv_ = dv0 + tl.arange(0, BV)
     j = tl.arange(0, C)
     # the initial slots that chunks read, as copies
@@ -241,7 +249,7 @@ def _build_kernel(K, V, GH, GL, S0, COPY, LO, S, MODE, STARTS, READ, NEW_IDS, NE
                 w = tl.where(ms & (s >= lo) & (s < hi), 1.0, 0.0)
                 if HAS_G:
                     w = tl.where(w != 0.0, _decay(eh, el, sh, sl), 0.0)
-                acc += tl.dot(tl.trans((k.to(tl.float32) * w[:, None]).to(k.dtype)), v, input_precision=PREC)
+                acc += tl.dot(tl.trans(k), (v.to(tl.float32) * w[:, None]).to(v.dtype), input_precision=PREC)
             if c < NC:
                 copy = acc.to(COPY.dtype.element_ty)
                 tl.store(COPY + x.to(tl.int64) * DK * DV + tile, copy, mask=mtile)
@@ -326,15 +334,15 @@ def _chunk_fwd_kernel(Q, K, V, LAM, GH, GL, CM, COPY, MODE, STARTS, READ, FIRST,
     crow = tl.load(CM + rt[:, None] * L + cols[None, :], mask=ml, other=NEG)
     lam = tl.load(LAM + rt[:, None] * L + cols[None, :], mask=ml, other=0.0).to(tl.float32)
     gh, gl = _G(GH, GL, t, mt, H, HAS_G)
-    lamm, _ = _band(crow, t, mt, rt, CM, LAM, cs, 0.0, L, BL, False)
+    lamm, no_dl = _band(crow, t, mt, rt, CM, LAM, cs, 0.0, L, BL, False)
     a = tl.dot(q, tl.trans(k), input_precision=PREC) * _pair_decay(gh, gl, t, mt, scale, HAS_G) * lamm
     acc = tl.dot(a.to(v.dtype), v, input_precision=PREC)
-    tile, mtile = _tile_offsets(BK, BV, 0, DK, DV)
+    tile, mtile = _tile_offsets(BK, BV, 0, 0, DK, DV)
     for r in range(0, L):
         x = tl.load(READ + r)
         if x >= 0:
             eh, el = _G(GH, GL, tl.load(LAST + r), True, H, HAS_G)
-            w, _, _ = _weights(crow, lam, tl.load(FIRST + r), eh, el, gh, gl, mt, scale, L, BL, HAS_G)
+            w, lev, decay = _weights(crow, lam, tl.load(FIRST + r), eh, el, gh, gl, mt, scale, L, BL, HAS_G)
             obj = tl.load(COPY + x.to(tl.int64) * DK * DV + tile, mask=mtile, other=0.0)
             acc += tl.dot((q.to(tl.float32) * w[:, None]).to(obj.dtype), obj, input_precision=PREC)
     tl.store(O + rt[:, None] * DV + dv_[None, :], acc.to(O.dtype.element_ty), mask=mv)
@@ -350,9 +358,10 @@ def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, MODE, STARTS, OBJ
                         READ_LO, READ_HI, FINAL_RANK, T, H, NC, P, M, scale,
                         L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, HAS_G: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, NV: tl.constexpr):
     """D_E = Σ_{chunks reading E} Σ_t W[t,E] q_t dO_tᵀ (+ exp(G_{T−1} − G_e) dS_rank) for object
-    `program_id(0)` with a master (the initial slots into dS0, the others into DBUF)."""
+    `program_id(0)` with a master and [BK, BV] tile `program_id(2)` (the initial slots into dS0,
+    the others into DBUF)."""
     x = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
@@ -369,9 +378,10 @@ def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, MODE, STARTS, OBJ
     GH += row0
     GL += row0
     STARTS += n * R
-    dv0 = tl.program_id(2) * BV
-    tile, mtile = _tile_offsets(BK, BV, dv0, DK, DV)
-    dk_ = tl.arange(0, BK)
+    dk0 = (tl.program_id(2) // NV) * BK
+    dv0 = (tl.program_id(2) % NV) * BV
+    tile, mtile = _tile_offsets(BK, BV, dk0, dv0, DK, DV)
+    dk_ = dk0 + tl.arange(0, BK)
     dv_ = dv0 + tl.arange(0, BV)
     cols = tl.arange(0, BL)
     a = tl.load(OBJ_FIRST + n * P + x)
@@ -387,7 +397,7 @@ def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, MODE, STARTS, OBJ
         crow = tl.load(CM + rt[:, None] * L + cols[None, :], mask=ml, other=NEG)
         lam = tl.load(LAM + rt[:, None] * L + cols[None, :], mask=ml, other=0.0).to(tl.float32)
         gh, gl = _G(GH, GL, t, mt, H, HAS_G)
-        w, _, _ = _weights(crow, lam, a, eh, el, gh, gl, mt, scale, L, BL, HAS_G)
+        w, lev, decay = _weights(crow, lam, a, eh, el, gh, gl, mt, scale, L, BL, HAS_G)
         q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=mt[:, None] & (dk_[None, :] < DK), other=0.0)
         do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=mt[:, None] & (dv_[None, :] < DV), other=0.0)
         acc += tl.dot(tl.trans((q.to(tl.float32) * w[:, None]).to(do.dtype)), do, input_precision=PREC)
@@ -410,8 +420,8 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, MODE, STARTS, 
                      T, H, NC, P, M, scale,
                      L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, HAS_G: tl.constexpr,
-                     PREC: tl.constexpr):
-    """Down the merge tree for one row and Dv tile, newest chunk first (module doc)."""
+                     PREC: tl.constexpr, NV: tl.constexpr):
+    """Down the merge tree for one row and [BK, BV] tile, newest chunk first (module doc)."""
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
         return
@@ -440,9 +450,9 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, MODE, STARTS, 
     TOK_HI += n * P
     MASTER += n * P
     FINAL_RANK += n * P
-    dv0 = tl.program_id(0) * BV
-    tile, mtile = _tile_offsets(BK, BV, dv0, DK, DV)
-    dk_ = tl.arange(0, BK)
+    dk0, dv0 = _tile(NV, BK, BV)
+    tile, mtile = _tile_offsets(BK, BV, dk0, dv0, DK, DV)
+    dk_ = dk0 + tl.arange(0, BK)
     dv_ = dv0 + tl.arange(0, BV)
     cols = tl.arange(0, BL)
     last_h, last_l = _G(GH, GL, T - 1, True, H, HAS_G)
@@ -473,7 +483,7 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, MODE, STARTS, 
                 crow = tl.load(CM + rt[:, None] * L + cols[None, :], mask=ml, other=NEG)
                 lam = tl.load(LAM + rt[:, None] * L + cols[None, :], mask=ml, other=0.0).to(tl.float32)
                 gh, gl = _G(GH, GL, t, mt, H, HAS_G)
-                w, _, _ = _weights(crow, lam, tl.load(OBJ_FIRST + x), eh, el, gh, gl, mt, scale, L, BL, HAS_G)
+                w, lev, decay = _weights(crow, lam, tl.load(OBJ_FIRST + x), eh, el, gh, gl, mt, scale, L, BL, HAS_G)
                 q = tl.load(Q + rt[:, None] * DK + dk_[None, :], mask=mt[:, None] & (dk_[None, :] < DK), other=0.0)
                 do = tl.load(DO + rt[:, None] * DV + dv_[None, :], mask=mt[:, None] & (dv_[None, :] < DV),
                              other=0.0)
@@ -560,16 +570,14 @@ def _chunk_bwd_kernel(Q, K, V, DO, LAM, GH, GL, CM, COPY, DTOT, MODE, STARTS, RE
     crow = tl.load(CM + rt[:, None] * L + cols[None, :], mask=ml, other=NEG)
     lam = tl.load(LAM + rt[:, None] * L + cols[None, :], mask=ml, other=0.0).to(tl.float32)
     gh, gl = _G(GH, GL, t, mt, H, HAS_G)
-    qkg = tl.dot(q, tl.trans(k), input_precision=PREC) * _pair_decay(gh, gl, t, mt, scale, HAS_G)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    lamm, dl = _band(crow, t, mt, rt, CM, LAM, cs, dp * qkg, L, BL, True)
-    a = qkg * lamm  # the band's P[t, s]
-    ds = dp * lamm * _pair_decay(gh, gl, t, mt, scale, HAS_G)  # ∂L/∂(q_t·k_s)
-    flow = dp * a
-    tile, mtile = _tile_offsets(BK, BV, 0, DK, DV)
+    pair = _pair_decay(gh, gl, t, mt, scale, HAS_G)
+    tile, mtile = _tile_offsets(BK, BV, 0, 0, DK, DV)
     if tl.program_id(2) == 0:
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        dg = tl.sum(flow, axis=1)
+        qkg = tl.dot(q, tl.trans(k), input_precision=PREC) * pair
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        lamm, dl = _band(crow, t, mt, rt, CM, LAM, cs, dp * qkg, L, BL, True)
+        dg = tl.sum(dp * qkg * lamm, axis=1)
+        dq = tl.dot((dp * lamm * pair).to(k.dtype), k, input_precision=PREC)
         READ += (n * R + c) * L
         FIRST += (n * R + c) * L
         LAST += (n * R + c) * L
@@ -589,9 +597,13 @@ def _chunk_bwd_kernel(Q, K, V, DO, LAM, GH, GL, CM, COPY, DTOT, MODE, STARTS, RE
         tl.store(DLAM + row0 * L + rt[:, None] * L + cols[None, :], dl.to(DLAM.dtype.element_ty), mask=ml)
         tl.store(DGR + row0 + rt, dg, mask=mt)
     else:
-        dkk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        qkg = tl.dot(q, tl.trans(k), input_precision=PREC) * pair
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        lamm, no_dl = _band(crow, t, mt, rt, CM, LAM, cs, 0.0, L, BL, False)
+        a = qkg * lamm  # the band's P[t, s]
+        dg = -tl.sum(dp * a, axis=0)
+        dkk = tl.dot(tl.trans(dp * lamm * pair).to(q.dtype), q, input_precision=PREC)
         dvv = tl.dot(tl.trans(a).to(do.dtype), do, input_precision=PREC)
-        dg = -tl.sum(flow, axis=0)
         kf = k.to(tl.float32)
         count = tl.load(NEW_COUNT + n * R + c + 1)
         for i in range(0, count):  # the objects built from this chunk's tokens
@@ -619,11 +631,21 @@ def _chunk_bwd_kernel(Q, K, V, DO, LAM, GH, GL, CM, COPY, DTOT, MODE, STARTS, RE
 
 
 def config(interpreted: bool) -> dict:
-    """The object path's chunk `C`, the build's and pushdown's `Dv` tile and warps (fixed by the
-    interpreter or the card; the chunk kernels hold whole `[C, Dk]`, `[C, Dv]` tiles)."""
+    """The object path's chunk `C`, the `[TK, TV]` state tile of the build, the object-major dS and
+    the pushdown (programs hold two or three float32 tiles: 64×64 keeps them in registers on
+    sm_90), and warps (fixed by the interpreter or the card; the chunk kernels hold whole
+    `[C, Dk]`, `[C, Dv]` tiles)."""
     if interpreted:
-        return dict(C=16, BV=16, num_warps=4)
-    return dict(C=64, BV=64, num_warps=8)
+        return dict(C=16, TK=16, TV=16, num_warps=4)
+    return dict(C=64, TK=64, TV=64, num_warps=8)
+
+
+def _tiles(x, interpreted: bool) -> dict:
+    """The state-tile meta-parameters and the number of tiles."""
+    cfg = config(interpreted)
+    tk, tv = min(cfg["TK"], x.BK), min(cfg["TV"], x.BV)
+    nv = triton.cdiv(x.dv, tv)
+    return dict(BK=tk, BV=tv, NV=nv), triton.cdiv(x.dk, tk) * nv
 
 
 def plan_tensors(plan) -> dict:
@@ -635,8 +657,10 @@ def plan_tensors(plan) -> dict:
 
 
 def _meta(x, interpreted: bool) -> dict:
+    """The constexprs every object kernel takes (and warps, stages); the chunk kernels add the
+    whole head dims `BK, BV`, the others their state tile (`_tiles`)."""
     cfg = config(interpreted)
-    return dict(L=x.L, DK=x.dk, DV=x.dv, C=cfg["C"], BK=x.BK, HAS_G=x.has_g, PREC=x.prec,
+    return dict(L=x.L, DK=x.dk, DV=x.dv, C=cfg["C"], HAS_G=x.has_g, PREC=x.prec,
                 num_warps=cfg["num_warps"], num_stages=1)
 
 
@@ -645,21 +669,21 @@ def objects_forward_triton(x, plan, mode: Tensor, scale: float, o: Tensor, S: Te
     `masked_triton._Prepared` (contiguous inputs, G hi/lo, the level map's running minimum)."""
     pt = plan_tensors(plan)
     meta = _meta(x, x.interpreted)
-    C, BV = meta["C"], config(x.interpreted)["BV"]
+    tiles, nt = _tiles(x, x.interpreted)
     N, P, M = x.N, plan.master.shape[1], plan.master_capacity
     NC = pt["read"].shape[1] - 1
     dev = x.q.device
     copies = torch.empty(N, P, x.dk, x.dv, dtype=x.q.dtype, device=dev)
     has_lo = x.q.dtype != torch.float32
     lo = torch.empty(N, max(M - x.L, 1) if has_lo else 1, x.dk, x.dv, dtype=torch.bfloat16, device=dev)
-    _build_kernel[(triton.cdiv(x.dv, BV), N)](
+    _build_kernel[(nt, N)](
         x.k, x.v, x.gh, x.gl, x.S0, copies, lo, S, mode, pt["starts"], pt["read"], pt["new_ids"], pt["new_count"],
         pt["lam_id"], pt["obj_chunk"], pt["obj_last"], pt["par_lo"], pt["par_hi"], pt["tok_lo"], pt["tok_hi"],
-        pt["master"], pt["merged"], pt["final_rank"], pt["read_lo"], x.T, x.H, NC, P, M, BV=BV, HAS_LO=has_lo,
-        FINAL=True, ALL_MASTERS=True, **meta)
+        pt["master"], pt["merged"], pt["final_rank"], pt["read_lo"], x.T, x.H, NC, P, M, HAS_LO=has_lo,
+        FINAL=True, ALL_MASTERS=True, **tiles, **meta)
     _chunk_fwd_kernel[(NC, N)](
         x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, copies, mode, pt["starts"], pt["read"], pt["first"], pt["last"], o,
-        x.T, x.H, NC, P, float(scale), BV=x.BV, BL=x.BL, **meta)
+        x.T, x.H, NC, P, float(scale), BK=x.BK, BV=x.BV, BL=x.BL, **meta)
 
 
 def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS: Tensor, S: Tensor | None,
@@ -670,7 +694,7 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     (None: rebuilt here)."""
     pt = plan_tensors(plan)
     meta = _meta(x, x.interpreted)
-    BV = config(x.interpreted)["BV"]
+    tiles, nt = _tiles(x, x.interpreted)
     N, P, M = x.N, plan.master.shape[1], plan.master_capacity
     NC = pt["read"].shape[1] - 1
     dev = x.q.device
@@ -679,30 +703,31 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     lo = torch.empty(N, max(M - x.L, 1) if has_lo else 1, x.dk, x.dv, dtype=torch.bfloat16, device=dev)
     final = S is None
     S_built = torch.empty(x.B, x.H, x.L, x.dk, x.dv, dtype=torch.float32, device=dev) if final else x.S0
-    _build_kernel[(triton.cdiv(x.dv, BV), N)](
+    _build_kernel[(nt, N)](
         x.k, x.v, x.gh, x.gl, x.S0, copies, lo, S_built, mode, pt["starts"], pt["read"], pt["new_ids"],
         pt["new_count"], pt["lam_id"], pt["obj_chunk"], pt["obj_last"], pt["par_lo"], pt["par_hi"], pt["tok_lo"],
-        pt["tok_hi"], pt["master"], pt["merged"], pt["final_rank"], pt["read_lo"], x.T, x.H, NC, P, M, BV=BV,
-        HAS_LO=has_lo, FINAL=final, ALL_MASTERS=final, **meta)
+        pt["tok_hi"], pt["master"], pt["merged"], pt["final_rank"], pt["read_lo"], x.T, x.H, NC, P, M,
+        HAS_LO=has_lo, FINAL=final, ALL_MASTERS=final, **tiles, **meta)
     del lo
     dbuf = torch.empty(N, max(M - x.L, 1), x.dk, x.dv, dtype=torch.float32, device=dev)
     dtot = torch.empty(N, P, x.dk, x.dv, dtype=x.q.dtype, device=dev)
-    _bwd_objects_kernel[(P, N, triton.cdiv(x.dv, BV))](
+    _bwd_objects_kernel[(P, N, nt)](
         x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, mode, pt["starts"], pt["obj_first"], pt["obj_last"],
-        pt["master"], pt["read_lo"], pt["read_hi"], pt["final_rank"], x.T, x.H, NC, P, M, float(scale), BV=BV,
-        BL=x.BL, **meta)
-    _pushdown_kernel[(triton.cdiv(x.dv, BV), N)](
+        pt["master"], pt["read_lo"], pt["read_hi"], pt["final_rank"], x.T, x.H, NC, P, M, float(scale), BL=x.BL,
+        **tiles, **meta)
+    _pushdown_kernel[(nt, N)](
         x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, dtot, mode, pt["starts"], pt["read"],
         pt["new_ids"], pt["new_count"], pt["lam_id"], pt["obj_first"], pt["obj_last"], pt["par_lo"], pt["par_hi"],
-        pt["tok_lo"], pt["tok_hi"], pt["master"], pt["final_rank"], x.T, x.H, NC, P, M, float(scale), BV=BV,
-        BL=x.BL, **meta)
+        pt["tok_lo"], pt["tok_hi"], pt["master"], pt["final_rank"], x.T, x.H, NC, P, M, float(scale), BL=x.BL,
+        **tiles, **meta)
     del dbuf
     dgr = torch.empty(x.B, x.T, x.H, dtype=torch.float32, device=dev)
     dgc = torch.empty(x.B, x.T, x.H, dtype=torch.float32, device=dev)
     _chunk_bwd_kernel[(NC, N, 2)](
         x.q, x.k, x.v, do, x.lam, x.gh, x.gl, x.cm, copies, dtot, mode, pt["starts"], pt["read"], pt["first"],
         pt["last"], pt["new_ids"], pt["new_count"], pt["obj_last"], pt["tok_lo"], pt["tok_hi"], grads["dq"],
-        grads["dk"], grads["dv"], grads["dlam"], dgr, dgc, x.T, x.H, NC, P, float(scale), BV=x.BV, BL=x.BL, **meta)
+        grads["dk"], grads["dv"], grads["dlam"], dgr, dgc, x.T, x.H, NC, P, float(scale), BK=x.BK, BV=x.BV, BL=x.BL,
+        **meta)
     dG = dgr + dgc
     if final:  # the final state's gradient reaches G_{T−1}: ⟨dS, S⟩
         S = S_built
