@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import dla.compile.ops  # noqa: F401  registers the torch.ops.dla namespace
+from dla.compile.ops import readout
 from dla.ops.state import MultiStateCache, empty_cache
 from dla.ops.validation import validate
 
@@ -39,8 +39,8 @@ def multistate_attention(
                  chunk_size=chunk_size, initial_state=initial_state)
     state = _start(initial_state, p, k)
     level_start, n, info, m, Z, zz = _segment(p, k, v, state, policy, score, float(tau), chunk_size)
-    o, S = torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale,
-                                 chunk_size, state.step)
+    o, S = readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale, chunk_size,
+                   state.step)
     if not output_final_state:
         return o
     return o, MultiStateCache(S=reverse_live_slots(S, m), n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + p.length)

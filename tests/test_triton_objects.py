@@ -300,6 +300,74 @@ def test_registered_op_opcheck_and_fullgraph_compile():
     assert abs(float(value.detach()) - want) <= 1e-4 * (1 + abs(want))
 
 
+TRITON_OP = r"""
+import torch
+from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+
+import dla.compile.ops  # noqa: F401  registers the ops
+from dla.ops.readout.objects import objects_backward
+from dla.testing import triton_interpreter
+from tests.helpers import f32, setup
+from tests.strategies import Case, relative_error
+
+case = Case(batch=1, length=40, heads=2, dk=16, dv=16, levels=3, policy="dla", transition="g", tau=0.6,
+            score="token", inputs="piecewise", mean_regime=4.0, seed=7)
+case, t, state, ls, S0, live, step = setup(case, True)
+q, k, v, lam, g, S0f = (f32(x) for x in (t["q"], t["k"], t["v"], t["lam"], t["g"], S0))
+scale = case.dk**-0.5
+ops = torch.ops.dla
+leaves = [x.clone().requires_grad_() for x in (q, k, v, lam, g, S0f)]
+gen = torch.Generator().manual_seed(0)
+do, dS = torch.randn(1, 40, 2, 16, generator=gen), torch.randn(S0f.shape, generator=gen)
+graphs = []
+
+
+def keep(gm, inputs):
+    graphs.append(gm.code)
+    return boxed_nop(gm, inputs)
+
+
+def backend(gm, inputs):
+    return aot_eager(gm, inputs, fw_compiler=keep, bw_compiler=keep)
+
+
+def loss(q, k, v, lam, g, S0):
+    o, S = ops.readout_without_beta(q, k, v, lam, g, ls, S0, scale, step)
+    return (o * do).sum() + (S * dS).sum()
+
+
+with triton_interpreter():
+    _, S = ops.readout_without_beta(q, k, v, lam, g, ls, S0f, scale, step)
+    torch.library.opcheck(ops.readout_without_beta.default, (*leaves[:5], ls, leaves[5], scale, step),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(ops.readout_without_beta_backward.default,
+                          (do, dS, q, k, v, lam, g, ls, S0f, scale, step, S), test_utils=("test_schema", "test_faketensor"))
+    value = torch.compile(loss, fullgraph=True, backend=backend)(*leaves)
+    got = torch.autograd.grad(value, leaves)
+ref = objects_backward(do.double(), dS.double(), t["q"], t["k"], t["v"], t["lam"], t["g"], ls, S0, scale, 5, step)
+for name, x, r in zip(("q", "k", "v", "lam", "g", "S0"), got, ref):
+    print(name, relative_error(x, r))
+print("kernels traced", [code.count("higher_order.triton_kernel_wrapper_functional(") for code in graphs])
+"""
+
+
+def test_triton_op_opcheck_and_fullgraph_compile():
+    """`dla::readout_without_beta` (a `torch.library.triton_op`) on CPU tensors through
+    `dla.testing.triton_interpreter()`: opcheck, and a `fullgraph=True` compile of a loss whose
+    forward and backward graphs hold the Triton kernels themselves (AOT autograd decomposes the
+    op), with gradients against the torch object path. In a subprocess without TRITON_INTERPRET:
+    kernels defined under it are interpreted functions, which `wrap_triton` runs instead of
+    tracing."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", TRITON_OP], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    errors = {line.split()[0]: float(line.split()[1]) for line in lines[:-1]}
+    assert set(errors) == set(NAMES) and max(errors.values()) <= TOL32, errors
+    forward, backward = eval(lines[-1].removeprefix("kernels traced "))
+    assert (forward, backward) == (6, 11)  # every launch of each pass: 2 + 4 object kernels, 4 + 7 dense
+
+
 # --------------------------------------------------------------------------------------------
 # The kernels as the GPU compiles them (ptxas for sm_90, no GPU needed)
 # --------------------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""Registration of `dla::segment`, `dla::readout` and `dla::readout_backward` (SCHEMAS.md).
+"""Registration of `dla::segment`, `dla::readout`, `dla::readout_backward` and the Triton ops
+`dla::readout_without_beta`, `dla::readout_without_beta_backward` (SCHEMAS.md).
 
 Each op takes its kernels from its stage in `dla/ops` — `dla.ops.segment.segment`,
 `dla.ops.readout.readout_forward` / `readout_backward` — whose documented rule picks the kernel
-for the tensors' device (torch on the CPU, Triton on CUDA). Here each op gets a fake (meta)
-rule for tracing, and `readout` an autograd rule whose backward is itself an op, so code
-calling them compiles as one graph with `torch.compile(fullgraph=True)` and AOT autograd
-produces the backward. (`dla.testing.triton_interpreter()` swaps the CPU kernels for the
+for the tensors' device (torch on the CPU, Triton on CUDA). `segment`, `readout` and
+`readout_backward` are opaque custom ops: each gets a fake (meta) rule for tracing, and `readout`
+an autograd rule whose backward is itself an op, so code calling them compiles as one graph with
+`torch.compile(fullgraph=True)` and AOT autograd produces the backward. The CUDA readout without
+`β` launches only fixed grids and allocates nothing from tensor values (its plan is torch, its
+choice between object and dense heads is made on the device), so it is also registered through
+`torch.library.triton_op`: `torch.compile` sees its Triton kernels (`readout` below picks it for
+CUDA tensors without `β`). (`dla.testing.triton_interpreter()` swaps the CPU kernels for the
 Triton path through the interpreter for the length of a `with` block.)
 """
 
@@ -15,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dla.ops.readout import readout_backward, readout_forward
+from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
 from dla.ops.segment import segment
 
 SEGMENT = (
@@ -91,3 +97,44 @@ def _readout_grad(ctx, do, dS):
 
 
 LIBRARY = _register()  # kept alive: the registrations last as long as this object
+
+
+@torch.library.triton_op("dla::readout_without_beta", mutates_args=())
+def readout_without_beta(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, g: Tensor | None, level_start: Tensor,
+                         S0: Tensor, scale: float, step: Tensor) -> tuple[Tensor, Tensor]:
+    """`(o, S)` of `dla::readout` without β, by the Triton kernels (object and dense heads)."""
+    return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
+
+
+@torch.library.triton_op("dla::readout_without_beta_backward", mutates_args=())
+def readout_without_beta_backward(do: Tensor, dS: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor,
+                                  g: Tensor | None, level_start: Tensor, S0: Tensor, scale: float, step: Tensor,
+                                  S: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv, dlam, dg, dS0)`; `S` is the forward's final state; `dg` float32 zeros without g."""
+    return mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step, S)
+
+
+def _without_beta_setup_context(ctx, inputs, output):
+    q, k, v, lam, g, level_start, S0, scale, step = inputs
+    ctx.save_for_backward(q, k, v, lam, g, level_start, S0, step, output[1])
+    ctx.scale = scale
+
+
+def _without_beta_grad(ctx, do, dS):
+    q, k, v, lam, g, level_start, S0, step, S = ctx.saved_tensors
+    do = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device) if do is None else do
+    dS = torch.zeros_like(S) if dS is None else dS
+    dq, dk, dv, dlam, dg, dS0 = torch.ops.dla.readout_without_beta_backward(
+        do, dS, q, k, v, lam, g, level_start, S0, ctx.scale, step, S)
+    return dq, dk, dv, dlam, dg if g is not None else None, None, dS0.to(S0.dtype), None, None
+
+
+readout_without_beta.register_autograd(_without_beta_grad, setup_context=_without_beta_setup_context)
+
+
+def readout(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step):
+    """The readout op for these tensors: `dla::readout_without_beta` for 16/32-bit CUDA tensors
+    without β (so that `torch.compile` sees its Triton kernels), else the opaque `dla::readout`."""
+    if beta is None and q.is_cuda and q.dtype != torch.float64:
+        return torch.ops.dla.readout_without_beta(q, k, v, lam, g, level_start, S0, scale, step)
+    return torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)

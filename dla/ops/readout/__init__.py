@@ -14,8 +14,8 @@
 The references are `dla.ops.reference.multistate_attention_materialized` (the masked form) and
 `multistate_attention_recurrent`.
 
-The rule (`readout_forward`, `readout_backward`): CPU tensors take the torch kernels — objects
-without `β`, the chunked form with it. On CUDA, `β` takes the scan; without `β` each head takes
+The rule (`readout_forward`, `readout_backward`): CPU tensors (and float64 ones on any device)
+take the torch kernels — objects without `β`, the chunked form with it. On CUDA, `β` takes the scan; without `β` each head takes
 the object kernels or the dense ones by `cost.takes_objects` — the plan fits the pool bound
 (derived from the memory target) and the object kernels' roofline time on the card's row of
 `cost.ARCHITECTURES` is at most the dense kernels' — evaluated on the device, so no host read
@@ -35,7 +35,7 @@ __all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "rea
 
 def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
     """`dla::readout` on the tensors' device: `(o [B,T,H,Dv], S [B,H,K,Dk,Dv])` (SCHEMAS.md)."""
-    if q.is_cuda:
+    if q.is_cuda and q.dtype != torch.float64:
         return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
     if beta is not None:
         return chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
@@ -44,7 +44,7 @@ def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_
 
 def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
     """`dla::readout_backward` on the tensors' device: `(dq, dk, dv, dlam, dg, dbeta, dS0)`."""
-    if q.is_cuda:
+    if q.is_cuda and q.dtype != torch.float64:
         return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
     if beta is not None:
         return chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)

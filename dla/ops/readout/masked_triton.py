@@ -65,6 +65,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from dla.ops.levels import running_min
 from dla.ops.triton_utils import interpreting, pow2
@@ -854,14 +855,14 @@ def dense_forward(x: "_Prepared", mode: Tensor, scale: float, o: Tensor, S: Tens
     scale = float(scale)
     m = x.meta("fwd_initial")
     o0 = x.empty(B, T, H, dv)
-    _fwd_initial_kernel[(triton.cdiv(T, m["BT"]), N, triton.cdiv(dv, m["BV"]))](
+    wrap_triton(_fwd_initial_kernel)[(triton.cdiv(T, m["BT"]), N, triton.cdiv(dv, m["BV"]))](
         x.q, x.lam, x.gh, x.gl, x.cm, x.S0, o0, mode, T, H, scale, **m)
     m = x.meta("fwd")
     for extra in (True, False):  # the levels beyond NL per tile first, into o0
-        _fwd_kernel[(triton.cdiv(T, m["BT"]), N)](x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, mode, T, H, scale,
+        wrap_triton(_fwd_kernel)[(triton.cdiv(T, m["BT"]), N)](x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, mode, T, H, scale,
                                                   EXTRA=extra, **m)
     m = x.meta("state")
-    _state_kernel[(L, N, triton.cdiv(dv, m["BV"]))](x.k, x.v, x.gh, x.gl, x.cm, x.S0, S, mode, T, H, **m)
+    wrap_triton(_state_kernel)[(L, N, triton.cdiv(dv, m["BV"]))](x.k, x.v, x.gh, x.gl, x.cm, x.S0, S, mode, T, H, **m)
 
 
 def masked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
@@ -900,25 +901,25 @@ def dense_backward(x: "_Prepared", mode: Tensor, scale: float, do: Tensor, dS: T
     # start from (the levels beyond NL per tile are added to them first)
     m = x.meta("bwd_initial")
     dq0, dl0, dg0 = x.empty(B, T, H, dk), x.empty(B, T, H, L), x.empty(B, T, H)
-    _bwd_initial_kernel[(triton.cdiv(T, m["BT"]), N)](
+    wrap_triton(_bwd_initial_kernel)[(triton.cdiv(T, m["BT"]), N)](
         x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dq0, dl0, dg0, mode, T, H, scale, **m)
     m = x.meta("bwd_final")
     dk0, dv0, dgc0, fin = x.empty(B, T, H, dk), x.empty(B, T, H, dv), x.empty(B, T, H), x.empty(B, T, H)
-    _bwd_final_kernel[(triton.cdiv(T, m["BS"]), N, 2)](x.k, x.v, x.gh, x.gl, x.cm, dS, dk0, dv0, dgc0, fin, mode,
+    wrap_triton(_bwd_final_kernel)[(triton.cdiv(T, m["BS"]), N, 2)](x.k, x.v, x.gh, x.gl, x.cm, dS, dk0, dv0, dgc0, fin, mode,
                                                        T, H, **m)
     mq, mkv = x.meta("dq"), x.meta("dkv")
     dg_row, dg_col = x.empty(B, T, H), x.empty(B, T, H)
     for extra in (True, False):
-        _bwd_dq_kernel[(triton.cdiv(T, mq["BT"]), N)](
+        wrap_triton(_bwd_dq_kernel)[(triton.cdiv(T, mq["BT"]), N)](
             x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dq0, dl0, dg0, grads["dq"], grads["dlam"], dg_row, mode, T,
             H, scale, EXTRA=extra, **mq)
-        _bwd_dkv_kernel[(triton.cdiv(T, mkv["BS"]), N)](
+        wrap_triton(_bwd_dkv_kernel)[(triton.cdiv(T, mkv["BS"]), N)](
             x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dk0, dv0, dgc0, grads["dk"], grads["dv"], dg_col, mode, T,
             H, scale, EXTRA=extra, **mkv)
     m = x.meta("ds0")
     nv = triton.cdiv(dv, m["BV"])
     carry = x.empty(N, L, nv)
-    _bwd_ds0_kernel[(L, N, nv)](x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, grads["dS0"], carry, mode, T, H, scale,
+    wrap_triton(_bwd_ds0_kernel)[(L, N, nv)](x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, grads["dS0"], carry, mode, T, H, scale,
                                 **m)
     dG = dg_row.double() + dg_col
     dense = (mode == 0).view(B, H)

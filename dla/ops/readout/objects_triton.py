@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from dla.ops.readout import cost
 from dla.ops.readout.masked_triton import (
@@ -676,12 +677,12 @@ def objects_forward_triton(x, plan, mode: Tensor, scale: float, o: Tensor, S: Te
     copies = torch.empty(N, P, x.dk, x.dv, dtype=x.q.dtype, device=dev)
     has_lo = x.q.dtype != torch.float32
     lo = torch.empty(N, max(M - x.L, 1) if has_lo else 1, x.dk, x.dv, dtype=torch.bfloat16, device=dev)
-    _build_kernel[(nt, N)](
+    wrap_triton(_build_kernel)[(nt, N)](
         x.k, x.v, x.gh, x.gl, x.S0, copies, lo, S, mode, pt["starts"], pt["read"], pt["new_ids"], pt["new_count"],
         pt["lam_id"], pt["obj_chunk"], pt["obj_last"], pt["par_lo"], pt["par_hi"], pt["tok_lo"], pt["tok_hi"],
         pt["master"], pt["merged"], pt["final_rank"], pt["read_lo"], x.T, x.H, NC, P, M, HAS_LO=has_lo,
         FINAL=True, ALL_MASTERS=True, **tiles, **meta)
-    _chunk_fwd_kernel[(NC, N)](
+    wrap_triton(_chunk_fwd_kernel)[(NC, N)](
         x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, copies, mode, pt["starts"], pt["read"], pt["first"], pt["last"], o,
         x.T, x.H, NC, P, float(scale), BK=x.BK, BV=x.BV, BL=x.BL, **meta)
 
@@ -703,7 +704,7 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     lo = torch.empty(N, max(M - x.L, 1) if has_lo else 1, x.dk, x.dv, dtype=torch.bfloat16, device=dev)
     final = S is None
     S_built = torch.empty(x.B, x.H, x.L, x.dk, x.dv, dtype=torch.float32, device=dev) if final else x.S0
-    _build_kernel[(nt, N)](
+    wrap_triton(_build_kernel)[(nt, N)](
         x.k, x.v, x.gh, x.gl, x.S0, copies, lo, S_built, mode, pt["starts"], pt["read"], pt["new_ids"],
         pt["new_count"], pt["lam_id"], pt["obj_chunk"], pt["obj_last"], pt["par_lo"], pt["par_hi"], pt["tok_lo"],
         pt["tok_hi"], pt["master"], pt["merged"], pt["final_rank"], pt["read_lo"], x.T, x.H, NC, P, M,
@@ -711,11 +712,11 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     del lo
     dbuf = torch.empty(N, max(M - x.L, 1), x.dk, x.dv, dtype=torch.float32, device=dev)
     dtot = torch.empty(N, P, x.dk, x.dv, dtype=x.q.dtype, device=dev)
-    _bwd_objects_kernel[(P, N, nt)](
+    wrap_triton(_bwd_objects_kernel)[(P, N, nt)](
         x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, mode, pt["starts"], pt["obj_first"], pt["obj_last"],
         pt["master"], pt["read_lo"], pt["read_hi"], pt["final_rank"], x.T, x.H, NC, P, M, float(scale), BL=x.BL,
         **tiles, **meta)
-    _pushdown_kernel[(nt, N)](
+    wrap_triton(_pushdown_kernel)[(nt, N)](
         x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, dtot, mode, pt["starts"], pt["read"],
         pt["new_ids"], pt["new_count"], pt["lam_id"], pt["obj_first"], pt["obj_last"], pt["par_lo"], pt["par_hi"],
         pt["tok_lo"], pt["tok_hi"], pt["master"], pt["final_rank"], x.T, x.H, NC, P, M, float(scale), BL=x.BL,
@@ -723,7 +724,7 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     del dbuf
     dgr = torch.empty(x.B, x.T, x.H, dtype=torch.float32, device=dev)
     dgc = torch.empty(x.B, x.T, x.H, dtype=torch.float32, device=dev)
-    _chunk_bwd_kernel[(NC, N, 2)](
+    wrap_triton(_chunk_bwd_kernel)[(NC, N, 2)](
         x.q, x.k, x.v, do, x.lam, x.gh, x.gl, x.cm, copies, dtot, mode, pt["starts"], pt["read"], pt["first"],
         pt["last"], pt["new_ids"], pt["new_count"], pt["obj_last"], pt["tok_lo"], pt["tok_hi"], grads["dq"],
         grads["dk"], grads["dv"], grads["dlam"], dgr, dgc, x.T, x.H, NC, P, float(scale), BK=x.BK, BV=x.BV, BL=x.BL,
