@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from dla.ops import level_map, multistate_attention
+from dla.operator import level_map, multistate_attention
 from dla.ops.reference import multistate_attention_recurrent, segment_naive
 from dla.synthetic import piecewise_stationary
 

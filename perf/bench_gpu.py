@@ -6,7 +6,7 @@ Checks every timed DLA configuration against the float64 torch chunked path on t
 first (a kernel that is fast and wrong is not reported as fast), then times forward and
 forward+backward (median ms, `triton.testing.do_bench`) at 32,768 tokens per call, 16 heads,
 Dk = Dv = 128, bf16: SDPA causal attention, fla's `chunk_simple_gla` (SSD) and
-`chunk_gated_delta_rule`, and `dla.ops.multistate_attention` for the Mamba-2 transition under
+`chunk_gated_delta_rule`, and `dla.multistate_attention` for the Mamba-2 transition under
 the `single`, `fenwick` and `dla` (K = 16, 32) policies; segmentation alone on the benchmark
 inputs and on Gaussian (boundary-dense) inputs; peak memory of forward+backward; the readout's
 TFLOP/s by SPEC §3's count (4 passes × K·Dk·Dv multiply-adds per token and head). The same
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dla.ops import level_map, multistate_attention
+from dla import level_map, multistate_attention
 from perf.inputs import layer_inputs
 
 TOKENS, HEADS, DIM = 32768, 16, 128
@@ -89,7 +89,7 @@ def train_step(t, **kw):
 
 def verify(length, levels, policy, backbone) -> dict:
     """Our CUDA path vs the float64 torch chunked path on the same inputs and level map."""
-    from dla.ops.readout import readout_backward, readout_forward
+    from dla.ops.readout.chunked import chunked_backward, chunked_forward
 
     batch, heads = 1, 4
     t = layer_inputs(batch, length, heads, DIM, DIM, levels, backbone=backbone, dtype=torch.bfloat16, device="cuda", seed=1)
@@ -101,8 +101,8 @@ def verify(length, levels, policy, backbone) -> dict:
     grads = torch.ops.dla.readout_backward(do, torch.zeros_like(S), t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"],
                                            starts, S0, scale, 64)
     d = {n: (x.double() if x is not None else None) for n, x in t.items()}
-    o_ref, S_ref = readout_forward(d["q"], d["k"], d["v"], d["lam"], d["g"], d["beta"], starts, S0.double(), scale, 64)
-    g_ref = readout_backward(do.double(), torch.zeros_like(S_ref), d["q"], d["k"], d["v"], d["lam"], d["g"], d["beta"],
+    o_ref, S_ref = chunked_forward(d["q"], d["k"], d["v"], d["lam"], d["g"], d["beta"], starts, S0.double(), scale, 64)
+    g_ref = chunked_backward(do.double(), torch.zeros_like(S_ref), d["q"], d["k"], d["v"], d["lam"], d["g"], d["beta"],
                              starts, S0.double(), scale, 64)
 
     def rel(a, b):
@@ -135,18 +135,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--scalar-readout", choices=["auto", "scan", "masked"], default="auto",
-                        help="the CUDA kernel for transitions without β (dla.compile.ops.SCALAR_READOUT)")
     parser.add_argument("--backbones", nargs="+", choices=["mamba2", "gdn"], default=["mamba2", "gdn"])
     args = parser.parse_args()
-    import dla.compile.ops
-
-    dla.compile.ops.SCALAR_READOUT = args.scalar_readout
     args.out.mkdir(parents=True, exist_ok=True)
     rep = 50 if args.quick else 200
     dev = torch.cuda.get_device_name()
     env = {"device": dev, "torch": torch.__version__, "triton": __import__("triton").__version__,
-           "scalar_readout": args.scalar_readout,
            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(env)
     results = {"env": env, "verify": [], "rows": []}
@@ -203,8 +197,7 @@ def main() -> int:
 def render(results) -> str:
     env = results["env"]
     lines = [f"GPU benchmark on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['time']}",
-             "fwd+bwd median ms, bf16, 32,768 tokens per call, H = 16, Dk = Dv = 128 (perf/bench_gpu.py; "
-             f"CUDA kernel without β: {env.get('scalar_readout', 'masked')})", "",
+             "fwd+bwd median ms, bf16, 32,768 tokens per call, H = 16, Dk = Dv = 128 (perf/bench_gpu.py)", "",
              "| T | SDPA | fla SSD | fla GDN | single | fenwick | DLA K=16 | DLA K=32 | K=16 / SSD | K=32 / SSD | seg share K=32 (piecewise / gaussian) | peak MB single / K=32 | readout TFLOP/s K=32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 

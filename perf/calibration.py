@@ -3,7 +3,7 @@ frozen, and independent of `dla`, so a slowdown of `dla` moves a ratio while the
 speed (its load, its clock, its cache pressure) moves numerator and denominator alike. Each one
 imitates the operation mix of the `dla` code it is set against, at the same shapes.
 
-`chunked_multistate(q, k, v, lam, g, C)` — imitates the chunked readout (`dla/ops/readout.py`):
+`chunked_multistate(q, k, v, lam, g, C)` — imitates the chunked readout (`dla/ops/readout/chunked.py`):
 `q, k [N,T,Dk]`, `v [N,T,Dv]`, `lam [N,T,K]`, `g [N,T]`, `K` states `S [N,K,Dk,Dv]` from zero,
 chunks of `C` tokens, chunk-local `G = cumsum(g)`, `Γ[t,s] = exp(G_t − G_s)` (`s ≤ t`):
 
@@ -15,7 +15,7 @@ it forward and backward through autograd — the same GEMM sizes as the readout'
 written-out backward, `C×Dk×C`, `C×K·Dk×Dv` and `Dk×C×Dv` per chunk.
 
 `token_scan(k, v, C, tau)` — imitates the sequential part of the `dla` segmentation
-(`dla/ops/segment.py`): per chunk a Gram `(K Kᵀ) ⊙ (V Vᵀ)` (strictly lower) with suffix sums
+(`dla/ops/segment/cpu.py`): per chunk a Gram `(K Kᵀ) ⊙ (V Vᵀ)` (strictly lower) with suffix sums
 and the open block's content `Z` brought in by `rowsum((K Z) ⊙ V)`, then per token a handful of `[N]`-vector ops (look up `c_t`, the cosine score
 `I_t = √max(0, 2 − 2 c_t / √(ss_t · zz))`, a threshold `I_t ≥ τ` tested on the host, and the
 running `zz` and `I` updated or restarted where a block opens), and `Z` carried to the chunk

@@ -4,7 +4,7 @@ missed target: the achieved TFLOP/s and bandwidth of each kernel, and what limit
     python3 -m perf.profile_gpu --out DIR [--length 8192] [--configs mamba2:dla:32 gdn:dla:32 ...]
 
 For each configuration (backbone : policy : K) it profiles one forward+backward of
-`dla.ops.multistate_attention` on the inputs of `perf/bench_gpu.py` (32,768 tokens, H = 16,
+`dla.multistate_attention` on the inputs of `perf/bench_gpu.py` (32,768 tokens, H = 16,
 Dk = Dv = 128, bf16), after warm-up calls, twice:
 
 1. `torch.profiler`, the kernels as they really run (concurrent, boosted clocks): CUDA time per
@@ -140,8 +140,7 @@ def read_ncu_csv(text: str) -> list[dict]:
     return out
 
 
-def ncu_profile(config: str, length: int, warmup: int, work: Path, kernels: str | None = None,
-                scalar_readout: str = "auto") -> dict:
+def ncu_profile(config: str, length: int, warmup: int, work: Path, kernels: str | None = None) -> dict:
     """Per-kernel hardware counters under Nsight Compute; the full metric set, else the basic one."""
     ncu = shutil.which("ncu")
     if ncu is None:
@@ -153,7 +152,7 @@ def ncu_profile(config: str, length: int, warmup: int, work: Path, kernels: str 
                "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(metrics),
                *(["--kernel-name", f"regex:{kernels}"] if kernels else []),
                sys.executable, "-m", "perf.profile_gpu", "--child", config, "--length", str(length),
-               "--warmup", str(warmup), "--scalar-readout", scalar_readout]
+               "--warmup", str(warmup)]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         text = log.read_text() if log.exists() else ""
         records = read_ncu_csv(text)
@@ -268,13 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ncu", action="store_true", help="torch.profiler only")
     p.add_argument("--ncu-kernels", metavar="REGEX",
                    help="ncu only the kernels whose name matches (replaying every torch kernel is slow)")
-    p.add_argument("--scalar-readout", choices=["auto", "scan", "masked"], default="auto",
-                   help="the CUDA kernel for transitions without β (dla.compile.ops.SCALAR_READOUT)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    import dla.compile.ops
-
-    dla.compile.ops.SCALAR_READOUT = args.scalar_readout
     if args.child:
         child(args.child, args.length, args.warmup)
         return 0
@@ -291,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs:
         entry = {"config": config, "torch": torch_profile(config, args.length, args.warmup)}
         entry["ncu"] = ({"error": "skipped (--no-ncu)"} if args.no_ncu else
-                        ncu_profile(config, args.length, args.warmup, args.out, args.ncu_kernels, args.scalar_readout))
+                        ncu_profile(config, args.length, args.warmup, args.out, args.ncu_kernels))
         result["configs"].append(entry)
         (args.out / "profile_gpu.json").write_text(json.dumps(result, indent=1))
         print(f"{config}: {entry['torch']['total_us'] / 1e3:.2f} ms of kernels", flush=True)

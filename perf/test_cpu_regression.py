@@ -26,13 +26,13 @@ import pytest
 import torch
 
 import dla
-import dla.ops.api as api
+import dla.operator as api
 import dla.ops.readout as readout
-import dla.ops.segment as segment
+import dla.ops.segment.cpu as segment
 import dla.train as train
 from dla.model.config import preset
 from dla.model.lm import CausalLM
-from dla.ops import level_map
+from dla import level_map
 from dla.ops.reference import multistate_attention_recurrent
 from dla.ops.state import empty_cache
 from perf import calibration
@@ -137,7 +137,7 @@ def test_segment(benchmark, single_thread, layer, monkeypatch):
     s = empty_cache(B, H, K, D, D, dtype=t["k"].dtype, device=t["k"].device)
 
     def seg():
-        segment.segment(t["k"], t["v"], s.n, s.I, s.m, s.Z, s.zz, s.step, K, "dla", "token", 0.6, CHUNK)
+        segment.segment_cpu(t["k"], t["v"], s.n, s.I, s.m, s.Z, s.zz, s.step, K, "dla", "token", 0.6, CHUNK)
 
     hm = calibration.head_major(t, torch.zeros_like(t["v"]))
     rounds = Rounds({
@@ -165,7 +165,7 @@ def test_operator_vs_recurrent(benchmark, single_thread, monkeypatch):
         multistate_attention_recurrent(*x, g=t["g"])
 
     rounds = Rounds({"operator": operator, "recurrent": recurrent,
-                     "operator 2x": injected(monkeypatch, api, ("run_ops",), operator)},
+                     "operator 2x": injected(monkeypatch, api, ("multistate_attention",), operator)},
                     repeats={"operator": 12, "operator 2x": 6})
     benchmark.pedantic(rounds, rounds=8, iterations=1, warmup_rounds=1)
     judge(benchmark, "operator/recurrent", rounds, "operator", "recurrent")

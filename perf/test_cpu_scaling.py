@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from dla.ops import multistate_attention
+from dla import multistate_attention
 from perf import timing
 from perf.inputs import layer_inputs
 

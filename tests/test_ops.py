@@ -10,7 +10,7 @@ import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from dla.ops import level_map, multistate_attention
+from dla import level_map, multistate_attention
 from dla.ops.levels import dense_level_map, encode_level_map
 from dla.ops.reference import multistate_attention_materialized, segment_naive
 from tests.strategies import (

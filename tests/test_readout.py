@@ -16,7 +16,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dla.ops.levels import EMPTY, encode_level_map, level_of, running_min
-from dla.ops.readout import _level_of, readout_backward, readout_forward
+from dla.ops.readout.chunked import chunked_backward as readout_backward
+from dla.ops.readout.chunked import chunked_forward as readout_forward
+from dla.ops.readout.chunked import level_of_by_search
 from dla.ops.reference import multistate_attention_materialized, segment_naive
 from dla.ops.state import MultiStateCache
 from tests.strategies import POLICIES, TRANSITIONS, Case, build, fenwick_levels, random_cache, relative_error
@@ -132,14 +134,14 @@ def readout_cases(draw, policies=POLICIES, transitions=TRANSITIONS, max_length=2
 
 @given(st.integers(1, 8), st.integers(1, 9), st.integers(0, 2**31 - 1))
 def test_binary_search_level_of_equals_the_definition(levels, positions, seed):
-    """The readout's `_level_of` (cummin + searchsorted) is `levels.level_of` on any starts,
+    """The readout's `level_of_by_search` (cummin + searchsorted) is `levels.level_of` on any starts,
     sorted or not, with EMPTY gaps and initial-slot positions."""
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(-4, 12, (3, 5, levels), generator=gen)
     starts = torch.where(torch.rand(starts.shape, generator=gen) < 0.3, EMPTY, starts).to(torch.int32)
     pos = torch.randint(-5, 13, (3, 5, positions), generator=gen)
     pos = torch.where(torch.rand(pos.shape, generator=gen) < 0.1, EMPTY, pos)
-    assert torch.equal(_level_of(starts.long(), pos), level_of(starts, pos))
+    assert torch.equal(level_of_by_search(starts.long(), pos), level_of(starts, pos))
 
 
 @given(st.integers(1, 40), st.integers(0, 2**31 - 1))

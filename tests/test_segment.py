@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
 from dla.ops.reference import segment_naive
-import dla.ops.segment as segment_module
-from dla.ops.segment import segment
+import dla.ops.segment.cpu as segment_module
+from dla.ops.segment.cpu import segment_cpu as segment
 from dla.ops.state import MultiStateCache, empty_cache, state_dtype
 from dla.synthetic import piecewise_stationary
 from tests.strategies import DELTA, I_TOL, fenwick_levels, relative_error

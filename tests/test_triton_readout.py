@@ -1,4 +1,4 @@
-"""The Triton readout without β (`dla.ops.triton.readout_masked`) against the oracles.
+"""The Triton readout without β (`dla.ops.readout.masked_triton`) against the oracles.
 
 On the CPU the kernels run through the Triton interpreter (tiny shapes, float32,
 `input_precision="ieee"`) against the materialized masked form in float64: forward output and
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from dla.ops.levels import EMPTY, encode_level_map
 from dla.ops.reference import multistate_attention_materialized, segment_naive
-from dla.ops.triton.readout_masked import readout_backward_triton, readout_forward_triton
+from dla.ops.readout.masked_triton import masked_backward, masked_forward
 from tests.strategies import Case, build, fenwick_levels, random_cache, relative_error
 
 TOL32 = 1e-5  # SPEC §6, float32 with ieee dots
@@ -191,7 +191,7 @@ DEVICES = [  # CPU tensors run through the interpreter; on a GPU machine the sam
 @example(Case(length=30, levels=4, policy="dla", transition="g", tau=10.0, **EDGE), True)  # all merged
 @example(Case(length=37, levels=4, policy="single", transition="g", tau=0.6, **EDGE), True)
 def test_forward_matches_materialized(device, case: Case, initial: bool):
-    assert_forward_matches_materialized(readout_forward_triton, case, initial, device)
+    assert_forward_matches_materialized(masked_forward, case, initial, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -206,7 +206,7 @@ def test_backward_matches_materialized(device, case: Case, initial: bool):
     do, dS = cotangents(case, S0)
     with poisoned_empty():
         args = triton_args(case, t, level_start, S0, device)
-        grads = readout_backward_triton(f32(do, device), f32(dS, device), *args)
+        grads = masked_backward(f32(do, device), f32(dS, device), *args)
     dq, dk, dv, dlam, dg, dbeta, dS0 = cpu(grads)
     ref = reference(case, t, state, grads=(do, dS))
     got = dict(q=dq, k=dk, v=dv, lam=dlam, g=dg)
@@ -236,20 +236,20 @@ def test_levels_beyond_the_unrolled_ones(device, unrolled, monkeypatch):
     """The levels a row meets in a tile go to the unrolled key loop (first NL) or to the EXTRA
     pass (the rest): every split gives the same result. τ = 0 makes every token a slot, so rows
     meet many levels per tile."""
-    import dla.ops.triton.readout_masked as kernels
+    import dla.ops.readout.masked_triton as kernels
 
     config = kernels._config
-    monkeypatch.setattr(kernels, "_config", lambda dk, dv: {**config(dk, dv), "NL": unrolled})
+    monkeypatch.setattr(kernels, "_config", lambda dk, dv, interpreted: {**config(dk, dv, interpreted), "NL": unrolled})
     case = Case(length=24, levels=6, policy="dla", transition="g", tau=0.0, **EDGE)
     case, t, state, level_start, S0, live = setup(case, True)
     args = triton_args(case, t, level_start, S0, device)
-    o, S = cpu(readout_forward_triton(*args))
+    o, S = cpu(masked_forward(*args))
     o_ref, S_ref = reference(case, t, state)
     assert relative_error(o, o_ref) <= TOL32 and relative_error(S, S_ref) <= TOL32
     gen = torch.Generator().manual_seed(4)
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
     dS = torch.randn(S.shape, generator=gen, dtype=torch.float64)
-    grads = cpu(readout_backward_triton(f32(do, device), f32(dS, device), *args))
+    grads = cpu(masked_backward(f32(do, device), f32(dS, device), *args))
     ref = reference(case, t, state, grads=(do, dS))
     for name, got in zip(("q", "k", "v", "lam", "g"), grads):
         assert relative_error(got, ref[name]) <= TOL32, name
@@ -264,15 +264,15 @@ def test_missing_cotangents_and_expanded_gradients(device):
     B, T, H, Dv = case.batch, case.length, case.heads, case.dv
     do = torch.ones(1, 1, 1, 1, device=device).expand(B, T, H, Dv)
     dS = torch.ones(1, 1, 1, 1, 1, device=device).expand(S0.shape)
-    expanded = readout_backward_triton(do, dS, *args)
-    dense = readout_backward_triton(do.contiguous(), dS.contiguous(), *args)
+    expanded = masked_backward(do, dS, *args)
+    dense = masked_backward(do.contiguous(), dS.contiguous(), *args)
     for a, b in zip(expanded, dense):
         assert torch.equal(a, b)
-    no_do = readout_backward_triton(None, dS.contiguous(), *args)
-    no_dS = readout_backward_triton(do.contiguous(), None, *args)
+    no_do = masked_backward(None, dS.contiguous(), *args)
+    no_dS = masked_backward(do.contiguous(), None, *args)
     for a, b, c in zip(dense, no_do, no_dS):
         assert relative_error(b + c, a) <= TOL32
-    zero = readout_backward_triton(None, None, *args)
+    zero = masked_backward(None, None, *args)
     assert all(torch.equal(x, torch.zeros_like(x)) for x in zero)
 
 
@@ -282,7 +282,7 @@ def test_diagonal_blocks_of_one_chunk_are_the_whole_readout(device):
     covering the call equal the full masked kernels without a carried state, dG's reverse cumsum
     being dg; a band the tiles do not divide is refused. (With several chunks they are held to
     the oracles through tests/test_triton_scan.py.)"""
-    from dla.ops.triton.readout_masked import intra_chunk_backward, intra_chunk_forward
+    from dla.ops.readout.masked_triton import intra_chunk_backward, intra_chunk_forward
 
     case = Case(length=29, levels=4, policy="dla", transition="g", tau=0.6, **EDGE)
     case, t, _, level_start, S0, _ = setup(case, False)
@@ -293,8 +293,8 @@ def test_diagonal_blocks_of_one_chunk_are_the_whole_readout(device):
     with poisoned_empty():
         o = intra_chunk_forward(q, k, v, lam, g, ls, scale, band)
         dq, dk, dv, dlam, dG = intra_chunk_backward(do, q, k, v, lam, g, ls, scale, band)
-        ref_o, _ = readout_forward_triton(q, k, v, lam, g, None, ls, S0f, scale, 64)
-        ref = readout_backward_triton(do, None, q, k, v, lam, g, None, ls, S0f, scale, 64)
+        ref_o, _ = masked_forward(q, k, v, lam, g, None, ls, S0f, scale, 64)
+        ref = masked_backward(do, None, q, k, v, lam, g, None, ls, S0f, scale, 64)
     assert relative_error(o.cpu(), ref_o.cpu()) <= TOL32
     dg = dG.flip(1).cumsum(1).flip(1)
     for got, want in zip((dq, dk, dv, dlam, dg), ref[:5]):
@@ -309,9 +309,9 @@ def test_empty_sequence_returns_the_initial_state(device):
     case, t, _, level_start, S0, _ = setup(case, True)
     empty = {n: (x[:, :0] if x is not None else None) for n, x in t.items()}
     args = triton_args(case, empty, level_start[:, :0], S0, device)
-    o, S = readout_forward_triton(*args)
+    o, S = masked_forward(*args)
     assert o.shape == (1, 0, 2, case.dv) and torch.equal(S.cpu(), f32(S0))
-    grads = readout_backward_triton(torch.zeros(1, 0, 2, case.dv, device=device), f32(S0, device), *args)
+    grads = masked_backward(torch.zeros(1, 0, 2, case.dv, device=device), f32(S0, device), *args)
     assert torch.equal(grads[-1].cpu(), f32(S0)) and grads[0].shape == (1, 0, 2, case.dk)
 
 
@@ -321,15 +321,15 @@ def test_rejects_beta_float64_and_unknown_precision():
     args = list(triton_args(case, t, level_start, S0))
     with_beta = list(args)
     with_beta[5] = torch.full((1, 3, 2), 0.5)
-    with pytest.raises(NotImplementedError, match="readout_scan"):
-        readout_forward_triton(*with_beta)
-    with pytest.raises(NotImplementedError, match="readout_scan"):
-        readout_backward_triton(None, None, *with_beta)
+    with pytest.raises(NotImplementedError, match="scan_triton"):
+        masked_forward(*with_beta)
+    with pytest.raises(NotImplementedError, match="scan_triton"):
+        masked_backward(None, None, *with_beta)
     doubles = [t["q"], t["k"], t["v"], t["lam"]] + args[4:]
     with pytest.raises(TypeError, match="float64"):
-        readout_forward_triton(*doubles)
+        masked_forward(*doubles)
     with pytest.raises(ValueError, match="input_precision"):
-        readout_forward_triton(*args, input_precision="fp32")
+        masked_forward(*args, input_precision="fp32")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -337,7 +337,7 @@ def test_tf32_dots_stay_within_the_tf32_tolerance(device):
     """SPEC §6: ≤ 1e-3 with TF32 dots (under the interpreter they are float32)."""
     case = Case(length=20, levels=4, policy="dla", transition="g", tau=0.6, **EDGE)
     case, t, state, level_start, S0, _ = setup(case, True)
-    o, S = cpu(readout_forward_triton(*triton_args(case, t, level_start, S0, device), input_precision="tf32"))
+    o, S = cpu(masked_forward(*triton_args(case, t, level_start, S0, device), input_precision="tf32"))
     o_ref, S_ref = reference(case, t, state)
     assert relative_error(o, o_ref) <= 1e-3 and relative_error(S, S_ref) <= 1e-3
 
@@ -350,8 +350,9 @@ COMPILE = r"""
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import dla.ops.triton.readout_masked as R
+import dla.ops.readout.masked_triton as R
 
+R.interpreting = lambda x: False  # the GPU's launch configurations, from CPU tensors
 dtype, D, L, has_g = getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 z = torch.zeros(1, 4, 1, D, dtype=dtype)
 lam = torch.zeros(1, 4, 1, L, dtype=dtype)
@@ -510,7 +511,8 @@ def assert_matches_chunked_float64(forward_triton, backward_triton, x: dict, do_
     same (rounded) inputs `x` (q, k, v, λ, g, β; g/β may be None): float32 within TOL32; 16-bit
     inputs within 2e-2 and at most twice the error of the torch chunked path on the same inputs
     (SPEC §6), whose outputs are rounded to the inputs' dtype like ours."""
-    from dla.ops.readout import readout_backward, readout_forward
+    from dla.ops.readout.chunked import chunked_backward as readout_backward
+    from dla.ops.readout.chunked import chunked_forward as readout_forward
 
     x = {"beta": None, **x}
     x64 = {n: (v.double() if v is not None else None) for n, v in x.items()}
@@ -553,5 +555,5 @@ def test_gpu_matches_chunked_float64(policy, T, Dk, Dv, K, has_g, initial, dtype
     dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64).cuda()
     # inputs rounded to the tested dtype, so the float64 reference sees exactly what the kernel sees
     x = cast(t, dtype)
-    assert_matches_chunked_float64(readout_forward_triton, readout_backward_triton, x, do.to(dtype), dS, ls, S0,
+    assert_matches_chunked_float64(masked_forward, masked_backward, x, do.to(dtype), dS, ls, S0,
                                    scale)

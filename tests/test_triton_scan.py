@@ -1,4 +1,4 @@
-"""The Triton chunked-scan readout (`dla.ops.triton.readout_scan`: every transition — β with and
+"""The Triton chunked-scan readout (`dla.ops.readout.scan_triton`: every transition — β with and
 without g, and without β, where the chunk transition is the scalar γ_C) against the oracles.
 
 On the CPU the kernels run through the Triton interpreter (tiny shapes, float32,
@@ -32,8 +32,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dla.compile.ops import register_ops
-from dla.ops.triton.readout_scan import readout_backward_triton, readout_forward_triton
+from dla.ops.readout.scan_triton import scan_backward, scan_forward
+from dla.testing import triton_interpreter
 from tests.strategies import TRANSITIONS, Case, assert_draws_exercise_every_decision, relative_error
 from tests.test_triton_readout import (
     DEVICES, TOL32, assert_forward_matches_materialized, assert_matches_chunked_float64, cast, cotangents, cpu, f32,
@@ -77,14 +77,14 @@ def cases(draw, max_length=40):
 @example(Case(length=20, levels=20, policy="dla", transition="both", tau=0.0, **EDGE), False)  # every token a slot
 @example(Case(length=30, levels=2, policy="dla", transition="beta", tau=0.0, **EDGE), True)  # full from the start
 def test_forward_matches_materialized(device, case: Case, initial: bool):
-    assert_forward_matches_materialized(readout_forward_triton, case, initial, device)
+    assert_forward_matches_materialized(scan_forward, case, initial, device)
 
 
 def chunked_grads(case: Case, t: dict, level_start, S0, do, dS) -> dict:
     """Gradients by the CPU op's kernel (`dla.ops.readout.readout_backward`, float64), which
     tests/test_readout.py holds to autograd of the materialized form; it is two orders of
     magnitude faster than that autograd, which keeps the drawn tests within CI's budget."""
-    from dla.ops.readout import readout_backward
+    from dla.ops.readout.chunked import chunked_backward as readout_backward
 
     out = readout_backward(do, dS, t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"], level_start, S0,
                            case.dk**-0.5, 5)
@@ -104,7 +104,7 @@ def check_grads(got: dict, ref: dict, has_g: bool):
 def triton_grads(case, t, level_start, S0, do, dS, device):
     with poisoned_empty():
         args = triton_args(case, t, level_start, S0, device)
-        grads = readout_backward_triton(f32(do, device), f32(dS, device), *args)
+        grads = scan_backward(f32(do, device), f32(dS, device), *args)
     return dict(zip(GRADS + ("S0",), cpu(grads)))
 
 
@@ -151,7 +151,7 @@ def test_backward_matches_materialized_autograd(device, case: Case):
 def test_backward_in_head_groups(device, monkeypatch):
     """The backward scan launched for a few heads at a time (scratch reused between launches, as
     on the card when B·H is large) gives the same gradients."""
-    import dla.ops.triton.readout_scan as D
+    import dla.ops.readout.scan_triton as D
 
     monkeypatch.setattr(D, "_heads_per_launch", lambda N, nv, dev: 3)  # 4 heads: launches of 3 and 1
     case = Case(length=40, levels=4, policy="dla", transition="both", tau=0.6, **{**EDGE, "batch": 2})
@@ -159,23 +159,6 @@ def test_backward_in_head_groups(device, monkeypatch):
     do, dS = cotangents(case, S0)
     got = triton_grads(case, t, level_start, S0, do, dS, device)
     check_grads(got, chunked_grads(case, t, level_start, S0, do, dS), True)
-
-
-def test_scan_config_override(monkeypatch):
-    """`DLA_SCAN_CONFIG` (the GPU sweep's hook) overrides the launch configuration, and a bad
-    string names the variable."""
-    import dla.ops.triton.readout_scan as D
-
-    monkeypatch.setattr(D, "_interpreting", lambda: False)
-    monkeypatch.setenv("DLA_SCAN_CONFIG", "C=128, num_warps=16,PREC_P=tf32")
-    meta, nv = D._meta(128, 128, 32, 64, torch.bfloat16, None, True)
-    assert (meta["C"], meta["num_warps"], meta["PREC_P"], meta["BV"], nv) == (128, 16, "tf32", 32, 4)
-    monkeypatch.delenv("DLA_SCAN_CONFIG")
-    assert D._meta(128, 128, 32, 64, torch.bfloat16, None, True)[0]["C"] == 64
-    for bad in ("C=", "warps=4", "C=64;BV=16"):
-        monkeypatch.setenv("DLA_SCAN_CONFIG", bad)
-        with pytest.raises(ValueError, match="DLA_SCAN_CONFIG"):
-            D._config(128, 128, 64)
 
 
 def test_drawn_cases_exercise_every_decision():
@@ -193,18 +176,18 @@ def test_missing_cotangents_and_empty_sequence(device):
     gen = torch.Generator().manual_seed(2)
     do = torch.randn(B, T, H, Dv, generator=gen).to(device)
     dS = torch.randn(S0.shape, generator=gen).to(device)
-    both = readout_backward_triton(do, dS, *args)
-    no_do = readout_backward_triton(None, dS, *args)
-    no_dS = readout_backward_triton(do, None, *args)
+    both = scan_backward(do, dS, *args)
+    no_do = scan_backward(None, dS, *args)
+    no_dS = scan_backward(do, None, *args)
     for a, b, c in zip(both, no_do, no_dS):
         assert relative_error((b + c).cpu(), a.cpu()) <= TOL32
-    zero = readout_backward_triton(None, None, *args)
+    zero = scan_backward(None, None, *args)
     assert all(torch.equal(x, torch.zeros_like(x)) for x in zero)
     empty = {n: (x[:, :0] if x is not None else None) for n, x in t.items()}
     eargs = triton_args(case, empty, level_start[:, :0], S0, device)
-    o, S = readout_forward_triton(*eargs)
+    o, S = scan_forward(*eargs)
     assert o.shape == (B, 0, H, Dv) and torch.equal(S.cpu(), f32(S0))
-    grads = readout_backward_triton(torch.zeros(B, 0, H, Dv, device=device), f32(S0, device), *eargs)
+    grads = scan_backward(torch.zeros(B, 0, H, Dv, device=device), f32(S0, device), *eargs)
     assert torch.equal(grads[-1].cpu(), f32(S0)) and grads[0].shape == (B, 0, H, case.dk)
 
 
@@ -214,12 +197,12 @@ def test_rejects_float64_unknown_precision_and_wide_keys():
     args = list(triton_args(case, t, level_start, S0))
     doubles = [t["q"], t["k"], t["v"], t["lam"]] + args[4:]
     with pytest.raises(TypeError, match="float64"):
-        readout_forward_triton(*doubles)
+        scan_forward(*doubles)
     with pytest.raises(ValueError, match="input_precision"):
-        readout_backward_triton(None, None, *args, input_precision="fp32")
+        scan_backward(None, None, *args, input_precision="fp32")
     wide = torch.zeros(1, 3, 2, 256)
     with pytest.raises(ValueError, match="Dk"):
-        readout_forward_triton(wide, wide, *args[2:])
+        scan_forward(wide, wide, *args[2:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,42 +210,33 @@ def test_rejects_float64_unknown_precision_and_wide_keys():
 # --------------------------------------------------------------------------------------------
 
 
-def _ops():
-    import dla.ops.segment as seg
-
-    if not hasattr(torch.ops, "dla_triton_scan") or not hasattr(torch.ops.dla_triton_scan, "readout"):
-        register_ops("dla_triton_scan", {"cpu": {"segment": seg.segment, "readout": readout_forward_triton,
-                                                  "readout_backward": readout_backward_triton}})
-    return torch.ops.dla_triton_scan
-
-
-INTERPRETER_ONLY = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                                      reason="routes CPU tensors to Triton: needs TRITON_INTERPRET=1")
-
-
-@INTERPRETER_ONLY
-@pytest.mark.parametrize("transition", ["both", "g"])  # "g": the diagonal blocks in the masked kernels
+@pytest.mark.parametrize("transition", ["both", "g"])
 def test_registered_op_opcheck_and_fullgraph_compile(transition):
-    ops = _ops()
+    """`dla::readout` with its Triton kernels on CPU tensors (`dla.testing.triton_interpreter()`):
+    opcheck, and the compiled loss's gradients against the chunked float64 path. The stage's rule
+    sends "both" (β) to the scan and, at these shapes, "g" to the masked kernels."""
+    ops = torch.ops.dla
     case = Case(length=18, levels=3, policy="dla", transition=transition, tau=0.6, **EDGE)
     case, t, state, level_start, S0, _ = setup(case, True)
     q, k, v, lam, g, beta, ls, S0f, scale, C = triton_args(case, t, level_start, S0)
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, lam, g, beta, S0f)]
-    torch.library.opcheck(ops.readout.default, (*leaves[:6], ls, leaves[6], scale, C),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     do = torch.randn(case.batch, case.length, case.heads, case.dv)
     dS = torch.randn(S0f.shape)
-    torch.library.opcheck(ops.readout_backward.default, (do, dS, q, k, v, lam, g, beta, ls, S0f, scale, C),
-                          test_utils=("test_schema", "test_faketensor"))
+    with triton_interpreter():
+        torch.library.opcheck(ops.readout.default, (*leaves[:6], ls, leaves[6], scale, C),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        torch.library.opcheck(ops.readout_backward.default, (do, dS, q, k, v, lam, g, beta, ls, S0f, scale, C),
+                              test_utils=("test_schema", "test_faketensor"))
 
     def loss(q, k, v, lam, g, beta, S0):
         o, S = ops.readout(q, k, v, lam, g, beta, ls, S0, scale, C)
         return (o * do).sum() + (S * dS).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    value = compiled(*leaves)
     names = [n for n, x in zip(GRADS + ("S0",), leaves) if x is not None]
-    got = torch.autograd.grad(value, [x for x in leaves if x is not None])
+    with triton_interpreter():
+        value = compiled(*leaves)
+        got = torch.autograd.grad(value, [x for x in leaves if x is not None])
     ref = chunked_grads(case, t, level_start, S0, do.double(), dS.double())
     for name, x in zip(names, got):
         assert relative_error(x, ref[name]) <= TOL32, name
@@ -271,46 +245,39 @@ def test_registered_op_opcheck_and_fullgraph_compile(transition):
         1 + abs(float(value.detach())))
 
 
-def test_cuda_registration_routes_to_the_scan_or_the_masked_kernels(monkeypatch):
-    """`dla::readout` / `dla::readout_backward` on CUDA send β to these launchers always, and
-    transitions without β here where `scan_pays(T, K)`, to the masked kernels otherwise
-    (`SCALAR_READOUT` forces either); checked on the registration functions, no GPU needed."""
-    import dla.compile.ops as O
-    import dla.ops.triton.readout_scan as D
-    import dla.ops.triton.readout_masked as M
+def test_the_stage_rule_routes_to_the_scan_or_the_masked_kernels(monkeypatch):
+    """`dla.ops.readout`'s rule on CUDA: β always to the scan; without β the kernel with fewer
+    multiply-adds per token and pass — the scan where `K·Dk·Dv < (T/2)(Dk + Dv)` and Dk ≤ 128.
+    Checked on the rule's Triton side with the launchers replaced, no GPU needed."""
+    import dla.ops.readout as R
+    import dla.ops.readout.masked_triton as M
+    import dla.ops.readout.scan_triton as D
 
     calls = []
-    monkeypatch.setattr(D, "readout_forward_triton", lambda *a: calls.append("scan"))
-    monkeypatch.setattr(D, "readout_backward_triton", lambda *a: calls.append("scan"))
-    monkeypatch.setattr(M, "readout_forward_triton", lambda *a: calls.append("masked"))
-    monkeypatch.setattr(M, "readout_backward_triton", lambda *a: calls.append("masked"))
+    monkeypatch.setattr(D, "scan_forward", lambda *a: calls.append("scan"))
+    monkeypatch.setattr(D, "scan_backward", lambda *a: calls.append("scan"))
+    monkeypatch.setattr(M, "masked_forward", lambda *a: calls.append("masked"))
+    monkeypatch.setattr(M, "masked_backward", lambda *a: calls.append("masked"))
 
-    def route(T, beta, K=2, Dk=16):
-        x = torch.zeros(1, T, 1, Dk)
+    def route(T, beta, K=2, Dk=128, Dv=128):
+        x, v = torch.zeros(1, T, 1, Dk), torch.zeros(1, T, 1, Dv)
         lam = torch.zeros(1, T, 1, K)
-        b = x if beta else None
+        b = x[..., 0] if beta else None
         calls.clear()
-        O._cuda_readout(x, x, x, lam, None, b, x, x, 1.0, 64)
-        O._cuda_readout_backward(x, x, x, x, x, lam, None, b, x, x, 1.0, 64)
+        R.readout_forward_triton(x, x, v, lam, None, b, x, x, 1.0, 64)
+        R.readout_backward_triton(v, x, x, x, v, lam, None, b, x, x, 1.0, 64)
         assert calls[0] == calls[1]
         return calls[0]
 
-    # the measured crossover: K ≤ 9 at T = 2048, ≤ 21 at 4096, ≤ 44 at 8192 take the scan
-    assert [O.scan_pays(T, K) for T, K in ((2048, 9), (2048, 10), (4096, 21), (4096, 22), (8192, 44), (8192, 45),
-                                           (256, 1), (1024, 4), (1024, 5))] == [
-        True, False, True, False, True, False, False, True, False]
+    # at Dk = Dv = 128 the scan where K < T/128
+    assert [R.scan_has_fewer_products(T, K, 128, 128) for T, K in ((2048, 15), (2048, 16), (8192, 63), (8192, 64))] == [
+        True, False, True, False]
     assert [route(T, beta, K) for T, K in ((2048, 16), (4096, 16)) for beta in (True, False)] == [
         "scan", "masked", "scan", "scan"]
     assert [route(2048, False, 2), route(2048, False, 32), route(8192, False, 32)] == ["scan", "masked", "scan"]
-    monkeypatch.setattr(O, "SCALAR_READOUT", "masked")
-    assert [route(16, True), route(8192, False)] == ["scan", "masked"]
-    monkeypatch.setattr(O, "SCALAR_READOUT", "auto")
-    assert route(8192, False, 2, Dk=256) == "masked"  # Dk > 128: beyond the scan, the masked kernels take it
-    monkeypatch.setattr(O, "SCALAR_READOUT", "scan")
-    assert route(4, False, 32) == "scan"
-    monkeypatch.setattr(O, "SCALAR_READOUT", "fast")
-    with pytest.raises(ValueError, match="SCALAR_READOUT"):
-        route(4, False)
+    assert route(8192, False, 2, Dk=256) == "masked"  # Dk > 128: beyond the scan
+    assert route(32, False, 2, Dk=16, Dv=16) == "masked"  # 2·16·16 = 512, not below (32/2)·(16 + 16)
+    assert route(33, False, 2, Dk=16, Dv=16) == "scan"
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +288,7 @@ COMPILE = r"""
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import dla.ops.triton.readout_scan as R
+import dla.ops.readout.scan_triton as R
 
 for spec in sys.argv[1:]:
     D, K, N, dtype, has_beta = spec.split(":")
@@ -396,5 +363,5 @@ def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial,
     dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64).cuda()
     x = cast(t, dtype)  # q, k, v, λ in dtype; g, β in float32 (as gates usually are)
     x["beta"] = t["beta"].float() if has_beta else None
-    assert_matches_chunked_float64(readout_forward_triton, readout_backward_triton, x, do.to(dtype), dS, ls, S0,
+    assert_matches_chunked_float64(scan_forward, scan_backward, x, do.to(dtype), dS, ls, S0,
                                    scale)

@@ -1,4 +1,4 @@
-"""The Triton segmentation (`dla.ops.triton.segment.segment_triton`, the CUDA kernel of
+"""The Triton segmentation (`dla.ops.segment.triton_walk.segment_triton`, the CUDA kernel of
 `dla::segment`) against the float64 oracle `segment_naive` (SPEC §2, §6).
 
 Without a GPU the kernels run through the Triton interpreter (tests/conftest.py), at tiny shapes
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
 from dla.ops.reference import segment_naive
 from dla.ops.state import MultiStateCache, empty_cache
-from dla.ops.triton.segment import dla_walk, segment_dla, segment_triton
+from dla.ops.segment.triton_walk import dla_walk, segment_dla, segment_triton
 from tests.strategies import (
     DELTA, Case, build, decision_counts, fenwick_levels, information_close, random_cache, relative_error,
     well_conditioned,
@@ -188,7 +188,7 @@ def test_fixup_walks_past_a_boundary_the_speculation_missed(monkeypatch, angles,
     first 55° token opens a slot; the speculative block of the second piece (opened at its first
     30° token) absorbs it. The fix-up must replay that piece past its own boundary to a common
     one; the third piece never meets one (all absorbed) and is replayed whole."""
-    import dla.ops.triton.segment as tseg
+    import dla.ops.segment.triton_walk as tseg
 
     rad = torch.tensor(angles) * torch.pi / 180
     k = torch.zeros(1, len(angles), 1, 16)
@@ -375,7 +375,7 @@ GPU_CASES = [
 def test_large_shapes_match_the_cpu_kernel(T, Dk, Dv, K, dtype, inputs, score):
     """Against the CPU kernel on the same inputs: level maps agree up to the first decision
     that is ill-conditioned (SPEC §2); streams that agree throughout also agree on the final state."""
-    from dla.ops.segment import segment as segment_cpu
+    from dla.ops.segment.cpu import segment_cpu
 
     B, H, chunk, tau = 2, 4, 64, 0.6
     gen = torch.Generator().manual_seed(T + K)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dla.ops import MultiStateCache, empty_cache, multistate_attention
+from dla import MultiStateCache, empty_cache, multistate_attention
 from dla.ops.reference import multistate_attention_materialized, multistate_attention_recurrent
 
 ENTRY_POINTS = [multistate_attention, multistate_attention_recurrent, multistate_attention_materialized]

@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from dla.ops import POLICIES, SCORES
+
 BACKBONES = ("mamba2", "gdn", "attention")
-POLICIES = ("dla", "fenwick", "single")
-SCORES = ("token", "state")
 
 
 @dataclass(frozen=True)

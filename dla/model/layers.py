@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dla.model.config import ModelConfig
-from dla.ops import multistate_attention
+from dla.operator import multistate_attention
 from dla.ops.state import MultiStateCache, empty_cache
 
 

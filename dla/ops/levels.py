@@ -33,9 +33,8 @@ def level_of(starts: Tensor, positions: Tensor) -> Tensor:
 
 def running_min(starts: Tensor) -> Tensor:
     """`min(starts[..., :r + 1])` for every r: the values of `torch.cummin(starts, -1)`, by
-    log₂(L) shifted minima. On the H100 torch's CUDA cummin over this short last dimension ran
-    at ~2 GB/s and took 10 of a layer's 132 ms (perf/results/profile_gpu-h100.md); the shifted
-    minima are a few passes at memory speed."""
+    log₂(L) shifted minima: torch's CUDA cummin over a short last dimension runs far below memory
+    speed, the shifted minima are a few passes at it."""
     out, shift, L = starts, 1, starts.shape[-1]
     while shift < L:
         out = torch.cat([out[..., :shift], torch.minimum(out[..., shift:], out[..., :-shift])], dim=-1)

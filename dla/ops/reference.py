@@ -25,10 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dla.ops.state import MultiStateCache, empty_cache, state_dtype
+from dla.ops.state import EPS, MultiStateCache, empty_cache, state_dtype
 from dla.ops.validation import check_fenwick_levels, validate
-
-EPS = 1e-12  # SPEC §2: floor of every cosine denominator
 
 
 def _f64(x: Tensor | None) -> Tensor | None:

@@ -31,6 +31,10 @@ class MultiStateCache(NamedTuple):
     N: Tensor  # [B, H] ‖S^g‖²_F, S^g = Σ of the live slots, carried by its update rule
 
 
+EPS = 1e-12
+"""SPEC §2 ("Numerics of decisions"): the floor of every cosine denominator."""
+
+
 def state_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """States and decision statistics: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if input_dtype == torch.float64 else torch.float32

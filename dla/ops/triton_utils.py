@@ -5,15 +5,12 @@
   interpreted). Launchers pick interpreter-sized blocks by asking `interpreting(tensor)`: the
   tensors decide, not an environment variable read at an arbitrary time.
 * Block sizes are powers of two no smaller than `tl.dot`'s minimum of 16.
-* `EPS` is SPEC §2's floor of every cosine denominator.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-
-EPS = 1e-12
 
 
 def interpreting(x: torch.Tensor) -> bool:

@@ -1,4 +1,5 @@
-"""The public operator (SPEC §4): validation, then `dla::segment` and `dla::readout`.
+"""The public operator (SPEC §4): validation, then the ops `dla::segment` and `dla::readout`
+that `dla.compile` registers over the kernels of `dla.ops`. It sits above both.
 
 Everything here is traced by `torch.compile`: no branch on tensor values, no `.item()`, no
 data-dependent shapes. The cache's slots are stored oldest first; the readout works in rank
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import dla.compile.ops  # noqa: F401  registers the torch.ops.dla namespace
 from dla.ops.state import MultiStateCache, empty_cache
 from dla.ops.validation import validate
 
@@ -35,15 +37,9 @@ def multistate_attention(
     `initial_state` accepts back."""
     p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale,
                  chunk_size=chunk_size, initial_state=initial_state)
-    return run_ops(torch.ops.dla, p, q, k, v, lam, g, beta, policy, float(tau), score, chunk_size,
-                   initial_state, output_final_state)
-
-
-def run_ops(ops, p, q, k, v, lam, g, beta, policy, tau, score, chunk_size, initial_state, output_final_state):
-    """The operator over an op namespace (`torch.ops.dla`, or a test namespace)."""
     state = _start(initial_state, p, k)
-    level_start, n, info, m, Z, zz = _segment(ops, p, k, v, state, policy, score, tau, chunk_size)
-    o, S = ops.readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale, chunk_size)
+    level_start, n, info, m, Z, zz = _segment(p, k, v, state, policy, score, float(tau), chunk_size)
+    o, S = torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale, chunk_size)
     if not output_final_state:
         return o
     return o, MultiStateCache(S=reverse_live_slots(S, m), n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + p.length)
@@ -57,7 +53,7 @@ def level_map(k, v, *, capacity, policy="dla", tau=0.6, score="token", chunk_siz
     lam = k.new_zeros(()).expand(B, T, H, capacity) if isinstance(k, Tensor) else None
     p = validate(k, k, v, lam, policy=policy, tau=tau, score=score, chunk_size=chunk_size, initial_state=initial_state)
     state = _start(initial_state, p, k)
-    return _segment(torch.ops.dla, p, k, v, state, policy, score, float(tau), chunk_size)[0]
+    return _segment(p, k, v, state, policy, score, float(tau), chunk_size)[0]
 
 
 def _start(initial_state, p, like: Tensor) -> MultiStateCache:
@@ -66,7 +62,7 @@ def _start(initial_state, p, like: Tensor) -> MultiStateCache:
     return empty_cache(p.batch, p.heads, p.levels, p.dk, p.dv, dtype=like.dtype, device=like.device)
 
 
-def _segment(ops, p, k, v, state, policy, score, tau, chunk_size):
+def _segment(p, k, v, state, policy, score, tau, chunk_size):
     """Segmentation sees k and v only and carries no gradient (SPEC §2)."""
-    return ops.segment(k.detach(), v.detach(), state.n, state.I, state.m, state.Z, state.zz, state.step,
+    return torch.ops.dla.segment(k.detach(), v.detach(), state.n, state.I, state.m, state.Z, state.zz, state.step,
                        p.levels, policy, score, tau, chunk_size)

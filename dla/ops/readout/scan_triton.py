@@ -1,14 +1,14 @@
 r"""CUDA kernels of `dla::readout` and `dla::readout_backward` (SCHEMAS.md): the chunked scan of
 SPEC §3, linear in T, for every transition — with `β` (DeltaNet, Gated DeltaNet) always, and
-without `β` (linear attention, Mamba-2) when `dla.compile.ops` picks it over the masked quadratic
-kernels. Same signatures and outputs as the CPU kernels in `dla.ops.readout`, whose module doc
-derives the algebra used here.
+without `β` (linear attention, Mamba-2) when the stage's rule (`dla.ops.readout`) picks it over the
+masked quadratic kernels. Same signatures and outputs as the CPU kernel `dla.ops.readout.chunked`,
+whose module doc derives the algebra used here.
 
 What it computes
 ================
 Per batch element and head the call is cut into chunks of `C` tokens (the last one padded with
 `q = k = v = 0, β = 0, g = 0`, which adds nothing and leaves the transition unchanged). With the
-chunk-local quantities of `dla.ops.readout` (`γ, ρ, Γ`; `Tinv = (I + tril(diag(β)(KKᵀ⊙Γ), −1))⁻¹`
+chunk-local quantities of `dla.ops.readout.chunked` (`γ, ρ, Γ`; `Tinv = (I + tril(diag(β)(KKᵀ⊙Γ), −1))⁻¹`
 — the UT solve, shared by all slots; `M = Tinv diag(β)`, `Ã = (QKᵀ⊙Γ) M`, `H = diag(γ) K`,
 `Q̂ = diag(γ) Q − Ã H`, `E = Kᵀ diag(ρ) M`, `P_C = γ_C I − E H`; the level weights `Λ`, `W` and
 the chunk-end remaps of old slots `r → e_r` and chunk tokens `s → ε_s`, rank `K` = dropped):
@@ -50,7 +50,7 @@ bound memory) with the torch code of `dla.ops.readout`, which this file calls on
 views (positions made chunk-relative), so both paths share one derivation.
 
 Without β the intra-chunk part `(Ã ⊙ Λ) V` (and its backward) is not torch: it is the masked
-quadratic kernels of `dla.ops.triton.readout_masked` restricted to the diagonal `C×C` blocks
+quadratic kernels of `dla.ops.readout.masked_triton` restricted to the diagonal `C×C` blocks
 (`intra_chunk_forward/backward`), and the chunk-parallel torch code shrinks to per-token and
 per-slot quantities (`_gated_chunk`).
 
@@ -63,7 +63,6 @@ chunks, nothing decays it; see `_precisions`). float64 runs on the CPU path.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -72,11 +71,12 @@ import triton.language as tl
 from torch import Tensor
 
 from dla.ops.levels import EMPTY, initial_starts
-from dla.ops.readout import _chunk, _heads, _Inputs, _level_of, _unheads
+from dla.ops.readout.chunked import Inputs, chunk_terms, heads, level_of_by_search, unheads
 from dla.ops.state import state_dtype
-from dla.ops.triton.readout_masked import _interpreting, intra_chunk_backward, intra_chunk_forward
+from dla.ops.readout.masked_triton import intra_chunk_backward, intra_chunk_forward
+from dla.ops.triton_utils import interpreting, pow2
 
-__all__ = ["readout_forward_triton", "readout_backward_triton"]
+__all__ = ["scan_forward", "scan_backward"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,33 +379,14 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
 # --------------------------------------------------------------------------------------------
 
 
-def _config(dk: int, dv: int, N: int) -> dict:
+def _config(dk: int, dv: int, N: int, interpreted: bool) -> dict:
     """Chunk size C, Dv tile BV and warps of the scan. Smaller BV gives more programs (the scan
     has only N·Dv/BV of them) at the price of more atomic traffic in the backward. Dv only sets
     the number of tiles; Dk ≤ 128 (see `_check`)."""
-    if _interpreting():
+    if interpreted:
         return dict(C=16, BV=16, num_warps=4)
     bv = 32 if N * triton.cdiv(dv, 32) >= 128 else 16
-    cfg = dict(C=64, BV=min(bv, _pow2(dv)), num_warps=8 if dk >= 128 else 4)
-    return {**cfg, **_config_override()}
-
-
-def _config_override() -> dict:
-    """`DLA_SCAN_CONFIG="C=128,num_warps=16"`: a tuning hook for the GPU sweep
-    (`perf/sweep_scan_gpu.py`), which verifies each configuration before timing it."""
-    text = os.environ.get("DLA_SCAN_CONFIG", "").strip()
-    if not text:
-        return {}
-    keys = {"C": int, "BV": int, "num_warps": int, "PREC_P": str}
-    try:
-        out = {key.strip(): value.strip() for key, value in (item.split("=") for item in text.split(","))}
-        unknown = set(out) - set(keys)
-        if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}")
-        return {key: keys[key](value) for key, value in out.items()}
-    except ValueError as exc:
-        raise ValueError(f"DLA_SCAN_CONFIG must look like 'C=128,num_warps=16,BV=32,PREC_P=tf32' ({exc}), "
-                         f"got {text!r}") from None
+    return dict(C=64, BV=min(bv, pow2(dv)), num_warps=8 if dk >= 128 else 4)
 
 
 def _heads_per_launch(N: int, nv: int, device) -> int:
@@ -419,13 +400,9 @@ def _heads_per_launch(N: int, nv: int, device) -> int:
     return max(1, min(N, triton.cdiv(2 * sms, nv)))
 
 
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
 class _Chunked:
     """Inputs as chunk-major views `[N·NC, C, ...]` (positions relative to each chunk start,
-    the last chunk padded), with each chunk's old-slot positions, ready for `dla.ops.readout._chunk`."""
+    the last chunk padded), with each chunk's old-slot positions, ready for `dla.ops.readout.chunked.chunk_terms`."""
 
     def __init__(self, q, k, v, lam, g, beta, level_start, S0, C: int):
         self.cdt = state_dtype(q.dtype)
@@ -440,7 +417,7 @@ class _Chunked:
         self.q_in, self.k_in, self.v_in, self.lam_in, self.g_in = q, k, v, lam, g  # for the gradients' dtypes
         self.g = None if g is None else self.padded_heads(g)
         self.beta = None if beta is None else self.padded_heads(beta)
-        starts = _heads(level_start, torch.int64)  # [N, T, K]
+        starts = heads(level_start, torch.int64)  # [N, T, K]
         if pad:  # padded rows repeat the last row: the chunk end is read there
             starts = torch.cat([starts, starts[:, -1:].expand(N, pad, K)], 1)
         c0 = (torch.arange(NC, device=dev) * C).view(1, NC, 1)
@@ -453,20 +430,20 @@ class _Chunked:
 
     def padded_heads(self, x: Tensor, dtype=None) -> Tensor:
         """`[B, T, H, ...]` → head-major `[N, Tp, ...]` in `dtype` (the compute dtype), zero-padded."""
-        h = _heads(x, dtype or self.cdt)
+        h = heads(x, dtype or self.cdt)
         pad = self.Tp - self.T
         return torch.nn.functional.pad(h, (0, 0) * (h.dim() - 2) + (0, pad)) if pad else h
 
     def rows(self, x: Tensor | None) -> Tensor | None:
         return None if x is None else x.reshape(self.N * self.NC, self.C, *x.shape[2:])
 
-    def block(self, i0: int, i1: int) -> tuple[_Inputs, Tensor]:
-        """Chunks i0..i1 (of the N·NC chunk rows) as `_Inputs` of C tokens each."""
+    def block(self, i0: int, i1: int) -> tuple[Inputs, Tensor]:
+        """Chunks i0..i1 (of the N·NC chunk rows) as `Inputs` of C tokens each."""
         def sl(x):
             return None if x is None else self.rows(x)[i0:i1]
 
         dummy = torch.zeros(1, 1, 1, 1, dtype=self.cdt, device=self.q.device).expand(i1 - i0, self.K, 1, 1)
-        x = _Inputs(q=sl(self.q), k=sl(self.k), v=sl(self.v), lam=sl(self.lam), g=sl(self.g), beta=sl(self.beta),
+        x = Inputs(q=sl(self.q), k=sl(self.k), v=sl(self.v), lam=sl(self.lam), g=sl(self.g), beta=sl(self.beta),
                     starts=self.starts[i0:i1], S0=dummy)
         return x, self.prev[i0:i1]
 
@@ -511,7 +488,7 @@ class _Chunked:
         intra = torch.empty(R, C, dv, dtype=self.cdt, device=dev) if with_intra else None
         for i0, i1 in self.blocks():
             x, prev = self.block(i0, i1)
-            c = _chunk(x, 0, C, prev)
+            c = chunk_terms(x, 0, C, prev)
             qh[i0:i1] = c.Qh
             et[i0:i1] = c.E.transpose(1, 2)
             w[i0:i1] = c.W
@@ -535,9 +512,9 @@ class _Gated(NamedTuple):
     end_tok: Tensor  # [R, C], K where dropped
 
 
-def _gated_chunk(x: _Inputs, prev_pos: Tensor) -> _Gated:
+def _gated_chunk(x: Inputs, prev_pos: Tensor) -> _Gated:
     """What the scan needs of a block of chunks without β — per-token and per-slot quantities
-    only, as in `dla.ops.readout._chunk`; the `C×C` intra-chunk part runs in the masked kernels'
+    only, as in `dla.ops.readout.chunked.chunk_terms`; the `C×C` intra-chunk part runs in the masked kernels'
     diagonal blocks (`intra_chunk_forward`). Positions are chunk-relative (`_Chunked`)."""
     q, k, lam, starts = x.q, x.k, x.lam, x.starts
     R, C, _ = k.shape
@@ -547,10 +524,10 @@ def _gated_chunk(x: _Inputs, prev_pos: Tensor) -> _Gated:
         gam, rho = torch.exp(G), torch.exp(G[:, -1:] - G)
     else:
         gam = rho = torch.ones(R, C, dtype=k.dtype, device=k.device)
-    lev_old = _level_of(starts, prev_pos[:, None, :].expand(R, C, K))
+    lev_old = level_of_by_search(starts, prev_pos[:, None, :].expand(R, C, K))
     lev_old = torch.where((prev_pos != EMPTY)[:, None, :], lev_old, -1)
     W = torch.where(lev_old >= 0, torch.gather(lam, -1, lev_old.clamp(min=0)), 0.0)
-    lev_end = _level_of(starts[:, -1:], torch.arange(C, device=k.device).expand(R, 1, C))[:, 0]
+    lev_end = level_of_by_search(starts[:, -1:], torch.arange(C, device=k.device).expand(R, 1, C))[:, 0]
     return _Gated(gam, rho, gam[:, -1], gam[..., None] * q, rho[..., None] * k, W, lev_old,
                   torch.where(lev_old[:, -1] >= 0, lev_old[:, -1], K), torch.where(lev_end >= 0, lev_end, K))
 
@@ -572,9 +549,8 @@ def _precisions(dtype: torch.dtype, input_precision: str | None, has_g: bool = F
     """(precision of the scan's dots, precision of its recursions: P_C · S forward, P_Cᵀ · dS
     backward). The recursions compound their rounding over the chunks; without `g` nothing
     decays it, so with 16-bit inputs they take tf32x3 (about float32) unless told otherwise.
-    With `g` they take tf32: on the H100 that made DLA-Gated DeltaNet's forward+backward 2.2×
-    faster at K = 32 (`perf/results/sweep_scan-h100.md`), and the GPU grid holds it to the bf16
-    tolerance up to T = 16384."""
+    With `g` they take tf32, which the decay keeps from compounding (the GPU grid holds it to the
+    bf16 tolerance up to T = 16384), at a fraction of tf32x3's cost."""
     if dtype == torch.float32:
         prec = input_precision or "ieee"
         return prec, prec
@@ -582,34 +558,33 @@ def _precisions(dtype: torch.dtype, input_precision: str | None, has_g: bool = F
 
 
 def _meta(dk: int, dv: int, K: int, N: int, dtype: torch.dtype, input_precision: str | None,
-          has_beta: bool = True, has_g: bool = False) -> tuple[dict, int]:
+          has_beta: bool = True, has_g: bool = False, interpreted: bool = False) -> tuple[dict, int]:
     """The scan kernels' meta-parameters (constexprs, num_warps, num_stages) and the number of
     Dv tiles, from the shapes alone (the sm_90 compile test uses the same). Without β the chunk
     transition is the scalar γ_C (HAS_P off): no [Dk, Dk] product, and new slots in one block."""
-    cfg = _config(dk, dv, N)
-    bv, bk = cfg["BV"], _pow2(dk)
+    cfg = _config(dk, dv, N, interpreted)
+    bv, bk = cfg["BV"], pow2(dk)
     prec, prec_p = _precisions(dtype, input_precision, has_g)
-    prec_p = cfg.get("PREC_P", prec_p)
     meta = dict(K=K, DK=dk, DV=dv, C=cfg["C"], BK=bk, BV=bv, BH=min(bk, 64) if has_beta else bk, PREC=prec,
                 PREC_P=prec_p, HAS_P=has_beta, num_warps=cfg["num_warps"], num_stages=1)
     return meta, triton.cdiv(dv, bv)
 
 
 def _launch_meta(x: _Chunked, input_precision: str | None, dtype: torch.dtype) -> tuple[dict, int]:
-    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision, x.beta is not None, x.g is not None)
+    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision, x.beta is not None, x.g is not None, interpreting(x.q))
 
 
-def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
+def scan_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
                            *, input_precision: str | None = None) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] float32)`; see the module doc. The chunk size
     is the kernel's own (`chunk_size` is accepted for schema parity: the result does not depend
     on it beyond rounding)."""
-    _check("readout_forward_triton", q, v, lam, beta, input_precision)
+    _check("scan_forward", q, v, lam, beta, input_precision)
     B, T, H, Dk = q.shape
     Dv, K = v.shape[-1], lam.shape[-1]
     if T == 0:
         return q.new_empty(B, 0, H, Dv), S0.to(torch.float32).clone()
-    x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H)["C"])
+    x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H, interpreting(q))["C"])
     scale = float(scale)
     if beta is None:  # the C×C part in the masked kernels' diagonal blocks, scale included
         qh, w, et, p, eold, etok = x.gated_scan_inputs()
@@ -625,7 +600,7 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
     v32 = x.v.to(torch.float32).contiguous()
     _fwd_scan_kernel[(nv, x.N)](qh, w, p, et, v32, eold, etok, x.S0, tmp, S, oi, x.NC, **meta)
     o = oi.to(x.cdt) * scale + intra.view(x.N, x.Tp, Dv)
-    return _unheads(o[:, :T], B, H, q.dtype), S
+    return unheads(o[:, :T], B, H, q.dtype), S
 
 
 def _local_backward(c, dOt, dQh, dW, dEt, dvs, dP, has_g: bool):
@@ -703,18 +678,18 @@ def _gated_backward(x: _Chunked, band: list[Tensor], dqh: Tensor, dw: Tensor, de
             out[4][i0:i1] = dG.flip(1).cumsum(1).flip(1)
 
     def back(t, dtype):
-        return _unheads(t.view(N, NC * C, *t.shape[2:])[:, :T], B, H, dtype)
+        return unheads(t.view(N, NC * C, *t.shape[2:])[:, :T], B, H, dtype)
 
     dq, dk, dv, dlam = (back(t, ref.dtype) for t, ref in zip(out[:4], (x.q_in, x.k_in, x.v_in, x.lam_in)))
     dg = back(out[4], x.g_in.dtype) if x.g is not None else torch.zeros(B, T, H, dtype=torch.float32, device=dq.device)
     return dq, dk, dv, dlam, dg
 
 
-def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
+def scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
                             *, input_precision: str | None = None):
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg` is float32
     zeros `[B,T,H]` when `g` is absent. `do` or `dS` may be None (zero)."""
-    _check("readout_backward_triton", q, v, lam, beta, input_precision)
+    _check("scan_backward", q, v, lam, beta, input_precision)
     B, T, H, Dk = q.shape
     Dv, K = v.shape[-1], lam.shape[-1]
     dev, f32 = q.device, torch.float32
@@ -723,7 +698,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
         dS0 = torch.zeros(S0.shape, dtype=f32, device=dev) if dS is None else dS.to(f32).clone()
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape),
                 dg, torch.zeros(B, 0, H, dtype=beta.dtype if beta is not None else f32, device=dev), dS0.to(S0.dtype))
-    x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H)["C"])
+    x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H, interpreting(q))["C"])
     N, NC, C, Tp = x.N, x.NC, x.C, x.Tp
     if beta is None:
         qh, w, et, p, eold, etok = x.gated_scan_inputs()
@@ -733,7 +708,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     if do is None:
         dOt = torch.zeros(N, Tp, Dv, dtype=f32, device=dev)
     else:
-        dOt = (torch.nn.functional.pad(_heads(do, f32), (0, 0, 0, Tp - T)) * float(scale)).contiguous()
+        dOt = (torch.nn.functional.pad(heads(do, f32), (0, 0, 0, Tp - T)) * float(scale)).contiguous()
     dS = torch.zeros(B, H, K, Dk, Dv, dtype=f32, device=dev) if dS is None else dS.to(f32).contiguous()
     R = max(1, math.isqrt(NC))
     nseg = triton.cdiv(NC, R)
@@ -749,10 +724,10 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     dvs = torch.empty(N, Tp, Dv, **sets)
     dp = torch.zeros((N * NC, Dk, Dk) if beta is not None else (N * NC,), **sets)  # dP_C, or dγ_C without β
     v32 = x.v.to(f32).contiguous()
-    heads = (dOt, x.S0, dS.view(N, K, Dk, Dv), dS0.view(N, K, Dk, Dv), dqh, dw, det, dvs, v32)
+    per_head = (dOt, x.S0, dS.view(N, K, Dk, Dv), dS0.view(N, K, Dk, Dv), dqh, dw, det, dvs, v32)
     for n0 in range(0, N, G):
         n1 = min(N, n0 + G)
-        h = [t[n0:n1] for t in heads]
+        h = [t[n0:n1] for t in per_head]
         c = [t[n0 * NC : n1 * NC] for t in (qh, w, p, et, eold, etok, dp)]
         _bwd_scan_kernel[(nv, n1 - n0)](c[0], c[1], c[2], c[3], h[8], c[4], c[5], h[0], h[1], h[2], ck, seg, dtmp,
                                         h[3], h[4], h[5], h[6], h[7], c[6], NC, R, **meta)
@@ -771,7 +746,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     dOt_r, dqh_r, dw_r, det_r, dvs_r = (rows(t).to(x.cdt) for t in (dOt, dqh, dw, det, dvs))
     for i0, i1 in x.blocks():
         xb, prev = x.block(i0, i1)
-        c = _chunk(xb, 0, C, prev)
+        c = chunk_terms(xb, 0, C, prev)
         out = _local_backward(c, dOt_r[i0:i1], dqh_r[i0:i1], dw_r[i0:i1], det_r[i0:i1], dvs_r[i0:i1],
                               dp[i0:i1].to(x.cdt), g is not None)
         for buf, val in zip(grads, out[:4]):
@@ -781,7 +756,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
         dbeta[i0:i1] = out[5]
 
     def back(t, dtype):
-        return _unheads(t.view(N, Tp, *t.shape[2:])[:, :T], B, H, dtype)
+        return unheads(t.view(N, Tp, *t.shape[2:])[:, :T], B, H, dtype)
 
     dq, dk, dv, dlam = (back(t, ref.dtype) for t, ref in zip(grads, (q, k, v, lam)))
     dg_out = back(dg, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev)

@@ -1,5 +1,5 @@
 """CUDA kernel of `dla::segment` (SCHEMAS.md) in Triton: the level map and the final
-segmentation state, same signature and outputs as the CPU kernel `dla.ops.segment.segment`.
+segmentation state, same signature and outputs as the CPU kernel `dla.ops.segment.cpu.segment_cpu`.
 
 `fenwick` and `single` are closed forms in plain torch (no token loop). `dla` follows SPEC §2
 "Structure worth using": boundaries depend only on the open block, so segmentation splits into
@@ -47,27 +47,23 @@ inputs multiply in their own dtype where products are exact (Gram, `Z` update) a
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from dla.ops.levels import EMPTY
-from dla.ops.segment import segment_fenwick, segment_single
-from dla.ops.state import state_dtype
+from dla.ops.segment.closed_form import segment_fenwick, segment_single
+from dla.ops.state import EPS, state_dtype
+from dla.ops.triton_utils import interpreting, pow2
 from dla.ops.validation import check_fenwick_levels, check_segment_options
 
-EPS = 1e-12  # SPEC §2: floor of every cosine denominator
 _EPS = tl.constexpr(EPS)  # (kernels may read only constexpr globals)
 _EMPTY = tl.constexpr(EMPTY)
 
 __all__ = ["segment_triton"]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,13 +383,9 @@ def _fill_kernel(row_ptr, cfg_st_ptr, cfg_m_ptr, level_ptr, T, H, K,
 # --------------------------------------------------------------------------------------------
 
 
-def _pow2(x: int, lo: int) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
-
-
 def _chunk(chunk_size: int) -> int:
     """The walk's chunk: a power of two in [16, 64] (decisions do not depend on it)."""
-    return min(64, _pow2(chunk_size, 16))
+    return min(64, pow2(chunk_size))
 
 
 def _default_piece(T: int, streams: int, C: int, device: torch.device) -> int:
@@ -423,10 +415,10 @@ def dla_walk(k: Tensor, v: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, score: s
     piece = max(C, -(-piece // C) * C)
     P = -(-T // piece)
     if k.dtype in (torch.float32, torch.float64):
-        dot_mode, prec = 0, ("ieee" if dt == torch.float64 or _interpreting() else "tf32x3")
+        dot_mode, prec = 0, ("ieee" if dt == torch.float64 or interpreting(k) else "tf32x3")
     else:
         dot_mode, prec = (1 if k.dtype == torch.bfloat16 else 2), "ieee"
-    BK, BV = _pow2(Dk, 16), _pow2(Dv, 16)
+    BK, BV = pow2(Dk), pow2(Dv)
     k, v = k.contiguous(), v.contiguous()
     Z0 = Z0.to(dt).contiguous()
     zz0 = zz0.to(dt).contiguous()
@@ -473,7 +465,7 @@ def segment_dla(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Te
     infoE = info.gather(1, pos.clamp(max=T - 1)).contiguous()
     pos = pos.to(torch.int32)
 
-    BKS = _pow2(K, 2)
+    BKS = pow2(K, 2)
     cfg_st = torch.empty(BH, T + 1, BKS, dtype=torch.int32, device=dev)
     cfg_m = torch.empty(BH, T + 1, dtype=torch.int32, device=dev)
     n = torch.empty(B, H, K, dtype=torch.int64, device=dev)

@@ -1,6 +1,6 @@
 r"""CUDA kernels of `dla::readout` and `dla::readout_backward` (SCHEMAS.md) for transitions
 without `β` (none, or scalar decay `g`): the flash-style masked quadratic form of SPEC §2, no
-softmax. Same signatures and outputs as the CPU kernels in `dla.ops.readout`.
+softmax. Same signatures and outputs as the CPU kernel `dla.ops.readout.chunked`.
 
 What it computes
 ================
@@ -61,45 +61,18 @@ int32 (`T·H·max(Dk, Dv, K) < 2³¹`).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from dla.ops.levels import running_min
+from dla.ops.triton_utils import interpreting, pow2
 
-__all__ = ["readout_forward_triton", "readout_backward_triton", "intra_chunk_forward", "intra_chunk_backward"]
+__all__ = ["masked_forward", "masked_backward", "intra_chunk_forward", "intra_chunk_backward"]
 
 NEG = tl.constexpr(-(2**30))  # running-minimum padding beyond L: ≤ every position, so never counted
 BIG = tl.constexpr(2**31 - 1)  # c[t, −1] = +∞, and the start of a level that does not exist
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _interpreter_range_fix() -> None:
-    """Triton 3.6's interpreter turns a runtime scalar into a 1-element array and `range()`
-    calls `int()` on it, which numpy ≥ 2.4 refuses (triton#9171, fixed upstream by #9172). The
-    kernels keep `for` loops over runtime bounds, which the GPU compiler pipelines."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "dla_range_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched.dla_range_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if _interpreting():
-    _interpreter_range_fix()
 
 
 # --------------------------------------------------------------------------------------------
@@ -769,22 +742,18 @@ def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, T, H, scale,
 # --------------------------------------------------------------------------------------------
 
 
-def _config(dk: int, dv: int) -> dict:
+def _config(dk: int, dv: int, interpreted: bool) -> dict:
     """Fixed configs by head dims (the interpreter takes no autotuning), chosen so that no
     kernel spills registers on sm_90 (checked with ptxas). fwd/dq/dkv: the quadratic kernels'
     query tile BT, key tile BS and warps; NL: levels per row and tile they apply unrolled; AT:
     the state kernels' token tile, AV their Dv tile, BC the column chunk of the backward's
     state terms."""
-    if _interpreting():
+    if interpreted:
         quad = dict(BT=16, BS=16, num_warps=4)
         return dict(fwd=quad, dq=quad, dkv=quad, NL=2, AT=16, AV=16, BC=16, num_warps=4, num_stages=1)
     bs = 64 if max(dk, dv) <= 64 else 32
     return dict(fwd=dict(BT=64, BS=bs, num_warps=8), dq=dict(BT=32, BS=bs, num_warps=8),
                 dkv=dict(BT=32, BS=bs, num_warps=8), NL=2, AT=32, AV=32, BC=32, num_warps=8, num_stages=2)
-
-
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, str]:
@@ -797,7 +766,7 @@ def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, s
 
 def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, input_precision: str | None) -> None:
     if beta is not None:
-        raise NotImplementedError(f"{name}: beta (the delta rule) runs in dla.ops.triton.readout_scan")
+        raise NotImplementedError(f"{name}: beta (the delta rule) runs in dla.ops.readout.scan_triton")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
     if input_precision not in (None, "ieee", "tf32", "tf32x3"):
@@ -821,15 +790,15 @@ class _Prepared:
         self.cm = running_min(level_start).to(torch.int32).contiguous()
         self.has_g = g is not None
         if self.has_g:
-            # scanned with T innermost: torch's CUDA cumsum along dim 1 of [B, T, H] took 4.3 of a
-            # layer's 132 ms on the H100 (perf/results/profile_gpu-h100.md)
+            # scanned with T innermost: torch's CUDA cumsum along an outer dimension of [B, T, H]
+            # runs far below memory speed
             G = g.to(torch.float64).transpose(1, 2).contiguous().cumsum(-1).transpose(1, 2).contiguous()
             self.gh = G.to(torch.float32)
             self.gl = (G - self.gh.to(torch.float64)).to(torch.float32)
         else:
             self.gh = self.gl = torch.zeros(1, dtype=torch.float32, device=q.device)  # never read
-        self.BK, self.BV, self.BL = _pow2(self.dk), _pow2(self.dv), triton.next_power_of_2(self.L)
-        self.cfg = _config(self.dk, self.dv)
+        self.BK, self.BV, self.BL = pow2(self.dk), pow2(self.dv), triton.next_power_of_2(self.L)
+        self.cfg = _config(self.dk, self.dv, interpreting(q))
         self.prec, self.prec32 = _precisions(q.dtype, input_precision)
         self.dims = dict(L=self.L, DK=self.dk, DV=self.dv, HAS_G=self.has_g,
                          num_warps=self.cfg["num_warps"], num_stages=self.cfg["num_stages"])
@@ -855,11 +824,11 @@ class _Prepared:
         return torch.empty(*shape, dtype=dtype, device=self.q.device)
 
 
-def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
+def masked_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
                            *, input_precision: str | None = None) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] float32)`; see the module doc.
     `chunk_size` is accepted for schema parity (the quadratic form has no chunks)."""
-    _check("readout_forward_triton", q, v, lam, beta, input_precision)
+    _check("masked_forward", q, v, lam, beta, input_precision)
     x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
     B, T, H, L, N, dv = x.B, x.T, x.H, x.L, x.N, x.dv
     if T == 0:
@@ -880,11 +849,11 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
     return o, S
 
 
-def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
+def masked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
                             *, input_precision: str | None = None):
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg`/`dbeta` are
     float32 zeros `[B,T,H]` when `g`/`beta` is absent. `do` or `dS` may be None (zero)."""
-    _check("readout_backward_triton", q, v, lam, beta, input_precision)
+    _check("masked_backward", q, v, lam, beta, input_precision)
     x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
     B, T, H, L, N, dk, dv = x.B, x.T, x.H, x.L, x.N, x.dk, x.dv
     dev, f32 = q.device, torch.float32
@@ -926,8 +895,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     if g is not None:  # dG, then dg_u = Σ_{t≥u} dG_t (in float64: T terms of either sign)
         dG = dg_row.double() + dg_col
         dG[:, -1] += fin.sum(1) + carry.sum((1, 2)).view(B, H)
-        # scanned with T innermost, like the forward's cumsum of g (the [B, T, H] layout made torch
-        # run it along an outer dimension: 1.4 ms of the layer, perf/results/profile_rerun-h100.md)
+        # scanned with T innermost, like the forward's cumsum of g
         dg = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).to(g.dtype).contiguous()
     else:
         dg = torch.zeros(B, T, H, dtype=f32, device=dev)
@@ -935,7 +903,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
 
 
 # --------------------------------------------------------------------------------------------
-# The diagonal blocks alone: the chunked scan's intra-chunk part (dla/ops/triton/readout_scan.py)
+# The diagonal blocks alone: the chunked scan's intra-chunk part (dla/ops/readout/scan_triton.py)
 # --------------------------------------------------------------------------------------------
 
 

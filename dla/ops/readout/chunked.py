@@ -21,7 +21,7 @@ tokens (the last one may be shorter). Inside a chunk positions are `1..C`, `G_t 
 the SPEC's `A_base / scale`, `Q̂[t]ᵀ = q_tᵀ A_t ⋯ A_1`, column `s` of `E` is
 `(A_C ⋯ A_{s+1}) β_s k_s` and `P_C = A_C ⋯ A_1`.)
 
-Levels (`level_start [B,T,H,L]`, `ℓ_t(p) = _level_of(level_start[t], p)`, `K = L` slots):
+Levels (`level_start [B,T,H,L]`, `ℓ_t(p) = level_of_by_search(level_start[t], p)`, `K = L` slots):
 the old slots at the chunk start `c0` are the ranks `r` of row `c0 − 1` (for the first chunk,
 the initial slots at pseudo-positions `−1 − r`), slot `r` starting at `pos_r` (`EMPTY`: nothing).
 
@@ -74,7 +74,7 @@ from torch import Tensor
 from dla.ops.levels import EMPTY, initial_starts, running_min
 from dla.ops.state import state_dtype
 
-__all__ = ["readout_forward", "readout_backward"]
+__all__ = ["chunked_forward", "chunked_backward"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,17 +82,17 @@ __all__ = ["readout_forward", "readout_backward"]
 # --------------------------------------------------------------------------------------------
 
 
-def _heads(x: Tensor, dtype) -> Tensor:
+def heads(x: Tensor, dtype) -> Tensor:
     B, T, H = x.shape[:3]
     return x.to(dtype).transpose(1, 2).reshape(B * H, T, *x.shape[3:])
 
 
-def _unheads(x: Tensor, B: int, H: int, dtype) -> Tensor:
+def unheads(x: Tensor, B: int, H: int, dtype) -> Tensor:
     N, T = x.shape[:2]
     return x.reshape(B, H, T, *x.shape[2:]).transpose(1, 2).to(dtype).contiguous()
 
 
-class _Inputs(NamedTuple):
+class Inputs(NamedTuple):
     q: Tensor  # [N, T, Dk]
     k: Tensor
     v: Tensor  # [N, T, Dv]
@@ -103,20 +103,20 @@ class _Inputs(NamedTuple):
     S0: Tensor  # [N, K, Dk, Dv]
 
 
-def _prepare(q, k, v, lam, g, beta, level_start, S0) -> tuple[_Inputs, torch.dtype]:
+def _prepare(q, k, v, lam, g, beta, level_start, S0) -> tuple[Inputs, torch.dtype]:
     cdt = state_dtype(q.dtype)
     B, T, H, Dk = q.shape
     L = lam.shape[-1]
-    inputs = _Inputs(
-        q=_heads(q, cdt), k=_heads(k, cdt), v=_heads(v, cdt), lam=_heads(lam, cdt),
-        g=None if g is None else _heads(g, cdt), beta=None if beta is None else _heads(beta, cdt),
-        starts=_heads(level_start, torch.int64),
+    inputs = Inputs(
+        q=heads(q, cdt), k=heads(k, cdt), v=heads(v, cdt), lam=heads(lam, cdt),
+        g=None if g is None else heads(g, cdt), beta=None if beta is None else heads(beta, cdt),
+        starts=heads(level_start, torch.int64),
         S0=S0.to(cdt).reshape(B * H, L, Dk, v.shape[-1]),
     )
     return inputs, cdt
 
 
-def _level_of(starts: Tensor, positions: Tensor) -> Tensor:
+def level_of_by_search(starts: Tensor, positions: Tensor) -> Tensor:
     """`dla.ops.levels.level_of` by binary search: ℓ(p) = first r with starts[r] ≤ p = the
     number of r whose running minimum `min_{r' ≤ r} starts[r']` exceeds p (that minimum is
     non-increasing in r); −1 when it is L. starts [..., L], positions [..., P] → [..., P]."""
@@ -197,11 +197,11 @@ def _levels(starts: Tensor, prev_pos: Tensor, c0: int, lam: Tensor, K: int):
     dev = starts.device
     pos = c0 + torch.arange(C, device=dev)
     tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
-    lev_tok = _level_of(starts, pos.expand(N, C, C))
+    lev_tok = level_of_by_search(starts, pos.expand(N, C, C))
     lev_tok = torch.where(tri, lev_tok, -1)
     Lam = torch.where(lev_tok >= 0, torch.gather(lam, -1, lev_tok.clamp(min=0)), 0.0)
     live = (prev_pos != EMPTY)[:, None, :]  # [N, 1, K]
-    lev_old = _level_of(starts, prev_pos[:, None, :].expand(N, C, K))
+    lev_old = level_of_by_search(starts, prev_pos[:, None, :].expand(N, C, K))
     lev_old = torch.where(live, lev_old, -1)
     W = torch.where(lev_old >= 0, torch.gather(lam, -1, lev_old.clamp(min=0)), 0.0)
     end_old = torch.where(lev_old[:, -1] >= 0, lev_old[:, -1], K)
@@ -209,7 +209,7 @@ def _levels(starts: Tensor, prev_pos: Tensor, c0: int, lam: Tensor, K: int):
     return Lam, lev_tok, W, lev_old, end_old, end_tok
 
 
-def _chunk(x: _Inputs, c0: int, c1: int, prev_pos: Tensor, need_levels: bool = True) -> _Chunk:
+def chunk_terms(x: Inputs, c0: int, c1: int, prev_pos: Tensor, need_levels: bool = True) -> _Chunk:
     q, k, v = x.q[:, c0:c1], x.k[:, c0:c1], x.v[:, c0:c1]
     N, C, Dk = k.shape
     K = x.S0.shape[1]
@@ -249,8 +249,8 @@ def _chunk(x: _Inputs, c0: int, c1: int, prev_pos: Tensor, need_levels: bool = T
     else:  # the state pass needs the chunk-end remaps only
         last = x.starts[:, c1 - 1 : c1]
         pos = c0 + torch.arange(C, device=dev)
-        lev_tok = _level_of(last, pos.expand(N, 1, C))[:, 0]
-        lev_old = _level_of(last, prev_pos[:, None, :])[:, 0]
+        lev_tok = level_of_by_search(last, pos.expand(N, 1, C))[:, 0]
+        lev_old = level_of_by_search(last, prev_pos[:, None, :])[:, 0]
         lev_old = torch.where(prev_pos != EMPTY, lev_old, -1)
         levels = (None, None, None, None, torch.where(lev_old >= 0, lev_old, K), torch.where(lev_tok >= 0, lev_tok, K))
     return _Chunk(q, k, v, beta, gam, rho, gam_C, Gam, QK, KK, Tinv, M, Aqk, At, Qh, E, P, *levels)
@@ -270,7 +270,7 @@ def _chunk_bounds(T: int, chunk_size: int):
     return [(c0, min(c0 + C, T)) for c0 in range(0, T, C)]
 
 
-def _next_prev_pos(x: _Inputs, c1: int) -> Tensor:
+def _next_prev_pos(x: Inputs, c1: int) -> Tensor:
     return x.starts[:, c1 - 1]
 
 
@@ -280,7 +280,7 @@ def _next_prev_pos(x: _Inputs, c1: int) -> Tensor:
 
 
 @torch.no_grad()
-def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+def chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] in the state dtype)`; see the module doc."""
     B, T, H, Dk = q.shape
     Dv, K = v.shape[-1], lam.shape[-1]
@@ -290,14 +290,14 @@ def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_
     prev_pos = initial_starts(K, q.device).to(torch.int64).expand(N, K)
     o = torch.empty(N, T, Dv, dtype=cdt, device=q.device)
     for c0, c1 in _chunk_bounds(T, chunk_size):
-        c = _chunk(x, c0, c1, prev_pos)
+        c = chunk_terms(x, c0, c1, prev_pos)
         C = c1 - c0
         X = (c.W[..., None] * c.Qh[:, :, None, :]).reshape(N, C, K * Dk)
         o[:, c0:c1] = scale * ((c.At * c.Lam) @ c.v + X @ S.reshape(N, K * Dk, Dv))
         S = _chunk_end(c, S)
         prev_pos = _next_prev_pos(x, c1)
     S_out = S.reshape(B, H, K, Dk, Dv).clone() if T == 0 else S.reshape(B, H, K, Dk, Dv)
-    return _unheads(o, B, H, q.dtype), S_out.contiguous()
+    return unheads(o, B, H, q.dtype), S_out.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_
 
 
 @torch.no_grad()
-def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+def chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg`/`dbeta` are
     float32 zeros `[B,T,H]` when `g`/`beta` is absent. `do` or `dS` may be None (zero)."""
     B, T, H, Dk = q.shape
@@ -322,11 +322,11 @@ def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: floa
     for c0, c1 in bounds:
         states.append(S)
         prev.append(prev_pos)
-        S = _chunk_end(_chunk(x, c0, c1, prev_pos, need_levels=False), S)
+        S = _chunk_end(chunk_terms(x, c0, c1, prev_pos, need_levels=False), S)
         prev_pos = _next_prev_pos(x, c1)
 
     # 2. reverse pass carrying dS
-    dOt = _heads(do, cdt) * scale if do is not None else torch.zeros(N, T, Dv, dtype=cdt, device=dev)
+    dOt = heads(do, cdt) * scale if do is not None else torch.zeros(N, T, Dv, dtype=cdt, device=dev)
     dSc = dS.to(cdt).reshape(N, K, Dk, Dv) if dS is not None else torch.zeros(N, K, Dk, Dv, dtype=cdt, device=dev)
     dq = torch.zeros(N, T, Dk, dtype=cdt, device=dev)
     dk, dv = torch.zeros_like(dq), torch.zeros(N, T, Dv, dtype=cdt, device=dev)
@@ -334,17 +334,17 @@ def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: floa
     dg = torch.zeros(N, T, dtype=cdt, device=dev)
     dbeta = torch.zeros(N, T, dtype=cdt, device=dev)
     for (c0, c1), S, prev_pos in zip(reversed(bounds), reversed(states), reversed(prev)):
-        c = _chunk(x, c0, c1, prev_pos)
+        c = chunk_terms(x, c0, c1, prev_pos)
         dSc = _chunk_backward(c, S, dOt[:, c0:c1], dSc, x.beta is not None, x.g is not None,
                               dq[:, c0:c1], dk[:, c0:c1], dv[:, c0:c1], dlam[:, c0:c1], dg[:, c0:c1],
                               dbeta[:, c0:c1])
 
     f32 = torch.float32
     return (
-        _unheads(dq, B, H, q.dtype), _unheads(dk, B, H, k.dtype), _unheads(dv, B, H, v.dtype),
-        _unheads(dlam, B, H, lam.dtype),
-        _unheads(dg, B, H, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev),
-        _unheads(dbeta, B, H, beta.dtype) if beta is not None else torch.zeros(B, T, H, dtype=f32, device=dev),
+        unheads(dq, B, H, q.dtype), unheads(dk, B, H, k.dtype), unheads(dv, B, H, v.dtype),
+        unheads(dlam, B, H, lam.dtype),
+        unheads(dg, B, H, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev),
+        unheads(dbeta, B, H, beta.dtype) if beta is not None else torch.zeros(B, T, H, dtype=f32, device=dev),
         dSc.reshape(B, H, K, Dk, Dv).to(S0.dtype).clone(),
     )
 

@@ -1,0 +1,76 @@
+"""Testing aids for code built on `dla`.
+
+`triton_interpreter()` runs the operator's Triton kernels on CPU tensors, through Triton's
+interpreter, for the length of a `with` block: a user can fuzz the GPU path (with hypothesis,
+say) on a machine without a GPU. Inside the block the CPU kernels of the `dla::*` ops are the
+CUDA side of each stage's rule — the same kernels, chosen the same way — and a launch of any
+Triton kernel runs through the interpreter (`triton.jit` picks compiler or interpreter when a
+kernel is defined, so the block hands each launch and each device-function call to an
+interpreted twin of the kernel). Outside it nothing has changed: the registrations and Triton's
+own launch methods come back when the block exits. Not thread-safe: use it around tests.
+
+The interpreter runs every program of a launch in Python over numpy arrays, so keep shapes tiny
+(a few heads, tens of tokens, head dims of 16 or 32). It computes float32 faithfully; 16-bit
+`tl.dot` is not trustworthy there, so call the operator with float32 inputs.
+
+    import torch, dla
+    from dla.testing import triton_interpreter
+
+    with triton_interpreter():
+        o = dla.multistate_attention(q, k, v, lam, g=g)     # q, ... float32 CPU tensors
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+import dla.compile.ops  # noqa: F401  the registrations this overrides
+from dla.ops.readout import readout_backward_triton, readout_forward_triton
+
+__all__ = ["triton_interpreter"]
+
+
+@contextmanager
+def triton_interpreter():
+    """Route the `dla::*` ops' CPU kernels to their Triton kernels, interpreted, inside the block."""
+    with _jit_functions_interpreted(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        lib = torch.library.Library("dla", "IMPL")
+        try:
+            lib.impl("segment", _segment_triton, "CPU")
+            lib.impl("readout", readout_forward_triton, "CPU")
+            lib.impl("readout_backward", readout_backward_triton, "CPU")
+            yield
+        finally:
+            lib._destroy()
+
+
+def _segment_triton(*args):
+    from dla.ops.segment.triton_walk import segment_triton  # the CUDA side of `dla.ops.segment.segment`
+
+    return segment_triton(*args)
+
+
+@contextmanager
+def _jit_functions_interpreted():
+    """`JITFunction.run` (a launch) and `JITFunction.__call__` (a device-function call inside a
+    kernel, `tl.sum` included) handed to an interpreted twin of the same Python function."""
+    twins: dict = {}
+
+    def twin(jit_fn: JITFunction) -> InterpretedFunction:
+        if jit_fn.fn not in twins:
+            twins[jit_fn.fn] = InterpretedFunction(jit_fn.fn)
+        return twins[jit_fn.fn]
+
+    run, call = JITFunction.run, JITFunction.__call__
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: twin(self).run(*args, grid=grid, warmup=warmup, **kwargs)
+    JITFunction.__call__ = lambda self, *args, **kwargs: twin(self)(*args, **kwargs)
+    try:
+        yield
+    finally:
+        JITFunction.run, JITFunction.__call__ = run, call

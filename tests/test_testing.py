@@ -1,0 +1,88 @@
+"""`dla.testing.triton_interpreter()`: the public operator's Triton path on CPU tensors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dla
+import dla.ops.readout.masked_triton as masked
+import dla.ops.readout.scan_triton as scan
+import dla.ops.segment.triton_walk as walk
+from dla.ops.reference import multistate_attention_materialized
+from dla.testing import triton_interpreter
+from tests.strategies import relative_error
+
+
+def _inputs(beta: bool):
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D, K = 1, 20, 2, 16, 4
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    lam = torch.rand(B, T, H, K, generator=gen)
+    g = -torch.rand(B, T, H, generator=gen) * 0.1
+    b = torch.rand(B, T, H, generator=gen) if beta else None
+    return dict(q=q, k=k, v=v, lam=lam, g=g, beta=b)
+
+
+@pytest.mark.parametrize("beta", [False, True])
+def test_the_operator_runs_its_triton_kernels_inside_the_block_only(beta, monkeypatch):
+    calls = []
+
+    def spy(module, name):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **kw: (calls.append(name), original(*a, **kw))[1])
+
+    spy(walk, "segment_triton")
+    for module, names in ((masked, ("masked_forward", "masked_backward")), (scan, ("scan_forward", "scan_backward"))):
+        for name in names:
+            spy(module, name)
+    x = _inputs(beta)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+    kw = dict(score="token", tau=0.6)
+    with triton_interpreter():
+        o = dla.multistate_attention(leaves["q"], leaves["k"], leaves["v"], leaves["lam"], g=leaves["g"],
+                                     beta=leaves.get("beta"), **kw)
+        grads = torch.autograd.grad(o.square().sum(), list(leaves.values()))
+    kernel = "scan" if beta else "masked"  # the readout stage's rule at these shapes
+    assert calls == ["segment_triton", f"{kernel}_forward", f"{kernel}_backward"]
+
+    x64 = {n: (t.double().requires_grad_() if t is not None else None) for n, t in x.items()}
+    ref = multistate_attention_materialized(x64["q"], x64["k"], x64["v"], x64["lam"], g=x64["g"], beta=x64["beta"], **kw)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [t for t in x64.values() if t is not None])
+    assert relative_error(o.detach(), ref.detach()) <= 1e-5
+    for name, got, want in zip(leaves, grads, ref_grads):
+        assert relative_error(got, want) <= 1e-5, name
+
+    calls.clear()  # outside the block the CPU kernels are the torch ones again
+    dla.multistate_attention(x["q"], x["k"], x["v"], x["lam"], g=x["g"], beta=x["beta"], **kw)
+    assert calls == []
+
+
+SCRIPT = r"""
+import torch, dla
+from dla.testing import triton_interpreter
+from dla.ops.reference import multistate_attention_recurrent
+from triton.runtime.jit import JITFunction
+import dla.ops.segment.triton_walk as walk
+assert isinstance(walk._walk_kernel, JITFunction)  # a process where triton compiles
+gen = torch.Generator().manual_seed(1)
+q, k, v = (torch.randn(1, 24, 2, 16, generator=gen) for _ in range(3))
+lam, g = torch.rand(1, 24, 2, 3, generator=gen), -torch.rand(1, 24, 2, generator=gen) * 0.2
+with triton_interpreter():
+    o = dla.multistate_attention(q, k, v, lam, g=g, score="token")
+ref = multistate_attention_recurrent(q.double(), k.double(), v.double(), lam.double(), g=g.double(), score="token")
+print(float((o.double() - ref).norm() / ref.norm()))
+"""
+
+
+def test_works_where_triton_compiles():
+    """In a process started without TRITON_INTERPRET (a user's), the block interprets the kernels."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5
