@@ -87,7 +87,7 @@ def _merge_events(info: Tensor, flag: Tensor, n0: Tensor, I0: Tensor, m0: Tensor
     N = B * H
     ev = compact_events(info.reshape(N, T), flag.reshape(N, T))
     slot = torch.arange(K, device=info.device)
-    m = m0.reshape(N).to(torch.int64)
+    m = m0.reshape(N).to(torch.int64).clone()
     live = slot < m[:, None]
     n = torch.where(live, n0.reshape(N, K).to(torch.int64), 0)
     I = torch.where(live, I0.reshape(N, K).to(info.dtype), 0.0)
