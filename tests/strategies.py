@@ -10,6 +10,7 @@ regime changes only where the decay `g` makes the memory forget (`FORGETFUL`), a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -169,3 +170,20 @@ def assert_draws_exercise_every_decision(strategy, **hypothesis_settings) -> Non
 
     draw()
     assert (events > 0).all(), events
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """`torch.empty` returns NaN-filled floats (and extreme ints) inside the block, so a kernel's
+    unwritten output shows."""
+    real = torch.empty
+
+    def empty(*size, **kw):
+        x = real(*size, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-(2**30))
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real

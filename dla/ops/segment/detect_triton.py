@@ -134,11 +134,14 @@ def _pass_kernel(k_ptr, v_ptr, g_ptr, s0_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr, p_pt
 
 def launch_meta(Dk: int, Dv: int, chunk_size: int, on_interpreter: bool) -> dict:
     """Blocks: the chunk a power of two in [16, 64] (the products do not depend on it beyond
-    rounding); the pass kernel's `h` tile `BK × BV` at most 8K float32 registers' worth, and the
-    smallest tile under the interpreter (tiny shapes then still cover several tiles)."""
+    rounding); the pass kernel's `h` tile `BK × BV` at most 8K float32 values, and the smallest
+    tile under the interpreter (tiny shapes then still cover several tiles). One pipeline stage:
+    the IEEE dots stage their operands in shared memory, and pipelining the chunk loop's loads
+    on top (three stages) asks for 279 KB at `Dk = 128`, `BV = 64`, beyond an H100's 227 KB."""
     BK = pow2(Dk)
     BV = 16 if on_interpreter else max(16, min(pow2(Dv), 8192 // BK))
-    return dict(C=min(64, pow2(chunk_size)), BK=BK, BV=BV, num_warps=1 if on_interpreter else 4)
+    warps = 1 if on_interpreter else (8 if BK * BV >= 64 * 64 else 4)
+    return dict(C=min(64, pow2(chunk_size)), BK=BK, BV=BV, num_warps=warps, num_stages=1)
 
 
 def readout_products_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, Sg0: Tensor,
