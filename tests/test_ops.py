@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from dla import level_map, multistate_attention
@@ -16,7 +16,7 @@ from dla.ops.reference import multistate_attention_materialized
 from dla.ops.state import empty_cache
 from dla.ops.validation import SCORES
 from tests.strategies import (
-    FORGETFUL, Case, assert_draws_exercise_every_decision, build, cases, fenwick_levels, information_close,
+    FORGETFUL, TRANSITIONS, Case, assert_draws_exercise_every_decision, build, cases, fenwick_levels, information_close,
     naive_segmentation, options, random_cache, relative_error, well_conditioned,
 )
 
@@ -253,3 +253,56 @@ def test_a_new_length_recompiles_once_then_stays_dynamic():
         t = compile_inputs(length)
         compiled(t["q"], t["k"], t["v"], t["lam"], t["g"]).backward()
         assert counter.frame_count == frames, length
+
+
+# ---------------------------------------------------------------------------- drift: decode, prefill
+
+
+@st.composite
+def drift_cases(draw, transition: str):
+    """Decay-driven piecewise-stationary inputs under `drift` (slots open at regime changes)."""
+    return Case(
+        batch=draw(st.integers(1, 2)), length=draw(st.integers(12, 28)), heads=draw(st.integers(1, 2)),
+        dk=draw(st.integers(2, 4)), dv=draw(st.integers(2, 4)), levels=draw(st.integers(2, 5)), policy="dla",
+        transition=transition, score="drift", tau=draw(st.sampled_from([0.3, 0.6])), inputs="piecewise",
+        mean_regime=draw(st.sampled_from([4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
+        chunk_size=draw(st.sampled_from([4, 64])), log_decay=FORGETFUL,
+    )
+
+
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_drift_decode_and_split_prefill_equal_one_call(transition):
+    """Under `drift`: a prefill of `x[:a]` followed by decode steps (`T = 1` with the cache) equals
+    one parallel call — outputs, counts, slot states and the carried `N` — in float32 and
+    float64, on well-conditioned draws (most of them)."""
+    verdicts = []
+
+    @settings(max_examples=6, database=None, derandomize=True, deadline=None)
+    @given(drift_cases(transition), st.sampled_from([torch.float64, torch.float32]), st.data())
+    def check(case, dtype, data):
+        t64 = build(case)
+        verdicts.append(well_conditioned(naive_segmentation(case, t64), dtype))
+        if not verdicts[-1]:
+            return
+        t = {n: (x.to(dtype) if x is not None else None) for n, x in t64.items()}
+        kw = dict(output_final_state=True, **options(case))
+
+        def call(lo, hi, state):
+            p = {n: (x[:, lo:hi] if x is not None else None) for n, x in t.items()}
+            return multistate_attention(p["q"], p["k"], p["v"], p["lam"], g=p["g"], beta=p["beta"],
+                                        initial_state=state, **kw)
+
+        o_one, s_one = call(0, case.length, None)
+        a = data.draw(st.integers(1, case.length - 1))
+        o, state = call(0, a, None)
+        outs = [o]
+        for i in range(a, case.length):
+            o, state = call(i, i + 1, state)
+            outs.append(o)
+        assert relative_error(torch.cat(outs, 1), o_one) <= TOL[dtype]
+        assert torch.equal(state.m, s_one.m) and torch.equal(state.n, s_one.n)
+        for name in ("S", "N", "Z", "zz"):
+            assert relative_error(getattr(state, name), getattr(s_one, name)) <= 10 * TOL[dtype], name
+
+    check()
+    assert sum(verdicts) >= 0.8 * len(verdicts), f"{sum(verdicts)} of {len(verdicts)} draws well-conditioned"
