@@ -25,8 +25,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from dla.ops.segment.cpu import segment_cpu
+from dla.ops.segment.stats import SegmentationStats, segmentation_stats
 
-__all__ = ["segment"]
+__all__ = ["segment", "segmentation_stats", "SegmentationStats"]
 
 
 def segment(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, S0: Tensor, n0: Tensor, I0: Tensor,
