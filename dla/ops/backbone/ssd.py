@@ -102,6 +102,9 @@ def check_ssd_args(name: str, k: Tensor, v: Tensor, g: Tensor | None, reset: Ten
         raise TypeError(f"{name}: g must be float32 or {k.dtype}, got {g.dtype}")
     if S0 is not None and tuple(S0.shape) != (B, H, Dk, v.shape[-1]):
         raise ValueError(f"{name}: S0 must be [B,H,Dk,Dv] = [{B},{H},{Dk},{v.shape[-1]}], got {tuple(S0.shape)}")
+    for arg, x in (("q", q), ("v", v), ("lam0", lam0), ("g", g), ("reset", reset), ("S0", S0)):
+        if x is not None and x.device != k.device:
+            raise ValueError(f"{name}: {arg} must be on k's device {k.device}, got {x.device}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
 
