@@ -22,12 +22,15 @@ write's terms (`w`, `D_c`): the gradient of `ssd_chunk_states` alone.
 The `[C, C]` products are formed in the orientation each GEMM consumes — `dO Vᵀ` for `dq`, `V dOᵀ`
 and `K Qᵀ` for `dk` and `dv` — rather than transposing a GEMM's result: `tl.trans` of a dot's
 output fed to another dot miscompiles on Hopper in Triton 3.4–3.7.0 (fla #640, triton #6124).
+Loaded tiles are transposed freely (`tl.trans` of a load is a shared-memory operand view).
 The backward program runs in three phases so that few tiles are live at once: `K Qᵀ` then `dv`;
-`dO Vᵀ` and `V dOᵀ`; then `dq`, `dk` per `Dk` tile with the row sums of `dλ0` and `dG`.
+`dO Vᵀ` and `V dOᵀ`; then `dq`, `dk` per `Dk` tile with the row sums of `dλ0` and `dG`. Its tile
+loops are runtime loops: unrolled, the scheduler hoists every load and the registers spill.
 
 Numerics: GEMMs take the inputs' dtype (the `[C, C]` tiles are rounded to it after masking, as
 FlashAttention and fla do) with float32 accumulation; float32 inputs use `input_precision="ieee"`.
-`G` is chunk-local, so every exponent is bounded by one chunk's decay. Token offsets are int64.
+`G` is chunk-local, so every exponent is bounded by one chunk's decay. Offsets inside one batch
+element and head are int32.
 """
 
 from __future__ import annotations
@@ -49,22 +52,29 @@ def _output_fwd_kernel(Q, K, V, LAM, G, R, Hs, O, scale, T, H, NC,
                        HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr):
     """O [B,T,H,Dv] in q's dtype: one program per (Dv tile, chunk, batch·head)."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hh = i_bh // H, i_bh % H
-    rows, mt, G_c, seg, _, _, _ = chunk_scalars(G, R, b, hh, T, H, i_c * C, C, HAS_G, HAS_RESET)
-    tok = (b * T + rows).to(tl.int64) * H + hh
+    first_token = (i_bh // H).to(tl.int64) * T * H + i_bh % H
+    Q += first_token * DK
+    K += first_token * DK
+    V += first_token * DV
+    O += first_token * DV
+    LAM += first_token
+    G += first_token
+    R += first_token
+    Hs += (i_bh.to(tl.int64) * NC + i_c) * (DK * DV)
+    rows, mt, G_c, seg, _, _, _ = chunk_scalars(G, R, T, H, i_c * C, C, HAS_G, HAS_RESET)
+    tok = rows * H
     ov = i_v * BV + tl.arange(0, BV)
     m_v = mt[:, None] & (ov[None, :] < DV)
-    state = (i_bh.to(tl.int64) * NC + i_c) * (DK * DV)
     acc = tl.zeros([C, BV], dtype=tl.float32)
     scores = tl.zeros([C, C], dtype=tl.float32)
     for kk in tl.static_range(0, DK, BK):
         ok = kk + tl.arange(0, BK)
         q = tl.load(Q + tok[:, None] * DK + ok[None, :], mask=mt[:, None] & (ok[None, :] < DK), other=0.0)
-        kT = tl.load(K + tok[None, :] * DK + ok[:, None], mask=mt[None, :] & (ok[:, None] < DK), other=0.0)
-        h = tl.load(Hs + state + ok[:, None] * DV + ov[None, :], mask=(ok[:, None] < DK) & (ov[None, :] < DV),
+        k = tl.load(K + tok[:, None] * DK + ok[None, :], mask=mt[:, None] & (ok[None, :] < DK), other=0.0)
+        h = tl.load(Hs + ok[:, None] * DV + ov[None, :], mask=(ok[:, None] < DK) & (ov[None, :] < DV),
                     other=0.0)
         acc = tl.dot(q, h.to(q.dtype), acc, input_precision=PREC)
-        scores = tl.dot(q, kT, scores, input_precision=PREC)
+        scores = tl.dot(q, tl.trans(k), scores, input_precision=PREC)
     idx = tl.arange(0, C)
     mask = (idx[:, None] >= idx[None, :]) & (seg[:, None] == seg[None, :])
     scores = tl.where(mask, scores * tl.exp(tl.where(mask, G_c[:, None] - G_c[None, :], 0.0)), 0.0)
@@ -81,39 +91,50 @@ def _output_bwd_kernel(Q, K, V, DO, LAM, G, R, Hs, DHE, DQ, DK_, DV_, DLAM, DG, 
                        HAS_OUT: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr):
     """dk, dv (and with HAS_OUT dq, dλ0; with HAS_G dg) of one chunk: one program per (chunk, batch·head)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    b, hh = i_bh // H, i_bh % H
+    first_token = (i_bh // H).to(tl.int64) * T * H + i_bh % H
+    Q += first_token * DK
+    K += first_token * DK
+    DQ += first_token * DK
+    DK_ += first_token * DK
+    V += first_token * DV
+    DO += first_token * DV
+    DV_ += first_token * DV
+    LAM += first_token
+    DLAM += first_token
+    G += first_token
+    DG += first_token
+    R += first_token
+    Hs += (i_bh.to(tl.int64) * NC + i_c) * (DK * DV)
+    DHE += (i_bh.to(tl.int64) * NC + i_c) * (DK * DV)
     t0 = i_c * C
-    rows, mt, G_c, seg, G_last, seg_last, first = chunk_scalars(G, R, b, hh, T, H, t0, C, HAS_G, HAS_RESET)
-    tok = (b * T + rows).to(tl.int64) * H + hh
-    state = (i_bh.to(tl.int64) * NC + i_c) * (DK * DV)
+    rows, mt, G_c, seg, G_last, seg_last, first = chunk_scalars(G, R, T, H, t0, C, HAS_G, HAS_RESET)
+    tok = rows * H
     idx = tl.arange(0, C)
     # [j, i] orientation: M[i, j] with the key j on the rows
     mask_t = (idx[:, None] <= idx[None, :]) & (seg[:, None] == seg[None, :])
     w = tl.where(seg == seg_last, tl.exp(G_last - G_c), 0.0)
     if HAS_OUT:
         lam = tl.load(LAM + tok, mask=mt, other=0.0).to(tl.float32)
-        rho = tl.where(seg == 0, tl.exp(G_c), 0.0) * scale
-        mask = (idx[:, None] >= idx[None, :]) & (seg[:, None] == seg[None, :])
-        gamma = tl.exp(tl.where(mask, G_c[:, None] - G_c[None, :], 0.0))
         # Γ[i, j] · scale · λ0_i on the [j, i] tiles
         weight_t = tl.exp(tl.where(mask_t, G_c[None, :] - G_c[:, None], 0.0)) * (lam * scale)[None, :]
 
         # phase 1: K Qᵀ, then dv
         kq = tl.zeros([C, C], dtype=tl.float32)
-        for kk in tl.static_range(0, DK, BK):
+        for kk in range(0, DK, BK):
             ok = kk + tl.arange(0, BK)
-            k = tl.load(K + tok[:, None] * DK + ok[None, :], mask=mt[:, None] & (ok[None, :] < DK), other=0.0)
-            qT = tl.load(Q + tok[None, :] * DK + ok[:, None], mask=mt[None, :] & (ok[:, None] < DK), other=0.0)
-            kq = tl.dot(k, qT, kq, input_precision=PREC)
+            m_k = mt[:, None] & (ok[None, :] < DK)
+            k = tl.load(K + tok[:, None] * DK + ok[None, :], mask=m_k, other=0.0)
+            q = tl.load(Q + tok[:, None] * DK + ok[None, :], mask=m_k, other=0.0)
+            kq = tl.dot(k, tl.trans(q), kq, input_precision=PREC)
         kq = tl.where(mask_t, kq * weight_t, 0.0).to(Q.dtype.element_ty)
-    for vv in tl.static_range(0, DV, BV):
+    for vv in range(0, DV, BV):
         ov = vv + tl.arange(0, BV)
         m_v = mt[:, None] & (ov[None, :] < DV)
         dv = tl.zeros([C, BV], dtype=tl.float32)
-        for kk in tl.static_range(0, DK, BK):
+        for kk in range(0, DK, BK):
             ok = kk + tl.arange(0, BK)
             k = tl.load(K + tok[:, None] * DK + ok[None, :], mask=mt[:, None] & (ok[None, :] < DK), other=0.0)
-            dhe = tl.load(DHE + state + ok[:, None] * DV + ov[None, :], mask=(ok[:, None] < DK) & (ov[None, :] < DV),
+            dhe = tl.load(DHE + ok[:, None] * DV + ov[None, :], mask=(ok[:, None] < DK) & (ov[None, :] < DV),
                           other=0.0)
             dv = tl.dot(k, dhe.to(k.dtype), dv, input_precision=PREC)
         dv = dv * w[:, None]
@@ -126,45 +147,45 @@ def _output_bwd_kernel(Q, K, V, DO, LAM, G, R, Hs, DHE, DQ, DK_, DV_, DLAM, DG, 
     if HAS_OUT:
         dov = tl.zeros([C, C], dtype=tl.float32)
         vdo = tl.zeros([C, C], dtype=tl.float32)
-        for vv in tl.static_range(0, DV, BV):
+        for vv in range(0, DV, BV):
             ov = vv + tl.arange(0, BV)
             m_v = mt[:, None] & (ov[None, :] < DV)
-            m_vt = (ov[:, None] < DV) & mt[None, :]
             do = tl.load(DO + tok[:, None] * DV + ov[None, :], mask=m_v, other=0.0)
-            vT = tl.load(V + tok[None, :] * DV + ov[:, None], mask=m_vt, other=0.0)
             v = tl.load(V + tok[:, None] * DV + ov[None, :], mask=m_v, other=0.0)
-            doT = tl.load(DO + tok[None, :] * DV + ov[:, None], mask=m_vt, other=0.0)
-            dov = tl.dot(do, vT, dov, input_precision=PREC)
-            vdo = tl.dot(v, doT, vdo, input_precision=PREC)
+            dov = tl.dot(do, tl.trans(v), dov, input_precision=PREC)
+            vdo = tl.dot(v, tl.trans(do), vdo, input_precision=PREC)
+        mask = (idx[:, None] >= idx[None, :]) & (seg[:, None] == seg[None, :])
+        gamma = tl.exp(tl.where(mask, G_c[:, None] - G_c[None, :], 0.0))
         dov = tl.where(mask, dov * gamma * scale, 0.0).to(Q.dtype.element_ty)
         vdo = tl.where(mask_t, vdo * weight_t, 0.0).to(Q.dtype.element_ty)
+        rho = tl.where(seg == 0, tl.exp(G_c), 0.0) * scale
         dlam = tl.zeros([C], dtype=tl.float32)
 
     # phase 3: dq, dk per Dk tile; the row sums of dλ0 and dG
     dG = tl.zeros([C], dtype=tl.float32)
     kdk_state = tl.zeros([C], dtype=tl.float32)  # k_j · w_j D_c v_j
-    inner = tl.zeros([BV], dtype=tl.float32)  # ⟨D_c, h_c⟩ by rows of the [Dv, Dk] tiles
-    for kk in tl.static_range(0, DK, BK):
+    inner = tl.zeros([BK], dtype=tl.float32)  # ⟨D_c, h_c⟩ by rows of the [Dk, Dv] tiles
+    for kk in range(0, DK, BK):
         ok = kk + tl.arange(0, BK)
         m_k = mt[:, None] & (ok[None, :] < DK)
-        k = tl.load(K + tok[:, None] * DK + ok[None, :], mask=m_k, other=0.0)
         dk = tl.zeros([C, BK], dtype=tl.float32)
         if HAS_OUT:
             dq = tl.zeros([C, BK], dtype=tl.float32)
-        for vv in tl.static_range(0, DV, BV):
+        for vv in range(0, DV, BV):
             ov = vv + tl.arange(0, BV)
             m_v = mt[:, None] & (ov[None, :] < DV)
-            m_s = (ov[:, None] < DV) & (ok[None, :] < DK)
+            m_s = (ok[:, None] < DK) & (ov[None, :] < DV)
             v = tl.load(V + tok[:, None] * DV + ov[None, :], mask=m_v, other=0.0)
-            dheT = tl.load(DHE + state + ok[None, :] * DV + ov[:, None], mask=m_s, other=0.0)
-            dk = tl.dot(v, dheT.to(v.dtype), dk, input_precision=PREC)
+            dhe = tl.load(DHE + ok[:, None] * DV + ov[None, :], mask=m_s, other=0.0)
+            dk = tl.dot(v, tl.trans(dhe.to(v.dtype)), dk, input_precision=PREC)
             if HAS_OUT or HAS_G:
-                hT = tl.load(Hs + state + ok[None, :] * DV + ov[:, None], mask=m_s, other=0.0)
+                h = tl.load(Hs + ok[:, None] * DV + ov[None, :], mask=m_s, other=0.0)
             if HAS_G:
-                inner += tl.sum(hT.to(tl.float32) * dheT.to(tl.float32), axis=1)
+                inner += tl.sum(h.to(tl.float32) * dhe.to(tl.float32), axis=1)
             if HAS_OUT:
                 do = tl.load(DO + tok[:, None] * DV + ov[None, :], mask=m_v, other=0.0)
-                dq = tl.dot(do, hT.to(do.dtype), dq, input_precision=PREC)
+                dq = tl.dot(do, tl.trans(h.to(do.dtype)), dq, input_precision=PREC)
+        k = tl.load(K + tok[:, None] * DK + ok[None, :], mask=m_k, other=0.0)
         dk = dk * w[:, None]
         kdk = tl.sum(k.to(tl.float32) * dk, axis=1)
         kdk_state += kdk
@@ -190,18 +211,16 @@ def _output_bwd_kernel(Q, K, V, DO, LAM, G, R, Hs, DHE, DQ, DK_, DV_, DLAM, DG, 
         dg = tl.where(first == 0, tl.sum(tl.where(mask_t, dG[None, :], 0.0), axis=1), 0.0)
         tl.store(DG + tok, dg.to(DG.dtype.element_ty), mask=mt)
 
-
 def output_tiles(Dk: int, Dv: int, C: int, device: torch.device) -> dict:
     """Tiles and warps of both kernels, from the shapes alone. Forward: the whole `Dv` (≤ 128) per
-    program, so `Q Kᵀ` is formed once per chunk. Backward: `Dk` tiles of up to 128 (one for the
-    usual heads, so `V`, `dO`, `D_c`, `h_c` are read once per chunk) and `Dv` tiles of 64, 8
-    warps for the two `[C, Dk]` accumulators. The interpreter takes whole heads."""
+    program, so `Q Kᵀ` is formed once per chunk. Backward: 64×64 tiles of `[Dk, Dv]` and 8 warps,
+    the configuration of fewest spills under ptxas for sm_90 (the program holds three `[C, C]`
+    tiles and two `[C, BK]` accumulators). The interpreter takes whole heads."""
     if device.type != "cuda":
         return dict(fwd=dict(BK=pow2(Dk), BV=pow2(Dv), num_warps=4), bwd=dict(BK=pow2(Dk), BV=pow2(Dv), num_warps=4))
     fwd_bv = min(128, pow2(Dv))
-    bwd_bk = min(128, pow2(Dk))
     return dict(fwd=dict(BK=min(64, pow2(Dk)), BV=fwd_bv, num_warps=8 if C * fwd_bv >= 64 * 128 else 4),
-                bwd=dict(BK=bwd_bk, BV=min(64, pow2(Dv)), num_warps=8 if C * bwd_bk >= 64 * 128 else 4))
+                bwd=dict(BK=min(64, pow2(Dk)), BV=min(64, pow2(Dv)), num_warps=8 if C >= 64 else 4))
 
 
 def output_forward(q: Tensor, k: Tensor, v: Tensor, lam0: Tensor, g: Tensor | None, reset: Tensor | None, h: Tensor,

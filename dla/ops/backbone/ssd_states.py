@@ -36,12 +36,13 @@ __all__ = ["chunk_scalars", "state_forward", "state_backward", "state_tiles", "d
 
 
 @triton.jit
-def chunk_scalars(G, R, b, hh, T, H, t0, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
-    """The chunk starting at token `t0` of batch `b`, head `hh`: rows, row mask, `G [C]`, `σ [C]`,
-    `G_{C−1}`, `σ_{C−1}` and `[reset] [C]` (the padding beyond `T` has `g = 0` and no reset)."""
+def chunk_scalars(G, R, T, H, t0, C: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
+    """The chunk starting at token `t0` (`G`, `R` point at this batch element and head): rows,
+    row mask, `G [C]`, `σ [C]`, `G_{C−1}`, `σ_{C−1}` and `[reset] [C]` (the padding beyond `T`
+    has `g = 0` and no reset)."""
     rows = t0 + tl.arange(0, C)
     mt = rows < T
-    off = (b * T + rows).to(tl.int64) * H + hh
+    off = rows * H
     if HAS_G:
         G_c = tl.cumsum(tl.load(G + off, mask=mt, other=0.0).to(tl.float32), axis=0)
     else:
@@ -63,7 +64,12 @@ def _state_fwd_kernel(K, V, G, R, S0, Hs, SF, T, H, NC,
                       HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr):
     """h [B,H,NC,Dk,Dv] (the state before each chunk) and SF [B,H,Dk,Dv] float32 (the last)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hh = i_bh // H, i_bh % H
+    first_token = (i_bh // H).to(tl.int64) * T * H + i_bh % H
+    K += first_token * DK
+    V += first_token * DV
+    G += first_token
+    R += first_token
+    Hs += i_bh.to(tl.int64) * NC * (DK * DV)
     ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     m_kv = (ok[:, None] < DK) & (ov[None, :] < DV)
@@ -73,14 +79,14 @@ def _state_fwd_kernel(K, V, G, R, S0, Hs, SF, T, H, NC,
     else:
         acc = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(NC):
-        tl.store(Hs + (i_bh.to(tl.int64) * NC + c) * (DK * DV) + tile, acc.to(Hs.dtype.element_ty), mask=m_kv)
-        rows, mt, G_c, seg, G_last, seg_last, _ = chunk_scalars(G, R, b, hh, T, H, c * C, C, HAS_G, HAS_RESET)
-        tok = (b * T + rows).to(tl.int64) * H + hh
-        kT = tl.load(K + tok[None, :] * DK + ok[:, None], mask=mt[None, :] & (ok[:, None] < DK), other=0.0)
+        tl.store(Hs + c * (DK * DV) + tile, acc.to(Hs.dtype.element_ty), mask=m_kv)
+        rows, mt, G_c, seg, G_last, seg_last, _ = chunk_scalars(G, R, T, H, c * C, C, HAS_G, HAS_RESET)
+        tok = rows * H
+        k = tl.load(K + tok[:, None] * DK + ok[None, :], mask=mt[:, None] & (ok[None, :] < DK), other=0.0)
         v = tl.load(V + tok[:, None] * DV + ov[None, :], mask=mt[:, None] & (ov[None, :] < DV), other=0.0)
         w = tl.where(seg == seg_last, tl.exp(G_last - G_c), 0.0)
         decay = tl.where(seg_last == 0, tl.exp(G_last), 0.0)
-        acc = acc * decay + tl.dot(kT, (v * w[:, None]).to(kT.dtype), input_precision=PREC)
+        acc = acc * decay + tl.dot(tl.trans(k), (v * w[:, None]).to(k.dtype), input_precision=PREC)
     tl.store(SF + i_bh.to(tl.int64) * (DK * DV) + tile, acc, mask=m_kv)
 
 
@@ -91,7 +97,14 @@ def _state_bwd_kernel(Q, DO, LAM, G, R, DH, DSF, DHE, DS0, scale, T, H, NC,
                       HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr):
     """DHE [B,H,NC,Dk,Dv] (D_c) and DS0 [B,H,Dk,Dv] float32 (D_{−1}), walking the chunks backwards."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hh = i_bh // H, i_bh % H
+    first_token = (i_bh // H).to(tl.int64) * T * H + i_bh % H
+    Q += first_token * DK
+    DO += first_token * DV
+    LAM += first_token
+    G += first_token
+    R += first_token
+    DHE += i_bh.to(tl.int64) * NC * (DK * DV)
+    DH += i_bh.to(tl.int64) * NC * (DK * DV)
     ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     m_kv = (ok[:, None] < DK) & (ov[None, :] < DV)
@@ -102,17 +115,17 @@ def _state_bwd_kernel(Q, DO, LAM, G, R, DH, DSF, DHE, DS0, scale, T, H, NC,
         acc = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(NC):
         c = NC - 1 - i
-        state = (i_bh.to(tl.int64) * NC + c) * (DK * DV) + tile
+        state = c * (DK * DV) + tile
         tl.store(DHE + state, acc.to(DHE.dtype.element_ty), mask=m_kv)
-        rows, mt, G_c, seg, G_last, seg_last, _ = chunk_scalars(G, R, b, hh, T, H, c * C, C, HAS_G, HAS_RESET)
+        rows, mt, G_c, seg, G_last, seg_last, _ = chunk_scalars(G, R, T, H, c * C, C, HAS_G, HAS_RESET)
         acc = acc * tl.where(seg_last == 0, tl.exp(G_last), 0.0)
         if HAS_OUT:
-            tok = (b * T + rows).to(tl.int64) * H + hh
-            qT = tl.load(Q + tok[None, :] * DK + ok[:, None], mask=mt[None, :] & (ok[:, None] < DK), other=0.0)
+            tok = rows * H
+            q = tl.load(Q + tok[:, None] * DK + ok[None, :], mask=mt[:, None] & (ok[None, :] < DK), other=0.0)
             do = tl.load(DO + tok[:, None] * DV + ov[None, :], mask=mt[:, None] & (ov[None, :] < DV), other=0.0)
             lam = tl.load(LAM + tok, mask=mt, other=0.0).to(tl.float32)
             rho = tl.where(seg == 0, tl.exp(G_c), 0.0) * lam * scale
-            acc += tl.dot((qT * rho[None, :]).to(do.dtype), do, input_precision=PREC)
+            acc += tl.dot(tl.trans((q * rho[:, None]).to(do.dtype)), do, input_precision=PREC)
         if HAS_DH:
             acc += tl.load(DH + state, mask=m_kv, other=0.0).to(tl.float32)
     if HAS_DS0:
