@@ -58,7 +58,8 @@ def costs(batch: int, length: int, heads: int, dk: int, dv: int, chunk: int, ele
         picked = [r for r in out if r["kernel"] in kernels]
         out.append(dict(kernel=passes, bytes=sum(r["bytes"] for r in picked), flop=sum(r["flop"] for r in picked)))
     total = [r for r in out if r["kernel"] in ("forward", "backward")]
-    out.append(dict(kernel="forward+backward", bytes=sum(r["bytes"] for r in total), flop=sum(r["flop"] for r in total)))
+    out.append(dict(kernel="forward+backward", bytes=sum(r["bytes"] for r in total),
+                    flop=sum(r["flop"] for r in total)))
     for r in out:
         r["roofline_ms"] = 1e3 * max(r["bytes"] / PEAK_BYTES_PER_S, r["flop"] / PEAK_FLOP_PER_S)
     return out
@@ -108,7 +109,8 @@ def verify(dtype: torch.dtype, reset_rate: float, device: str, smoke: bool) -> d
         ok = finite and all(e <= 2e-2 and (ours[i].dtype != dtype or e <= 2 * torch_errors[n])
                             for i, (n, e) in enumerate(errors.items()))
         errors = {n: (e, torch_errors[n]) for n, e in errors.items()}
-    return dict(dtype=str(dtype).removeprefix("torch."), resets=reset_rate, T=length, errors=errors, finite=finite, ok=ok)
+    return dict(dtype=str(dtype).removeprefix("torch."), resets=reset_rate, T=length, errors=errors, finite=finite,
+                ok=ok)
 
 
 def fla_ssd():

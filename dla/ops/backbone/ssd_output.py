@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dla.ops.backbone.ssd_states import chunk_scalars, dot_precision
+from dla.ops.backbone.ssd_states import chunk_scalars, dot_precision, flag_pointers
 from dla.ops.triton_utils import interpreting, pow2
 
 __all__ = ["output_forward", "output_backward", "output_tiles"]
@@ -211,12 +211,12 @@ def _output_bwd_kernel(Q, K, V, DO, LAM, G, R, Hs, DHE, DQ, DK_, DV_, DLAM, DG, 
         dg = tl.where(first == 0, tl.sum(tl.where(mask_t, dG[None, :], 0.0), axis=1), 0.0)
         tl.store(DG + tok, dg.to(DG.dtype.element_ty), mask=mt)
 
-def output_tiles(Dk: int, Dv: int, C: int, device: torch.device) -> dict:
+def output_tiles(Dk: int, Dv: int, C: int, interpreter: bool) -> dict:
     """Tiles and warps of both kernels, from the shapes alone. Forward: the whole `Dv` (≤ 128) per
     program, so `Q Kᵀ` is formed once per chunk. Backward: 64×64 tiles of `[Dk, Dv]` and 8 warps,
     the configuration of fewest spills under ptxas for sm_90 (the program holds three `[C, C]`
     tiles and two `[C, BK]` accumulators). The interpreter takes whole heads."""
-    if device.type != "cuda":
+    if interpreter:
         return dict(fwd=dict(BK=pow2(Dk), BV=pow2(Dv), num_warps=4), bwd=dict(BK=pow2(Dk), BV=pow2(Dv), num_warps=4))
     fwd_bv = min(128, pow2(Dv))
     return dict(fwd=dict(BK=min(64, pow2(Dk)), BV=fwd_bv, num_warps=8 if C * fwd_bv >= 64 * 128 else 4),
@@ -229,11 +229,9 @@ def output_forward(q: Tensor, k: Tensor, v: Tensor, lam0: Tensor, g: Tensor | No
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     NC = h.shape[2]
-    cfg = output_tiles(Dk, Dv, chunk_size, q.device)["fwd"]
-    interpreting(q)
+    cfg = output_tiles(Dk, Dv, chunk_size, interpreting(q))["fwd"]
     o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
-    gp = q if g is None else g
-    rp = q if reset is None else reset.view(torch.uint8)
+    gp, rp = flag_pointers(g, reset, q)
     grid = (triton.cdiv(Dv, cfg["BV"]), NC, B * H)
     _output_fwd_kernel[grid](q, k, v, lam0, gp, rp, h, o, float(scale), T, H, NC, DK=Dk, DV=Dv, C=chunk_size,
                              BK=cfg["BK"], BV=cfg["BV"], HAS_G=g is not None, HAS_RESET=reset is not None,
@@ -249,15 +247,13 @@ def output_backward(q: Tensor | None, k: Tensor, v: Tensor, do: Tensor | None, l
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     NC = dhe.shape[2]
-    cfg = output_tiles(Dk, Dv, chunk_size, k.device)["bwd"]
-    interpreting(k)
+    cfg = output_tiles(Dk, Dv, chunk_size, interpreting(k))["bwd"]
     has_out = do is not None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.empty_like(q) if has_out else None
     dlam = torch.empty_like(lam0) if has_out else None
     dg = torch.empty_like(g) if g is not None else None
-    gp = k if g is None else g
-    rp = k if reset is None else reset.view(torch.uint8)
+    gp, rp = flag_pointers(g, reset, k)
     _output_bwd_kernel[(NC, B * H)](
         q if has_out else k, k, v, do if has_out else v, lam0 if has_out else k, gp, rp, dhe if h is None else h, dhe,
         dq if has_out else dk, dk, dv, dlam if has_out else dk, dk if dg is None else dg, float(scale), T, H, NC,

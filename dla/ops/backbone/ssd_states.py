@@ -32,7 +32,8 @@ from torch import Tensor
 
 from dla.ops.triton_utils import interpreting, pow2
 
-__all__ = ["chunk_scalars", "state_forward", "state_backward", "state_tiles", "dot_precision"]
+__all__ = ["chunk_scalars", "state_forward", "state_backward", "state_tiles", "dot_precision", "flag_pointers",
+           "multiprocessors"]
 
 
 @triton.jit
@@ -138,20 +139,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def state_tiles(Dk: int, Dv: int, N: int, device: torch.device) -> tuple[int, int, int]:
-    """`(BK, BV, num_warps)` of the state pass. Its programs each walk every chunk, so the tile is
-    what sets the parallelism: 64×64 where `N·⌈Dk/64⌉·⌈Dv/64⌉` programs give every SM two, else
-    32×32 (four times as many programs; long sequences, few heads). The interpreter takes the
-    whole state in one tile."""
-    if device.type != "cuda":
+def state_tiles(Dk: int, Dv: int, N: int, sms: int | None) -> tuple[int, int, int]:
+    """`(BK, BV, num_warps)` of the state pass for `N = B·H` heads on a GPU of `sms`
+    multiprocessors (None: the interpreter, which takes the whole state in one tile). Its
+    programs each walk every chunk, so the tile is what sets the parallelism: 64×64 where
+    `N·⌈Dk/64⌉·⌈Dv/64⌉` programs give every SM two, else 32×32 (four times as many programs:
+    long sequences, few heads)."""
+    if sms is None:
         return pow2(Dk), pow2(Dv), 4
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     if N * triton.cdiv(Dk, 64) * triton.cdiv(Dv, 64) >= 2 * sms:
         return min(64, pow2(Dk)), min(64, pow2(Dv)), 4
     return min(32, pow2(Dk)), min(32, pow2(Dv)), 2
 
 
-def _flags(g: Tensor | None, reset: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+def multiprocessors(x: Tensor) -> int | None:
+    """The SM count of `x`'s GPU, None when a launch over `x` runs through the interpreter."""
+    return None if interpreting(x) else torch.cuda.get_device_properties(x.device).multi_processor_count
+
+
+def flag_pointers(g: Tensor | None, reset: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
     """The pointers behind `g` and `reset` (a `uint8` view of the bool mask); `like` stands in
     for an absent one, which the kernels never read."""
     return (like if g is None else g), (like if reset is None else reset.view(torch.uint8))
@@ -164,11 +170,10 @@ def state_forward(k: Tensor, v: Tensor, g: Tensor | None, reset: Tensor | None, 
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
-    BK, BV, warps = state_tiles(Dk, Dv, B * H, k.device)
-    interpreting(k)
+    BK, BV, warps = state_tiles(Dk, Dv, B * H, multiprocessors(k))
     h = torch.empty(B, H, NC, Dk, Dv, dtype=k.dtype, device=k.device)
     S = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device)
-    gp, rp = _flags(g, reset, k)
+    gp, rp = flag_pointers(g, reset, k)
     grid = (triton.cdiv(Dk, BK), triton.cdiv(Dv, BV), B * H)
     _state_fwd_kernel[grid](k, v, gp, rp, S if S0 is None else S0, h, S, T, H, NC, DK=Dk, DV=Dv, C=chunk_size,
                             BK=BK, BV=BV, HAS_G=g is not None, HAS_RESET=reset is not None, HAS_S0=S0 is not None,
@@ -185,11 +190,10 @@ def state_backward(q: Tensor | None, do: Tensor | None, lam0: Tensor | None, dh:
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
-    BK, BV, warps = state_tiles(Dk, Dv, B * H, k.device)
-    interpreting(k)
+    BK, BV, warps = state_tiles(Dk, Dv, B * H, multiprocessors(k))
     dhe = torch.empty(B, H, NC, Dk, Dv, dtype=k.dtype, device=k.device)
     dS0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device) if with_dS0 else None
-    gp, rp = _flags(g, reset, k)
+    gp, rp = flag_pointers(g, reset, k)
     has_out = do is not None
     grid = (triton.cdiv(Dk, BK), triton.cdiv(Dv, BV), B * H)
     _state_bwd_kernel[grid](q if has_out else k, do if has_out else v, lam0 if has_out else k, gp, rp,

@@ -29,12 +29,17 @@ __all__ = ["ssd_forward_triton", "ssd_backward_triton", "ssd_chunk_states_triton
 CHUNK_SIZES = (16, 32, 64)
 
 
-def _check(name: str, k: Tensor, chunk_size: int) -> None:
+def _check(name: str, k: Tensor, v: Tensor, chunk_size: int) -> None:
     if k.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"{name}: inputs must be bfloat16, float16 or float32 (float64 runs on dla.ops.backbone.ssd), "
                         f"got {k.dtype}")
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"{name}: chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+    _, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    if T * H * max(Dk, Dv) >= 2**31 or -(-T // chunk_size) * Dk * Dv >= 2**31:
+        raise ValueError(f"{name}: the kernels index one batch element in int32: T·H·max(Dk, Dv) and "
+                         f"⌈T/chunk_size⌉·Dk·Dv must be < 2**31, got T={T}, H={H}, Dk={Dk}, Dv={Dv}")
 
 
 def _contiguous(*xs: Tensor | None) -> list[Tensor | None]:
@@ -50,7 +55,7 @@ def ssd_chunk_states_triton(k: Tensor, v: Tensor, g: Tensor | None, reset: Tenso
     """`(h [B,H,NC,Dk,Dv] in k's dtype, S [B,H,Dk,Dv] float32)`: the state before each chunk
     and the final state."""
     check_ssd_args("ssd_chunk_states_triton", k, v, g, reset, S0, chunk_size)
-    _check("ssd_chunk_states_triton", k, chunk_size)
+    _check("ssd_chunk_states_triton", k, v, chunk_size)
     k, v, g, reset = _contiguous(k, v, g, reset)
     return state_forward(k, v, g, reset, _state(S0), chunk_size)
 
@@ -61,7 +66,7 @@ def ssd_chunk_states_backward_triton(dh: Tensor | None, dS_final: Tensor | None,
     `dS_final` of `S` (either None: zero); `dg` None without `g`, `dS0` None without `S0`."""
     name = "ssd_chunk_states_backward_triton"
     check_ssd_args(name, k, v, g, reset, S0, chunk_size)
-    _check(name, k, chunk_size)
+    _check(name, k, v, chunk_size)
     k, v, g, reset, dh = _contiguous(k, v, g, reset, dh)
     S0c = _state(S0)
     h = state_forward(k, v, g, reset, S0c, chunk_size)[0] if g is not None else None
@@ -75,7 +80,7 @@ def ssd_forward_triton(q: Tensor, k: Tensor, v: Tensor, lam0: Tensor, g: Tensor 
                        S0: Tensor | None, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,Dk,Dv] float32)` (`ssd.py`'s module doc)."""
     check_ssd_args("ssd_forward_triton", k, v, g, reset, S0, chunk_size, q=q, lam0=lam0)
-    _check("ssd_forward_triton", k, chunk_size)
+    _check("ssd_forward_triton", k, v, chunk_size)
     q, k, v, lam0, g, reset = _contiguous(q, k, v, lam0, g, reset)
     h, S = state_forward(k, v, g, reset, _state(S0), chunk_size)
     if q.shape[1] == 0:
@@ -88,7 +93,7 @@ def ssd_backward_triton(do: Tensor | None, dS: Tensor | None, q: Tensor, k: Tens
     """`(dq, dk, dv, dlam0, dg, dS0)` of `ssd_forward_triton` for the gradients `do` of `o` and
     `dS` of `S` (either None: zero); `dg` None without `g`, `dS0` None without `S0`."""
     check_ssd_args("ssd_backward_triton", k, v, g, reset, S0, chunk_size, q=q, lam0=lam0)
-    _check("ssd_backward_triton", k, chunk_size)
+    _check("ssd_backward_triton", k, v, chunk_size)
     if do is None:
         dk, dv, dg, dS0 = ssd_chunk_states_backward_triton(None, dS, k, v, g, reset, S0, chunk_size)
         return torch.zeros_like(q), dk, dv, torch.zeros_like(lam0), dg, dS0
