@@ -239,6 +239,20 @@ def test_errors_name_the_argument():
         ssd_forward_triton(*args(x32), 1.0, 8)
 
 
+def test_empty_sequence():
+    """T = 0: empty outputs, the initial state passes through, and so does its gradient."""
+    x = build(SSDCase(length=1), dtype=torch.float32)
+    x = {n: (v[:, :0] if v is not None and n != "S0" else v) for n, v in x.items()}
+    do, dS = torch.zeros(1, 0, 2, 4), torch.randn(1, 2, 3, 4)
+    for forward, backward in ((ssd_forward, ssd_backward), (ssd_forward_triton, ssd_backward_triton)):
+        chunk = 16
+        o, S = forward(*args(x), 1.0, chunk)
+        assert o.shape == (1, 0, 2, 4) and torch.equal(S, x["S0"])
+        dq, dk, dv, dlam0, dg, dS0 = backward(do, dS, *args(x), 1.0, chunk)
+        assert dq.shape == dk.shape == (1, 0, 2, 3) and dlam0.shape == dg.shape == (1, 0, 2)
+        assert torch.equal(dS0, dS)
+
+
 # --------------------------------------------------------------------------------------------
 # The Triton kernels (the interpreter on the CPU) against the torch kernel in float64
 # --------------------------------------------------------------------------------------------
@@ -342,9 +356,24 @@ import dla.ops.backbone.ssd_output as O
 import dla.ops.backbone.ssd_states as S
 
 PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
-FP32 = {"G", "S0", "SF", "DSF", "DS0", "DG"}  # g and the float32 states
 SMS = 132  # an H100 SXM
 seen = set()
+
+
+# The pointer types the launchers pass: an absent tensor is stood in for by an input or a state
+# of the inputs' dtype (`flag_pointers`, the launchers' dummies).
+def pointer(name, fn, dtype, on):
+    if name in ("G", "DG"):
+        return "*fp32" if on["g"] else PTR[dtype]
+    if name == "R":
+        return "*u8" if on["reset"] else PTR[dtype]
+    if name in ("SF", "DSF") or (name == "S0" and fn is S._state_fwd_kernel):  # S stands in for S0
+        return "*fp32"
+    if name == "DS0":
+        return "*fp32" if on["s0"] else PTR[dtype]
+    if name == "DH":  # the stage's own backward takes a float32 dh; otherwise the state gradients stand in
+        return PTR[dtype] if on["out"] else "*fp32"
+    return PTR[dtype]
 for spec in sys.argv[1:]:
     dtype, dk, dv, C, flags = spec.split(":")
     dk, dv, C = int(dk), int(dv), int(C)
@@ -370,8 +399,7 @@ for spec in sys.argv[1:]:
             continue
         seen.add(key)
         sig = {p.name: "constexpr" if p.is_constexpr else "i32" if p.name in ("T", "H", "NC") else "fp32"
-               if p.name == "scale" else "*u8" if p.name == "R" else "*fp32" if p.name in FP32 else PTR[dtype]
-               for p in fn.params}
+               if p.name == "scale" else pointer(p.name, fn, dtype, on) for p in fn.params}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
         print(spec, fn.__name__, "compiled", flush=True)

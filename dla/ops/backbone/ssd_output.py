@@ -25,7 +25,7 @@ output fed to another dot miscompiles on Hopper in Triton 3.4–3.7.0 (fla #640,
 Loaded tiles are transposed freely (`tl.trans` of a load is a shared-memory operand view).
 The backward program runs in three phases so that few tiles are live at once: `K Qᵀ` then `dv`;
 `dO Vᵀ` and `V dOᵀ`; then `dq`, `dk` per `Dk` tile with the row sums of `dλ0` and `dG`. Its tile
-loops are runtime loops: unrolled, the scheduler hoists every load and the registers spill.
+loops are runtime loops: unrolled, the scheduler hoists loads across phases and ptxas spills more.
 
 Numerics: GEMMs take the inputs' dtype (the `[C, C]` tiles are rounded to it after masking, as
 FlashAttention and fla do) with float32 accumulation; float32 inputs use `input_precision="ieee"`.

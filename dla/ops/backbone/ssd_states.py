@@ -19,7 +19,8 @@ every kernel (a `[C]` cumsum), never stored.
 Numerics: the state accumulates in float32 across chunks; `h` and `D` are stored in the inputs'
 dtype (16-bit inputs: rounded once for the GEMMs that read them, as fla stores its chunk states;
 float32 inputs: float32). The dots take the inputs' dtype (`w ⊙ V` and `ρλ0 ⊙ Q` rounded to it,
-as fla) with float32 accumulation; float32 inputs use `input_precision="ieee"`. Token offsets are
+as fla) with float32 accumulation; float32 inputs use `input_precision="ieee"`. Offsets inside
+one batch element and head are int32 (the entry points check `T·H·max(Dk, Dv) < 2³¹`), the bases
 int64.
 """
 
