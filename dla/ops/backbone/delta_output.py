@@ -134,7 +134,7 @@ def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, DU, LAM, G, RESET, DQ, DKP, DW, DGP, DL
     DHS += (n * NC + c) * DK * DV
     dw = tl.zeros([C, BK], dtype=tl.float32)
     dkT = tl.zeros([BK, C], dtype=tl.float32)  # (U dSᵀ)ᵀ, then dKᵀ
-    hdS = tl.zeros([BK, BV], dtype=tl.float32)
+    hdS = 0.0
     dOh = tl.zeros([C, BK], dtype=tl.float32)
     DS = tl.zeros([C, C], dtype=tl.float32)  # dO Uᵀ
     for v0 in range(0, DV, BV):
@@ -147,16 +147,17 @@ def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, DU, LAM, G, RESET, DQ, DKP, DW, DGP, DL
         dU = tl.load(DU + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
         dw += tl.dot(dU.to(HS.dtype.element_ty), tl.trans(h), input_precision=PREC)
         dkT += tl.dot(dS, tl.trans(Un), input_precision=PREC)
-        hdS += h.to(tl.float32) * dS.to(tl.float32)
+        hdS += tl.sum(h.to(tl.float32) * dS.to(tl.float32))
         if HAS_OUT:
             do = tl.load(DO + tok * DV + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
             dOh += tl.dot(do, tl.trans(h), input_precision=PREC)
             DS += tl.dot(do, tl.trans(Un), input_precision=PREC)
+    tl.store(DW + tok * DK + t[:, None] * (H * DK) + dk_[None, :], (-dw).to(DW.dtype.element_ty), mask=mk)
     G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
     gam, rho, gam_C = chunk_ends(G_, seg, C)
     kT = tl.load(K + t[None, :] * (H * DK) + dk_[:, None], mask=mkT, other=0.0).to(tl.float32)
     dkT = dkT * rho[None, :]
-    last = tl.sum(dkT * kT) + gam_C * tl.sum(hdS)  # Σ_s ρ_s ⟨(U dSᵀ)_s, k_s⟩ + γ_C ⟨h, dS⟩
+    last = tl.sum(dkT * kT) + gam_C * hdS  # Σ_s ρ_s ⟨(U dSᵀ)_s, k_s⟩ + γ_C ⟨h, dS⟩
     if HAS_OUT:
         q = tl.load(Q + tok * DK + t[:, None] * (H * DK) + dk_[None, :], mask=mk, other=0.0).to(tl.float32)
         kr = tl.load(K + t[:, None] * (H * DK) + dk_[None, :], mask=mk, other=0.0).to(tl.float32)
@@ -170,7 +171,6 @@ def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, DU, LAM, G, RESET, DQ, DKP, DW, DGP, DL
         tl.store(DQ + tok * DK + t[:, None] * (H * DK) + dk_[None, :], dq.to(DQ.dtype.element_ty), mask=mk)
         tl.store(DLAM + tok + t * H, dlam.to(DLAM.dtype.element_ty), mask=inside)
     tl.store(DKP + tok * DK + t[None, :] * (H * DK) + dk_[:, None], dkT, mask=mkT)
-    tl.store(DW + tok * DK + t[:, None] * (H * DK) + dk_[None, :], (-dw).to(DW.dtype.element_ty), mask=mk)
     if HAS_G:
         dG = tl.where(o == tl.minimum(T - c * C, C) - 1, last, 0.0) - tl.sum(dkT * kT, axis=0)
         if HAS_OUT:
@@ -186,15 +186,16 @@ def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, DU, LAM, G, RESET, DQ, DKP, DW, DGP, DL
 def output_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of the three kernels, a function of the shapes and the dtype only:
     `fwd`/`dU` tile `Dk` and `Dv` by at most 128 (8 warps for 128 × 128 tiles); `dqkwg` holds
-    all of `Dk` (its row sums need it) and tiles `Dv` by at most 64, 8 warps from Dk = 128."""
+    all of `Dk` (its row sums need it) and tiles `Dv` by at most 64, 8 warps for 64-token chunks
+    or Dk ≥ 128."""
     prec = precisions(dtype)[0]
     BK, BV = min(pow2(Dk), 128), min(pow2(Dv), 128)
     wide = 8 if BK * BV >= 128 * 128 else 4
     return dict(
         fwd=dict(C=chunk_size, BK=BK, BV=BV, PREC=prec, num_warps=wide, num_stages=2),
         dU=dict(C=chunk_size, BK=BK, BV=BV, PREC=prec, num_warps=wide, num_stages=2),
-        dqkwg=dict(C=chunk_size, BK=pow2(Dk), BV=min(pow2(Dv), 64), PREC=prec,
-                   num_warps=8 if pow2(Dk) >= 128 else 4, num_stages=2),
+        dqkwg=dict(C=chunk_size, BK=pow2(Dk), BV=min(pow2(Dv), 32), PREC=prec,
+                   num_warps=8 if pow2(Dk) >= 128 or chunk_size >= 64 else 4, num_stages=2),
     )
 
 

@@ -150,8 +150,11 @@ def state_tile(heads: int, Dv: int, x: Tensor) -> int:
 
 def states_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype, BV: int) -> dict:
     """Launch parameters of both kernels: the whole of `Dk` in one tile (`Dk ≤ 256`), `Dv` in
-    tiles of `BV` (`state_tile`)."""
-    return dict(C=chunk_size, BK=pow2(Dk), BV=BV, PREC=precisions(dtype)[0], num_warps=4, num_stages=2)
+    tiles of `BV` (`state_tile`); 8 warps once the state tile reaches 128 × 32 (at 4 warps
+    ptxas spills it beside the [C, Dk] operands)."""
+    BK = pow2(Dk)
+    return dict(C=chunk_size, BK=BK, BV=BV, PREC=precisions(dtype)[0], num_warps=8 if BK * BV >= 128 * 32 else 4,
+                num_stages=2)
 
 
 def states_forward(k: Tensor, w: Tensor, u: Tensor, g: Tensor | None, reset: Tensor | None, S0: Tensor | None,

@@ -214,10 +214,11 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, DW, DU, DKP, DGP, SCR, DK_OUT, DV_O
 
 def wy_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of both kernels, a function of the shapes and the dtype only: `Dk`,
-    `Dv` in blocks of at most 64 (the programs hold several [C, C] float32 matrices)."""
+    `Dv` in blocks of at most 64; 8 warps for 64-token chunks (the programs hold several
+    [C, C] float32 matrices beside their operands; at 4 warps ptxas spills them)."""
     prec, prec_solve = precisions(dtype)
-    return dict(C=chunk_size, BK=min(pow2(Dk), 64), BV=min(pow2(Dv), 64), PREC=prec, PREC_SOLVE=prec_solve,
-                num_warps=4, num_stages=2)
+    return dict(C=chunk_size, BK=min(pow2(Dk), 32), BV=min(pow2(Dv), 32), PREC=prec, PREC_SOLVE=prec_solve,
+                num_warps=8 if chunk_size >= 64 else 4, num_stages=2)
 
 
 def _flags(g, reset) -> dict:
