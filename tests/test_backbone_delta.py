@@ -386,3 +386,81 @@ def test_triton_refuses_bad_arguments():
         delta_forward_triton(*args(on(inputs(case), "cpu", torch.float64)), 0.25, 16)
     with pytest.raises(ValueError, match="chunk_size"):
         delta_forward(*args(x), 0.25, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels as the GPU compiles them (ptxas for sm_90, no GPU needed)
+# --------------------------------------------------------------------------------------------
+
+COMPILE = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import dla.ops.backbone.delta_output as O
+import dla.ops.backbone.delta_states as S
+import dla.ops.backbone.delta_wy as W
+
+FLOAT32 = {"TI", "DU", "DKP", "DGP", "DUO", "DHX", "DSF", "S0", "SF", "DS0", "G", "BETA", "DG_OUT", "DBETA"}
+FLAGS = ("HAS_G", "HAS_RESET", "HAS_S0", "STORE_U", "HAS_OUT", "HAS_DHX", "HAS_DSF")
+
+
+def compile_one(fn, meta, shapes, pointer, on):
+    sig = {}
+    for a in fn.params:
+        sig[a.name] = ("constexpr" if a.is_constexpr else "i32" if a.name == "T" else "fp32" if a.name == "scale"
+                       else "*u8" if a.name == "RESET" else "*fp32" if a.name in FLOAT32 else pointer)
+    names = {a.name for a in fn.params}
+    constexprs = {**shapes, **{k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
+                  **{f: on for f in FLAGS if f in names}}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"]))
+    print(fn.__name__, meta.get("BV"), on, "compiled", flush=True)
+
+
+for spec in sys.argv[1:]:
+    dtype, D, C, tiles = spec.split(":")
+    dtype, D, C = getattr(torch, dtype), int(D), int(C)
+    pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    shapes = dict(H=16, DK=D, DV=D)
+    for on in (True, False):
+        wy = W.wy_meta(D, D, C, dtype)
+        compile_one(W._wy_fwd_kernel, dict(wy, BC=W.BC), shapes, pointer, on)
+        compile_one(W._wy_bwd_kernel, wy, shapes, pointer, on)
+        for BV in map(int, tiles.split(",")):
+            st = S.states_meta(D, D, C, dtype, BV)
+            compile_one(S._states_fwd_kernel, st, shapes, pointer, on)
+            compile_one(S._states_bwd_kernel, st, shapes, pointer, on)
+        out = O.output_meta(D, D, C, dtype)
+        compile_one(O._output_fwd_kernel, out["fwd"], shapes, pointer, on)
+        compile_one(O._output_dU_kernel, out["dU"], shapes, pointer, on)
+        compile_one(O._dqkwg_kernel, out["dqkwg"], shapes, pointer, on)
+"""
+
+
+def compile_for_sm90(specs: list[str]) -> None:
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton wheel ships no ptxas")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels_per_spec = [2 * (5 + 2 * len(spec.split(":")[3].split(","))) for spec in specs]
+    assert done.stdout.count("compiled") == sum(kernels_per_spec)
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel with the launchers' parameters at the benchmark's shapes (bf16, chunk 64,
+    Dk = Dv = 128; the state pass at each `Dv` tile `state_tile` can pick), with every optional
+    input present and absent, through Triton's GPU compiler and ptxas: the interpreter accepts
+    code that the compiler refuses. The other shipped configurations: the slow test below."""
+    compile_for_sm90(["bfloat16:128:64:16,32,64"])
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_other_configurations():
+    """bf16 at Dk = Dv = 64, chunks of 16 and 32, float16, and float32 with IEEE dots (the GPU
+    tests' configuration); about 4 minutes on 2 cores with a cold Triton cache."""
+    compile_for_sm90(["bfloat16:64:64:16,32,64", "bfloat16:128:16:16", "bfloat16:128:32:16", "float16:128:64:32",
+                      "float32:128:64:16,32,64", "float32:64:64:16,32,64"])
