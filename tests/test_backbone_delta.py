@@ -20,6 +20,7 @@ and the Triton stages (`dla.ops.backbone.delta_triton`) against the token-by-tok
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -389,6 +390,80 @@ def test_triton_refuses_bad_arguments():
 
 
 # --------------------------------------------------------------------------------------------
+# GPU: long sequences and production head sizes against the float64 torch path on the card
+# --------------------------------------------------------------------------------------------
+
+GPU_CASES = [  # (B, H, T, Dk, Dv, g, resets, S0, dtype): both head sizes, fp32 (IEEE) and bf16, the
+    # state pass's Dv tiles 16 / 32 / 64 (by B·H on a 132-SM card), T not a multiple of the chunk
+    (1, 2, 16384, 128, 128, True, "sparse", True, "bf16"),
+    (1, 2, 16384, 128, 128, True, "sparse", True, "fp32"),
+    (2, 4, 2048, 64, 64, True, "dense", True, "bf16"),
+    (2, 4, 2048, 64, 64, True, "dense", True, "fp32"),
+    (1, 2, 4096, 64, 128, False, "sparse", True, "bf16"),  # DeltaNet: no decay, rounding compounds
+    (1, 2, 4096, 128, 64, False, "none", False, "fp32"),
+    (4, 16, 1000, 128, 64, True, "none", False, "bf16"),
+    (8, 16, 520, 128, 128, True, "chunk_ends", True, "bf16"),
+    (16, 16, 2048, 128, 128, True, "sparse", True, "bf16"),  # SPEC §7's shape at T = 2048
+]
+
+
+def gpu_inputs(B, H, T, Dk, Dv, has_g, resets, initial, seed=0) -> dict:
+    """perf/inputs.py's Gated DeltaNet inputs (piecewise k, v; l2-normalised q, k; β = sigmoid;
+    λ0 = softplus) in float64 on the card, resets at ~2% of tokens ("sparse") or half ("dense")."""
+    from perf.inputs import layer_inputs
+
+    t = layer_inputs(B, T, H, Dk, Dv, 2, backbone="gdn", dtype=torch.float64, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rate = {"none": 0.0, "sparse": 0.02, "dense": 0.5}.get(resets)
+    reset = (torch.rand(B, T, H, generator=gen) < rate) if rate is not None else (torch.arange(T) % 64 == 63)[
+        None, :, None].expand(B, T, H).contiguous()
+    x = dict(q=t["q"], k=t["k"], v=t["v"], lam0=t["lam"][..., 0].contiguous(), g=t["g"].double() if has_g else None,
+             beta=t["beta"].double(), reset=reset if resets != "none" else None,
+             S0=0.1 * torch.randn(B, H, Dk, Dv, generator=gen, dtype=torch.float64) if initial else None)
+    return {n: (v.cuda() if v is not None else None) for n, v in x.items()}
+
+
+def assert_matches_float64_on_gpu(x64: dict, dtype, do64, dS64, scale):
+    """Ours against the torch kernel in float64 on the card: fp32 within TOL32; 16-bit within
+    2e-2 and, for 16-bit outputs, at most twice the error of the torch kernel on the same
+    (rounded) inputs, whose outputs are rounded like ours (SPEC §6)."""
+    x = {n: (v.to(dtype if n in ("q", "k", "v", "lam0") else torch.float32) if v is not None and v.is_floating_point()
+             else v) for n, v in x64.items()}
+    rounded = {n: (v.double() if v is not None and v.is_floating_point() else v) for n, v in x.items()}
+    do, dS = do64.to(dtype), dS64.float()
+    names = ("o", "S", *(f"d{n}" for n in GRADS))
+    ref = (*delta_forward(*args(rounded), scale, 64), *delta_backward(do.double(), dS.double(), *args(rounded), scale,
+                                                                       64))
+    with poisoned_empty():
+        ours = (*delta_forward_triton(*args(x), scale, 64), *delta_backward_triton(do, dS, *args(x), scale, 64))
+    torch_path = (*delta_forward(*args(x), scale, 64), *delta_backward(do, dS, *args(x), scale, 64))
+    for name, a, b, t in zip(names, ours, ref, torch_path):
+        if b is None:
+            assert a is None, name
+            continue
+        assert torch.isfinite(a).all(), name
+        err = relative_error(a, b)
+        if dtype == torch.float32:
+            assert err <= TOL32, (name, err)
+            continue
+        err_torch = relative_error(t, b)
+        assert err <= 2e-2, (name, err)
+        if a.dtype == dtype:  # float32 outputs (S, dg, dβ, dS0) are held to 2e-2 only
+            assert err <= 2 * err_torch, (name, err, err_torch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("B,H,T,Dk,Dv,has_g,resets,initial,dtype", GPU_CASES)
+def test_gpu_matches_float64(B, H, T, Dk, Dv, has_g, resets, initial, dtype):
+    x = gpu_inputs(B, H, T, Dk, Dv, has_g, resets, initial)
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64).cuda()
+    dS = torch.randn(B, H, Dk, Dv, generator=gen, dtype=torch.float64).cuda()
+    assert_matches_float64_on_gpu(x, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], do, dS, Dk**-0.5)
+
+
+# --------------------------------------------------------------------------------------------
 # The kernels as the GPU compiles them (ptxas for sm_90, no GPU needed)
 # --------------------------------------------------------------------------------------------
 
@@ -464,3 +539,20 @@ def test_kernels_compile_for_sm90_other_configurations():
     tests' configuration); about 4 minutes on 2 cores with a cold Triton cache."""
     compile_for_sm90(["bfloat16:64:64:16,32,64", "bfloat16:128:16:16", "bfloat16:128:32:16", "float16:128:64:32",
                       "float32:128:64:16,32,64", "float32:64:64:16,32,64"])
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark script, end to end on the CPU
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the smoke run needs the Triton interpreter")
+def test_bench_smoke(tmp_path):
+    from perf.bench_delta_gpu import main
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench_delta.json").read_text())
+    assert [v["ok"] for v in results["verify"]] == [True, True]
+    assert [r["T"] for r in results["rows"]] == [16, 32]
+    assert all(r["ours_fwd_bwd"] > 0 and r["ours_resets_fwd_bwd"] > 0 for r in results["rows"])
+    assert "| 32 |" in (tmp_path / "bench_delta.md").read_text()
