@@ -475,7 +475,7 @@ import dla.ops.backbone.delta_output as O
 import dla.ops.backbone.delta_states as S
 import dla.ops.backbone.delta_wy as W
 
-FLOAT32 = {"TI", "DU", "DKP", "DGP", "DUO", "DHX", "DSF", "S0", "SF", "DS0", "G", "BETA", "DG_OUT", "DBETA"}
+FLOAT32 = {"TI", "DU", "DKP", "DGP", "DUO", "DHX", "DSF", "DHS", "S0", "SF", "DS0", "G", "BETA", "DG_OUT", "DBETA"}
 FLAGS = ("HAS_G", "HAS_RESET", "HAS_S0", "STORE_U", "HAS_OUT", "HAS_DHX", "HAS_DSF")
 
 

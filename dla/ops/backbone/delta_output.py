@@ -10,11 +10,10 @@ The intra-chunk gradient of `U`, before the state pass (`delta_states.py`) adds 
 
     dU_out = (QKᵀ ⊙ Γ)ᵀ dÕ,   dÕ = diag(λ0 · scale) dO                              [C, Dv] float32
 
-Then, with the full `dU` and `dS` of the state pass (`_dqkwg_kernel`, all of `Dk` per program):
+Then, with `dS` from the state pass (`_dqkwg_kernel`, all of `Dk` per program):
 
     dQ̃ = scale [diag(γ) dO hᵀ + (dO Uᵀ ⊙ Γ) K]:   dλ0 = rowsum(dQ̃ ⊙ Q),   dQ = diag(λ0) dQ̃
     dK = diag(ρ) U dSᵀ + (diag(λ0 · scale)(dO Uᵀ) ⊙ Γ)ᵀ Q          (float32, completed by the WY stage)
-    dw = −dU hᵀ
     dG = rowsum(dQ ⊙ Q) − rowsum(dK ⊙ K) + [t = last] (Σ_s ρ_s ⟨(U dSᵀ)_s, k_s⟩ + γ_C ⟨h, dS⟩)
 
 (`dG` collects every gradient of the chunk-local `G` through `γ, ρ, γ_C` and the `Γ` of the
@@ -22,9 +21,12 @@ output; the WY stage adds its own and takes the reverse cumsum.) `dK` is compute
 `[Dk, C]` — `dS Uᵀ diag(ρ) + Qᵀ ds` with every dot operand a loaded tensor or a dot result used
 untransposed — and stored through transposed addresses: no `tl.trans` of a register tensor that
 came out of a dot, the pattern that Triton 3.4–3.7.0 miscompiles on Hopper (fla issue #640).
-Without the output (the stage piece's backward), only the `dS`, `dw` and gate terms remain.
+Without the output (the stage piece's backward), only the `dS` and gate terms remain. (fla's
+`chunk_bwd_dqkwg` also forms `dw = −dU hᵀ`; here the WY stage does, from the float32 `dU` it
+reads anyway, so `dw` is neither rounded nor stored.)
 
-Shapes: `q, k [B,T,H,Dk]`, `U, dO, o [B,T,H,Dv]`, `lam0 [B,T,H]`, `h, dS [B,H,NC,Dk,Dv]`.
+Shapes: `q, k [B,T,H,Dk]`, `U, dO, o [B,T,H,Dv]`, `lam0 [B,T,H]`, `h [B,H,NC,Dk,Dv]` in the
+inputs' dtype, `dS [B,H,NC,Dk,Dv]` float32.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def _output_dU_kernel(Q, K, DO, LAM, G, RESET, DUO, scale, T, H: tl.constexpr, D
 
 
 @triton.jit
-def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, DU, LAM, G, RESET, DQ, DKP, DW, DGP, DLAM, scale, T, H: tl.constexpr,
+def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, LAM, G, RESET, DQ, DKP, DGP, DLAM, scale, T, H: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, HAS_OUT: tl.constexpr, PREC: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
@@ -129,10 +131,8 @@ def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, DU, LAM, G, RESET, DQ, DKP, DW, DGP, DL
     mkT = md[:, None] & inside[None, :]
     K += tok * DK
     UN += tok * DV
-    DU += tok * DV
     HS += (n * NC + c) * DK * DV
     DHS += (n * NC + c) * DK * DV
-    dw = tl.zeros([C, BK], dtype=tl.float32)
     dkT = tl.zeros([BK, C], dtype=tl.float32)  # (U dSᵀ)ᵀ, then dKᵀ
     hdS = 0.0
     dOh = tl.zeros([C, BK], dtype=tl.float32)
@@ -144,15 +144,12 @@ def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, DU, LAM, G, RESET, DQ, DKP, DW, DGP, DL
         Un = tl.load(UN + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
         h = tl.load(HS + dk_[:, None] * DV + d[None, :], mask=mt, other=0.0)
         dS = tl.load(DHS + dk_[:, None] * DV + d[None, :], mask=mt, other=0.0)
-        dU = tl.load(DU + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
-        dw += tl.dot(dU.to(HS.dtype.element_ty), tl.trans(h), input_precision=PREC)
-        dkT += tl.dot(dS, tl.trans(Un), input_precision=PREC)
-        hdS += tl.sum(h.to(tl.float32) * dS.to(tl.float32))
+        dkT += tl.dot(dS, tl.trans(Un.to(tl.float32)), input_precision=PREC)
+        hdS += tl.sum(h.to(tl.float32) * dS)
         if HAS_OUT:
             do = tl.load(DO + tok * DV + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
             dOh += tl.dot(do, tl.trans(h), input_precision=PREC)
             DS += tl.dot(do, tl.trans(Un), input_precision=PREC)
-    tl.store(DW + tok * DK + t[:, None] * (H * DK) + dk_[None, :], (-dw).to(DW.dtype.element_ty), mask=mk)
     G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
     gam, rho, gam_C = chunk_ends(G_, seg, C)
     kT = tl.load(K + t[None, :] * (H * DK) + dk_[:, None], mask=mkT, other=0.0).to(tl.float32)
@@ -233,11 +230,11 @@ def output_dU(q: Tensor, k: Tensor, do: Tensor, lam0: Tensor, g, reset, scale: f
     return dU
 
 
-def output_backward(q: Tensor | None, k: Tensor, U: Tensor, h: Tensor, dS: Tensor, do: Tensor | None, dU: Tensor,
+def output_backward(q: Tensor | None, k: Tensor, U: Tensor, h: Tensor, dS: Tensor, do: Tensor | None,
                     lam0: Tensor | None, g, reset, scale: float, chunk_size: int):
-    """`(dq in q's dtype, dk_part float32, dw in k's dtype, dG_part float32 or None, dlam0 in
-    lam0's dtype)` of the module doc; `dS` and `dU` from `delta_states.states_backward`. Without
-    the output (`q, do, lam0` None) `dq` and `dlam0` are None."""
+    """`(dq in q's dtype, dk_part float32, dG_part float32 or None, dlam0 in lam0's dtype)` of
+    the module doc; `dS` from `delta_states.states_backward`. Without the output (`q, do, lam0`
+    None) `dq` and `dlam0` are None."""
     B, T, H, Dk = k.shape
     Dv = U.shape[-1]
     meta = output_meta(Dk, Dv, chunk_size, k.dtype)["dqkwg"]
@@ -246,9 +243,8 @@ def output_backward(q: Tensor | None, k: Tensor, U: Tensor, h: Tensor, dS: Tenso
     dq = torch.empty_like(q) if has_out else None
     dlam = torch.empty_like(lam0) if has_out else None
     dk = torch.empty(B, T, H, Dk, dtype=torch.float32, device=k.device)
-    dw = torch.empty_like(k)
     dG = torch.empty(B, T, H, dtype=torch.float32, device=k.device) if g is not None else None
     _dqkwg_kernel[(triton.cdiv(T, chunk_size), B * H)](
-        q, k, U, h, dS, do, dU, lam0, g, _reset_bytes(reset), dq, dk, dw, dG, dlam, float(scale), T, H, Dk, Dv,
+        q, k, U, h, dS, do, lam0, g, _reset_bytes(reset), dq, dk, dG, dlam, float(scale), T, H, Dk, Dv,
         HAS_OUT=has_out, **_flags(g, reset), **meta)
-    return dq, dk, dw, dG, dlam
+    return dq, dk, dG, dlam

@@ -17,10 +17,11 @@ the output's direct read of `h`, and `dh_ext` [B,H,NC,Dk,Dv] is a gradient of th
 states from outside (the stage piece `delta_chunk_states`); each term is present when given.
 `dS` at the end is dS0.
 
-Products of the state with `w`, `K`, `Q` take the inputs' dtype as operands (float32 for
-float32 inputs, `"ieee"`), accumulating in float32 (`delta_common.py`). `h` and the stored `dS`
-are `[B,H,NC,Dk,Dv]` in the dtype of the buffer given (the inputs' dtype inside the pipeline,
-float32 for the stage piece's output); `U` `[B,T,H,Dv]` in the inputs' dtype.
+Products of the state (or its gradient) with `w` and `K` take the inputs' dtype as operands
+(float32 for float32 inputs, `"ieee"`), accumulating in float32; `(diag(γ λ0 · scale) Q)ᵀ dO`
+takes `"tf32"` (`delta_common.py`). `h` is `[B,H,NC,Dk,Dv]` in the dtype of the buffer given
+(the inputs' dtype inside the pipeline, float32 for the stage piece's output), `U [B,T,H,Dv]`
+in the inputs' dtype; the stored `dS` `[B,H,NC,Dk,Dv]` and `dU` are float32.
 """
 
 from __future__ import annotations
@@ -122,8 +123,7 @@ def _states_bwd_kernel(Q, K, W, DO, LAM, G, RESET, DUO, DHX, DSF, DHS, DU, DS0, 
             qT = tl.load(Q + tok * DK + t[None, :] * (H * DK) + dk_[:, None],
                          mask=inside[None, :] & (dk_[:, None] < DK), other=0.0).to(tl.float32)
             do = tl.load(DO + tok * DV + t[:, None] * (H * DV) + dv_[None, :], mask=mv, other=0.0)
-            qg = (qT * (scale * gam * lam)[None, :]).to(DO.dtype.element_ty)
-            dS += tl.dot(qg, do, input_precision=PREC)
+            dS += tl.dot(qT * (scale * gam * lam)[None, :], do.to(tl.float32), input_precision=PREC)
         if HAS_DHX:
             dS += tl.load(DHX + (n * NC + c) * DK * DV + tile, mask=mt, other=0.0)
     tl.store(DS0 + n * DK * DV + tile, dS, mask=mt)
@@ -177,13 +177,13 @@ def states_forward(k: Tensor, w: Tensor, u: Tensor, g: Tensor | None, reset: Ten
 def states_backward(q: Tensor | None, k: Tensor, w: Tensor, do: Tensor | None, lam0: Tensor | None, g, reset,
                     dU_out: Tensor | None, dh_ext: Tensor | None, dS: Tensor | None, scale: float, chunk_size: int,
                     Dv: int):
-    """`(dS_after [B,H,NC,Dk,Dv] in k's dtype, dU [B,T,H,Dv] float32, dS0 [B,H,Dk,Dv] float32)`:
+    """`(dS_after [B,H,NC,Dk,Dv], dU [B,T,H,Dv], dS0 [B,H,Dk,Dv])`, float32:
     the gradient of the state after each chunk, of `U`, and of S0. The output terms (`q, do,
     lam0, dU_out`) are all given or all None."""
     B, T, H, Dk = k.shape
     N, NC = B * H, triton.cdiv(T, chunk_size)
     meta = states_meta(Dk, Dv, chunk_size, k.dtype, state_tile(N, Dv, k))
-    dSa = torch.empty(B, H, NC, Dk, Dv, dtype=k.dtype, device=k.device)
+    dSa = torch.empty(B, H, NC, Dk, Dv, dtype=torch.float32, device=k.device)
     dU = torch.empty(B, T, H, Dv, dtype=torch.float32, device=k.device)
     dS0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device)
     has_out = do is not None

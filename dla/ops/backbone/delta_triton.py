@@ -12,8 +12,8 @@ two forward stages run again):
 
     delta_output.output_dU        dU_out = (QKᵀ ⊙ Γ)ᵀ dÕ             parallel
     delta_states.states_backward  dS after each chunk, dU, dS0        sequential
-    delta_output.output_backward  dq, dλ0, dk (part), dw, dG (part)  parallel
-    delta_wy.wy_backward          dk, dv, dβ, dg                     parallel
+    delta_output.output_backward  dq, dλ0, dk (part), dG (part)      parallel
+    delta_wy.wy_backward          dw, then dk, dv, dβ, dg            parallel
 
 Inputs: `q, k, v, lam0` in one dtype (float32, bfloat16 or float16), `g, beta` float32 or that
 dtype, `reset` bool, `S0` float32 (or None); CUDA tensors, or CPU tensors under the Triton
@@ -75,9 +75,8 @@ def delta_backward_triton(do, dS, q, k, v, lam0, g, beta, reset, S0, scale: floa
     dS = None if dS is None else dS.float().contiguous()
     dSa, dU, dS0 = states_backward(out[0], k, w, out[1], out[2], g, reset, dU_out, None, dS, scale, chunk_size,
                                    v.shape[-1])
-    dq, dk_part, dw, dG_part, dlam = output_backward(*out[:1], k, U, h, dSa, out[1], dU, out[2], g, reset, scale,
-                                                     chunk_size)
-    dk, dv, dg, dbeta = wy_backward(k, v, g, beta, reset, TI, dw, dU, dk_part, dG_part, chunk_size)
+    dq, dk_part, dG_part, dlam = output_backward(out[0], k, U, h, dSa, out[1], out[2], g, reset, scale, chunk_size)
+    dk, dv, dg, dbeta = wy_backward(k, v, g, beta, reset, TI, h, dU, dk_part, dG_part, chunk_size)
     if do is None:
         dq, dlam = torch.zeros_like(q), torch.zeros_like(lam0)
     return dq, dk, dv, dlam, dg, dbeta, (dS0 if S0 is not None else None)
@@ -101,6 +100,6 @@ def delta_chunk_states_backward_triton(dh, dS, k, v, g, beta, reset, S0, chunk_s
     dh = None if dh is None else dh.float().contiguous()
     dS = None if dS is None else dS.float().contiguous()
     dSa, dU, dS0 = states_backward(None, k, w, None, None, g, reset, None, dh, dS, 1.0, chunk_size, v.shape[-1])
-    _, dk_part, dw, dG_part, _ = output_backward(None, k, U, h, dSa, None, dU, None, g, reset, 1.0, chunk_size)
-    dk, dv, dg, dbeta = wy_backward(k, v, g, beta, reset, TI, dw, dU, dk_part, dG_part, chunk_size)
+    _, dk_part, dG_part, _ = output_backward(None, k, U, h, dSa, None, None, g, reset, 1.0, chunk_size)
+    dk, dv, dg, dbeta = wy_backward(k, v, g, beta, reset, TI, h, dU, dk_part, dG_part, chunk_size)
     return dk, dv, dg, dbeta, (dS0 if S0 is not None else None)

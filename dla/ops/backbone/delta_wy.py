@@ -9,8 +9,10 @@ Forward, per chunk of `C` tokens (one program per chunk and head, all chunks in 
 The solve runs by row blocks of `BC = 16`: `A_kk` is written to `T`'s rows first, then row block
 `i` is replaced by `T_ii = (I + A_ii)⁻¹` (forward substitution on 16 rows) and
 `T_i,<i = −T_ii A_i,<i T_<i,<i` (from the rows already solved, read back from memory), so any
-`C ∈ {16, 32, 64}` is one code path. Backward, with `du = dU` and `dw` from the later stages:
+`C ∈ {16, 32, 64}` is one code path. Backward, with `dU` (float32) from the state pass and the
+chunk states `h`:
 
+    du = dU,   dw = −dU hᵀ
     dT = (du Vᵀ) diag(β) + (dw Kᵀ) diag(βγ),   dV = diag(β) Tᵀ du,   dK += diag(βγ) Tᵀ dw
     dβ = rowsum((Tᵀ du) ⊙ V) + γ ⊙ rowsum((Tᵀ dw) ⊙ K) + rowsum(dA_kk ⊙ KKᵀ ⊙ Γ),   dγ = β ⊙ rowsum((Tᵀ dw) ⊙ K)
     dA_kk = −(Tᵀ dT Tᵀ) ⊙ [strict lower, same segment],   Z = diag(β) dA_kk ⊙ Γ
@@ -23,7 +25,7 @@ what Triton 3.4–3.7.0 miscompiles on Hopper (fla issue #640).
 
 Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta, reset [B,T,H]`; `T` is stored `[B,T,H,C]`
 (row `t` of its chunk's matrix at token `t`, float32), `w [B,T,H,Dk]`, `u [B,T,H,Dv]` in the
-inputs' dtype.
+inputs' dtype; the backward reads `h [B,H,NC,Dk,Dv]` (inputs' dtype) and `dU [B,T,H,Dv]`.
 """
 
 from __future__ import annotations
@@ -116,18 +118,18 @@ def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.co
         d = k0 + tl.arange(0, BK)
         mk = inside[:, None] & (d[None, :] < DK)
         kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0).to(tl.float32)
-        w = tl.dot(Tw, kr, input_precision=PREC)
+        w = tl.dot(Tw, kr, input_precision=PREC_SOLVE)
         tl.store(W + t[:, None] * (H * DK) + d[None, :], w.to(W.dtype.element_ty), mask=mk)
     for v0 in range(0, DV, BV):
         d = v0 + tl.arange(0, BV)
         mv = inside[:, None] & (d[None, :] < DV)
         vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0).to(tl.float32)
-        u = tl.dot(Tu, vr, input_precision=PREC)
+        u = tl.dot(Tu, vr, input_precision=PREC_SOLVE)
         tl.store(U + t[:, None] * (H * DV) + d[None, :], u.to(U.dtype.element_ty), mask=mv)
 
 
 @triton.jit
-def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, DW, DU, DKP, DGP, SCR, DK_OUT, DV_OUT, DBETA, DG_OUT, T,
+def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_OUT, DBETA, DG_OUT, T,
                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr,
                    PREC_SOLVE: tl.constexpr):
@@ -144,8 +146,8 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, DW, DU, DKP, DGP, SCR, DK_OUT, DV_O
     bg = beta * gam
     K += tok * DK
     V += tok * DV
-    DW += tok * DK
     DU += tok * DV
+    HS += (n * NC + c) * DK * DV
     DKP += tok * DK
     DK_OUT += tok * DK
     DV_OUT += tok * DV
@@ -162,19 +164,24 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, DW, DU, DKP, DGP, SCR, DK_OUT, DV_O
         du = tl.load(DU + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
         vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0).to(tl.float32)
         dTv += tl.dot(du, tl.trans(vr), input_precision=PREC)
-        dvb = tl.dot(Tt, du, input_precision=PREC)
+        dvb = tl.dot(Tt, du, input_precision=PREC_SOLVE)
         tl.store(DV_OUT + t[:, None] * (H * DV) + d[None, :], (beta[:, None] * dvb).to(DV_OUT.dtype.element_ty),
                  mask=mv)
         dbeta += tl.sum(dvb * vr, axis=1)
     for k0 in range(0, DK, BK):
         d = k0 + tl.arange(0, BK)
         mk = inside[:, None] & (d[None, :] < DK)
-        dw = tl.load(DW + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0).to(tl.float32)
+        dw = tl.zeros([C, BK], dtype=tl.float32)  # dw = −dU hᵀ
+        for v0 in range(0, DV, BV):
+            e = v0 + tl.arange(0, BV)
+            du = tl.load(DU + t[:, None] * (H * DV) + e[None, :], mask=inside[:, None] & (e[None, :] < DV), other=0.0)
+            h = tl.load(HS + d[:, None] * DV + e[None, :], mask=(d[:, None] < DK) & (e[None, :] < DV), other=0.0)
+            dw -= tl.dot(du, tl.trans(h.to(tl.float32)), input_precision=PREC)
         kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
         kf = kr.to(tl.float32)
         dTk += tl.dot(dw, tl.trans(kf), input_precision=PREC)
         KK += tl.dot(kr, tl.trans(kr), input_precision=PREC)
-        dkb = tl.dot(Tt, dw, input_precision=PREC)
+        dkb = tl.dot(Tt, dw, input_precision=PREC_SOLVE)
         kd = tl.sum(dkb * kf, axis=1)
         dbeta += gam * kd
         dgam += beta * kd
@@ -246,10 +253,11 @@ def wy_forward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tens
 
 
 def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tensor | None, TI: Tensor,
-                dw: Tensor, du: Tensor, dk_part: Tensor, dG_part: Tensor | None, chunk_size: int):
-    """`(dk, dv, dg, dbeta)` typed like `k, v, g, beta` (`dg` None without g), from `dw`
-    [B,T,H,Dk], `du` [B,T,H,Dv] float32, and the later stages' float32 `dk_part` (which this
-    call accumulates into) and `dG_part` [B,T,H] (before the reverse cumsum)."""
+                h: Tensor, dU: Tensor, dk_part: Tensor, dG_part: Tensor | None, chunk_size: int):
+    """`(dk, dv, dg, dbeta)` typed like `k, v, g, beta` (`dg` None without g), from the chunk
+    states `h` [B,H,NC,Dk,Dv], `dU` [B,T,H,Dv] float32 (`du = dU`, `dw = −dU hᵀ`), and the later
+    stages' float32 `dk_part` (which this call accumulates into) and `dG_part` [B,T,H] (before
+    the reverse cumsum)."""
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     C = chunk_size
@@ -262,6 +270,6 @@ def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Ten
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if g is not None else None
     _wy_bwd_kernel[(NC, B * H)](
-        k, v, beta, g, _reset_bytes(reset), TI, dw, du, dk_part, dG_part, scratch, dk, dv, dbeta, dg, T, H, Dk,
+        k, v, beta, g, _reset_bytes(reset), TI, h, dU, dk_part, dG_part, scratch, dk, dv, dbeta, dg, T, H, Dk,
         Dv, **_flags(g, reset), **meta)
     return dk, dv, dg, dbeta
