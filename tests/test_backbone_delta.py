@@ -400,6 +400,7 @@ GPU_CASES = [  # (B, H, T, Dk, Dv, g, resets, S0, dtype): both head sizes, fp32 
     (2, 4, 2048, 64, 64, True, "dense", True, "bf16"),
     (2, 4, 2048, 64, 64, True, "dense", True, "fp32"),
     (1, 2, 4096, 64, 128, False, "sparse", True, "bf16"),  # DeltaNet: no decay, rounding compounds
+    (1, 2, 4096, 128, 128, False, "sparse", True, "bf16"),
     (1, 2, 4096, 128, 64, False, "none", False, "fp32"),
     (4, 16, 1000, 128, 64, True, "none", False, "bf16"),
     (8, 16, 520, 128, 128, True, "chunk_ends", True, "bf16"),
