@@ -450,7 +450,10 @@ def test_token_loop_stays_a_few_small_ops(inputs, score, per_token):
         assert (out[3] == case.levels).all()
     assert count.ops <= per_token * case.length, count.ops / case.length
     chunks = case.length // case.chunk_size
-    assert count.big <= 60 * chunks, count.big / chunks  # one big op per token would add 64 per chunk
+    # one big op per token would add 64 per chunk; `drift` adds the backbone's state pass (a few
+    # ops per chunk) and the detection's passes over [B, H, T] (per call)
+    per_chunk = 70 if score == "drift" else 60
+    assert count.big <= per_chunk * chunks, count.big / chunks
 
 
 # --------------------------------------------------------------------------------------------

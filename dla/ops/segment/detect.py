@@ -34,10 +34,10 @@ chunk-start state, `u_j` the pseudo-values (`v_j` without β; with β the WY/UT 
 
     R = R0 + Q h,    R0 = M U0,    Q = diag(γ') K − M W    (W = 0 without β)
 
-`R0` and `Q` are parallel over chunks; `h` is the chunk-start state of the backbone
-(`chunk_start_states`). The `N` recurrence runs over all `T` at once by recursive doubling
-(`linear_recurrence`): `log₂ T` passes of products of `a²`, which only shrink, so nothing
-overflows at any `T`.
+`R0` and `Q` are parallel over chunks; `h` is the chunk-start state of the backbone stage
+(`chunk_start_states`: `dla.ops.backbone`'s chunked SSD or delta rule, without resets). The `N`
+recurrence runs over all `T` at once by recursive doubling (`linear_recurrence`): `log₂ T` passes
+of products of `a²`, which only shrink, so nothing overflows at any `T`.
 
 Kernels. The torch form here (`readout_products`) serves CPU tensors and float64 everywhere
 (float64 products are IEEE on every device). CUDA tensors in float32 or 16 bits (upcast to float32)
@@ -57,6 +57,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from dla.ops.backbone.delta import delta_chunk_states
+from dla.ops.backbone.ssd import ssd_chunk_states
 from dla.ops.state import EPS, state_dtype
 
 __all__ = ["Detection", "detect_drift", "products_for", "drift_scores", "readout_products", "chunk_start_states",
@@ -141,7 +143,7 @@ def _heads_first(x: Tensor) -> Tensor:
 
 class _Chunks(NamedTuple):
     """One call's chunk quantities, [N = B·H, NC, C, ...] in the state dtype; padding tokens have
-    `k = v = 0`, `g = β = 0`, which leave the state unchanged."""
+    `k = v = 0`, `g = β = 0`, which leave the state unchanged (the backbone pads alike)."""
 
     k: Tensor  # [N, NC, C, Dk]
     v: Tensor  # [N, NC, C, Dv]
@@ -178,19 +180,12 @@ def _chunks(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, C: int)
 
 def chunk_start_states(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, S0: Tensor,
                        chunk_size: int) -> Tensor:
-    """`h [B,H,NC,Dk,Dv]`: the backbone's state before each chunk, from `S0` (state dtype),
-    `h_{c+1} = γ_C h_c + Σ_j exp(G_C − G_j) k_j u_jᵀ` with `u = U0 − W h_c`."""
-    B, T, H, Dk = k.shape
-    Dv = v.shape[-1]
-    c = _chunks(k, v, g, beta, int(chunk_size))
-    h = S0.to(c.k.dtype).reshape(B * H, Dk, Dv)
-    to_end = torch.exp(c.G[..., -1:] - c.G)[..., None] * c.k  # [N, NC, C, Dk]
-    states = []
-    for j in range(c.k.shape[1]):
-        states.append(h)
-        U = c.U0[:, j] if c.W is None else c.U0[:, j] - c.W[:, j] @ h
-        h = torch.exp(c.G[:, j, -1])[:, None, None] * h + to_end[:, j].mT @ U
-    return torch.stack(states, 1).view(B, H, -1, Dk, Dv)
+    """`h [B,H,NC,Dk,Dv]`: the backbone's state before each chunk from `S0`, in the state dtype —
+    the backbone stage's own chunked forward without resets (`ssd_chunk_states` without β, the
+    delta rule's `delta_chunk_states` with it)."""
+    if beta is None:
+        return ssd_chunk_states(k, v, g, None, S0, chunk_size)[0]
+    return delta_chunk_states(k, v, g, beta, None, S0, chunk_size)[0]
 
 
 def readout_products(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, Sg0: Tensor,
