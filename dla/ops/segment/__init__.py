@@ -15,9 +15,11 @@ gradient.
 The reference is `dla.ops.reference.segment_naive` (and the recurrent reference's cache).
 
 The rule (`segment`): the tensors' device picks the kernel — CUDA tensors the Triton kernels,
-CPU tensors the torch scan. Both take identical well-conditioned decisions (SPEC §2), so the
-choice is one of speed alone. (`dla.testing.triton_interpreter()` routes CPU tensors to the
-Triton kernels through the interpreter, for fuzzing them without a GPU.)
+CPU tensors the torch scan. Under `drift` both run the detection of `detect.py` — the CPU kernel
+with torch products, the CUDA kernel with the Triton ones (IEEE dots; torch for float64) — and
+differ in the merge scan over its events. Both take identical well-conditioned decisions (SPEC
+§2), so the choice is one of speed alone. (`dla.testing.triton_interpreter()` routes CPU tensors
+to the Triton kernels through the interpreter, for fuzzing them without a GPU.)
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ Per chunk of `C` tokens (local `i, j`; `G` the chunk-local cumsum of `g`, `γ = 
    registers from `Sg0`: `R = R0 + Q h` gives the tile's share of `p` and `ρ`; then
    `U = U0 − W h` and `h ← γ_C h + Σ_j exp(G_C − G_j) k_j u_jᵀ`. The columns of `S^g` evolve
    independently (every transition acts from the left), so tiles need no exchange; their
-   shares of `p` and `ρ` are summed after.
+   shares of `p` and `ρ` are summed after. This is the backbone's state pass (the torch form
+   takes its chunk-start states from `dla.ops.backbone`) with the readout fused in: `h` never
+   leaves registers, where taking it from the backbone's Triton state pass would store
+   `T/C · Dk · Dv` float32 values per stream (512 MB at SPEC §7's shapes) to read them once.
 
 Every dot is `input_precision="ieee"` on float32 operands (SPEC §2: no TF32 or bf16 operands
 behind a score); 16-bit inputs are upcast to float32 first. Every decay is a difference inside
