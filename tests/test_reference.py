@@ -281,8 +281,8 @@ def test_initial_N_is_used_as_given_and_carried_by_its_rule(transition, policy):
     kw = dict(g=t["g"], beta=t["beta"], output_final_state=True, **options(case))
     d = 10 * (state.N + 1)
     _, s0 = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], initial_state=state, **kw)
-    _, s1 = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], initial_state=state._replace(N=state.N + d),
-                                           **kw)
+    moved = state._replace(N=state.N + d)
+    _, s1 = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], initial_state=moved, **kw)
     slope = torch.exp(2 * t["g"].sum(1)) if t["g"] is not None else torch.ones_like(d)
     assert relative_error(s1.N - s0.N, slope * d) <= 1e-10
     _, s_mat = multistate_attention_materialized(t["q"], t["k"], t["v"], t["lam"], initial_state=state, **kw)

@@ -125,7 +125,8 @@ def cache_after(case: SegCase, x: Inputs, state: MultiStateCache | None = None) 
     B, T, H, _ = x.k.shape
     f64 = [None if t is None else t.double() for t in x]
     q, lam = torch.zeros_like(f64[0]), torch.ones(B, T, H, case.levels, dtype=torch.float64)
-    state = None if state is None else state._replace(**{f: getattr(state, f).double() for f in ("S", "I", "Z", "zz", "N")})
+    if state is not None:
+        state = state._replace(**{f: getattr(state, f).double() for f in ("S", "I", "Z", "zz", "N")})
     _, cache = multistate_attention_recurrent(q, f64[0], f64[1], lam, g=f64[2], beta=f64[3], policy=case.policy,
                                               tau=case.tau, score=case.score, initial_state=state,
                                               output_final_state=True)

@@ -83,7 +83,8 @@ def _cosine(c: float, ss: float, zz: float, score: str) -> float:
     return (zz + c) / max(math.sqrt(max(zz * (zz + 2 * c + ss), 0.0)), EPS)
 
 
-def _drift_step(S_prev: Tensor, k: Tensor, v: Tensor, a: float, beta: float | None, N_prev: float) -> tuple[float, float]:
+def _drift_step(S_prev: Tensor, k: Tensor, v: Tensor, a: float, beta: float | None,
+                N_prev: float) -> tuple[float, float]:
     """`(cos(S^g_t, S^g_{t−1}), N_t)` by SPEC §2's closed forms, from `S^g_{t−1}` (the sum of
     the live slots before step t's transition), `N_{t−1}` as carried, `r_t = S^{gᵀ}_{t−1} k_t`."""
     r = S_prev.T @ k

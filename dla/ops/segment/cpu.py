@@ -6,21 +6,21 @@
   join the open slot, full rows merge their least dense adjacent pair, the event's slot is
   appended, the configuration snapshotted), then the level map gathered from the snapshots and
   the final open block (`events.open_block`).
-* `dla` with `score="token"` or `"state"` (SPEC §2, §3): chunked boundary detection. Per chunk of `C` tokens, batched over
-  `B·H`: the Gram `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)` with suffix sums of its strictly lower rows and
-  `ss_t = ‖k_t‖²‖v_t‖²` (both computed ahead for a group of chunks), and the base term
-  `rowsum((K_c Z) ⊙ V_c)` against the open-block content `Z` at the chunk start. The
-  sequential part loops over the chunk's tokens in Python, vectorised over `B·H`:
+* `dla` with `score="token"` or `"state"` (SPEC §2, §3): chunked boundary detection. Per chunk
+  of `C` tokens, batched over `B·H`: the Gram `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)` with suffix sums of its
+  strictly lower rows and `ss_t = ‖k_t‖²‖v_t‖²` (both computed ahead for a group of chunks), and
+  the base term `rowsum((K_c Z) ⊙ V_c)` against the open-block content `Z` at the chunk start.
+  The sequential part loops over the chunk's tokens in Python, vectorised over `B·H`:
   `c_t = [block opened before the chunk]·base_t + Σ_{s = max(block start, chunk start)}^{t−1}
   Gram[t, s]` is one lookup in those sums (no `Dk×Dv` work per token), then the score. A step
   where no row opens a block only accumulates the open block's `I` and `zz`; at an *event*
-  (some row opens) the open slot is written back, full rows run the capacity merge scan
-  (masks over the `K` slots), and the slot starts and live counts are snapshotted; each
-  step's level-map row is gathered from its snapshot at the end. `Z` is brought to the chunk
-  end by one masked GEMM (it restarts at a boundary); `zz` is carried by its update rule.
-  Decisions are computed in the state dtype (float32 for float32 inputs, float64 for float64),
-  `ε = 1e-12`, radicands clamped at 0; the state score's `1 − cos` is evaluated in a
-  cancellation-free form (`_state_information`). The scan runs on one intra-op thread.
+  (some row opens) the open slot is written back, full rows run the capacity merge scan (masks
+  over the `K` slots), and the slot starts and live counts are snapshotted; each step's level-map row is
+  gathered from its snapshot at the end. `Z` is brought to the chunk end by one masked GEMM (it
+  restarts at a boundary); `zz` is carried by its update rule. Decisions are computed in the
+  state dtype (float32 for float32 inputs, float64 for float64), `ε = 1e-12`, radicands clamped
+  at 0; the state score's `1 − cos` is evaluated in a cancellation-free form
+  (`_state_information`). The scan runs on one intra-op thread.
 * `fenwick` and `single`: the closed forms of `closed_form.py`.
 
 `N` (`‖S^g‖²` after the call) is computed where a decision needs it — `drift` under `dla`, by its
@@ -94,7 +94,7 @@ def _merge_events(info: Tensor, flag: Tensor, n0: Tensor, I0: Tensor, m0: Tensor
     starts = torch.where(live, slot - m[:, None], EMPTY)
     snaps_starts, snaps_m = [starts], [m]
     with _one_intra_op_thread():
-        for e in range(int(ev.count.max()) if T else 0):
+        for e in range(int(ev.count.max())):
             active = e < ev.count
             at_open = (slot == (m - 1)[:, None]) & active[:, None]
             n = n + at_open * ev.absorbed_n[:, e, None]

@@ -13,8 +13,8 @@ given) from `S^g_{−1} = Sg0`, the sum of the initial cache's live slots. With
 `N_t = ‖S^g_t‖²_F` is a scalar linear recurrence, `N_t = a_t² N_{t−1} + b_t`, `N_{−1} = N0` as
 given, and `⟨S^g_t, S^g_{t−1}⟩ = x_t`:
 
-    without β:  b_t = 2 a p_t + κν,                                     x_t = a N_{t−1} + p_t
-    with β:     b_t = a² (β²κ − 2β) ρ_t + 2aβ(1 − βκ) p_t + β²κν,      x_t = a (N_{t−1} − β ρ_t) + β p_t
+    without β:  b_t = 2a p_t + κν,                               x_t = a N_{t−1} + p_t
+    with β:     b_t = a²(β²κ − 2β) ρ_t + 2aβ(1 − βκ) p_t + β²κν,   x_t = a (N_{t−1} − β ρ_t) + β p_t
 
     cos_t = x_t / max(√(N_t N_{t−1}), ε),   I_t = √max(0, 2 − 2 cos_t),   flag_t = I_t ≥ τ
 
@@ -61,8 +61,7 @@ from dla.ops.backbone.delta import delta_chunk_states
 from dla.ops.backbone.ssd import ssd_chunk_states
 from dla.ops.state import EPS, state_dtype
 
-__all__ = ["Detection", "detect_drift", "products_for", "drift_scores", "readout_products", "chunk_start_states",
-           "linear_recurrence"]
+__all__ = ["Detection", "detect_drift", "drift_scores", "readout_products", "chunk_start_states", "linear_recurrence"]
 
 
 class Detection(NamedTuple):
@@ -72,23 +71,12 @@ class Detection(NamedTuple):
 
 
 def detect_drift(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, Sg0: Tensor, N0: Tensor,
-                 m0: Tensor, tau: float, chunk_size: int, products: Callable | None = None) -> Detection:
+                 m0: Tensor, tau: float, chunk_size: int, products: Callable) -> Detection:
     """`I_t`, the boundary flags and the final `N` under `drift` (module doc). `products` computes
-    `(p_t, ρ_t)` from `(k, v, g, beta, Sg0, chunk_size)`; by default the one `products_for(k)`
-    picks."""
-    products = products_for(k) if products is None else products
+    `(p_t, ρ_t)` from `(k, v, g, beta, Sg0, chunk_size)`: `readout_products` or, in the CUDA
+    kernel, `detect_triton.readout_products_triton`."""
     p, rr = products(k, v, g, beta, Sg0, chunk_size)
     return drift_scores(p, rr, k, v, g, beta, N0, m0 == 0, tau)
-
-
-def products_for(k: Tensor) -> Callable:
-    """The rule: CUDA tensors below float64 take the Triton products (IEEE dots), everything
-    else the torch ones (the CPU's float32 and every float64 product are IEEE already)."""
-    if k.is_cuda and k.dtype != torch.float64:
-        from dla.ops.segment.detect_triton import readout_products_triton  # compiled only where a GPU runs it
-
-        return readout_products_triton
-    return readout_products
 
 
 def drift_scores(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None,
