@@ -164,7 +164,7 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
         du = tl.load(DU + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
         vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0).to(tl.float32)
         dTv += tl.dot(du, tl.trans(vr), input_precision=PREC)
-        dvb = tl.dot(Tt, du, input_precision=PREC_SOLVE)
+        dvb = tl.dot(Tt, du, input_precision=PREC)
         tl.store(DV_OUT + t[:, None] * (H * DV) + d[None, :], (beta[:, None] * dvb).to(DV_OUT.dtype.element_ty),
                  mask=mv)
         dbeta += tl.sum(dvb * vr, axis=1)
@@ -181,7 +181,7 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
         kf = kr.to(tl.float32)
         dTk += tl.dot(dw, tl.trans(kf), input_precision=PREC)
         KK += tl.dot(kr, tl.trans(kr), input_precision=PREC)
-        dkb = tl.dot(Tt, dw, input_precision=PREC_SOLVE)
+        dkb = tl.dot(Tt, dw, input_precision=PREC)
         kd = tl.sum(dkb * kf, axis=1)
         dbeta += gam * kd
         dgam += beta * kd
