@@ -38,8 +38,8 @@ def multistate_attention(
     p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale,
                  chunk_size=chunk_size, initial_state=initial_state)
     state = _start(initial_state, p, k)
-    if policy == "single" and beta is None:
-        return _single(p, q, k, v, lam, g, state, chunk_size, output_final_state)
+    if policy == "single":
+        return _single(p, q, k, v, lam, g, beta, state, chunk_size, output_final_state)
     level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, float(tau), chunk_size)
     o, S = torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale, chunk_size)
     if not output_final_state:
@@ -65,14 +65,14 @@ def level_map(k, v, *, capacity, g=None, beta=None, policy="dla", tau=0.6, score
     return _segment(p, k, v, g, beta, state, policy, score, float(tau), chunk_size)[0]
 
 
-def _single(p, q, k, v, lam, g, state: MultiStateCache, chunk_size, output_final_state):
+def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size, output_final_state):
     """`single` is the backbone itself (`dla::backbone`): no segmentation, every initial slot at
     rank 0 (SPEC §2), read with `λ_t[0]`. The final cache holds one slot; `I`, `Z`, `zz` stay as
     the initial cache had them, as for `fenwick`; `N` is the norm of the final state (nothing is
     decided by it here: equal to the carried value up to rounding, SPEC §2)."""
     live = torch.arange(p.levels, device=q.device) < state.m[..., None]  # [B, H, K]
     S0 = (state.S * live[..., None, None]).sum(2)
-    o, S = torch.ops.dla.backbone(q, k, v, lam[..., 0], g, None, S0, p.scale, chunk_size)
+    o, S = torch.ops.dla.backbone(q, k, v, lam[..., 0], g, beta, S0, p.scale, chunk_size)
     if not output_final_state:
         return o
     slot0 = torch.arange(p.levels, device=q.device) == 0
