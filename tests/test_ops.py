@@ -164,8 +164,8 @@ def opcheck_inputs(transition: str, policy="dla"):
     return case, t
 
 
-@pytest.mark.parametrize("score", SCORES)
-@pytest.mark.parametrize("policy", ["dla", "fenwick", "single"])
+@pytest.mark.parametrize("policy,score", [("dla", score) for score in SCORES] + [("fenwick", "drift"),
+                                                                                 ("single", "drift")])
 def test_opcheck_segment(policy, score):
     case, t = opcheck_inputs("both", policy)
     case = replace(case, score=score)
@@ -262,7 +262,7 @@ def test_a_new_length_recompiles_once_then_stays_dynamic():
 def drift_cases(draw, transition: str):
     """Decay-driven piecewise-stationary inputs under `drift` (slots open at regime changes)."""
     return Case(
-        batch=draw(st.integers(1, 2)), length=draw(st.integers(12, 28)), heads=draw(st.integers(1, 2)),
+        batch=draw(st.integers(1, 2)), length=draw(st.integers(12, 20)), heads=draw(st.integers(1, 2)),
         dk=draw(st.integers(2, 4)), dv=draw(st.integers(2, 4)), levels=draw(st.integers(2, 5)), policy="dla",
         transition=transition, score="drift", tau=draw(st.sampled_from([0.3, 0.6])), inputs="piecewise",
         mean_regime=draw(st.sampled_from([4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
@@ -277,7 +277,7 @@ def test_drift_decode_and_split_prefill_equal_one_call(transition):
     float64, on well-conditioned draws (most of them)."""
     verdicts = []
 
-    @settings(max_examples=6, database=None, derandomize=True, deadline=None)
+    @settings(max_examples=4, database=None, derandomize=True, deadline=None)
     @given(drift_cases(transition), st.sampled_from([torch.float64, torch.float32]), st.data())
     def check(case, dtype, data):
         t64 = build(case)
