@@ -30,6 +30,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 import dla.compile.ops  # noqa: F401  the registrations this overrides
+from dla.ops.backbone import backbone_backward_triton, backbone_forward_triton
 from dla.ops.readout import readout_backward_triton, readout_forward_triton
 
 __all__ = ["triton_interpreter"]
@@ -45,6 +46,8 @@ def triton_interpreter():
             lib.impl("segment", _segment_triton, "CPU")
             lib.impl("readout", readout_forward_triton, "CPU")
             lib.impl("readout_backward", readout_backward_triton, "CPU")
+            lib.impl("backbone", backbone_forward_triton, "CPU")
+            lib.impl("backbone_backward", backbone_backward_triton, "CPU")
             yield
         finally:
             lib._destroy()

@@ -35,7 +35,9 @@ from tests.strategies import DELTA, relative_error
 
 TOL = 1e-5
 MICRO = dict(d_model=16, n_layers=2, n_heads=2, head_dim=4, head_dim_v=4, capacity=3, seq_len=16, mlp_ratio=2.0)
-TAU = {"mamba2": 0.15, "gdn": 0.35}  # boundaries, absorptions and capacity merges at initialisation
+# boundaries, absorptions and capacity merges at initialisation under the default score `drift`
+# (the untrained Mamba-2 decays little, so its backbone state moves slowly)
+TAU = {"mamba2": 0.05, "gdn": 0.3}
 COMBOS = [("mamba2", p) for p in ("single", "fenwick", "dla")] + [("gdn", p) for p in ("single", "fenwick", "dla")] + [
     ("attention", "dla")]
 
@@ -51,12 +53,12 @@ def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
 
 
 def operator_inputs(model: CausalLM, x: torch.Tensor, monkeypatch) -> list[tuple]:
-    """(k, v) that each layer hands the operator in the parallel forward."""
+    """(k, v, g, beta) that each layer hands the operator in the parallel forward."""
     calls = []
     real = layers.multistate_attention
 
     def spy(q, k, v, lam, **kw):
-        calls.append((k, v))
+        calls.append((k, v, kw.get("g"), kw.get("beta")))
         return real(q, k, v, lam, **kw)
 
     monkeypatch.setattr(layers, "multistate_attention", spy)
@@ -70,8 +72,8 @@ def assert_decisions_well_conditioned(model: CausalLM, x: torch.Tensor, monkeypa
     cfg = model.cfg
     delta = DELTA[model.embed.weight.dtype]
     totals = dict(boundaries=0, absorbed=0, capacity_merges=0)
-    for k, v in operator_inputs(model, x, monkeypatch):
-        seg = segment_naive(k, v, levels=cfg.levels, policy="dla", tau=cfg.tau, score=cfg.score)
+    for k, v, g, beta in operator_inputs(model, x, monkeypatch):
+        seg = segment_naive(k, v, levels=cfg.levels, g=g, beta=beta, policy="dla", tau=cfg.tau, score=cfg.score)
         assert float(seg.boundary_margin.min()) >= delta and float(seg.merge_margin.min()) >= delta
         for name in totals:
             totals[name] += int(getattr(seg, name).sum())

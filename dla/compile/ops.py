@@ -1,16 +1,17 @@
-"""Registration of `dla::segment`, `dla::readout`, `dla::readout_backward` and the Triton ops
-`dla::readout_without_beta`, `dla::readout_without_beta_backward` (SCHEMAS.md).
+"""Registration of `dla::segment`, `dla::readout`, `dla::backbone` and their backward ops, and of
+the Triton ops `dla::readout_without_beta` and `dla::readout_without_beta_backward` (SCHEMAS.md).
 
 Each op takes its kernels from its stage in `dla/ops` — `dla.ops.segment.segment`,
-`dla.ops.readout.readout_forward` / `readout_backward` — whose documented rule picks the kernel
-for the tensors' device (torch on the CPU, Triton on CUDA). `segment`, `readout` and
-`readout_backward` are opaque custom ops: each gets a fake (meta) rule for tracing, and `readout`
-an autograd rule whose backward is itself an op, so code calling them compiles as one graph with
-`torch.compile(fullgraph=True)` and AOT autograd produces the backward. The CUDA readout without
-`β` launches only fixed grids and allocates nothing from tensor values (its plan is torch, its
-choice between object and dense heads is made on the device), so it is also registered through
-`torch.library.triton_op`: `torch.compile` sees its Triton kernels (`readout` below picks it for
-CUDA tensors without `β`). (`dla.testing.triton_interpreter()` swaps the CPU kernels for the
+`dla.ops.readout.readout_forward` / `readout_backward`, `dla.ops.backbone.backbone_forward` /
+`backbone_backward` — whose documented rule picks the kernel for the tensors' device (torch on
+the CPU, Triton on CUDA). These are opaque custom ops: each gets a fake (meta) rule for tracing,
+and the two differentiable ones an autograd rule whose backward is itself an op, so code calling
+them compiles as one graph with `torch.compile(fullgraph=True)` and AOT autograd produces the
+backward. The CUDA readout without `β` launches only fixed grids and allocates nothing from
+tensor values (its plan is torch, its choice between object and dense heads is made on the
+device), so it is also registered through `torch.library.triton_op`: `torch.compile` sees its
+Triton kernels (`readout` below picks it for CUDA tensors without `β`).
+(`dla.testing.triton_interpreter()` swaps the CPU kernels for the
 Triton path through the interpreter for the length of a `with` block.)
 """
 
@@ -19,14 +20,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dla.ops.backbone import backbone_backward, backbone_forward
 from dla.ops.readout import readout_backward, readout_forward
 from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
 from dla.ops.segment import segment
 
 SEGMENT = (
-    "segment(Tensor k, Tensor v, Tensor n0, Tensor I0, Tensor m0, Tensor Z0, Tensor zz0, Tensor step0, "
-    "int levels, str policy, str score, float tau, int chunk_size) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "segment(Tensor k, Tensor v, Tensor? g, Tensor? beta, Tensor S0, Tensor n0, Tensor I0, Tensor m0, Tensor Z0, "
+    "Tensor zz0, Tensor N0, Tensor step0, int levels, str policy, str score, float tau, int chunk_size) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 READOUT = (
     "readout(Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, Tensor? beta, Tensor level_start, "
@@ -38,12 +40,21 @@ READOUT_BACKWARD = (
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
+BACKBONE = (
+    "backbone(Tensor q, Tensor k, Tensor v, Tensor lam0, Tensor? g, Tensor? beta, Tensor S0, float scale, "
+    "int chunk_size) -> (Tensor, Tensor)"
+)
+BACKBONE_BACKWARD = (
+    "backbone_backward(Tensor do, Tensor dS, Tensor q, Tensor k, Tensor v, Tensor lam0, Tensor? g, Tensor? beta, "
+    "Tensor S0, float scale, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
-def _segment_fake(k, v, n0, I0, m0, Z0, zz0, step0, levels, policy, score, tau, chunk_size):
+
+def _segment_fake(k, v, g, beta, S0, n0, I0, m0, Z0, zz0, N0, step0, levels, policy, score, tau, chunk_size):
     B, T, H, _ = k.shape
     return (
         k.new_empty(B, T, H, levels, dtype=torch.int32),
-        *(_contiguous_like(x) for x in (n0, I0, m0, Z0, zz0)),
+        *(_contiguous_like(x) for x in (n0, I0, m0, Z0, zz0, N0)),
     )
 
 
@@ -66,17 +77,29 @@ def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale
         _gate_grad_like(g, q), _gate_grad_like(beta, q), _contiguous_like(S0))
 
 
+def _backbone_fake(q, k, v, lam0, g, beta, S0, scale, chunk_size):
+    return torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device), _contiguous_like(S0)
+
+
+def _backbone_backward_fake(do, dS, q, k, v, lam0, g, beta, S0, scale, chunk_size):
+    return tuple(_contiguous_like(x) for x in (q, k, v, lam0)) + (
+        _gate_grad_like(g, q), _gate_grad_like(beta, q), _contiguous_like(S0))
+
+
 def _register() -> torch.library.Library:
     lib = torch.library.Library("dla", "DEF")
-    for schema in (SEGMENT, READOUT, READOUT_BACKWARD):
+    for schema in (SEGMENT, READOUT, READOUT_BACKWARD, BACKBONE, BACKBONE_BACKWARD):
         lib.define(schema)
-    for name, kernel in (("segment", segment), ("readout", readout_forward), ("readout_backward", readout_backward)):
+    kernels = (("segment", segment), ("readout", readout_forward), ("readout_backward", readout_backward),
+               ("backbone", backbone_forward), ("backbone_backward", backbone_backward))
+    for name, kernel in kernels:
         lib.impl(name, kernel, "CPU")
         lib.impl(name, kernel, "CUDA")
-    torch.library.register_fake("dla::segment", _segment_fake, lib=lib)
-    torch.library.register_fake("dla::readout", _readout_fake, lib=lib)
-    torch.library.register_fake("dla::readout_backward", _readout_backward_fake, lib=lib)
+    for name, fake in (("segment", _segment_fake), ("readout", _readout_fake), ("readout_backward", _readout_backward_fake),
+                       ("backbone", _backbone_fake), ("backbone_backward", _backbone_backward_fake)):
+        torch.library.register_fake(f"dla::{name}", fake, lib=lib)
     torch.library.register_autograd("dla::readout", _readout_grad, setup_context=_readout_setup_context, lib=lib)
+    torch.library.register_autograd("dla::backbone", _backbone_grad, setup_context=_backbone_setup_context, lib=lib)
     return lib
 
 
@@ -94,6 +117,21 @@ def _readout_grad(ctx, do, dS):
         do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size, step)
     return (dq, dk, dv, dlam, dg if g is not None else None, dbeta if beta is not None else None,
             None, dS0, None, None, None)
+
+
+def _backbone_setup_context(ctx, inputs, output):
+    q, k, v, lam0, g, beta, S0, scale, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, lam0, g, beta, S0)
+    ctx.scale, ctx.chunk_size = scale, chunk_size
+
+
+def _backbone_grad(ctx, do, dS):
+    q, k, v, lam0, g, beta, S0 = ctx.saved_tensors
+    do = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device) if do is None else do
+    dS = torch.zeros_like(S0) if dS is None else dS
+    dq, dk, dv, dlam0, dg, dbeta, dS0 = torch.ops.dla.backbone_backward(
+        do, dS, q, k, v, lam0, g, beta, S0, ctx.scale, ctx.chunk_size)
+    return (dq, dk, dv, dlam0, dg if g is not None else None, dbeta if beta is not None else None, dS0, None, None)
 
 
 LIBRARY = _register()  # kept alive: the registrations last as long as this object

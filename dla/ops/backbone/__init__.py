@@ -1,6 +1,86 @@
 """The backbone stage: one state read out per query (SPEC §3.1).
 
 It is the `single` policy (the plain backbone: linear attention, Mamba-2's SSD, DeltaNet, Gated
-DeltaNet) and DLA's open block, which restarts at every boundary (`reset`). `naive.py` is its
-token-by-token reference.
+DeltaNet) and DLA's open block, which restarts at every boundary (`reset`).
+
+| file | what it holds |
+| --- | --- |
+| `naive.py` | the reference: one state, token by token, in float64 |
+| `ssd.py` | transitions without `β`: the chunked SSD in torch (any device, float32/float64), with its stage pieces |
+| `ssd_states.py`, `ssd_output.py`, `ssd_triton.py` | the same in Triton: the sequential state pass, the chunk-parallel output and gradients, and the entry points |
+| `delta.py` | transitions with `β`: the chunked (gated) delta rule in WY/UT form in torch, with its stage pieces |
+| `delta_wy.py`, `delta_states.py`, `delta_output.py`, `delta_triton.py` | the same in Triton: the UT solve and `w, u`, the state pass, the output and gradients, and the entry points |
+
+The rule (`backbone_forward`, `backbone_backward`): `β` takes the delta rule, its absence the
+SSD; float64 inputs and CPU tensors take the torch kernel, 16- and 32-bit CUDA tensors the Triton
+kernels at their own chunk of 64 tokens (the result does not depend on the chunk beyond
+rounding).
 """
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dla.ops.backbone.delta import delta_backward, delta_forward
+from dla.ops.backbone.ssd import ssd_backward, ssd_forward
+
+__all__ = ["backbone_forward", "backbone_backward", "backbone_forward_triton", "backbone_backward_triton"]
+
+TRITON_CHUNK = 64  # the largest chunk the Triton backward holds in registers
+
+
+def _zeros_for_absent(dg: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros(like.shape[:3], dtype=torch.float32, device=like.device) if dg is None else dg
+
+
+def backbone_forward(q: Tensor, k: Tensor, v: Tensor, lam0: Tensor, g: Tensor | None, beta: Tensor | None,
+                     S0: Tensor, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """`dla::backbone` on the tensors' device: `(o [B,T,H,Dv], S [B,H,Dk,Dv])`."""
+    if q.is_cuda and q.dtype != torch.float64:
+        return backbone_forward_triton(q, k, v, lam0, g, beta, S0, scale, chunk_size)
+    if beta is not None:
+        return delta_forward(q, k, v, lam0, g, beta, None, S0, scale, chunk_size)
+    return ssd_forward(q, k, v, lam0, g, None, S0, scale, chunk_size)
+
+
+def backbone_backward(do: Tensor, dS: Tensor, q: Tensor, k: Tensor, v: Tensor, lam0: Tensor, g: Tensor | None,
+                      beta: Tensor | None, S0: Tensor, scale: float, chunk_size: int):
+    """`dla::backbone_backward`: `(dq, dk, dv, dlam0, dg, dbeta, dS0)`, `dg`/`dbeta` float32 zeros
+    `[B,T,H]` where `g`/`beta` is absent."""
+    if q.is_cuda and q.dtype != torch.float64:
+        return backbone_backward_triton(do, dS, q, k, v, lam0, g, beta, S0, scale, chunk_size)
+    if beta is not None:
+        dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward(do, dS, q, k, v, lam0, g, beta, None, S0, scale, chunk_size)
+        return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), dbeta, dS0
+    dq, dk, dv, dlam0, dg, dS0 = ssd_backward(do, dS, q, k, v, lam0, g, None, S0, scale, chunk_size)
+    return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), _zeros_for_absent(None, q), dS0
+
+
+# The Triton kernels are imported inside the two functions below: they are compiled only where a
+# GPU runs them (or interpreted, for CPU tensors under `dla.testing.triton_interpreter()`).
+
+
+def backbone_forward_triton(q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
+    """The CUDA side of the rule, for the tensors' device."""
+    if beta is not None:
+        from dla.ops.backbone.delta_triton import delta_forward_triton
+
+        return delta_forward_triton(q, k, v, lam0, g, beta, None, S0, scale, TRITON_CHUNK)
+    from dla.ops.backbone.ssd_triton import ssd_forward_triton
+
+    return ssd_forward_triton(q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
+
+
+def backbone_backward_triton(do, dS, q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
+    """The backward of `backbone_forward_triton`."""
+    if beta is not None:
+        from dla.ops.backbone.delta_triton import delta_backward_triton
+
+        dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward_triton(do, dS, q, k, v, lam0, g, beta, None, S0, scale,
+                                                                 TRITON_CHUNK)
+        return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), dbeta, dS0
+    from dla.ops.backbone.ssd_triton import ssd_backward_triton
+
+    dq, dk, dv, dlam0, dg, dS0 = ssd_backward_triton(do, dS, q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
+    return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), _zeros_for_absent(None, q), dS0

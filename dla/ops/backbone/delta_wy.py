@@ -1,0 +1,276 @@
+r"""The chunked delta rule's UT (WY) stage in Triton: the triangular solve and `w, u`, and their
+backward. Notation of `delta.py`; `delta_common.py` has the gates, masks and dot precisions.
+
+Forward, per chunk of `C` tokens (one program per chunk and head, all chunks in parallel):
+
+    A_kk = tril(diag(β)(KKᵀ ⊙ Γ), −1),   T = (I + A_kk)⁻¹                    [C, C] float32
+    w = (T diag(βγ)) K   [C, Dk],   u = (T diag(β)) V   [C, Dv]
+
+The solve runs by row blocks of `BC = 16`: `A_kk` is written to `T`'s rows first, then row block
+`i` is replaced by `T_ii = (I + A_ii)⁻¹` (forward substitution on 16 rows) and
+`T_i,<i = −T_ii A_i,<i T_<i,<i` (from the rows already solved, read back from memory), so any
+`C ∈ {16, 32, 64}` is one code path. Backward, with `dU` (float32) from the state pass and the
+chunk states `h`:
+
+    du = dU,   dw = −dU hᵀ
+    dT = (du Vᵀ) diag(β) + (dw Kᵀ) diag(βγ),   dV = diag(β) Tᵀ du,   dK += diag(βγ) Tᵀ dw
+    dβ = rowsum((Tᵀ du) ⊙ V) + γ ⊙ rowsum((Tᵀ dw) ⊙ K) + rowsum(dA_kk ⊙ KKᵀ ⊙ Γ)
+    dγ = β ⊙ rowsum((Tᵀ dw) ⊙ K)
+    dA_kk = −(Tᵀ dT Tᵀ) ⊙ [strict lower, same segment],   Z = diag(β) dA_kk ⊙ Γ
+    dK += Z K + Zᵀ K,   dG = rowsum(Z ⊙ KKᵀ) − colsum(Z ⊙ KKᵀ) + dγ ⊙ γ + (dG of the later stages)
+    dg = reverse cumsum of dG inside the chunk
+
+`Zᵀ K` takes `Zᵀ` from a round trip through a scratch buffer (`Z` stored, read back
+transposed) rather than `tl.trans` of a register tensor that came out of a dot: that pattern is
+what Triton 3.4–3.7.0 miscompiles on Hopper (fla issue #640).
+
+Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta, reset [B,T,H]`; `T` is stored `[B,T,H,C]`
+(row `t` of its chunk's matrix at token `t`, float32), `w [B,T,H,Dk]`, `u [B,T,H,Dv]` in the
+inputs' dtype; the backward reads `h [B,H,NC,Dk,Dv]` (inputs' dtype) and `dU [B,T,H,Dv]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dla.ops.backbone.delta_common import chunk_ends, chunk_gates, decay, precisions
+from dla.ops.triton_utils import interpreting, pow2
+
+__all__ = ["wy_forward", "wy_backward", "wy_meta"]
+
+BC = 16  # the solve's row block: the smallest tl.dot tile
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _unit_lower_inverse(A, BC: tl.constexpr):
+    """(I + A)⁻¹ for a strictly lower [BC, BC] float32 A, by forward substitution: row i of
+    X = (I + A)⁻¹ − I is −A_i − Σ_{j<i} A_ij X_j."""
+    o = tl.arange(0, BC)
+    X = -A
+    for i in range(2, BC):
+        a = tl.sum(tl.where((o == i)[:, None], -A, 0.0), axis=0)
+        a = tl.where(o < i, a, 0.0)
+        a = a + tl.sum(a[:, None] * X, axis=0)
+        X = tl.where((o == i)[:, None], a[None, :], X)
+    return X + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+                   HAS_RESET: tl.constexpr, PREC: tl.constexpr, PREC_SOLVE: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    tok = (n // H) * T * H + n % H
+    o = tl.arange(0, C)
+    t = c * C + o
+    inside = t < T
+    G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
+    gam, _, _ = chunk_ends(G_, seg, C)
+    beta = tl.load(BETA + tok + t * H, mask=inside, other=0.0).to(tl.float32)
+    K += tok * DK
+    V += tok * DV
+    W += tok * DK
+    U += tok * DV
+    TI += tok * C
+
+    # A_kk into T's rows
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        d = k0 + tl.arange(0, BK)
+        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=inside[:, None] & (d[None, :] < DK), other=0.0)
+        kc = tl.load(K + t[None, :] * (H * DK) + d[:, None], mask=inside[None, :] & (d[:, None] < DK), other=0.0)
+        KK += tl.dot(kr, kc, input_precision=PREC)
+    tile = TI + t[:, None] * (H * C) + o[None, :]
+    tl.store(tile, beta[:, None] * KK * decay(G_, seg, C, True, False), mask=inside[:, None])
+    tl.debug_barrier()
+
+    # the solve, row block by row block, in place
+    ob = tl.arange(0, BC)
+    for i in tl.static_range(C // BC):
+        r = c * C + i * BC + ob
+        rows = r < T
+        diag = TI + r[:, None] * (H * C) + (i * BC + ob)[None, :]
+        Tii = _unit_lower_inverse(tl.load(diag, mask=rows[:, None], other=0.0), BC)
+        if i > 0:
+            band = TI + r[:, None] * (H * C) + o[None, :]
+            left = o[None, :] < i * BC
+            Ai = tl.load(band, mask=rows[:, None] & left, other=0.0)
+            solved = tl.load(tile, mask=(inside & (o < i * BC))[:, None], other=0.0)
+            Toff = -tl.dot(Tii, tl.dot(Ai, solved, input_precision=PREC_SOLVE), input_precision=PREC_SOLVE)
+            tl.debug_barrier()  # every thread has read A_i before it is overwritten
+            tl.store(band, Toff, mask=rows[:, None] & left)
+        tl.store(diag, Tii, mask=rows[:, None])
+        tl.debug_barrier()
+
+    # w = (T diag(βγ)) K, u = (T diag(β)) V
+    Tm = tl.load(tile, mask=inside[:, None], other=0.0)
+    Tw = Tm * (beta * gam)[None, :]
+    Tu = Tm * beta[None, :]
+    for k0 in range(0, DK, BK):
+        d = k0 + tl.arange(0, BK)
+        mk = inside[:, None] & (d[None, :] < DK)
+        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0).to(tl.float32)
+        w = tl.dot(Tw, kr, input_precision=PREC_SOLVE)
+        tl.store(W + t[:, None] * (H * DK) + d[None, :], w.to(W.dtype.element_ty), mask=mk)
+    for v0 in range(0, DV, BV):
+        d = v0 + tl.arange(0, BV)
+        mv = inside[:, None] & (d[None, :] < DV)
+        vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0).to(tl.float32)
+        u = tl.dot(Tu, vr, input_precision=PREC_SOLVE)
+        tl.store(U + t[:, None] * (H * DV) + d[None, :], u.to(U.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_OUT, DBETA, DG_OUT, T,
+                   H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr,
+                   PREC_SOLVE: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    NC = tl.cdiv(T, C)
+    tok = (n // H) * T * H + n % H
+    o = tl.arange(0, C)
+    t = c * C + o
+    inside = t < T
+    G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
+    gam, _, _ = chunk_ends(G_, seg, C)
+    beta = tl.load(BETA + tok + t * H, mask=inside, other=0.0).to(tl.float32)
+    bg = beta * gam
+    K += tok * DK
+    V += tok * DV
+    DU += tok * DV
+    HS += (n * NC + c) * DK * DV
+    DKP += tok * DK
+    DK_OUT += tok * DK
+    DV_OUT += tok * DV
+    Tt = tl.load(TI + tok * C + t[None, :] * (H * C) + o[:, None], mask=inside[None, :], other=0.0)  # Tᵀ
+
+    dTv = tl.zeros([C, C], dtype=tl.float32)
+    dTk = tl.zeros([C, C], dtype=tl.float32)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    dbeta = tl.zeros([C], dtype=tl.float32)
+    dgam = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        d = v0 + tl.arange(0, BV)
+        mv = inside[:, None] & (d[None, :] < DV)
+        du = tl.load(DU + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
+        vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0).to(tl.float32)
+        dTv += tl.dot(du, tl.trans(vr), input_precision=PREC)
+        dvb = tl.dot(Tt, du, input_precision=PREC)
+        tl.store(DV_OUT + t[:, None] * (H * DV) + d[None, :], (beta[:, None] * dvb).to(DV_OUT.dtype.element_ty),
+                 mask=mv)
+        dbeta += tl.sum(dvb * vr, axis=1)
+    for k0 in range(0, DK, BK):
+        d = k0 + tl.arange(0, BK)
+        mk = inside[:, None] & (d[None, :] < DK)
+        dw = tl.zeros([C, BK], dtype=tl.float32)  # dw = −dU hᵀ
+        for v0 in range(0, DV, BV):
+            e = v0 + tl.arange(0, BV)
+            du = tl.load(DU + t[:, None] * (H * DV) + e[None, :], mask=inside[:, None] & (e[None, :] < DV), other=0.0)
+            h = tl.load(HS + d[:, None] * DV + e[None, :], mask=(d[:, None] < DK) & (e[None, :] < DV), other=0.0)
+            dw -= tl.dot(du, tl.trans(h.to(tl.float32)), input_precision=PREC)
+        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
+        kf = kr.to(tl.float32)
+        dTk += tl.dot(dw, tl.trans(kf), input_precision=PREC)
+        KK += tl.dot(kr, tl.trans(kr), input_precision=PREC)
+        dkb = tl.dot(Tt, dw, input_precision=PREC)
+        kd = tl.sum(dkb * kf, axis=1)
+        dbeta += gam * kd
+        dgam += beta * kd
+        part = DKP + t[:, None] * (H * DK) + d[None, :]
+        tl.store(part, tl.load(part, mask=mk, other=0.0) + bg[:, None] * dkb, mask=mk)
+    dT = dTv * beta[None, :] + dTk * bg[None, :]
+    dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC_SOLVE), Tt, input_precision=PREC_SOLVE)
+    X = dA * decay(G_, seg, C, True, False)  # Γ is 0 outside the strict lower triangle and across segments
+    dbeta += tl.sum(X * KK, axis=1)
+    Z = beta[:, None] * X
+
+    scratch = SCR + (n * NC + c) * C * C
+    Zs = Z.to(SCR.dtype.element_ty)
+    tl.store(scratch + o[:, None] * C + o[None, :], Zs)
+    tl.debug_barrier()
+    Zt = tl.load(scratch + o[None, :] * C + o[:, None])
+    for k0 in range(0, DK, BK):
+        d = k0 + tl.arange(0, BK)
+        mk = inside[:, None] & (d[None, :] < DK)
+        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0).to(SCR.dtype.element_ty)
+        dk = tl.load(DKP + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
+        dk += tl.dot(Zs, kr, input_precision=PREC) + tl.dot(Zt, kr, input_precision=PREC)
+        tl.store(DK_OUT + t[:, None] * (H * DK) + d[None, :], dk.to(DK_OUT.dtype.element_ty), mask=mk)
+    tl.store(DBETA + tok + t * H, dbeta.to(DBETA.dtype.element_ty), mask=inside)
+    if HAS_G:
+        P = Z * KK
+        dG = tl.sum(P, axis=1) - tl.sum(P, axis=0) + dgam * gam
+        dG += tl.load(DGP + tok + t * H, mask=inside, other=0.0)
+        dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
+        tl.store(DG_OUT + tok + t * H, dg.to(DG_OUT.dtype.element_ty), mask=inside)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def wy_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> dict:
+    """Launch parameters of both kernels, a function of the shapes and the dtype only: `Dk`,
+    `Dv` in blocks of at most 32 and 8 warps for 64-token chunks (the programs hold several
+    [C, C] float32 matrices beside their operands; with blocks of 64 or 4 warps ptxas spills)."""
+    prec, prec_solve = precisions(dtype)
+    return dict(C=chunk_size, BK=min(pow2(Dk), 32), BV=min(pow2(Dv), 32), PREC=prec, PREC_SOLVE=prec_solve,
+                num_warps=8 if chunk_size >= 64 else 4, num_stages=2)
+
+
+def _flags(g, reset) -> dict:
+    return dict(HAS_G=g is not None, HAS_RESET=reset is not None)
+
+
+def _reset_bytes(reset: Tensor | None) -> Tensor | None:
+    return None if reset is None else reset.contiguous().view(torch.uint8)
+
+
+def wy_forward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tensor | None,
+               chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`(T [B,T,H,C] float32, w [B,T,H,Dk], u [B,T,H,Dv])`, `w, u` in `k`'s dtype. Inputs
+    contiguous."""
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    meta = wy_meta(Dk, Dv, chunk_size, k.dtype)
+    interpreting(k)
+    TI = torch.empty(B, T, H, chunk_size, dtype=torch.float32, device=k.device)
+    w = torch.empty_like(k)
+    u = torch.empty(B, T, H, Dv, dtype=k.dtype, device=k.device)
+    _wy_fwd_kernel[(triton.cdiv(T, chunk_size), B * H)](
+        k, v, beta, g, _reset_bytes(reset), TI, w, u, T, H, Dk, Dv, BC=BC, **_flags(g, reset), **meta)
+    return TI, w, u
+
+
+def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tensor | None, TI: Tensor,
+                h: Tensor, dU: Tensor, dk_part: Tensor, dG_part: Tensor | None, chunk_size: int):
+    """`(dk, dv, dg, dbeta)` typed like `k, v, g, beta` (`dg` None without g), from the chunk
+    states `h` [B,H,NC,Dk,Dv], `dU` [B,T,H,Dv] float32 (`du = dU`, `dw = −dU hᵀ`), and the later
+    stages' float32 `dk_part` (which this call accumulates into) and `dG_part` [B,T,H] (before
+    the reverse cumsum)."""
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    C = chunk_size
+    meta = wy_meta(Dk, Dv, C, k.dtype)
+    interpreting(k)
+    NC = triton.cdiv(T, C)
+    scratch = torch.empty(B * H * NC, C, C, dtype=k.dtype, device=k.device)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dg = torch.empty_like(g) if g is not None else None
+    _wy_bwd_kernel[(NC, B * H)](
+        k, v, beta, g, _reset_bytes(reset), TI, h, dU, dk_part, dG_part, scratch, dk, dv, dbeta, dg, T, H, Dk,
+        Dv, **_flags(g, reset), **meta)
+    return dk, dv, dg, dbeta
