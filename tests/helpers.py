@@ -1,10 +1,10 @@
 """What the Triton readout tests share: drawn cases turned into kernel arguments and oracles
-(`setup`, `reference`), NaN-poisoned allocation, the interpreter/GPU device parameters, and the
-long synthetic level maps and inputs of the GPU grids with their float64 torch references."""
+(`setup`, `reference`), the interpreter/GPU device parameters, and the long synthetic level maps
+and inputs of the GPU grids with their float64 torch references (`poisoned_empty` is
+`tests.strategies`')."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import replace
 
@@ -13,7 +13,7 @@ import torch
 
 from dla.ops.levels import EMPTY, encode_level_map
 from dla.ops.reference import multistate_attention_materialized, segment_naive
-from tests.strategies import Case, build, fenwick_levels, random_cache, relative_error
+from tests.strategies import Case, build, fenwick_levels, poisoned_empty, random_cache, relative_error
 
 TOL32 = 1e-5  # SPEC §6, float32 with ieee dots
 GRADS = ("q", "k", "v", "lam", "g")
@@ -24,22 +24,6 @@ DEVICES = [  # CPU tensors run through the interpreter; on a GPU machine the sam
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         INTERPRETING or not torch.cuda.is_available(), reason="needs CUDA (and the interpreter off)")]),
 ]
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """`torch.empty` returns NaN-filled floats (and extreme ints), so unwritten output shows."""
-    real = torch.empty
-
-    def empty(*size, **kw):
-        x = real(*size, **kw)
-        return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-(2**30))
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
 
 
 def to_rank_order(S_oldest: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

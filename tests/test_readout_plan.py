@@ -132,7 +132,7 @@ def test_plan_matches_the_level_map(drawn):
 
 
 def test_drawn_plans_exercise_every_decision():
-    assert_draws_exercise_every_decision(plan_cases().map(lambda drawn: drawn[0]), max_examples=60, derandomize=True)
+    assert_draws_exercise_every_decision(plan_cases().map(lambda drawn: drawn[0]), max_examples=100, derandomize=True)
 
 
 @given(plan_cases())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dla
-import dla.ops.readout.masked_triton as masked
+import dla.ops.readout.objects_triton as objects
 import dla.ops.readout.scan_triton as scan
 import dla.ops.segment.triton_walk as walk
 from dla.ops.reference import multistate_attention_materialized
@@ -38,7 +38,7 @@ def test_the_operator_runs_its_triton_kernels_inside_the_block_only(beta, monkey
         monkeypatch.setattr(module, name, lambda *a, **kw: (calls.append(name), original(*a, **kw))[1])
 
     spy(walk, "segment_triton")
-    for module, names in ((masked, ("masked_forward", "masked_backward")), (scan, ("scan_forward", "scan_backward"))):
+    for module, names in ((objects, ("mixed_forward", "mixed_backward")), (scan, ("scan_forward", "scan_backward"))):
         for name in names:
             spy(module, name)
     x = _inputs(beta)
@@ -48,7 +48,7 @@ def test_the_operator_runs_its_triton_kernels_inside_the_block_only(beta, monkey
         o = dla.multistate_attention(leaves["q"], leaves["k"], leaves["v"], leaves["lam"], g=leaves["g"],
                                      beta=leaves.get("beta"), **kw)
         grads = torch.autograd.grad(o.square().sum(), list(leaves.values()))
-    kernel = "scan" if beta else "masked"  # the readout stage's rule at these shapes
+    kernel = "scan" if beta else "mixed"  # the readout stage's rule: objects or dense heads without β
     assert calls == ["segment_triton", f"{kernel}_forward", f"{kernel}_backward"]
 
     x64 = {n: (t.double().requires_grad_() if t is not None else None) for n, t in x.items()}

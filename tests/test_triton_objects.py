@@ -32,13 +32,13 @@ from hypothesis import strategies as st
 
 import dla.ops.readout.objects_triton as OT
 from dla.ops.readout import cost
-from dla.ops.readout.objects import objects_backward, objects_forward
+from dla.ops.readout.objects import objects_backward
 from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
 from dla.testing import triton_interpreter
 from tests.helpers import (
-    DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, f32, gpu_inputs, poisoned_empty, reference, setup,
+    DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, f32, gpu_inputs, reference, setup,
 )
-from tests.strategies import Case, assert_draws_exercise_every_decision, relative_error
+from tests.strategies import Case, assert_draws_exercise_every_decision, poisoned_empty, relative_error
 
 INTERPRETER = [DEVICES[0]]
 EDGE = dict(batch=1, heads=2, dk=16, dv=16, score="token", inputs="piecewise", mean_regime=4.0, seed=7)

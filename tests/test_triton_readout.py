@@ -29,9 +29,9 @@ from dla.ops.readout.masked_triton import masked_backward, masked_forward
 from dla.ops.reference import segment_naive
 from tests.helpers import (
     DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, dla_map, f32, fenwick_map, gpu_inputs,
-    poisoned_empty, reference, setup, triton_args,
+    reference, setup, triton_args,
 )
-from tests.strategies import Case, relative_error
+from tests.strategies import Case, poisoned_empty, relative_error
 
 EDGE = dict(batch=1, heads=2, dk=16, dv=32, score="token", inputs="piecewise", mean_regime=4.0, seed=5)
 

@@ -36,10 +36,10 @@ from hypothesis import strategies as st
 from dla.ops.readout.scan_triton import scan_backward, scan_forward
 from dla.testing import triton_interpreter
 from tests.helpers import (
-    DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, f32, gpu_inputs, poisoned_empty, reference, setup,
+    DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, f32, gpu_inputs, reference, setup,
     triton_args,
 )
-from tests.strategies import Case, assert_draws_exercise_every_decision, relative_error
+from tests.strategies import Case, assert_draws_exercise_every_decision, poisoned_empty, relative_error
 
 TRANSITIONS = ("beta", "both")
 
