@@ -22,7 +22,8 @@ import torch
 
 from dla import level_map
 from dla.ops.readout import cost
-from dla.ops.readout.plan import build_plan, segmentation_counts
+from dla.ops.readout.plan import Plan, build_plan
+from dla.ops.segment.stats import segmentation_stats
 from dla.synthetic import piecewise_stationary
 from perf.inputs import layer_inputs
 
@@ -39,6 +40,26 @@ def regime_inputs(regime: str, batch: int, length: int, seed: int = 0):
     t = layer_inputs(batch, length, HEADS, DIM, DIM, 2, backbone="mamba2", seed=seed,
                      boundary_dense=regime == "dense")
     return t["k"], t["v"]
+
+
+def counts(level_start, plan: Plan, T: int, C: int) -> dict:
+    """The counts the model reports, means over heads: slots opened after a scored boundary and
+    capacity merges per 1000 tokens (the segmentation's own, `segmentation_stats`), objects created
+    per 1000 tokens, objects a token's chunk reads, and objects created per chunk (`slots changed`:
+    the new elements each chunk with tokens leads to, read by the next chunk) — from the plan the
+    kernels consume."""
+    stats = segmentation_stats(level_start, chunk_size=C)
+    n = cost.plan_counts(plan)
+    ntok = plan.starts[:, 1:] - plan.starts[:, :-1]
+    changed = (plan.new_count[:, 1:].double() * (ntok > 0)).sum(1) / (ntok > 0).sum(1)
+    return {
+        "boundaries_per_1000": float(stats.boundaries_per_1k.mean()),
+        "merges_per_1000": float(stats.merges_per_1k.mean()),
+        "objects_per_1000": float((n["created"] / T).mean() * 1000),
+        "masters_per_1000": float((n["masters"] / T).mean() * 1000),
+        "objects_read_per_chunk": float((n["reads"] / T).mean()),
+        "slots_changed_per_chunk": float(changed.mean()),
+    }
 
 
 def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = cost.H100_ROOFLINE) -> dict:
@@ -63,24 +84,14 @@ def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = co
         return {name: (float(f), float(b)) for name, (f, b) in rows.items() if float(f) or float(b)}
 
     rows = call(objects)
+    counted = counts(starts, plan, T, shapes.C)
     paths = {}
     for path, mask in (("all heads on objects", torch.ones_like(objects)), ("all heads dense", torch.zeros_like(objects))):
         r = call(mask)
         paths[path] = {"tflop": sum(f for f, _ in r.values()) / 1e12, "gb": sum(b for _, b in r.values()) / 1e9,
                        "roofline_ms": 1e3 * cost.roofline_s(r, arch)}
-    seg = segmentation_counts(starts)
-    chunks = n["chunks"]
-    changed = plan.new_count[:, 1:].double().sum(1) / chunks
-    counts = {
-        "boundaries_per_1000": float((seg["opens"] / T).mean() * 1000),
-        "merges_per_1000": float((seg["merges"] / T).mean() * 1000),
-        "objects_per_1000": float((n["created"] / T).mean() * 1000),
-        "masters_per_1000": float((n["masters"] / T).mean() * 1000),
-        "objects_read_per_chunk": float((n["reads"] / T).mean()),
-        "slots_changed_per_chunk": float(changed.mean()),
-        "heads_on_objects": f"{int(objects.sum())}/{N}",
-        "pool_capacity_objects": capacity, "pool_capacity_masters": masters,
-    }
+    counted.update({"heads_on_objects": f"{int(objects.sum())}/{N}", "pool_capacity_objects": capacity,
+                    "pool_capacity_masters": masters})
     flops = sum(f for f, _ in rows.values())
     bytes_ = sum(b for _, b in rows.values())
     return {
@@ -88,7 +99,7 @@ def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = co
         "Dk": DIM, "Dv": DIM, "dtype": "bfloat16", "card": arch.name,
         "flops_fwd_bwd": flops, "bytes_fwd_bwd": bytes_,
         "roofline_ms": 1e3 * cost.roofline_s(rows, arch),
-        "counts": counts,
+        "counts": counted,
         "paths": paths,
         "kernels": {name: {"gflop": f / 1e9, "gb": b / 1e9, "ms": 1e3 * max(f / arch.flops, b / arch.bandwidth)}
                     for name, (f, b) in rows.items()},

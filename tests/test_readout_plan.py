@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dla.ops.levels import dense_level_map, encode_level_map
-from dla.ops.readout.plan import build_plan, chunk_count, segmentation_counts
+from dla.ops.readout.plan import build_plan, chunk_count
 from dla.ops.reference import segment_naive
 from tests.strategies import Case, assert_draws_exercise_every_decision, build, fenwick_levels, random_cache
 
@@ -135,17 +135,35 @@ def test_drawn_plans_exercise_every_decision():
     assert_draws_exercise_every_decision(plan_cases().map(lambda drawn: drawn[0]), max_examples=100, derandomize=True)
 
 
-@given(plan_cases())
-def test_counts_match_the_segmentation(drawn):
-    """Tokens opening a slot and capacity merges, read off the map, are the segmentation's own."""
-    case, initial, steps = drawn
-    if case.policy != "dla":
-        return
-    level_start, seg, m0, _ = level_map_of(case, initial, steps)
-    counts = segmentation_counts(level_start)
-    first_opens = (m0 == 0).reshape(-1).double()  # an empty cache's first token opens without a score
-    assert torch.equal(counts["opens"] - first_opens, seg.boundaries.reshape(-1).double())
-    assert torch.equal(counts["merges"], seg.capacity_merges.reshape(-1).double())
+def test_cost_model_counts_are_the_plans_and_the_segmentations():
+    """perf.cost_model's counts: boundaries and capacity merges are the segmentation's own
+    (`segment_naive`), objects, reads and changed slots those of the level map's partitions
+    (`simulate`), on piecewise inputs where all of them happen."""
+    from perf.cost_model import counts
+
+    case = Case(batch=2, length=300, heads=2, dk=4, dv=4, levels=6, policy="dla", transition="none", score="token",
+                tau=0.6, inputs="piecewise", mean_regime=6.0, seed=5, chunk_size=16)
+    level_start, seg, _, step = level_map_of(case, False)
+    C, T = case.chunk_size, case.length
+    got = counts(level_start, build_plan(level_start, step, C), T, C)
+    assert got["merges_per_1000"] > 0 and got["boundaries_per_1000"] > got["merges_per_1000"]
+    per_head = lambda x: float(x.double().sum(0).mean()) / (case.batch * T) * 1000  # noqa: E731
+    assert got["boundaries_per_1000"] == pytest.approx(per_head(seg.boundaries))
+    assert got["merges_per_1000"] == pytest.approx(per_head(seg.capacity_merges))
+    created, reads, changed, chunks = [], [], [], []
+    for cs, parts in simulate(level_start, step, C):
+        seen, new = {frozenset([-1 - r]) for r in range(case.levels)}, []
+        for part in parts:  # sets only coarsen: an element not seen before is created here
+            new.append(len({m for _, m in part} - seen))
+            seen |= {m for _, m in part}
+        created.append(sum(new))
+        reads.append(sum(len(part) * (cs[c + 1] - cs[c]) for c, part in enumerate(parts[:-1])) / T)
+        live = [c for c in range(len(parts) - 1) if cs[c + 1] > cs[c]]
+        changed.append(sum(new[c + 1] for c in live) / len(live))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert got["objects_per_1000"] == pytest.approx(mean(created) / T * 1000)
+    assert got["objects_read_per_chunk"] == pytest.approx(mean(reads))
+    assert got["slots_changed_per_chunk"] == pytest.approx(mean(changed))
 
 
 @pytest.mark.parametrize("C,T", [(4, 64), (8, 200), (16, 257)])

@@ -42,12 +42,15 @@ its parents being the elements of `P_{c−1}` inside it (a contiguous range of r
 `[lo, hi) = [max(a, cs_{c−1}), e + 1)` (none for `c = 0`). Every element of `P_{c−1}` is the parent
 of exactly one element of `P_c` (itself, when it persists).
 
-`Λ_c` is the element that holds `cs_c − 1` (the newest one; for `c ≥ 2` always new, since it
-holds a token of chunk `c − 1`). It is the open block's carried state when the block continues,
-and it is the parent the next chunk most often builds from: the Triton build kernel keeps it in
-registers, so an object needs a float32 master in memory only when it is not a `Λ_c` retired at
-`c + 1` (`needs_master`). Masters are numbered `0..L−1` for the initial slots (`S0` itself) and
-`L, L+1, …` for the others, in id order.
+`Λ_c` is the element that holds `cs_c − 1` (the newest one; new at every chunk that follows one
+with tokens, since it holds a token of that chunk). It is the open block's carried state when the
+block continues, and it is the parent the next chunk most often builds from: the Triton build
+kernel keeps it in registers, so an object needs a master in memory only when it is not a `Λ_c`
+retired at `c + 1` (`needs_master`; the final slots, written as they are built, need none).
+Masters are numbered `0..L−1` for the initial slots (`S0` itself) and `L, L+1, …` for the
+others, in id order. `merged` marks the objects a build before the final state reads from their
+master (retired into a new element, not as `Λ`): the backward, which stops before the final
+state, writes only those masters.
 
 Shapes (`N = B·H`, `L = K` levels, `R = NC + 1` chunk indices, `P` the id capacity): the
 `[N, R, L]` element tables and the `[N, P]` per-object tables of `Plan`. Ids at or beyond the
@@ -64,7 +67,7 @@ from torch import Tensor
 
 from dla.ops.levels import EMPTY, running_min
 
-__all__ = ["Plan", "build_plan", "chunk_count", "chunk_starts", "segmentation_counts"]
+__all__ = ["Plan", "build_plan", "chunk_count", "chunk_starts"]
 
 NONE = -1
 
@@ -244,21 +247,3 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
         final_rank=final_rank[:, :P].to(torch.int32), new_ids=new_ids[..., :L].to(torch.int32),
         new_count=new.sum(-1).to(torch.int32), created=created, masters=masters, overflow=overflow,
     )
-
-
-def segmentation_counts(level_start: Tensor) -> dict[str, Tensor]:
-    """Per row `[N]` (float64): the tokens that open a slot (`level_start[t, 0] = t`; the first
-    token of an empty cache included) and the capacity merges, from the map alone: the live
-    segments after step `t` are `m_t = #{non-empty levels}`, and `m_t = m_{t−1} + open_t −
-    merge_t` with `m_{−1}` the initial slots the map holds (`−min(0, oldest start of row 0)`,
-    exact for `dla`, whose initial slots sit at −1 … −m0). Meaningful for `dla` (and `single`);
-    for `fenwick` every token opens level 0 and levels cascade instead of merging."""
-    B, T, H, L = level_start.shape
-    rows = level_start.permute(0, 2, 1, 3).reshape(B * H, T, L).to(torch.int64)
-    t = torch.arange(T, device=level_start.device)
-    opens = rows[..., 0] == t
-    live = (rows != EMPTY).sum(-1)  # [N, T]
-    m0 = (-rows[:, 0].amin(-1)).clamp(min=0)
-    before = torch.cat([m0[:, None], live[:, :-1]], 1)
-    merges = before + opens.to(torch.int64) - live
-    return {"opens": opens.sum(1).double(), "merges": merges.sum(1).double()}
