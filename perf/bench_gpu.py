@@ -2,14 +2,17 @@
 
     python -m perf.bench_gpu --out DIR [--lengths 2048 8192 32768] [--quick]
 
-Checks every timed DLA configuration against the float64 torch chunked path on the same GPU
+Checks every timed DLA configuration against the stage's float64 torch kernels on the same GPU
 first (a kernel that is fast and wrong is not reported as fast), then times forward and
 forward+backward (median ms, `triton.testing.do_bench`) at 32,768 tokens per call, 16 heads,
 Dk = Dv = 128, bf16: SDPA causal attention, fla's `chunk_simple_gla` (SSD) and
 `chunk_gated_delta_rule`, and `dla.multistate_attention` for the Mamba-2 transition under
-the `single`, `fenwick` and `dla` (K = 16, 32) policies; segmentation alone on the benchmark
-inputs and on Gaussian (boundary-dense) inputs; peak memory of forward+backward; the readout's
-TFLOP/s by SPEC §3's count (4 passes × K·Dk·Dv multiply-adds per token and head). The same
+the `single`, `fenwick` and `dla` (K = 16, 32) policies — without β the persistent-object readout
+(`dla::readout_without_beta`, object or dense heads by the stage's rule), on SPEC §7's sparse
+inputs under the `token` score, each row with its segmentation counts and the heads on objects;
+segmentation alone on the benchmark inputs and on Gaussian (boundary-dense) inputs; peak memory of
+forward+backward; the readout's TFLOP/s by SPEC §3's count (3 GEMM passes × K·Dk·Dv
+multiply-adds per token and head). The same
 for DLA-Gated DeltaNet (`β` and `g`, l2-normalised `q, k`: the delta-rule kernels) beside fla's
 `chunk_gated_delta_rule`, verified first like the Mamba-2 transition. Writes
 `bench_gpu.json` and `bench_gpu.md` to DIR and prints the table last.
@@ -88,41 +91,68 @@ def train_step(t, **kw):
 
 
 def verify(length, levels, policy, backbone) -> dict:
-    """Our CUDA path vs the float64 torch chunked path on the same inputs and level map."""
-    from dla.ops.readout.chunked import chunked_backward, chunked_forward
+    """The readout path the operator takes on this GPU (`dla.compile.ops.readout`: the Triton op
+    without β, the scan with β) against the stage's float64 torch kernels on the same inputs and
+    level map (the object path without β, the chunked form with β)."""
+    from dla.compile.ops import readout
+    from dla.ops.readout import readout_backward, readout_forward
 
     batch, heads = 1, 4
     t = layer_inputs(batch, length, heads, DIM, DIM, levels, backbone=backbone, dtype=torch.bfloat16, device="cuda", seed=1)
-    starts = level_map(t["k"], t["v"], capacity=levels, policy=policy)
+    starts = level_map(t["k"], t["v"], capacity=levels, policy=policy, score="token")
     S0 = torch.zeros(batch, heads, levels, DIM, DIM, device="cuda")
+    step = torch.zeros(batch, dtype=torch.int64, device="cuda")
     scale = DIM**-0.5
-    o, S = torch.ops.dla.readout(t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"], starts, S0, scale, 64)
+    leaves = {n: (x.detach().requires_grad_() if x is not None else None) for n, x in t.items()}
+    o, S = readout(leaves["q"], leaves["k"], leaves["v"], leaves["lam"], leaves["g"], leaves["beta"], starts, S0,
+                   scale, 64, step)
     do = torch.randn_like(o)
-    grads = torch.ops.dla.readout_backward(do, torch.zeros_like(S), t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"],
-                                           starts, S0, scale, 64)
+    wrt = [leaves[n] for n in ("q", "k", "v", "lam", "g", "beta") if leaves[n] is not None]
+    grads = torch.autograd.grad(o, wrt, do)
     d = {n: (x.double() if x is not None else None) for n, x in t.items()}
-    o_ref, S_ref = chunked_forward(d["q"], d["k"], d["v"], d["lam"], d["g"], d["beta"], starts, S0.double(), scale, 64)
-    g_ref = chunked_backward(do.double(), torch.zeros_like(S_ref), d["q"], d["k"], d["v"], d["lam"], d["g"], d["beta"],
-                             starts, S0.double(), scale, 64)
+    args64 = (d["q"], d["k"], d["v"], d["lam"], d["g"], d["beta"], starts, S0.double(), scale, 64, step)
+    o_ref, S_ref = readout_forward(*args64)
+    g_ref = readout_backward(do.double(), torch.zeros_like(S_ref), *args64)
+    refs = dict(zip(("q", "k", "v", "lam", "g", "beta"), g_ref))
 
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
 
-    names = ("dq", "dk", "dv", "dlam", "dg", "dbeta")  # dbeta: zeros on both sides without β
-    errs = {"o": rel(o, o_ref), "S": rel(S, S_ref), **{n: rel(a, b) for n, a, b in zip(names, grads, g_ref)}}
-    finite = all(torch.isfinite(x).all() for x in (o, S, *grads[:6]))
+    names = [n for n in ("q", "k", "v", "lam", "g", "beta") if leaves[n] is not None]
+    errs = {"o": rel(o, o_ref), "S": rel(S, S_ref), **{f"d{n}": rel(a, refs[n]) for n, a in zip(names, grads)}}
+    finite = all(torch.isfinite(x).all() for x in (o, S, *grads))
     return {"policy": policy, "K": levels, "T": length, "backbone": backbone, "errors": errs, "finite": bool(finite),
             "ok": bool(finite and max(errs.values()) <= 2e-2)}
 
 
+def regime_counts(t: dict, levels: int, policy: str) -> dict:
+    """The timed inputs' segmentation counts (SPEC §7: every figure states its regime) and how
+    many heads the readout's rule gives to the object kernels."""
+    from dla.ops.readout import cost
+    from dla.ops.readout.plan import build_plan
+    from perf.cost_model import counts
+
+    T = t["k"].shape[1]
+    starts = level_map(t["k"], t["v"], capacity=levels, g=t["g"], beta=t["beta"], policy=policy, score="token")
+    P, M = cost.pool_capacity(T, levels, DIM, DIM, t["q"].element_size())
+    plan = build_plan(starts, torch.zeros(t["k"].shape[0], dtype=torch.int64, device="cuda"), 64, P, M)
+    shapes = cost.Shapes(T=T, K=levels, Dk=DIM, Dv=DIM, itemsize=t["q"].element_size())
+    objects = cost.takes_objects(shapes, plan, cost.arch_of(t["q"].device))
+    return {**counts(starts, plan, T, 64), "heads_on_objects": f"{int(objects.sum())}/{objects.numel()}"}
+
+
 def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: int) -> None:
-    """fwd, fwd+bwd, peak memory and readout TFLOP/s of one policy into `row` (`name_…`)."""
-    fwd, fwd_bwd = train_step(t, policy=policy)
+    """fwd, fwd+bwd, peak memory and readout TFLOP/s of one policy into `row` (`name_…`), under
+    the `token` score that defines SPEC §7's regimes (the inputs are the sparse regime's), with
+    the inputs' counts."""
+    fwd, fwd_bwd = train_step(t, policy=policy, score="token")
+    if policy != "single":
+        row[f"{name}_counts"] = regime_counts(t, levels, policy)
     try:
         row[f"{name}_fwd"] = bench(lambda: fwd(), rep=rep)
         row[f"{name}_fwd_bwd"] = bench(fwd_bwd, rep=rep)
         row[f"{name}_peak_mb"] = peak_memory_mb(fwd_bwd)
-        flop = 4 * 2 * TOKENS * HEADS * levels * DIM * DIM
+        flop = 3 * 2 * TOKENS * HEADS * levels * DIM * DIM
         row[f"{name}_readout_tflops"] = flop / (row[f"{name}_fwd_bwd"] * 1e-3) / 1e12
     except torch.OutOfMemoryError as exc:
         row[f"{name}_error"] = f"OOM: {exc}"[:200]
@@ -226,7 +256,16 @@ def render(results) -> str:
             f(d16 / gdn if d16 and gdn else None), f(d32 / gdn if d32 and gdn else None), f(r.get("gdn_dla32_fwd")),
             f"{f(r.get('gdn_single_peak_mb'))} / {f(r.get('gdn_dla16_peak_mb'))} / {f(r.get('gdn_dla32_peak_mb'))}",
             f(r.get("gdn_dla32_readout_tflops"))]) + " |")
-    lines += ["", "verification vs the float64 torch chunked path on this GPU (T = 2048, bf16 inputs):"]
+    lines += ["", "segmentation counts of the timed DLA rows (token score, per 1000 tokens; objects read and slots "
+              "changed per chunk; heads the rule gives to objects):"]
+    for r in results["rows"]:
+        for key in sorted(k for k in r if k.endswith("_counts")):
+            c = r[key]
+            lines.append(f"- T={r['T']} {key[:-7]}: boundaries {c['boundaries_per_1000']:.1f}, merges "
+                         f"{c['merges_per_1000']:.1f}, objects {c['objects_per_1000']:.1f}, read/chunk "
+                         f"{c['objects_read_per_chunk']:.1f}, changed/chunk {c['slots_changed_per_chunk']:.2f}, "
+                         f"heads on objects {c['heads_on_objects']}")
+    lines += ["", "verification vs the stage's float64 torch kernels on this GPU (T = 2048, bf16 inputs):"]
     for v in results["verify"]:
         worst = max(v["errors"].items(), key=lambda kv: kv[1])
         lines.append(f"- {v.get('backbone', 'mamba2')} {v['policy']} K={v['K']}: {'ok' if v['ok'] else 'FAILED'}; "
