@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dla.ops.levels import level_of
+from dla.ops.readout.chunked import level_of_by_search
 from dla.ops.readout.plan import Plan, build_plan, chunk_count
 from dla.ops.state import state_dtype
 
@@ -119,35 +119,46 @@ def _previous(call: _Call, c: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 class _Build(NamedTuple):
-    """How the elements new at chunk c are made: `value = Wp · S̄_parents + Σ_j Wt k_j v_jᵀ`."""
+    """How the objects new at chunk c are made, compacted to the `M` most any row creates there:
+    `value = Wp · S̄_parents + Σ_s Wt k_s v_sᵀ`."""
 
-    ids: Tensor  # [N, L] ids of E_{c,r}, 0 where not new (masked by `new`)
-    new: Tensor  # [N, L]
+    ids: Tensor  # [N, M] ids created at c (0 where `new` is false)
+    new: Tensor  # [N, M]
     parent_ids: Tensor  # [N, L] ids of P_{c−1}
-    Wp: Tensor  # [N, L(new), L(parent)] exp(G_e − G_{e_j}) on parent pairs
+    Wp: Tensor  # [N, M, L] exp(G_e − G_{e_j}) on parent pairs
     pos: Tensor  # [N, C] chunk c − 1's positions
-    Wt: Tensor  # [N, L, C] exp(G_e − G_s) for s ∈ E, s in chunk c − 1
+    Wt: Tensor  # [N, M, C] exp(G_e − G_s) for s ∈ E, s in chunk c − 1
+    kc: Tensor  # [N, C, Dk] chunk c − 1's keys
+    vc: Tensor  # [N, C, Dv]
 
 
-def _build_terms(call: _Call, c: int, cd) -> _Build:
+def _build_terms(call: _Call, c: int, cd) -> _Build | None:
+    """None when no row creates an object at c (a host read: this is the CPU kernel)."""
     p = call.plan
-    new = p.new[:, c]
-    a, e = p.first[:, c], p.last[:, c]
+    M = int(p.new_count[:, c].max())
+    if M == 0:
+        return None
+    ids = p.new_ids[:, c, :M].long()
+    new = ids >= 0
+    ids = ids.clamp(min=0)
+    a, e = torch.gather(p.obj_first, 1, ids).long(), torch.gather(p.obj_last, 1, ids).long()
+    lo, hi = torch.gather(p.par_lo, 1, ids).long(), torch.gather(p.par_hi, 1, ids).long()
     pid, pa, pe, pvalid = _previous(call, c)
-    inside = (a[..., :, None] <= pa[..., None, :]) & (pe[..., None, :] <= e[..., :, None]) & pvalid[..., None, :]
-    inside &= new[..., :, None]
+    ranks = torch.arange(pid.shape[1], device=ids.device)
+    inside = (lo[..., None] <= ranks) & (ranks <= hi[..., None]) & pvalid[:, None, :] & new[..., None]
     Ge = _G_at(call.G, e)
-    Wp = torch.where(inside, torch.exp((Ge[..., :, None] - _G_at(call.G, pe)[..., None, :]).clamp(max=0)), 0.0)
+    Wp = torch.where(inside, torch.exp((Ge[..., :, None] - _G_at(call.G, pe)[:, None, :]).clamp(max=0)), 0.0)
     if c == 0:
         pos = torch.zeros(p.read.shape[0], call.C, dtype=torch.int64, device=a.device)
         Wt = torch.zeros(*new.shape, call.C, dtype=torch.float64, device=a.device)
     else:
         pos, real = _tokens(call, c - 1)
-        member = real[:, None, :] & (a[..., None] <= pos[:, None, :]) & (pos[:, None, :] <= e[..., None]) & new[..., None]
+        tlo, thi = torch.gather(p.tok_lo, 1, ids).long(), torch.gather(p.tok_hi, 1, ids).long()
+        member = real[:, None, :] & (tlo[..., None] <= pos[:, None, :]) & (pos[:, None, :] < thi[..., None])
+        member &= new[..., None]
         Gs = _G_at(call.G, pos)
         Wt = torch.where(member, torch.exp((Ge[..., None] - Gs[:, None, :]).clamp(max=0)), 0.0)
-    ids = torch.where(new, p.read[:, c].long(), 0)
-    return _Build(ids, new, pid, Wp.to(cd), pos, Wt.to(cd))
+    return _Build(ids, new, pid, Wp.to(cd), pos, Wt.to(cd), _rows(call.k, pos), _rows(call.v, pos))
 
 
 def _gather_objects(pool: Tensor, ids: Tensor) -> Tensor:
@@ -155,15 +166,22 @@ def _gather_objects(pool: Tensor, ids: Tensor) -> Tensor:
     return pool[torch.arange(pool.shape[0], device=pool.device)[:, None], ids.clamp(min=0)]
 
 
+def _flat(x: Tensor) -> Tensor:
+    """[N, R, Dk, Dv] → [N, R, Dk·Dv]."""
+    return x.reshape(*x.shape[:2], -1)
+
+
 def _build(call: _Call, pool: Tensor, c: int, cd) -> None:
     b = _build_terms(call, c, cd)
-    if not bool(b.new.any()):
+    if b is None:
         return
-    value = torch.einsum("nrj,njkv->nrkv", b.Wp, _gather_objects(pool, b.parent_ids))
-    if c > 0:
-        kc, vc = _rows(call.k, b.pos), _rows(call.v, b.pos)
-        value = value + torch.einsum("nrs,nsk,nsv->nrkv", b.Wt, kc, vc)
-    n = torch.arange(pool.shape[0], device=pool.device)[:, None].expand_as(b.ids)
+    N, M = b.ids.shape
+    Dk, Dv = pool.shape[-2:]
+    value = (b.Wp @ _flat(_gather_objects(pool, b.parent_ids))).view(N, M, Dk, Dv)
+    if c > 0:  # Σ_s Wt[m, s] k_s v_sᵀ for every m: one GEMM of depth C
+        wk = (b.Wt[..., None] * b.kc[:, None]).transpose(2, 3).reshape(N, M * Dk, -1)
+        value = value + (wk @ b.vc).view(N, M, Dk, Dv)
+    n = torch.arange(N, device=pool.device)[:, None].expand_as(b.ids)
     pool[n[b.new], b.ids[b.new]] = value[b.new]
 
 
@@ -192,12 +210,12 @@ def _read_terms(call: _Call, c: int, cd) -> _Read:
     Gt = _G_at(call.G, pos)
     pair = real[:, :, None] & real[:, None, :] & torch.ones(C, C, dtype=torch.bool, device=pos.device).tril()
     Gam = torch.where(pair, torch.exp((Gt[:, :, None] - Gt[:, None, :]).clamp(max=0)), 0.0).to(cd)
-    lev_tok = torch.where(pair, level_of(starts, pos[:, None, :].expand(N, C, C)), -1)
+    lev_tok = torch.where(pair, level_of_by_search(starts, pos[:, None, :].expand(N, C, C)), -1)
     Lam = torch.where(lev_tok >= 0, torch.gather(lam, -1, lev_tok.clamp(min=0)), 0.0)
     A = (q @ k.transpose(1, 2)) * Gam
     ids = p.read[:, c].long()
     valid = (ids >= 0)[:, None, :] & real[:, :, None]
-    lev_obj = torch.where(valid, level_of(starts, p.first[:, c, None, :].expand(N, C, -1)), -1)
+    lev_obj = torch.where(valid, level_of_by_search(starts, p.first[:, c, None, :].expand(N, C, -1)), -1)
     decay = torch.where(lev_obj >= 0, torch.exp((Gt[:, :, None] - _G_at(call.G, p.last[:, c])[:, None, :]).clamp(max=0)),
                         0.0).to(cd)
     omega = torch.where(lev_obj >= 0, torch.gather(lam, -1, lev_obj.clamp(min=0)), 0.0) * decay
@@ -256,7 +274,8 @@ def objects_forward(q, k, v, lam, g, level_start, S0, scale: float, chunk_size: 
         vc = _rows(call.v, r.pos)
         qc = _rows(call.q, r.pos)
         objects = _gather_objects(pool, r.ids)  # [N, L, Dk, Dv]
-        rows = (r.A * r.Lam) @ vc + torch.einsum("ntr,ntk,nrkv->ntv", r.omega, qc, objects)
+        X = (r.omega[..., None] * qc[:, :, None, :]).flatten(2)  # X = W ⊗ q [N, C, L·Dk]
+        rows = (r.A * r.Lam) @ vc + X @ objects.flatten(1, 2)
         _scatter_rows(o, r, scale * rows)
 
     pool = _construct(call, S0, cd, read)
@@ -306,13 +325,15 @@ def objects_backward(do, dS, q, k, v, lam, g, level_start, S0, scale: float, chu
         dG_c = flow.sum(2) - flow.sum(1)
         # objects: o += Σ_E ω S̄_Eᵀ q
         objects = _gather_objects(pool, r.ids)
-        U = torch.einsum("ntv,nrkv->ntrk", dOc, objects)
-        dq_c = dq_c + torch.einsum("ntr,ntrk->ntk", r.omega, U)
-        domega = torch.einsum("ntrk,ntk->ntr", U, qc)
+        L_, Dk_ = objects.shape[1:3]
+        U = (dOc @ objects.flatten(1, 2).transpose(1, 2)).view(N, -1, L_, Dk_)  # [N, C, L, Dk]
+        dq_c = dq_c + (r.omega[..., None] * U).sum(2)
+        domega = (U * qc[:, :, None, :]).sum(-1)
         dlam_c.scatter_add_(-1, r.lev_obj.clamp(min=0), torch.where(r.lev_obj >= 0, domega * r.decay, 0.0))
         dG_c = dG_c + (domega * r.omega).double().sum(-1)
         valid = r.ids >= 0
-        Dc = torch.einsum("ntr,ntk,ntv->nrkv", r.omega, qc, dOc)
+        X = (r.omega[..., None] * qc[:, :, None, :]).flatten(2)  # [N, C, L·Dk]
+        Dc = (X.transpose(1, 2) @ dOc).view_as(objects)
         D.index_put_((rows_n.expand_as(r.ids)[valid], r.ids[valid]), Dc[valid], accumulate=True)
         for out, rows in ((dq, dq_c), (dk, dk_c), (dv, dv_c), (dlam, dlam_c)):
             _add_rows(out, r, rows)
@@ -329,20 +350,21 @@ def objects_backward(do, dS, q, k, v, lam, g, level_start, S0, scale: float, chu
     # down the merge tree, newest chunk first
     for c in range(NC, -1, -1):
         b = _build_terms(call, c, cd)
-        if not bool(b.new.any()):
+        if b is None:
             continue
-        Dn = torch.where(b.new[..., None, None], _gather_objects(D, b.ids), 0.0)  # [N, L, Dk, Dv]
+        M = b.ids.shape[1]
+        Dn = torch.where(b.new[..., None, None], _gather_objects(D, b.ids), 0.0)  # [N, M, Dk, Dv]
         if c > 0:
-            kc, vc = _rows(call.k, b.pos), _rows(call.v, b.pos)
-            Dv_s = torch.einsum("nrkv,nsv->nrsk", Dn, vc)  # D_E v_s
-            dk_s = torch.einsum("nrs,nrsk->nsk", b.Wt, Dv_s)
-            dv_s = torch.einsum("nrs,nrkv,nsk->nsv", b.Wt, Dn, kc)
-            real = b.Wt.sum(1) != 0  # tokens that some new element holds
+            Dvs = (b.vc @ Dn.permute(0, 3, 1, 2).reshape(N, Dv, M * Dk)).view(N, -1, M, Dk)
+            dk_s = (b.Wt.transpose(1, 2)[..., None] * Dvs).sum(2)  # Σ_E Wt[E, s] D_E v_s
+            kD = (b.kc @ Dn.transpose(1, 2).reshape(N, Dk, M * Dv)).view(N, -1, M, Dv)
+            dv_s = (b.Wt.transpose(1, 2)[..., None] * kD).sum(2)  # Σ_E Wt[E, s] D_Eᵀ k_s
+            real = (b.Wt != 0).any(1)  # tokens that some new object holds
             n = rows_n.expand_as(b.pos)
             dk.index_put_((n[real], b.pos[real]), dk_s[real], accumulate=True)
             dv.index_put_((n[real], b.pos[real]), dv_s[real], accumulate=True)
-            dG.index_put_((n[real], b.pos[real]), -(kc * dk_s).sum(-1).double()[real], accumulate=True)
-        push = torch.einsum("nrj,nrkv->njkv", b.Wp, Dn)  # to the parents in P_{c−1}
+            dG.index_put_((n[real], b.pos[real]), -(b.kc * dk_s).sum(-1).double()[real], accumulate=True)
+        push = (b.Wp.transpose(1, 2) @ _flat(Dn)).view(N, -1, Dk, Dv)  # to the parents in P_{c−1}
         has = (b.Wp != 0).any(1)
         D.index_put_((rows_n.expand_as(b.parent_ids)[has], b.parent_ids[has]), push[has], accumulate=True)
 
