@@ -98,7 +98,8 @@ def verify(length, levels, policy, backbone) -> dict:
     from dla.ops.readout import readout_backward, readout_forward
 
     batch, heads = 1, 4
-    t = layer_inputs(batch, length, heads, DIM, DIM, levels, backbone=backbone, dtype=torch.bfloat16, device="cuda", seed=1)
+    t = layer_inputs(batch, length, heads, DIM, DIM, levels, backbone=backbone, dtype=torch.bfloat16, device="cuda",
+                     seed=1)
     starts = level_map(t["k"], t["v"], capacity=levels, policy=policy, score="token")
     S0 = torch.zeros(batch, heads, levels, DIM, DIM, device="cuda")
     step = torch.zeros(batch, dtype=torch.int64, device="cuda")

@@ -86,7 +86,8 @@ def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = co
     rows = call(objects)
     counted = counts(starts, plan, T, shapes.C)
     paths = {}
-    for path, mask in (("all heads on objects", torch.ones_like(objects)), ("all heads dense", torch.zeros_like(objects))):
+    for path, mask in (("all heads on objects", torch.ones_like(objects)),
+                       ("all heads dense", torch.zeros_like(objects))):
         r = call(mask)
         paths[path] = {"tflop": sum(f for f, _ in r.values()) / 1e12, "gb": sum(b for _, b in r.values()) / 1e9,
                        "roofline_ms": 1e3 * cost.roofline_s(r, arch)}

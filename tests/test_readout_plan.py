@@ -121,8 +121,8 @@ def check_plan(level_start, step, C):
 @given(plan_cases())
 @example((Case(length=23, levels=3, policy="dla", transition="none", tau=0.0, mean_regime=4.0, chunk_size=4, **BASE),
           True, [0, 0]))  # every token a boundary, capacity merges from the first
-@example((Case(length=33, levels=7, policy="fenwick", transition="none", tau=0.6, mean_regime=4.0, chunk_size=4, **BASE),
-          False, [3, 6]))  # partial first chunks
+@example((Case(length=33, levels=7, policy="fenwick", transition="none", tau=0.6, mean_regime=4.0, chunk_size=4,
+               **BASE), False, [3, 6]))  # partial first chunks
 @example((Case(length=9, levels=2, policy="single", transition="none", tau=0.6, mean_regime=4.0, chunk_size=4, **BASE),
           True, [0, 0]))
 def test_plan_matches_the_level_map(drawn):

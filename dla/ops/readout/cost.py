@@ -8,17 +8,19 @@ Kernel by kernel
 Each kernel's floating-point operations (a multiply-add is 2) and DRAM bytes, per `(b, h)` row,
 for the kernels of `objects_triton.py` (object heads) and `masked_triton.py` (dense heads). `D =
 Dk·Dv`, `s` the input itemsize, `C` the chunk, `NC` the chunk slots, `T` tokens, `L = K` levels,
-`BV` the build's `Dv` tile (its programs hold `[Dk, BV]` tiles, so k is read `Dv/BV` times). Bytes count
-each tensor a kernel touches once: a chunk's keys are re-read by the tiles of that chunk, and an
-object by every chunk it is alive in, from L2 (objects stay shared in L2 by neighbouring chunks
-of a head, which run together in the grid's chunk-major order). Counts from the plan:
+state tiles those of the build, the object-major dS and the pushdown. Bytes count each
+tensor a kernel touches once: what several programs read again comes from L2 — a chunk's keys
+re-read within the chunk, an object re-read by every chunk it is alive in (neighbouring chunks of
+a head run together in the grid's chunk-major order), and a chunk's `k, v` (or `q, dO`) read by
+the sibling state tiles of one row, which the build and the pushdown walk chunk by chunk
+together. Counts from the plan:
 `created` objects (`copies`: those a chunk reads), `masters`, `reads` (`Σ_c tokens(c)·|P_c|`),
 `with_tokens` (objects built from tokens), `links_memory` (parents read from a master, not
 from the build's registers), `lam_tokens` (tokens of the chunks whose `Λ_c` has no master:
 the pushdown forms its gradient), `final_masters` (final slots that are older objects).
 
     build (forward)                          2C·D per object with tokens
-        k (once per Dv tile), v; copies·D·s and the masters' residuals written, links_memory
+        k, v; copies·D·s and the masters' residuals written, links_memory
         masters read, the final state (final_masters masters read, L·D·4 written)
     chunk forward (band + objects)           2TC(Dk + Dv) + 2D·reads
         q, k, v, λ, the level rows, G, o; every copy once
@@ -129,7 +131,6 @@ class Shapes:
     C: int = 64  # the object path's chunk
     BT: int = 64  # the dense path's query tile
     BS: int = 32  # the dense path's key tile
-    BV: int = 64  # the build's Dv tile
 
     @property
     def D(self) -> int:
@@ -211,7 +212,7 @@ def object_kernels(s: Shapes, n: dict) -> dict[str, tuple]:
     T, L, D, C, it = s.T, s.K, s.D, s.C, s.itemsize
     R = s.NC + 1
     lo = 2 if it < 4 else 0  # a master is its copy plus a bf16 residual (float32 copies are masters)
-    kv_build = T * (s.Dk * -(-s.Dv // s.BV) + s.Dv) * it  # k once per Dv tile, v once
+    kv_build = T * (s.Dk + s.Dv) * it  # the sibling tiles of a row read each chunk's k, v together
     rows = T * (L * it + L * 4 + 8)  # λ, the level rows' running minimum, G hi/lo
     qkvo = T * (2 * s.Dk + 2 * s.Dv) * it
     plan_bytes = R * L * 4 * 12 + (L + R * L) * 4 * 16
@@ -261,7 +262,8 @@ def roofline_s(kernels: dict[str, tuple], arch: Arch):
     for flops, bytes_ in kernels.values():
         t_f, t_b = flops / arch.flops, bytes_ / arch.bandwidth
         if isinstance(t_f, Tensor) or isinstance(t_b, Tensor):
-            total = total + torch.maximum(torch.as_tensor(t_f, dtype=torch.float64), torch.as_tensor(t_b, dtype=torch.float64))
+            f64 = torch.float64
+            total = total + torch.maximum(torch.as_tensor(t_f, dtype=f64), torch.as_tensor(t_b, dtype=f64))
         else:
             total = total + max(t_f, t_b)
     return total

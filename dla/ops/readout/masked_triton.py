@@ -859,8 +859,8 @@ def dense_forward(x: "_Prepared", mode: Tensor, scale: float, o: Tensor, S: Tens
         x.q, x.lam, x.gh, x.gl, x.cm, x.S0, o0, mode, T, H, scale, **m)
     m = x.meta("fwd")
     for extra in (True, False):  # the levels beyond NL per tile first, into o0
-        wrap_triton(_fwd_kernel)[(triton.cdiv(T, m["BT"]), N)](x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, mode, T, H, scale,
-                                                  EXTRA=extra, **m)
+        wrap_triton(_fwd_kernel)[(triton.cdiv(T, m["BT"]), N)](
+            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, mode, T, H, scale, EXTRA=extra, **m)
     m = x.meta("state")
     wrap_triton(_state_kernel)[(L, N, triton.cdiv(dv, m["BV"]))](x.k, x.v, x.gh, x.gl, x.cm, x.S0, S, mode, T, H, **m)
 
@@ -905,8 +905,8 @@ def dense_backward(x: "_Prepared", mode: Tensor, scale: float, do: Tensor, dS: T
         x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dq0, dl0, dg0, mode, T, H, scale, **m)
     m = x.meta("bwd_final")
     dk0, dv0, dgc0, fin = x.empty(B, T, H, dk), x.empty(B, T, H, dv), x.empty(B, T, H), x.empty(B, T, H)
-    wrap_triton(_bwd_final_kernel)[(triton.cdiv(T, m["BS"]), N, 2)](x.k, x.v, x.gh, x.gl, x.cm, dS, dk0, dv0, dgc0, fin, mode,
-                                                       T, H, **m)
+    wrap_triton(_bwd_final_kernel)[(triton.cdiv(T, m["BS"]), N, 2)](
+        x.k, x.v, x.gh, x.gl, x.cm, dS, dk0, dv0, dgc0, fin, mode, T, H, **m)
     mq, mkv = x.meta("dq"), x.meta("dkv")
     dg_row, dg_col = x.empty(B, T, H), x.empty(B, T, H)
     for extra in (True, False):
@@ -919,8 +919,8 @@ def dense_backward(x: "_Prepared", mode: Tensor, scale: float, do: Tensor, dS: T
     m = x.meta("ds0")
     nv = triton.cdiv(dv, m["BV"])
     carry = x.empty(N, L, nv)
-    wrap_triton(_bwd_ds0_kernel)[(L, N, nv)](x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, grads["dS0"], carry, mode, T, H, scale,
-                                **m)
+    wrap_triton(_bwd_ds0_kernel)[(L, N, nv)](
+        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, grads["dS0"], carry, mode, T, H, scale, **m)
     dG = dg_row.double() + dg_col
     dense = (mode == 0).view(B, H)
     dG[:, -1] += torch.where(dense, fin.sum(1) + carry.sum((1, 2)).view(B, H), 0.0)

@@ -10,9 +10,11 @@ of `plan.py` (chunks `[cs_c, cs_{c+1})` aligned to `step + t`, the partition `P_
 reads, objects `S̄_E` anchored at their last member `e_E`):
 
     construction, at each c, of the elements new in P_c:
-        S̄_E = Σ_{parents j ∈ P_{c−1}} exp(G_e − G_{e_j}) S̄_j + Σ_{s ∈ chunk c−1, s ∈ E} exp(G_e − G_s) k_s v_sᵀ
+        S̄_E = Σ_{parents j ∈ P_{c−1}} exp(G_e − G_{e_j}) S̄_j
+              + Σ_{s ∈ chunk c−1, s ∈ E} exp(G_e − G_s) k_s v_sᵀ
     readout of chunk c, every t ∈ [cs_c, cs_{c+1}), with ω[t,E] = λ_t[ℓ_t(a_E)] · exp(G_t − G_{e_E}):
-        o_t = scale · [ Σ_{s ∈ chunk, s ≤ t} λ_t[ℓ_t(s)] (q_t·k_s) exp(G_t − G_s) v_s + Σ_{E ∈ P_c} ω[t,E] S̄_Eᵀ q_t ]
+        o_t = scale · [ Σ_{s ∈ chunk, s ≤ t} λ_t[ℓ_t(s)] (q_t·k_s) exp(G_t − G_s) v_s
+                        + Σ_{E ∈ P_c} ω[t,E] S̄_Eᵀ q_t ]
     final state, rank r of the last row: S_r = exp(G_{T−1} − G_{e_E}) S̄_E,  E = E_{NC,r}
 
 The initial slots are the objects `0..L−1`, `S̄ = S0` (rank order), anchored at `−1`.
@@ -29,7 +31,8 @@ With `dÕ = scale · dO` and `D_E` the gradient of `S̄_E`:
 then down the merge tree in reverse creation order (a child is created after its parents):
 
     D_j += exp(G_e − G_{e_j}) D_E                                (every parent j of E)
-    dk_s += exp(G_e − G_s) D_E v_s,   dv_s += exp(G_e − G_s) D_Eᵀ k_s,   dG_s −= k_s · (exp(G_e − G_s) D_E v_s)
+    dk_s += exp(G_e − G_s) D_E v_s,   dv_s += exp(G_e − G_s) D_Eᵀ k_s
+    dG_s −= k_s · (exp(G_e − G_s) D_E v_s)
 
 `dS0 = D` of the initial slots, and the intra-chunk part is the masked form's (`dA = dÕ vᵀ`,
 `dG_t += Σ_s dA⊙A`, `dG_s −= Σ_t dA⊙A`); `dg_u = Σ_{t≥u} dG_t`. No term involves an anchor `G_e`:
@@ -216,8 +219,8 @@ def _read_terms(call: _Call, c: int, cd) -> _Read:
     ids = p.read[:, c].long()
     valid = (ids >= 0)[:, None, :] & real[:, :, None]
     lev_obj = torch.where(valid, level_of_by_search(starts, p.first[:, c, None, :].expand(N, C, -1)), -1)
-    decay = torch.where(lev_obj >= 0, torch.exp((Gt[:, :, None] - _G_at(call.G, p.last[:, c])[:, None, :]).clamp(max=0)),
-                        0.0).to(cd)
+    Ge = _G_at(call.G, p.last[:, c])
+    decay = torch.where(lev_obj >= 0, torch.exp((Gt[:, :, None] - Ge[:, None, :]).clamp(max=0)), 0.0).to(cd)
     omega = torch.where(lev_obj >= 0, torch.gather(lam, -1, lev_obj.clamp(min=0)), 0.0) * decay
     return _Read(pos, real, A, Gam, Lam, lev_tok, ids, omega, decay, lev_obj)
 

@@ -11,17 +11,19 @@ and tokens of every new element), `G` the float64 cumsum of `g` split into float
 `W[t,E] = scale · λ_t[ℓ_t(a_E)] · exp(G_t − G_e)`:
 
     build        S̄_E = Σ_{parents j} exp(G_e − G_{e_j}) S̄_j + Σ_{s ∈ [lo, hi)} exp(G_e − G_s) k_s v_sᵀ
-    forward      o_t = Σ_{s ∈ chunk, s ≤ t} scale·λ_t[ℓ_t(s)] (q_t·k_s) exp(G_t − G_s) v_s + Σ_{E∈P_c} W[t,E] S̄_Eᵀ q_t
+    forward      o_t = Σ_{s ∈ chunk, s ≤ t} scale·λ_t[ℓ_t(s)] (q_t·k_s) exp(G_t − G_s) v_s
+                       + Σ_{E∈P_c} W[t,E] S̄_Eᵀ q_t
     final        S_r = exp(G_{T−1} − G_e) S̄_E,  E the final slot of rank r
-    backward     U = dO S̄_Eᵀ:  dq += W U,  dW = U·q → dλ, dG_t += dW·W;   D_E += Σ_t W q dOᵀ (+ the final dS)
+    backward     U = dO S̄_Eᵀ:  dq += W U,  dW = U·q → dλ, dG_t += dW·W
+                 D_E += Σ_t W q dOᵀ (+ the final dS)
                  in reverse creation order D_j += exp(G_e − G_{e_j}) D_E;
                  dk_s += exp(G_e − G_s) D_E v_s,  dv_s += exp(G_e − G_s) D_Eᵀ k_s,  dG_s −= k_s·(that dk_s)
 
 Kernels and buffers
 ===================
-* `_build_kernel` — one program per (row, `Dv` tile), sequential over the chunks (as fla's
-  state pass): it builds each chunk's new objects from their parents and the previous chunk's
-  tokens (one masked dot over the chunk), in reverse rank order so that `Λ_c` — the newest
+* `_build_kernel` — one program per (row, `[TK, TV]` state tile), sequential over the chunks
+  (as fla's state pass): it builds each chunk's new objects from their parents and the previous
+  chunk's tokens (one masked dot over the chunk), in reverse rank order so that `Λ_c` — the newest
   element, held in registers (`h`, float32) — is built last and the one parent most objects
   take comes from registers. It writes every object a chunk reads as a copy in the input dtype
   (`COPY [N, P, Dk, Dv]`, by id) and, for the objects a later build reads from memory, the
@@ -31,10 +33,10 @@ Kernels and buffers
 * `_chunk_fwd_kernel` — one program per (chunk, row): the chunk's `C×C` band (its level ranges
   applied row by row, as in `masked_triton.py`) and one dot per object of `P_c` with the operand
   `X = W ⊗ q` built on the fly.
-* `_bwd_objects_kernel` — one program per (object with a master, row, `Dv` tile): `D_E` over the
+* `_bwd_objects_kernel` — one program per (object with a master, row, state tile): `D_E` over the
   chunks that read it (an object is read by a contiguous range of chunks), plus the final `dS`;
   into `DBUF [N, M−L, Dk, Dv]` float32 (`dS0` for the initial slots).
-* `_pushdown_kernel` — one program per (row, `Dv` tile), chunks in reverse: each new object's
+* `_pushdown_kernel` — one program per (row, state tile), chunks in reverse: each new object's
   `D` (its `DBUF` entry, or for a `Λ_c` without master its one chunk's `Σ W q dOᵀ`, formed here)
   plus what its child pushed, written as a copy (`DTOT`, input dtype) for the token gradients;
   pushed to its parents (`Λ_{c−1}` in registers, the others read-modify-write in `DBUF`/`dS0`).
@@ -42,9 +44,13 @@ Kernels and buffers
   band and `U`), columns (`dk`, `dv`, `dG` of the keys: band and the tokens' `D`).
 
 `dg = Σ_{u≥t} dG_u` (float64, torch). Every program of a dense head (`MODE[n] = 0`) returns at
-once. Dots on the input dtype (`input_precision` ieee for float32, tf32 with float32 operands
-otherwise); accumulation, `h`, `D` in float32. Offsets inside a row are int32 (`T·H·max(Dk, Dv,
-L) < 2³¹`), the pools' row offsets int64.
+once. State tiles are 64×64 on the card (ptxas holds their two or three float32 tiles in
+registers, at most a few bytes spilled; the build reads k `Dv/TV` and v `Dk/TK` times); the chunk
+kernels hold whole `[C, Dk]` and `[C, Dv]` tiles (C = 64). Every launch goes through
+`torch.library.wrap_triton`, with fixed grids: `dla::readout_without_beta` (`dla/compile/ops.py`)
+is a `triton_op` whose kernels `torch.compile` sees. Dots on the input dtype (`input_precision`
+ieee for float32, tf32 with float32 operands otherwise); accumulation, `h`, `D` in float32.
+Offsets inside a row are int32 (`T·H·max(Dk, Dv, L) < 2³¹`), the pools' row offsets int64.
 """
 
 from __future__ import annotations

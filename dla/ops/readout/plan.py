@@ -153,7 +153,8 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
     v_prev = torch.cat([torch.ones(N, 1, L, dtype=torch.bool, device=dev), valid[:, :-1]], 1)
     same = (a[..., :, None] == a_prev[..., None, :]) & (e[..., :, None] == e_prev[..., None, :]) & v_prev[..., None, :]
     new = valid & ~same.any(-1)
-    inside = (a[..., :, None] <= a_prev[..., None, :]) & (e_prev[..., None, :] <= e[..., :, None]) & v_prev[..., None, :]
+    inside = (a[..., :, None] <= a_prev[..., None, :]) & (e_prev[..., None, :] <= e[..., :, None])
+    inside &= v_prev[..., None, :]
     ranks = torch.arange(L, device=dev)
     par_lo = torch.where(inside, ranks, L).amin(-1)
     par_hi = torch.where(inside, ranks, -1).amax(-1)
@@ -241,9 +242,10 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
     new_ids = torch.where(new_ids < P, new_ids, NONE)
 
     return Plan(
-        chunk=C, master_capacity=PM, starts=cs, read=torch.where(read < P, read, NONE).to(torch.int32), first=a, last=e, new=new,
-        lam_rank=lam_rank, lam_id=lam_id.to(torch.int32), obj_chunk=obj_chunk, obj_first=obj_first, obj_last=obj_last, par_lo=plo, par_hi=phi,
-        tok_lo=tlo, tok_hi=thi, master=master, merged=merged[:, :P], read_lo=read_lo.to(torch.int32), read_hi=read_hi.to(torch.int32),
+        chunk=C, master_capacity=PM, starts=cs, read=torch.where(read < P, read, NONE).to(torch.int32), first=a,
+        last=e, new=new, lam_rank=lam_rank, lam_id=lam_id.to(torch.int32), obj_chunk=obj_chunk, obj_first=obj_first,
+        obj_last=obj_last, par_lo=plo, par_hi=phi, tok_lo=tlo, tok_hi=thi, master=master, merged=merged[:, :P],
+        read_lo=read_lo.to(torch.int32), read_hi=read_hi.to(torch.int32),
         final_rank=final_rank[:, :P].to(torch.int32), new_ids=new_ids[..., :L].to(torch.int32),
         new_count=new.sum(-1).to(torch.int32), created=created, masters=masters, overflow=overflow,
     )
