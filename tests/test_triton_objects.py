@@ -35,7 +35,7 @@ from dla.ops.readout import cost
 from dla.ops.readout.objects import objects_backward
 from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
 from dla.testing import triton_interpreter
-from tests.helpers import (
+from tests.readout_helpers import (
     DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, f32, gpu_inputs, reference, setup,
 )
 from tests.strategies import Case, assert_draws_exercise_every_decision, poisoned_empty, relative_error
@@ -233,7 +233,7 @@ def test_the_rule_weighs_the_plan_against_the_dense_path():
     """`cost.takes_objects`: a sparse long plan takes objects, a boundary-dense one the dense
     path, and an overflowing plan never objects; all from the plan's counts."""
     from dla.ops.readout.plan import build_plan
-    from tests.helpers import dla_map
+    from tests.readout_helpers import dla_map
 
     T, K, D = 4096, 16, 128
     shapes = cost.Shapes(T=T, K=K, Dk=D, Dv=D, itemsize=2)
@@ -304,7 +304,7 @@ from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 import dla.compile.ops  # noqa: F401  registers the ops
 from dla.ops.readout.objects import objects_backward
 from dla.testing import triton_interpreter
-from tests.helpers import f32, setup
+from tests.readout_helpers import f32, setup
 from tests.strategies import Case, relative_error
 
 case = Case(batch=1, length=40, heads=2, dk=16, dv=16, levels=3, policy="dla", transition="g", tau=0.6,

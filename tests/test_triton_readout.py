@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from dla.ops.levels import encode_level_map
 from dla.ops.readout.masked_triton import masked_backward, masked_forward
 from dla.ops.reference import segment_naive
-from tests.helpers import (
+from tests.readout_helpers import (
     DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, dla_map, f32, fenwick_map, gpu_inputs,
     reference, setup, triton_args,
 )

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from dla.ops.readout.scan_triton import scan_backward, scan_forward
 from dla.testing import triton_interpreter
-from tests.helpers import (
+from tests.readout_helpers import (
     DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, f32, gpu_inputs, reference, setup,
     triton_args,
 )
