@@ -8,8 +8,26 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
 import sys
+from pathlib import Path
+
+import torch
+
+from dla.model import BACKBONES, POLICIES, PRESETS, preset
+from dla.run import checkpoint, distributed
+from dla.run import experiment as ex
+from dla.run.data import decode, encode
+from dla.run.demo import main as demo
+from dla.run.device import resolve_device
+from dla.run.eval.lm import evaluate_checkpoint
+from dla.run.eval.task_accuracy import evaluate_checkpoint_on_task
+from dla.run.eval.tasks import TASKS, task_fields
+from dla.run.generate import check_request, generate
+from dla.run.quantize import quantize_checkpoint
+from dla.run.train import RECIPES, NonFiniteLoss, plan, recipe, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,10 +45,8 @@ def _relative(lower: float) -> str:
 
 
 def _add_train(sub) -> None:
-    from dla.model.config import BACKBONES, POLICIES, PRESETS
-
     p = sub.add_parser("train", help="train a language model on the embedded corpus or --data, then evaluate it")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training shape (default tiny)")
+    p.add_argument("--preset", default="tiny", choices=[p for p in PRESETS if p in RECIPES], help="model and training shape (default tiny)")
     p.add_argument("--backbone", default="mamba2", choices=BACKBONES)
     p.add_argument("--policy", default="dla", choices=POLICIES, help="dla, fenwick (Log-Linear) or single (base)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
@@ -65,8 +81,6 @@ _TASK_FLAGS = (("--seq-len", "seq_len", int), ("--pairs", "pairs", int), ("--voc
 
 
 def _add_eval(sub) -> None:
-    from dla.eval.tasks import TASKS
-
     p = sub.add_parser("eval", help="score a checkpoint: held-out bits per byte (lm) or accuracy on a synthetic task")
     p.add_argument("--checkpoint", required=True, help="a run folder (the --out of dla train) or a checkpoint folder")
     p.add_argument("--task", default="lm", choices=["lm", *TASKS],
@@ -83,8 +97,6 @@ def _add_eval(sub) -> None:
 
 
 def _fields(cls) -> list[str]:
-    import dataclasses
-
     return [f.name for f in dataclasses.fields(cls)]
 
 
@@ -94,12 +106,6 @@ def _positive(name: str, value) -> None:
 
 
 def _train(args) -> int:
-    from pathlib import Path
-
-    from dla import distributed
-    from dla.model.config import preset
-    from dla.train import TRAIN_PRESETS, NonFiniteLoss, TrainConfig, plan, train
-
     # under torchrun every process meets the same errors: rank 0 alone reports them
     report = distributed.is_main_process()
     try:
@@ -116,9 +122,8 @@ def _train(args) -> int:
         if args.capacity is not None:
             overrides["capacity"] = args.capacity
         model_cfg = preset(args.preset, **overrides)
-        given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
-        train_cfg = TrainConfig(
-            **{**TRAIN_PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None}},
+        train_cfg = recipe(
+            args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, eval_tokens=args.eval_tokens, optim=args.optim,
             float8=(args.float8_recipe or "tensorwise") if args.float8 else None,
             data=None if args.data is None else str(Path(args.data).resolve()),
@@ -131,9 +136,7 @@ def _train(args) -> int:
         with distributed.process_group(world):
             result = train(run)
     except NonFiniteLoss as e:
-        from dla.checkpoint import has_checkpoint
-
-        kept = "the last good checkpoint is kept" if has_checkpoint(run.out) else "no checkpoint was written before it"
+        kept = "the last good checkpoint is kept" if checkpoint.has_checkpoint(run.out) else "no checkpoint was written before it"
         if report:
             print(f"dla: error: {e}; training stopped, {kept} in {run.out}", file=sys.stderr)
         return 1
@@ -148,9 +151,6 @@ def _train(args) -> int:
 
 
 def _eval_task(args) -> int:
-    from dla.eval import evaluate_checkpoint_on_task
-    from dla.eval.tasks import task_fields
-
     fields = task_fields(args.task)
     params = {}
     for flag, field, _ in _TASK_FLAGS:
@@ -181,8 +181,6 @@ def _eval_task(args) -> int:
 
 
 def _eval(args) -> int:
-    from dla.train import evaluate_checkpoint
-
     if args.task != "lm":
         return _eval_task(args)
     given = [flag for flag, field, _ in _TASK_FLAGS if getattr(args, f"task_{field}") is not None]
@@ -223,11 +221,6 @@ def _add_experiment(sub) -> None:
 
 
 def _experiment(args) -> int:
-    import shlex
-
-    from dla.eval import experiment as ex
-    from dla.train import resolve_device
-
     try:
         exp = ex.load(args.file, out=args.out)
         shard = ex.parse_shard(args.shard)
@@ -277,16 +270,10 @@ def _add_generate(sub) -> None:
 
 
 def _generate(args) -> int:
-    import torch
-
-    from dla.data import decode, encode
-    from dla.generate import check_request, generate, load_model
-    from dla.train import resolve_device
-
     try:
         device = resolve_device(args.device)
         try:
-            model, _, _ = load_model(args.checkpoint, device=device)
+            model = checkpoint.load(args.checkpoint, device=device)
         except ValueError as e:
             raise ValueError(f"--checkpoint {e}") from None
         prompt = torch.tensor(encode(args.prompt), dtype=torch.int64, device=device)[None]
@@ -310,9 +297,6 @@ def _add_quantize(sub) -> None:
 
 
 def _quantize(args) -> int:
-    from dla.quantize import quantize_checkpoint
-    from dla.train import evaluate_checkpoint, resolve_device
-
     try:
         resolve_device(args.device)
         try:
@@ -322,9 +306,7 @@ def _quantize(args) -> int:
             raise ValueError(message if message.startswith("--") else f"--checkpoint {message}") from None
     except ValueError as e:
         return _fail(str(e))
-    from dla.checkpoint import find
-
-    files = {name: find(path) / "model.safetensors" for name, path in (("bytes_before", args.checkpoint),
+    files = {name: checkpoint.find(path) / "model.safetensors" for name, path in (("bytes_before", args.checkpoint),
                                                                         ("bytes_after", out))}
     weights = {name: f.stat().st_size if f.is_file() else None for name, f in files.items()}  # none if sharded
     result = {"checkpoint": str(out), "source": str(args.checkpoint), **weights}
@@ -357,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     _add_experiment(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from dla.demo import main as demo
-
         return demo()
     if args.command == "train":
         return _train(args)

@@ -29,7 +29,7 @@ import dla
 import dla.ops.api as api
 import dla.ops.readout as readout
 import dla.ops.segment as segment
-import dla.train as train
+import dla.run.train as train
 from dla.model.config import preset
 from dla.model.lm import CausalLM
 from dla.ops import level_map
@@ -174,7 +174,7 @@ def test_operator_vs_recurrent(benchmark, single_thread, monkeypatch):
 @pytest.mark.benchmark(group="cpu-regression", timer=time.process_time)
 def test_compiled_vs_eager_step(benchmark, single_thread, monkeypatch):
     """Forward, loss and backward of the tiny preset with one layer (B = 2, T = 128), compiled by
-    `dla.train.compiled_loss` (Inductor, fullgraph) against eager."""
+    `dla.run.train.compiled_loss` (Inductor, fullgraph) against eager."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
     torch.manual_seed(0)
     model = CausalLM(preset("tiny", n_layers=1))

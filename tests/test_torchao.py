@@ -18,16 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from dla import checkpoint
+import dla.run.train as train_mod
 from dla.cli import main
 from dla.model import CausalLM, ModelConfig
-from dla.model.config import PRESETS
-from dla.optim import convert_to_float8, float8_eligible
-from dla.train import TRAIN_PRESETS, TrainConfig, make_optimizer, plan, train
-
-from tests.test_train import train_curve, write_corpus
-
-MICRO = dict(d_model=16, n_layers=1, n_heads=2, head_dim=4, head_dim_v=4, capacity=3, seq_len=8, mlp_ratio=2.0)
+from dla.run import checkpoint
+from dla.run.optim import convert_to_float8, float8_eligible
+from dla.run.train import TrainConfig, make_optimizer, plan, train
+from tests.helpers import MICRO, MICRO_RECIPE, add_micro_preset, train_curve, write_corpus
 # int8 per-row weights perturb each weight by ≤ half a step (absmax/254); on these models the
 # held-out bits per byte move by ~1e-3 or less. 1% of the value still catches a broken
 # dequantisation (a wrong scale moves it by whole bits) while leaving room for rounding.
@@ -41,8 +38,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def micro_preset(monkeypatch):
-    monkeypatch.setitem(PRESETS, "micro", MICRO)
-    monkeypatch.setitem(TRAIN_PRESETS, "micro", dict(steps=4, batch_size=2, lr=1e-2, warmup=1))
+    add_micro_preset(monkeypatch)
     with torch.compiler.set_stance("force_eager"):
         yield
 
@@ -56,8 +52,7 @@ def train_args(out, corpus, *extra) -> list[str]:
 def run_8bit(tmp_path_factory, corpus) -> Path:
     out = tmp_path_factory.mktemp("adamw8bit") / "run"
     with pytest.MonkeyPatch.context() as m, torch.compiler.set_stance("force_eager"):
-        m.setitem(PRESETS, "micro", MICRO)
-        m.setitem(TRAIN_PRESETS, "micro", dict(steps=4, batch_size=2, lr=1e-2, warmup=1))
+        add_micro_preset(m)
         assert main(train_args(out, corpus, "--optim", "adamw8bit", "--checkpoint-every", "2")) == 0
     return out
 
@@ -87,7 +82,6 @@ def test_adamw8bit_is_torchaos_and_quantizes_large_moments():
 def test_adamw8bit_trains_checkpoints_and_resumes_exactly(run_8bit, corpus, tmp_path, monkeypatch):
     """The uninterrupted 4-step run against one killed after its step-2 checkpoint and resumed:
     the 8-bit moments (and the lr tensor torchao keeps) round-trip through optimizer.pt."""
-    import dla.train as train_mod
     from torchao.optim.subclass_8bit import OptimState8bit
 
     ckpt = checkpoint.find(run_8bit)
@@ -98,7 +92,7 @@ def test_adamw8bit_trains_checkpoints_and_resumes_exactly(run_8bit, corpus, tmp_
     assert [s for s, _ in whole] == [1, 2, 3, 4] and whole[-1][1] < whole[0][1]
 
     cfg = ModelConfig(**{**MICRO, "backbone": "gdn"})
-    tcfg = TrainConfig(**TRAIN_PRESETS["micro"], data=str(corpus), eval_tokens=64, optim="adamw8bit")
+    tcfg = TrainConfig(**MICRO_RECIPE, data=str(corpus), eval_tokens=64, optim="adamw8bit")
     real = train_mod.batch_at
 
     def killed_at_step_4(stream, step, **kw):
@@ -185,7 +179,7 @@ def test_quantize_reports_bpb_before_and_after(run_8bit, tmp_path, capsys):
     # dla eval reads it as int8
     assert json.loads(main_eval(out, capsys))["heldout_bpb"] == pytest.approx(after)
     model = CausalLM(ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text())["model"]))
-    checkpoint.load(ckpt, model)
+    checkpoint.restore(ckpt, model)
     assert isinstance(model.blocks[0].mixer.q_proj.weight, Int8Tensor)
     assert model.blocks[0].mixer.q_proj.weight.qdata.dtype == torch.int8
     # dla generate decodes with it
@@ -197,7 +191,7 @@ def test_quantize_reports_bpb_before_and_after(run_8bit, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["quantize", "--checkpoint", str(run_8bit), "--out", str(out), "--no-eval", "--overwrite"]) == 0
     with pytest.raises(checkpoint.CheckpointError, match="cannot be resumed"):
-        checkpoint.load(checkpoint.find(out), CausalLM(model.cfg), torch.optim.AdamW(model.parameters()))
+        checkpoint.restore(checkpoint.find(out), CausalLM(model.cfg), torch.optim.AdamW(model.parameters()))
     assert main(["quantize", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--checkpoint" in err and not (tmp_path / "x").exists()

@@ -1,13 +1,18 @@
-"""Training and held-out evaluation of the causal LM on a byte-level corpus.
+"""Training of the causal LM on a byte-level corpus, and the training step that `dla experiment`
+shares.
 
-One training step: the batch of `(seed, step)`, forward and loss (compiled as one
-`torch.compile(fullgraph=True)` frame unless told otherwise; backward by AOT autograd), a
-finiteness check, gradient clipping, AdamW at the step's learning rate (linear warmup, cosine
-decay). Everything a step depends on is a function of the step number and the checkpoint, so
-a resumed run repeats an uninterrupted one. Metrics go to `RUN/metrics.jsonl`, the loss curve
-to `RUN/loss.png`. Under torchrun each process trains its rows of the global batch on an
-FSDP2-sharded model and writes sharded checkpoints; rank 0 alone logs and writes the record
-(`dla.distributed`).
+One training step (`train_step`): the learning rate of the step (linear warmup, cosine decay),
+forward and loss under the device's autocast (compiled as one `torch.compile(fullgraph=True)`
+frame unless told otherwise; backward by AOT autograd), backward, gradient clipping, the
+optimizer step. `train` feeds it the batch of `(seed, step)` and checks the loss and gradient
+norm for finiteness. Everything a step depends on is a function of the step number and the
+checkpoint, so a resumed run repeats an uninterrupted one. Metrics go to `RUN/metrics.jsonl`, the
+loss curve to `RUN/loss.png`, the held-out evaluation at the end (`dla.run.eval.lm`). Under
+torchrun each process trains its rows of the global batch on an FSDP2-sharded model and writes
+sharded checkpoints; rank 0 alone logs and writes the record (`dla.run.distributed`).
+
+`dla train --preset NAME` builds the model of `dla.model.PRESETS[NAME]` and trains it by
+`RECIPES[NAME]` (steps, batch, peak learning rate, warmup).
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dla import checkpoint, distributed
-from dla.data import DataError, Split, batch_at, heldout_batches, prepare, unigram_log_probs
-from dla.model import CausalLM, ModelConfig
-from dla.optim import set_lr
-
-LN2 = math.log(2.0)
+from dla.model import PRESETS, CausalLM, ModelConfig
+from dla.run import checkpoint, distributed, optim
+from dla.run.data import DataError, batch_at, prepare, source_files
+from dla.run.device import autocast, resolve_device
+from dla.run.eval.lm import LN2, evaluate_heldout
 
 
 @dataclass(frozen=True)
@@ -40,23 +43,21 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
-    warmup: int = 30
+    warmup: int = 50
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
     data: str | None = None  # a text file or folder (absolute), or None for the default corpus
     eval_tokens: int = 32768  # held-out targets scored at the end
-    optim: str = "adamw"  # adamw | adamw8bit (torchao, dla.optim)
-    float8: str | None = None  # None, or the float8 training recipe: tensorwise | rowwise (dla.optim)
+    optim: str = "adamw"  # adamw | adamw8bit (torchao, dla.run.optim)
+    float8: str | None = None  # None, or the float8 training recipe: tensorwise | rowwise (dla.run.optim)
 
     def __post_init__(self) -> None:
-        from dla.optim import FLOAT8_RECIPES, OPTIMIZERS
-
-        if self.optim not in OPTIMIZERS:
-            raise ValueError(f"--optim must be one of {list(OPTIMIZERS)}, got {self.optim!r}")
-        if self.float8 is not None and self.float8 not in FLOAT8_RECIPES:
-            raise ValueError(f"--float8-recipe must be one of {list(FLOAT8_RECIPES)}, got {self.float8!r}")
+        if self.optim not in optim.OPTIMIZERS:
+            raise ValueError(f"--optim must be one of {list(optim.OPTIMIZERS)}, got {self.optim!r}")
+        if self.float8 is not None and self.float8 not in optim.FLOAT8_RECIPES:
+            raise ValueError(f"--float8-recipe must be one of {list(optim.FLOAT8_RECIPES)}, got {self.float8!r}")
         for name in ("steps", "batch_size", "eval_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -67,13 +68,21 @@ class TrainConfig:
             raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
 
 
-# Training defaults by preset, beside the model presets of `dla.model.config.PRESETS`.
-TRAIN_PRESETS: dict[str, dict] = {
+# How each model preset of `dla.model.PRESETS` is trained: `TrainConfig` fields by preset name.
+RECIPES: dict[str, dict] = {
     "tiny": dict(steps=200, batch_size=16, lr=5e-3, warmup=20),
     "small": dict(steps=5000, batch_size=32, lr=1.5e-3, warmup=250),
     "base": dict(steps=20000, batch_size=32, lr=6e-4, warmup=1000),
     "paper": dict(steps=50000, batch_size=64, lr=3e-4, warmup=2000),
 }
+
+
+def recipe(preset: str, **fields) -> TrainConfig:
+    """The `TrainConfig` of the model preset `preset`, with `fields` (those not None) replacing its
+    recipe's."""
+    if preset not in RECIPES or preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {[p for p in PRESETS if p in RECIPES]}, got {preset!r}")
+    return TrainConfig(**{**RECIPES[preset], **{k: v for k, v in fields.items() if v is not None}})
 
 
 class NonFiniteLoss(RuntimeError):
@@ -93,27 +102,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (`cfg.optim`: torch's, or torchao's 8-bit); weight decay on matrices only (not on
     norms, biases, gates' scalars or `L_h`)."""
-    from dla.optim import make_optimizer as make
-
-    return make(model, name=cfg.optim, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device}: not a device (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: only cpu and cuda are supported")
-    return dev
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return optim.make_optimizer(model, name=cfg.optim, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def compiled_loss(model: CausalLM):
@@ -121,26 +110,20 @@ def compiled_loss(model: CausalLM):
     return torch.compile(model.loss, fullgraph=True)
 
 
-@torch.no_grad()
-def evaluate(model: CausalLM, split: Split, *, batch_size: int, max_tokens: int, device: torch.device) -> dict:
-    """Held-out loss and bits per byte of `model`, and of a unigram byte model fitted on the
-    training split, over the same held-out targets."""
-    was_training = model.training
-    model.eval()
-    unigram = torch.from_numpy(-unigram_log_probs(split.train))
-    total = unigram_total = 0.0
-    count = 0
-    for x, y in heldout_batches(split.heldout, batch_size=batch_size, seq_len=model.cfg.seq_len,
-                                max_tokens=max_tokens):
-        with _autocast(device):
-            loss = model.loss(x.to(device), y.to(device))
-        total += float(loss) * y.numel()
-        unigram_total += float(unigram[y].sum())
-        count += y.numel()
-    model.train(was_training)
-    loss = total / count
-    return {"heldout_loss": loss, "heldout_bpb": loss / LN2, "unigram_bpb": unigram_total / count / LN2,
-            "heldout_tokens": count}
+def train_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
+               x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimizer step `step` (0-based) on the batch `x, y`: the schedule's learning rate, forward
+    and loss by `loss_fn` (`model.loss` or `compiled_loss(model)`) under autocast, backward,
+    clipping to `cfg.grad_clip`, the update. Returns the loss and the gradient norm before
+    clipping, detached and not read back, so that the caller chooses when to synchronise."""
+    optim.set_lr(optimizer, lr_at(cfg, step))
+    with autocast(x.device):
+        loss = loss_fn(x, y)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
 
 
 class Progress:
@@ -180,14 +163,13 @@ def _read_metrics(path: Path) -> list[dict]:
 
 def plot_loss(metrics: list[dict], path: Path) -> Path:
     """Training loss (bits per byte) by step, held-out and unigram levels, to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib: heavy to import, and needed only once a run has finished
+    from matplotlib.figure import Figure
 
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "heldout_bpb" in m]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
     steps = np.array([m["step"] for m in train])
     bpb = np.array([m["loss"] for m in train]) / LN2
     ax.plot(steps, bpb, color="tab:blue", alpha=0.35, lw=1, label="train (per step)")
@@ -205,7 +187,6 @@ def plot_loss(metrics: list[dict], path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -220,7 +201,7 @@ class Run:
     compile: bool = True
     checkpoint_every: int = 100
     resume_from: Path | None = None
-    world: distributed.World | None = None  # set under torchrun (dla.distributed)
+    world: distributed.World | None = None  # set under torchrun (dla.run.distributed)
 
     def config(self) -> dict:
         return {"model": self.model_cfg.to_dict(), "train": dataclasses.asdict(self.train_cfg)}
@@ -241,13 +222,9 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *, res
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     if train_cfg.float8 is not None:
-        from dla.optim import float8_unavailable
-
-        reason = float8_unavailable(dev)
+        reason = optim.float8_unavailable(dev)
         if reason is not None:
             raise ValueError(reason)
-    from dla.data import source_files
-
     source_files(train_cfg.data)
     run = Run(model_cfg, train_cfg, out, dev, compile, checkpoint_every, world=world)
     if resume:
@@ -286,16 +263,14 @@ def train(run: Run, *, log=None) -> dict:
     torch.manual_seed(tcfg.seed)
     model = CausalLM(mcfg).to(device)
     if tcfg.float8 is not None:  # before compiling (and sharding): Float8Linear replaces nn.Linear
-        from dla.optim import convert_to_float8
-
-        convert_to_float8(model, tcfg.float8)
+        optim.convert_to_float8(model, tcfg.float8)
     if world is not None:  # the same initial weights on every rank (same seed), then sharded
         model = distributed.shard(model, world, compile=run.compile)
     optimizer = make_optimizer(model, tcfg)
     metrics_path = out / "metrics.jsonl"
     start = 0
     if run.resume_from is not None:
-        state = checkpoint.load(run.resume_from, model, optimizer, device=device)
+        state = checkpoint.restore(run.resume_from, model, optimizer, device=device)
         if state.get("data", {}).get("train_tokens") != len(split.train):
             raise DataError(f"--resume: the training split has changed since the checkpoint "
                             f"({state.get('data', {}).get('train_tokens')} tokens then, {len(split.train)} now)")
@@ -329,29 +304,23 @@ def train(run: Run, *, log=None) -> dict:
     model.train()
     with open(metrics_path if main else os.devnull, "a") as metrics:
         for step in range(start, tcfg.steps):
-            lr = lr_at(tcfg, step)
-            set_lr(optimizer, lr)
             x, y = batch_at(split.train, step, batch_size=tcfg.batch_size, seq_len=mcfg.seq_len, seed=tcfg.seed,
                             device=device)
             if world is not None:
                 x, y = x[world.rows(tcfg.batch_size)], y[world.rows(tcfg.batch_size)]
-            with _autocast(device):
-                loss = loss_fn(x, y)
-            loss_value = float(loss.detach() if world is None else distributed.mean(loss))
+            loss, grad_norm = train_step(model, loss_fn, optimizer, tcfg, step, x, y)
+            loss_value = float(loss if world is None else distributed.mean(loss))
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(step + 1, "the loss")
-            loss.backward()
-            grad_norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)))
+            grad_norm = float(distributed.full(grad_norm))
             if not math.isfinite(grad_norm):
                 raise NonFiniteLoss(step + 1, "the gradient norm")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             now = time.monotonic()
             window_steps += 1
             tokens_per_s = window_steps * tokens_per_step / max(now - window_t, 1e-9)
             if now - window_t > 5.0:
                 window_t, window_steps = now, 0
-            record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            record = {"step": step + 1, "loss": loss_value, "lr": lr_at(tcfg, step), "grad_norm": grad_norm,
                       "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(now - t0, 3)}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -363,7 +332,7 @@ def train(run: Run, *, log=None) -> dict:
     # every rank evaluates the same held-out windows (the sharded forward is collective), a
     # rank's share of the global batch at a time
     eval_batch = tcfg.batch_size if world is None else tcfg.batch_size // world.size
-    result = evaluate(model, split, batch_size=eval_batch, max_tokens=tcfg.eval_tokens, device=device)
+    result = evaluate_heldout(model, split, batch_size=eval_batch, max_tokens=tcfg.eval_tokens, device=device)
     result.update(step=tcfg.steps, checkpoint=str(ckpt), train_s=round(time.monotonic() - t0, 1))
     if not main:
         return {**result, "plot": None}
@@ -373,26 +342,3 @@ def train(run: Run, *, log=None) -> dict:
     result["plot"] = str(plot_loss(_read_metrics(metrics_path), out / "loss.png"))
     return result
 
-
-def evaluate_checkpoint(path: str | Path, *, device: str | None = None) -> dict:
-    """Held-out metrics of the checkpoint that `path` names (see `checkpoint.find`)."""
-    ckpt = checkpoint.find(path)
-    config = checkpoint.read_json(ckpt, "config.json")
-    mcfg = checkpoint.model_config(ckpt, config)
-    try:
-        tcfg = TrainConfig(**config["train"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"{ckpt / 'config.json'}: not a dla run config ({e})") from None
-    dev = resolve_device(device)
-    model = CausalLM(mcfg).to(dev)
-    state = checkpoint.load(ckpt, model, device=dev)
-    run_cache = ckpt.parent.parent / "data"
-    if (run_cache / "meta.json").is_file():
-        split = prepare(tcfg.data, run_cache, seq_len=mcfg.seq_len)
-        result = evaluate(model, split, batch_size=tcfg.batch_size, max_tokens=tcfg.eval_tokens, device=dev)
-    else:
-        with tempfile.TemporaryDirectory() as cache:
-            split = prepare(tcfg.data, Path(cache), seq_len=mcfg.seq_len)
-            result = evaluate(model, split, batch_size=tcfg.batch_size, max_tokens=tcfg.eval_tokens, device=dev)
-    return {"checkpoint": str(ckpt), "step": int(state["step"]), "backbone": mcfg.backbone,
-            "policy": mcfg.policy, **result}

@@ -35,6 +35,7 @@ def make_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: floa
     groups = parameter_groups(model, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS)
+    # torchao: an optional dependency, needed only by --optim adamw8bit
     from torchao.optim import AdamW8bit
 
     return AdamW8bit(groups, lr=lr, betas=BETAS, eps=EPS)
@@ -63,6 +64,7 @@ def convert_to_float8(model: nn.Module, recipe: str) -> nn.Module:
     """Swap the eligible linear layers for torchao's `Float8Linear` in place (weights kept)."""
     if recipe not in FLOAT8_RECIPES:
         raise ValueError(f"--float8-recipe must be one of {list(FLOAT8_RECIPES)}, got {recipe!r}")
+    # torchao: an optional dependency, needed only by --float8
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(recipe)

@@ -5,7 +5,7 @@ Length generalisation: a model built for `seq_len` reads at most that many token
 `fenwick` policy's level count (the shape of `W_λ`) grows with it. `single`, `dla` and
 attention weights do not depend on `seq_len` (attention's rotary table is a buffer computed at
 build time), so a checkpoint of theirs is rebuilt for a longer task; a `fenwick` model must
-be built for the longest length it will be tested at (the experiment runner does so).
+be built for the longest length it will be tested at (`dla.run.experiment` does so).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import dataclasses
 
 import torch
 
-from dla.eval.metrics import merge, query_accuracy
-from dla.eval.tasks import Task
 from dla.model import CausalLM, ModelConfig
+from dla.run import checkpoint
+from dla.run.device import autocast, resolve_device
+from dla.run.eval.metrics import merge, query_accuracy
+from dla.run.eval.tasks import Task, make_task
 
 
 def model_for_length(cfg: ModelConfig, seq_len: int) -> ModelConfig:
@@ -37,10 +39,6 @@ def check_vocab(cfg: ModelConfig, task: Task) -> None:
                          f"vocab_size = {cfg.vocab_size}")
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def evaluate_task(model: CausalLM, task: Task, *, examples: int, seed: int = 0, batch_size: int | None = None,
                   batch_tokens: int = 1 << 16) -> dict:
@@ -58,7 +56,7 @@ def evaluate_task(model: CausalLM, task: Task, *, examples: int, seed: int = 0, 
     counts = []
     for step, start in enumerate(range(0, examples, bs)):
         x, y = task.batch(min(bs, examples - start), seed=seed, step=step, split="eval", device=device)
-        with _autocast(device):
+        with autocast(device):
             logits = model(x)
         counts.append(query_accuracy(logits.argmax(-1), y))
     model.train(was_training)
@@ -70,10 +68,6 @@ def evaluate_checkpoint_on_task(path, task_name: str, params: dict, *, examples:
     """Load the checkpoint that `path` names and score it on `task_name`. When the checkpoint
     was trained on that task (by `dla experiment`), its task parameters are the defaults that
     `params` override."""
-    from dla import checkpoint
-    from dla.eval.tasks import make_task
-    from dla.train import resolve_device
-
     ckpt = checkpoint.find(path)
     config = checkpoint.read_json(ckpt, "config.json")
     cfg = checkpoint.model_config(ckpt, config)
@@ -84,7 +78,7 @@ def evaluate_checkpoint_on_task(path, task_name: str, params: dict, *, examples:
     cfg = model_for_length(cfg, task.seq_len)
     dev = resolve_device(device)
     model = CausalLM(cfg).to(dev)
-    state = checkpoint.load(ckpt, model, device=dev)
+    state = checkpoint.restore(ckpt, model, device=dev)
     result = evaluate_task(model, task, examples=examples, seed=seed, batch_size=batch_size)
     return {"checkpoint": str(ckpt), "step": int(state["step"]), "backbone": cfg.backbone, "policy": cfg.policy,
             "task": task.name, "params": task.params(), **result}
