@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from dla.ops.reference import segment_naive
 from dla.ops.state import MultiStateCache
-from dla.synthetic import piecewise_stationary
+from dla.run.synthetic import piecewise_stationary
 
 POLICIES = ("dla", "fenwick", "single")
 TRANSITIONS = ("none", "g", "beta", "both")

@@ -23,7 +23,7 @@ from dla.ops.reference import segment_naive
 import dla.ops.segment as segment_module
 from dla.ops.segment import segment
 from dla.ops.state import MultiStateCache, empty_cache, state_dtype
-from dla.synthetic import piecewise_stationary
+from dla.run.synthetic import piecewise_stationary
 from tests.strategies import DELTA, I_TOL, fenwick_levels, relative_error
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
