@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dla.model import PRESETS
-from dla.run.train import RECIPES
+from dla.run.train import LOCK, RECIPES
 
 MICRO = dict(d_model=16, n_layers=1, n_heads=2, head_dim=4, head_dim_v=4, capacity=3, seq_len=8, mlp_ratio=2.0)
 MICRO_RECIPE = dict(steps=4, batch_size=2, lr=1e-2, warmup=1)
@@ -49,8 +49,9 @@ def exit_code(main, argv: list[str]) -> int:
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file under `folder` with its modification time and bytes ({} when it does not exist)."""
+    """Every file under `folder` with its modification time and bytes ({} when it does not exist),
+    but the run's lock file, which names the last process that took the lock."""
     if not folder.exists():
         return {}
     return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != LOCK}

@@ -12,6 +12,9 @@ eagerly (`set_stance("force_eager")`: the same ops, uncompiled).
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,9 +117,9 @@ def test_adamw8bit_trains_checkpoints_and_resumes_exactly(run_8bit, corpus, tmp_
 
 def test_resume_with_another_optimizer_is_refused(run_8bit, corpus, capsys):
     before = sorted(p.name for p in (run_8bit / "checkpoints").iterdir())
-    assert main(train_args(run_8bit, corpus, "--resume")) == 2
+    assert main(train_args(run_8bit, corpus, "--resume", "--optim", "adamw")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "optim" in err
+    assert err.count("\n") == 1 and "optim = 'adamw8bit', but this run asks for optim = 'adamw'" in err
     assert sorted(p.name for p in (run_8bit / "checkpoints").iterdir()) == before
 
 
@@ -201,3 +204,70 @@ def main_eval(path, capsys) -> str:
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(path), "--json", "--device", "cpu"]) == 0
     return capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# torchao as an optional extra; an int8 folder stands alone
+
+
+@pytest.fixture(scope="module")
+def quantized(run_8bit, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "run"
+    assert main(["quantize", "--checkpoint", str(run_8bit), "--out", str(out), "--no-eval"]) == 0
+    return out
+
+
+def test_an_int8_folder_cannot_be_resumed_and_says_so(quantized, corpus, capsys):
+    capsys.readouterr()
+    assert main(train_args(quantized, corpus, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no optimizer state" in err and "Traceback" not in err
+
+
+def test_quantize_and_eval_need_no_source_data(run_8bit, tmp_path, capsys):
+    """With the run's --data gone, the source and the int8 folder both evaluate on the split the
+    run keeps."""
+    run = tmp_path / "run"
+    shutil.copytree(run_8bit, run)
+    config_path = checkpoint.find(run) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train"]["data"] = str(tmp_path / "gone.txt")
+    config_path.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["quantize", "--checkpoint", str(run), "--out", str(tmp_path / "int8"), "--json",
+                 "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    recorded = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["heldout_bpb_before"] == pytest.approx(recorded["heldout_bpb"], rel=1e-6)
+    assert abs(result["heldout_bpb_after"] - result["heldout_bpb_before"]) <= BPB_RTOL * result["heldout_bpb_before"]
+    assert json.loads(main_eval(tmp_path / "int8", capsys))["heldout_bpb"] == pytest.approx(result["heldout_bpb_after"])
+
+
+@pytest.mark.parametrize("argv, needs", [
+    (["train", "--optim", "adamw8bit"], "--optim adamw8bit"),
+    (["quantize"], "dla quantize"),
+    (["eval"], "(an int8 checkpoint)"),
+])
+def test_without_torchao_one_line_names_the_extra(argv, needs, run_8bit, quantized, corpus, tmp_path, monkeypatch,
+                                                  capsys):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: importing it raises ImportError
+    if argv[0] == "train":
+        argv = train_args(tmp_path / "run", corpus, *argv[1:])
+    elif argv[0] == "quantize":
+        argv = ["quantize", "--checkpoint", str(run_8bit), "--out", str(tmp_path / "int8"), "--no-eval"]
+    else:
+        argv = ["eval", "--checkpoint", str(quantized), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "ModuleNotFoundError" not in err
+    assert needs in err and "needs torchao, an optional extra: pip install 'dla[quant]'" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "int8").exists()
+
+
+def test_quantize_prints_no_torchao_import_warnings(run_8bit, tmp_path):
+    """In a fresh process (torchao's import-time warnings come once per process)."""
+    done = subprocess.run([sys.executable, "-m", "dla", "quantize", "--checkpoint", str(run_8bit), "--out",
+                           str(tmp_path / "int8"), "--no-eval"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and done.stdout.startswith("int8 weight-only checkpoint: ")

@@ -224,7 +224,7 @@ def test_loading_never_runs_pickled_code(tmp_path):
     path = save(tmp_path, 1, model, opt)
     with open(path / "optimizer.pt", "wb") as f:
         pickle.dump(_Payload(), f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer.pt: refused to load"):
         checkpoint.restore(path, model, opt)
     assert not _Payload.ran
 

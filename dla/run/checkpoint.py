@@ -23,8 +23,10 @@ flattened into `model.safetensors` by torchao, the method named in `config.json`
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -33,11 +35,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
 from dla.model import CausalLM, ModelConfig
 from dla.run.device import resolve_device
+from dla.run.optim import require_torchao
 
 LATEST = "latest"
 FILES = ("model.safetensors", "config.json", "optimizer.pt", "state.json")
@@ -76,15 +81,38 @@ def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.o
     if read_latest(root) == name:  # already saved: the state at a step is a function of the step
         return final
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors, metadata = weights or ({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, {})
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", **metadata})
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    write_json(tmp / "config.json", config)
-    write_json(tmp / "state.json", {**state, "step": step})
-    return publish(root, tmp, name)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tensors, metadata = weights or ({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, {})
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", **metadata})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())  # safetensors creates it private
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "state.json", {**state, "step": step})
+        return publish(root, tmp, name)
+    except BaseException:
+        discard_unpublished(root, name)
+        raise
+
+
+def _umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def discard_unpublished(root: Path, name: str) -> None:
+    """Remove what an interrupted or failed write of checkpoint `name` left under `root` (its
+    hidden folder, the pointer's temporary file, the folder itself unless `latest` names it), so
+    that a full disk is not left filled by it. A process killed outright leaves them to the next
+    save, which removes everything `latest` does not name."""
+    shutil.rmtree(root / f".{name}.tmp", ignore_errors=True)
+    (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+    if read_latest(root) != name:
+        shutil.rmtree(root / name, ignore_errors=True)
 
 
 def publish(root: Path, tmp: Path, name: str) -> Path:
@@ -162,12 +190,13 @@ def model_config(checkpoint: Path, config: dict | None = None) -> ModelConfig:
         raise CheckpointError(f"{checkpoint / 'config.json'}: not a dla run config ({e})") from None
 
 
-def check_compatible(saved: dict, requested: dict, *, what: str) -> None:
-    """Refuse a checkpoint whose config differs from the requested one, naming the field."""
+def check_compatible(saved: dict, requested: dict, *, what: str, note: str = "") -> None:
+    """Refuse a checkpoint whose config differs from the requested one, naming the field (and
+    adding `note`, why that matters, when given)."""
     for field in sorted(set(saved) | set(requested)):
         if saved.get(field) != requested.get(field):
             raise CheckpointError(f"{what} was made with {field} = {saved.get(field)!r}, but this run asks for "
-                                  f"{field} = {requested.get(field)!r}")
+                                  f"{field} = {requested.get(field)!r}" + (f" ({note})" if note else ""))
 
 
 def restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -190,7 +219,15 @@ def restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     _check_weights(checkpoint, model.state_dict(), weights)
     model.load_state_dict(weights)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+        path = checkpoint / "optimizer.pt"
+        try:
+            optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"{path}: refused to load: it holds pickled objects other than tensors and plain "
+                                  f"values (a checkpoint never needs them)") from None
+        except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a truncated or damaged file
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: unreadable ({detail})") from None
     return read_json(checkpoint, "state.json")
 
 
@@ -214,22 +251,83 @@ def _check_weights(checkpoint: Path, expected: dict, weights: dict) -> None:
     for key in sorted(set(expected) | set(weights)):
         if key not in weights or key not in expected or weights[key].shape != expected[key].shape:
             raise CheckpointError(f"{checkpoint}: weight {key!r} does not fit this model")
+    for key in sorted(weights):
+        tensor = weights[key]
+        if type(tensor) is torch.Tensor and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{checkpoint}: weight {key!r} holds non-finite values (NaN or inf); the "
+                                  f"checkpoint is damaged")
+
+
+# DCP's `.metadata` is a pickle. These are the globals that describe a checkpoint (and torch's
+# dtypes); any other global, such as a function a crafted file would call, is refused.
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+class _MetadataReader(dcp.FileSystemReader):
+    """DCP's reader, with the metadata read by the allow-listed unpickler."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's planner, with the non-tensor values (the optimizer's hyperparameters) accepted only
+    when `torch.load(weights_only=True)` accepts them."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)  # raises pickle.UnpicklingError on anything but plain data
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def _restore_sharded(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    reader = _MetadataReader(checkpoint)
+    try:
+        reader.read_metadata()  # refused here, before DCP reads it (and logs its own tracebacks)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as e:
+        raise CheckpointError(f"{checkpoint / '.metadata'}: refused to load: {e} (a checkpoint's metadata "
+                              f"never needs other code)") from None
+    safe = {"storage_reader": reader, "planner": _WeightsOnlyPlanner()}
     with warnings.catch_warnings():
         # a plain process is the intended single-process load, which DCP warns about
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
             if optimizer is None:
                 model_state = get_model_state_dict(model)
-                dcp.load({"model": model_state}, checkpoint_id=checkpoint)
+                dcp.load({"model": model_state}, checkpoint_id=checkpoint, **safe)
                 set_model_state_dict(model, model_state)
             else:
                 model_state, optim_state = get_state_dict(model, optimizer)
-                dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint)
+                dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint, **safe)
                 set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-        except (RuntimeError, ValueError, KeyError) as e:  # DCP's CheckpointException is a RuntimeError
+        except (dcp.CheckpointException, RuntimeError, ValueError, KeyError) as e:
+            if isinstance(e, dcp.CheckpointException) and e.failures:  # the first rank's own exception
+                e = next(iter(e.failures.values()))[0]
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{checkpoint}: the sharded checkpoint does not fit this model "
                                   f"({detail})") from None
@@ -239,6 +337,7 @@ def _restore_sharded(checkpoint: Path, model: torch.nn.Module, optimizer: torch.
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Give every `nn.Linear` int8 weights with one float scale per output row (torchao's
     `Int8WeightOnlyConfig`: symmetric, per-row absmax), in place; return the model."""
+    require_torchao("an int8 checkpoint")
     # torchao: an optional dependency, needed only by int8 checkpoints
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -250,6 +349,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 def _restore_int8(checkpoint: Path, model: torch.nn.Module, *, device) -> None:
     """Load an int8 checkpoint into a freshly built float `model` (quantized here first, so its
     layers take the int8 tensors)."""
+    require_torchao(f"{checkpoint} (an int8 checkpoint)")
     # torchao: an optional dependency, needed only by int8 checkpoints
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 

@@ -201,9 +201,13 @@ def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.o
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     dist.barrier()  # every rank's shards are written
     if main:
-        checkpoint.write_json(tmp / "config.json", config)
-        checkpoint.write_json(tmp / "state.json", {**state, "step": step, "world_size": dist.get_world_size()})
-        checkpoint.publish(root, tmp, name)
+        try:
+            checkpoint.write_json(tmp / "config.json", config)
+            checkpoint.write_json(tmp / "state.json", {**state, "step": step, "world_size": dist.get_world_size()})
+            checkpoint.publish(root, tmp, name)
+        except BaseException:
+            checkpoint.discard_unpublished(root, name)
+            raise
     dist.barrier()  # no rank goes on before the checkpoint is published
     return final
 

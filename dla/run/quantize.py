@@ -6,22 +6,27 @@ convolutions and gates stay in floating point. The quantized checkpoint is an or
 checkpoint folder without optimizer state: `model.safetensors` holds the int8 data and scales
 flattened by torchao's safetensors support (tensor types from its allow-list, attributes as JSON
 in the file's metadata — no pickled code), and `config.json` names the quantization, so
-`dla eval` and `dla generate` load it like any other (`checkpoint.restore`).
+`dla eval` and `dla generate` load it like any other (`checkpoint.restore`). The int8 run folder
+shares the source run's corpus split (`RUN/data`), so it evaluates without the source.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from dla.model import CausalLM
 from dla.run import checkpoint
+from dla.run.data import has_split
+from dla.run.optim import require_torchao
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the int8 weight-only version of the checkpoint that `source` names to the run
     folder `out` (`out/checkpoints/step-N`, atomically, as `dla train` writes). Refuses an `out`
     that already holds a checkpoint unless `overwrite`."""
+    require_torchao("dla quantize")
     # torchao: an optional dependency, needed only to quantize
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
@@ -45,5 +50,20 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool 
     state = {**state, "quantized_from": str(ckpt.resolve())}
     if overwrite:  # asked for: the old checkpoints go before the new one is written
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    _share_split(ckpt.parent.parent / "data", out / "data")
     return checkpoint.save(out, step=int(state["step"]), model=model, optimizer=None, config=config, state=state,
                            weights=(tensors, metadata))
+
+
+def _share_split(source: Path, target: Path) -> None:
+    """Give the int8 run folder the corpus split of the source run (hard links where the file
+    system allows, else copies), so that it evaluates on its own, as the source does."""
+    if not has_split(source) or target.resolve() == source.resolve():
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for name in ("train.bin", "heldout.bin", "meta.json"):  # meta.json last: it marks the split complete
+        try:
+            os.link(source / name, target / name)
+        except OSError:
+            shutil.copy2(source / name, target / name)

@@ -11,8 +11,10 @@ be built for the longest length it will be tested at (`dla.run.experiment` does 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
+from tqdm import tqdm
 
 from dla.model import CausalLM, ModelConfig
 from dla.run import checkpoint
@@ -41,9 +43,10 @@ def check_vocab(cfg: ModelConfig, task: Task) -> None:
 
 @torch.no_grad()
 def evaluate_task(model: CausalLM, task: Task, *, examples: int, seed: int = 0, batch_size: int | None = None,
-                  batch_tokens: int = 1 << 16) -> dict:
+                  batch_tokens: int = 1 << 16, progress: bool = False) -> dict:
     """Accuracy of `model` on `examples` sequences of the task's evaluation stream of `seed`.
-    Batches hold `batch_size` sequences (default: about `batch_tokens` tokens)."""
+    Batches hold `batch_size` sequences (default: about `batch_tokens` tokens). `progress`: a
+    bar on a terminal."""
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
         raise ValueError(f"--examples must be a positive integer, got {examples!r}")
     if task.seq_len > model.cfg.seq_len:
@@ -54,7 +57,9 @@ def evaluate_task(model: CausalLM, task: Task, *, examples: int, seed: int = 0, 
     was_training = model.training
     model.eval()
     counts = []
-    for step, start in enumerate(range(0, examples, bs)):
+    starts = range(0, examples, bs)
+    for step, start in enumerate(tqdm(starts, desc=f"{task.name} evaluation", unit="batch", leave=False,
+                                      disable=None if progress else True, file=sys.stderr)):
         x, y = task.batch(min(bs, examples - start), seed=seed, step=step, split="eval", device=device)
         with autocast(device):
             logits = model(x)
@@ -64,7 +69,8 @@ def evaluate_task(model: CausalLM, task: Task, *, examples: int, seed: int = 0, 
 
 
 def evaluate_checkpoint_on_task(path, task_name: str, params: dict, *, examples: int, seed: int = 0,
-                                batch_size: int | None = None, device: str | None = None) -> dict:
+                                batch_size: int | None = None, device: str | None = None,
+                                progress: bool = False) -> dict:
     """Load the checkpoint that `path` names and score it on `task_name`. When the checkpoint
     was trained on that task (by `dla experiment`), its task parameters are the defaults that
     `params` override."""
@@ -79,6 +85,6 @@ def evaluate_checkpoint_on_task(path, task_name: str, params: dict, *, examples:
     dev = resolve_device(device)
     model = CausalLM(cfg).to(dev)
     state = checkpoint.restore(ckpt, model, device=dev)
-    result = evaluate_task(model, task, examples=examples, seed=seed, batch_size=batch_size)
+    result = evaluate_task(model, task, examples=examples, seed=seed, batch_size=batch_size, progress=progress)
     return {"checkpoint": str(ckpt), "step": int(state["step"]), "backbone": cfg.backbone, "policy": cfg.policy,
             "task": task.name, "params": task.params(), **result}
