@@ -250,20 +250,27 @@ def cycles(root: Path) -> list[str]:
     return out
 
 
-def _imports_optional_at_module_level(root: Path, name: str, found: list[Import]) -> bool:
-    return any(i.importer == name and not i.in_function and i.target in OPTIONAL for i in found)
+def _loading_optional(root: Path, found: list[Import]) -> set[str]:
+    """Our modules whose import loads an optional dependency: they import one at module level,
+    or import such a module of ours at module level (a Triton launcher over kernel files)."""
+    loading = {i.importer for i in found if not i.in_function and i.target in OPTIONAL}
+    while True:
+        more = {i.importer for i in found if not i.in_function and i.target in loading} - loading
+        if not more:
+            return loading
+        loading |= more
 
 
 def function_level(root: Path) -> list[str]:
     """Imports inside functions: only of an optional or heavy dependency (or of a module of ours
-    that imports one at module level, such as a Triton kernel file), each with a comment."""
+    whose import loads one, such as a Triton kernel file), each with a comment."""
     found = imports(root)
+    loading = _loading_optional(root, found)
     out = []
     for imp in found:
         if not imp.in_function or imp.implicit:
             continue
-        optional = imp.target in OPTIONAL or (imp.target.split(".")[0] == root.name
-                                              and _imports_optional_at_module_level(root, imp.target, found))
+        optional = imp.target in OPTIONAL or imp.target in loading
         if not optional:
             out.append(f"{imp.where()}: {imp.importer} imports {imp.target} inside a function; import it at "
                        f"module level (function-level imports are for {sorted(OPTIONAL)} only)")
@@ -364,9 +371,15 @@ def test_the_checks_report_every_violation(tmp_path):
 def test_kernel_modules_may_be_imported_inside_a_function_with_a_reason(tmp_path):
     root = make_package(tmp_path, {
         "ops/kernel_triton.py": "import triton\n",
+        "ops/launcher.py": "from dla.ops.kernel_triton import f\n",  # loads triton through the kernel file
+        "ops/plain.py": "import torch\n",
         "compile/ops.py": "def cuda():\n    # triton: only on CUDA\n    from dla.ops import kernel_triton\n"
-                          "\n\ndef cpu():\n    from dla.ops.kernel_triton import f\n",
+                          "\n\ndef cpu():\n    from dla.ops.kernel_triton import f\n"
+                          "\n\ndef launch():\n    # triton, through the launcher: only on CUDA\n"
+                          "    from dla.ops import launcher\n    from dla.ops import plain\n",
     })
     assert [v.split(": ", 1)[1] for v in function_level(root)] == [
-        "dla.compile.ops imports dla.ops.kernel_triton inside a function without a comment saying why"]
+        "dla.compile.ops imports dla.ops.kernel_triton inside a function without a comment saying why",
+        "dla.compile.ops imports dla.ops.plain inside a function; import it at module level (function-level "
+        "imports are for ['matplotlib', 'torchao', 'triton'] only)"]
     assert upward(root) == [] and cycles(root) == []
