@@ -26,7 +26,7 @@ tests_on_every_gpu() {
   for g in $(seq 0 $((n - 1))); do
     ( for i in "${!PARTS[@]}"; do
         [ $((i % n)) -eq "$g" ] || continue
-        eval "CUDA_VISIBLE_DEVICES=$g python3 -m pytest -q -p no:cacheprovider -m "gpu or slow" -rs ${PARTS[$i]}" \
+        eval "CUDA_VISIBLE_DEVICES=$g python3 -m pytest -q -p no:cacheprovider -m \"gpu or slow\" -rs ${PARTS[$i]}" \
           > "$OUT/gpu_tests_$i.log" 2>&1
         echo $? > "$OUT/gpu_tests_$i.rc"
       done ) &
