@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from dla.ops.reference import multistate_attention_recurrent, segment_naive
 from dla.ops.state import MultiStateCache
 from dla.ops.validation import POLICIES, SCORES
-from dla.synthetic import piecewise_stationary
+from dla.run.synthetic import piecewise_stationary
 
 TRANSITIONS = ("none", "g", "beta", "both")
 DELTA = {torch.float64: 1e-9, torch.float32: 1e-4}  # SPEC §2 decision margins

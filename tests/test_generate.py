@@ -26,11 +26,13 @@ from torch.utils._pytree import tree_flatten
 
 import dla.model.layers as layers
 from dla.cli import main
-from dla.generate import check_request, decode_step, generate, sample
 from dla.model import CausalLM, ModelConfig
 from dla.model.cache import KVCache, LMCache, RecurrentCache
 from dla.ops.reference import segment_naive
-
+from dla.run import checkpoint
+from dla.run.data import decode, encode
+from dla.run.generate import check_request, decode_step, generate, sample
+from tests.helpers import add_micro_preset, write_corpus
 from tests.strategies import DELTA, relative_error
 
 TOL = 1e-5
@@ -231,16 +233,10 @@ def test_requests_the_model_cannot_serve_name_the_argument():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    from dla.model.config import PRESETS
-    from dla.train import TRAIN_PRESETS
-
-    from tests.test_train import write_corpus
-
     corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
     out = tmp_path_factory.mktemp("run") / "run"
     with pytest.MonkeyPatch.context() as m:
-        m.setitem(PRESETS, "micro", dict(MICRO, n_layers=1))
-        m.setitem(TRAIN_PRESETS, "micro", dict(steps=3, batch_size=2, lr=1e-2, warmup=1))
+        add_micro_preset(m, model=dict(MICRO, n_layers=1), recipe=dict(steps=3, batch_size=2, lr=1e-2, warmup=1))
         assert main(["train", "--preset", "micro", "--backbone", "gdn", "--out", str(out), "--data", str(corpus),
                      "--no-compile", "--device", "cpu", "--eval-tokens", "32"]) == 0
     return out
@@ -255,10 +251,7 @@ def test_generate_cli(trained, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out == first and first.startswith("the king")
     # what the CLI printed is what `generate` makes from the checkpoint
-    from dla.data import decode, encode
-    from dla.generate import load_model
-
-    model, _, _ = load_model(trained, device=torch.device("cpu"))
+    model = checkpoint.load(trained, device="cpu")
     prompt = torch.tensor(encode("the king"), dtype=torch.int64)[None]
     expected = generate(model, prompt, 12, temperature=0.9, top_k=20, seed=7, compile="none")
     assert first == "the king" + decode(expected[0].numpy()) + "\n"

@@ -26,7 +26,7 @@ import dla.ops.segment.cpu as segment_module
 from dla.ops.segment.cpu import segment_cpu as segment
 from dla.ops.state import MultiStateCache, empty_cache, state_dtype
 from dla.ops.validation import SCORES
-from dla.synthetic import piecewise_stationary
+from dla.run.synthetic import piecewise_stationary
 from tests.strategies import DELTA, FORGETFUL, GENTLE, I_TOL, TRANSITIONS, fenwick_levels, relative_error
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

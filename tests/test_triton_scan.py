@@ -8,7 +8,7 @@ float64; every gradient (`dq, dk, dv, dλ, dg, dβ, dS0`) against the CPU op's c
 float64 on drawn cases (it is held to autograd of the materialized form by tests/test_readout.py,
 and is ~100× faster than that autograd) and against the autograd itself on fixed small cases.
 Both sides get the same level map (as in `tests/test_triton_readout.py`, whose helpers this file
-shares through `tests/helpers.py`). Outputs are allocated by `torch.empty`, which the tests
+shares through `tests/readout_helpers.py`). Outputs are allocated by `torch.empty`, which the tests
 poison with NaN. `dla.testing.triton_interpreter()` routes the op's CPU tensors to the Triton
 launchers, so `opcheck` and a `fullgraph=True` compile of forward and backward cover that path in
 CI.

@@ -468,7 +468,7 @@ def test_large_shapes_match_the_cpu_kernel(T, Dk, Dv, K, dtype, inputs, score):
     if inputs == "gaussian":
         k, v = torch.randn(B, T, H, Dk, generator=gen), torch.randn(B, T, H, Dv, generator=gen)
     else:
-        from dla.synthetic import piecewise_stationary
+        from dla.run.synthetic import piecewise_stationary
 
         k, v, _ = piecewise_stationary(B, T, H, Dk, Dv, mean_regime=64.0, noise=0.1, generator=gen)
     k, v = k.to(dtype), v.to(dtype)

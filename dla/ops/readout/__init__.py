@@ -29,6 +29,8 @@ import torch
 
 from dla.ops.readout.chunked import chunked_backward, chunked_forward
 from dla.ops.readout.objects import objects_backward, objects_forward
+from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
+from dla.ops.readout.scan_triton import scan_backward, scan_forward
 
 __all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton"]
 
@@ -63,19 +65,11 @@ def _gate_grad(dg, q):
     return torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device) if dg is None else dg
 
 
-# The Triton kernels are imported inside the two functions below: they are compiled only where a
-# GPU runs them (or interpreted, for CPU tensors under `dla.testing.triton_interpreter()`).
-
-
 def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
     """The CUDA side of the rule, for the tensors' device: the scan with β, else objects or dense
     rows (`objects_triton.mixed_forward`)."""
     if beta is not None:
-        from dla.ops.readout.scan_triton import scan_forward
-
         return scan_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    from dla.ops.readout.objects_triton import mixed_forward
-
     return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
 
 
@@ -83,10 +77,6 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
                             step=None):
     """The backward of `readout_forward_triton`, by the same rule."""
     if beta is not None:
-        from dla.ops.readout.scan_triton import scan_backward
-
         return scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    from dla.ops.readout.objects_triton import mixed_backward
-
     dq, dk, dv, dlam, dg, dS0 = mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step)
     return dq, dk, dv, dlam, dg, _gate_grad(None, q), dS0.to(S0.dtype)

@@ -774,9 +774,11 @@ def mixed_forward(q, k, v, lam, g, level_start, S0, scale: float, step=None, *, 
         return q.new_empty(x.B, 0, x.H, x.dv), x.S0.clone()
     plan, mode = row_modes(x, level_start, step, objects)
     o, S = x.empty(x.B, x.T, x.H, x.dv, dtype=q.dtype), x.empty(x.B, x.H, x.L, x.dk, x.dv)
+    # the dense kernels' float32 buffers are freed before the object pool is allocated: a call's
+    # peak holds one path's temporaries, not both
+    dense_forward(x, mode, scale, o, S)
     if plan is not None:
         objects_forward_triton(x, plan, mode, scale, o, S)
-    dense_forward(x, mode, scale, o, S)
     return o, S
 
 
@@ -796,7 +798,7 @@ def mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale: float, step=
     dS = torch.zeros(B, H, L, dk, dv, dtype=f32, device=dev) if dS is None else dS.to(f32).contiguous()
     plan, mode = row_modes(x, level_start, step, objects)
     grads = x.gradients(q, k, v, lam)
-    dG = dense_backward(x, mode, scale, do, dS, grads)
+    dG = dense_backward(x, mode, scale, do, dS, grads)  # its buffers freed before the object pool exists
     if plan is not None:
         dG_objects = objects_backward_triton(x, plan, mode, scale, do, dS, S, grads)
         dG = torch.where(mode.view(B, 1, H) != 0, dG_objects.double(), dG)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from dla.ops.segment.cpu import segment_cpu
+from dla.ops.segment.triton_walk import segment_triton
 from dla.ops.segment.stats import SegmentationStats, segmentation_stats
 
 __all__ = ["segment", "segmentation_stats", "SegmentationStats"]
@@ -38,7 +39,5 @@ def segment(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, S0: Ten
     """`dla::segment` on the tensors' device; outputs as `dla/compile/SCHEMAS.md` lays them out."""
     args = (k, v, g, beta, S0, n0, I0, m0, Z0, zz0, N0, step0, levels, policy, score, tau, chunk_size)
     if k.is_cuda:
-        from dla.ops.segment.triton_walk import segment_triton  # compiled only where a GPU runs it
-
         return segment_triton(*args)
     return segment_cpu(*args)
