@@ -240,7 +240,10 @@ for name, fn in kernels.items():
 """
 
 
-@pytest.mark.parametrize("dtype,D,L,has_g", [("bfloat16", 128, 32, 1), ("float32", 32, 6, 0)])
+@pytest.mark.parametrize("dtype,D,L,has_g", [
+    ("bfloat16", 128, 32, 1),  # the benchmark's configuration
+    pytest.param("float32", 32, 6, 0, marks=pytest.mark.slow),
+])
 def test_kernels_compile_for_sm90(dtype, D, L, has_g):
     """Every kernel, with the launchers' meta-parameters, through Triton's GPU compiler and
     ptxas for the H100 (the interpreter accepts code that the compiler refuses)."""
