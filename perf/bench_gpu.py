@@ -35,6 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from dla import level_map, multistate_attention
+from dla.compile.ops import readout
+from dla.ops.readout import cost, readout_backward, readout_forward
+from dla.ops.readout.plan import build_plan
+from perf.cost_model import counts
 from perf.inputs import layer_inputs
 
 TOKENS, HEADS, DIM = 32768, 16, 128
@@ -94,9 +98,6 @@ def verify(length, levels, policy, backbone) -> dict:
     """The readout path the operator takes on this GPU (`dla.compile.ops.readout`: the Triton op
     without β, the scan with β) against the stage's float64 torch kernels on the same inputs and
     level map (the object path without β, the chunked form with β)."""
-    from dla.compile.ops import readout
-    from dla.ops.readout import readout_backward, readout_forward
-
     batch, heads = 1, 4
     t = layer_inputs(batch, length, heads, DIM, DIM, levels, backbone=backbone, dtype=torch.bfloat16, device="cuda",
                      seed=1)
@@ -129,10 +130,6 @@ def verify(length, levels, policy, backbone) -> dict:
 def regime_counts(t: dict, levels: int, policy: str) -> dict:
     """The timed inputs' segmentation counts (SPEC §7: every figure states its regime) and how
     many heads the readout's rule gives to the object kernels."""
-    from dla.ops.readout import cost
-    from dla.ops.readout.plan import build_plan
-    from perf.cost_model import counts
-
     T = t["k"].shape[1]
     starts = level_map(t["k"], t["v"], capacity=levels, g=t["g"], beta=t["beta"], policy=policy, score="token")
     P, M = cost.pool_capacity(T, levels, DIM, DIM, t["q"].element_size())

@@ -24,7 +24,7 @@ from dla import level_map
 from dla.ops.readout import cost
 from dla.ops.readout.plan import Plan, build_plan
 from dla.ops.segment.stats import segmentation_stats
-from dla.synthetic import piecewise_stationary
+from dla.run.synthetic import piecewise_stationary
 from perf.inputs import layer_inputs
 
 TOKENS, HEADS, DIM = 32768, 16, 128

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from dla.ops.levels import dense_level_map, encode_level_map
 from dla.ops.readout.plan import build_plan, chunk_count
 from dla.ops.reference import segment_naive
+from dla.ops.segment.closed_form import segment_fenwick
+from perf.cost_model import counts
 from tests.strategies import Case, assert_draws_exercise_every_decision, build, fenwick_levels, random_cache
 
 BASE = dict(batch=2, heads=2, dk=3, dv=2, score="token", inputs="piecewise", seed=3)
@@ -139,8 +141,6 @@ def test_cost_model_counts_are_the_plans_and_the_segmentations():
     """perf.cost_model's counts: boundaries and capacity merges are the segmentation's own
     (`segment_naive`), objects, reads and changed slots those of the level map's partitions
     (`simulate`), on piecewise inputs where all of them happen."""
-    from perf.cost_model import counts
-
     case = Case(batch=2, length=300, heads=2, dk=4, dv=4, levels=6, policy="dla", transition="none", score="token",
                 tau=0.6, inputs="piecewise", mean_regime=6.0, seed=5, chunk_size=16)
     level_start, seg, _, step = level_map_of(case, False)
@@ -171,8 +171,6 @@ def test_fenwick_reads_popcount_objects_and_creates_one_block(C, T):
     """Aligned chunks: chunk j reads at most popcount(j) dyadic blocks (exactly that many from
     position 0) and creates exactly one, the block of C·2^tz(j) tokens ending at jC − 1; a call
     from a `step` that is not a multiple of C starts with a partial chunk."""
-    from dla.ops.segment.closed_form import segment_fenwick
-
     B, L = 3, fenwick_levels(T, 3 * C + 5)
     k = torch.zeros(B, T, 1, 2)
     zeros = dict(n0=torch.zeros(B, 1, L, dtype=torch.int64), m0=torch.zeros(B, 1, dtype=torch.int64),

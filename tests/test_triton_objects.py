@@ -34,9 +34,10 @@ import dla.ops.readout.objects_triton as OT
 from dla.ops.readout import cost
 from dla.ops.readout.objects import objects_backward
 from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
+from dla.ops.readout.plan import build_plan
 from dla.testing import triton_interpreter
 from tests.readout_helpers import (
-    DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, f32, gpu_inputs, reference, setup,
+    DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, dla_map, f32, gpu_inputs, reference, setup,
 )
 from tests.strategies import Case, assert_draws_exercise_every_decision, poisoned_empty, relative_error
 
@@ -177,7 +178,7 @@ def test_object_and_dense_rows_share_a_call(device, monkeypatch):
         o, S = cpu(mixed_forward(*args, step, objects=asked))
     assert relative_error(o, o_ref) <= TOL32 and relative_error(S, S_ref) <= TOL32
     check_grads(triton_grads(case, args, step, do, dS, device, asked), ref, True)
-    plan = OT.build_plan(level_start, step, 16)
+    plan = build_plan(level_start, step, 16)
     need = int(plan.created.min()) + case.levels  # the smallest row's plan fits, a larger one does not
     assert int(plan.created.max()) + case.levels > need
     monkeypatch.setattr(cost, "pool_capacity", lambda *a, **kw: (need, need))
@@ -232,9 +233,6 @@ def test_decode_sized_calls_take_the_dense_path_from_shapes(device):
 def test_the_rule_weighs_the_plan_against_the_dense_path():
     """`cost.takes_objects`: a sparse long plan takes objects, a boundary-dense one the dense
     path, and an overflowing plan never objects; all from the plan's counts."""
-    from dla.ops.readout.plan import build_plan
-    from tests.readout_helpers import dla_map
-
     T, K, D = 4096, 16, 128
     shapes = cost.Shapes(T=T, K=K, Dk=D, Dv=D, itemsize=2)
     sparse = dla_map(1, T, 2, K, 0, 1 / 128, seed=0)
