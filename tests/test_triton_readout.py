@@ -70,7 +70,7 @@ def assert_forward_matches_materialized(forward, case: Case, initial: bool, devi
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=6)
+@settings(max_examples=3)
 @given(cases(), st.booleans())
 @example(Case(length=1, levels=2, policy="dla", transition="g", tau=0.6, **EDGE), True)  # T = 1
 @example(Case(length=32, levels=3, policy="fenwick", transition="none", tau=0.6, **EDGE), False)  # T = 2 tiles
@@ -83,7 +83,7 @@ def test_forward_matches_materialized(device, case: Case, initial: bool):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=6)
+@settings(max_examples=3)
 @given(cases(max_length=36), st.booleans())
 @example(Case(length=1, levels=2, policy="single", transition="g", tau=0.6, **EDGE), True)
 @example(Case(length=35, levels=3, policy="dla", transition="g", tau=0.6, **EDGE), True)
