@@ -21,11 +21,13 @@ from hypothesis import strategies as st
 
 from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
 from dla.ops.reference import segment_naive
-from dla.ops.segment.detect import readout_products
+from dla.ops.segment.cpu import segment_cpu
+from dla.ops.segment.detect import detect_drift, readout_products
 from dla.ops.segment.detect_triton import readout_products_triton
 from dla.ops.state import MultiStateCache, empty_cache
 from dla.ops.segment.triton_walk import dla_walk, segment_dla, segment_triton
 from dla.ops.validation import SCORES
+from dla.run.synthetic import piecewise_stationary
 from tests.strategies import (
     DELTA, FORGETFUL, TRANSITIONS, Case, build, decision_counts, fenwick_levels, information_close, naive_segmentation,
     poisoned_empty, random_cache, relative_error, well_conditioned,
@@ -461,14 +463,12 @@ GPU_CASES = [
 def test_large_shapes_match_the_cpu_kernel(T, Dk, Dv, K, dtype, inputs, score):
     """Against the CPU kernel on the same inputs: level maps agree up to the first decision
     that is ill-conditioned (SPEC §2); streams that agree throughout also agree on the final state."""
-    from dla.ops.segment.cpu import segment_cpu
 
     B, H, chunk, tau = 2, 4, 64, 0.6
     gen = torch.Generator().manual_seed(T + K)
     if inputs == "gaussian":
         k, v = torch.randn(B, T, H, Dk, generator=gen), torch.randn(B, T, H, Dv, generator=gen)
     else:
-        from dla.run.synthetic import piecewise_stationary
 
         k, v, _ = piecewise_stationary(B, T, H, Dk, Dv, mean_regime=64.0, noise=0.1, generator=gen)
     k, v = k.to(dtype), v.to(dtype)
@@ -505,8 +505,6 @@ def test_drift_detection_on_the_gpu(B, H, T, Dk, Dv, transition, dtype):
     """The Triton products (16-bit inputs upcast) against the torch form in float64 on the
     device on the same values, ≤ 1e-5; the boundary flags equal the float64 ones wherever
     `|I_t − τ| ≥ δ`, at nearly every token; `N` within float32 rounding."""
-    from dla.ops.segment.detect import detect_drift
-    from dla.synthetic import piecewise_stationary
 
     gen = torch.Generator().manual_seed(T + Dv)
     k, v, _ = piecewise_stationary(B, T, H, Dk, Dv, mean_regime=64.0, noise=0.1, generator=gen)
@@ -540,8 +538,6 @@ def test_drift_segmentation_matches_the_cpu_kernel(T, Dk, Dv, K, transition, dty
     """The CUDA segmentation under `drift` against the CPU kernel on the same inputs: the streams
     whose boundaries agree (all but ill-conditioned ones) also agree on the level map and counts,
     unless a capacity merge ties within rounding."""
-    from dla.ops.segment.cpu import segment_cpu
-    from dla.synthetic import piecewise_stationary
 
     B, H, tau = 2, 4, 0.6
     gen = torch.Generator().manual_seed(T + K)
