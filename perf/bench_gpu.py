@@ -127,6 +127,20 @@ def verify(length, levels, policy, backbone) -> dict:
             "ok": bool(finite and max(errs.values()) <= 2e-2)}
 
 
+def verify_loglinear(loglinear, length=2048) -> dict:
+    """The Log-Linear reference's output against our `fenwick` policy in float64 on the same
+    inputs (Log-Linear Mamba-2 is `fenwick` with Mamba-2's decay, scale 1): the anchor computes
+    what our rows compute."""
+    levels = (length - 1).bit_length() + 1
+    t = inputs(length, levels, "mamba2")
+    t = {n: x[:1, :, :4].contiguous() if x is not None else None for n, x in t.items()}
+    o = loglinear(t["q"], t["k"], t["v"], t["g"], t["lam"])
+    ref = multistate_attention(*(t[n].double() for n in ("q", "k", "v", "lam")), g=t["g"].double(),
+                               policy="fenwick", scale=1.0)
+    err = float((o.double() - ref).norm() / ref.norm())
+    return {"T": length, "relative_error": err, "ok": err <= 2e-2}
+
+
 def regime_counts(t: dict, levels: int, policy: str) -> dict:
     """The timed inputs' segmentation counts (SPEC §7: every figure states its regime) and how
     many heads the readout's rule gives to the object kernels."""
@@ -164,6 +178,8 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--backbones", nargs="+", choices=["mamba2", "gdn"], default=["mamba2", "gdn"])
+    parser.add_argument("--loglinear", type=Path, metavar="DIR",
+                        help="a directory holding the Log-Linear reference's hattention/ (perf/loglinear.py)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rep = 50 if args.quick else 200
@@ -180,6 +196,14 @@ def main() -> int:
             print("verify", r)
 
     ssd, gdn = fla_anchors()
+    loglinear = None
+    if args.loglinear is not None and "mamba2" in args.backbones:
+        from perf import loglinear as ll  # fla, which it needs, is only on the GPU machine
+
+        print("NOTE:", ll.NOTE)
+        loglinear = ll.mamba2(args.loglinear)
+        results["loglinear_verify"] = verify_loglinear(loglinear)
+        print("verify loglinear", results["loglinear_verify"])
     for length in args.lengths:
         batch = TOKENS // length
         row = {"T": length, "B": batch}
@@ -202,6 +226,13 @@ def main() -> int:
             do = torch.randn_like(xs[2])
             row["fla_gdn_fwd_bwd"] = bench(lambda: torch.autograd.backward(gdn(*xs, g=g, beta=beta)[0], do), rep=rep)
             del xs, g, beta, do
+        if loglinear is not None and length <= 16384:  # the reference's own limit
+            levels = (length - 1).bit_length() + 1
+            t = inputs(length, levels, "mamba2")
+            xs = [t[n].detach().requires_grad_() for n in ("q", "k", "v", "g", "lam")]
+            do = torch.randn_like(xs[2])
+            row["loglinear_fwd_bwd"] = bench(lambda: torch.autograd.backward(loglinear(*xs), do), rep=rep)
+            del xs, do
         fenwick_levels = max(16, (length - 1).bit_length() + 1)
         for backbone, prefix in (("mamba2", ""), ("gdn", "gdn_")):
             if backbone not in args.backbones:
