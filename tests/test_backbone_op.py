@@ -87,8 +87,8 @@ def test_opcheck_and_fullgraph_compile(delta):
 
 @pytest.mark.parametrize("decay,delta", [(False, False), (True, False), (True, True), (False, True)])
 def test_triton_kernels_through_the_interpreter(decay, delta):
-    """The operator's CUDA path for `single` (the Triton SSD or delta rule, their own chunk of 64)
-    on CPU tensors."""
+    """The operator's CUDA path for `single` on CPU tensors: the Triton SSD at its own chunk of 64,
+    or with β the torch delta rule (`dla.ops.backbone`'s rule)."""
     q, k, v, lam, g, beta = _inputs(1, 70, 2, 16, 16, 1, decay=decay, seed=5, dtype=torch.float32, delta=delta)
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, lam, g, beta)]
     with triton_interpreter():
