@@ -17,6 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
+from dla.ops.readout.cost_delta import delta_kernels, window_counts, window_for, worst_counts
 from dla.ops.readout.objects_delta import objects_delta_backward, objects_delta_forward, window_plan
 from dla.ops.reference import (
     multistate_attention_materialized, multistate_attention_recurrent, recurrent_level_map, segment_naive,
@@ -384,3 +385,78 @@ def test_finite_inputs_give_finite_outputs(drawn, decay, zero_tokens):
     grads = objects_delta_backward(torch.ones_like(o), torch.ones_like(S), *args)
     for x in (o, S, *grads):
         assert torch.isfinite(x).all()
+
+
+# --------------------------------------------------------------------------------------------
+# The counts the cost model takes (`cost_delta.py`)
+# --------------------------------------------------------------------------------------------
+
+
+@given(delta_cases(dtypes=(F64,)))
+def test_window_counts_match_a_direct_count(drawn):
+    """reads, steps, objects and re-framings counted token by token and window by window from the
+    plan's chunk and window starts and the dense level map."""
+    s = Setup(drawn)
+    case = drawn.case
+    plan = window_plan(s.level_start, s.step, case.chunk_size, drawn.window)
+    n = window_counts(plan)
+    level, initial = dense_level_map(s.level_start, torch.full((case.batch, case.heads), case.levels))
+    for b in range(case.batch):
+        cs = sorted(set(plan.chunk_starts[b].tolist()))
+        ws = sorted(set(plan.window_starts[b].tolist()))
+        for h in range(case.heads):
+            row = b * case.heads + h
+
+            def partition(p):  # the sets of positions before p, by level at row p (T − 1 at the end)
+                r = min(p, case.length - 1)
+                groups = {}
+                for x in range(p):
+                    groups.setdefault(int(level[b, h, r, x]), set()).add(x)
+                for j in range(case.levels):
+                    lev = int(initial[b, h, r, case.levels - 1 - j])
+                    if lev >= 0:
+                        groups.setdefault(lev, set()).add(-1 - j)
+                return [g for lev, g in groups.items() if lev >= 0]
+
+            reads = steps = objects = reframes = 0
+            for w0, w1 in zip(ws[:-1], ws[1:]):
+                old, new = partition(w0), partition(w1)
+                reads += (w1 - w0) * len(old)
+                objects += len(old)
+                reframes += sum(any(e <= e2 for e in old) for e2 in new)
+                inside = [c for c in cs if w0 <= c < w1]
+                for j, c0 in enumerate(inside):
+                    c1 = min(x for x in cs if x > c0)
+                    steps += (c1 - c0) * j
+            assert int(n["tokens"][row]) == case.length
+            assert int(n["windows"][row]) == len(ws) - 1 and int(n["chunks"][row]) == len(cs) - 1
+            assert (int(n["reads"][row]), int(n["steps"][row]), int(n["objects"][row]), int(n["reframes"][row])) == \
+                (reads, steps, objects, reframes)
+
+
+def test_worst_counts_bound_the_plan_counts():
+    """`worst_counts` (every window full) bounds a real plan's counts from step 0, and equals
+    its transport steps."""
+    drawn = edge(48, 3, "dla", "both", 0.6, 2, 3, True, batch=2, mean_regime=4.0, seed=11)
+    s = Setup(drawn)
+    s.step = torch.zeros_like(s.step)
+    n = window_counts(window_plan(s.level_start, s.step, 2, 3))
+    worst = worst_counts(48, 3, 2, 3)
+    for name in ("tokens", "chunks", "windows", "steps"):
+        assert (n[name] == worst[name]).all(), name
+    for name in ("reads", "objects", "reframes"):
+        assert (n[name] <= worst[name]).all() and (n[name] > 0).any(), name
+
+
+def test_window_for_trades_reframing_against_transport():
+    """Reading every object is the same at every R; re-framing falls and transport rises with
+    R, so a card with little bandwidth (re-framing moves float32 masters) takes a longer window
+    than one with much, and the window never exceeds the call's chunks."""
+    common = dict(T=8192, K=32, Dk=128, Dv=128, itemsize=2, C=64)
+    slow_memory = window_for(**common, flops_per_s=800e12, bytes_per_s=0.5e12)
+    fast_memory = window_for(**common, flops_per_s=800e12, bytes_per_s=50e12)
+    assert fast_memory < slow_memory
+    assert window_for(T=100, K=32, Dk=128, Dv=128, itemsize=2, C=64, flops_per_s=800e12, bytes_per_s=0.5e12) <= 2
+    kernels = [delta_kernels(worst_counts(8192, 32, 64, R), 128, 128, 32, 2, 64) for R in (2, 8)]
+    assert kernels[0]["object pass"][0] > kernels[1]["object pass"][0]
+    assert kernels[0]["readout (objects + band)"][0] < kernels[1]["readout (objects + band)"][0]
