@@ -219,7 +219,8 @@ def chunk_states_reference(x: dict, chunk_size: int):
     for c0 in range(0, T, chunk_size):
         states.append(S)
         part = slice(c0, min(c0 + chunk_size, T))
-        piece = {n: (x[n][:, part] if x[n] is not None else None) for n in ("q", "k", "v", "lam0", "g", "beta", "reset")}
+        piece = {n: (x[n][:, part] if x[n] is not None else None)
+                 for n in ("q", "k", "v", "lam0", "g", "beta", "reset")}
         _, S = backbone_recurrent(piece["q"], piece["k"], piece["v"], piece["lam0"], g=piece["g"],
                                   beta=piece["beta"], reset=piece["reset"], S0=S, scale=1.0)
     return torch.stack(states, dim=2), S

@@ -40,7 +40,8 @@ With `dÕ = scale · diag(λ0) dO` and `dh'` the gradient of the state after the
     dU   = (QKᵀ ⊙ Γ)ᵀ dÕ + diag(ρ) K dh'
     dh   = (diag(γ) Q)ᵀ dÕ + γ_C dh' − wᵀ dU                 (carried to the previous chunk)
     dQ   = diag(γ) dÕ hᵀ + (dA ⊙ Γ) K,   dA = dÕ Uᵀ
-    dK   = (dA ⊙ Γ)ᵀ Q + diag(ρ) U dh'ᵀ + ...,   dγ = rowsum((dÕ hᵀ) ⊙ Q),   dρ = rowsum((U dh'ᵀ) ⊙ K)
+    dK   = (dA ⊙ Γ)ᵀ Q + diag(ρ) U dh'ᵀ (+ the WY terms),   dρ = rowsum((U dh'ᵀ) ⊙ K)
+    dγ   = rowsum((dÕ hᵀ) ⊙ Q)
     dγ_C = ⟨dh', h⟩,   du = dU,   dw = −dU hᵀ
     WY:  dT = du (diag(β)V)ᵀ + dw (diag(βγ)K)ᵀ,   dV = diag(β) Tᵀ du,   dK += diag(βγ) Tᵀ dw
          dβ = rowsum((Tᵀ du) ⊙ V) + γ ⊙ rowsum((Tᵀ dw) ⊙ K),   dγ += β ⊙ rowsum((Tᵀ dw) ⊙ K)

@@ -14,13 +14,13 @@ The dot precisions (`precisions`). For 16-bit inputs, products of inputs with th
 16-bit intermediates (`w, u, U`, the chunk states `h`) take bf16/fp16 operands with float32
 accumulation. A product with a float32 operand computed by the chunk algebra — the decayed
 scores `(QKᵀ ⊙ Γ)` and `dO Uᵀ ⊙ Γ`, `Qᵀ diag(γ λ0 · scale)`, the float32 gradients of the
-states and of `U`, the UT gradients — takes `"tf32"` with its other operand exact in float32;
-products with the triangular inverse `T` (`w, u` and their gradients, and the solve itself)
-take `"tf32x3"`. The diagonal scalings (`β`, `γ`, `λ0`) are applied to the float32 side or
-after the product, never to a 16-bit operand, and the gradients of `U` and of the states are
-stored in float32. In a float32 emulation of the kernels' roundings (perf inputs, resets at 2%,
-S0; T = 2048 and 16384 with g, 4096 without, Dk = 64 and 128) the bf16 outputs come out at
-1.04–1.73× the error of the torch path on the same inputs, against 2.2–3.3× with fla's choices
+states and of `U`, the UT gradients, `T` in the backward — takes `"tf32"` with its other
+operand exact in float32; the triangular inverse's own products (the solve, `Tᵀ dT Tᵀ`) and
+`w, u` take `"tf32x3"`. The diagonal scalings (`β`, `γ`, `λ0`) are applied to the float32 side
+or after the product, never to a 16-bit operand, and the gradients of `U` and of the states are
+stored in float32. In a float32 emulation of these roundings (perf inputs, resets at 2%, S0;
+T = 2048 and 16384 with g, 4096 without, Dk = 64 and 128) the bf16 outputs come out at
+1.05–1.74× the error of the torch path on the same inputs, against 2.2–3.3× with fla's choices
 (bf16 `T`, operands scaled before rounding, 16-bit gradients), over SPEC §6's 2×. float32
 inputs take `"ieee"` everywhere (the tests' configuration).
 """

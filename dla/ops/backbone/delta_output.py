@@ -183,8 +183,8 @@ def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, LAM, G, RESET, DQ, DKP, DGP, DLAM, scal
 def output_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of the three kernels, a function of the shapes and the dtype only:
     `fwd`/`dU` tile `Dk` and `Dv` by at most 128 (8 warps for 128 × 128 tiles); `dqkwg` holds
-    all of `Dk` (its row sums need it) and tiles `Dv` by at most 64, 8 warps for 64-token chunks
-    or Dk ≥ 128."""
+    all of `Dk` (its row sums need it) and tiles `Dv` by at most 32 (its [C, Dk] and [Dk, C]
+    float32 accumulators leave little room), 8 warps for 64-token chunks or Dk ≥ 128."""
     prec = precisions(dtype)[0]
     BK, BV = min(pow2(Dk), 128), min(pow2(Dv), 128)
     wide = 8 if BK * BV >= 128 * 128 else 4

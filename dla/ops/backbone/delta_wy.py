@@ -14,7 +14,8 @@ chunk states `h`:
 
     du = dU,   dw = −dU hᵀ
     dT = (du Vᵀ) diag(β) + (dw Kᵀ) diag(βγ),   dV = diag(β) Tᵀ du,   dK += diag(βγ) Tᵀ dw
-    dβ = rowsum((Tᵀ du) ⊙ V) + γ ⊙ rowsum((Tᵀ dw) ⊙ K) + rowsum(dA_kk ⊙ KKᵀ ⊙ Γ),   dγ = β ⊙ rowsum((Tᵀ dw) ⊙ K)
+    dβ = rowsum((Tᵀ du) ⊙ V) + γ ⊙ rowsum((Tᵀ dw) ⊙ K) + rowsum(dA_kk ⊙ KKᵀ ⊙ Γ)
+    dγ = β ⊙ rowsum((Tᵀ dw) ⊙ K)
     dA_kk = −(Tᵀ dT Tᵀ) ⊙ [strict lower, same segment],   Z = diag(β) dA_kk ⊙ Γ
     dK += Z K + Zᵀ K,   dG = rowsum(Z ⊙ KKᵀ) − colsum(Z ⊙ KKᵀ) + dγ ⊙ γ + (dG of the later stages)
     dg = reverse cumsum of dG inside the chunk
@@ -164,7 +165,7 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
         du = tl.load(DU + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
         vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0).to(tl.float32)
         dTv += tl.dot(du, tl.trans(vr), input_precision=PREC)
-        dvb = tl.dot(Tt, du, input_precision=PREC_SOLVE)
+        dvb = tl.dot(Tt, du, input_precision=PREC)
         tl.store(DV_OUT + t[:, None] * (H * DV) + d[None, :], (beta[:, None] * dvb).to(DV_OUT.dtype.element_ty),
                  mask=mv)
         dbeta += tl.sum(dvb * vr, axis=1)
@@ -181,7 +182,7 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
         kf = kr.to(tl.float32)
         dTk += tl.dot(dw, tl.trans(kf), input_precision=PREC)
         KK += tl.dot(kr, tl.trans(kr), input_precision=PREC)
-        dkb = tl.dot(Tt, dw, input_precision=PREC_SOLVE)
+        dkb = tl.dot(Tt, dw, input_precision=PREC)
         kd = tl.sum(dkb * kf, axis=1)
         dbeta += gam * kd
         dgam += beta * kd
@@ -221,8 +222,8 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
 
 def wy_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of both kernels, a function of the shapes and the dtype only: `Dk`,
-    `Dv` in blocks of at most 64; 8 warps for 64-token chunks (the programs hold several
-    [C, C] float32 matrices beside their operands; at 4 warps ptxas spills them)."""
+    `Dv` in blocks of at most 32 and 8 warps for 64-token chunks (the programs hold several
+    [C, C] float32 matrices beside their operands; with blocks of 64 or 4 warps ptxas spills)."""
     prec, prec_solve = precisions(dtype)
     return dict(C=chunk_size, BK=min(pow2(Dk), 32), BV=min(pow2(Dv), 32), PREC=prec, PREC_SOLVE=prec_solve,
                 num_warps=8 if chunk_size >= 64 else 4, num_stages=2)
