@@ -11,6 +11,12 @@ map (`segment_naive` decides, `encode_level_map` encodes), so no decision margin
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -460,3 +466,160 @@ def test_window_for_trades_reframing_against_transport():
     kernels = [delta_kernels(worst_counts(8192, 32, 64, R), 128, 128, 32, 2, 64) for R in (2, 8)]
     assert kernels[0]["object pass"][0] > kernels[1]["object pass"][0]
     assert kernels[0]["readout (objects + band)"][0] < kernels[1]["readout (objects + band)"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# Triton, forward: through the interpreter on CPU tensors (float32), on the GPU, and compiled
+# for sm_90 without one
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def poisoned_empty():
+    """`torch.empty` returns NaN-filled floats (and extreme ints), so unwritten output shows."""
+    real = torch.empty
+
+    def empty(*size, **kw):
+        x = real(*size, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-(2**30))
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def float64_args(drawn: Drawn, s: Setup):
+    """`s.args(drawn)` on the float64 twins of the (rounded) inputs."""
+    t = s.t64
+    return (t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"], s.level_start, s.S0, drawn.case.dk**-0.5,
+            drawn.case.chunk_size, s.step, drawn.window)
+
+
+@st.composite
+def triton_cases(draw):
+    """`delta_cases` at the kernels' smallest chunk (16 tokens) and lengths of a few chunks."""
+    d = draw(delta_cases(max_length=56, dtypes=(F32,)))
+    return Drawn(replace(d.case, chunk_size=16), d.initial, F32, draw(st.sampled_from([1, 2, 3])), d.step)
+
+
+@settings(max_examples=4)
+@given(triton_cases())
+@example(edge(40, 4, "dla", "both", 0.6, 16, 2, True, F32, mean_regime=6.0))  # capacity merges across windows
+@example(edge(37, 3, "dla", "beta", 0.0, 16, 2, False, F32, step=5, dk=16, dv=20))  # every token a boundary, step
+@example(edge(45, 7, "fenwick", "both", 0.6, 16, 2, True, F32))  # fenwick from step 5: partial first window
+@example(edge(1, 2, "dla", "both", 0.6, 16, 2, False, F32))  # T = 1
+def test_triton_forward_matches_torch(drawn):
+    from dla.ops.readout.objects_delta_triton import objects_delta_forward_triton
+
+    s = Setup(drawn)
+    with poisoned_empty():
+        o, S = objects_delta_forward_triton(*s.args(drawn))
+    o_ref, S_ref = objects_delta_forward(*float64_args(drawn, s))
+    assert o.dtype == F32 and S.dtype == F32 and o.shape == o_ref.shape and S.shape == S_ref.shape
+    assert relative_error(o, o_ref) <= TOL[F32]
+    assert relative_error(S, S_ref) <= TOL[F32]
+
+
+COMPILE = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import dla.ops.readout.objects_delta_triton as X
+from dla.ops.backbone.delta_common import precisions
+
+INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "scale": "fp32"}
+FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB")
+for spec in sys.argv[1:]:
+    D, L, C, R, dtype, has_g = spec.split(":")
+    D, L, C, R, dtype = int(D), int(L), int(C), int(R), getattr(torch, dtype)
+    data = "*fp32" if dtype == torch.float32 else "*bf16"
+    prec, prec_solve = precisions(dtype)
+    meta = dict(X._meta(torch.empty(0, device="meta"), D, D), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16,
+                HAS_G=has_g == "g", PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve)
+    for fn in (X._ut_kernel, X._suffix_kernel, X._object_kernel, X._readout_kernel):
+        names = [a.name for a in fn.params]
+        sig = {a.name: "constexpr" if a.is_constexpr else INTS.get(a.name, "*fp32" if a.name in FLOAT32 else data)
+               for a in fn.params}
+        constexprs = {k: v for k, v in meta.items() if k in names}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=8, num_stages=2))
+        print(spec, fn.__name__, "compiled", flush=True)
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Every forward kernel with the launcher's GPU meta-parameters at the §7 shapes (Dk = Dv =
+    128, K = 32, 64-token chunks, the window the rule picks there) through Triton's GPU compiler
+    and ptxas: the interpreter accepts code that the compiler refuses."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton wheel ships no ptxas")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    R = window_for(8192, 32, 128, 128, 2, 64, 800e12, 3.35e12)
+    specs = [f"128:32:64:{R}:bfloat16:g", f"64:16:64:{R}:float32:none"]
+    done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 4 * len(specs)
+
+
+GPU_CASES = [  # (policy, B, H, T, Dk, Dv, K, has_g, initial, window)
+    ("dla", 1, 4, 2048, 128, 128, 32, True, True, 8),
+    ("dla", 1, 4, 8192, 128, 128, 32, True, False, 32),
+    ("dla", 2, 4, 3000, 64, 128, 16, False, True, 4),
+    ("fenwick", 1, 4, 4096, 128, 128, 16, True, False, 8),
+]
+
+
+def gpu_call(policy, B, H, T, Dk, Dv, K, has_g, initial, window):
+    """float64 inputs (l2-normalised keys, β in (0, 1)), the level map by the CPU segmentation of
+    piecewise-stationary writes (from a cache when `initial`), S0 in rank order, the step."""
+    from dla import level_map
+
+    case = Case(batch=B, length=T, heads=H, dk=Dk, dv=Dv, levels=K, policy=policy,
+                transition="both" if has_g else "beta", score="token", tau=0.6, inputs="piecewise", mean_regime=64.0,
+                seed=0, chunk_size=64)
+    t = build(case)
+    state = with_random_states(random_cache(case, seed=3), seed=4) if initial else None
+    ls = level_map(t["k"], t["v"], capacity=K, policy=policy, score="token", tau=0.6, initial_state=state)
+    S0 = to_rank_order(state.S, state.m) if state is not None else torch.zeros(B, H, K, Dk, Dv, dtype=F64)
+    step = state.step if state is not None else torch.zeros(B, dtype=torch.int64)
+    dev = "cuda"
+    return ({n: None if x is None else x.to(dev) for n, x in t.items()}, ls.to(dev), S0.to(dev), step.to(dev),
+            window)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("policy,B,H,T,Dk,Dv,K,has_g,initial,window", GPU_CASES)
+def test_gpu_triton_forward_matches_float64(policy, B, H, T, Dk, Dv, K, has_g, initial, window, dtype):
+    """The Triton forward against the torch path in float64 on the same rounded inputs: float32
+    within 1e-5 (ieee dots); bf16 within 2e-2 and at most twice the torch path's own error on the
+    same bf16 inputs (SPEC §6)."""
+    from dla.ops.readout.objects_delta_triton import objects_delta_forward_triton
+
+    t, ls, S0, step, R = gpu_call(policy, B, H, T, Dk, Dv, K, has_g, initial, window)
+    x = {n: None if v is None else v.float() if n in ("g", "beta") else v.to(dtype) for n, v in t.items()}
+    x64 = {n: None if v is None else v.double() for n, v in x.items()}
+    scale = Dk**-0.5
+
+    def args(d, S):
+        return (d["q"], d["k"], d["v"], d["lam"], d["g"], d["beta"], ls, S, scale, 64, step, R)
+
+    o_ref, S_ref = objects_delta_forward(*args(x64, S0))
+    with poisoned_empty():
+        o, S = objects_delta_forward_triton(*args(x, S0.float()))
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    if dtype == torch.float32:
+        assert relative_error(o, o_ref) <= TOL[F32] and relative_error(S, S_ref) <= TOL[F32]
+        return
+    o_t, S_t = objects_delta_forward(*args(x, S0.float()))
+    for ours, torch_path, ref in ((o, o_t, o_ref), (S, S_t, S_ref)):
+        err, err_torch = relative_error(ours, ref), relative_error(torch_path, ref)
+        assert err <= 2e-2, (err, err_torch)
+        if ours.dtype == torch.bfloat16:
+            assert err <= 2 * err_torch, (err, err_torch)

@@ -27,7 +27,9 @@ Levels: with `c[t, r]` the running minimum of row `t` of the level map (non-incr
 
 The transport `x` is carried per `Dv` tile of the readout (recomputed `Dv/BV` times; `BV = Dv`
 on the GPU). Dots on float32 operands (the inputs are converted on load), `input_precision`
-`"ieee"` for float32 inputs and `"tf32"` otherwise (the solve `"tf32x3"`, `delta_common.precisions`).
+`"ieee"` for float32 inputs; for 16-bit inputs `"tf32"`, and `"tf32x3"` (`delta_common.precisions`)
+for the solve and for every product of the transport and suffix chains, whose rounding compounds
+over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def _ut_kernel(K, BETA, G, PHI, TI, EB, T, H: tl.constexpr, DK: tl.constexpr, C:
 
 @triton.jit
 def _suffix_kernel(K, G, PHI, EB, KT, SUF, T, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                   BR: tl.constexpr, BKP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
+                   BR: tl.constexpr, BKP: tl.constexpr, HAS_G: tl.constexpr, PREC_CHAIN: tl.constexpr):
     w = tl.program_id(0)
     n = tl.program_id(1)
     NW = tl.num_programs(0)
@@ -175,13 +177,13 @@ def _suffix_kernel(K, G, PHI, EB, KT, SUF, T, H: tl.constexpr, DK: tl.constexpr,
     for jj in range(R):
         c = w * R + R - 1 - jj
         t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
-        _, gam, _, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+        Gp, gam, rhop, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
         chunk = (n * NC + c).to(tl.int64) * DK * C
         E = tl.load(EB + chunk + cols[:, None] * C + o[None, :], mask=cols[:, None] < DK, other=0.0)
-        kt = tl.dot(suf, E, input_precision=PREC)
+        kt = tl.dot(suf, E, input_precision=PREC_CHAIN)
         tl.store(KT + chunk + rows[:, None] * C + o[None, :], kt, mask=rows[:, None] < DK)
         Hk = _rows(K, tok, tc, valid, cols, H, DK) * gam[:, None]
-        suf = gam_C * suf - tl.dot(kt, Hk, input_precision=PREC)
+        suf = gam_C * suf - tl.dot(kt, Hk, input_precision=PREC_CHAIN)
     tl.store(SUF + (n * NW + w).to(tl.int64) * DK * DK + rows[:, None] * DK + cols[None, :], suf,
              mask=(rows[:, None] < DK) & (cols[None, :] < DK))
 
@@ -189,7 +191,7 @@ def _suffix_kernel(K, G, PHI, EB, KT, SUF, T, H: tl.constexpr, DK: tl.constexpr,
 @triton.jit
 def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr,
                    DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
     n = tl.program_id(0)
     NC = NW * R
     o = tl.arange(0, C)
@@ -215,7 +217,7 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
                     e = tl.load(LAST + now + r)
                     held = (a <= e) & (a2 <= a) & (e <= e2)
                     acc += tl.load(src + r * D + tile, mask=mt & held, other=0.0)
-                acc = tl.dot(suf, acc, input_precision=PREC)
+                acc = tl.dot(suf, acc, input_precision=PREC_CHAIN)
                 for j in range(R):
                     c = w * R + j
                     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
@@ -231,7 +233,8 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
 @triton.jit
 def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, T, scale, H: tl.constexpr,
                     L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                    BKP: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
+                    BKP: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
+                    PREC_CHAIN: tl.constexpr):
     c = tl.program_id(0)
     n = tl.program_id(1)
     NC = tl.num_programs(0)
@@ -242,28 +245,29 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
     cv = tl.program_id(2) * BV + tl.arange(0, BV)
     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
     tokL = tok * L
-    Gc, gam, _, _ = _gates(G, tok, tc, valid, H, C, HAS_G)
+    Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
     beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
     q = _rows(Q, tok, tc, valid, ck, H, DK)
     k = _rows(K, tok, tc, valid, ck, H, DK)
     Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC)
     Aqk = Aqk * decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
     M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
-    At = tl.dot(Aqk, M, input_precision=PREC)
-    x = q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC)
+    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)  # a product with the triangular inverse
+    x = q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
     Lam = _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C)
     Lam = tl.where(o[:, None] >= o[None, :], Lam, 0.0)
     acc = tl.dot(At * Lam, _rows(V, tok, tc, valid, cv, H, DV), input_precision=PREC)
     for jj in range(c - w * R):
         p = c - 1 - jj
-        tp, validp, tcp, _ = _tokens(PHI, n, p, T, H, C)
-        _, gamp, _, gam_Cp = _gates(G, tok, tcp, validp, H, C, HAS_G)
+        tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
+        Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK,
                     other=0.0)
-        sigma = tl.dot(x, E, input_precision=PREC)
+        sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
         Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
         acc += tl.dot(sigma * Lp, _rows(V, tok, tcp, validp, cv, H, DV), input_precision=PREC)
-        x = gam_Cp * x - tl.dot(sigma, _rows(K, tok, tcp, validp, ck, H, DK) * gamp[:, None], input_precision=PREC)
+        x = gam_Cp * x - tl.dot(sigma, _rows(K, tok, tcp, validp, ck, H, DK) * gamp[:, None],
+                                input_precision=PREC_CHAIN)
     now = (n * (NW + 1) + w) * L
     for r in range(L):
         a = tl.load(FIRST + now + r)
@@ -322,7 +326,7 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
     KT = torch.empty(N, NC, Dk, C, dtype=f32, device=dev)
     SUF = torch.empty(N, NW, Dk, Dk, dtype=f32, device=dev)
     _suffix_kernel[(NW, N, triton.cdiv(Dk, meta["BR"]))](k, g, phi, EB, KT, SUF, T, H, Dk, C=C, R=R, BR=meta["BR"],
-                                                         BKP=meta["BKP"], HAS_G=g is not None, PREC=prec)
+                                                         BKP=meta["BKP"], HAS_G=g is not None, PREC_CHAIN=prec_solve)
     # the first window's objects: the elements of P_0, sums of initial slots
     slot = -1 - torch.arange(L, device=dev)
     inside = (plan.first[:, 0, :, None] <= slot) & (slot <= plan.last[:, 0, :, None])
@@ -332,9 +336,10 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
     OB = torch.empty(N, NW + 1, L, Dk, Dv, dtype=q.dtype, device=dev)
     OB[:, 0] = objects0.to(q.dtype)
     _object_kernel[(N, triton.cdiv(Dv, meta["BV"]))](v, phi, KT, SUF, first, last, MB, OB, T, NW, H, L, Dk, Dv,
-                                                      C=C, R=R, BKP=meta["BKP"], BV=meta["BV"], PREC=prec)
+                                                      C=C, R=R, BKP=meta["BKP"], BV=meta["BV"], PREC=prec,
+                                                      PREC_CHAIN=prec_solve)
     o = torch.empty_like(v)
     _readout_kernel[(NC, N, triton.cdiv(Dv, meta["BV"]))](
         q, k, v, lam, cm, g, beta, phi, TI, EB, first, last, OB, o, T, float(scale), H, L, Dk, Dv, C=C, R=R,
-        BKP=meta["BKP"], BV=meta["BV"], HAS_G=g is not None, PREC=prec)
+        BKP=meta["BKP"], BV=meta["BV"], HAS_G=g is not None, PREC=prec, PREC_CHAIN=prec_solve)
     return o, MB[:, NW % 2].reshape(B, H, L, Dk, Dv).to(sd).clone()
