@@ -25,10 +25,11 @@ Backward (`objects_delta._row_backward`'s order; the forward's buffers recompute
 masters of every window kept):
 
     _readout_bwd_kernel   per (window, row), its chunks in order: the chain again (the query in
-                          every frame into XS), own chunk and objects (U = dÕ S̄ᵀ, dλ, D += Σ W x dÕᵀ
-                          into DR), then back up the chain: the band's dV, dλ and the key side's
+                          every frame into XS, in the window's frame into XF), own chunk and objects
+                          (U = dÕ S̄ᵀ, dλ), then back up the chain: the band's dV, dλ and the key side's
                           dĒ, dH, dγ_C of each earlier chunk — chunks of one window belong to one
                           program, so these accumulate without atomics; dQ̂ and dÃ of the chunk
+    _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
     _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
                           elements each E' holds; this tile's dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v
                           (summed over tiles after), dv += D'ᵀ K̃
@@ -131,6 +132,18 @@ def _point_weights(CM, LAM, tokL, tc, valid, a, H: tl.constexpr, L: tl.constexpr
         out += lam * (above - ind)
         above = ind
     return out
+
+
+@triton.jit
+def _chunk_range(PHI, n, w, a, e, H: tl.constexpr, C: tl.constexpr, R: tl.constexpr):
+    """`(j0, j1)`: the window-relative chunks `[j0, j1)` holding tokens of the element `[a, e]`
+    (empty when j0 ≥ j1)."""
+    phi = tl.load(PHI + n // H)
+    lo = tl.maximum(a, w * R * C - phi)
+    hi = tl.minimum(e, (w + 1) * R * C - phi - 1)
+    j0 = (lo + phi) // C - w * R
+    j1 = tl.where(hi >= lo, (hi + phi) // C - w * R + 1, j0)
+    return j0, j1
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +251,8 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
                     held = (a <= e) & (a2 <= a) & (e <= e2)
                     acc += tl.load(src + r * D + tile, mask=mt & held, other=0.0)
                 acc = tl.dot(suf, acc, input_precision=PREC_CHAIN)
-                for j in range(R):
+                j0, j1 = _chunk_range(PHI, n, w, a2, e2, H, C, R)
+                for j in range(j0, j1):
                     c = w * R + j
                     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
                     member = valid & (t >= a2) & (t <= e2)
@@ -347,7 +361,7 @@ def _scatter_point(dl, CM, tokL, tc, valid, a, x, H: tl.constexpr, L: tl.constex
 
 
 @triton.jit
-def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XS, SCR, DR, DQH, DAT, DEB,
+def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XS, SCR, XF, DQH, DAT, DEB,
                         DHB, DGC, DVK, DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                         DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr,
                         BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
@@ -358,7 +372,6 @@ def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB,
     o = tl.arange(0, C)
     ck = tl.arange(0, BKP)
     cv = tl.arange(0, BVP)
-    mkv = (ck[:, None] < DK) & (cv[None, :] < DV)
     xs = XS + (n * NC + w * R).to(tl.int64) * C * DK  # R slots: the query in frames b_c, b_{c−1}, …
     scr = SCR + (n * NW + w).to(tl.int64) * C * C
     now = (n * (NW + 1) + w) * L
@@ -401,9 +414,9 @@ def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB,
                                     input_precision=PREC_CHAIN)
             tl.store(xs + (j + 1) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
         tl.debug_barrier()
-        # objects: U = dÕ S̄ᵀ, dx = Σ W U, dW = U·x, D += Σ_t W x dÕᵀ
+        # objects: U = dÕ S̄ᵀ, dx = Σ W U, dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
+        tl.store(XF + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
         dx = tl.zeros([C, BKP], dtype=tl.float32)
-        xT = tl.load(xs + i * C * DK + o[None, :] * DK + ck[:, None], mask=ck[:, None] < DK, other=0.0)
         for r in range(L):
             a = tl.load(FIRST + now + r)
             e = tl.load(LAST + now + r)
@@ -414,9 +427,6 @@ def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB,
                 U = tl.dot(dO, ST, input_precision=PREC)
                 dx += Wr[:, None] * U
                 dl = _scatter_point(dl, CM, tokL, tc, valid, a, tl.sum(U * x, axis=1), H, L, LP, C)
-                dr = DR + (now + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :]
-                tl.store(dr, tl.load(dr, mask=mkv, other=0.0) + tl.dot(xT * Wr[None, :], dO, input_precision=PREC),
-                         mask=mkv)
         tl.debug_barrier()
         # back up the chain: the band of each earlier chunk, and the key side's gradients
         for jj in range(i):
@@ -453,6 +463,37 @@ def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB,
         lc = tl.arange(0, LP)
         tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
                  mask=valid[:, None] & (lc[None, :] < L))
+
+
+@triton.jit
+def _object_grad_kernel(DO, LAM, CM, PHI, FIRST, LAST, XF, DR, T, scale, H: tl.constexpr, L: tl.constexpr,
+                        DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr,
+                        BV: tl.constexpr, PREC: tl.constexpr):
+    """D_E = Σ_t λ_t[ℓ_t(a_E)] x_t^{(F)} dÕ_tᵀ over the window's queries, one program per (window,
+    row, element × Dv tile), from the queries in the window's frame (XF)."""
+    w = tl.program_id(0)
+    n = tl.program_id(1)
+    NW = tl.num_programs(0)
+    NC = NW * R
+    NVT: tl.constexpr = (DV + BV - 1) // BV
+    r = tl.program_id(2) // NVT
+    o = tl.arange(0, C)
+    ck = tl.arange(0, BKP)
+    cv = (tl.program_id(2) % NVT) * BV + tl.arange(0, BV)
+    now = (n * (NW + 1) + w) * L
+    a = tl.load(FIRST + now + r)
+    e = tl.load(LAST + now + r)
+    acc = tl.zeros([BKP, BV], dtype=tl.float32)
+    if a <= e:
+        for i in range(R):
+            c = w * R + i
+            t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+            Wr = _point_weights(CM, LAM, tok * L, tc, valid, a, H, L, C)
+            xT = tl.load(XF + (n * NC + c).to(tl.int64) * C * DK + o[None, :] * DK + ck[:, None],
+                         mask=(ck[:, None] < DK) & valid[None, :], other=0.0)
+            acc += tl.dot(xT * Wr[None, :], scale * _rows(DO, tok, tc, valid, cv, H, DV), input_precision=PREC)
+    tl.store(DR + (now + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :], acc,
+             mask=(ck[:, None] < DK) & (cv[None, :] < DV))
 
 
 @triton.jit
@@ -502,7 +543,8 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DN, DKT, DVK, DSUF,
                         tl.store(cur + r * D + tile, tl.load(cur + r * D + tile, mask=mt, other=0.0) + DT, mask=mt)
                         gathered += tl.load(masters + r * D + tileT, mask=mtT, other=0.0)
                 dsuf += tl.dot(Dn, gathered, input_precision=PREC_CHAIN)
-                for j in range(R):
+                j0, j1 = _chunk_range(PHI, n, w, a2, e2, H, C, R)
+                for j in range(j0, j1):
                     c = w * R + j
                     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
                     member = valid & (t >= a2) & (t <= e2)
@@ -752,7 +794,8 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     flags = dict(C=C, HAS_G=g is not None)
     XS = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     SCR = torch.empty(N, max(NW, NC), C, C, dtype=f32, device=dev)
-    DR = torch.zeros(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
+    XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
+    DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
     DQH = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DAT = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     DEB = torch.zeros(N, NC, Dk, C, dtype=f32, device=dev)
@@ -761,10 +804,12 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     DVK = torch.zeros(N, NC, C, Dv, dtype=f32, device=dev)
     dlam = torch.empty_like(lam)
     _readout_bwd_kernel[(NW, N)](
-        q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, do, XS, SCR, DR, DQH,
+        q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, do, XS, SCR, XF, DQH,
         DAT, DEB, DHB, DGC, DVK, dlam, T, float(scale), H, L, pow2(L, 1), Dk, Dv, R=R, BKP=BKP, BVP=BVP,
         PREC=buf.prec, PREC_CHAIN=buf.prec_chain, **flags)
     NVT = triton.cdiv(Dv, meta["BV"])
+    _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
+                                          Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec)
     DN = torch.empty(N, 2, L, Dk, Dv, dtype=f32, device=dev)
     DN[:, NW % 2] = dS.reshape(N, L, Dk, Dv)
     DKT = torch.zeros(N, NVT, NC, Dk, C, dtype=f32, device=dev)
