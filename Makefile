@@ -23,10 +23,11 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dla demo
 
-# the test suite (hypothesis "ci" profile: bounded examples, no deadline), then the CPU
-# benchmarks, whose assertions are ratios measured within the run
+# the test suite (hypothesis "ci" profile: bounded examples, no deadline; the `slow` sm_90 compile
+# checks of non-default launch configurations run with the GPU suite, `bash perf/gpu.sh tests`),
+# then the CPU benchmarks, whose assertions are ratios measured within the run
 test: $(STAMP)
-	HYPOTHESIS_PROFILE=ci $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	HYPOTHESIS_PROFILE=ci $(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider perf --benchmark-json=perf/results/cpu-latest.json
 
 bench: $(STAMP)

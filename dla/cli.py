@@ -8,8 +8,27 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
 import sys
+from pathlib import Path
+
+import torch
+
+from dla import __version__
+from dla.model import BACKBONES, POLICIES, PRESETS, ModelConfig, preset
+from dla.run import checkpoint, distributed
+from dla.run import experiment as ex
+from dla.run.data import decode, encode
+from dla.run.demo import main as demo
+from dla.run.device import resolve_device
+from dla.run.eval.lm import evaluate_checkpoint
+from dla.run.eval.task_accuracy import evaluate_checkpoint_on_task
+from dla.run.eval.tasks import TASKS, task_fields
+from dla.run.generate import check_request, generate
+from dla.run.quantize import quantize_checkpoint
+from dla.run.train import RECIPES, Interrupted, NonFiniteLoss, TrainConfig, plan, recipe, resumed_config, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,30 +45,43 @@ def _relative(lower: float) -> str:
     return f"{lower:.1%} lower" if lower >= 0 else f"{-lower:.1%} higher"
 
 
-def _add_train(sub) -> None:
-    from dla.model.config import BACKBONES, POLICIES, PRESETS
+# Defaults of `dla train` for a new run; a resumed run takes its configuration from its checkpoint
+# and these flags only when given (so they default to None in the parser).
+_TRAIN_DEFAULTS = {"preset": "tiny", "backbone": "mamba2", "policy": "dla", "seed": 0, "eval_tokens": 32768,
+                   "optim": "adamw"}
 
-    p = sub.add_parser("train", help="train a language model on the embedded corpus or --data, then evaluate it")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model and training shape (default tiny)")
-    p.add_argument("--backbone", default="mamba2", choices=BACKBONES)
-    p.add_argument("--policy", default="dla", choices=POLICIES, help="dla, fenwick (Log-Linear) or single (base)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a language model on the embedded corpus or --data, then evaluate it",
+                       description="A new run takes its configuration from the flags (the preset's where not "
+                                   "given); --resume continues the run in --out from its latest checkpoint with the "
+                                   "checkpoint's configuration, where only --steps (to train longer) and "
+                                   "--eval-tokens may differ. Exit codes: 2 for a mistake in the input or a failed "
+                                   "write (one line on stderr, nothing left behind but the last checkpoint), 1 when "
+                                   "the loss stops being finite, 130 when interrupted.")
+    p.add_argument("--preset", choices=[p for p in PRESETS if p in RECIPES],
+                   help="model shape and its training recipe (default tiny)")
+    p.add_argument("--backbone", choices=BACKBONES, help="mamba2 (default), gdn (Gated DeltaNet) or attention")
+    p.add_argument("--policy", choices=POLICIES, help="dla (default), fenwick (Log-Linear) or single (base)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's; with --resume, more steps "
+                                             "than the checkpoint's train on)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png, the corpus split")
     p.add_argument("--data", help="a text file or a folder of .txt files (default: the embedded Shakespeare corpus)")
     p.add_argument("--seq-len", type=int, help="tokens (bytes) per training window (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="windows per step (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--capacity", type=int, help="states K of the dla policy (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of the initial weights and of the batches (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
-    p.add_argument("--eval-tokens", type=int, default=32768, help="held-out bytes scored at the end (default 32768)")
+    p.add_argument("--eval-tokens", type=int, help="held-out bytes scored at the end (default 32768)")
     p.add_argument("--no-compile", action="store_true", help="run eagerly instead of torch.compile(fullgraph=True)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
-                   help="adamw (default) or torchao's 8-bit AdamW (CPU and GPU)")
+    p.add_argument("--optim", choices=["adamw", "adamw8bit"],
+                   help="adamw (default) or torchao's 8-bit AdamW (CPU and GPU; needs the extra dla[quant])")
     p.add_argument("--float8", action="store_true",
-                   help="float8 training of the linear layers (torchao; needs a GPU of compute capability >= 8.9)")
+                   help="float8 training of the linear layers (torchao, the extra dla[quant]; needs a GPU of "
+                        "compute capability >= 8.9)")
     p.add_argument("--float8-recipe", choices=["tensorwise", "rowwise"],
                    help="float8 scaling recipe (default tensorwise; needs --float8)")
     p.add_argument("--dist-backend", choices=["nccl", "gloo"],
@@ -65,8 +97,6 @@ _TASK_FLAGS = (("--seq-len", "seq_len", int), ("--pairs", "pairs", int), ("--voc
 
 
 def _add_eval(sub) -> None:
-    from dla.eval.tasks import TASKS
-
     p = sub.add_parser("eval", help="score a checkpoint: held-out bits per byte (lm) or accuracy on a synthetic task")
     p.add_argument("--checkpoint", required=True, help="a run folder (the --out of dla train) or a checkpoint folder")
     p.add_argument("--task", default="lm", choices=["lm", *TASKS],
@@ -83,8 +113,6 @@ def _add_eval(sub) -> None:
 
 
 def _fields(cls) -> list[str]:
-    import dataclasses
-
     return [f.name for f in dataclasses.fields(cls)]
 
 
@@ -93,36 +121,37 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
+def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
+    """The configuration of `dla train`: the checkpoint's with the flags given (--resume of a run
+    that has one), else the flags' over the preset's."""
+    model = {k: getattr(args, k) for k in ("backbone", "policy", "seq_len", "capacity") if getattr(args, k) is not None}
+    train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+             "eval_tokens": args.eval_tokens, "optim": args.optim,
+             "float8": (args.float8_recipe or "tensorwise") if args.float8 else None,
+             "data": None if args.data is None else str(Path(args.data).resolve())}
+    train = {k: v for k, v in train.items() if v is not None}
+    if args.resume and checkpoint.has_checkpoint(Path(args.out)):
+        return resumed_config(args.out, preset_name=args.preset, model=model, train=train)
+    name = args.preset or _TRAIN_DEFAULTS["preset"]
+    model = {"backbone": _TRAIN_DEFAULTS["backbone"], "policy": _TRAIN_DEFAULTS["policy"], **model}
+    train = {k: _TRAIN_DEFAULTS[k] for k in ("seed", "eval_tokens", "optim")} | train
+    return preset(name, **model), recipe(name, **train)
+
+
 def _train(args) -> int:
-    from pathlib import Path
-
-    from dla import distributed
-    from dla.model.config import preset
-    from dla.train import TRAIN_PRESETS, NonFiniteLoss, TrainConfig, plan, train
-
     # under torchrun every process meets the same errors: rank 0 alone reports them
     report = distributed.is_main_process()
     try:
         world = distributed.from_env(backend=args.dist_backend, device=args.device)
         for name in ("--steps", "--seq-len", "--batch-size", "--lr", "--checkpoint-every", "--eval-tokens"):
             _positive(name, getattr(args, name[2:].replace("-", "_")))
+        if args.seed is not None and args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
         if args.float8_recipe is not None and not args.float8:
             raise ValueError(f"--float8-recipe {args.float8_recipe} needs --float8")
-        if args.capacity is not None and args.policy == "dla" and args.capacity < 2:
+        if args.capacity is not None and (args.policy or "dla") == "dla" and args.capacity < 2:
             raise ValueError(f"--capacity must be >= 2 with --policy dla, got {args.capacity}")
-        overrides = {"backbone": args.backbone, "policy": args.policy}
-        if args.seq_len is not None:
-            overrides["seq_len"] = args.seq_len
-        if args.capacity is not None:
-            overrides["capacity"] = args.capacity
-        model_cfg = preset(args.preset, **overrides)
-        given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
-        train_cfg = TrainConfig(
-            **{**TRAIN_PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None}},
-            seed=args.seed, eval_tokens=args.eval_tokens, optim=args.optim,
-            float8=(args.float8_recipe or "tensorwise") if args.float8 else None,
-            data=None if args.data is None else str(Path(args.data).resolve()),
-        )
+        model_cfg, train_cfg = _train_configs(args)
         run = plan(model_cfg, train_cfg, args.out, resume=args.resume, compile=not args.no_compile,
                    device=args.device, checkpoint_every=args.checkpoint_every, world=world)
     except ValueError as e:
@@ -131,12 +160,19 @@ def _train(args) -> int:
         with distributed.process_group(world):
             result = train(run)
     except NonFiniteLoss as e:
-        from dla.checkpoint import has_checkpoint
-
-        kept = "the last good checkpoint is kept" if has_checkpoint(run.out) else "no checkpoint was written before it"
+        kept = ("the last good checkpoint is kept" if checkpoint.has_checkpoint(run.out)
+                else "no checkpoint had been written, so nothing was kept")
         if report:
             print(f"dla: error: {e}; training stopped, {kept} in {run.out}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        if report:
+            kept = (f"last checkpoint: {e.checkpoint} (continue with --resume)" if e.checkpoint is not None
+                    else "no checkpoint had been written, so nothing was kept")
+            print(f"dla: interrupted at step {e.step}; {kept}", file=sys.stderr)
+        return 130
+    except ValueError as e:  # found while training: a failed write, a damaged checkpoint or split, a held lock
+        return _fail(str(e)) if report else 2
     if not report:
         return 0
     lower = 1 - result["heldout_bpb"] / result["unigram_bpb"]
@@ -148,9 +184,6 @@ def _train(args) -> int:
 
 
 def _eval_task(args) -> int:
-    from dla.eval import evaluate_checkpoint_on_task
-    from dla.eval.tasks import task_fields
-
     fields = task_fields(args.task)
     params = {}
     for flag, field, _ in _TASK_FLAGS:
@@ -167,7 +200,8 @@ def _eval_task(args) -> int:
         if args.seed is not None and args.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {args.seed}")
         result = evaluate_checkpoint_on_task(args.checkpoint, args.task, params, examples=args.examples or 512,
-                                             seed=args.seed or 0, batch_size=args.batch_size, device=args.device)
+                                             seed=args.seed or 0, batch_size=args.batch_size, device=args.device,
+                                             progress=True)
     except ValueError as e:
         return _fail(str(e))
     if args.json:
@@ -181,8 +215,6 @@ def _eval_task(args) -> int:
 
 
 def _eval(args) -> int:
-    from dla.train import evaluate_checkpoint
-
     if args.task != "lm":
         return _eval_task(args)
     given = [flag for flag, field, _ in _TASK_FLAGS if getattr(args, f"task_{field}") is not None]
@@ -190,7 +222,7 @@ def _eval(args) -> int:
     if given:
         return _fail(f"{given[0]} does not apply to --task lm (it scores the checkpoint's held-out text)")
     try:
-        result = evaluate_checkpoint(args.checkpoint, device=args.device)
+        result = evaluate_checkpoint(args.checkpoint, device=args.device, progress=True)
     except ValueError as e:
         return _fail(str(e))
     if args.json:
@@ -223,11 +255,6 @@ def _add_experiment(sub) -> None:
 
 
 def _experiment(args) -> int:
-    import shlex
-
-    from dla.eval import experiment as ex
-    from dla.train import resolve_device
-
     try:
         exp = ex.load(args.file, out=args.out)
         shard = ex.parse_shard(args.shard)
@@ -277,16 +304,10 @@ def _add_generate(sub) -> None:
 
 
 def _generate(args) -> int:
-    import torch
-
-    from dla.data import decode, encode
-    from dla.generate import check_request, generate, load_model
-    from dla.train import resolve_device
-
     try:
         device = resolve_device(args.device)
         try:
-            model, _, _ = load_model(args.checkpoint, device=device)
+            model = checkpoint.load(args.checkpoint, device=device)
         except ValueError as e:
             raise ValueError(f"--checkpoint {e}") from None
         prompt = torch.tensor(encode(args.prompt), dtype=torch.int64, device=device)[None]
@@ -310,29 +331,24 @@ def _add_quantize(sub) -> None:
 
 
 def _quantize(args) -> int:
-    from dla.quantize import quantize_checkpoint
-    from dla.train import evaluate_checkpoint, resolve_device
-
     try:
         resolve_device(args.device)
         try:
             out = quantize_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
-        except ValueError as e:
+        except checkpoint.CheckpointError as e:  # about the source checkpoint
             message = str(e)
             raise ValueError(message if message.startswith("--") else f"--checkpoint {message}") from None
+        files = {name: checkpoint.find(path) / "model.safetensors"
+                 for name, path in (("bytes_before", args.checkpoint), ("bytes_after", out))}
+        weights = {name: f.stat().st_size if f.is_file() else None for name, f in files.items()}  # none if sharded
+        result = {"checkpoint": str(out), "source": str(args.checkpoint), **weights}
+        if not args.no_eval:
+            before = evaluate_checkpoint(args.checkpoint, device=args.device, progress=True)
+            after = evaluate_checkpoint(out, device=args.device, progress=True)
+            result.update(heldout_bpb_before=before["heldout_bpb"], heldout_bpb_after=after["heldout_bpb"],
+                          heldout_tokens=after["heldout_tokens"])
     except ValueError as e:
         return _fail(str(e))
-    from dla.checkpoint import find
-
-    files = {name: find(path) / "model.safetensors" for name, path in (("bytes_before", args.checkpoint),
-                                                                        ("bytes_after", out))}
-    weights = {name: f.stat().st_size if f.is_file() else None for name, f in files.items()}  # none if sharded
-    result = {"checkpoint": str(out), "source": str(args.checkpoint), **weights}
-    if not args.no_eval:
-        before = evaluate_checkpoint(args.checkpoint, device=args.device)
-        after = evaluate_checkpoint(out, device=args.device)
-        result.update(heldout_bpb_before=before["heldout_bpb"], heldout_bpb_after=after["heldout_bpb"],
-                      heldout_tokens=after["heldout_tokens"])
     if args.json:
         print(json.dumps(result))
         return 0
@@ -346,8 +362,9 @@ def _quantize(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dla", description="Dynamic Linear Attention")
+    parser.add_argument("--version", action="version", version=f"dla {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="segment a piecewise-stationary stream and check the readout against the reference")
     _add_train(sub)
@@ -355,10 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_quantize(sub)
     _add_experiment(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from dla.demo import main as demo
-
         return demo()
     if args.command == "train":
         return _train(args)

@@ -27,7 +27,7 @@ def reverse_live_slots(S: Tensor, m: Tensor) -> Tensor:
 
 
 def multistate_attention(
-    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="token", scale=None,
+    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="drift", scale=None,
     chunk_size=64, initial_state=None, output_final_state=False,
 ):
     """Multi-state linear attention over the level map of `policy` (SPEC §2, §4).
@@ -40,28 +40,36 @@ def multistate_attention(
     state = _start(initial_state, p, k)
     if policy == "single":
         return _single(p, q, k, v, lam, g, beta, state, chunk_size, output_final_state)
-    level_start, n, info, m, Z, zz = _segment(p, k, v, state, policy, score, float(tau), chunk_size)
+    level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, float(tau), chunk_size)
     o, S = torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale, chunk_size)
     if not output_final_state:
         return o
-    return o, MultiStateCache(S=reverse_live_slots(S, m), n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + p.length)
+    S = reverse_live_slots(S, m)
+    if not (policy == "dla" and score == "drift"):
+        # N advanced in the segmentation only where a decision needed it; elsewhere it is the
+        # norm of the slots' sum S^g, equal to the carried value up to rounding (SPEC §2)
+        N = S.detach().sum(2).pow(2).sum((-2, -1))
+    return o, MultiStateCache(S=S, n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + p.length, N=N)
 
 
-def level_map(k, v, *, capacity, policy="dla", tau=0.6, score="token", chunk_size=64, initial_state=None) -> Tensor:
+def level_map(k, v, *, capacity, g=None, beta=None, policy="dla", tau=0.6, score="drift", chunk_size=64,
+              initial_state=None) -> Tensor:
     """The level map alone, `level_start [B,T,H,K]` (see `dla/compile/SCHEMAS.md`): where each
     level's segment starts after every step. A token `t` opened a new slot iff
-    `level_start[:, t, :, 0] == t`."""
+    `level_start[:, t, :, 0] == t`. `drift` reads the transitions `g`, `beta` as the operator does."""
     B, T, H, _ = k.shape if isinstance(k, Tensor) and k.dim() == 4 else (0, 0, 0, 0)
     lam = k.new_zeros(()).expand(B, T, H, capacity) if isinstance(k, Tensor) else None
-    p = validate(k, k, v, lam, policy=policy, tau=tau, score=score, chunk_size=chunk_size, initial_state=initial_state)
+    p = validate(k, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, chunk_size=chunk_size,
+                 initial_state=initial_state)
     state = _start(initial_state, p, k)
-    return _segment(p, k, v, state, policy, score, float(tau), chunk_size)[0]
+    return _segment(p, k, v, g, beta, state, policy, score, float(tau), chunk_size)[0]
 
 
 def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size, output_final_state):
     """`single` is the backbone itself (`dla::backbone`): no segmentation, every initial slot at
     rank 0 (SPEC §2), read with `λ_t[0]`. The final cache holds one slot; `I`, `Z`, `zz` stay as
-    the initial cache had them, as for `fenwick`."""
+    the initial cache had them, as for `fenwick`; `N` is the norm of the final state (nothing is
+    decided by it here: equal to the carried value up to rounding, SPEC §2)."""
     live = torch.arange(p.levels, device=q.device) < state.m[..., None]  # [B, H, K]
     S0 = (state.S * live[..., None, None]).sum(2)
     o, S = torch.ops.dla.backbone(q, k, v, lam[..., 0], g, beta, S0, p.scale, chunk_size)
@@ -70,7 +78,8 @@ def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size, output
     slot0 = torch.arange(p.levels, device=q.device) == 0
     n = torch.where(slot0, p.length + (state.n * live).sum(-1, keepdim=True), 0)
     final = MultiStateCache(S=S[:, :, None] * slot0[:, None, None].to(S.dtype), n=n, I=torch.zeros_like(state.I),
-                            m=torch.ones_like(state.m), Z=state.Z, zz=state.zz, step=state.step + p.length)
+                            m=torch.ones_like(state.m), Z=state.Z, zz=state.zz, step=state.step + p.length,
+                            N=S.detach().pow(2).sum((-2, -1)))
     return o, final
 
 
@@ -80,7 +89,10 @@ def _start(initial_state, p, like: Tensor) -> MultiStateCache:
     return empty_cache(p.batch, p.heads, p.levels, p.dk, p.dv, dtype=like.dtype, device=like.device)
 
 
-def _segment(p, k, v, state, policy, score, tau, chunk_size):
-    """Segmentation sees k and v only and carries no gradient (SPEC §2)."""
-    return torch.ops.dla.segment(k.detach(), v.detach(), state.n, state.I, state.m, state.Z, state.zz, state.step,
-                       p.levels, policy, score, tau, chunk_size)
+def _segment(p, k, v, g, beta, state, policy, score, tau, chunk_size):
+    """Segmentation sees the writes and transitions only (never q or λ) and carries no gradient
+    (SPEC §2)."""
+    g = None if g is None else g.detach()
+    beta = None if beta is None else beta.detach()
+    return torch.ops.dla.segment(k.detach(), v.detach(), g, beta, state.S.detach(), state.n, state.I, state.m,
+                                 state.Z, state.zz, state.N, state.step, p.levels, policy, score, tau, chunk_size)

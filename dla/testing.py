@@ -32,6 +32,7 @@ from triton.runtime.jit import JITFunction
 import dla.compile.ops  # noqa: F401  the registrations this overrides
 from dla.ops.backbone import backbone_backward_triton, backbone_forward_triton
 from dla.ops.readout import readout_backward_triton, readout_forward_triton
+from dla.ops.segment import segment_triton
 
 __all__ = ["triton_interpreter"]
 
@@ -43,7 +44,7 @@ def triton_interpreter():
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
         lib = torch.library.Library("dla", "IMPL")
         try:
-            lib.impl("segment", _segment_triton, "CPU")
+            lib.impl("segment", segment_triton, "CPU")
             lib.impl("readout", readout_forward_triton, "CPU")
             lib.impl("readout_backward", readout_backward_triton, "CPU")
             lib.impl("backbone", backbone_forward_triton, "CPU")
@@ -51,12 +52,6 @@ def triton_interpreter():
             yield
         finally:
             lib._destroy()
-
-
-def _segment_triton(*args):
-    from dla.ops.segment.triton_walk import segment_triton  # the CUDA side of `dla.ops.segment.segment`
-
-    return segment_triton(*args)
 
 
 @contextmanager

@@ -40,7 +40,7 @@ POLICIES = ("single", "fenwick", "dla")
 
 
 def corpus_windows(batch: int, length: int, *, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    from dla.data import default_corpus_files
+    from dla.run.data import default_corpus_files
 
     data = np.frombuffer(b"".join(f.read_bytes() for f in default_corpus_files()[:4]), dtype=np.uint8)
     need = batch * (length + 1)
@@ -87,8 +87,8 @@ def model_config(args, backbone: str, policy: str, seq_len: int):
 
 
 def train_row(args, device, backbone: str, policy: str, float8: str | None = None) -> dict:
-    from dla.optim import convert_to_float8, float8_unavailable
-    from dla.train import TRAIN_PRESETS, TrainConfig, make_optimizer
+    from dla.run.optim import convert_to_float8, float8_unavailable
+    from dla.run.train import RECIPES, TrainConfig, make_optimizer
 
     row = {"section": "float8" if float8 else "train", "backbone": backbone, "policy": policy,
            "precision": f"float8-{float8}" if float8 else "bf16", "batch": args.batch_size, "T": args.seq_len}
@@ -102,7 +102,7 @@ def train_row(args, device, backbone: str, policy: str, float8: str | None = Non
     model = CausalLM(cfg).to(device)
     if float8:
         convert_to_float8(model, float8)
-    tcfg = TrainConfig(**{**TRAIN_PRESETS.get(args.preset, {}), "batch_size": args.batch_size})
+    tcfg = TrainConfig(**{**RECIPES.get(args.preset, {}), "batch_size": args.batch_size})
     optimizer = make_optimizer(model, tcfg)
     loss_fn = torch.compile(model.loss, fullgraph=True) if args.compile else model.loss
     x, y = (t.to(device) for t in corpus_windows(args.batch_size, args.seq_len))
@@ -130,7 +130,7 @@ def train_row(args, device, backbone: str, policy: str, float8: str | None = Non
 
 @torch.no_grad()
 def decode_row(args, device, backbone: str, policy: str, batch: int, context: int) -> dict:
-    from dla.generate import activation_dtype, decode_step
+    from dla.run.generate import activation_dtype, decode_step
 
     row = {"section": "decode", "backbone": backbone, "policy": policy, "batch": batch, "context": context,
            "mode": args.decode_compile if args.compile else "none"}

@@ -26,7 +26,7 @@ tests_on_every_gpu() {
   for g in $(seq 0 $((n - 1))); do
     ( for i in "${!PARTS[@]}"; do
         [ $((i % n)) -eq "$g" ] || continue
-        eval "CUDA_VISIBLE_DEVICES=$g python3 -m pytest -q -p no:cacheprovider -m gpu -rs ${PARTS[$i]}" \
+        eval "CUDA_VISIBLE_DEVICES=$g python3 -m pytest -q -p no:cacheprovider -m \"gpu or slow\" -rs ${PARTS[$i]}" \
           > "$OUT/gpu_tests_$i.log" 2>&1
         echo $? > "$OUT/gpu_tests_$i.rc"
       done ) &
@@ -43,7 +43,7 @@ if [ "${1:-}" = tests ] && [ $# -eq 1 ]; then
   set -- tests tests  # one GPU: the whole suite in one process
 fi
 case "${1:-all}" in
-  tests) python3 -m pytest -q -p no:cacheprovider -m gpu -x -rs "${@:2}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+  tests) python3 -m pytest -q -p no:cacheprovider -m "gpu or slow" -x -rs "${@:2}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   bench) python3 -m perf.bench_gpu --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
   *) echo "usage: bash perf/gpu.sh {tests|bench} [bench options]"; exit 2 ;;
 esac

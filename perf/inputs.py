@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dla.synthetic import piecewise_stationary
+from dla.run.synthetic import piecewise_stationary
 
 
 def layer_inputs(batch, length, heads, dk, dv, levels, *, backbone="mamba2", dtype=torch.float32, device="cpu",

@@ -29,7 +29,7 @@ import dla
 import dla.operator as api
 import dla.ops.readout as readout
 import dla.ops.segment.cpu as segment
-import dla.train as train
+import dla.run.train as train
 from dla.model.config import preset
 from dla.model.lm import CausalLM
 from dla import level_map
@@ -104,7 +104,7 @@ def judge(benchmark, figure: str, rounds: Rounds, num: str, den: str) -> None:
 def layer():
     """Inputs, the fixed level map and an output gradient for the readout and segmentation."""
     t = layer_inputs(B, T, H, D, D, K)
-    starts = level_map(t["k"], t["v"], capacity=K, chunk_size=CHUNK)
+    starts = level_map(t["k"], t["v"], capacity=K, score="token", chunk_size=CHUNK)
     do = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1))
     return t, starts, do
 
@@ -137,7 +137,7 @@ def test_segment(benchmark, single_thread, layer, monkeypatch):
     s = empty_cache(B, H, K, D, D, dtype=t["k"].dtype, device=t["k"].device)
 
     def seg():
-        segment.segment_cpu(t["k"], t["v"], s.n, s.I, s.m, s.Z, s.zz, s.step, K, "dla", "token", 0.6, CHUNK)
+        segment.segment_cpu(t["k"], t["v"], None, None, s.S, s.n, s.I, s.m, s.Z, s.zz, s.N, s.step, K, "dla", "token", 0.6, CHUNK)
 
     hm = calibration.head_major(t, torch.zeros_like(t["v"]))
     rounds = Rounds({
@@ -174,7 +174,7 @@ def test_operator_vs_recurrent(benchmark, single_thread, monkeypatch):
 @pytest.mark.benchmark(group="cpu-regression", timer=time.process_time)
 def test_compiled_vs_eager_step(benchmark, single_thread, monkeypatch):
     """Forward, loss and backward of the tiny preset with one layer (B = 2, T = 128), compiled by
-    `dla.train.compiled_loss` (Inductor, fullgraph) against eager."""
+    `dla.run.train.compiled_loss` (Inductor, fullgraph) against eager."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
     torch.manual_seed(0)
     model = CausalLM(preset("tiny", n_layers=1))

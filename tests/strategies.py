@@ -3,24 +3,29 @@
 A drawn `Case` fixes shapes, policy, transition, score and a seed; `build` turns it into
 tensors. Inputs are either Gaussian (almost every token a boundary) or piecewise-stationary
 (few regimes plus small noise), so boundaries, in-block merges and capacity merges all occur.
+The `drift` score compares the decayed backbone state step to step: it keeps opening slots at
+regime changes only where the decay `g` makes the memory forget (`FORGETFUL`), and stops once
+`S^g` has grown large without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dla.ops.reference import segment_naive
+from dla.ops.reference import multistate_attention_recurrent, segment_naive
 from dla.ops.state import MultiStateCache
-from dla.synthetic import piecewise_stationary
+from dla.ops.validation import POLICIES, SCORES
+from dla.run.synthetic import piecewise_stationary
 
-POLICIES = ("dla", "fenwick", "single")
 TRANSITIONS = ("none", "g", "beta", "both")
-SCORES = ("token", "state")
 DELTA = {torch.float64: 1e-9, torch.float32: 1e-4}  # SPEC §2 decision margins
+GENTLE = (-0.5, 0.0)  # log-decay range: a long memory
+FORGETFUL = (-1.2, -0.4)  # a memory of a few tokens, which a regime change moves under `drift`
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Case:
     mean_regime: float
     seed: int
     chunk_size: int = 4
+    log_decay: tuple = GENTLE  # (lo, hi): g ~ U(lo, hi) where the transition has g
 
     @property
     def g(self) -> bool:
@@ -67,7 +73,7 @@ def cases(draw, policies=POLICIES, transitions=TRANSITIONS, scores=SCORES, max_l
         tau=draw(st.sampled_from([0.0, 0.3, 0.6, 0.6, 1.0])),
         inputs=draw(st.sampled_from(["gaussian", "piecewise", "piecewise"])),
         mean_regime=draw(st.sampled_from([2.0, 4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
-        chunk_size=draw(st.sampled_from([1, 3, 4, 8, 64])),
+        chunk_size=draw(st.sampled_from([1, 3, 4, 8, 64])), log_decay=draw(st.sampled_from([GENTLE, FORGETFUL])),
     )
 
 
@@ -88,14 +94,25 @@ def build(case: Case, dtype=torch.float64) -> dict:
         "q": torch.randn(B, T, H, case.dk, generator=gen, dtype=torch.float64),
         "k": k, "v": v,
         "lam": torch.rand(B, T, H, case.levels, generator=gen, dtype=torch.float64) + 0.1,
-        "g": -0.5 * torch.rand(B, T, H, generator=gen, dtype=torch.float64) if case.g else None,
+        "g": _uniform(case.log_decay, (B, T, H), gen) if case.g else None,
         "beta": torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05 if case.beta else None,
     }
     return {name: (x.to(dtype) if x is not None else None) for name, x in tensors.items()}
 
 
+def _uniform(bounds: tuple, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    lo, hi = bounds
+    return hi - (hi - lo) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+
 def options(case: Case) -> dict:
     return dict(policy=case.policy, tau=case.tau, score=case.score, chunk_size=case.chunk_size)
+
+
+def naive_segmentation(case: Case, t: dict, initial_state: MultiStateCache | None = None):
+    """`segment_naive` of `case` on the tensors `t` that `build(case)` made."""
+    return segment_naive(t["k"], t["v"], levels=case.levels, g=t["g"], beta=t["beta"], policy=case.policy,
+                         tau=case.tau, score=case.score, initial_state=initial_state)
 
 
 def well_conditioned(seg, dtype=torch.float64) -> bool:
@@ -113,8 +130,6 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def random_cache(case: Case, seed: int, dtype=torch.float64) -> MultiStateCache:
     """A plausible non-empty cache for `case`'s policy, as a previous call would leave it."""
-    from dla.ops.reference import multistate_attention_recurrent
-
     warm = replace(case, length=5, seed=seed)
     t = build(warm, dtype)
     _, state = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], g=t["g"], beta=t["beta"],
@@ -151,8 +166,24 @@ def assert_draws_exercise_every_decision(strategy, **hypothesis_settings) -> Non
         if case.policy != "dla" or case.inputs != "piecewise":
             return
         t = build(case)
-        seg = segment_naive(t["k"], t["v"], levels=case.levels, policy="dla", tau=case.tau, score=case.score)
-        events.add_(decision_counts(seg))
+        events.add_(decision_counts(naive_segmentation(case, t)))
 
     draw()
     assert (events > 0).all(), events
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """`torch.empty` returns NaN-filled floats (and extreme ints) inside the block, so a kernel's
+    unwritten output shows."""
+    real = torch.empty
+
+    def empty(*size, **kw):
+        x = real(*size, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-(2**30))
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from dla import checkpoint
 from dla.cli import main
-from dla.data import batch_at, prepare
-from tests.test_train import write_corpus
+from dla.run import checkpoint
+from dla.run.data import batch_at, prepare
+from tests.helpers import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
@@ -76,7 +76,7 @@ def runs(tmp_path_factory):
     corpus = write_corpus(tmp / "corpus")
     assert main(train_args(corpus, tmp / "one")) == 0
     cut = torchrun(train_args(corpus, tmp / "two"), crash_at=4, record=tmp / "batches")
-    assert cut.returncode != 0 and "KeyboardInterrupt" in cut.stderr, cut.stderr[-3000:]
+    assert cut.returncode != 0 and "dla: interrupted at step 4; last checkpoint: " in cut.stderr, cut.stderr[-3000:]
     assert checkpoint.find(tmp / "two").name == "step-00000003"
     uninterrupted = records(tmp / "two")
     assert [r["step"] for r in uninterrupted] == [1, 2, 3, 4]  # a step past the checkpoint, to be redone
@@ -224,7 +224,7 @@ def test_torchrun_reports_a_bad_batch_once(tmp_path):
 if __name__ == "__main__":  # a torchrun worker: `[--crash-at STEP] [--record DIR] ARGS...` of `dla`
     argv = sys.argv[1:]
     if argv[:1] == ["--crash-at"]:
-        import dla.train as train_mod
+        import dla.run.train as train_mod
 
         crash_at, argv = int(argv[1]), argv[2:]
         real = train_mod.batch_at

@@ -16,12 +16,13 @@ import pytest
 import torch
 from torch import nn
 
+import dla.run.train as train_mod
 from dla.cli import main
-from dla.eval import evaluate_task, make_task, model_for_length, query_accuracy
-from dla.eval import experiment as ex
-from dla.eval.metrics import merge
-from dla.eval.tasks import IGNORE
 from dla.model import preset
+from dla.run import experiment as ex
+from dla.run.eval.metrics import merge, query_accuracy
+from dla.run.eval.task_accuracy import evaluate_task, model_for_length
+from dla.run.eval.tasks import IGNORE, make_task
 
 SMOKE = Path(__file__).resolve().parent.parent / "experiments" / "smoke.toml"
 
@@ -292,6 +293,22 @@ def test_a_changed_file_does_not_reuse_old_runs(tmp_path, capsys):
     changed = GOOD.replace("batch_size = 1", "batch_size = 2")
     assert main(["experiment", _toml(tmp_path, changed), "--out", out, "--device", "cpu"]) == 2
     assert "was made with another configuration" in capsys.readouterr().err
+
+
+def test_experiment_trains_by_the_step_of_dla_train(tmp_path, monkeypatch):
+    """One training step for both commands: `dla experiment` calls `dla.run.train.train_step`,
+    once per step, in order."""
+    assert ex.train_step is train_mod.train_step
+    steps = []
+
+    def counted(model, loss_fn, optimizer, cfg, step, x, y):
+        steps.append(step)
+        return train_mod.train_step(model, loss_fn, optimizer, cfg, step, x, y)
+
+    monkeypatch.setattr(ex, "train_step", counted)
+    path = _toml(tmp_path, GOOD.replace("steps = 1", "steps = 3"))
+    assert main(["experiment", path, "--out", str(tmp_path / "out"), "--device", "cpu", "--no-checkpoints"]) == 0
+    assert steps == [0, 1, 2]
 
 
 def test_the_recall_grid_file_is_the_issue_grid():

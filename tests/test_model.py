@@ -168,6 +168,16 @@ def test_config_rejects_bad_fields_by_name():
     assert ModelConfig.from_dict(micro("gdn").to_dict()) == micro("gdn")
 
 
+def test_score_defaults_to_drift_and_a_config_without_one_was_token():
+    """A checkpoint keeps the score it was trained with; one whose config predates the field
+    was trained with `token`."""
+    assert ModelConfig().score == "drift"
+    fields = micro("gdn").to_dict()
+    del fields["score"]
+    assert ModelConfig.from_dict(fields).score == "token"
+    assert ModelConfig.from_dict({**fields, "score": "state"}).score == "state"
+
+
 def test_presets_are_data_with_the_promised_sizes():
     assert set(PRESETS) == {"tiny", "small", "base", "paper"}
     sizes = {}
@@ -194,6 +204,7 @@ def test_training_step_compiles_to_one_graph(backbone):
     same shape runs without recompiling."""
     torch.manual_seed(0)
     model = CausalLM(micro(backbone, "dla"))
+    assert model.cfg.score == "drift"  # the default score, whose detection runs inside the segment op
     counter = _compile_counter()
     step = torch.compile(model.loss, backend=counter, fullgraph=True)
     loss = step(tokens(2, 8), tokens(2, 8, seed=1))

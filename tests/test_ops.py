@@ -1,4 +1,4 @@
-"""`dla.ops.multistate_attention` through the custom ops, against the references (SPEC §6):
+"""`dla.multistate_attention` through the custom ops, against the references (SPEC §6):
 outputs and caches on every policy × transition × score, gradients, `opcheck`, compile."""
 
 from __future__ import annotations
@@ -7,15 +7,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from dla import level_map, multistate_attention
 from dla.ops.levels import dense_level_map, encode_level_map
-from dla.ops.reference import multistate_attention_materialized, segment_naive
+from dla.ops.reference import multistate_attention_materialized
+from dla.ops.state import empty_cache
+from dla.ops.validation import SCORES
 from tests.strategies import (
-    Case, assert_draws_exercise_every_decision, build, cases, fenwick_levels, information_close, options, random_cache,
-    relative_error, well_conditioned,
+    FORGETFUL, TRANSITIONS, Case, assert_draws_exercise_every_decision, build, cases, fenwick_levels, information_close,
+    naive_segmentation, options, random_cache, relative_error, well_conditioned,
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -31,13 +33,12 @@ def cast_state(state, dtype):
     if state is None:
         return None
     fdt = torch.float64 if dtype == torch.float64 else torch.float32
-    return state._replace(**{f: getattr(state, f).to(fdt) for f in ("S", "I", "Z", "zz")})
+    return state._replace(**{f: getattr(state, f).to(fdt) for f in ("S", "I", "Z", "zz", "N")})
 
 
 def check_against_reference(case: Case, dtype, initial_state=None):
     t64 = build(case)
-    seg = segment_naive(t64["k"], t64["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score,
-                        initial_state=initial_state)
+    seg = naive_segmentation(case, t64, initial_state)
     assume(well_conditioned(seg, dtype))
     o_ref, s_ref = reference(case, t64, initial_state)
     t = {n: (x.to(dtype) if x is not None else None) for n, x in t64.items()}
@@ -47,7 +48,7 @@ def check_against_reference(case: Case, dtype, initial_state=None):
     assert relative_error(o, o_ref) <= TOL[dtype]
     assert torch.equal(s.m, s_ref.m) and torch.equal(s.n, s_ref.n) and torch.equal(s.step, s_ref.step)
     assert information_close(s.I, s_ref.I, s_ref.n, dtype)
-    for name in ("S", "Z", "zz"):
+    for name in ("S", "Z", "zz", "N"):
         assert relative_error(getattr(s, name), getattr(s_ref, name)) <= TOL[dtype] * 10, name
     return seg
 
@@ -71,8 +72,7 @@ def test_continues_from_an_initial_state(case: Case, dtype, seed):
 @given(cases(policies=("dla", "fenwick")), st.data())
 def test_prefill_split_equals_one_call(case: Case, data):
     t = build(case)
-    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
-    assume(well_conditioned(seg))
+    assume(well_conditioned(naive_segmentation(case, t)))
     a = data.draw(st.integers(1, case.length))
     kw = dict(output_final_state=True, **options(case))
     o_one, s_one = multistate_attention(t["q"], t["k"], t["v"], t["lam"], g=t["g"], beta=t["beta"], **kw)
@@ -86,15 +86,16 @@ def test_prefill_split_equals_one_call(case: Case, data):
         outs.append(o2)
     assert relative_error(torch.cat(outs, 1), o_one) <= 1e-10
     assert torch.equal(s1.n, s_one.n) and torch.equal(s1.m, s_one.m) and relative_error(s1.S, s_one.S) <= 1e-10
+    assert relative_error(s1.N, s_one.N) <= 1e-10
 
 
 @given(cases(max_length=20))
 def test_segment_op_level_map_equals_segment_naive(case: Case):
     t = build(case)
-    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    seg = naive_segmentation(case, t)
     assume(well_conditioned(seg))
-    starts = level_map(t["k"], t["v"], capacity=case.levels, policy=case.policy, tau=case.tau, score=case.score,
-                       chunk_size=case.chunk_size)
+    starts = level_map(t["k"], t["v"], capacity=case.levels, g=t["g"], beta=t["beta"], policy=case.policy,
+                       tau=case.tau, score=case.score, chunk_size=case.chunk_size)
     level, _ = dense_level_map(starts, torch.zeros(case.batch, case.heads, dtype=torch.long))
     assert torch.equal(level, seg.level)
 
@@ -108,7 +109,7 @@ def test_piecewise_stationary_draws_exercise_every_decision():
 
 
 def fixed_level_map(case: Case, t: dict):
-    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    seg = naive_segmentation(case, t)
     return encode_level_map(seg.level, seg.initial_level, torch.zeros(case.batch, case.heads, dtype=torch.long))
 
 
@@ -136,8 +137,7 @@ def test_readout_gradcheck_through_the_registered_op(transition):
 @given(cases(max_length=16))
 def test_float32_gradients_match_the_materialized_reference(case: Case):
     t64 = build(case)
-    seg = segment_naive(t64["k"], t64["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
-    assume(well_conditioned(seg, torch.float32))
+    assume(well_conditioned(naive_segmentation(case, t64), torch.float32))
     names = [n for n in ("q", "k", "v", "lam", "g", "beta") if t64[n] is not None]
     weight = torch.randn(case.batch, case.length, case.heads, case.dv, dtype=torch.float64)
 
@@ -164,16 +164,19 @@ def opcheck_inputs(transition: str, policy="dla"):
     return case, t
 
 
-@pytest.mark.parametrize("policy", ["dla", "fenwick", "single"])
-def test_opcheck_segment(policy):
-    case, t = opcheck_inputs("none", policy)
+@pytest.mark.parametrize("policy,score", [("dla", score) for score in SCORES] + [("fenwick", "drift"),
+                                                                                 ("single", "drift")])
+def test_opcheck_segment(policy, score):
+    case, t = opcheck_inputs("both", policy)
+    case = replace(case, score=score)
     state = random_cache(case, seed=1, dtype=torch.float32) if policy != "fenwick" else None
-    from dla.ops.state import empty_cache
-
     state = state or empty_cache(1, 2, case.levels, 3, 2, dtype=torch.float32, device="cpu")
     assert policy == "fenwick" or (state.m > 0).all()  # a live cache, so the initial-slot path is checked
-    args = (t["k"], t["v"], state.n, state.I, state.m, state.Z, state.zz, state.step, case.levels, policy, "token", 0.6, 4)
+    args = (t["k"], t["v"], t["g"], t["beta"], state.S, state.n, state.I, state.m, state.Z, state.zz, state.N,
+            state.step, case.levels, policy, score, 0.6, 4)
     torch.library.opcheck(torch.ops.dla.segment.default, args)
+    no_transition = (t["k"], t["v"], None, None, *args[4:])
+    torch.library.opcheck(torch.ops.dla.segment.default, no_transition)
 
 
 @pytest.mark.parametrize("transition", ["none", "g", "beta", "both"])
@@ -197,8 +200,8 @@ def test_opcheck_readout(transition):
 
 
 def compile_inputs(length=24, seed=0):
-    case = Case(batch=2, length=length, heads=2, dk=4, dv=4, levels=4, policy="dla", transition="g", score="token",
-                tau=0.6, inputs="piecewise", mean_regime=4.0, seed=seed, chunk_size=8)
+    case = Case(batch=2, length=length, heads=2, dk=4, dv=4, levels=4, policy="dla", transition="g", score="drift",
+                tau=0.6, inputs="piecewise", mean_regime=4.0, seed=seed, chunk_size=8, log_decay=FORGETFUL)
     t = build(case, torch.float32)
     for n in ("q", "k", "v", "lam"):
         t[n].requires_grad_()
@@ -206,7 +209,7 @@ def compile_inputs(length=24, seed=0):
 
 
 def loss_fn(q, k, v, lam, g):
-    o = multistate_attention(q, k, v, lam, g=g, chunk_size=8)
+    o = multistate_attention(q, k, v, lam, g=g, chunk_size=8)  # the default score: drift
     return o.square().mean()
 
 
@@ -250,3 +253,56 @@ def test_a_new_length_recompiles_once_then_stays_dynamic():
         t = compile_inputs(length)
         compiled(t["q"], t["k"], t["v"], t["lam"], t["g"]).backward()
         assert counter.frame_count == frames, length
+
+
+# ---------------------------------------------------------------------------- drift: decode, prefill
+
+
+@st.composite
+def drift_cases(draw, transition: str):
+    """Decay-driven piecewise-stationary inputs under `drift` (slots open at regime changes)."""
+    return Case(
+        batch=draw(st.integers(1, 2)), length=draw(st.integers(12, 20)), heads=draw(st.integers(1, 2)),
+        dk=draw(st.integers(2, 4)), dv=draw(st.integers(2, 4)), levels=draw(st.integers(2, 5)), policy="dla",
+        transition=transition, score="drift", tau=draw(st.sampled_from([0.3, 0.6])), inputs="piecewise",
+        mean_regime=draw(st.sampled_from([4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
+        chunk_size=draw(st.sampled_from([4, 64])), log_decay=FORGETFUL,
+    )
+
+
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_drift_decode_and_split_prefill_equal_one_call(transition):
+    """Under `drift`: a prefill of `x[:a]` followed by decode steps (`T = 1` with the cache) equals
+    one parallel call — outputs, counts, slot states and the carried `N` — in float32 and
+    float64, on well-conditioned draws (most of them)."""
+    verdicts = []
+
+    @settings(max_examples=4, database=None, derandomize=True, deadline=None)
+    @given(drift_cases(transition), st.sampled_from([torch.float64, torch.float32]), st.data())
+    def check(case, dtype, data):
+        t64 = build(case)
+        verdicts.append(well_conditioned(naive_segmentation(case, t64), dtype))
+        if not verdicts[-1]:
+            return
+        t = {n: (x.to(dtype) if x is not None else None) for n, x in t64.items()}
+        kw = dict(output_final_state=True, **options(case))
+
+        def call(lo, hi, state):
+            p = {n: (x[:, lo:hi] if x is not None else None) for n, x in t.items()}
+            return multistate_attention(p["q"], p["k"], p["v"], p["lam"], g=p["g"], beta=p["beta"],
+                                        initial_state=state, **kw)
+
+        o_one, s_one = call(0, case.length, None)
+        a = data.draw(st.integers(1, case.length - 1))
+        o, state = call(0, a, None)
+        outs = [o]
+        for i in range(a, case.length):
+            o, state = call(i, i + 1, state)
+            outs.append(o)
+        assert relative_error(torch.cat(outs, 1), o_one) <= TOL[dtype]
+        assert torch.equal(state.m, s_one.m) and torch.equal(state.n, s_one.n)
+        for name in ("S", "N", "Z", "zz"):
+            assert relative_error(getattr(state, name), getattr(s_one, name)) <= 10 * TOL[dtype], name
+
+    check()
+    assert sum(verdicts) >= 0.8 * len(verdicts), f"{sum(verdicts)} of {len(verdicts)} draws well-conditioned"

@@ -6,16 +6,19 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import assume, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from dla.ops.reference import (
     multistate_attention_materialized,
     multistate_attention_recurrent,
     recurrent_level_map,
-    segment_naive,
 )
-from tests.strategies import Case, build, cases, fenwick_levels, options, random_cache, relative_error, well_conditioned
+from dla.ops.validation import POLICIES, SCORES
+from tests.strategies import (
+    FORGETFUL, TRANSITIONS, Case, build, cases, fenwick_levels, information_close, naive_segmentation, options,
+    random_cache, relative_error, well_conditioned,
+)
 
 EDGE = dict(batch=1, heads=1, dk=3, dv=2, transition="both", score="token", inputs="piecewise", mean_regime=4.0, seed=7)
 
@@ -28,8 +31,10 @@ def run_both(case: Case, t: dict, initial_state=None):
 
 
 def assert_states_equal(a, b, tol=1e-10):
+    """Equal caches; `I` sums per-token scores, each with √(rounding) near cos = 1 (I_TOL)."""
     assert torch.equal(a.m, b.m) and torch.equal(a.n, b.n) and torch.equal(a.step, b.step)
-    for name in ("S", "I", "Z", "zz"):
+    assert information_close(a.I, b.I, b.n, torch.float64)
+    for name in ("S", "Z", "zz", "N"):
         assert relative_error(getattr(a, name), getattr(b, name)) <= tol, name
 
 
@@ -38,15 +43,16 @@ def assert_states_equal(a, b, tol=1e-10):
 @example(Case(length=12, levels=12, policy="dla", tau=0.0, chunk_size=4, **EDGE))  # every token a boundary
 @example(Case(length=12, levels=3, policy="dla", tau=10.0, chunk_size=4, **EDGE))  # all tokens merged
 @example(Case(length=12, levels=2, policy="dla", tau=0.0, chunk_size=8, **EDGE))  # full cache from the first chunk
+@example(Case(length=12, levels=3, policy="dla", tau=0.6, chunk_size=4, **{**EDGE, "score": "drift"}))
 def test_recurrent_equals_materialized(case: Case):
     t = build(case)
-    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
+    seg = naive_segmentation(case, t)
     assume(well_conditioned(seg))
     (o_rec, s_rec), (o_mat, s_mat) = run_both(case, t)
     assert relative_error(o_rec, o_mat) <= 1e-10
     assert_states_equal(s_rec, s_mat)
-    level, initial_level = recurrent_level_map(t["k"], t["v"], levels=case.levels, policy=case.policy,
-                                               tau=case.tau, score=case.score)
+    level, initial_level = recurrent_level_map(t["k"], t["v"], levels=case.levels, g=t["g"], beta=t["beta"],
+                                               policy=case.policy, tau=case.tau, score=case.score)
     assert torch.equal(level, seg.level) and torch.equal(initial_level, seg.initial_level)
 
 
@@ -58,8 +64,7 @@ def test_draws_are_mostly_well_conditioned():
     @given(cases())
     def draw(case):
         t = build(case)
-        seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
-        verdicts.append(well_conditioned(seg))
+        verdicts.append(well_conditioned(naive_segmentation(case, t)))
 
     draw()
     assert len(verdicts) >= 50 and sum(verdicts) >= 0.9 * len(verdicts)
@@ -93,7 +98,7 @@ def test_unit_weights_reproduce_the_base_model(case: Case):
     assert relative_error(multistate_attention_materialized(t["q"], t["k"], t["v"], t["lam"], **kw), ref) <= 1e-10
 
 
-@given(st.integers(1, 10), st.integers(0, 3), st.integers(0, 2**31 - 1), st.sampled_from(["token", "state"]))
+@given(st.integers(1, 10), st.integers(0, 3), st.integers(0, 2**31 - 1), st.sampled_from(SCORES))
 def test_zero_threshold_gives_every_token_its_own_slot(length, spare, seed, score):
     case = Case(batch=2, length=length, heads=2, dk=3, dv=2, levels=max(2, length + spare), policy="dla",
                 transition="none", score=score, tau=0.0, inputs="gaussian", mean_regime=4.0, seed=seed)
@@ -103,7 +108,7 @@ def test_zero_threshold_gives_every_token_its_own_slot(length, spare, seed, scor
     assert (state.n[..., :length] == 1).all() and (state.n[..., length:] == 0).all()
 
 
-@pytest.mark.parametrize("score", ["token", "state"])
+@pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("zero", ["k", "v", "both"])
 def test_zero_tokens_follow_the_eps_rule(score, zero):
     case = Case(batch=1, length=8, heads=2, dk=3, dv=2, levels=3, policy="dla", transition="g", score=score,
@@ -118,14 +123,15 @@ def test_zero_tokens_follow_the_eps_rule(score, zero):
     assert_states_equal(s_rec, s_mat)
 
 
-@given(st.integers(0, 2**31 - 1), st.integers(2, 5))
-def test_cache_invariants_on_piecewise_stationary_inputs(seed, capacity):
+@given(st.integers(0, 2**31 - 1), st.integers(2, 5), st.sampled_from(["token", "drift"]))
+def test_cache_invariants_on_piecewise_stationary_inputs(seed, capacity, score):
     """At most K slots, chronological contiguous slots whose counts sum to t + 1, each step's
     partition a coarsening of the last one's plus the new token (merges only of neighbours)."""
-    case = Case(batch=2, length=40, heads=2, dk=4, dv=3, levels=capacity, policy="dla", transition="none",
-                score="token", tau=0.6, inputs="piecewise", mean_regime=4.0, seed=seed)
+    case = Case(batch=2, length=40, heads=2, dk=4, dv=3, levels=capacity, policy="dla",
+                transition="none" if score == "token" else "g", score=score, tau=0.6, inputs="piecewise",
+                mean_regime=4.0, seed=seed, log_decay=FORGETFUL)
     t = build(case)
-    seg = segment_naive(t["k"], t["v"], levels=capacity, policy="dla", tau=case.tau, score="token")
+    seg = naive_segmentation(case, t)
     level = seg.level
     T = case.length
     for row in range(T):
@@ -149,8 +155,7 @@ def test_prefill_split_equals_one_call(case: Case, data):
     if case.policy == "fenwick":
         case = replace(case, levels=fenwick_levels(case.length))
     t = build(case)
-    seg = segment_naive(t["k"], t["v"], levels=case.levels, policy=case.policy, tau=case.tau, score=case.score)
-    assume(well_conditioned(seg))
+    assume(well_conditioned(naive_segmentation(case, t)))
     a = data.draw(st.integers(0, case.length))
     kw = dict(g=None, beta=None, output_final_state=True, **options(case))
     o_one, s_one = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], **{**kw, "g": t["g"], "beta": t["beta"]})
@@ -186,8 +191,9 @@ def test_fenwick_levels_use_the_absolute_position():
         multistate_attention_recurrent(far["q"], far["k"], far["v"], far["lam"], initial_state=state, **options(case))
 
 
-def test_initial_state_continues_in_the_materialized_form_too():
-    case = Case(batch=2, length=9, heads=2, dk=3, dv=2, levels=4, policy="dla", transition="both", score="token",
+@pytest.mark.parametrize("score", SCORES)
+def test_initial_state_continues_in_the_materialized_form_too(score):
+    case = Case(batch=2, length=9, heads=2, dk=3, dv=2, levels=4, policy="dla", transition="both", score=score,
                 tau=0.6, inputs="piecewise", mean_regime=3.0, seed=11)
     state = random_cache(case, seed=5)
     assert (state.m > 0).all()
@@ -195,3 +201,89 @@ def test_initial_state_continues_in_the_materialized_form_too():
     (o_rec, s_rec), (o_mat, s_mat) = run_both(case, t, initial_state=state)
     assert relative_error(o_rec, o_mat) <= 1e-10
     assert_states_equal(s_rec, s_mat)
+
+
+# --------------------------------------------------------------------------------------------
+# drift: the score of the decayed backbone state S^g (SPEC §2)
+# --------------------------------------------------------------------------------------------
+
+LATE = 16  # the first tokens of a window open slots whatever the content; boundaries from here on
+
+
+@st.composite
+def drift_cases(draw, transition: str):
+    """Decay-driven piecewise-stationary inputs under `drift`: the memory forgets within a few
+    tokens (with `g`), so a regime change moves `S^g` and opens a slot well after the start."""
+    return Case(
+        batch=draw(st.integers(1, 2)), length=draw(st.integers(24, 40)), heads=draw(st.integers(1, 2)),
+        dk=draw(st.integers(2, 5)), dv=draw(st.integers(1, 4)), levels=draw(st.integers(2, 6)), policy="dla",
+        transition=transition, score="drift", tau=draw(st.sampled_from([0.3, 0.6, 0.6, 1.0])), inputs="piecewise",
+        mean_regime=draw(st.sampled_from([4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
+        log_decay=FORGETFUL,
+    )
+
+
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_drift_references_agree(transition):
+    """Under `drift`, for every transition: the recurrent reference (closed forms, `N` carried,
+    an initial cache's `N` as given) equals the materialized form and `segment_naive` (explicit
+    `S^g`, RMSNorm definition) — outputs, final caches, level maps — and a prefill split equals
+    one call. With `g` most draws open slots at positions ≥ LATE; most draws are
+    well-conditioned."""
+    verdicts, late = [], []
+
+    @settings(max_examples=10, database=None, derandomize=True, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(drift_cases(transition), st.booleans(), st.data())
+    def check(case, with_state, data):
+        t = build(case)
+        state = random_cache(case, seed=case.seed % 1000) if with_state else None
+        seg = naive_segmentation(case, t, state)
+        verdicts.append(well_conditioned(seg))
+        late.append(bool((seg.info[..., LATE:] >= case.tau).any()))
+        if not verdicts[-1]:
+            return
+        (o_rec, s_rec), (o_mat, s_mat) = run_both(case, t, initial_state=state)
+        assert relative_error(o_rec, o_mat) <= 1e-10
+        assert_states_equal(s_rec, s_mat)
+        assert relative_error(s_rec.N, seg.N) <= 1e-10
+        level, initial_level = recurrent_level_map(t["k"], t["v"], levels=case.levels, g=t["g"], beta=t["beta"],
+                                                   tau=case.tau, initial_state=state)
+        assert torch.equal(level, seg.level) and torch.equal(initial_level, seg.initial_level)
+
+        a = data.draw(st.integers(1, case.length - 1))
+        head = {n: (x[:, :a] if x is not None else None) for n, x in t.items()}
+        tail = {n: (x[:, a:] if x is not None else None) for n, x in t.items()}
+        (o_a, s_a), _ = run_both(case, head, initial_state=state)
+        (o_b, s_b), (o_b_mat, s_b_mat) = run_both(case, tail, initial_state=s_a)
+        assert relative_error(torch.cat([o_a, o_b], dim=1), o_rec) <= 1e-10
+        assert_states_equal(s_b, s_rec)
+        assert relative_error(o_b_mat, o_b) <= 1e-10
+        assert_states_equal(s_b_mat, s_b)
+
+    check()
+    assert sum(verdicts) >= 0.9 * len(verdicts), f"{sum(verdicts)} of {len(verdicts)} draws well-conditioned"
+    if transition in ("g", "both"):
+        assert sum(late) >= 0.8 * len(late), f"{sum(late)} of {len(late)} draws open a slot at t >= {LATE}"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_initial_N_is_used_as_given_and_carried_by_its_rule(transition, policy):
+    """With or without β, `N_t` is affine in `N_{t−1}` with slope `a_t²` (SPEC §2), so moving an
+    initial cache's `N` by `d` moves the final one by `Π a_t² · d` under every policy: the cache's
+    `N` is taken as given and carried, never recomputed from its slots."""
+    levels = fenwick_levels(9, offset=5) if policy == "fenwick" else 4
+    case = Case(batch=2, length=9, heads=2, dk=3, dv=2, levels=levels, policy=policy, transition=transition,
+                score="drift", tau=0.6, inputs="piecewise", mean_regime=3.0, seed=4)
+    state = random_cache(case, seed=8)
+    t = build(case)
+    kw = dict(g=t["g"], beta=t["beta"], output_final_state=True, **options(case))
+    d = 10 * (state.N + 1)
+    _, s0 = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], initial_state=state, **kw)
+    moved = state._replace(N=state.N + d)
+    _, s1 = multistate_attention_recurrent(t["q"], t["k"], t["v"], t["lam"], initial_state=moved, **kw)
+    slope = torch.exp(2 * t["g"].sum(1)) if t["g"] is not None else torch.ones_like(d)
+    assert relative_error(s1.N - s0.N, slope * d) <= 1e-10
+    _, s_mat = multistate_attention_materialized(t["q"], t["k"], t["v"], t["lam"], initial_state=state, **kw)
+    assert relative_error(s0.N, s_mat.N) <= 1e-10  # carried N ≡ ‖Σ slots‖² of the explicit final slots

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import dla
-import dla.ops.readout.masked_triton as masked
-import dla.ops.readout.scan_triton as scan
-import dla.ops.segment.triton_walk as walk
+import dla.ops.readout as readout
+import dla.testing as testing
 from dla.ops.reference import multistate_attention_materialized
 from dla.testing import triton_interpreter
 from tests.strategies import relative_error
@@ -37,10 +36,9 @@ def test_the_operator_runs_its_triton_kernels_inside_the_block_only(beta, monkey
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **kw: (calls.append(name), original(*a, **kw))[1])
 
-    spy(walk, "segment_triton")
-    for module, names in ((masked, ("masked_forward", "masked_backward")), (scan, ("scan_forward", "scan_backward"))):
-        for name in names:
-            spy(module, name)
+    spy(testing, "segment_triton")
+    for name in ("masked_forward", "masked_backward", "scan_forward", "scan_backward"):
+        spy(readout, name)
     x = _inputs(beta)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
     kw = dict(score="token", tau=0.6)

@@ -12,22 +12,22 @@ eagerly (`set_stance("force_eager")`: the same ops, uncompiled).
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from dla import checkpoint
+import dla.run.train as train_mod
 from dla.cli import main
 from dla.model import CausalLM, ModelConfig
-from dla.model.config import PRESETS
-from dla.optim import convert_to_float8, float8_eligible
-from dla.train import TRAIN_PRESETS, TrainConfig, make_optimizer, plan, train
-
-from tests.test_train import train_curve, write_corpus
-
-MICRO = dict(d_model=16, n_layers=1, n_heads=2, head_dim=4, head_dim_v=4, capacity=3, seq_len=8, mlp_ratio=2.0)
+from dla.run import checkpoint
+from dla.run.optim import convert_to_float8, float8_eligible
+from dla.run.train import TrainConfig, make_optimizer, plan, train
+from tests.helpers import MICRO, MICRO_RECIPE, add_micro_preset, train_curve, write_corpus
 # int8 per-row weights perturb each weight by ≤ half a step (absmax/254); on these models the
 # held-out bits per byte move by ~1e-3 or less. 1% of the value still catches a broken
 # dequantisation (a wrong scale moves it by whole bits) while leaving room for rounding.
@@ -41,8 +41,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def micro_preset(monkeypatch):
-    monkeypatch.setitem(PRESETS, "micro", MICRO)
-    monkeypatch.setitem(TRAIN_PRESETS, "micro", dict(steps=4, batch_size=2, lr=1e-2, warmup=1))
+    add_micro_preset(monkeypatch)
     with torch.compiler.set_stance("force_eager"):
         yield
 
@@ -56,8 +55,7 @@ def train_args(out, corpus, *extra) -> list[str]:
 def run_8bit(tmp_path_factory, corpus) -> Path:
     out = tmp_path_factory.mktemp("adamw8bit") / "run"
     with pytest.MonkeyPatch.context() as m, torch.compiler.set_stance("force_eager"):
-        m.setitem(PRESETS, "micro", MICRO)
-        m.setitem(TRAIN_PRESETS, "micro", dict(steps=4, batch_size=2, lr=1e-2, warmup=1))
+        add_micro_preset(m)
         assert main(train_args(out, corpus, "--optim", "adamw8bit", "--checkpoint-every", "2")) == 0
     return out
 
@@ -87,7 +85,6 @@ def test_adamw8bit_is_torchaos_and_quantizes_large_moments():
 def test_adamw8bit_trains_checkpoints_and_resumes_exactly(run_8bit, corpus, tmp_path, monkeypatch):
     """The uninterrupted 4-step run against one killed after its step-2 checkpoint and resumed:
     the 8-bit moments (and the lr tensor torchao keeps) round-trip through optimizer.pt."""
-    import dla.train as train_mod
     from torchao.optim.subclass_8bit import OptimState8bit
 
     ckpt = checkpoint.find(run_8bit)
@@ -98,7 +95,7 @@ def test_adamw8bit_trains_checkpoints_and_resumes_exactly(run_8bit, corpus, tmp_
     assert [s for s, _ in whole] == [1, 2, 3, 4] and whole[-1][1] < whole[0][1]
 
     cfg = ModelConfig(**{**MICRO, "backbone": "gdn"})
-    tcfg = TrainConfig(**TRAIN_PRESETS["micro"], data=str(corpus), eval_tokens=64, optim="adamw8bit")
+    tcfg = TrainConfig(**MICRO_RECIPE, data=str(corpus), eval_tokens=64, optim="adamw8bit")
     real = train_mod.batch_at
 
     def killed_at_step_4(stream, step, **kw):
@@ -120,9 +117,9 @@ def test_adamw8bit_trains_checkpoints_and_resumes_exactly(run_8bit, corpus, tmp_
 
 def test_resume_with_another_optimizer_is_refused(run_8bit, corpus, capsys):
     before = sorted(p.name for p in (run_8bit / "checkpoints").iterdir())
-    assert main(train_args(run_8bit, corpus, "--resume")) == 2
+    assert main(train_args(run_8bit, corpus, "--resume", "--optim", "adamw")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "optim" in err
+    assert err.count("\n") == 1 and "optim = 'adamw8bit', but this run asks for optim = 'adamw'" in err
     assert sorted(p.name for p in (run_8bit / "checkpoints").iterdir()) == before
 
 
@@ -185,7 +182,7 @@ def test_quantize_reports_bpb_before_and_after(run_8bit, tmp_path, capsys):
     # dla eval reads it as int8
     assert json.loads(main_eval(out, capsys))["heldout_bpb"] == pytest.approx(after)
     model = CausalLM(ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text())["model"]))
-    checkpoint.load(ckpt, model)
+    checkpoint.restore(ckpt, model)
     assert isinstance(model.blocks[0].mixer.q_proj.weight, Int8Tensor)
     assert model.blocks[0].mixer.q_proj.weight.qdata.dtype == torch.int8
     # dla generate decodes with it
@@ -197,7 +194,7 @@ def test_quantize_reports_bpb_before_and_after(run_8bit, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["quantize", "--checkpoint", str(run_8bit), "--out", str(out), "--no-eval", "--overwrite"]) == 0
     with pytest.raises(checkpoint.CheckpointError, match="cannot be resumed"):
-        checkpoint.load(checkpoint.find(out), CausalLM(model.cfg), torch.optim.AdamW(model.parameters()))
+        checkpoint.restore(checkpoint.find(out), CausalLM(model.cfg), torch.optim.AdamW(model.parameters()))
     assert main(["quantize", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--checkpoint" in err and not (tmp_path / "x").exists()
@@ -207,3 +204,70 @@ def main_eval(path, capsys) -> str:
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(path), "--json", "--device", "cpu"]) == 0
     return capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# torchao as an optional extra; an int8 folder stands alone
+
+
+@pytest.fixture(scope="module")
+def quantized(run_8bit, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "run"
+    assert main(["quantize", "--checkpoint", str(run_8bit), "--out", str(out), "--no-eval"]) == 0
+    return out
+
+
+def test_an_int8_folder_cannot_be_resumed_and_says_so(quantized, corpus, capsys):
+    capsys.readouterr()
+    assert main(train_args(quantized, corpus, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no optimizer state" in err and "Traceback" not in err
+
+
+def test_quantize_and_eval_need_no_source_data(run_8bit, tmp_path, capsys):
+    """With the run's --data gone, the source and the int8 folder both evaluate on the split the
+    run keeps."""
+    run = tmp_path / "run"
+    shutil.copytree(run_8bit, run)
+    config_path = checkpoint.find(run) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train"]["data"] = str(tmp_path / "gone.txt")
+    config_path.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["quantize", "--checkpoint", str(run), "--out", str(tmp_path / "int8"), "--json",
+                 "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    recorded = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["heldout_bpb_before"] == pytest.approx(recorded["heldout_bpb"], rel=1e-6)
+    assert abs(result["heldout_bpb_after"] - result["heldout_bpb_before"]) <= BPB_RTOL * result["heldout_bpb_before"]
+    assert json.loads(main_eval(tmp_path / "int8", capsys))["heldout_bpb"] == pytest.approx(result["heldout_bpb_after"])
+
+
+@pytest.mark.parametrize("argv, needs", [
+    (["train", "--optim", "adamw8bit"], "--optim adamw8bit"),
+    (["quantize"], "dla quantize"),
+    (["eval"], "(an int8 checkpoint)"),
+])
+def test_without_torchao_one_line_names_the_extra(argv, needs, run_8bit, quantized, corpus, tmp_path, monkeypatch,
+                                                  capsys):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: importing it raises ImportError
+    if argv[0] == "train":
+        argv = train_args(tmp_path / "run", corpus, *argv[1:])
+    elif argv[0] == "quantize":
+        argv = ["quantize", "--checkpoint", str(run_8bit), "--out", str(tmp_path / "int8"), "--no-eval"]
+    else:
+        argv = ["eval", "--checkpoint", str(quantized), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "ModuleNotFoundError" not in err
+    assert needs in err and "needs torchao, an optional extra: pip install 'dla[quant]'" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "int8").exists()
+
+
+def test_quantize_prints_no_torchao_import_warnings(run_8bit, tmp_path):
+    """In a fresh process (torchao's import-time warnings come once per process)."""
+    done = subprocess.run([sys.executable, "-m", "dla", "quantize", "--checkpoint", str(run_8bit), "--out",
+                           str(tmp_path / "int8"), "--no-eval"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and done.stdout.startswith("int8 weight-only checkpoint: ")

@@ -13,38 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-import dla.checkpoint as checkpoint
-import dla.train as train_mod
-from dla.data import (DataError, batch_at, decode, default_corpus_files, encode, heldout_batches, prepare,
-                      source_files, unigram_log_probs)
-from dla.model import CausalLM, ModelConfig
-from dla.train import NonFiniteLoss, TrainConfig, lr_at, make_optimizer, plan, train
+import dla.run.checkpoint as checkpoint
+import dla.run.train as train_mod
+from dla.model import PRESETS, CausalLM, ModelConfig
+from dla.run.data import (DataError, batch_at, decode, default_corpus_files, encode, heldout_batches, prepare,
+                          source_files, unigram_log_probs)
+from dla.run.train import RECIPES, NonFiniteLoss, TrainConfig, lr_at, make_optimizer, plan, recipe, train
+from tests.helpers import MICRO as MICRO_FIELDS
+from tests.helpers import train_curve, write_corpus
 
-MICRO = ModelConfig(d_model=16, n_layers=1, n_heads=2, head_dim=4, head_dim_v=4, capacity=3, seq_len=8,
-                    mlp_ratio=2.0)
-
-
-def write_corpus(folder: Path) -> Path:
-    """A few KB of text with structure a model can pick up."""
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "queen", "sword", "crown", "night", "speak", "love", "death", "and", "of"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(3):
-        lines = [" ".join(rng.choice(words, size=8)) + "." for _ in range(60)]
-        (folder / f"part{i}.txt").write_text("\n".join(lines) + "\n")
-    (folder / "notes.md").write_text("not a .txt file: ignored\n")
-    return folder
+MICRO = ModelConfig(**MICRO_FIELDS)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def train_curve(run: Path) -> list[tuple[int, float]]:
-    """(step, training loss) from a run's metrics.jsonl."""
-    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
 def tcfg(corpus: Path, **kw) -> TrainConfig:
@@ -138,6 +121,14 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+def test_every_model_preset_has_a_training_recipe():
+    assert set(RECIPES) == set(PRESETS)
+    cfg = recipe("tiny", lr=1e-3, steps=None)
+    assert cfg.lr == 1e-3 and cfg.steps == RECIPES["tiny"]["steps"] and cfg.warmup == RECIPES["tiny"]["warmup"]
+    with pytest.raises(ValueError, match="--preset must be one of"):
+        recipe("huge")
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -162,7 +153,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = save(tmp_path, 7, model, opt)
     assert path == tmp_path / "checkpoints" / "step-00000007" and checkpoint.find(tmp_path) == path
     fresh, fresh_opt = stepped_model(seed=1)
-    state = checkpoint.load(path, fresh, fresh_opt)
+    state = checkpoint.restore(path, fresh, fresh_opt)
     assert state == {"step": 7, "data": {"next_step": 7}}
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
@@ -188,13 +179,11 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, wh
     newer, _ = stepped_model(seed=5)
     with monkeypatch.context() as m:
         if where == "weights":
-            import safetensors.torch
-
             def half_written(tensors, filename, metadata=None):
                 Path(filename).write_bytes(b"\x00" * 17)
                 raise OSError("simulated crash")
 
-            m.setattr(safetensors.torch, "save_file", half_written)
+            m.setattr(checkpoint, "save_file", half_written)
         elif where == "optimizer":
             m.setattr(checkpoint.torch, "save", _crash)
         else:
@@ -212,7 +201,7 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, wh
     assert checkpoint.find(tmp_path) == good
     assert {f: (good / f).read_bytes() for f in checkpoint.FILES} == before
     fresh, _ = stepped_model(seed=2)
-    assert checkpoint.load(good, fresh)["step"] == 3
+    assert checkpoint.restore(good, fresh)["step"] == 3
     torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)
     save(tmp_path, 6, newer, opt)  # the next save succeeds and clears the debris
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000006"]
@@ -235,8 +224,8 @@ def test_loading_never_runs_pickled_code(tmp_path):
     path = save(tmp_path, 1, model, opt)
     with open(path / "optimizer.pt", "wb") as f:
         pickle.dump(_Payload(), f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
-        checkpoint.load(path, model, opt)
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer.pt: refused to load"):
+        checkpoint.restore(path, model, opt)
     assert not _Payload.ran
 
 
@@ -252,7 +241,7 @@ def test_incompatible_weights_are_refused_by_name(tmp_path):
     model, opt = stepped_model()
     path = save(tmp_path, 1, model, opt)
     with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
-        checkpoint.load(path, CausalLM(ModelConfig(**{**MICRO.to_dict(), "d_model": 32})))
+        checkpoint.restore(path, CausalLM(ModelConfig(**{**MICRO.to_dict(), "d_model": 32})))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +306,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, mon
     good = checkpoint.find(tmp_path)
     assert good.name == "step-00000004"
     model = CausalLM(MICRO)
-    checkpoint.load(good, model)
+    checkpoint.restore(good, model)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

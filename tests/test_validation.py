@@ -45,6 +45,9 @@ def bad_cases():
     good = empty_cache(1, 2, 3, 3, 2, dtype=torch.float32, device="cpu")
     yield "state shape", t, {"initial_state": good._replace(S=torch.zeros(1, 2, 4, 3, 2))}, ValueError, "initial_state.S must have shape"
     yield "state dtype", t, {"initial_state": good._replace(n=torch.zeros(1, 2, 3))}, TypeError, "initial_state.n must have dtype"
+    yield "state N shape", t, {"initial_state": good._replace(N=torch.zeros(1, 3))}, ValueError, "initial_state.N must have shape"
+    yield "state N dtype", t, {"initial_state": good._replace(N=torch.zeros(1, 2, dtype=torch.float64))}, TypeError, \
+        "initial_state.N must have dtype"
 
 
 CASES = list(bad_cases())

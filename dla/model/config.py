@@ -35,7 +35,7 @@ class ModelConfig:
     conv_size: int = 4  # short causal convolution of Mamba-2 and Gated DeltaNet
     capacity: int = 8  # K, the number of states of `dla`
     tau: float = 0.6
-    score: str = "token"
+    score: str = "drift"
     chunk_size: int = 64
     seq_len: int = 128  # context the model is built for (fenwick levels, RoPE table)
     norm_eps: float = 1e-5
@@ -80,7 +80,8 @@ class ModelConfig:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(f"unknown model config field {unknown[0]!r}")
-        return cls(**fields)
+        # a config that does not record `score` was written when `token` was the default
+        return cls(**{"score": "token", **fields})
 
 
 # Model shapes by name. `tiny` trains on two CPU cores in minutes; `base` is ~125M parameters;

@@ -3,9 +3,11 @@
 Three oracles that share nothing but input validation:
 
 * `multistate_attention_recurrent` — token by token, the cache of SPEC §2 kept explicitly;
+  scores by the closed forms (`c_t = k_tᵀ Z v_t`; for `drift`, `r_t` from the explicit sum of
+  the live slots and `N = ‖S^g‖²` by its update rule, an initial cache's `N` taken as given);
 * `segment_naive` — the segmentation alone, rebuilding the open block's content `Z` from its
-  tokens at every step and scoring by the RMSNorm definition of `I_t`; returns the dense level
-  map `ℓ_t(s)`;
+  tokens and the backbone state `S^g` by its own recurrence at every step, and scoring by the
+  RMSNorm definition of `I_t`; returns the dense level map `ℓ_t(s)`;
 * `multistate_attention_materialized` — `O = (A_base ⊙ Λ) V` with `Λ` from `segment_naive`
   and `A_base` from explicit transition products `A_t ⋯ A_{s+1}`.
 
@@ -65,6 +67,7 @@ class _Cache:
     slots: list[_Slot] = field(default_factory=list)  # oldest first
     Z: Tensor | None = None  # undecayed Σ k vᵀ of the open block
     zz: float = 0.0  # ‖Z‖²_F by its update rule
+    N: float = 0.0  # ‖S^g‖²_F by its update rule, S^g the sum of the live slots
 
 
 def _transition(S: Tensor, k: Tensor, a, beta) -> Tensor:
@@ -80,13 +83,32 @@ def _cosine(c: float, ss: float, zz: float, score: str) -> float:
     return (zz + c) / max(math.sqrt(max(zz * (zz + 2 * c + ss), 0.0)), EPS)
 
 
+def _drift_step(S_prev: Tensor, k: Tensor, v: Tensor, a: float, beta: float | None,
+                N_prev: float) -> tuple[float, float]:
+    """`(cos(S^g_t, S^g_{t−1}), N_t)` by SPEC §2's closed forms, from `S^g_{t−1}` (the sum of
+    the live slots before step t's transition), `N_{t−1}` as carried, `r_t = S^{gᵀ}_{t−1} k_t`."""
+    r = S_prev.T @ k
+    p, rr = float(r @ v), float(r @ r)
+    kappa, nu = float(k @ k), float(v @ v)
+    if beta is None:
+        inner = a * N_prev + p
+        N = a * a * N_prev + 2 * a * p + kappa * nu
+    else:
+        inner = a * (N_prev - beta * rr) + beta * p
+        N = a * a * (N_prev - 2 * beta * rr + beta * beta * kappa * rr) + 2 * a * beta * (1 - beta * kappa) * p \
+            + beta * beta * kappa * nu
+    return inner / max(math.sqrt(max(N * N_prev, 0.0)), EPS), N
+
+
 def _merge_densities(slots: list) -> list[float]:
     """(I_i + I_{i+1}) / (n_i + n_{i+1}) for each adjacent pair (i, i+1)."""
     return [(slots[i].I + slots[i + 1].I) / (slots[i].n + slots[i + 1].n) for i in range(len(slots) - 1)]
 
 
-def _dla_step(cache: _Cache, t: int, k: Tensor, v: Tensor, w: Tensor, tau: float, score: str, K: int) -> None:
-    """Steps 2–3 of SPEC §2 for one token (states already transformed by A_t)."""
+def _dla_step(cache: _Cache, t: int, k: Tensor, v: Tensor, w: Tensor, tau: float, score: str, K: int,
+              drift_cos: float) -> None:
+    """Steps 2–3 of SPEC §2 for one token (states already transformed by A_t); `drift_cos` is
+    the `drift` score's cosine, used when `score == "drift"`."""
     kv = torch.outer(k, v).detach()
     ss = float(k.detach() @ k.detach()) * float(v.detach() @ v.detach())
     if not cache.slots:  # m = 0: the first token opens the first slot, no score
@@ -94,7 +116,8 @@ def _dla_step(cache: _Cache, t: int, k: Tensor, v: Tensor, w: Tensor, tau: float
         cache.Z, cache.zz = kv, ss
         return
     c = float(k.detach() @ cache.Z @ v.detach())
-    info = math.sqrt(max(0.0, 2.0 - 2.0 * _cosine(c, ss, cache.zz, score)))
+    cos = drift_cos if score == "drift" else _cosine(c, ss, cache.zz, score)
+    info = math.sqrt(max(0.0, 2.0 - 2.0 * cos))
     if info >= tau:  # boundary
         if len(cache.slots) == K:
             densities = _merge_densities(cache.slots)
@@ -135,7 +158,7 @@ def _single_step(cache: _Cache, t: int, w: Tensor) -> None:
 
 
 def multistate_attention_recurrent(
-    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="token", scale=None,
+    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="drift", scale=None,
     chunk_size=64, initial_state=None, output_final_state=False,
 ):
     """Token-by-token multi-state attention (SPEC §2). `chunk_size` is accepted for signature
@@ -146,13 +169,14 @@ def multistate_attention_recurrent(
     return (o, final) if output_final_state else o
 
 
-def recurrent_level_map(k, v, *, levels, policy="dla", tau=0.6, score="token", initial_state=None):
+def recurrent_level_map(k, v, *, levels, g=None, beta=None, policy="dla", tau=0.6, score="drift",
+                        initial_state=None):
     """The level map the recurrent reference's cache implies, in `segment_naive`'s layout:
     `(level [B,H,T,T], initial_level [B,H,T,K])`."""
     B, T, H, _ = k.shape
     q, lam = torch.zeros_like(k), k.new_zeros(()).expand(B, T, H, levels)
-    p = validate(q, k, v, lam, policy=policy, tau=tau, score=score, initial_state=initial_state)
-    return _recurrent(p, q, k, v, lam, None, None, policy, tau, score, initial_state)[2]
+    p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, initial_state=initial_state)
+    return _recurrent(p, q, k, v, lam, g, beta, policy, tau, score, initial_state)[2]
 
 
 def _recurrent(p, q, k, v, lam, g, beta, policy, tau, score, initial_state):
@@ -173,20 +197,25 @@ def _recurrent(p, q, k, v, lam, g, beta, policy, tau, score, initial_state):
                 slots=[_Slot(state.S[b, h, i].to(torch.float64), int(state.n[b, h, i]), float(state.I[b, h, i]),
                              (i - m0,) if state.n[b, h, i] > 0 else ())
                        for i in range(m0)],
-                Z=state.Z[b, h].to(torch.float64), zz=float(state.zz[b, h]),
+                Z=state.Z[b, h].to(torch.float64), zz=float(state.zz[b, h]), N=float(state.N[b, h]),
             )
             rows = []
             for t in range(T):
                 kt, vt = k64[b, t, h], v64[b, t, h]
                 a = torch.exp(g64[b, t, h]) if g64 is not None else 1.0
                 bt = beta64[b, t, h] if beta64 is not None else None
+                # S^g_{t−1}: the live slots before step t, summed explicitly; N is carried under
+                # every policy and score, so that any cache can continue under `drift`
+                S_prev = sum((slot.S.detach() for slot in cache.slots), q.new_zeros(p.dk, p.dv, dtype=torch.float64))
+                drift_cos, cache.N = _drift_step(S_prev, kt.detach(), vt.detach(), float(a),
+                                                 None if bt is None else float(bt), cache.N)
                 # 1. every slot's state is transformed
                 for slot in cache.slots:
                     slot.S = _transition(slot.S, kt, a, bt)
                 # 2.–3. score, boundary, merge or absorb
                 w = torch.outer(bt * kt if bt is not None else kt, vt)
                 if policy == "dla":
-                    _dla_step(cache, t, kt, vt, w, tau, score, K)
+                    _dla_step(cache, t, kt, vt, w, tau, score, K, drift_cos)
                 elif policy == "fenwick":
                     _fenwick_step(cache, t, w, step0 + t, K)
                 else:
@@ -215,6 +244,7 @@ def _pack_caches(caches: list[_Cache], p, q, step: Tensor) -> MultiStateCache:
     m = torch.zeros(p.batch * p.heads, dtype=torch.int64, device=q.device)
     Z = torch.zeros(p.batch * p.heads, p.dk, p.dv, dtype=fdt, device=q.device)
     zz = torch.zeros(p.batch * p.heads, dtype=fdt, device=q.device)
+    N = torch.zeros(p.batch * p.heads, dtype=fdt, device=q.device)
     slot_states = []
     for j, cache in enumerate(caches):
         states = [s.S.to(fdt) for s in cache.slots]
@@ -222,12 +252,12 @@ def _pack_caches(caches: list[_Cache], p, q, step: Tensor) -> MultiStateCache:
         slot_states.append(torch.stack(states))
         for i, slot in enumerate(cache.slots):
             n[j, i], info[j, i] = slot.n, slot.I
-        m[j], Z[j], zz[j] = len(cache.slots), cache.Z, cache.zz
+        m[j], Z[j], zz[j], N[j] = len(cache.slots), cache.Z, cache.zz, cache.N
     S = torch.stack(slot_states)
     shape = (p.batch, p.heads)
     return MultiStateCache(
         S=S.view(*shape, p.levels, p.dk, p.dv), n=n.view(*shape, -1), I=info.view(*shape, -1), m=m.view(shape),
-        Z=Z.view(*shape, p.dk, p.dv), zz=zz.view(shape), step=step,
+        Z=Z.view(*shape, p.dk, p.dv), zz=zz.view(shape), step=step, N=N.view(shape),
     )
 
 
@@ -246,6 +276,8 @@ class Segmentation(NamedTuple):
     m: Tensor  # [B, H] final live slots
     Z: Tensor  # [B, H, Dk, Dv] final open-block content
     zz: Tensor  # [B, H]
+    N: Tensor  # [B, H] final ‖S^g‖²_F, from the explicit S^g
+    info: Tensor  # [B, H, T] I_t of each scored token of policy dla; 0 where unscored or another policy
     boundary_margin: Tensor  # [B, H] min |I_t − τ| over scored tokens (inf if none)
     merge_margin: Tensor  # [B, H] min (runner-up − chosen) / runner-up over capacity merges (inf if none)
     boundaries: Tensor  # [B, H] scored tokens that opened a slot
@@ -267,6 +299,18 @@ def _information(x: Tensor, y: Tensor) -> float:
     return float((_rms_norm(x) - ny).norm() / ny.norm())
 
 
+def _backbone_states(S0: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None) -> list[Tensor]:
+    """`[S^g_{−1}, S^g_0, …, S^g_{T−1}]` of one stream by `S^g_t = A_t S^g_{t−1} + w_t` (SPEC §2),
+    from `S^g_{−1} = S0`. k [T, Dk], v [T, Dv], g, beta [T] or None."""
+    states = [S0]
+    for t in range(k.shape[0]):
+        a = torch.exp(g[t]) if g is not None else 1.0
+        bt = beta[t] if beta is not None else None
+        w = torch.outer(bt * k[t] if bt is not None else k[t], v[t])
+        states.append(_transition(states[-1], k[t], a, bt) + w)
+    return states
+
+
 @dataclass
 class _Segment:
     members: list  # token positions t >= 0, or ("init", i) for slot i of the initial state
@@ -274,15 +318,19 @@ class _Segment:
     I: float
 
 
-def segment_naive(k, v, *, levels, policy="dla", tau=0.6, score="token", initial_state=None) -> Segmentation:
-    """The segmentation of SPEC §2 in its plainest form. `levels` is `L = K`."""
+def segment_naive(k, v, *, levels, g=None, beta=None, policy="dla", tau=0.6, score="drift",
+                  initial_state=None) -> Segmentation:
+    """The segmentation of SPEC §2 in its plainest form. `levels` is `L = K`; `g` and `beta`
+    enter the `drift` score (and the final `N`) only."""
     B, T, H, _ = k.shape if isinstance(k, Tensor) and k.dim() == 4 else (0, 0, 0, 0)
     lam = k.new_zeros(()).expand(B, T, H, levels) if isinstance(k, Tensor) else None
-    p = validate(k, k, v, lam, policy=policy, tau=tau, score=score, initial_state=initial_state)
+    p = validate(k, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, initial_state=initial_state)
     state = _start_state(initial_state, p, k)
     if policy == "fenwick":
         check_fenwick_levels(p.levels, state.step, p.length)
     k64, v64 = _f64(k.detach()), _f64(v.detach())
+    g64 = None if g is None else _f64(g.detach())
+    beta64 = None if beta is None else _f64(beta.detach())
     K, T = p.levels, p.length
     dev = k.device
     level = torch.full((p.batch, p.heads, T, T), -1, dtype=torch.int64, device=dev)
@@ -294,6 +342,8 @@ def segment_naive(k, v, *, levels, policy="dla", tau=0.6, score="token", initial
         "m": torch.zeros(p.batch, p.heads, dtype=torch.int64, device=dev),
         "Z": state.Z.clone(),
         "zz": state.zz.clone(),
+        "N": torch.zeros(p.batch, p.heads, dtype=fdt, device=dev),
+        "info": torch.zeros(p.batch, p.heads, T, dtype=fdt, device=dev),
     }
     diag = {name: torch.zeros(p.batch, p.heads, dtype=torch.int64) for name in ("boundaries", "absorbed", "capacity_merges")}
     margins = {name: torch.full((p.batch, p.heads), math.inf, dtype=torch.float64) for name in ("boundary_margin", "merge_margin")}
@@ -301,6 +351,11 @@ def segment_naive(k, v, *, levels, policy="dla", tau=0.6, score="token", initial
         step0 = int(state.step[b])
         for h in range(p.heads):
             m0 = int(state.m[b, h])
+            # S^g: the backbone from the sum of the initial cache's live slots, by its recurrence
+            backbone = _backbone_states(
+                state.S[b, h, :m0].to(torch.float64).sum(0), k64[b, :, h], v64[b, :, h],
+                None if g64 is None else g64[b, :, h], None if beta64 is None else beta64[b, :, h])
+            final["N"][b, h] = backbone[-1].pow(2).sum()
             if policy != "dla":
                 _closed_form_levels(level[b, h], initial_level[b, h], policy, step0, state.n[b, h, :m0], K, T)
                 final["m"][b, h] = K if policy == "fenwick" else 1
@@ -318,7 +373,11 @@ def segment_naive(k, v, *, levels, policy="dla", tau=0.6, score="token", initial
                     block, block_from_initial = [t], False
                 else:
                     Z = sum((torch.outer(k64[b, s, h], v64[b, s, h]) for s in block), Z0 if block_from_initial else torch.zeros_like(kv))
-                    info = _information(kv if score == "token" else Z + kv, Z)
+                    if score == "drift":  # backbone[t + 1] = S^g_t
+                        info = _information(backbone[t + 1], backbone[t])
+                    else:
+                        info = _information(kv if score == "token" else Z + kv, Z)
+                    final["info"][b, h, t] = info
                     margins["boundary_margin"][b, h] = min(float(margins["boundary_margin"][b, h]), abs(info - tau))
                     if info >= tau:
                         diag["boundaries"][b, h] += 1
@@ -397,16 +456,18 @@ def _transition_matrices(k: Tensor, g: Tensor | None, beta: Tensor | None) -> Te
 
 
 def multistate_attention_materialized(
-    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="token", scale=None,
+    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="drift", scale=None,
     chunk_size=64, initial_state=None, output_final_state=False,
 ):
     """O(T²) masked form of SPEC §2; `chunk_size` is accepted for signature parity and unused.
     A_base[t, s] = scale · q_tᵀ (A_t ⋯ A_{s+1}) k̄_s, Λ[t, s] = λ_t[ℓ_t(s)]; each initial slot j
-    adds λ_t[ℓ_t(j)] · scale · ((A_t ⋯ A_0) S_j)ᵀ q_t."""
+    adds λ_t[ℓ_t(j)] · scale · ((A_t ⋯ A_0) S_j)ᵀ q_t. The final cache's `N` is `‖Σ_i S_i‖²_F`
+    of its explicit final slot states."""
     p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale,
                  chunk_size=chunk_size, initial_state=initial_state)
     state = _start_state(initial_state, p, q)
-    seg = segment_naive(k, v, levels=p.levels, policy=policy, tau=tau, score=score, initial_state=initial_state)
+    seg = segment_naive(k, v, levels=p.levels, g=g, beta=beta, policy=policy, tau=tau, score=score,
+                        initial_state=initial_state)
     q64, k64, v64, lam64, g64, beta64 = map(_f64, (q, k, v, lam, g, beta))
     T = p.length
     A = _transition_matrices(k64, g64, beta64)  # [B, H, T, Dk, Dk]
@@ -450,6 +511,7 @@ def multistate_attention_materialized(
     S = torch.einsum("bhks,bhsde->bhkde", member.double(), writes)
     S = S + torch.einsum("bhkj,bhjde->bhkde", member0.double(), carried_initial)
     fdt = state_dtype(q.dtype)
+    N = S.sum(2).pow(2).sum((-2, -1))  # slots beyond m hold no member: zero
     final = MultiStateCache(S=S.to(fdt), n=seg.n, I=seg.I, m=seg.m, Z=seg.Z.to(fdt), zz=seg.zz.to(fdt),
-                            step=state.step + T)
+                            step=state.step + T, N=N.detach().to(fdt))
     return out, final

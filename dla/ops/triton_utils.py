@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime import interpreter
 
 
 def interpreting(x: torch.Tensor) -> bool:
@@ -31,8 +32,6 @@ def fix_interpreter_range() -> None:
     """Triton 3.6's interpreter turns a runtime scalar into a 1-element array and `range()`
     calls `int()` on it, which numpy ≥ 2.4 refuses (triton#9171, fixed upstream by #9172). The
     kernels keep `for` loops over runtime bounds, which the GPU compiler pipelines."""
-    from triton.runtime import interpreter
-
     original = interpreter._patch_lang_tensor
     if getattr(original, "dla_range_fix", False):
         return

@@ -16,7 +16,7 @@ from torch import Tensor
 from dla.ops.state import MultiStateCache, state_dtype
 
 POLICIES = ("dla", "fenwick", "single")
-SCORES = ("token", "state")
+SCORES = ("drift", "token", "state")  # the first is the default
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -48,7 +48,7 @@ def _tensor(name: str, x) -> Tensor:
 
 
 def validate(
-    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="token", scale=None,
+    q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="drift", scale=None,
     chunk_size=64, initial_state=None,
 ) -> Problem:
     """Raise `TypeError`/`ValueError` naming the offending argument; return the dimensions."""
@@ -112,7 +112,7 @@ def _validate_state(state, B, H, K, Dk, Dv, q: Tensor) -> None:
     expected = {
         "S": ((B, H, K, Dk, Dv), fdt), "n": ((B, H, K), torch.int64), "I": ((B, H, K), fdt),
         "m": ((B, H), torch.int64), "Z": ((B, H, Dk, Dv), fdt), "zz": ((B, H), fdt),
-        "step": ((B,), torch.int64),
+        "step": ((B,), torch.int64), "N": ((B, H), fdt),
     }
     for field, (shape, dtype) in expected.items():
         x = _tensor(f"initial_state.{field}", getattr(state, field))

@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from dla.ops.backbone.delta import delta_backward, delta_forward
+from dla.ops.backbone.delta_triton import delta_backward_triton, delta_forward_triton
 from dla.ops.backbone.ssd import ssd_backward, ssd_forward
+from dla.ops.backbone.ssd_triton import ssd_backward_triton, ssd_forward_triton
 
 __all__ = ["backbone_forward", "backbone_backward", "backbone_forward_triton", "backbone_backward_triton"]
 
@@ -57,30 +59,19 @@ def backbone_backward(do: Tensor, dS: Tensor, q: Tensor, k: Tensor, v: Tensor, l
     return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), _zeros_for_absent(None, q), dS0
 
 
-# The Triton kernels are imported inside the two functions below: they are compiled only where a
-# GPU runs them (or interpreted, for CPU tensors under `dla.testing.triton_interpreter()`).
-
-
 def backbone_forward_triton(q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
-    """The CUDA side of the rule, for the tensors' device."""
+    """The CUDA side of the rule, for the tensors' device (CPU tensors run through the Triton
+    interpreter, as under `dla.testing.triton_interpreter()`)."""
     if beta is not None:
-        from dla.ops.backbone.delta_triton import delta_forward_triton
-
         return delta_forward_triton(q, k, v, lam0, g, beta, None, S0, scale, TRITON_CHUNK)
-    from dla.ops.backbone.ssd_triton import ssd_forward_triton
-
     return ssd_forward_triton(q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
 
 
 def backbone_backward_triton(do, dS, q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
     """The backward of `backbone_forward_triton`."""
     if beta is not None:
-        from dla.ops.backbone.delta_triton import delta_backward_triton
-
         dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward_triton(do, dS, q, k, v, lam0, g, beta, None, S0, scale,
                                                                  TRITON_CHUNK)
         return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), dbeta, dS0
-    from dla.ops.backbone.ssd_triton import ssd_backward_triton
-
     dq, dk, dv, dlam0, dg, dS0 = ssd_backward_triton(do, dS, q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
     return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), _zeros_for_absent(None, q), dS0

@@ -27,6 +27,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from dla.ops.readout.chunked import chunked_backward, chunked_forward
+from dla.ops.readout.masked_triton import masked_backward, masked_forward
+from dla.ops.readout.scan_triton import scan_backward, scan_forward
 
 __all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton",
            "scan_has_fewer_products"]
@@ -54,29 +56,17 @@ def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: floa
     return chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
 
 
-# The Triton kernels are imported inside the two functions below: they are compiled only where a
-# GPU runs them (or interpreted, for CPU tensors under `dla.testing.triton_interpreter()`).
-
-
 def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
     """The CUDA side of the rule (scan or masked kernels), for the tensors' device."""
     if _takes_scan(q, v, lam, beta):
-        from dla.ops.readout.scan_triton import scan_forward
-
         return scan_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    from dla.ops.readout.masked_triton import masked_forward
-
     return masked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
 
 
 def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
     """The backward of `readout_forward_triton`, by the same rule."""
     if _takes_scan(q, v, lam, beta):
-        from dla.ops.readout.scan_triton import scan_backward
-
         return scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    from dla.ops.readout.masked_triton import masked_backward
-
     return masked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
 
 

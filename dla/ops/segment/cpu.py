@@ -1,21 +1,31 @@
 """CPU kernel of `dla::segment` (SCHEMAS.md): the level map and the final segmentation state.
 
-* `dla` (SPEC §2, §3): chunked boundary detection. Per chunk of `C` tokens, batched over
-  `B·H`: the Gram `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)` with suffix sums of its strictly lower rows and
-  `ss_t = ‖k_t‖²‖v_t‖²` (both computed ahead for a group of chunks), and the base term
-  `rowsum((K_c Z) ⊙ V_c)` against the open-block content `Z` at the chunk start. The
-  sequential part loops over the chunk's tokens in Python, vectorised over `B·H`:
+* `dla` with `score="drift"`: the boundaries are a parallel function of the sequence
+  (`detect.py`: every `I_t`, the flags and the final `N` at once), so the sequential part is the
+  merge scan over boundary *events* only (`_merge_events`, vectorised over `B·H`: absorbed tokens
+  join the open slot, full rows merge their least dense adjacent pair, the event's slot is
+  appended, the configuration snapshotted), then the level map gathered from the snapshots and
+  the final open block (`events.open_block`).
+* `dla` with `score="token"` or `"state"` (SPEC §2, §3): chunked boundary detection. Per chunk
+  of `C` tokens, batched over `B·H`: the Gram `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)` with suffix sums of its
+  strictly lower rows and `ss_t = ‖k_t‖²‖v_t‖²` (both computed ahead for a group of chunks), and
+  the base term `rowsum((K_c Z) ⊙ V_c)` against the open-block content `Z` at the chunk start.
+  The sequential part loops over the chunk's tokens in Python, vectorised over `B·H`:
   `c_t = [block opened before the chunk]·base_t + Σ_{s = max(block start, chunk start)}^{t−1}
   Gram[t, s]` is one lookup in those sums (no `Dk×Dv` work per token), then the score. A step
   where no row opens a block only accumulates the open block's `I` and `zz`; at an *event*
-  (some row opens) the open slot is written back, full rows run the capacity merge scan
-  (masks over the `K` slots), and the slot starts and live counts are snapshotted; each
-  step's level-map row is gathered from its snapshot at the end. `Z` is brought to the chunk
-  end by one masked GEMM (it restarts at a boundary); `zz` is carried by its update rule.
-  Decisions are computed in the state dtype (float32 for float32 inputs, float64 for float64),
-  `ε = 1e-12`, radicands clamped at 0; the state score's `1 − cos` is evaluated in a
-  cancellation-free form (`_state_information`). The scan runs on one intra-op thread.
+  (some row opens) the open slot is written back, full rows run the capacity merge scan (masks
+  over the `K` slots), and the slot starts and live counts are snapshotted; each step's level-map row is
+  gathered from its snapshot at the end. `Z` is brought to the chunk end by one masked GEMM (it
+  restarts at a boundary); `zz` is carried by its update rule. Decisions are computed in the
+  state dtype (float32 for float32 inputs, float64 for float64), `ε = 1e-12`, radicands clamped
+  at 0; the state score's `1 − cos` is evaluated in a cancellation-free form
+  (`_state_information`). The scan runs on one intra-op thread.
 * `fenwick` and `single`: the closed forms of `closed_form.py`.
+
+`N` (`‖S^g‖²` after the call) is computed where a decision needs it — `drift` under `dla`, by its
+update rule in the detection; every other call returns `N0` unchanged and pays no backbone pass
+(the operator then takes `N` from the final slot states; SCHEMAS.md).
 
 The kernel reads tensor values freely (it is opaque to the compiler), returns fresh tensors
 and records no autograd.
@@ -31,6 +41,8 @@ from torch import Tensor
 
 from dla.ops.levels import EMPTY
 from dla.ops.segment.closed_form import segment_fenwick, segment_single
+from dla.ops.segment.detect import readout_products
+from dla.ops.segment.events import compact_events, segment_drift
 from dla.ops.state import EPS, state_dtype
 from dla.ops.validation import check_fenwick_levels, check_segment_options
 
@@ -41,20 +53,79 @@ __all__ = ["segment_cpu"]
 
 
 def segment_cpu(
-    k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, step0: Tensor,
-    levels: int, policy: str, score: str, tau: float, chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, S0: Tensor, n0: Tensor, I0: Tensor, m0: Tensor,
+    Z0: Tensor, zz0: Tensor, N0: Tensor, step0: Tensor, levels: int, policy: str, score: str, tau: float,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`(level_start [B,T,H,L] int32, n [B,H,K] int64, I [B,H,K], m [B,H] int64, Z [B,H,Dk,Dv],
-    zz [B,H])`, floats in the state dtype; see SCHEMAS.md for the encoding."""
+    zz [B,H], N [B,H])`, floats in the state dtype; see SCHEMAS.md for the encoding."""
     check_segment_options(levels, policy, score, chunk_size)
     with torch.no_grad():
+        if policy == "dla" and score == "drift":
+            return segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, levels, float(tau), int(chunk_size),
+                                 readout_products, _merge_events)
+        N = N0.to(state_dtype(k.dtype)).clone()
         if policy == "dla":
-            return _segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size))
+            return (*_segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size)), N)
         T = k.shape[1]
         if policy == "fenwick":
             check_fenwick_levels(levels, step0, T)
-            return segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels)
-        return segment_single(k, v, n0, m0, Z0, zz0, levels)
+            return (*segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels), N)
+        return (*segment_single(k, v, n0, m0, Z0, zz0, levels), N)
+
+
+# --------------------------------------------------------------------------------------------
+# dla under drift: detection, then the merge scan over events
+# --------------------------------------------------------------------------------------------
+
+
+def _merge_events(info: Tensor, flag: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, K: int):
+    """The merge scan over boundary events in torch, vectorised over `B·H` rows (a row with
+    fewer events idles), and the level map from the snapshot after each event. `info, flag
+    [B,H,T]`; returns `(level_start [B,T,H,K] int32, n [B,H,K], I [B,H,K], m [B,H])`."""
+    B, H, T = info.shape
+    N = B * H
+    ev = compact_events(info.reshape(N, T), flag.reshape(N, T))
+    slot = torch.arange(K, device=info.device)
+    m = m0.reshape(N).to(torch.int64).clone()
+    live = slot < m[:, None]
+    n = torch.where(live, n0.reshape(N, K).to(torch.int64), 0)
+    I = torch.where(live, I0.reshape(N, K).to(info.dtype), 0.0)
+    starts = torch.where(live, slot - m[:, None], EMPTY)
+    snaps_starts, snaps_m = [starts], [m]
+    with _one_intra_op_thread():
+        for e in range(int(ev.count.max())):
+            active = e < ev.count
+            at_open = (slot == (m - 1)[:, None]) & active[:, None]
+            n = n + at_open * ev.absorbed_n[:, e, None]
+            I = I + at_open * ev.absorbed_I[:, e, None]
+            full = active & (m == K)
+            if bool(full.any()):
+                n, I, starts = _capacity_merge(n, I, starts, full, slot)
+                m = m - full.long()
+            new = (slot == m[:, None]) & active[:, None]
+            n = n.masked_fill(new, 1)
+            I = torch.where(new, ev.info[:, e, None], I)
+            starts = torch.where(new, ev.pos[:, e, None], starts)
+            m = m + active.long()
+            snaps_starts.append(starts)
+            snaps_m.append(m)
+    at_open = slot == (m - 1)[:, None]  # the tokens absorbed after the last event
+    n = n + at_open * ev.absorbed_n.gather(1, ev.count[:, None])
+    I = I + at_open * ev.absorbed_I.gather(1, ev.count[:, None])
+    start_rows = torch.stack(snaps_starts)[ev.row.T, torch.arange(N, device=info.device)]  # [T, N, K]
+    m_rows = torch.stack(snaps_m)[ev.row.T, torch.arange(N, device=info.device)]  # [T, N]
+    level_start = _level_map(start_rows, m_rows, B, H)
+    return level_start, n.reshape(B, H, K), I.reshape(B, H, K), m.reshape(B, H)
+
+
+def _level_map(start_rows: Tensor, m_rows: Tensor, B: int, H: int) -> Tensor:
+    """`level_start [B,T,H,K]` int32 from each step's slot starts `[T, N, K]` (oldest first) and
+    live counts `[T, N]`: rank r is the oldest-first slot m − 1 − r."""
+    T, N, K = start_rows.shape
+    src = m_rows[..., None] - 1 - torch.arange(K, device=start_rows.device)
+    level_start = torch.where(src >= 0, start_rows.gather(-1, src.clamp(min=0)), EMPTY)
+    return level_start.to(torch.int32).reshape(T, B, H, K).permute(1, 0, 2, 3).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,11 +270,7 @@ class _DlaScan:
         self.flush(T)
         K, slot = self.K, self.slot
         which = torch.tensor(self.snap_of, dtype=torch.int64, device=slot.device)
-        start_rows = torch.stack(self.snaps_starts)[which]  # [T, N, K] oldest first
-        m_rows = torch.stack(self.snaps_m)[which]  # [T, N]
-        src = m_rows[..., None] - 1 - slot  # rank r is the oldest-first slot m − 1 − r
-        level_start = torch.where(src >= 0, start_rows.gather(-1, src.clamp(min=0)), EMPTY)
-        level_start = level_start.to(torch.int32).reshape(T, B, H, K).permute(1, 0, 2, 3).contiguous()
+        level_start = _level_map(torch.stack(self.snaps_starts)[which], torch.stack(self.snaps_m)[which], B, H)
         Dk, Dv = self.Z.shape[-2:]
         return (level_start, self.n.reshape(B, H, K), self.I.reshape(B, H, K), self.m.reshape(B, H),
                 self.Z.reshape(B, H, Dk, Dv).contiguous(), self.zz.reshape(B, H))

@@ -1,8 +1,11 @@
 """CUDA kernel of `dla::segment` (SCHEMAS.md) in Triton: the level map and the final
 segmentation state, same signature and outputs as the CPU kernel `dla.ops.segment.cpu.segment_cpu`.
 
-`fenwick` and `single` are closed forms in plain torch (no token loop). `dla` follows SPEC §2
-"Structure worth using": boundaries depend only on the open block, so segmentation splits into
+`fenwick` and `single` are closed forms in plain torch (no token loop). `dla` under `drift`
+takes its boundaries from the detection stage (`detect.py`, parallel over the sequence; its CUDA
+products in `detect_triton.py`), then steps 2 and 3 below. `dla` under `token` and `state`
+follows SPEC §2 "Structure worth using": boundaries depend only on the open block, so
+segmentation splits into
 
 1. **Boundary walk** (`_walk_kernel`). Per chunk of `C` tokens: the Gram
    `(K_c K_cᵀ) ⊙ (V_c V_cᵀ)`, `ss_t = ‖k_t‖²‖v_t‖²` and the base term `rowsum((K_c Z) ⊙ V_c)`
@@ -54,6 +57,9 @@ from torch import Tensor
 
 from dla.ops.levels import EMPTY
 from dla.ops.segment.closed_form import segment_fenwick, segment_single
+from dla.ops.segment.detect import readout_products
+from dla.ops.segment.detect_triton import readout_products_triton
+from dla.ops.segment.events import compact_events, segment_drift
 from dla.ops.state import EPS, state_dtype
 from dla.ops.triton_utils import interpreting, pow2
 from dla.ops.validation import check_fenwick_levels, check_segment_options
@@ -440,30 +446,23 @@ def dla_walk(k: Tensor, v: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, score: s
 
 def segment_dla(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor,
                 levels: int, score: str, tau: float, chunk_size: int, piece: int | None = None):
-    """`dla` policy: the boundary walk, the merge scan over boundary events, the level map."""
-    B, T, H, _ = k.shape
-    K, dev, BH = int(levels), k.device, B * H
-    dt = state_dtype(k.dtype)
-    fdt = tl.float64 if dt == torch.float64 else tl.float32
+    """`dla` under `token` or `state`: the boundary walk, the merge scan over boundary events, the
+    level map."""
     info, flag, Z, zz = dla_walk(k, v, m0, Z0, zz0, score, tau, chunk_size, piece)
+    level_start, n, I, m = merge_events(info, flag, n0, I0, m0, levels)
+    return level_start, n, I, m, Z.contiguous(), zz.contiguous()
 
-    # compact the events (no host sync): event e of a stream is its e-th flagged token; per
-    # event, the tokens absorbed by the block it closes (index e; index E: after the last event)
-    info, flag = info.reshape(BH, T), flag.reshape(BH, T)
-    opens = flag != 0
-    row = opens.to(torch.int32).cumsum(1, dtype=torch.int32)  # events up to t = cfg row of t
-    E = row[:, -1].contiguous()
-    t_idx = torch.arange(T, device=dev)
-    slot_of = torch.where(opens, row.long() - 1, T)  # T: a dump slot, never read when E < T
-    pos = torch.full((BH, T + 1), T, dtype=torch.int64, device=dev)
-    pos.scatter_(1, slot_of, t_idx.expand(BH, T))
-    absorbed = torch.where(opens, 0.0, info.double()).cumsum(1)  # float64: exact enough for any T
-    csum = absorbed[:, -1:].expand(BH, T + 1).clone()
-    csum.scatter_(1, slot_of, absorbed)
-    absI = torch.diff(csum, dim=1, prepend=csum.new_zeros(BH, 1)).to(dt).contiguous()
-    absN = torch.diff(pos, dim=1, prepend=pos.new_full((BH, 1), -1)) - 1
-    infoE = info.gather(1, pos.clamp(max=T - 1)).contiguous()
-    pos = pos.to(torch.int32)
+
+def merge_events(info: Tensor, flag: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, levels: int):
+    """Steps 2 and 3 from the per-token `info, flag [B,H,T]`: `(level_start [B,T,H,K] int32,
+    n [B,H,K], I [B,H,K], m [B,H])`."""
+    B, H, T = info.shape
+    K, dev, BH = int(levels), info.device, B * H
+    dt = info.dtype
+    fdt = tl.float64 if dt == torch.float64 else tl.float32
+    ev = compact_events(info.reshape(BH, T), flag.reshape(BH, T))
+    E, row, pos = ev.count.contiguous(), ev.row.to(torch.int32).contiguous(), ev.pos.to(torch.int32).contiguous()
+    infoE, absN, absI = ev.info.contiguous(), ev.absorbed_n.contiguous(), ev.absorbed_I.contiguous()
 
     BKS = pow2(K, 2)
     cfg_st = torch.empty(BH, T + 1, BKS, dtype=torch.int32, device=dev)
@@ -477,24 +476,32 @@ def segment_dla(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Te
     level_start = torch.empty(B, T, H, K, dtype=torch.int32, device=dev)
     CT = 64
     _fill_kernel[(BH, triton.cdiv(T, CT))](row, cfg_st, cfg_m, level_start, T, H, K, CT=CT, BKS=BKS, num_warps=4)
-    return level_start, n, I, m, Z.contiguous(), zz.contiguous()
+    return level_start, n, I, m
 
 
-def segment_triton(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor,
-                   step0: Tensor, levels: int, policy: str, score: str, tau: float, chunk_size: int):
+def segment_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, S0: Tensor, n0: Tensor,
+                   I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, N0: Tensor, step0: Tensor, levels: int,
+                   policy: str, score: str, tau: float, chunk_size: int):
     """`dla::segment` on the GPU: `(level_start [B,T,H,L] int32, n [B,H,K] int64, I [B,H,K],
-    m [B,H] int64, Z [B,H,Dk,Dv], zz [B,H])`, floats in the state dtype (SCHEMAS.md)."""
+    m [B,H] int64, Z [B,H,Dk,Dv], zz [B,H], N [B,H])`, floats in the state dtype (SCHEMAS.md; `N`
+    advances under `drift` with `dla` only, as in the CPU kernel)."""
     check_segment_options(levels, policy, score, chunk_size)
     with torch.no_grad():
         k, v = k.detach().contiguous(), v.detach().contiguous()
         n0, I0, m0 = n0.contiguous(), I0.contiguous(), m0.contiguous()
         Z0, zz0, step0 = Z0.contiguous(), zz0.contiguous(), step0.contiguous()
+        if policy == "dla" and score == "drift":
+            # float64 products are IEEE in torch on any device; below it the Triton ones
+            products = readout_products if k.dtype == torch.float64 else readout_products_triton
+            return segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, levels, float(tau), int(chunk_size),
+                                 products, merge_events)
+        N = N0.to(state_dtype(k.dtype)).clone()
         if policy == "dla":
-            return segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size))
+            return (*segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size)), N)
         if policy == "fenwick":
             # the check reads `step` on the host, which a CUDA graph being captured (the compiled
             # decode step) cannot do; there the request was bounded up front (generate.max_context)
             if not (k.is_cuda and torch.cuda.is_current_stream_capturing()):
                 check_fenwick_levels(levels, step0, k.shape[1])
-            return segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels)
-        return segment_single(k, v, n0, m0, Z0, zz0, levels)
+            return (*segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels), N)
+        return (*segment_single(k, v, n0, m0, Z0, zz0, levels), N)

@@ -7,16 +7,17 @@ The file (see `experiments/recall_grid.toml`):
     [model]        ModelConfig fields every run shares (and `preset`, default "tiny")
     [shapes.NAME]  ModelConfig fields of one model shape (e.g. d_model and its head geometry)
     [grid]         shape = [NAMES], mixer = ["mamba2/dla", …, "attention"], seed = [0, 1, 2]
-    [[tasks]]      label, task (a `dla.eval.tasks` name), params (the generator's fields),
-                   steps, batch_size, lr, warmup, weight_decay, grad_clip (the training budget),
+    [[tasks]]      label, task (a `dla.run.eval.tasks` name), params (the generator's fields),
+                   steps, batch_size, lr, warmup, weight_decay, grad_clip (the training budget;
+                   the last four default to `TrainConfig`'s),
                    eval = [{overrides of params}, …] (default: the training params),
                    eval_examples, eval_seed
 
-A run is one (task, shape, mixer, seed). Training: AdamW with `dla.train`'s parameter groups and
-schedule (linear warmup, cosine decay), gradient clipping, bf16 autocast on CUDA, forward and
-loss compiled with `torch.compile(fullgraph=True)` unless `compile = false`; the loss is the
-cross-entropy on query positions only (targets are −100 elsewhere, as in Zoology's MQAR), a
-fixed number of steps per task. Each run is built for the longest length it is evaluated at
+A run is one (task, shape, mixer, seed). Training: `dla train`'s step (`dla.run.train.train_step`:
+AdamW with its parameter groups and schedule, linear warmup and cosine decay, gradient clipping,
+bf16 autocast on CUDA), forward and loss compiled with `torch.compile(fullgraph=True)` unless
+`compile = false`; the loss is the cross-entropy on query positions only (targets are −100
+elsewhere, as in Zoology's MQAR), a fixed number of steps per task. Each run is built for the longest length it is evaluated at
 (`seq_len = max` over its training and evaluation lengths), so the `fenwick` policy has the
 levels that length needs; shorter training sequences leave the higher levels untrained, which
 is what Log-Linear attention meets when it is run past its training length.
@@ -44,14 +45,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dla.eval.evaluate import check_vocab, evaluate_task
-from dla.eval.tasks import make_task
-from dla.model import CausalLM, ModelConfig, preset
+from dla.model import BACKBONES, POLICIES, CausalLM, ModelConfig, preset
+from dla.run import checkpoint
+from dla.run.eval.task_accuracy import check_vocab, evaluate_task
+from dla.run.eval.tasks import make_task
+from dla.run.train import TrainConfig, compiled_loss, make_optimizer, train_step
 
 TOP_KEYS = {"name", "out", "compile", "model", "shapes", "grid", "tasks"}
 TASK_KEYS = {"label", "task", "params", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval",
              "eval_examples", "eval_seed"}
-TRAIN_DEFAULTS = dict(lr=3e-3, warmup=50, weight_decay=0.1, grad_clip=1.0)
+TRAIN_DEFAULTS = TrainConfig()
 LOG_EVERY = 25  # steps between loss reads (each read synchronises the GPU)
 
 
@@ -163,19 +166,17 @@ def _task_spec(path: Path, i: int, raw) -> TaskSpec:
         label=label, task=raw["task"], params=params,
         steps=_int(path, f"{where}.steps", raw["steps"]),
         batch_size=_int(path, f"{where}.batch_size", raw["batch_size"]),
-        lr=_float(path, f"{where}.lr", raw.get("lr", TRAIN_DEFAULTS["lr"]), positive=True),
-        warmup=_int(path, f"{where}.warmup", raw.get("warmup", TRAIN_DEFAULTS["warmup"]), minimum=0),
-        weight_decay=_float(path, f"{where}.weight_decay", raw.get("weight_decay", TRAIN_DEFAULTS["weight_decay"]),
+        lr=_float(path, f"{where}.lr", raw.get("lr", TRAIN_DEFAULTS.lr), positive=True),
+        warmup=_int(path, f"{where}.warmup", raw.get("warmup", TRAIN_DEFAULTS.warmup), minimum=0),
+        weight_decay=_float(path, f"{where}.weight_decay", raw.get("weight_decay", TRAIN_DEFAULTS.weight_decay),
                             positive=False),
-        grad_clip=_float(path, f"{where}.grad_clip", raw.get("grad_clip", TRAIN_DEFAULTS["grad_clip"]), positive=True),
+        grad_clip=_float(path, f"{where}.grad_clip", raw.get("grad_clip", TRAIN_DEFAULTS.grad_clip), positive=True),
         eval=tuple(evals), eval_examples=_int(path, f"{where}.eval_examples", raw.get("eval_examples", 512)),
         eval_seed=_int(path, f"{where}.eval_seed", raw.get("eval_seed", 0), minimum=0),
     )
 
 
 def _mixer(path: Path, value) -> tuple[str, str]:
-    from dla.model.config import BACKBONES, POLICIES
-
     if value == "attention":
         return "attention", "single"
     backbone, _, policy = str(value).partition("/")
@@ -267,14 +268,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def train_run(spec: RunSpec, *, device: torch.device, compile: bool, log=None):
-    """Train one run's model on its task; return the model, its optimizer and the training record."""
-    from dla.train import TrainConfig, compiled_loss, lr_at, make_optimizer
-
+    """Train one run's model on its task by `dla train`'s step; return the model, its optimizer
+    and the training record."""
     t = spec.task
     tcfg = TrainConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr, warmup=t.warmup,
                        weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=spec.seed)
@@ -291,19 +287,11 @@ def train_run(spec: RunSpec, *, device: torch.device, compile: bool, log=None):
     first_step_s = None
     status = "ok"
     for step in range(t.steps):
-        lr = lr_at(tcfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         x, y = task.batch(t.batch_size, seed=spec.seed, step=step, split="train", device=device)
-        with _autocast(device):
-            loss = loss_fn(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(loss.detach())
+        loss, _ = train_step(model, loss_fn, optimizer, tcfg, step, x, y)
+        pending.append(loss)
         if first_step_s is None:
-            float(loss.detach())
+            float(loss)
             first_step_s = time.monotonic() - t0
         if (step + 1) % LOG_EVERY == 0 or step + 1 == t.steps:
             values = torch.stack(pending).float().cpu().tolist()
@@ -324,8 +312,6 @@ def train_run(spec: RunSpec, *, device: torch.device, compile: bool, log=None):
 def run_one(spec: RunSpec, out: Path, *, device: torch.device, compile: bool, command: str, checkpoints: bool = True,
             log=None) -> dict:
     """Train, evaluate and (with `checkpoints`) checkpoint one run; write `out/runs/ID/result.json` last."""
-    from dla import checkpoint
-
     folder = out / "runs" / spec.id
     model, optimizer, record = train_run(spec, device=device, compile=compile, log=log)
     t = spec.task
@@ -500,15 +486,14 @@ def markdown(exp: Experiment, results: list[dict], missing: list[str], summary: 
 def plot(summary: list[dict], path: Path) -> Path:
     """One panel per (task, shape): accuracy by evaluation (lines when there are several, as
     for length generalisation; bars otherwise), error bars spanning the seeds' min–max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib: heavy to import, and needed only once runs have finished
+    from matplotlib.figure import Figure
 
     panels = list(dict.fromkeys((s["task"], s["shape"]) for s in summary))
     cols = min(2, max(1, len(panels)))
     rows = max(1, -(-len(panels) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), dpi=100, squeeze=False)
+    fig = Figure(figsize=(6.5 * cols, 4 * rows), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (task, shape) in zip(axes.flat, panels):
         entries = [s for s in summary if s["task"] == task and s["shape"] == shape]
         evals = list(dict.fromkeys(s["eval"] for s in entries))
@@ -538,7 +523,6 @@ def plot(summary: list[dict], path: Path) -> Path:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

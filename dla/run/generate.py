@@ -1,4 +1,5 @@
-"""Text generation from a checkpoint: prefill the prompt, then one decode step per new token.
+"""Text generation: prefill the prompt, then one decode step per new token (the model comes from
+`dla.run.checkpoint.load`).
 
 The step `model.step(token, cache) → (logits, cache)` has static shapes (`dla.model.cache`), so
 it compiles once with `torch.compile(fullgraph=True)`; on CUDA the default mode is
@@ -14,25 +15,14 @@ baseline and `fenwick` (whose levels and rotary positions were sized for `seq_le
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from dla import checkpoint
 from dla.model import CausalLM, ModelConfig
+from dla.run.device import autocast
 
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "none")
-
-
-def load_model(path: str | Path, *, device: torch.device) -> tuple[CausalLM, Path, dict]:
-    """The model of the checkpoint that `path` names (a run folder, or a checkpoint folder,
-    float or int8) in eval mode on `device`; the checkpoint folder and its state.json."""
-    ckpt = checkpoint.find(path)
-    model = CausalLM(checkpoint.model_config(ckpt)).to(device)
-    state = checkpoint.load(ckpt, model, device=device)
-    return model.eval(), ckpt, state
 
 
 def max_context(cfg: ModelConfig) -> int | None:
@@ -113,7 +103,7 @@ def generate(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperatur
     step = step or decode_step(model, compile)
     dtype = activation_dtype(model)
     cache = model.empty_cache(B, max_len=T + max_new_tokens, dtype=dtype)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         logits, cache = model.prefill(prompt.to(device), cache)
         token = sample(logits[:, -1], temperature=temperature, top_k=top_k, generator=generator)
         out = [token]

@@ -8,10 +8,13 @@
                 of compute capability ≥ 8.9 (H100, Ada); elsewhere it is refused before a run
                 writes anything.
 
-torchao is imported only when one of its features is asked for.
+torchao is an optional extra (`pip install 'dla[quant]'`), imported only when one of its features
+is asked for (`require_torchao`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -19,6 +22,32 @@ from torch import nn
 OPTIMIZERS = ("adamw", "adamw8bit")
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
 BETAS, EPS = (0.9, 0.95), 1e-8
+
+
+# Loggers that report, while torchao is imported, kernels built for other GPUs and registrations
+# that torch has since made unnecessary: nothing a user of these features can act on.
+_TORCHAO_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def require_torchao(feature: str) -> None:
+    """Import the parts of torchao this package uses, without their import-time log lines;
+    raise `ValueError` naming the extra to install when torchao is missing. `feature` names
+    what needs it (a flag, or a kind of checkpoint)."""
+    loggers = [logging.getLogger(name) for name in _TORCHAO_IMPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        # torchao: an optional dependency, imported here once for every feature that uses it
+        import torchao.float8
+        import torchao.optim
+        import torchao.prototype.safetensors.safetensors_support
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{feature} needs torchao, an optional extra: pip install 'dla[quant]'") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -35,6 +64,8 @@ def make_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: floa
     groups = parameter_groups(model, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS)
+    require_torchao("--optim adamw8bit")
+    # torchao: an optional dependency, needed only by --optim adamw8bit
     from torchao.optim import AdamW8bit
 
     return AdamW8bit(groups, lr=lr, betas=BETAS, eps=EPS)
@@ -63,6 +94,8 @@ def convert_to_float8(model: nn.Module, recipe: str) -> nn.Module:
     """Swap the eligible linear layers for torchao's `Float8Linear` in place (weights kept)."""
     if recipe not in FLOAT8_RECIPES:
         raise ValueError(f"--float8-recipe must be one of {list(FLOAT8_RECIPES)}, got {recipe!r}")
+    require_torchao("--float8")
+    # torchao: an optional dependency, needed only by --float8
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(recipe)

@@ -9,7 +9,7 @@ import torch
 
 from dla.operator import level_map, multistate_attention
 from dla.ops.reference import multistate_attention_recurrent, segment_naive
-from dla.synthetic import piecewise_stationary
+from dla.run.synthetic import piecewise_stationary
 
 
 def main(length: int = 256, capacity: int = 8, seed: int = 0) -> int:

@@ -89,34 +89,63 @@ def _fingerprint(files: list[Path]) -> list:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def prepare(data: str | None, cache: Path, *, seq_len: int) -> Split:
-    """Tokenize `data` into `cache/{train,heldout}.bin` (reused while the source files are
-    unchanged) and map them. Both splits hold at least `seq_len + 1` tokens."""
+def check_source(data: str | None, *, seq_len: int) -> list[Path]:
+    """The files of `data` (see `source_files`), or `DataError` when they are too small to split
+    into a training and a held-out window of `seq_len + 1` tokens."""
     files = source_files(data)
     total = sum(f.stat().st_size for f in files)
-    heldout = max(int(total * HELDOUT_FRACTION), seq_len + 1)
-    if total - heldout < seq_len + 1:
+    if total - _heldout_bytes(total, seq_len) < seq_len + 1:
         where = "the default corpus" if data is None else f"--data {data}"
         raise DataError(f"{where} is too small for --seq-len {seq_len}: {total} bytes, need at least "
                         f"{2 * (seq_len + 1)} (a training and a held-out window)")
+    return files
+
+
+def _heldout_bytes(total: int, seq_len: int) -> int:
+    return max(int(total * HELDOUT_FRACTION), seq_len + 1)
+
+
+def prepare(data: str | None, cache: Path, *, seq_len: int) -> Split:
+    """Tokenize `data` into `cache/{train,heldout}.bin` (reused while the source files are
+    unchanged) and map them. Both splits hold at least `seq_len + 1` tokens."""
+    files = check_source(data, seq_len=seq_len)
+    total = sum(f.stat().st_size for f in files)
+    heldout = _heldout_bytes(total, seq_len)
     meta = {"files": _fingerprint(files), "heldout_bytes": heldout, "format": "uint8 bytes"}
     meta_path = cache / "meta.json"
     if not (meta_path.exists() and json.loads(meta_path.read_text()) == meta):
+        meta_path.unlink(missing_ok=True)  # the split is incomplete until the new meta.json is in place
         _write_split(files, total - heldout, cache)
         tmp = cache / "meta.json.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, meta_path)
-    return Split(
-        train=np.memmap(cache / "train.bin", dtype=np.uint8, mode="r"),
-        heldout=np.memmap(cache / "heldout.bin", dtype=np.uint8, mode="r"),
-        source=DEFAULT_CORPUS if data is None else str(Path(data).resolve()),
-    )
+    return _map(cache, DEFAULT_CORPUS if data is None else str(Path(data).resolve()))
+
+
+def has_split(cache: Path) -> bool:
+    """Whether `cache` holds a complete split written by `prepare`."""
+    return (cache / "meta.json").is_file()
+
+
+def load_split(cache: Path, data: str | None) -> Split:
+    """The split that `prepare` wrote into `cache`, as it is, whether or not its source `data`
+    still exists (a run folder keeps its split: its checkpoints evaluate and resume without it)."""
+    if not has_split(cache):
+        raise DataError(f"{cache} holds no prepared split")
+    return _map(cache, DEFAULT_CORPUS if data is None else data)
+
+
+def _map(cache: Path, source: str) -> Split:
+    return Split(train=np.memmap(cache / "train.bin", dtype=np.uint8, mode="r"),
+                 heldout=np.memmap(cache / "heldout.bin", dtype=np.uint8, mode="r"), source=source)
 
 
 def _write_split(files: list[Path], n_train: int, cache: Path) -> None:
+    """Write new files and rename them into place: never into the old ones, which a quantized
+    run folder may share by hard link (`dla.run.quantize`)."""
     cache.mkdir(parents=True, exist_ok=True)
     written = 0
-    with open(cache / "train.bin", "wb") as train, open(cache / "heldout.bin", "wb") as held:
+    with open(cache / "train.bin.tmp", "wb") as train, open(cache / "heldout.bin.tmp", "wb") as held:
         for f in files:
             with open(f, "rb") as src:
                 while chunk := src.read(_COPY_CHUNK):
@@ -124,6 +153,8 @@ def _write_split(files: list[Path], n_train: int, cache: Path) -> None:
                     train.write(chunk[:cut])
                     held.write(chunk[cut:])
                     written += len(chunk)
+    os.replace(cache / "train.bin.tmp", cache / "train.bin")
+    os.replace(cache / "heldout.bin.tmp", cache / "heldout.bin")
 
 
 def batch_at(stream: np.ndarray, step: int, *, batch_size: int, seq_len: int, seed: int,
@@ -137,11 +168,15 @@ def batch_at(stream: np.ndarray, step: int, *, batch_size: int, seq_len: int, se
     return windows[:, :-1], windows[:, 1:]
 
 
+def heldout_windows(stream: np.ndarray, *, seq_len: int, max_tokens: int) -> int:
+    """How many windows `heldout_batches` yields: at most `max_tokens` targets, at least one."""
+    return max(1, min((len(stream) - 1) // seq_len, max_tokens // seq_len))
+
+
 def heldout_batches(stream: np.ndarray, *, batch_size: int, seq_len: int, max_tokens: int):
     """Disjoint held-out windows, evenly spaced over the split, `batch_size` at a time (the last
     batch may be short): at most `max_tokens` targets, and at least one window."""
-    available = (len(stream) - 1) // seq_len
-    count = max(1, min(available, max_tokens // seq_len))
+    count = heldout_windows(stream, seq_len=seq_len, max_tokens=max_tokens)
     starts = np.linspace(0, len(stream) - seq_len - 1, count).astype(np.int64)
     for i in range(0, count, batch_size):
         rows = [np.asarray(stream[s:s + seq_len + 1]) for s in starts[i:i + batch_size]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dla.eval.tasks import IGNORE
+from dla.run.eval.tasks import IGNORE
 
 
 def query_accuracy(predictions: torch.Tensor, targets: torch.Tensor) -> dict:

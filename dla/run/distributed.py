@@ -15,25 +15,30 @@ order of floating-point sums; the logged loss is the mean of the ranks' losses, 
 A checkpoint `RUN/checkpoints/step-N/` holds DCP's `.metadata` and one `__R_0.distcp` per rank
 beside `config.json` and `state.json`. Every rank writes its shards into a hidden folder; after
 all have finished, rank 0 writes the JSON files, flushes, renames the folder into place and only
-then points `latest` at it (the protocol of `dla.checkpoint`), so a crash leaves `latest`
-naming a complete checkpoint. DCP reshards on load: a sharded checkpoint resumes on any number
-of processes, one plain process included, and `dla eval` reads it. The run folder must be on a
-file system that every rank sees (one node, or a shared mount).
+then points `latest` at it (the protocol of `dla.run.checkpoint`), so a crash leaves `latest`
+naming a complete checkpoint. DCP reshards on load (`checkpoint.restore`): a sharded checkpoint
+resumes on any number of processes, one plain process included, and `dla eval` reads it. The
+run folder must be on a file system that every rank sees (one node, or a shared mount).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from dla import checkpoint
+from dla.run import checkpoint
+from dla.run.device import resolve_device
 
 BACKENDS = ("nccl", "gloo")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -94,8 +99,6 @@ def from_env(*, backend: str | None = None, device: str | None = None, env=None)
         raise ValueError("--dist-backend nccl needs CUDA GPUs, and this machine has none; "
                          "use --dist-backend gloo to train on CPU processes")
     if device is not None:
-        from dla.train import resolve_device
-
         dev = resolve_device(device)
     else:
         dev = torch.device("cuda" if cuda and backend != "gloo" else "cpu")
@@ -152,9 +155,6 @@ def main_first(world: World | None):
 def shard(model: torch.nn.Module, world: World, *, compile: bool) -> torch.nn.Module:
     """Compile each block (before sharding, so FSDP's hooks stay outside the compiled graphs)
     and `fully_shard` it, then the root; returns `model`, its parameters now DTensors."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = init_device_mesh(world.device.type, (world.size,))
     if world.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -179,21 +179,16 @@ def mean(value: torch.Tensor) -> torch.Tensor:
 
 def full(value: torch.Tensor) -> torch.Tensor:
     """A DTensor's global value (e.g. the gradient norm of sharded gradients); a plain tensor as is."""
-    from torch.distributed.tensor import DTensor
-
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          config: dict, state: dict) -> Path:
     """Write the sharded checkpoint of `step` (every rank calls this) and return its folder."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     final = root / name
-    if checkpoint._read_latest(root) == name:  # already saved: the state at a step is a function of the step
+    if checkpoint.read_latest(root) == name:  # already saved: the state at a step is a function of the step
         return final
     tmp = root / f".{name}.tmp"
     main = dist.get_rank() == 0
@@ -206,34 +201,13 @@ def save(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.o
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     dist.barrier()  # every rank's shards are written
     if main:
-        checkpoint._write_json(tmp / "config.json", config)
-        checkpoint._write_json(tmp / "state.json", {**state, "step": step, "world_size": dist.get_world_size()})
-        checkpoint.publish(root, tmp, name)
+        try:
+            checkpoint.write_json(tmp / "config.json", config)
+            checkpoint.write_json(tmp / "state.json", {**state, "step": step, "world_size": dist.get_world_size()})
+            checkpoint.publish(root, tmp, name)
+        except BaseException:
+            checkpoint.discard_unpublished(root, name)
+            raise
     dist.barrier()  # no rank goes on before the checkpoint is published
     return final
 
-
-def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a sharded checkpoint into `model` (and `optimizer`), sharded or not: every rank
-    calls this under torchrun; a plain process reads all shards. Returns state.json."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
-
-    with warnings.catch_warnings():
-        # a plain process is the intended single-process load, which DCP warns about
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        try:
-            if optimizer is None:
-                model_state = get_model_state_dict(model)
-                dcp.load({"model": model_state}, checkpoint_id=ckpt)
-                set_model_state_dict(model, model_state)
-            else:
-                model_state, optim_state = get_state_dict(model, optimizer)
-                dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=ckpt)
-                set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-        except (RuntimeError, ValueError, KeyError) as e:  # DCP's CheckpointException is a RuntimeError
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise checkpoint.CheckpointError(f"{ckpt}: the sharded checkpoint does not fit this model "
-                                             f"({detail})") from None
-    return checkpoint.read_json(ckpt, "state.json")

@@ -5,18 +5,22 @@ Length generalisation: a model built for `seq_len` reads at most that many token
 `fenwick` policy's level count (the shape of `W_λ`) grows with it. `single`, `dla` and
 attention weights do not depend on `seq_len` (attention's rotary table is a buffer computed at
 build time), so a checkpoint of theirs is rebuilt for a longer task; a `fenwick` model must
-be built for the longest length it will be tested at (the experiment runner does so).
+be built for the longest length it will be tested at (`dla.run.experiment` does so).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
+from tqdm import tqdm
 
-from dla.eval.metrics import merge, query_accuracy
-from dla.eval.tasks import Task
 from dla.model import CausalLM, ModelConfig
+from dla.run import checkpoint
+from dla.run.device import autocast, resolve_device
+from dla.run.eval.metrics import merge, query_accuracy
+from dla.run.eval.tasks import Task, make_task
 
 
 def model_for_length(cfg: ModelConfig, seq_len: int) -> ModelConfig:
@@ -37,15 +41,12 @@ def check_vocab(cfg: ModelConfig, task: Task) -> None:
                          f"vocab_size = {cfg.vocab_size}")
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def evaluate_task(model: CausalLM, task: Task, *, examples: int, seed: int = 0, batch_size: int | None = None,
-                  batch_tokens: int = 1 << 16) -> dict:
+                  batch_tokens: int = 1 << 16, progress: bool = False) -> dict:
     """Accuracy of `model` on `examples` sequences of the task's evaluation stream of `seed`.
-    Batches hold `batch_size` sequences (default: about `batch_tokens` tokens)."""
+    Batches hold `batch_size` sequences (default: about `batch_tokens` tokens). `progress`: a
+    bar on a terminal."""
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
         raise ValueError(f"--examples must be a positive integer, got {examples!r}")
     if task.seq_len > model.cfg.seq_len:
@@ -56,9 +57,11 @@ def evaluate_task(model: CausalLM, task: Task, *, examples: int, seed: int = 0, 
     was_training = model.training
     model.eval()
     counts = []
-    for step, start in enumerate(range(0, examples, bs)):
+    starts = range(0, examples, bs)
+    for step, start in enumerate(tqdm(starts, desc=f"{task.name} evaluation", unit="batch", leave=False,
+                                      disable=None if progress else True, file=sys.stderr)):
         x, y = task.batch(min(bs, examples - start), seed=seed, step=step, split="eval", device=device)
-        with _autocast(device):
+        with autocast(device):
             logits = model(x)
         counts.append(query_accuracy(logits.argmax(-1), y))
     model.train(was_training)
@@ -66,14 +69,11 @@ def evaluate_task(model: CausalLM, task: Task, *, examples: int, seed: int = 0, 
 
 
 def evaluate_checkpoint_on_task(path, task_name: str, params: dict, *, examples: int, seed: int = 0,
-                                batch_size: int | None = None, device: str | None = None) -> dict:
+                                batch_size: int | None = None, device: str | None = None,
+                                progress: bool = False) -> dict:
     """Load the checkpoint that `path` names and score it on `task_name`. When the checkpoint
     was trained on that task (by `dla experiment`), its task parameters are the defaults that
     `params` override."""
-    from dla import checkpoint
-    from dla.eval.tasks import make_task
-    from dla.train import resolve_device
-
     ckpt = checkpoint.find(path)
     config = checkpoint.read_json(ckpt, "config.json")
     cfg = checkpoint.model_config(ckpt, config)
@@ -84,7 +84,7 @@ def evaluate_checkpoint_on_task(path, task_name: str, params: dict, *, examples:
     cfg = model_for_length(cfg, task.seq_len)
     dev = resolve_device(device)
     model = CausalLM(cfg).to(dev)
-    state = checkpoint.load(ckpt, model, device=dev)
-    result = evaluate_task(model, task, examples=examples, seed=seed, batch_size=batch_size)
+    state = checkpoint.restore(ckpt, model, device=dev)
+    result = evaluate_task(model, task, examples=examples, seed=seed, batch_size=batch_size, progress=progress)
     return {"checkpoint": str(ckpt), "step": int(state["step"]), "backbone": cfg.backbone, "policy": cfg.policy,
             "task": task.name, "params": task.params(), **result}

@@ -1,0 +1,57 @@
+"""What several test modules share: a small corpus, the training curve of a run folder, and a
+`micro` preset small enough for end-to-end runs of a few steps within the test budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dla.model import PRESETS
+from dla.run.train import LOCK, RECIPES
+
+MICRO = dict(d_model=16, n_layers=1, n_heads=2, head_dim=4, head_dim_v=4, capacity=3, seq_len=8, mlp_ratio=2.0)
+MICRO_RECIPE = dict(steps=4, batch_size=2, lr=1e-2, warmup=1)
+
+
+def write_corpus(folder: Path) -> Path:
+    """A few KB of text with structure a model can pick up."""
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "sword", "crown", "night", "speak", "love", "death", "and", "of"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        lines = [" ".join(rng.choice(words, size=8)) + "." for _ in range(60)]
+        (folder / f"part{i}.txt").write_text("\n".join(lines) + "\n")
+    (folder / "notes.md").write_text("not a .txt file: ignored\n")
+    return folder
+
+
+def train_curve(run: Path) -> list[tuple[int, float]]:
+    """(step, training loss) from a run's metrics.jsonl."""
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def add_micro_preset(monkeypatch: pytest.MonkeyPatch, model: dict = MICRO, recipe: dict = MICRO_RECIPE) -> None:
+    """`dla train --preset micro` trains `model` by `recipe` until `monkeypatch` is undone."""
+    monkeypatch.setitem(PRESETS, "micro", dict(model))
+    monkeypatch.setitem(RECIPES, "micro", dict(recipe))
+
+
+def exit_code(main, argv: list[str]) -> int:
+    """`main(argv)`'s return value, or the code argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its modification time and bytes ({} when it does not exist),
+    but the run's lock file, which names the last process that took the lock."""
+    if not folder.exists():
+        return {}
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK}
