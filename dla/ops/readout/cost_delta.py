@@ -1,51 +1,54 @@
-r"""What the readout with `β` by windows costs (`objects_delta.py`), kernel by kernel, from the plan
-it consumes (`objects_delta.window_plan`), and the window `R` that the cost model picks.
+r"""What the readout with `β` by windows costs, kernel by kernel as `objects_delta_triton.py` runs
+it, from the plan it consumes (`objects_delta.window_plan`), and the window `R` the cost model picks.
 
 Counts per row
 ==============
 `window_counts(plan)` gives, per `(b, h)` row (float64 `[N]`, on the plan's device, no host
-read), with `n_w = |P_w|` the objects of window `w` (the elements of the partition at its start)
-and `j_c` the position of chunk `c` inside its window (0 for the window's first chunk):
+read), with `n_w = |P_w|` the objects of window `w` and `j_c` the position of chunk `c` in its
+window (0 for the window's first chunk):
 
     tokens, chunks, windows
-    reads     = Σ_w tokens(w) · n_w                  (object reads: Dk·Dv each)
-    steps     = Σ_c tokens(c) · j_c                  (transport steps back to the window's frame)
-    objects   = Σ_w n_w                              (objects held, once per window)
-    reframes  = Σ_w #{E' ∈ P_{w+1} holding an element of P_w}   (the last one: the final state)
+    reads         = Σ_w tokens(w) · n_w                  object reads, Dk·Dv each
+    steps         = Σ_c tokens(c) · j_c                  transport steps back to the window's frame
+    objects       = Σ_w n_w                              objects held, once per window
+    reframes      = Σ_w #{E' ∈ P_{w+1} holding an element of P_w}   (the last: the final state)
+    token_chunks  = Σ_w Σ_{E' ∈ P_{w+1}} #{chunks of w holding tokens of E'}
 
-Kernels (forward + backward), multiply-adds ×2 = FLOPs
-=======================================================
-`D = Dk·Dv`, `s` the inputs' itemsize; per-token terms at `Dk = Dv = 128`, `C = 64` in brackets.
+Kernels, forward then backward (a multiply-add is 2 FLOPs)
+==========================================================
+`D = Dk·Dv`, `s` the inputs' itemsize, `ut = C²·Dk + C³/3 + Dk·C²` a chunk's solve and `Ē`.
+Bytes count each tensor a kernel touches once (DRAM), with one exception: the window-major
+readout backward keeps per-step state and key-side sums in its own buffers (`XS`, `DEB`, `DHB`,
+`DVK`: `R·C·(3Dk + Dv)·4` bytes per program, beyond an SM's share of L2 at the §7 shapes), so
+their traffic is counted per step.
 
-    window products    per chunk: the UT solve and Ē (2C²Dk + C³/3), the suffix products
-                       K̃ = Suf Ē and Suf ← γ_C Suf − K̃ H (2·Dk²·C) [2Dk² = 33K];
-                       reads k, β, g; writes Ē and K̃ (float32) and Suf_F per window (float32)
-    object pass        reframes·Dk²·Dv + tokens·D (the token parts Σ K̃_s v_sᵀ), sequential over
-                       windows; float32 masters read and written, a copy in the inputs' dtype
-    readout            per chunk the UT algebra of its own chunk (4C²Dk + C²Dv + C³);
-                       per transport step and query C·(2Dk + Dv) [24.6K] (scores q̃Ē, the WY step
-                       (q̃Ē)H, the band's (scores ⊙ Λ)V); reads·D; every object read once per
-                       window (the window's chunks share it in L2)
-    (backward) window products and object pass recomputed as above (nothing of size T·K·D saved)
-    readout backward   per window (one program walks its chunks): the chain again (2C·Dk per step),
-                       its adjoint C·(4Dk + 2Dv) per step, U = dÕ S̄ᵀ and D = Σ ω q̃ dÕᵀ (2·reads·D),
-                       the own chunk's UT backward (≈ 8C²Dk + 3C³); D written per window (float32)
-    object pass backward   reverse over windows: Sufᵀ D' and dSuf = D'(ΣS̄)ᵀ (2·reframes·Dk²·Dv),
-                       dK̃ = D' v and dv += D'ᵀ K̃ (2·tokens·D)
-    window products backward   the suffix chain again and its adjoint (6·Dk²·C per chunk) and the
-                       UT backward of Ē (≈ 4C²Dk + C³)
-
-Bytes count each tensor a kernel touches once (DRAM): inputs in their dtype, λ and the level
-rows (`L·(s + 4)` per token), float32 intermediates at 4 bytes.
+    UT                  NC·ut;  k, β, g; T⁻¹ and Ē written (float32)
+    suffix products     2·Dk²·C per chunk (K̃ = Suf Ē, Suf ← γ_C Suf − K̃ H); Ē, k; K̃, Suf_F written
+    object pass         reframes·Dk²·Dv + token_chunks·C·D; masters read once, every rank's master
+                        (float32) and copy written per window, K̃ and v of the chunks each element holds
+    readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
+                        the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
+    (backward)          UT, suffix products, object pass again (every window's masters kept)
+    readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), reads·D; per step
+                        XS written and read twice (3·C·Dk·4) and the key side's sums read and
+                        written (2·C·(2Dk + Dv)·4); dλ, dQ̂, dÃ, the queries in the frame (XF)
+    object gradients    reads·D; XF, dO, λ once; D written
+    object pass backward   2·reframes·Dk²·Dv + 2·token_chunks·C·D; D, masters, the next D read,
+                        D written; dK̃ (per Dv tile) and dv read-modify-written per token chunk
+    suffix backward     6·Dk²·C per chunk (the chain again and its adjoint); each chunk's Suf
+                        written and read twice (3·Dk²·4); Ē, K̃, dK̃, dĒ, dH
+    UT backward         per chunk 10·C²·Dk + 6·C³; q, k, β, g, T⁻¹, the gradients of Q̂, Ã, Ē, H;
+                        dq, dk, dv, dβ, dg written
 
 The window
 ==========
-`R` trades re-framing (`n·Dk²·Dv` per window, falling as `1/R`) against transport (`(R − 1)/2`
-steps per query, rising with `R`). `window_for(…)` takes the `R` (a power of two, at most the
-chunks of the call) with the least roofline time on the given card, from shapes alone: `n_w = K`
-objects and `K` re-framings per window (the most a plan can hold), so the choice needs no count
-and no host read (decode and CUDA graphs); `cost_delta.window_counts` at that `R` then gives the
-call's figures.
+`R` trades re-framing and the object passes' masters (per window, falling as `1/R`) against the
+transport, the band and the backward's per-step traffic (`(R − 1)/2` steps per query, rising
+with `R`). `window_for(…)` takes the `R` (a power of two, at most the chunks of the call) with
+the least roofline time on the given card from shapes alone — `n_w = K` objects, `K`
+re-framings and `K` extra token chunks per window (the most a plan can hold) — so the choice
+needs no count and no host read (decode, CUDA graphs); `window_counts` at that `R` then gives
+the call's figures.
 """
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ def window_counts(plan: WindowPlan) -> dict[str, Tensor]:
     def per_row(x: Tensor) -> Tensor:  # [B, …] → [N, …]
         return x.repeat_interleave(H, 0)
 
+    def upto(x: Tensor) -> Tensor:  # how many chunk starts are ≤ x, per row
+        return torch.searchsorted(cs_rows, x.reshape(N, -1).contiguous(), right=True).reshape(x.shape)
+
+    # the chunks of window w that hold tokens of each element of the next partition
+    ws_rows, cs_rows = per_row(ws), per_row(cs).contiguous()
+    lo = torch.maximum(a[:, 1:], ws_rows[:, :-1, None])
+    hi = torch.minimum(e[:, 1:], ws_rows[:, 1:, None] - 1)
+    spans = torch.where(valid[:, 1:] & (hi >= lo), upto(hi) - upto(lo) + 1, 0).to(f)  # [N, NW, L]
     return {
         "tokens": per_row(ntok.sum(1)),
         "chunks": per_row((ntok > 0).sum(1).to(f)),
@@ -91,6 +102,7 @@ def window_counts(plan: WindowPlan) -> dict[str, Tensor]:
         "steps": per_row((ntok * position).sum(1)),
         "objects": (n_w[:, :-1] * per_row(live).to(f)).sum(1),
         "reframes": (holds.sum(-1).to(f) * per_row(live).to(f)).sum(1),
+        "token_chunks": (spans.sum(-1) * per_row(live).to(f)).sum(1),
     }
 
 
@@ -102,7 +114,8 @@ def worst_counts(T: int, K: int, C: int, R: int) -> dict[str, float]:
     for c in range(chunks):
         steps += min(C, T - c * C) * (c % R)
     return {"tokens": float(T), "chunks": float(chunks), "windows": float(windows), "reads": float(T * K),
-            "steps": steps, "objects": float(windows * K), "reframes": float(windows * K)}
+            "steps": steps, "objects": float(windows * K), "reframes": float(windows * K),
+            "token_chunks": float(chunks + windows * K)}
 
 
 def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> dict[str, tuple]:
@@ -110,33 +123,33 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     tensors)."""
     D, s = Dk * Dv, itemsize
     T, NC, NW = n["tokens"], n["chunks"], n["windows"]
-    ut = 2 * C * C * Dk + C**3 / 3  # KKᵀ, the solve, Ē = Kρᵀ M: per chunk
-    rows = T * (L * (s + 4) + 8)  # λ, the level rows, G
-    qkv = T * (2 * Dk + Dv) * s
-    products = (2.0 * (NC * ut + 2 * Dk * Dk * T),
-                T * (Dk * s + 8) + T * Dk * 4 * 2 + NW * Dk * Dk * 4)
-    object_pass = (2.0 * (n["reframes"] * Dk * D + T * D),
-                   (n["objects"] + n["reframes"]) * D * 4 + n["reframes"] * D * s + NW * Dk * Dk * 4
-                   + T * (Dk * 4 + Dv * s) + L * D * 4)
-    step = C * (2 * Dk + Dv)
-    readout = (2.0 * (NC * (4 * C * C * Dk + C * C * Dv + C**3) + n["steps"] * step + n["reads"] * D),
-               qkv + rows + T * (Dv * s + Dk * 4 + 8) + n["objects"] * D * s)
-    readout_bwd = (2.0 * (NC * (8 * C * C * Dk + 3 * C**3) + n["steps"] * C * (6 * Dk + 2 * Dv) + 2 * n["reads"] * D),
-                   qkv + rows + T * Dv * s * 2 + T * (2 * Dk + Dv + L) * s + T * (Dk * 4 * 3 + 16)
-                   + n["objects"] * D * (s + 4))
-    object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * T * D),
-                  (n["objects"] + n["reframes"]) * D * 4 * 2 + NW * Dk * Dk * 4 * 2 + T * (Dk * 4 * 2 + Dv * s * 2))
-    products_bwd = (2.0 * (NC * (4 * C * C * Dk + C**3) + 6 * Dk * Dk * T),
-                    T * (Dk * s * 2 + 16) + T * Dk * 4 * 4 + NW * Dk * Dk * 4 * 2)
+    ut = C * C * Dk + C**3 / 3 + Dk * C * C
+    rows = T * (L * (s + 4) + 8)  # λ, the level rows, g and β
+    qkvo = T * (2 * Dk + 2 * Dv) * s
+    ut_k = (2.0 * NC * ut, T * (Dk * s + 8) + T * (C + Dk) * 4)
+    suffix = (4.0 * Dk * Dk * C * NC, T * (Dk * 4 * 2 + Dk * s + 4) + NW * Dk * Dk * 4)
+    objects = (2.0 * (n["reframes"] * Dk * D + n["token_chunks"] * C * D),
+               n["objects"] * D * 4 + NW * L * D * (4 + s) + NW * Dk * Dk * 4
+               + n["token_chunks"] * C * (Dk * 4 + Dv * s))
+    readout = (2.0 * (NC * (2 * C * C * Dk + C**3 + C * C * Dv) + n["steps"] * C * (2 * Dk + Dv) + n["reads"] * D),
+               qkvo + rows + T * (C + Dk) * 4 + n["objects"] * D * s)
+    readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (7 * Dk + 2 * Dv)
+                          + n["reads"] * D),
+                   qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 * 2)
+                   + n["steps"] * (3 * Dk * 4 + 2 * (2 * Dk + Dv) * 4) + n["objects"] * D * s)
+    object_grads = (2.0 * n["reads"] * D, T * (Dk * 4 + Dv * s + L * (s + 4)) + n["objects"] * D * 4)
+    object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * n["token_chunks"] * C * D),
+                  n["objects"] * D * 4 * 4 + NW * L * D * 4 + NW * Dk * Dk * 4 * 2
+                  + n["token_chunks"] * C * (Dk * 4 * 2 + Dv * (s + 8)))
+    suffix_bwd = (12.0 * Dk * Dk * C * NC,
+                  NC * Dk * Dk * 4 * 3 + T * (Dk * 4 * 3 + Dk * s * 2 + 8) + T * Dk * 4 * 4 + NW * Dk * Dk * 4)
+    ut_bwd = (2.0 * NC * (10 * C * C * Dk + 6 * C**3),
+              T * ((2 * Dk + Dv) * s * 2 + 16 + C * 4 * 3 + Dk * 4 * 4 + Dv * 4 + 8) + NC * C * C * 4 * 4)
     return {
-        "window products": products,
-        "object pass": object_pass,
-        "readout (objects + band)": readout,
-        "window products (recomputed)": products,
-        "object pass (recomputed)": object_pass,
-        "readout backward": readout_bwd,
-        "object pass backward": object_bwd,
-        "window products backward": products_bwd,
+        "UT": ut_k, "suffix products": suffix, "object pass": objects, "readout": readout,
+        "UT (recomputed)": ut_k, "suffix products (recomputed)": suffix, "object pass (recomputed)": objects,
+        "readout backward": readout_bwd, "object gradients": object_grads, "object pass backward": object_bwd,
+        "suffix backward": suffix_bwd, "UT backward": ut_bwd,
     }
 
 

@@ -245,12 +245,15 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
             e2 = tl.load(LAST + nxt + r2)
             acc = tl.zeros([BKP, BV], dtype=tl.float32)
             if a2 <= e2:
+                held_any = tl.full([], 0, tl.int32)
                 for r in range(L):
                     a = tl.load(FIRST + now + r)
                     e = tl.load(LAST + now + r)
                     held = (a <= e) & (a2 <= a) & (e <= e2)
                     acc += tl.load(src + r * D + tile, mask=mt & held, other=0.0)
-                acc = tl.dot(suf, acc, input_precision=PREC_CHAIN)
+                    held_any += held.to(tl.int32)
+                if held_any > 0:  # re-framed only when it holds an object (else made of the window's tokens)
+                    acc = tl.dot(suf, acc, input_precision=PREC_CHAIN)
                 j0, j1 = _chunk_range(PHI, n, w, a2, e2, H, C, R)
                 for j in range(j0, j1):
                     c = w * R + j
@@ -533,16 +536,23 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DN, DKT, DVK, DSUF,
             e2 = tl.load(LAST + after + r2)
             if a2 <= e2:
                 Dn = tl.load(nxt + r2 * D + tile, mask=mt, other=0.0)
-                DT = tl.dot(sufT, Dn, input_precision=PREC_CHAIN)
                 gathered = tl.zeros([BV, BKP], dtype=tl.float32)
+                held_any = tl.full([], 0, tl.int32)
                 for r in range(L):
                     a = tl.load(FIRST + now + r)
                     e = tl.load(LAST + now + r)
                     held = (a <= e) & (a2 <= a) & (e <= e2)
-                    if held:
-                        tl.store(cur + r * D + tile, tl.load(cur + r * D + tile, mask=mt, other=0.0) + DT, mask=mt)
-                        gathered += tl.load(masters + r * D + tileT, mask=mtT, other=0.0)
-                dsuf += tl.dot(Dn, gathered, input_precision=PREC_CHAIN)
+                    gathered += tl.load(masters + r * D + tileT, mask=mtT & held, other=0.0)
+                    held_any += held.to(tl.int32)
+                if held_any > 0:
+                    DT = tl.dot(sufT, Dn, input_precision=PREC_CHAIN)
+                    dsuf += tl.dot(Dn, gathered, input_precision=PREC_CHAIN)
+                    for r in range(L):
+                        a = tl.load(FIRST + now + r)
+                        e = tl.load(LAST + now + r)
+                        if (a <= e) & (a2 <= a) & (e <= e2):
+                            tl.store(cur + r * D + tile, tl.load(cur + r * D + tile, mask=mt, other=0.0) + DT,
+                                     mask=mt)
                 j0, j1 = _chunk_range(PHI, n, w, a2, e2, H, C, R)
                 for j in range(j0, j1):
                     c = w * R + j
