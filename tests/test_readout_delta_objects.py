@@ -59,7 +59,8 @@ class Drawn:
         self.case, self.initial, self.dtype, self.window, self.step = case, initial, dtype, window, step
 
     def __repr__(self):
-        return f"Drawn({self.case!r}, initial={self.initial}, dtype={self.dtype}, window={self.window}, step={self.step})"
+        return (f"Drawn({self.case!r}, initial={self.initial}, dtype={self.dtype}, window={self.window}, "
+                f"step={self.step})")
 
 
 def edge(length, levels, policy, transition, tau, chunk_size, window, initial, dtype=F64, step=0, **kw):
@@ -553,8 +554,8 @@ import dla.ops.readout.objects_delta_triton as X
 from dla.ops.backbone.delta_common import precisions
 
 INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "scale": "fp32"}
-FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "XS", "SCR", "XF", "DR", "DQH", "DAT", "DEB", "DHB", "DGC", "DVK",
-           "DN", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
+FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "XS", "SCR", "XF", "DR", "DQH", "DAT", "DEB", "DHB", "DGC",
+           "DVK", "DN", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
 for spec in sys.argv[1:]:
     D, L, C, R, dtype, has_g = spec.split(":")
     D, L, C, R, dtype = int(D), int(L), int(C), int(R), getattr(torch, dtype)

@@ -47,6 +47,7 @@ on the GPU). Dots on float32 operands (the inputs are converted on load), `input
 `"ieee"` for float32 inputs; for 16-bit inputs `"tf32"`, and `"tf32x3"` (`delta_common.precisions`)
 for the solve and for every product of the transport and suffix chains, whose rounding compounds
 over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
+Offsets inside a `[B, T, H, …]` row are int32 (`T·H·max(Dk, Dv, L) < 2³¹`), buffer bases int64.
 """
 
 from __future__ import annotations
