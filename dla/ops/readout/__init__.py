@@ -10,6 +10,7 @@
 | `masked_triton.py` | CUDA without `β`, the dense path: the masked quadratic form `(A_base ⊙ Λ) V` for heads whose plan is too dense or overflows the pool, and for calls of one chunk |
 | `scan_triton.py` | CUDA with `β`: the chunked scan over the slot states, linear in `T`, `Dk ≤ 128` |
 | `cost.py` | what each CUDA kernel costs (FLOPs, bytes), the pool bound, and the rule between objects and the dense path |
+| `objects_delta.py`, `objects_delta_triton.py`, `cost_delta.py` | with `β`: the readout by windows of `R` chunks (objects re-framed once per window, the window's tokens read through the query's WY transport) in torch (float64-exact) and Triton, and its cost — not taken by the rule yet: its Triton kernels have not run on a GPU, and its modelled roofline misses SPEC §7's target |
 
 The references are `dla.ops.reference.multistate_attention_materialized` (the masked form) and
 `multistate_attention_recurrent`.
