@@ -6,6 +6,11 @@ tensors. Inputs are either Gaussian (almost every token a boundary) or piecewise
 The `drift` score compares the decayed backbone state step to step: it keeps opening slots at
 regime changes only where the decay `g` makes the memory forget (`FORGETFUL`), and stops once
 `S^g` has grown large without it.
+
+Two designed inputs (`EXACT`, `designed_stream`) put decisions exactly on the rule's edges —
+`I_t = τ` and merge densities that tie — with values every path computes exactly, so every
+path must take the rule's side of the edge (`I_t ≥ τ` opens; ties merge the oldest pair) and
+no margin filter applies to them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dla.ops.validation import POLICIES, SCORES
 from dla.run.synthetic import piecewise_stationary
 
 TRANSITIONS = ("none", "g", "beta", "both")
+EXACT = ("repeated", "alternating")  # designed inputs (`designed_stream`): decisions exactly on the rule's edges
+EXACT_BETA = 1.0  # β of the designed inputs: `S^g` stays a small integer multiple of `k vᵀ`, exactly
 DELTA = {torch.float64: 1e-9, torch.float32: 1e-4}  # SPEC §2 decision margins
 GENTLE = (-0.5, 0.0)  # log-decay range: a long memory
 FORGETFUL = (-1.2, -0.4)  # a memory of a few tokens, which a regime change moves under `drift`
@@ -40,7 +47,7 @@ class Case:
     transition: str
     score: str
     tau: float
-    inputs: str  # "gaussian" | "piecewise"
+    inputs: str  # "gaussian" | "piecewise" | one of EXACT
     mean_regime: float
     seed: int
     chunk_size: int = 4
@@ -82,7 +89,9 @@ def build(case: Case, dtype=torch.float64) -> dict:
     β the keys are l2-normalised, as Gated DeltaNet feeds them."""
     gen = torch.Generator().manual_seed(case.seed)
     B, T, H = case.batch, case.length, case.heads
-    if case.inputs == "gaussian":
+    if case.inputs in EXACT:
+        k, v = designed_stream(case.inputs, B, T, H, case.dk, case.dv, case.beta)
+    elif case.inputs == "gaussian":
         k = torch.randn(B, T, H, case.dk, generator=gen, dtype=torch.float64)
         v = torch.randn(B, T, H, case.dv, generator=gen, dtype=torch.float64)
     else:
@@ -97,7 +106,37 @@ def build(case: Case, dtype=torch.float64) -> dict:
         "g": _uniform(case.log_decay, (B, T, H), gen) if case.g else None,
         "beta": torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05 if case.beta else None,
     }
+    if case.inputs in EXACT:  # no decay and β = 1: the designed scores stay exact
+        tensors["g"] = torch.zeros(B, T, H, dtype=torch.float64) if case.g else None
+        tensors["beta"] = torch.full((B, T, H), EXACT_BETA, dtype=torch.float64) if case.beta else None
     return {name: (x.to(dtype) if x is not None else None) for name, x in tensors.items()}
+
+
+def designed_stream(kind: str, B: int, T: int, H: int, dk: int, dv: int, beta: bool):
+    """`k [B,T,H,dk]`, `v [B,T,H,dv]` (float64) of a designed input, for transitions with `g = 0`
+    and, where `beta`, `β = EXACT_BETA`. Every key is `e₀`; the values are multiples of `e₀` by
+    small dyadic numbers, so every product behind a score is exact on every path.
+
+    * `"repeated"`: `v_t = e₀` at every step. The new content is parallel to the old under every
+      score (`k vᵀ = Z` for a block of one token, `Z + k vᵀ = 2Z`, `S^g_t` a positive multiple of
+      `S^g_{t−1}`), so `I_t = 0` exactly: at `τ = 0` every token opens a slot by equality, and all
+      slots keep `I = 0`, so every capacity merge is an exact tie of zero densities.
+    * `"alternating"`: `v_0 = e₀`, `v_t = (−1)^t c e₀` after it, `c = 2` without `β` and `2 − β = 1`
+      with it: the backbone state alternates exactly, `S^g_t = −S^g_{t−1}`, and a token after a block
+      of one token reverses it (`k vᵀ = −cZ`; under `state`, `Z + k vᵀ = −Z` at `t = 1` without
+      `β`), so `I_t = 2` exactly there: at `τ = 2` those tokens open slots by equality."""
+    k = torch.zeros(B, T, H, dk, dtype=torch.float64)
+    k[..., 0] = 1.0
+    v = torch.zeros(B, T, H, dv, dtype=torch.float64)
+    if kind == "repeated":
+        v[..., 0] = 1.0
+    elif kind == "alternating":
+        t = torch.arange(T)
+        c = 2 - EXACT_BETA if beta else 2.0  # with β, S^g = ±β k e₀ᵀ: (1 − β)s − βc·sign(s) = −s
+        v[..., 0] = torch.where(t == 0, 1.0, c * (-1.0) ** t)[None, :, None]
+    else:
+        raise ValueError(f"kind must be one of {EXACT}, got {kind!r}")
+    return k, v
 
 
 def _uniform(bounds: tuple, shape: tuple, gen: torch.Generator) -> torch.Tensor:
@@ -119,6 +158,12 @@ def well_conditioned(seg, dtype=torch.float64) -> bool:
     """SPEC §2: every decision clears its margin, so every path must take the same one."""
     delta = DELTA[dtype]
     return bool((seg.boundary_margin >= delta).all() and (seg.merge_margin >= delta).all())
+
+
+def comparable(case: Case, seg, dtype=torch.float64) -> bool:
+    """Whether every path must take `seg`'s decisions: a designed input (computed exactly on every
+    path, so the rule's side of each edge) or a well-conditioned one."""
+    return case.inputs in EXACT or well_conditioned(seg, dtype)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -27,7 +27,9 @@ from dla.ops.segment.cpu import segment_cpu as segment
 from dla.ops.state import MultiStateCache, empty_cache, state_dtype
 from dla.ops.validation import SCORES
 from dla.run.synthetic import piecewise_stationary
-from tests.strategies import DELTA, FORGETFUL, GENTLE, I_TOL, TRANSITIONS, fenwick_levels, relative_error
+from tests.strategies import (
+    DELTA, EXACT, EXACT_BETA, FORGETFUL, GENTLE, I_TOL, TRANSITIONS, designed_stream, fenwick_levels, relative_error,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Relative tolerances of Z and zz against the float64 oracle.
@@ -45,7 +47,7 @@ class SegCase:
     policy: str
     score: str
     tau: float
-    inputs: str  # "gaussian" | "piecewise"
+    inputs: str  # "gaussian" | "piecewise" | one of EXACT
     mean_regime: float
     seed: int
     chunk_size: int
@@ -94,11 +96,13 @@ class Inputs(NamedTuple):
 
 
 def stream(case: SegCase, length: int) -> Inputs:
-    """`k, v` (Gaussian or piecewise-stationary) and, by transition, `g ≤ 0` and `β ∈ (0, 1)`
-    with l2-normalised keys, in the case's dtype."""
+    """`k, v` (Gaussian, piecewise-stationary or designed) and, by transition, `g ≤ 0` and
+    `β ∈ (0, 1)` with l2-normalised keys, in the case's dtype."""
     gen = torch.Generator().manual_seed(case.seed)
     B, H = case.batch, case.heads
-    if case.inputs == "gaussian":
+    if case.inputs in EXACT:
+        k, v = designed_stream(case.inputs, B, length, H, case.dk, case.dv, case.transition in ("beta", "both"))
+    elif case.inputs == "gaussian":
         k = torch.randn(B, length, H, case.dk, generator=gen, dtype=torch.float64)
         v = torch.randn(B, length, H, case.dv, generator=gen, dtype=torch.float64)
     else:
@@ -107,6 +111,8 @@ def stream(case: SegCase, length: int) -> Inputs:
     lo, hi = case.log_decay
     g = hi - (hi - lo) * torch.rand(B, length, H, generator=gen, dtype=torch.float64)
     beta = 0.05 + 0.9 * torch.rand(B, length, H, generator=gen, dtype=torch.float64)
+    if case.inputs in EXACT:  # the designed inputs' transitions (tests.strategies.build)
+        g, beta = torch.zeros_like(g), torch.full_like(beta, EXACT_BETA)
     if case.transition in ("beta", "both"):
         k = torch.nn.functional.normalize(k, dim=-1)
     dt = case.torch_dtype
@@ -157,7 +163,10 @@ def fast(case: SegCase, x: Inputs, state, chunk_size=None):
 def well_conditioned(seg, case: SegCase) -> bool:
     """SPEC §2's margins, as `tests.strategies.well_conditioned`, except that at τ = 0 every
     scored token is a boundary on every path (I_t = √max(0, ·) ≥ 0 = τ), so |I_t − τ| is no
-    margin there: a token with I_t ≈ 0 is not a decision that may flip."""
+    margin there: a token with I_t ≈ 0 is not a decision that may flip. A designed input
+    (`EXACT`) needs no margin: every path computes its edges exactly (`tests.strategies.comparable`)."""
+    if case.inputs in EXACT:
+        return True
     delta = DELTA[case.torch_dtype]
     boundaries = case.tau == 0 or bool((seg.boundary_margin >= delta).all())
     return boundaries and bool((seg.merge_margin >= delta).all())
@@ -205,6 +214,26 @@ EDGE_CASES = {
                                                       transition="both", log_decay=FORGETFUL),
 }
 
+# Decisions exactly on the rule's edges (tests.strategies.designed_stream): "repeated" at τ = 0,
+# every I_t = 0 = τ and every capacity merge a tie of zero densities; "alternating" at τ = 2,
+# I_t = 2 = τ (under `state` at the stream's second token only).
+EXACT_CASES = {
+    "I = τ = 0 and zero-density ties": SegCase(**{**EDGE, "inputs": "repeated"}, length=12, levels=3, tau=0.0,
+                                              chunk_size=4, dtype="float32"),
+    "I = τ = 0 and ties, state score, after a cache": SegCase(**{**EDGE, "inputs": "repeated", "score": "state"},
+                                                              length=9, levels=4, tau=0.0, chunk_size=3,
+                                                              dtype="float64", warm=3),
+    "I = τ = 0 and ties, drift": SegCase(**{**EDGE, "inputs": "repeated", "score": "drift"}, length=10, levels=3,
+                                        tau=0.0, chunk_size=4, dtype="float32", warm=3, transition="both"),
+    "I = τ = 2": SegCase(**{**EDGE, "inputs": "alternating"}, length=11, levels=4, tau=2.0, chunk_size=4,
+                        dtype="float64"),
+    "I = τ = 2, state score": SegCase(**{**EDGE, "inputs": "alternating", "score": "state"}, length=6, levels=3,
+                                     tau=2.0, chunk_size=8, dtype="float32"),
+    "I = τ = 2, drift, after a cache": SegCase(**{**EDGE, "inputs": "alternating", "score": "drift"}, length=9,
+                                              levels=3, tau=2.0, chunk_size=1, dtype="float64", warm=3,
+                                              transition="g"),
+}
+
 
 def with_examples(cases):
     def wrap(fn):
@@ -216,6 +245,7 @@ def with_examples(cases):
 
 @given(seg_cases())
 @with_examples(EDGE_CASES.values())
+@with_examples(EXACT_CASES.values())
 @example(SegCase(length=9, levels=5, tau=0.6, chunk_size=4, dtype="float64", warm=7,
                  **{**EDGE, "policy": "fenwick"}))  # fenwick continuing from step 7
 @example(SegCase(length=5, levels=4, tau=0.6, chunk_size=3, dtype="float32", warm=3,
@@ -246,7 +276,8 @@ def test_segment_equals_segment_naive(case: SegCase):
 
 
 def test_edge_examples_are_well_conditioned_and_what_they_claim():
-    """The `@example`s above must not be dropped by the margin filter."""
+    """The `@example`s above must not be dropped by the margin filter, and the designed ones must
+    put decisions exactly on the edges."""
     for name, case in EDGE_CASES.items():
         x, state = make_inputs(case)
         ref = naive(case, x, state)
@@ -258,6 +289,14 @@ def test_edge_examples_are_well_conditioned_and_what_they_claim():
         if name.startswith("full cache"):  # a capacity merge inside the first chunk
             first = naive(case, piece(x, 0, case.chunk_size), state)
             assert first.capacity_merges.sum() > 0, name
+    for name, case in EXACT_CASES.items():
+        x, state = make_inputs(case)
+        ref = naive(case, x, state)
+        if case.inputs == "repeated":  # every token opens, and the merges tie
+            assert int(ref.boundaries.sum()) == case.batch * case.heads * (case.length - (case.warm == 0)), name
+            assert int(ref.capacity_merges.sum()) > 0 and (ref.I == 0).all(), name
+        else:
+            assert bool((ref.info == case.tau).any()), name
 
 
 def test_draws_are_mostly_well_conditioned_and_exercise_every_decision():

@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 import triton
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
@@ -29,8 +29,8 @@ from dla.ops.segment.triton_walk import dla_walk, segment_dla, segment_triton
 from dla.ops.validation import SCORES
 from dla.run.synthetic import piecewise_stationary
 from tests.strategies import (
-    DELTA, FORGETFUL, TRANSITIONS, Case, build, decision_counts, fenwick_levels, information_close, naive_segmentation,
-    poisoned_empty, random_cache, relative_error, well_conditioned,
+    DELTA, FORGETFUL, TRANSITIONS, Case, build, comparable, decision_counts, fenwick_levels, information_close,
+    naive_segmentation, poisoned_empty, random_cache, relative_error, well_conditioned,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,6 +38,14 @@ FAST = dict(deadline=None, database=None, derandomize=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 BASE = dict(batch=1, heads=1, dk=16, dv=16, transition="none", score="token", inputs="piecewise",
             mean_regime=4.0, seed=3, chunk_size=16)
+
+
+def with_examples(draws):
+    def wrap(fn):
+        for drawn in draws:
+            fn = example(drawn)(fn)
+        return fn
+    return wrap
 
 
 def cache_args(state: MultiStateCache, device=DEVICE):
@@ -105,22 +113,33 @@ def dla_draws(draw):
     return case, draw(st.booleans()), draw(st.sampled_from([None, 16, 32]))
 
 
+EXACT_DRAWS = [  # I = τ and ties of merge densities (tests.strategies.designed_stream), one piece and several
+    (Case(length=37, levels=3, policy="dla", tau=0.0, **{**BASE, "inputs": "repeated", "heads": 2}), True, 16),
+    (Case(length=20, levels=4, policy="dla", tau=0.0, **{**BASE, "inputs": "repeated", "score": "state"}), False,
+     None),
+    (Case(length=35, levels=3, policy="dla", tau=2.0, **{**BASE, "inputs": "alternating"}), False, 16),
+    (Case(length=12, levels=2, policy="dla", tau=2.0, **{**BASE, "inputs": "alternating", "score": "state"}), False,
+     None),
+]
+
+
 def test_dla_matches_naive():
     """Level map and final state equal the oracle's on well-conditioned draws, Gaussian and
     piecewise-stationary, with and without an initial state, in one piece or several (the
-    speculative walk and its fix-up); the draws are mostly well-conditioned and exercise every
-    kind of event."""
+    speculative walk and its fix-up), and on the designed inputs; the draws are mostly
+    well-conditioned and exercise every kind of event."""
     verdicts, events = [], torch.zeros(3, dtype=torch.int64)
 
     @settings(max_examples=36, **FAST)
     @given(dla_draws())
+    @with_examples(EXACT_DRAWS)
     def check(draw):
         case, with_state, piece = draw
         t = build(case, torch.float32)
         state = initial(case, with_state, seed=case.seed % 1000)
         seg = segment_naive(t["k"], t["v"], levels=case.levels, policy="dla", tau=case.tau, score=case.score,
                             initial_state=state)
-        verdicts.append(well_conditioned(seg, torch.float32))
+        verdicts.append(comparable(case, seg, torch.float32))
         if not verdicts[-1]:
             return
         events.add_(decision_counts(seg))
@@ -320,18 +339,22 @@ def drift_draws(draw, transition: str):
 @pytest.mark.parametrize("transition", TRANSITIONS)
 def test_drift_matches_naive(transition):
     """`dla` under `drift` through the Triton products, merge and fill kernels: level map, final
-    state and `N` equal the oracle's on well-conditioned draws, with and without a cache; the
-    draws are mostly well-conditioned."""
+    state and `N` equal the oracle's on well-conditioned draws, with and without a cache, and on
+    the designed inputs (I = τ = 0 with ties of merge densities, I = τ = 2); the draws are
+    mostly well-conditioned."""
     verdicts, events = [], torch.zeros(3, dtype=torch.int64)
+    exact = dict(BASE, score="drift", transition=transition)
 
     @settings(max_examples=6, **FAST)
     @given(drift_draws(transition))
+    @example((Case(length=21, levels=3, policy="dla", tau=0.0, **{**exact, "inputs": "repeated"}), False))
+    @example((Case(length=18, levels=3, policy="dla", tau=2.0, **{**exact, "inputs": "alternating"}), False))
     def check(draw):
         case, with_state = draw
         t = build(case, torch.float32)
         state = initial(case, with_state, seed=case.seed % 1000)
         seg = naive_segmentation(case, t, state)
-        verdicts.append(well_conditioned(seg, torch.float32))
+        verdicts.append(comparable(case, seg, torch.float32))
         if not verdicts[-1]:
             return
         events.add_(decision_counts(seg))
