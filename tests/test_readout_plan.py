@@ -14,25 +14,29 @@ from dla.ops.readout.plan import build_plan, chunk_count
 from dla.ops.reference import segment_naive
 from dla.ops.segment.closed_form import segment_fenwick
 from perf.cost_model import counts
-from tests.strategies import Case, assert_draws_exercise_every_decision, build, fenwick_levels, random_cache
+from tests.strategies import Case, build, claims_decisions, decisive, fenwick_levels, random_cache, tally_draw
 
 BASE = dict(batch=2, heads=2, dk=3, dv=2, score="token", inputs="piecewise", seed=3)
 
 
 @st.composite
 def plan_cases(draw):
+    """`(case, initial?, steps)`: `dla` maps that reach capacity merges (`decisive`)."""
     policy = draw(st.sampled_from(["dla", "dla", "fenwick", "single"]))
-    length = draw(st.integers(1, 40))
     initial = draw(st.booleans())
-    levels = draw(st.integers(2, 6))
-    if policy == "fenwick":
-        levels = max(levels, fenwick_levels(length, offset=5 if initial else 0))
-    case = Case(batch=draw(st.integers(1, 2)), length=length, heads=draw(st.integers(1, 2)), dk=3, dv=2,
-                levels=levels, policy=policy, transition="none", score=draw(st.sampled_from(["token", "state"])),
-                tau=draw(st.sampled_from([0.0, 0.3, 0.6, 0.6, 10.0])),
-                inputs=draw(st.sampled_from(["gaussian", "piecewise", "piecewise"])),
-                mean_regime=draw(st.sampled_from([2.0, 4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
-                chunk_size=draw(st.sampled_from([1, 2, 4, 8, 16])))
+    score = draw(st.sampled_from(["token", "state"]))
+    if policy == "dla":
+        fields = draw(decisive(score, 40))
+    else:
+        length = draw(st.integers(1, 40))
+        levels = draw(st.integers(2, 6))
+        if policy == "fenwick":
+            levels = max(levels, fenwick_levels(length, offset=5 if initial else 0))
+        fields = dict(length=length, levels=levels, tau=0.6, inputs=draw(st.sampled_from(["gaussian", "piecewise"])),
+                      mean_regime=4.0)
+    case = Case(batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 2)), dk=3, dv=2, policy=policy,
+                transition="none", score=score, seed=draw(st.integers(0, 2**31 - 1)),
+                chunk_size=draw(st.sampled_from([1, 2, 4, 8, 16])), **fields)
     return case, initial, draw(st.lists(st.integers(0, 40), min_size=case.batch, max_size=case.batch))
 
 
@@ -120,6 +124,7 @@ def check_plan(level_start, step, C):
     return plan
 
 
+@claims_decisions()
 @given(plan_cases())
 @example((Case(length=23, levels=3, policy="dla", transition="none", tau=0.0, mean_regime=4.0, chunk_size=4, **BASE),
           True, [0, 0]))  # every token a boundary, capacity merges from the first
@@ -129,12 +134,9 @@ def check_plan(level_start, step, C):
           True, [0, 0]))
 def test_plan_matches_the_level_map(drawn):
     case, initial, steps = drawn
-    level_start, _, _, step = level_map_of(case, initial, steps)
+    level_start, seg, _, step = level_map_of(case, initial, steps)
+    tally_draw(case.policy, seg)
     check_plan(level_start, step, case.chunk_size)
-
-
-def test_drawn_plans_exercise_every_decision():
-    assert_draws_exercise_every_decision(plan_cases().map(lambda drawn: drawn[0]), max_examples=100, derandomize=True)
 
 
 def test_cost_model_counts_are_the_plans_and_the_segmentations():

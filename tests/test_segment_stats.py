@@ -13,18 +13,17 @@ from hypothesis import strategies as st
 from dla.ops.levels import encode_level_map
 from dla.ops.segment.stats import segmentation_stats
 from dla.ops.state import empty_cache
-from tests.strategies import FORGETFUL, GENTLE, Case, build, naive_segmentation, random_cache
+from tests.strategies import Case, build, claims_decisions, decisive, naive_segmentation, random_cache, tally_draw
 
 
 @st.composite
 def stats_cases(draw):
+    """`(case, from a cache?, chunk, skip)`: draws that reach capacity merges (`decisive`)."""
+    score = draw(st.sampled_from(["drift", "token"]))
     case = Case(
-        batch=draw(st.integers(1, 2)), length=draw(st.integers(1, 40)), heads=draw(st.integers(1, 3)),
-        dk=draw(st.integers(2, 4)), dv=draw(st.integers(2, 4)), levels=draw(st.integers(2, 5)), policy="dla",
-        transition=draw(st.sampled_from(["g", "both"])), score=draw(st.sampled_from(["drift", "token"])),
-        tau=draw(st.sampled_from([0.0, 0.3, 0.6])), inputs=draw(st.sampled_from(["gaussian", "piecewise"])),
-        mean_regime=draw(st.sampled_from([3.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
-        log_decay=draw(st.sampled_from([GENTLE, FORGETFUL])),
+        batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 3)), dk=draw(st.integers(2, 4)),
+        dv=draw(st.integers(2, 4)), policy="dla", transition=draw(st.sampled_from(["g", "both"])), score=score,
+        seed=draw(st.integers(0, 2**31 - 1)), **draw(decisive(score, 40)),
     )
     return case, draw(st.booleans()), draw(st.sampled_from([1, 4, 16, 64])), draw(st.sampled_from([0, 5, 16]))
 
@@ -40,6 +39,7 @@ def slot_sets(level: torch.Tensor, initial_level: torch.Tensor, t: int) -> dict[
     return {r: frozenset(x) for r, x in members.items()}
 
 
+@claims_decisions()
 @given(stats_cases())
 def test_statistics_equal_counts_from_segment_naive(draw):
     case, with_state, chunk, skip = draw
@@ -48,6 +48,7 @@ def test_statistics_equal_counts_from_segment_naive(draw):
     state = random_cache(case, seed=case.seed % 1000) if with_state else empty_cache(
         B, H, K, case.dk, case.dv, dtype=torch.float64, device="cpu")
     seg = naive_segmentation(case, t, state)
+    tally_draw(case.policy, seg)
     got = segmentation_stats(encode_level_map(seg.level, seg.initial_level, state.m), m0=state.m, chunk_size=chunk,
                              skip_first=skip)
 
