@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +113,16 @@ def test_needle_sits_at_its_depth():
             text = bytes(row.astype(np.uint8).tolist()).decode()
             i = text.index("The pass key is ")
             assert where(i, text.index("What is")) and text.count("The pass key is ") == 2, text
+    # multi-key: four needles with distinct keys, then the question names one of them, and the
+    # digits it is answered with are that needle's number and the query targets
     task = make_task("niah-multikey", seq_len=600, needles=4, digits=7)
-    text = bytes(task.batch(1, seed=2)[0][0].numpy().astype(np.uint8).tolist()).decode()
-    assert text.count("The magic number for ") == 5 and text.endswith(text[-6:])
+    x, y = (t[0].numpy() for t in task.batch(1, seed=2))
+    text = bytes(np.append(x, y[-1]).astype(np.uint8).tolist()).decode()  # the whole stream: x, then y's last
+    numbers = dict(re.findall(r"The magic number for ([a-z]{4}) is ([0-9]{7})\. ", text))
+    asked = re.fullmatch(r"(?s).*What is the magic number for ([a-z]{4})\? The magic number for \1 is ([0-9]{7})", text)
+    assert text.count("The magic number for ") == 5 and len(numbers) == 4 and asked is not None, text
+    assert numbers[asked[1]] == asked[2]
+    assert bytes(y[y != IGNORE].astype(np.uint8).tolist()).decode() == asked[2]
 
 
 @pytest.mark.parametrize("name, params, message", [
