@@ -242,19 +242,30 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
+def greedy_by_parallel_forward(model: CausalLM, prompt: str, n: int) -> str:
+    """The oracle of greedy decoding: the argmax of the parallel forward (no decode cache) on the
+    growing sequence, `n` times."""
+    seq = torch.tensor(encode(prompt), dtype=torch.int64)[None]
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1)[:, None]], dim=1)
+    return prompt + decode(seq[0, -n:].numpy())
+
+
 def test_generate_cli(trained, capsys):
-    capsys.readouterr()
-    argv = ["generate", "--checkpoint", str(trained), "--prompt", "the king", "--max-new-tokens", "12",
-            "--temperature", "0.9", "--top-k", "20", "--seed", "7", "--no-compile", "--device", "cpu"]
-    assert main(argv) == 0
-    first = capsys.readouterr().out
-    assert main(argv) == 0
-    assert capsys.readouterr().out == first and first.startswith("the king")
-    # what the CLI printed is what `generate` makes from the checkpoint
-    model = checkpoint.load(trained, device="cpu")
-    prompt = torch.tensor(encode("the king"), dtype=torch.int64)[None]
-    expected = generate(model, prompt, 12, temperature=0.9, top_k=20, seed=7, compile="none")
-    assert first == "the king" + decode(expected[0].numpy()) + "\n"
+    """`dla generate` samples reproducibly from its seed, and decodes greedily (temperature 0, or
+    the top 1 at any temperature) what the parallel forward of the checkpoint's model predicts."""
+    def run(*flags) -> str:
+        capsys.readouterr()
+        assert main(["generate", "--checkpoint", str(trained), "--prompt", "the king", "--max-new-tokens", "8",
+                     "--no-compile", "--device", "cpu", *flags]) == 0
+        return capsys.readouterr().out
+
+    sampled = run("--temperature", "0.9", "--top-k", "20", "--seed", "7")
+    assert run("--temperature", "0.9", "--top-k", "20", "--seed", "7") == sampled and sampled.startswith("the king")
+    expected = greedy_by_parallel_forward(checkpoint.load(trained, device="cpu"), "the king", 8) + "\n"
+    assert run("--temperature", "0") == expected
+    assert run("--temperature", "0.9", "--top-k", "1", "--seed", "3") == expected
 
 
 @pytest.mark.parametrize("flag,value", [
