@@ -1,5 +1,6 @@
-"""What several test modules share: a small corpus, the training curve of a run folder, and a
-`micro` preset small enough for end-to-end runs of a few steps within the test budget."""
+"""What several test modules share: a small corpus, the training curve of a run folder, a
+`micro` preset small enough for end-to-end runs of a few steps within the test budget, and the
+held-out figures of a run's model computed directly (the oracle of `dla eval` and of the record)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from dla.model import PRESETS
 from dla.run.train import LOCK, RECIPES
@@ -55,3 +58,22 @@ def snapshot(folder: Path) -> dict:
         return {}
     return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != LOCK}
+
+
+def heldout_oracle(model, run: Path, max_tokens: int) -> dict:
+    """The held-out figures of `model` on `run`'s split (`RUN/data/{train,heldout}.bin`), computed
+    as the README defines them and not by `dla.run.eval`: mean next-byte cross-entropy (nats) of
+    the plain forward over evenly spaced disjoint windows of `seq_len + 1` bytes (at most
+    `max_tokens` targets, at least one window), and of the add-one unigram byte model of the
+    training split on the same targets."""
+    heldout = np.fromfile(run / "data" / "heldout.bin", dtype=np.uint8)
+    train = np.fromfile(run / "data" / "train.bin", dtype=np.uint8)
+    T = model.cfg.seq_len
+    count = max(1, min((len(heldout) - 1) // T, max_tokens // T))
+    starts = np.linspace(0, len(heldout) - T - 1, count).astype(np.int64)
+    windows = torch.from_numpy(np.stack([heldout[s:s + T + 1] for s in starts]).astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        loss = F.cross_entropy(model(x).double().flatten(0, 1), y.flatten())
+    unigram = -np.log((np.bincount(train, minlength=256) + 1.0) / (len(train) + 256.0))
+    return {"heldout_loss": float(loss), "unigram_loss": float(unigram[y.numpy()].mean()), "heldout_tokens": y.numel()}

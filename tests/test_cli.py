@@ -26,7 +26,7 @@ from dla.cli import build_parser, main
 from dla.model import CausalLM
 from dla.run import checkpoint
 from dla.run.data import prepare
-from tests.helpers import add_micro_preset, exit_code, snapshot, train_curve, write_corpus
+from tests.helpers import add_micro_preset, exit_code, heldout_oracle, snapshot, train_curve, write_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +61,13 @@ def test_train_then_eval(finished_run, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 4 and result["heldout_tokens"] == 32
     assert result["heldout_bpb"] == pytest.approx(result["heldout_loss"] / 0.6931471805599453)
+    # the evaluation and the run's record, each against the figures computed directly
+    oracle = heldout_oracle(checkpoint.load(out, device="cpu"), out, max_tokens=32)
     recorded = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert result["heldout_bpb"] == pytest.approx(recorded["heldout_bpb"], rel=1e-6)
+    for figures in (result, recorded):
+        assert figures["heldout_tokens"] == oracle["heldout_tokens"]
+        assert figures["heldout_loss"] == pytest.approx(oracle["heldout_loss"], rel=1e-5)
+        assert figures["unigram_bpb"] == pytest.approx(oracle["unigram_loss"] / 0.6931471805599453, rel=1e-6)
     assert main(["eval", "--checkpoint", str(checkpoint.find(out))]) == 0
     line = capsys.readouterr().out
     assert "bits per byte" in line and "unigram byte model" in line
@@ -397,15 +402,15 @@ def test_two_processes_on_one_run_folder(tmp_path, corpus):
 
 def test_eval_and_resume_need_no_source_data(tmp_path, capsys):
     """The run keeps its split in RUN/data: with --data gone, the checkpoint evaluates to the
-    recorded figure and the run resumes with no flag but --resume."""
+    figure of its model on that split and the run resumes with no flag but --resume."""
     corpus = write_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     assert main(args(run, corpus)) == 0
-    recorded = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     shutil.rmtree(corpus)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--json", "--device", "cpu"]) == 0
-    assert json.loads(capsys.readouterr().out)["heldout_bpb"] == pytest.approx(recorded["heldout_bpb"], rel=1e-6)
+    oracle = heldout_oracle(checkpoint.load(run, device="cpu"), run, max_tokens=32)
+    assert json.loads(capsys.readouterr().out)["heldout_loss"] == pytest.approx(oracle["heldout_loss"], rel=1e-5)
     assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--no-compile", "--device", "cpu"]) == 0
     assert [s for s, _ in train_curve(run)] == [1, 2, 3, 4, 5, 6]
 

@@ -24,7 +24,7 @@ import torch
 from dla.cli import main
 from dla.run import checkpoint
 from dla.run.data import batch_at, prepare
-from tests.helpers import write_corpus
+from tests.helpers import heldout_oracle, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
@@ -88,14 +88,6 @@ def runs(tmp_path_factory):
             **{k: tmp / k for k in ("one", "two", "two-then-one")}}
 
 
-def test_fsdp2_on_gloo_cpu_is_available():
-    """The premise of the CPU test: FSDP2 (`fully_shard`) and DCP ship with this torch."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: F401
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401
-
-    assert torch.distributed.is_available() and torch.distributed.is_gloo_available()
-
-
 def test_two_processes_train_as_one_on_the_global_batch(runs):
     """Steps 1-4 straight through and 5 after the resume, on two processes, against one process."""
     one, two = records(runs["one"]), records(runs["two"])
@@ -157,10 +149,16 @@ def test_sharded_checkpoint_resumes_on_one_process(runs):
 
 
 def test_dla_eval_reads_a_sharded_checkpoint(runs, capsys):
+    """`dla eval` of the sharded checkpoint scores its model as computed directly, and that model
+    is the one the single process trained (to the agreement of the two runs)."""
     assert main(["eval", "--checkpoint", str(runs["two"]), "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == STEPS
-    assert relative(result["heldout_loss"], eval_record(runs["two"])["heldout_loss"]) < 1e-5
+    oracle = heldout_oracle(checkpoint.load(runs["two"], device="cpu"), runs["two"], max_tokens=64)
+    assert result["heldout_tokens"] == oracle["heldout_tokens"]
+    assert relative(result["heldout_loss"], oracle["heldout_loss"]) < 1e-5
+    one = heldout_oracle(checkpoint.load(runs["one"], device="cpu"), runs["one"], max_tokens=64)
+    assert relative(oracle["heldout_loss"], one["heldout_loss"]) < 1e-5
 
 
 def torchrun_env(monkeypatch, rank: int = 0, size: int = 2) -> None:
