@@ -200,9 +200,10 @@ def test_rejects_beta_float64_and_unknown_precision():
         masked_forward(*args, input_precision="fp32")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES[1:])
 def test_tf32_dots_stay_within_the_tf32_tolerance(device):
-    """SPEC §6: ≤ 1e-3 with TF32 dots (under the interpreter they are float32)."""
+    """SPEC §6: ≤ 1e-3 with TF32 dots — on the GPU only: the interpreter computes a TF32 dot in
+    float32, where the bound tests nothing that the ieee tests at 1e-5 do not."""
     case = Case(length=20, levels=4, policy="dla", transition="g", tau=0.6, **EDGE)
     case, t, state, level_start, S0, _, _ = setup(case, True)
     o, S = cpu(masked_forward(*triton_args(case, t, level_start, S0, device), input_precision="tf32"))
