@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from dla import __version__
 from dla.model import BACKBONES, POLICIES, PRESETS, ModelConfig, preset
+from dla.ops import SCORES
 from dla.run import checkpoint, distributed
 from dla.run import experiment as ex
 from dla.run.data import decode, encode
@@ -71,6 +73,10 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, help="windows per step (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--capacity", type=int, help="states K of the dla policy (default: the preset's)")
+    p.add_argument("--score", choices=SCORES,
+                   help="what the dla policy's boundary decision reads: drift (default: the change a token "
+                        "makes to the layer's whole memory), token or state (ablations)")
+    p.add_argument("--tau", type=float, help="boundary threshold τ of the dla policy (default: the preset's, 0.6)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and of the batches (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--eval-tokens", type=int, help="held-out bytes scored at the end (default 32768)")
@@ -124,7 +130,8 @@ def _positive(name: str, value) -> None:
 def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
     """The configuration of `dla train`: the checkpoint's with the flags given (--resume of a run
     that has one), else the flags' over the preset's."""
-    model = {k: getattr(args, k) for k in ("backbone", "policy", "seq_len", "capacity") if getattr(args, k) is not None}
+    model = {k: getattr(args, k) for k in ("backbone", "policy", "seq_len", "capacity", "score", "tau")
+             if getattr(args, k) is not None}
     train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "eval_tokens": args.eval_tokens, "optim": args.optim,
              "float8": (args.float8_recipe or "tensorwise") if args.float8 else None,
@@ -151,6 +158,8 @@ def _train(args) -> int:
             raise ValueError(f"--float8-recipe {args.float8_recipe} needs --float8")
         if args.capacity is not None and (args.policy or "dla") == "dla" and args.capacity < 2:
             raise ValueError(f"--capacity must be >= 2 with --policy dla, got {args.capacity}")
+        if args.tau is not None and not (math.isfinite(args.tau) and args.tau >= 0):
+            raise ValueError(f"--tau must be a finite number >= 0, got {args.tau}")
         model_cfg, train_cfg = _train_configs(args)
         run = plan(model_cfg, train_cfg, args.out, resume=args.resume, compile=not args.no_compile,
                    device=args.device, checkpoint_every=args.checkpoint_every, world=world)
