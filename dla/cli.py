@@ -207,9 +207,9 @@ def _train(args) -> int:
     lower = 1 - result["heldout_bpb"] / result["unigram_bpb"]
     print(f"held-out bits per byte: {result['heldout_bpb']:.3f} (model, {result['heldout_tokens']:,} bytes)  vs  "
           f"{result['unigram_bpb']:.3f} (unigram byte model fitted on the training split): {_relative(lower)}")
-    _print_segmentation(result["segmentation"])
     print(f"loss plot: {result['plot']}")
     print(f"checkpoint: {result['checkpoint']}  ({result['train_s']:.0f} s of training)")
+    _print_segmentation(result["segmentation"])
     return 0
 
 

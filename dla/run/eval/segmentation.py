@@ -141,5 +141,5 @@ def layer_summary(record: LayerLevelMaps) -> dict:
 
 
 def summaries(records: list[LayerLevelMaps]) -> list[dict]:
-    """One `layer_summary` per DLA layer (an empty list for a model without one)."""
-    return [layer_summary(r) for r in records]
+    """One `layer_summary` per DLA layer that ran (an empty list for a model without one)."""
+    return [layer_summary(r) for r in records if r.level_starts]
