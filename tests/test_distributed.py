@@ -161,6 +161,13 @@ def test_dla_eval_reads_a_sharded_checkpoint(runs, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == STEPS
     assert relative(result["heldout_loss"], eval_record(runs["two"])["heldout_loss"]) < 1e-5
+    # the segmentation that rank 0 recorded through the sharded model: the same layers and windows,
+    # and no more than one decision of 64 tokens apart from a plain process's
+    sharded, plain = eval_record(runs["two"])["segmentation"], result["segmentation"]
+    assert [e["layer"] for e in sharded] == [e["layer"] for e in plain] == [0, 1]
+    for a, b in zip(sharded, plain):
+        assert a["windows"] == b["windows"] == 4
+        assert a["merges_per_1000_by_head"] == pytest.approx(b["merges_per_1000_by_head"], abs=1000 / 64 + 1e-9)
 
 
 def torchrun_env(monkeypatch, rank: int = 0, size: int = 2) -> None:
