@@ -10,10 +10,10 @@ slot (the cache's order, 0 the oldest) that holds each past token `s` after each
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import os
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class HeadSegmentation:
     slots_changed_per_chunk: float
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 def check_choice(model: CausalLM, layers: list[int] | None, heads: list[int] | None) -> list[tuple[int, int]]:
@@ -97,33 +97,34 @@ def quarter_rates(level_start: Tensor) -> Tensor:
     such tokens)."""
     _, T, H, _ = level_start.shape
     t = torch.arange(T)
-    opened = (level_start[0, :, :, 0].long() == t[:, None]) & (t >= SKIP_FIRST)[:, None]  # [T, H]
+    counted = t >= SKIP_FIRST
+    opened = level_start[0, :, :, 0].long() == t[:, None]  # [T, H]
     quarter = t * QUARTERS // T
-    counted = (t >= SKIP_FIRST)
     out = torch.full((H, QUARTERS), float("nan"), dtype=torch.float64)
     for q in range(QUARTERS):
-        n = int((counted & (quarter == q)).sum())
-        if n:
-            out[:, q] = opened[quarter == q].sum(0).double() / n
+        rows = counted & (quarter == q)
+        if rows.any():
+            out[:, q] = opened[rows].double().mean(0)
     return out
+
+
+def _number(x: Tensor) -> float | None:
+    return None if torch.isnan(x) else float(x)
 
 
 def head_statistics(layers: list[LayerLevelMaps], panels: list[tuple[int, int]]) -> list[HeadSegmentation]:
     """`HeadSegmentation` of each panel, from `segmentation_stats` of its layer's map."""
-    by_layer = {r.layer: r for r in layers}
+    by_layer = {}
+    for record in layers:
+        level_start, _ = record.pooled()
+        by_layer[record.layer] = (segmentation_stats(level_start, chunk_size=record.chunk_size, skip_first=SKIP_FIRST),
+                                  quarter_rates(level_start))
     out = []
     for layer, head in panels:
-        record = by_layer[layer]
-        level_start, _ = record.pooled()
-        stats = segmentation_stats(level_start, chunk_size=record.chunk_size, skip_first=SKIP_FIRST)
-        quarters = quarter_rates(level_start)[head]
-
-        def number(x):
-            return None if torch.isnan(x) else float(x)
-
+        stats, quarters = by_layer[layer]
         out.append(HeadSegmentation(
-            layer=layer, head=head, boundary_rate=number(stats.late_boundaries_per_1k[head] / 1000),
-            boundary_rate_by_quarter=[number(x) for x in quarters],
+            layer=layer, head=head, boundary_rate=_number(stats.late_boundaries_per_1k[head] / 1000),
+            boundary_rate_by_quarter=[_number(x) for x in quarters[head]],
             merges_per_1000=float(stats.merges_per_1k[head]), mean_segment_length=float(stats.mean_segment[head]),
             median_segment_length=float(stats.median_segment[head]),
             slots_changed_per_chunk=float(stats.slots_changed_per_chunk[head])))
@@ -156,11 +157,11 @@ def _glyph(byte: int) -> str:
 def draw(path: str | Path, tokens: np.ndarray, layers: list[LayerLevelMaps], panels: list[tuple[int, int]],
          stats: list[HeadSegmentation], *, title: str) -> Path:
     """The module doc's picture, one row of two panels per (layer, head) in `panels`, to a PNG."""
-    # matplotlib: slow to import, and optional for everything but pictures
+    # matplotlib: slow to import, and needed for pictures only
+    import matplotlib
     from matplotlib.collections import LineCollection
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.figure import Figure
-    import matplotlib
 
     by_layer = {r.layer: r for r in layers}
     T = len(tokens)
@@ -183,7 +184,8 @@ def draw(path: str | Path, tokens: np.ndarray, layers: list[LayerLevelMaps], pan
         shade[:T] = parity
         text_ax.imshow(shade.reshape(lines, WRAP), extent=(0, WRAP, lines, 0), aspect="auto", vmin=0, vmax=1,
                        cmap=ListedColormap(["#e8eef7", "#f7efe2"]), interpolation="nearest")
-        bars = [[(c, r), (c, r + 1)] for c, r, o, i in zip(cols, rows, opened, range(T)) if o and i > 0]
+        boundaries = np.flatnonzero(opened[1:]) + 1  # the first token opens its slot unscored
+        bars = [[(cols[i], rows[i]), (cols[i], rows[i] + 1)] for i in boundaries]
         text_ax.add_collection(LineCollection(bars, colors="tab:red", linewidths=1.2))
         for i, byte in enumerate(tokens.tolist()):
             text_ax.text(cols[i] + 0.5, rows[i] + 0.5, _glyph(byte), ha="center", va="center", family="monospace",
