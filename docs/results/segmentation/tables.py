@@ -3,6 +3,8 @@
 (`dla segments --checkpoint runs/NAME --text docs/segmentation-text.txt --json`).
 
     python docs/results/segmentation/tables.py seg-main seg-mamba2-drift-0.6 ...
+
+and, where `by_byte.py` wrote `NAME-bytes.json`, which byte classes of the text open a slot.
 """
 
 from __future__ import annotations
@@ -31,22 +33,38 @@ def middle_heads(rates: list[float]) -> tuple[float, float]:
     return ordered[(n - 1) // 2], ordered[n // 2]
 
 
+def spread(rates: list[float | None]) -> str:
+    """`median [min–max]` of the heads' rates (the median of an even count: the mean of the middle two)."""
+    known = [r for r in rates if r is not None]
+    if not known:
+        return "–"
+    return f"{statistics.median(known):.3f} [{min(known):.3f}–{max(known):.3f}]"
+
+
 def summary(names: list[str]) -> str:
-    rows = ["| run | score | τ | held-out bpb | layer | eval boundary rate by head (128-token windows) | "
-            "middle heads | text boundary rate (mean of heads) | text merges / 1000 (mean of heads) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """One row per run and DLA layer: held-out bits per byte and the boundary rate over the heads
+    (median, range and the two middle heads) in `dla eval`'s held-out windows, and on the 2048-byte
+    text of `dla segments`: overall, by quarter (median of the heads) and merges per 1000 tokens."""
+    rows = ["| run | backbone | score | τ | steps | held-out bpb | layer | eval boundary rate: median of heads "
+            "[min–max] | eval: middle heads | text boundary rate: median of heads [min–max] | text rate by quarter "
+            "(median of heads) | text merges / 1000 (median of heads) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         ev, seg = load(name)
+        assert (ev["checkpoint"], ev["step"]) == (seg["checkpoint"], seg["step"]), name
         by_layer = {}
         for h in seg["segmentation"]:
             by_layer.setdefault(h["layer"], []).append(h)
         for i, e in enumerate(ev["segmentation"]):
             heads = by_layer[e["layer"]]
             lo, hi = middle_heads(e["boundary_rate_by_head"])
-            run = [name, seg["score"], f"{seg['tau']:g}", f"{ev['heldout_bpb']:.3f}"] if i == 0 else [""] * 4
-            cells = run + [str(e["layer"]), " ".join(rate(r) for r in e["boundary_rate_by_head"]),
-                           f"{rate(lo)}, {rate(hi)}", f"{statistics.mean(h['boundary_rate'] for h in heads):.3f}",
-                           f"{statistics.mean(h['merges_per_1000'] for h in heads):.1f}"]
+            quarters = zip(*(h["boundary_rate_by_quarter"] for h in heads))
+            run = ([f"`{name}`", seg["backbone"], seg["score"], f"{seg['tau']:g}", str(ev["step"]),
+                    f"{ev['heldout_bpb']:.3f}"] if i == 0 else [""] * 6)
+            cells = run + [str(e["layer"]), spread(e["boundary_rate_by_head"]), f"{rate(lo)}, {rate(hi)}",
+                           spread([h["boundary_rate"] for h in heads]),
+                           " ".join(rate(statistics.median(q)) for q in quarters),
+                           f"{statistics.median(h['merges_per_1000'] for h in heads):.1f}"]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -67,9 +85,35 @@ def per_head(name: str) -> str:
     return "\n".join(rows)
 
 
+def by_byte(name: str) -> str | None:
+    """The table of `NAME-bytes.json` (`by_byte.py`), if there is one: per head, the fraction of the
+    text's tokens of each byte class that open a slot (positions 16 and later)."""
+    path = HERE / f"{name}-bytes.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    _, seg = load(name)
+    text_rates = {(h["layer"], h["head"]): h["boundary_rate"] for h in seg["segmentation"]}
+    names = list(data["heads"][0]["opened_by_class"])
+    counts = [data["heads"][0]["opened_by_class"][c][1] for c in names]
+    rows = [f"`{name}`: the fraction of the text's tokens of each class that open a slot",
+            "", "| layer | head | all | " + " | ".join(f"{c} ({n})" for c, n in zip(names, counts)) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    for h in data["heads"]:
+        # the same level map as dla segments' (the text's boundary rate, from its statistics)
+        assert abs(h["boundary_rate"] - text_rates[(h["layer"], h["head"])]) < 1e-9, (name, h["layer"], h["head"])
+        cells = [rate(o / n if n else None) for o, n in h["opened_by_class"].values()]
+        rows.append(f"| {h['layer']} | {h['head']} | {rate(h['boundary_rate'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     names = sys.argv[1:]
     print(summary(names))
     for name in names:
         print()
         print(per_head(name))
+        table = by_byte(name)
+        if table is not None:
+            print()
+            print(table)
