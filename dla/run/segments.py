@@ -205,7 +205,9 @@ def draw(path: str | Path, tokens: np.ndarray, layers: list[LayerLevelMaps], pan
         bar = fig.colorbar(image, ax=slot_ax, ticks=np.arange(K), fraction=0.05)
         bar.set_label("slot (0 = oldest)", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=10)
+    # at the top of the band that tight_layout leaves free (its default y, 0.98 of a tall figure, fell on the
+    # first panel's title)
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / total, va="top")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / total))
     path = Path(path)
     fig.savefig(path)
