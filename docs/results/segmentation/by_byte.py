@@ -1,8 +1,9 @@
 """Which bytes of docs/segmentation-text.txt open a slot: for each run NAME, the level map of every
 DLA layer over the text (`dla.run.segments.segment_text`, what `dla segments` draws and counts),
 and per head the fraction of the tokens of each byte class that open a slot, counted over the
-positions that the boundary rate counts (16 and later). Writes `NAME-bytes.json` beside this file;
-`tables.py` formats it.
+positions that the boundary rate counts (16 and later); and the lengths of the slots that the
+memory holds after the text's last token, oldest first. Writes `NAME-bytes.json` beside this
+file; `tables.py` formats it.
 
     python docs/results/segmentation/by_byte.py seg-mamba2-drift-0.6 ...   (from the repository root)
 """
@@ -18,6 +19,7 @@ import torch
 
 from dla.run import checkpoint
 from dla.run.data import encode
+from dla.ops.levels import EMPTY
 from dla.run.eval.segmentation import SKIP_FIRST
 from dla.run.segments import segment_text
 
@@ -44,8 +46,10 @@ def measure(name: str) -> dict:
         T, H = level_start.shape[1], level_start.shape[2]
         opened = (level_start[0, :, :, 0].long() == torch.arange(T)[:, None]).numpy()[SKIP_FIRST:]  # [T-16, H]
         for h in range(H):
+            starts = sorted(int(s) for s in level_start[0, T - 1, h] if s != EMPTY)  # oldest first
             heads.append({"layer": record.layer, "head": h, "boundary_rate": float(opened[:, h].mean()),
-                          "opened_by_class": {c: [int(opened[m, h].sum()), int(m.sum())] for c, m in masks.items()}})
+                          "opened_by_class": {c: [int(opened[m, h].sum()), int(m.sum())] for c, m in masks.items()},
+                          "slot_lengths_at_end": [b - a for a, b in zip(starts, starts[1:] + [T])]})
     return {"checkpoint": str(ckpt), "step": int(state["step"]), "text": str(TEXT), "tokens": len(tokens),
             "heads": heads}
 

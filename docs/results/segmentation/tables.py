@@ -5,6 +5,11 @@
     python docs/results/segmentation/tables.py seg-main seg-mamba2-drift-0.6 ...
 
 and, where `by_byte.py` wrote `NAME-bytes.json`, which byte classes of the text open a slot.
+
+    python docs/results/segmentation/tables.py --doc docs/segmentation.md
+
+rewrites the blocks of docs/segmentation.md between `<!-- begin: tables.py KIND NAME ... -->` and
+`<!-- end: tables.py -->` (KIND: `summary` or `heads`) with the tables of those names.
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ def per_head(name: str) -> str:
 
 def by_byte(name: str) -> str | None:
     """The table of `NAME-bytes.json` (`by_byte.py`), if there is one: per head, the fraction of the
-    text's tokens of each byte class that open a slot (positions 16 and later)."""
+    text's tokens of each byte class that open a slot (positions 16 and later), and the lengths of
+    the slots held after the text's last token."""
     path = HERE / f"{name}-bytes.json"
     if not path.exists():
         return None
@@ -96,24 +102,52 @@ def by_byte(name: str) -> str | None:
     text_rates = {(h["layer"], h["head"]): h["boundary_rate"] for h in seg["segmentation"]}
     names = list(data["heads"][0]["opened_by_class"])
     counts = [data["heads"][0]["opened_by_class"][c][1] for c in names]
-    rows = [f"`{name}`: the fraction of the text's tokens of each class that open a slot",
-            "", "| layer | head | all | " + " | ".join(f"{c} ({n})" for c, n in zip(names, counts)) + " |",
-            "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    rows = [f"`{name}`: the fraction of the text's tokens of each class that open a slot, and the lengths of the "
+            f"slots held after its last token (oldest first)",
+            "", "| layer | head | all | " + " | ".join(f"{c} ({n})" for c, n in zip(names, counts)) +
+            " | slot lengths after the last token |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
     for h in data["heads"]:
         # the same level map as dla segments' (the text's boundary rate, from its statistics)
         assert abs(h["boundary_rate"] - text_rates[(h["layer"], h["head"])]) < 1e-9, (name, h["layer"], h["head"])
         cells = [rate(o / n if n else None) for o, n in h["opened_by_class"].values()]
-        rows.append(f"| {h['layer']} | {h['head']} | {rate(h['boundary_rate'])} | " + " | ".join(cells) + " |")
+        rows.append(f"| {h['layer']} | {h['head']} | {rate(h['boundary_rate'])} | " + " | ".join(cells) +
+                    f" | {' '.join(map(str, h['slot_lengths_at_end']))} |")
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    names = sys.argv[1:]
-    print(summary(names))
+def tables(names: list[str], *, with_summary: bool = True) -> str:
+    """The summary of `names`, then each run's per-head table and by-byte table (where there is one)."""
+    parts = [summary(names)] if with_summary else []
     for name in names:
-        print()
-        print(per_head(name))
+        parts.append(per_head(name))
         table = by_byte(name)
         if table is not None:
-            print()
-            print(table)
+            parts.append(table)
+    return "\n\n".join(parts)
+
+
+BEGIN, END = "<!-- begin: tables.py", "<!-- end: tables.py -->"
+
+
+def rewrite(doc: Path) -> None:
+    """Replace each block of `doc` between `<!-- begin: tables.py KIND NAME ... -->` and
+    `<!-- end: tables.py -->` with the tables of those names: KIND `summary` the summary table,
+    `heads` each run's per-head and by-byte tables."""
+    text = doc.read_text()
+    out, rest = [], text
+    while BEGIN in rest:
+        head, rest = rest.split(BEGIN, 1)
+        marker, rest = rest.split("-->", 1)
+        _, rest = rest.split(END, 1)
+        kind, *names = marker.split()
+        block = {"summary": lambda: summary(names), "heads": lambda: tables(names, with_summary=False)}[kind]()
+        out += [head, BEGIN, marker, "-->\n\n", block, "\n\n", END]
+    doc.write_text("".join(out + [rest]))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--doc"]:
+        rewrite(Path(sys.argv[2]))
+    else:
+        print(tables(sys.argv[1:]))
