@@ -93,7 +93,14 @@ def _finite_writes(k, v, g, beta):
     v = torch.where(bad[..., None], 0, v)
     g = None if g is None else torch.where(bad, 0, g)
     beta = None if beta is None else torch.where(bad, 0, beta)
-    return k, v, g, beta, bad.cumsum(1) > 0
+    # the first bad position per (b, h) by a reduction: a cumsum along T, an outer dimension of
+    # [B, T, H], runs far below memory speed on CUDA
+    T = bad.shape[1]
+    if T == 0:
+        return k, v, g, beta, bad
+    pos = torch.arange(T, device=bad.device)[:, None]
+    first = torch.where(bad, pos, T).amin(1, keepdim=True)
+    return k, v, g, beta, pos >= first
 
 
 def _poisoned_cache(cache: MultiStateCache, rows: Tensor) -> MultiStateCache:
