@@ -54,9 +54,10 @@ def test_single_matches_the_references(T, chunk, decay, delta, carried, seed):
     assert relative_error(o.detach(), ref.detach()) <= 1e-10
     for field in ("S", "n", "m", "I", "Z", "zz", "step"):
         assert relative_error(getattr(cache, field).double(), getattr(ref_cache, field).double()) <= 1e-10, field
-    if not carried:  # from a multi-slot cache the recurrent reference reads the older slots at their own ranks
-        r = multistate_attention_recurrent(q, k, v, lam, g=g, beta=beta, policy="single")
-        assert relative_error(o.detach(), r) <= 1e-10
+    r, r_cache = multistate_attention_recurrent(q, k, v, lam, **kw)
+    assert relative_error(o.detach(), r) <= 1e-10
+    for field in ("S", "n", "m"):
+        assert relative_error(getattr(cache, field).double(), getattr(r_cache, field).double()) <= 1e-10, field
     cot = torch.randn_like(ref)
     got = torch.autograd.grad((o * cot).sum(), leaves)
     want = torch.autograd.grad((ref * cot).sum(), ref_leaves)
@@ -87,8 +88,8 @@ def test_opcheck_and_fullgraph_compile(delta):
 
 @pytest.mark.parametrize("decay,delta", [(False, False), (True, False), (True, True), (False, True)])
 def test_triton_kernels_through_the_interpreter(decay, delta):
-    """The operator's CUDA path for `single` (the Triton SSD or delta rule, their own chunk of 64)
-    on CPU tensors."""
+    """The operator's CUDA path for `single` on CPU tensors: the Triton SSD at its own chunk of 64,
+    or with β the torch delta rule (`dla.ops.backbone`'s rule)."""
     q, k, v, lam, g, beta = _inputs(1, 70, 2, 16, 16, 1, decay=decay, seed=5, dtype=torch.float32, delta=delta)
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, lam, g, beta)]
     with triton_interpreter():

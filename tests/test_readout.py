@@ -1,6 +1,8 @@
-"""The chunked CPU readout (`dla.ops.readout`) against the materialized masked form (SPEC §2,
-§3): forward output and final slot states, gradients by finite differences (float64) and by
-autograd of the reference (float32), and no NaN from finite inputs.
+"""The CPU readout (`dla.ops.readout`: the persistent-object algorithm of `objects.py` without
+β, the chunked form of `chunked.py` with β) against the materialized masked form (SPEC §2, §3):
+forward output and final slot states, gradients by finite differences (float64) and by autograd
+of the reference (float32), and no NaN from finite inputs. Calls carry a `step`, so chunks
+aligned to absolute positions start with a partial chunk.
 
 Both sides get the same level map: `segment_naive` decides, `encode_level_map` encodes, and
 the materialized reference re-derives the identical map from the same `k, v` (so no decision
@@ -16,12 +18,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dla.ops.levels import EMPTY, encode_level_map, level_of, running_min
-from dla.ops.readout.chunked import chunked_backward as readout_backward
-from dla.ops.readout.chunked import chunked_forward as readout_forward
+from dla.ops.readout import readout_backward, readout_forward
 from dla.ops.readout.chunked import level_of_by_search
 from dla.ops.reference import multistate_attention_materialized, segment_naive
 from dla.ops.state import MultiStateCache
-from tests.strategies import POLICIES, TRANSITIONS, Case, build, fenwick_levels, random_cache, relative_error
+from tests.strategies import (
+    POLICIES, TRANSITIONS, Case, assert_draws_exercise_every_decision, build, fenwick_levels, random_cache,
+    relative_error,
+)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # SPEC §6
 # float32 gradients vs float64 autograd of the reference: each gradient passes through the UT
@@ -50,11 +54,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def edge(length, levels, policy, transition, tau, chunk_size, initial, dtype):
-    """An edge case for `@example`, drawn as `readout_cases` draws: (Case, initial state?, dtype)."""
+def edge(length, levels, policy, transition, tau, chunk_size, initial, dtype, step=0):
+    """An edge case for `@example`, drawn as `readout_cases` draws: (Case, initial state?, dtype,
+    step of a call without a cache)."""
     case = Case(length=length, levels=levels, policy=policy, transition=transition, tau=tau, chunk_size=chunk_size,
                 **BASE)
-    return case, initial, dtype
+    return case, initial, dtype, step
 
 
 def to_rank_order(S_oldest: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -77,9 +82,10 @@ def with_random_states(state: MultiStateCache, seed: int) -> MultiStateCache:
     return state._replace(S=torch.where(keep[..., None, None], S, torch.zeros((), dtype=S.dtype)))
 
 
-def setup(case: Case, dtype, initial: bool, state_seed: int = 3):
+def setup(case: Case, dtype, initial: bool, state_seed: int = 3, step: int = 0):
     """Inputs in `dtype`, their float64 twins (exactly the rounded values), the initial cache
-    (or None), the level map and S0 in rank order."""
+    (or None), the level map, S0 in rank order and the call's `step [B]` (the cache's, or
+    `step` for a call without one; `fenwick` levels are absolute, so its map starts at 0)."""
     t = build(case, dtype)
     t64 = {n: (x.double() if x is not None else None) for n, x in t.items()}
     state = None
@@ -92,7 +98,11 @@ def setup(case: Case, dtype, initial: bool, state_seed: int = 3):
     level_start = encode_level_map(seg.level, seg.initial_level, m0)
     S0 = to_rank_order(state.S, state.m) if state is not None else \
         torch.zeros(case.batch, case.heads, case.levels, case.dk, case.dv, dtype=torch.float64)
-    return t, t64, state, seg, level_start, S0
+    if state is not None:
+        steps = state.step
+    else:
+        steps = torch.full((case.batch,), step if case.policy != "fenwick" else 0, dtype=torch.int64)
+    return t, t64, state, seg, level_start, S0, steps
 
 
 def materialized(case: Case, t64: dict, state, **kw):
@@ -102,9 +112,9 @@ def materialized(case: Case, t64: dict, state, **kw):
     return o, to_rank_order(final.S, final.m)
 
 
-def run_forward(case: Case, t: dict, level_start, S0, dtype):
+def run_forward(case: Case, t: dict, level_start, S0, dtype, step):
     return readout_forward(t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"], level_start, S0.to(dtype),
-                           case.dk**-0.5, case.chunk_size)
+                           case.dk**-0.5, case.chunk_size, step)
 
 
 @st.composite
@@ -124,7 +134,7 @@ def readout_cases(draw, policies=POLICIES, transitions=TRANSITIONS, max_length=2
         mean_regime=draw(st.sampled_from([2.0, 4.0, 8.0])), seed=draw(st.integers(0, 2**31 - 1)),
         chunk_size=draw(st.sampled_from([1, 3, 4, 8])),
     )
-    return case, initial, draw(st.sampled_from([torch.float64, torch.float32]))
+    return case, initial, draw(st.sampled_from([torch.float64, torch.float32])), draw(st.integers(0, 9))
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,10 +172,13 @@ def test_running_min_equals_cummin(levels, seed):
 @example(edge(12, 2, "dla", "beta", 0.0, 8, True, F64))  # full cache from the first chunk
 @example(edge(13, 6, "fenwick", "both", 0.6, 4, True, F32))  # fenwick after a cache
 @example(edge(9, 3, "single", "none", 0.6, 8, True, F64))  # single, T < C
+@example(edge(19, 4, "dla", "g", 0.0, 8, False, F64, step=5))  # no β: every token a boundary, step % C ≠ 0
+@example(edge(21, 3, "dla", "none", 0.6, 4, True, F32))  # no β: capacity merges after a cache, T % C ≠ 0
+@example(edge(13, 6, "fenwick", "g", 0.6, 4, True, F64))  # no β: fenwick from step 5 (partial first chunk)
 def test_forward_matches_materialized(drawn):
-    case, initial, dtype = drawn
-    t, t64, state, _, level_start, S0 = setup(case, dtype, initial)
-    o, S = run_forward(case, t, level_start, S0, dtype)
+    case, initial, dtype, step = drawn
+    t, t64, state, _, level_start, S0, steps = setup(case, dtype, initial, step=step)
+    o, S = run_forward(case, t, level_start, S0, dtype, steps)
     o_ref, S_ref = materialized(case, t64, state)
     assert o.dtype == dtype and S.dtype == dtype
     assert o.shape == t["v"].shape and S.shape == S0.shape
@@ -179,20 +192,29 @@ def test_forward_with_capacity_merges_across_chunks(transition):
     merges all happen, several of them inside chunks and across chunk ends."""
     case = Case(batch=2, length=40, heads=2, dk=4, dv=3, levels=3, policy="dla", transition=transition, score="token",
                 tau=0.6, inputs="piecewise", mean_regime=4.0, seed=11, chunk_size=8)
-    t, t64, state, seg, level_start, S0 = setup(case, torch.float64, initial=True)
+    t, t64, state, seg, level_start, S0, steps = setup(case, torch.float64, initial=True)
     assert seg.boundaries.sum() > 0 and seg.absorbed.sum() > 0 and seg.capacity_merges.sum() > 0
-    o, S = run_forward(case, t, level_start, S0, torch.float64)
+    o, S = run_forward(case, t, level_start, S0, torch.float64, steps)
     o_ref, S_ref = materialized(case, t64, state)
     assert relative_error(o, o_ref) <= 1e-10 and relative_error(S, S_ref) <= 1e-10
 
 
-def test_chunk_size_does_not_change_the_result():
-    case = Case(length=17, levels=4, policy="dla", transition="both", tau=0.6, chunk_size=1, **BASE)
-    t, _, _, _, level_start, S0 = setup(case, torch.float64, initial=True)
-    o1, S1 = run_forward(case, t, level_start, S0, torch.float64)
+@pytest.mark.parametrize("transition", ["both", "g"])
+def test_chunk_size_and_step_do_not_change_the_result(transition):
+    """The chunk size, and without β the chunks' alignment to `step`, move rounding only."""
+    case = Case(length=17, levels=4, policy="dla", transition=transition, tau=0.6, chunk_size=1, **BASE)
+    t, _, _, _, level_start, S0, steps = setup(case, torch.float64, initial=True)
+    o1, S1 = run_forward(case, t, level_start, S0, torch.float64, steps)
     for C in (2, 5, 16, 17, 64):
-        o, S = run_forward(replace(case, chunk_size=C), t, level_start, S0, torch.float64)
-        assert relative_error(o, o1) <= 1e-12 and relative_error(S, S1) <= 1e-12
+        for shift in (0, 1, 3):
+            o, S = run_forward(replace(case, chunk_size=C), t, level_start, S0, torch.float64, steps + shift)
+            assert relative_error(o, o1) <= 1e-12 and relative_error(S, S1) <= 1e-12
+
+
+def test_drawn_cases_exercise_every_decision():
+    """Boundaries, in-block merges and capacity merges all occur in what the tests above draw."""
+    assert_draws_exercise_every_decision(readout_cases().map(lambda drawn: drawn[0]), max_examples=100,
+                                         derandomize=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,27 +226,27 @@ class Readout(torch.autograd.Function):
     """Test-only autograd wrapper: forward and explicit backward of the readout."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lam, g, beta, S0, level_start, scale, chunk_size):
-        ctx.save_for_backward(q, k, v, lam, g, beta, S0, level_start)
+    def forward(ctx, q, k, v, lam, g, beta, S0, level_start, scale, chunk_size, step):
+        ctx.save_for_backward(q, k, v, lam, g, beta, S0, level_start, step)
         ctx.scale, ctx.chunk_size = scale, chunk_size
-        return readout_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+        return readout_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
 
     @staticmethod
     def backward(ctx, do, dS):
-        q, k, v, lam, g, beta, S0, level_start = ctx.saved_tensors
+        q, k, v, lam, g, beta, S0, level_start, step = ctx.saved_tensors
         dq, dk, dv, dlam, dg, dbeta, dS0 = readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0,
-                                                            ctx.scale, ctx.chunk_size)
+                                                            ctx.scale, ctx.chunk_size, step)
         return dq, dk, dv, dlam, dg if g is not None else None, dbeta if beta is not None else None, dS0, \
-            None, None, None
+            None, None, None, None
 
 
 def gradcheck_case(policy: str, transition: str, chunk_size: int) -> None:
     case = Case(length=7, levels=5, policy=policy, transition=transition, tau=0.6, chunk_size=chunk_size, **BASE)
-    t, _, _, _, level_start, _ = setup(case, torch.float64, initial=True)
+    t, _, _, _, level_start, _, steps = setup(case, torch.float64, initial=True)
     gen = torch.Generator().manual_seed(1)
     S0 = torch.randn(case.batch, case.heads, case.levels, case.dk, case.dv, generator=gen, dtype=torch.float64)
     leaves = [t[n].clone().requires_grad_() if t[n] is not None else None for n in NAMES] + [S0.requires_grad_()]
-    assert torch.autograd.gradcheck(lambda *a: Readout.apply(*a, level_start, 0.7, chunk_size), leaves)
+    assert torch.autograd.gradcheck(lambda *a: Readout.apply(*a, level_start, 0.7, chunk_size, steps), leaves)
 
 
 @pytest.mark.parametrize("transition", TRANSITIONS)
@@ -241,11 +263,13 @@ def test_backward_gradcheck_chunk_sizes(chunk_size):
 @given(readout_cases(max_length=12))
 @example(edge(10, 3, "dla", "both", 0.0, 4, True, F32))
 @example(edge(9, 5, "fenwick", "beta", 0.6, 3, True, F32))
+@example(edge(11, 3, "dla", "g", 0.0, 4, False, F64, step=2))  # no β: every token a boundary, partial chunk
+@example(edge(12, 2, "dla", "g", 0.6, 3, True, F64))  # no β: capacity merges after a cache
 def test_backward_matches_reference_autograd(drawn):
     """Float32 (or float64) readout_backward vs float64 autograd through the materialized form,
     for a loss ⟨o, R_o⟩ + ⟨S, R_S⟩ that exercises both cotangents."""
-    case, initial, dtype = drawn
-    t, t64, state, _, level_start, S0 = setup(case, dtype, initial)
+    case, initial, dtype, step = drawn
+    t, t64, state, _, level_start, S0, steps = setup(case, dtype, initial, step=step)
     leaves = {n: x.clone().requires_grad_() for n, x in t64.items() if x is not None}
     S_leaf = state.S.clone().requires_grad_() if state is not None else None
     ref_state = state._replace(S=S_leaf) if state is not None else None
@@ -256,7 +280,7 @@ def test_backward_matches_reference_autograd(drawn):
     sources = [leaves[n] for n in NAMES if n in leaves] + ([S_leaf] if S_leaf is not None else [])
     refs = torch.autograd.grad((o_ref * do).sum() + (S_ref * dS).sum(), sources, allow_unused=True)
     grads = readout_backward(do.to(dtype), dS.to(dtype), t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"],
-                             level_start, S0.to(dtype), case.dk**-0.5, case.chunk_size)
+                             level_start, S0.to(dtype), case.dk**-0.5, case.chunk_size, steps)
     tol = TOL[torch.float64] if dtype == torch.float64 else GRAD_TOL32
     ours = dict(zip((*NAMES, "S0"), grads))
     for name, ref in zip([n for n in NAMES if n in leaves], refs):
@@ -279,14 +303,15 @@ def test_backward_matches_reference_autograd(drawn):
         # no initial state in the reference: dS0 is checked by the gradcheck tests; here at least
         # it must not depend on S0 (the readout is linear in S0)
         again = readout_backward(do.to(dtype), dS.to(dtype), t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"],
-                                 level_start, S0r.to(dtype), case.dk**-0.5, case.chunk_size)
+                                 level_start, S0r.to(dtype), case.dk**-0.5, case.chunk_size, steps)
         assert relative_error(again[-1], grads[-1]) <= TOL[dtype]
 
 
-def test_backward_accepts_missing_cotangents():
-    case = Case(length=6, levels=4, policy="dla", transition="both", tau=0.6, chunk_size=4, **BASE)
-    t, _, _, _, level_start, S0 = setup(case, torch.float64, initial=True)
-    args = (t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"], level_start, S0, 0.5, 4)
+@pytest.mark.parametrize("transition", ["both", "g"])
+def test_backward_accepts_missing_cotangents(transition):
+    case = Case(length=6, levels=4, policy="dla", transition=transition, tau=0.6, chunk_size=4, **BASE)
+    t, _, _, _, level_start, S0, steps = setup(case, torch.float64, initial=True)
+    args = (t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"], level_start, S0, 0.5, 4, steps)
     o, S = readout_forward(*args)
     gen = torch.Generator().manual_seed(2)
     do, dS = torch.randn(o.shape, generator=gen, dtype=o.dtype), torch.randn(S.shape, generator=gen, dtype=S.dtype)
@@ -308,8 +333,8 @@ def test_backward_accepts_missing_cotangents():
 @example(edge(16, 3, "dla", "both", 0.6, 8, True, F32), 1000.0, True)
 def test_finite_inputs_give_finite_outputs(drawn, decay, zero_tokens):
     """Strong decays (γ underflows to 0 inside a chunk), zero keys/values, β near 1."""
-    case, initial, dtype = drawn
-    t, _, _, _, level_start, S0 = setup(case, dtype, initial)
+    case, initial, dtype, step = drawn
+    t, _, _, _, level_start, S0, steps = setup(case, dtype, initial, step=step)
     if t["g"] is not None:
         t["g"] = t["g"] * decay
     if t["beta"] is not None:
@@ -317,18 +342,19 @@ def test_finite_inputs_give_finite_outputs(drawn, decay, zero_tokens):
     if zero_tokens:
         t["k"][:, ::3] = 0.0
         t["v"][:, 1::3] = 0.0
-    o, S = run_forward(case, t, level_start, S0, dtype)
+    o, S = run_forward(case, t, level_start, S0, dtype, steps)
     grads = readout_backward(torch.ones_like(o), torch.ones_like(S), t["q"], t["k"], t["v"], t["lam"], t["g"],
-                             t["beta"], level_start, S0.to(dtype), case.dk**-0.5, case.chunk_size)
+                             t["beta"], level_start, S0.to(dtype), case.dk**-0.5, case.chunk_size, steps)
     for x in (o, S, *grads):
         assert torch.isfinite(x).all()
 
 
-def test_outputs_are_fresh_tensors():
+@pytest.mark.parametrize("transition", ["both", "g"])
+def test_outputs_are_fresh_tensors(transition):
     for length in (1, 5):
-        case = Case(length=length, levels=3, policy="dla", transition="both", tau=0.6, chunk_size=8, **BASE)
-        t, _, _, _, level_start, S0 = setup(case, torch.float64, initial=True)
-        args = (t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"], level_start, S0, 0.5, 8)
+        case = Case(length=length, levels=3, policy="dla", transition=transition, tau=0.6, chunk_size=8, **BASE)
+        t, _, _, _, level_start, S0, steps = setup(case, torch.float64, initial=True)
+        args = (t["q"], t["k"], t["v"], t["lam"], t["g"], t["beta"], level_start, S0, 0.5, 8, steps)
         outs = readout_forward(*args)
         outs += readout_backward(torch.ones_like(outs[0]), torch.ones_like(outs[1]), *args)
         inputs = [x for x in args if isinstance(x, torch.Tensor)]

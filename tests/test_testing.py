@@ -37,7 +37,7 @@ def test_the_operator_runs_its_triton_kernels_inside_the_block_only(beta, monkey
         monkeypatch.setattr(module, name, lambda *a, **kw: (calls.append(name), original(*a, **kw))[1])
 
     spy(testing, "segment_triton")
-    for name in ("masked_forward", "masked_backward", "scan_forward", "scan_backward"):
+    for name in ("mixed_forward", "mixed_backward", "scan_forward", "scan_backward"):
         spy(readout, name)
     x = _inputs(beta)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
@@ -46,7 +46,7 @@ def test_the_operator_runs_its_triton_kernels_inside_the_block_only(beta, monkey
         o = dla.multistate_attention(leaves["q"], leaves["k"], leaves["v"], leaves["lam"], g=leaves["g"],
                                      beta=leaves.get("beta"), **kw)
         grads = torch.autograd.grad(o.square().sum(), list(leaves.values()))
-    kernel = "scan" if beta else "masked"  # the readout stage's rule at these shapes
+    kernel = "scan" if beta else "mixed"  # the readout stage's rule: objects or dense heads without β
     assert calls == ["segment_triton", f"{kernel}_forward", f"{kernel}_backward"]
 
     x64 = {n: (t.double().requires_grad_() if t is not None else None) for n, t in x.items()}

@@ -1,5 +1,5 @@
-"""The Triton chunked-scan readout (`dla.ops.readout.scan_triton`: every transition — β with and
-without g, and without β, where the chunk transition is the scalar γ_C) against the oracles.
+"""The Triton chunked-scan readout (`dla.ops.readout.scan_triton`: transitions with β, with and
+without g) against the oracles.
 
 On the CPU the kernels run through the Triton interpreter (tiny shapes, float32,
 `input_precision="ieee"`, chunk 16 so that sequences span several chunks and the backward's
@@ -8,9 +8,10 @@ float64; every gradient (`dq, dk, dv, dλ, dg, dβ, dS0`) against the CPU op's c
 float64 on drawn cases (it is held to autograd of the materialized form by tests/test_readout.py,
 and is ~100× faster than that autograd) and against the autograd itself on fixed small cases.
 Both sides get the same level map (as in `tests/test_triton_readout.py`, whose helpers this file
-shares). Outputs are allocated by `torch.empty`, which the tests poison with NaN. A test-only
-registration (`dla_triton_scan::…`) routes CPU tensors to the Triton launchers, so `opcheck`
-and a `fullgraph=True` compile of forward and backward cover that path in CI.
+shares through `tests/readout_helpers.py`). Outputs are allocated by `torch.empty`, which the tests
+poison with NaN. `dla.testing.triton_interpreter()` routes the op's CPU tensors to the Triton
+launchers, so `opcheck` and a `fullgraph=True` compile of forward and backward cover that path in
+CI.
 
 On a GPU machine (`pytest -m gpu`) the small fixed tests also run on CUDA (the drawn ones stay on
 the interpreter: each new shape recompiles the kernels on the card), and a fixed grid of long
@@ -34,11 +35,13 @@ from hypothesis import strategies as st
 
 from dla.ops.readout.scan_triton import scan_backward, scan_forward
 from dla.testing import triton_interpreter
-from tests.strategies import TRANSITIONS, Case, assert_draws_exercise_every_decision, relative_error
-from tests.test_triton_readout import (
-    DEVICES, TOL32, assert_forward_matches_materialized, assert_matches_chunked_float64, cast, cotangents, cpu, f32,
-    gpu_inputs, poisoned_empty, reference, setup, triton_args,
+from tests.readout_helpers import (
+    DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, f32, gpu_inputs, reference, setup,
+    triton_args,
 )
+from tests.strategies import Case, assert_draws_exercise_every_decision, poisoned_empty, relative_error
+
+TRANSITIONS = ("beta", "both")
 
 # The drawn tests run under the interpreter only: on the card every new (K, Dk, Dv) recompiles
 # both scan kernels (seconds each), and the GPU budget goes to the fixed grid at the end.
@@ -70,14 +73,20 @@ def cases(draw, max_length=40):
 @given(cases(max_length=34), st.booleans())
 @example(Case(length=1, levels=2, policy="dla", transition="both", tau=0.6, **EDGE), True)  # T = 1
 @example(Case(length=27, levels=4, policy="dla", transition="beta", tau=0.6, **EDGE), True)  # T % C ≠ 0, no g
-@example(Case(length=37, levels=5, policy="dla", transition="g", tau=0.6, **EDGE), True)  # no β: P_C = γ_C
-@example(Case(length=35, levels=3, policy="dla", transition="none", tau=0.6, **EDGE), True)  # linear attention
 @example(Case(length=33, levels=6, policy="fenwick", transition="both", tau=0.6, **EDGE), False)
 @example(Case(length=19, levels=3, policy="single", transition="both", tau=0.6, **EDGE), True)
 @example(Case(length=20, levels=20, policy="dla", transition="both", tau=0.0, **EDGE), False)  # every token a slot
 @example(Case(length=30, levels=2, policy="dla", transition="beta", tau=0.0, **EDGE), True)  # full from the start
 def test_forward_matches_materialized(device, case: Case, initial: bool):
-    assert_forward_matches_materialized(scan_forward, case, initial, device)
+    case, t, state, level_start, S0, _, _ = setup(case, initial)
+    with poisoned_empty():
+        o, S = cpu(scan_forward(*triton_args(case, t, level_start, S0, device)))
+    o_ref, S_ref = reference(case, t, state)
+    assert o.dtype == torch.float32 and S.dtype == torch.float32
+    assert o.shape == o_ref.shape and S.shape == S_ref.shape
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    assert relative_error(o, o_ref) <= TOL32
+    assert relative_error(S, S_ref) <= TOL32
 
 
 def chunked_grads(case: Case, t: dict, level_start, S0, do, dS) -> dict:
@@ -117,10 +126,8 @@ def triton_grads(case, t, level_start, S0, do, dS, device):
 @example(Case(length=18, levels=18, policy="dla", transition="both", tau=0.0, **EDGE), False)
 @example(Case(length=29, levels=4, policy="dla", transition="both", tau=10.0, **EDGE), True)  # all merged
 @example(Case(length=40, levels=2, policy="dla", transition="beta", tau=0.0, **EDGE), True)  # capacity merges
-@example(Case(length=52, levels=4, policy="dla", transition="g", tau=0.6, **EDGE), True)  # no β, 4 chunks
-@example(Case(length=33, levels=6, policy="fenwick", transition="none", tau=0.6, **EDGE), True)
 def test_backward_matches_chunked_float64(device, case: Case, initial: bool):
-    case, t, _, level_start, S0, _ = setup(case, initial)
+    case, t, _, level_start, S0, _, _ = setup(case, initial)
     do, dS = cotangents(case, S0)
     got = triton_grads(case, t, level_start, S0, do, dS, device)
     check_grads(got, chunked_grads(case, t, level_start, S0, do, dS), t["g"] is not None)
@@ -132,11 +139,10 @@ def test_backward_matches_chunked_float64(device, case: Case, initial: bool):
 @pytest.mark.parametrize("case", [
     Case(length=13, levels=3, policy="dla", transition="both", tau=0.6, **EDGE),
     Case(length=17, levels=5, policy="fenwick", transition="beta", tau=0.6, **EDGE),
-    Case(length=21, levels=4, policy="dla", transition="g", tau=0.6, **EDGE),
-], ids=["dla-both", "fenwick-beta", "dla-g"])
+], ids=["dla-both", "fenwick-beta"])
 def test_backward_matches_materialized_autograd(device, case: Case):
     """The oracle itself (autograd of the materialized form) on a few small cases."""
-    case, t, state, level_start, S0, live = setup(case, True)
+    case, t, state, level_start, S0, live, _ = setup(case, True)
     do, dS = cotangents(case, S0)
     got = triton_grads(case, t, level_start, S0, do, dS, device)
     ref = reference(case, t, state, grads=(do, dS))
@@ -155,7 +161,7 @@ def test_backward_in_head_groups(device, monkeypatch):
 
     monkeypatch.setattr(D, "_heads_per_launch", lambda N, nv, dev: 3)  # 4 heads: launches of 3 and 1
     case = Case(length=40, levels=4, policy="dla", transition="both", tau=0.6, **{**EDGE, "batch": 2})
-    case, t, _, level_start, S0, _ = setup(case, True)
+    case, t, _, level_start, S0, _, _ = setup(case, True)
     do, dS = cotangents(case, S0)
     got = triton_grads(case, t, level_start, S0, do, dS, device)
     check_grads(got, chunked_grads(case, t, level_start, S0, do, dS), True)
@@ -170,7 +176,7 @@ def test_drawn_cases_exercise_every_decision():
 def test_missing_cotangents_and_empty_sequence(device):
     """`do`/`dS` may be None (zero); T = 0 returns the initial state and its cotangent."""
     case = Case(length=19, levels=3, policy="dla", transition="both", tau=0.6, **EDGE)
-    case, t, _, level_start, S0, _ = setup(case, True)
+    case, t, _, level_start, S0, _, _ = setup(case, True)
     args = triton_args(case, t, level_start, S0, device)
     B, T, H, Dv = case.batch, case.length, case.heads, case.dv
     gen = torch.Generator().manual_seed(2)
@@ -191,10 +197,14 @@ def test_missing_cotangents_and_empty_sequence(device):
     assert torch.equal(grads[-1].cpu(), f32(S0)) and grads[0].shape == (B, 0, H, case.dk)
 
 
-def test_rejects_float64_unknown_precision_and_wide_keys():
+def test_rejects_no_beta_float64_unknown_precision_and_wide_keys():
     case = Case(length=3, levels=2, policy="single", transition="beta", tau=0.6, **EDGE)
-    case, t, _, level_start, S0, _ = setup(case, False)
+    case, t, _, level_start, S0, _, _ = setup(case, False)
     args = list(triton_args(case, t, level_start, S0))
+    without_beta = list(args)
+    without_beta[5] = None
+    with pytest.raises(ValueError, match="beta is required"):
+        scan_forward(*without_beta)
     doubles = [t["q"], t["k"], t["v"], t["lam"]] + args[4:]
     with pytest.raises(TypeError, match="float64"):
         scan_forward(*doubles)
@@ -210,14 +220,13 @@ def test_rejects_float64_unknown_precision_and_wide_keys():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transition", ["both", "g"])
-def test_registered_op_opcheck_and_fullgraph_compile(transition):
+def test_registered_op_opcheck_and_fullgraph_compile():
     """`dla::readout` with its Triton kernels on CPU tensors (`dla.testing.triton_interpreter()`):
-    opcheck, and the compiled loss's gradients against the chunked float64 path. The stage's rule
-    sends "both" (β) to the scan and, at these shapes, "g" to the masked kernels."""
+    opcheck, and the compiled loss's gradients against the chunked float64 path; with β the
+    stage's rule takes the scan."""
     ops = torch.ops.dla
-    case = Case(length=18, levels=3, policy="dla", transition=transition, tau=0.6, **EDGE)
-    case, t, state, level_start, S0, _ = setup(case, True)
+    case = Case(length=18, levels=3, policy="dla", transition="both", tau=0.6, **EDGE)
+    case, t, state, level_start, S0, _, _ = setup(case, True)
     q, k, v, lam, g, beta, ls, S0f, scale, C = triton_args(case, t, level_start, S0)
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, lam, g, beta, S0f)]
     do = torch.randn(case.batch, case.length, case.heads, case.dv)
@@ -245,39 +254,6 @@ def test_registered_op_opcheck_and_fullgraph_compile(transition):
         1 + abs(float(value.detach())))
 
 
-def test_the_stage_rule_routes_to_the_scan_or_the_masked_kernels(monkeypatch):
-    """`dla.ops.readout`'s rule on CUDA: β always to the scan; without β the kernel with fewer
-    multiply-adds per token and pass — the scan where `K·Dk·Dv < (T/2)(Dk + Dv)` and Dk ≤ 128.
-    Checked on the rule's Triton side with the launchers replaced, no GPU needed."""
-    import dla.ops.readout as R
-
-    calls = []
-    monkeypatch.setattr(R, "scan_forward", lambda *a: calls.append("scan"))
-    monkeypatch.setattr(R, "scan_backward", lambda *a: calls.append("scan"))
-    monkeypatch.setattr(R, "masked_forward", lambda *a: calls.append("masked"))
-    monkeypatch.setattr(R, "masked_backward", lambda *a: calls.append("masked"))
-
-    def route(T, beta, K=2, Dk=128, Dv=128):
-        x, v = torch.zeros(1, T, 1, Dk), torch.zeros(1, T, 1, Dv)
-        lam = torch.zeros(1, T, 1, K)
-        b = x[..., 0] if beta else None
-        calls.clear()
-        R.readout_forward_triton(x, x, v, lam, None, b, x, x, 1.0, 64)
-        R.readout_backward_triton(v, x, x, x, v, lam, None, b, x, x, 1.0, 64)
-        assert calls[0] == calls[1]
-        return calls[0]
-
-    # at Dk = Dv = 128 the scan where K < T/128
-    assert [R.scan_has_fewer_products(T, K, 128, 128) for T, K in ((2048, 15), (2048, 16), (8192, 63), (8192, 64))] == [
-        True, False, True, False]
-    assert [route(T, beta, K) for T, K in ((2048, 16), (4096, 16)) for beta in (True, False)] == [
-        "scan", "masked", "scan", "scan"]
-    assert [route(2048, False, 2), route(2048, False, 32), route(8192, False, 32)] == ["scan", "masked", "scan"]
-    assert route(8192, False, 2, Dk=256) == "masked"  # Dk > 128: beyond the scan
-    assert route(32, False, 2, Dk=16, Dv=16) == "masked"  # 2·16·16 = 512, not below (32/2)·(16 + 16)
-    assert route(33, False, 2, Dk=16, Dv=16) == "scan"
-
-
 # --------------------------------------------------------------------------------------------
 # The kernels as the GPU compiles them (ptxas for sm_90, no GPU needed)
 # --------------------------------------------------------------------------------------------
@@ -289,8 +265,8 @@ from triton.compiler import ASTSource
 import dla.ops.readout.scan_triton as R
 
 for spec in sys.argv[1:]:
-    D, K, N, dtype, has_beta = spec.split(":")
-    meta, _ = R._meta(int(D), int(D), int(K), int(N), getattr(torch, dtype), None, has_beta == "beta")
+    D, K, N, dtype, has_g = spec.split(":")
+    meta, _ = R._meta(int(D), int(D), int(K), int(N), getattr(torch, dtype), None, has_g == "g")
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
     for fn in (R._fwd_scan_kernel, R._bwd_scan_kernel):
         sig = {a.name: "constexpr" if a.is_constexpr else "i32" if a.name in ("NC", "R")
@@ -310,8 +286,9 @@ def test_kernels_compile_for_sm90():
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton wheel ships no ptxas")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    # the ieee variant differs by the dots' flag only (and compiles slowly); β and no β differ in P_C
-    specs = ["128:32:16:bfloat16:beta", "128:32:16:bfloat16:none"]
+    # the ieee variant differs by the dots' flag only (and compiles slowly); with and without g
+    # the recursions take tf32 or tf32x3
+    specs = ["128:32:16:bfloat16:g", "128:32:16:bfloat16:none"]
     done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -339,20 +316,10 @@ GPU_CASES = [  # (policy, B, H, T, Dk, Dv, K, has_g, initial, dtype): every scan
 ]
 
 
-GPU_CASES_WITHOUT_BETA = [  # P_C = γ_C (HAS_P off): the same configurations, fewer shapes
-    ("dla", 1, 2, 2048, 128, 128, 32, True, True, "fp32"),  # 8 warps, tile 16, ieee
-    ("fenwick", 8, 16, 256, 64, 64, 16, False, False, "fp32"),  # 4 warps, tile 32, ieee; no decay
-    ("dla", 1, 2, 16384, 128, 128, 32, True, True, "bf16"),  # long, K = 32, tf32
-    ("single", 1, 2, 3000, 64, 64, 16, False, False, "bf16"),  # 4 warps, tile 16; no decay: rounding compounds
-    ("dla", 8, 16, 256, 128, 128, 8, True, False, "bf16"),  # 8 warps, tile 32, K = 8
-]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy,B,H,T,Dk,Dv,K,has_g,initial,dtype,has_beta",
-                         [c + (True,) for c in GPU_CASES] + [c + (False,) for c in GPU_CASES_WITHOUT_BETA])
-def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial, dtype, has_beta):
+@pytest.mark.parametrize("policy,B,H,T,Dk,Dv,K,has_g,initial,dtype", GPU_CASES)
+def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial, dtype):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     t, ls, S0 = gpu_inputs(policy, T, Dk, Dv, K, has_g, initial, B=B, H=H, with_beta=True)
     scale = Dk**-0.5
@@ -360,6 +327,4 @@ def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial,
     do = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64).cuda()
     dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64).cuda()
     x = cast(t, dtype)  # q, k, v, λ in dtype; g, β in float32 (as gates usually are)
-    x["beta"] = t["beta"].float() if has_beta else None
-    assert_matches_chunked_float64(scan_forward, scan_backward, x, do.to(dtype), dS, ls, S0,
-                                   scale)
+    assert_matches_float64(scan_forward, scan_backward, x, do.to(dtype), dS, ls, S0, scale)

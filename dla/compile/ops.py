@@ -1,13 +1,17 @@
-"""Registration of `dla::segment`, `dla::readout`, `dla::backbone` and their backward ops
-(SCHEMAS.md).
+"""Registration of `dla::segment`, `dla::readout`, `dla::backbone` and their backward ops, and of
+the Triton ops `dla::readout_without_beta` and `dla::readout_without_beta_backward` (SCHEMAS.md).
 
 Each op takes its kernels from its stage in `dla/ops` — `dla.ops.segment.segment`,
 `dla.ops.readout.readout_forward` / `readout_backward`, `dla.ops.backbone.backbone_forward` /
 `backbone_backward` — whose documented rule picks the kernel for the tensors' device (torch on
-the CPU, Triton on CUDA). Here each op gets a fake (meta) rule for tracing, and the two
-differentiable ones an autograd rule whose backward is itself an op, so code calling them
-compiles as one graph with `torch.compile(fullgraph=True)` and AOT autograd produces the
-backward. (`dla.testing.triton_interpreter()` swaps the CPU kernels for the
+the CPU, Triton on CUDA). These are opaque custom ops: each gets a fake (meta) rule for tracing,
+and the two differentiable ones an autograd rule whose backward is itself an op, so code calling
+them compiles as one graph with `torch.compile(fullgraph=True)` and AOT autograd produces the
+backward. The CUDA readout without `β` launches only fixed grids and allocates nothing from
+tensor values (its plan is torch, its choice between object and dense heads is made on the
+device), so it is also registered through `torch.library.triton_op`: `torch.compile` sees its
+Triton kernels (`readout` below picks it for CUDA tensors without `β`).
+(`dla.testing.triton_interpreter()` swaps the CPU kernels for the
 Triton path through the interpreter for the length of a `with` block.)
 """
 
@@ -18,6 +22,7 @@ from torch import Tensor
 
 from dla.ops.backbone import backbone_backward, backbone_forward
 from dla.ops.readout import readout_backward, readout_forward
+from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
 from dla.ops.segment import segment
 
 SEGMENT = (
@@ -27,11 +32,11 @@ SEGMENT = (
 )
 READOUT = (
     "readout(Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, Tensor? beta, Tensor level_start, "
-    "Tensor S0, float scale, int chunk_size) -> (Tensor, Tensor)"
+    "Tensor S0, float scale, int chunk_size, Tensor? step=None) -> (Tensor, Tensor)"
 )
 READOUT_BACKWARD = (
     "readout_backward(Tensor do, Tensor dS, Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, "
-    "Tensor? beta, Tensor level_start, Tensor S0, float scale, int chunk_size) "
+    "Tensor? beta, Tensor level_start, Tensor S0, float scale, int chunk_size, Tensor? step=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -53,7 +58,7 @@ def _segment_fake(k, v, g, beta, S0, n0, I0, m0, Z0, zz0, N0, step0, levels, pol
     )
 
 
-def _readout_fake(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
+def _readout_fake(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step=None):
     return torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device), _contiguous_like(S0)
 
 
@@ -66,7 +71,7 @@ def _gate_grad_like(x: Tensor | None, like: Tensor) -> Tensor:
     return _contiguous_like(x) if x is not None else torch.empty(like.shape[:3], dtype=torch.float32, device=like.device)
 
 
-def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size):
+def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step=None):
     # the kernels return contiguous gradients whatever the inputs' strides: so must the fake
     return tuple(_contiguous_like(x) for x in (q, k, v, lam)) + (
         _gate_grad_like(g, q), _gate_grad_like(beta, q), _contiguous_like(S0))
@@ -99,19 +104,19 @@ def _register() -> torch.library.Library:
 
 
 def _readout_setup_context(ctx, inputs, output):
-    q, k, v, lam, g, beta, level_start, S0, scale, chunk_size = inputs
-    ctx.save_for_backward(q, k, v, lam, g, beta, level_start, S0)
+    q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step = inputs
+    ctx.save_for_backward(q, k, v, lam, g, beta, level_start, S0, step)
     ctx.scale, ctx.chunk_size = scale, chunk_size
 
 
 def _readout_grad(ctx, do, dS):
-    q, k, v, lam, g, beta, level_start, S0 = ctx.saved_tensors
+    q, k, v, lam, g, beta, level_start, S0, step = ctx.saved_tensors
     do = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device) if do is None else do
     dS = torch.zeros_like(S0) if dS is None else dS
     dq, dk, dv, dlam, dg, dbeta, dS0 = torch.ops.dla.readout_backward(
-        do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size)
+        do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size, step)
     return (dq, dk, dv, dlam, dg if g is not None else None, dbeta if beta is not None else None,
-            None, dS0, None, None)
+            None, dS0, None, None, None)
 
 
 def _backbone_setup_context(ctx, inputs, output):
@@ -130,3 +135,44 @@ def _backbone_grad(ctx, do, dS):
 
 
 LIBRARY = _register()  # kept alive: the registrations last as long as this object
+
+
+@torch.library.triton_op("dla::readout_without_beta", mutates_args=())
+def readout_without_beta(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, g: Tensor | None, level_start: Tensor,
+                         S0: Tensor, scale: float, step: Tensor) -> tuple[Tensor, Tensor]:
+    """`(o, S)` of `dla::readout` without β, by the Triton kernels (object and dense heads)."""
+    return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
+
+
+@torch.library.triton_op("dla::readout_without_beta_backward", mutates_args=())
+def readout_without_beta_backward(do: Tensor, dS: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor,
+                                  g: Tensor | None, level_start: Tensor, S0: Tensor, scale: float, step: Tensor,
+                                  S: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv, dlam, dg, dS0)`; `S` is the forward's final state; `dg` float32 zeros without g."""
+    return mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step, S)
+
+
+def _without_beta_setup_context(ctx, inputs, output):
+    q, k, v, lam, g, level_start, S0, scale, step = inputs
+    ctx.save_for_backward(q, k, v, lam, g, level_start, S0, step, output[1])
+    ctx.scale = scale
+
+
+def _without_beta_grad(ctx, do, dS):
+    q, k, v, lam, g, level_start, S0, step, S = ctx.saved_tensors
+    do = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device) if do is None else do
+    dS = torch.zeros_like(S) if dS is None else dS
+    dq, dk, dv, dlam, dg, dS0 = torch.ops.dla.readout_without_beta_backward(
+        do, dS, q, k, v, lam, g, level_start, S0, ctx.scale, step, S)
+    return dq, dk, dv, dlam, dg if g is not None else None, None, dS0.to(S0.dtype), None, None
+
+
+readout_without_beta.register_autograd(_without_beta_grad, setup_context=_without_beta_setup_context)
+
+
+def readout(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step):
+    """The readout op for these tensors: `dla::readout_without_beta` for 16/32-bit CUDA tensors
+    without β (so that `torch.compile` sees its Triton kernels), else the opaque `dla::readout`."""
+    if beta is None and q.is_cuda and q.dtype != torch.float64:
+        return torch.ops.dla.readout_without_beta(q, k, v, lam, g, level_start, S0, scale, step)
+    return torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)

@@ -9,12 +9,15 @@ DeltaNet) and DLA's open block, which restarts at every boundary (`reset`).
 | `ssd.py` | transitions without `β`: the chunked SSD in torch (any device, float32/float64), with its stage pieces |
 | `ssd_states.py`, `ssd_output.py`, `ssd_triton.py` | the same in Triton: the sequential state pass, the chunk-parallel output and gradients, and the entry points |
 | `delta.py` | transitions with `β`: the chunked (gated) delta rule in WY/UT form in torch, with its stage pieces |
-| `delta_wy.py`, `delta_states.py`, `delta_output.py`, `delta_triton.py` | the same in Triton: the UT solve and `w, u`, the state pass, the output and gradients, and the entry points |
+| `delta_wy.py`, `delta_states.py`, `delta_output.py`, `delta_triton.py` | the same in Triton: the UT solve and `w, u`, the state pass, the output and gradients, and the entry points — not used by the rule yet (below) |
 
-The rule (`backbone_forward`, `backbone_backward`): `β` takes the delta rule, its absence the
-SSD; float64 inputs and CPU tensors take the torch kernel, 16- and 32-bit CUDA tensors the Triton
-kernels at their own chunk of 64 tokens (the result does not depend on the chunk beyond
-rounding).
+The rule (`backbone_forward`, `backbone_backward`): without `β` the SSD — the torch kernel for
+float64 inputs and CPU tensors, the Triton kernels for 16- and 32-bit CUDA tensors, at their own
+chunk of 64 tokens (the result does not depend on the chunk beyond rounding). With `β` the torch
+delta rule on every device: the Triton delta-rule kernels pass their interpreter tests, but on an
+H100 (torch 2.11, Triton 3.6) their `dq, dk, dλ0, dg` missed the float64 path by 2–6% in bf16
+and missed float32's bound in one float32 case (`perf/results/gpu_tests-h100.log`), so no call
+takes them until they are fixed and pass on the card.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import torch
 from torch import Tensor
 
 from dla.ops.backbone.delta import delta_backward, delta_forward
-from dla.ops.backbone.delta_triton import delta_backward_triton, delta_forward_triton
 from dla.ops.backbone.ssd import ssd_backward, ssd_forward
 from dla.ops.backbone.ssd_triton import ssd_backward_triton, ssd_forward_triton
 
@@ -53,25 +55,28 @@ def backbone_backward(do: Tensor, dS: Tensor, q: Tensor, k: Tensor, v: Tensor, l
     if q.is_cuda and q.dtype != torch.float64:
         return backbone_backward_triton(do, dS, q, k, v, lam0, g, beta, S0, scale, chunk_size)
     if beta is not None:
-        dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward(do, dS, q, k, v, lam0, g, beta, None, S0, scale, chunk_size)
-        return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), dbeta, dS0
+        return _delta_backward(do, dS, q, k, v, lam0, g, beta, S0, scale, chunk_size)
     dq, dk, dv, dlam0, dg, dS0 = ssd_backward(do, dS, q, k, v, lam0, g, None, S0, scale, chunk_size)
     return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), _zeros_for_absent(None, q), dS0
 
 
 def backbone_forward_triton(q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
     """The CUDA side of the rule, for the tensors' device (CPU tensors run through the Triton
-    interpreter, as under `dla.testing.triton_interpreter()`)."""
+    interpreter, as under `dla.testing.triton_interpreter()`): the Triton SSD, or with `β` the
+    torch delta rule (module doc)."""
     if beta is not None:
-        return delta_forward_triton(q, k, v, lam0, g, beta, None, S0, scale, TRITON_CHUNK)
+        return delta_forward(q, k, v, lam0, g, beta, None, S0, scale, chunk_size)
     return ssd_forward_triton(q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
 
 
 def backbone_backward_triton(do, dS, q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
     """The backward of `backbone_forward_triton`."""
     if beta is not None:
-        dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward_triton(do, dS, q, k, v, lam0, g, beta, None, S0, scale,
-                                                                 TRITON_CHUNK)
-        return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), dbeta, dS0
+        return _delta_backward(do, dS, q, k, v, lam0, g, beta, S0, scale, chunk_size)
     dq, dk, dv, dlam0, dg, dS0 = ssd_backward_triton(do, dS, q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
     return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), _zeros_for_absent(None, q), dS0
+
+
+def _delta_backward(do, dS, q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
+    dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward(do, dS, q, k, v, lam0, g, beta, None, S0, scale, chunk_size)
+    return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), dbeta, dS0

@@ -3,72 +3,81 @@
 
 | file | what it holds |
 | --- | --- |
-| `chunked.py` | the CPU kernel: the chunked form in torch, every transition, forward and backward written out |
-| `scan_triton.py` | CUDA: the chunked scan over the slot states, linear in `T`, every transition, `Dk ≤ 128` |
-| `masked_triton.py` | CUDA: the masked quadratic form `(A_base ⊙ Λ) V` without a sequential part, transitions without `β` |
+| `plan.py` | the object plan from the level map (static shapes, on the device): what each chunk reads and builds |
+| `objects.py` | the CPU kernel without `β`: the persistent-object readout of SPEC §3.1 in torch, forward and backward written out |
+| `chunked.py` | the CPU kernel with `β`: the chunked form in torch, every slot rewritten per chunk |
+| `objects_triton.py` | CUDA without `β`: the object kernels, and the call that mixes object and dense heads |
+| `masked_triton.py` | CUDA without `β`, the dense path: the masked quadratic form `(A_base ⊙ Λ) V` for heads whose plan is too dense or overflows the pool, and for calls of one chunk |
+| `scan_triton.py` | CUDA with `β`: the chunked scan over the slot states, linear in `T`, `Dk ≤ 128` |
+| `cost.py` | what each CUDA kernel costs (FLOPs, bytes), the pool bound, and the rule between objects and the dense path |
+| `objects_delta.py`, `objects_delta_triton.py`, `cost_delta.py` | with `β`: the readout by windows of `R` chunks (objects re-framed once per window, the window's tokens read through the query's WY transport) in torch (float64-exact) and Triton, and its cost — not taken by the rule yet: its Triton kernels have not run on a GPU, and its modelled roofline misses SPEC §7's target |
 
 The references are `dla.ops.reference.multistate_attention_materialized` (the masked form) and
 `multistate_attention_recurrent`.
 
-The rule (`readout_forward`, `readout_backward`): CPU tensors take the torch kernel. On CUDA, `β`
-(the delta rule) takes the scan, the only kernel that has it; without `β` the kernel with fewer
-multiply-adds per token and pass, by the counts each kernel's derivation gives:
-
-    masked:  (T/2)·(Dk + Dv)       (a query meets T/2 keys on average, each in two products)
-    scan:    K·Dk·Dv               (a query reads every slot's Dk×Dv state)
-
-so the scan where `K·Dk·Dv < (T/2)·(Dk + Dv)` (`K < T/128` at `Dk = Dv = 128`) and `Dk ≤ 128`.
-Results agree to rounding (both are held to the same oracles): the choice is one of speed, made
-from shapes alone, with no constant measured on any card.
+The rule (`readout_forward`, `readout_backward`): CPU tensors (and float64 ones on any device)
+take the torch kernels — objects without `β`, the chunked form with it. On CUDA, `β` takes the scan; without `β` each head takes
+the object kernels or the dense ones by `cost.takes_objects` — the plan fits the pool bound
+(derived from the memory target) and the object kernels' roofline time on the card's row of
+`cost.ARCHITECTURES` is at most the dense kernels' — evaluated on the device, so no host read
+happens; a call of at most one chunk (decode) is dense from its shapes alone. Results agree to
+rounding (all kernels are held to the same oracles): the choice is one of speed and memory.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
 
 from dla.ops.readout.chunked import chunked_backward, chunked_forward
-from dla.ops.readout.masked_triton import masked_backward, masked_forward
+from dla.ops.readout.objects import objects_backward, objects_forward
+from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
 from dla.ops.readout.scan_triton import scan_backward, scan_forward
 
-__all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton",
-           "scan_has_fewer_products"]
-
-SCAN_MAX_DK = 128  # the scan keeps a [Dk, BV] slot tile per program in registers
+__all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton"]
 
 
-def scan_has_fewer_products(T: int, K: int, Dk: int, Dv: int) -> bool:
-    """The rule without `β`: the scan's `K·Dk·Dv` multiply-adds per token and pass against the
-    masked form's `(T/2)·(Dk + Dv)`; see the module doc."""
-    return Dk <= SCAN_MAX_DK and K * Dk * Dv < (T / 2) * (Dk + Dv)
-
-
-def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
     """`dla::readout` on the tensors' device: `(o [B,T,H,Dv], S [B,H,K,Dk,Dv])` (SCHEMAS.md)."""
-    if q.is_cuda:
-        return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    return chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    if q.is_cuda and q.dtype != torch.float64:
+        return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
+    if beta is not None:
+        return chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    return objects_forward(q, k, v, lam, g, level_start, S0, scale, chunk_size, _steps(step, q))
 
 
-def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
     """`dla::readout_backward` on the tensors' device: `(dq, dk, dv, dlam, dg, dbeta, dS0)`."""
-    if q.is_cuda:
-        return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    return chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    if q.is_cuda and q.dtype != torch.float64:
+        return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
+    if beta is not None:
+        return chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    dq, dk, dv, dlam, dg, dS0 = objects_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, chunk_size,
+                                                 _steps(step, q))
+    return dq, dk, dv, dlam, _gate_grad(dg, q), _gate_grad(None, q), dS0
 
 
-def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
-    """The CUDA side of the rule (scan or masked kernels), for the tensors' device."""
-    if _takes_scan(q, v, lam, beta):
+def _steps(step, q):
+    """`step [B]` int64, zeros when the caller gives none."""
+    return torch.zeros(q.shape[0], dtype=torch.int64, device=q.device) if step is None else step
+
+
+def _gate_grad(dg, q):
+    """The gradient of an absent gate: float32 zeros `[B,T,H]` (SCHEMAS.md)."""
+    return torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device) if dg is None else dg
+
+
+def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
+    """The CUDA side of the rule, for the tensors' device: the scan with β, else objects or dense
+    rows (`objects_triton.mixed_forward`)."""
+    if beta is not None:
         return scan_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    return masked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
 
 
-def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
+def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
+                            step=None):
     """The backward of `readout_forward_triton`, by the same rule."""
-    if _takes_scan(q, v, lam, beta):
+    if beta is not None:
         return scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    return masked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-
-
-def _takes_scan(q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) -> bool:
-    return beta is not None or scan_has_fewer_products(q.shape[1], lam.shape[-1], q.shape[-1], v.shape[-1])
+    dq, dk, dv, dlam, dg, dS0 = mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step)
+    return dq, dk, dv, dlam, dg, _gate_grad(None, q), dS0.to(S0.dtype)

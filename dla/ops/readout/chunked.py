@@ -1,6 +1,8 @@
-r"""Chunked CPU readout (SPEC §3, phase 2): the CPU kernels of `dla::readout` and
-`dla::readout_backward` (schemas in `dla/compile/SCHEMAS.md`). Plain torch, no autograd: the
-backward is written out below.
+r"""Chunked CPU readout (SPEC §3, phase 2) for transitions with `β` (DeltaNet, Gated DeltaNet):
+the CPU kernels of `dla::readout` and `dla::readout_backward` (schemas in
+`dla/compile/SCHEMAS.md`) with `β`, every slot carried through each chunk's transition product.
+(Without `β` the stage takes the persistent objects of `objects.py`.) Plain torch, no autograd:
+the backward is written out below.
 
 What it computes
 ================
@@ -10,10 +12,9 @@ tokens (the last one may be shorter). Inside a chunk positions are `1..C`, `G_t 
 `Γ[t,s] = exp(G_t − G_s)` for `s ≤ t` (0 above the diagonal). Without `g`: `G ≡ 0`.
 
     A_qk = QKᵀ ⊙ Γ                                  (lower triangle, diagonal included)
-    without β:  Ã = A_qk,   Q̂ = diag(γ) Q,   E = Kᵀ diag(ρ),   P_C = γ_C I
-    with β:     A_kk = tril(diag(β)(KKᵀ ⊙ Γ), −1),   Tinv = (I + A_kk)⁻¹   (unit lower)
-                M = Tinv diag(β),   Ã = A_qk M,   H = diag(γ) K
-                Q̂ = diag(γ) Q − Ã H,   E = Kᵀ diag(ρ) M,   P_C = γ_C I − E H     [Dk×Dk]
+    A_kk = tril(diag(β)(KKᵀ ⊙ Γ), −1),   Tinv = (I + A_kk)⁻¹   (unit lower)
+    M = Tinv diag(β),   Ã = A_qk M,   H = diag(γ) K
+    Q̂ = diag(γ) Q − Ã H,   E = Kᵀ diag(ρ) M,   P_C = γ_C I − E H     [Dk×Dk]
 
 (Derivation: a single state over the chunk is `S_t = γ_t S_0 + Σ_{s≤t} Γ[t,s] k_s u_sᵀ` with
 `(I + A_kk) U = diag(β) V − diag(βγ) K S_0`; so `S_tᵀ q_t` has rows `Ã V + Q̂ S_0` and
@@ -51,13 +52,12 @@ A forward pass recomputes the chunk-start slot states (a list); the reverse pass
     dλ_t[l] = Σ_{s: ℓ_t(s)=l} dΛ[t,s] + Σ_{r: ℓ_t(pos_r)=l} dW[t,r]          (scatter-add)
     dPS_r = dS'_{ℓ_ce(pos_r)},   dE_s = dS'_{ℓ_ce(s)} v_s
     dS_r  = P_Cᵀ dPS_r + X_rᵀ dÕ                  (carried to the previous chunk; dS0 at the end)
-    without β:  dγ_C = Σ_r ⟨dPS_r, S_r⟩,   dKρ = dEᵀ,   dA_qk = dÃ
-    with β:     dP = Σ_r dPS_r S_rᵀ,   dγ_C = tr dP,   dE −= dP Hᵀ,   dÃ −= dQ̂ Hᵀ
-                dH = −Eᵀ dP − Ãᵀ dQ̂  → dK += diag(γ) dH,  dγ += rowsum(dH ⊙ K)
-                dKρ = M dEᵀ,   dM = Kρ dE + A_qkᵀ dÃ   (Kρ = diag(ρ) K),   dA_qk = dÃ Mᵀ
-                dβ_s += Σ_u dM[u,s] Tinv[u,s],   dTinv = dM diag(β)
-                dA_kk = −strict_lower(Tinvᵀ dTinv Tinvᵀ),   dβ_t += Σ_s dA_kk[t,s] (KKᵀ⊙Γ)[t,s]
-                Z_k = diag(β) dA_kk ⊙ Γ:  dK += Z_k K + Z_kᵀ K,   dΓ += diag(β) dA_kk ⊙ KKᵀ
+    dP = Σ_r dPS_r S_rᵀ,   dγ_C = tr dP,   dE −= dP Hᵀ,   dÃ −= dQ̂ Hᵀ
+    dH = −Eᵀ dP − Ãᵀ dQ̂  → dK += diag(γ) dH,  dγ += rowsum(dH ⊙ K)
+    dKρ = M dEᵀ,   dM = Kρ dE + A_qkᵀ dÃ   (Kρ = diag(ρ) K),   dA_qk = dÃ Mᵀ
+    dβ_s += Σ_u dM[u,s] Tinv[u,s],   dTinv = dM diag(β)
+    dA_kk = −strict_lower(Tinvᵀ dTinv Tinvᵀ),   dβ_t += Σ_s dA_kk[t,s] (KKᵀ⊙Γ)[t,s]
+    Z_k = diag(β) dA_kk ⊙ Γ:  dK += Z_k K + Z_kᵀ K,   dΓ += diag(β) dA_kk ⊙ KKᵀ
     dQ = diag(γ) dQ̂ + (dA_qk ⊙ Γ) K,   dγ += rowsum(dQ̂ ⊙ Q)
     dK += diag(ρ) dKρ + (dA_qk ⊙ Γ)ᵀ Q,   dρ = rowsum(dKρ ⊙ K),   dΓ += dA_qk ⊙ QKᵀ
     dG = rowsum(dΓ⊙Γ) − colsum(dΓ⊙Γ) + dγ ⊙ γ − dρ ⊙ ρ,   dG_C += Σ_s dρ_s ρ_s + dγ_C γ_C
@@ -98,9 +98,14 @@ class Inputs(NamedTuple):
     v: Tensor  # [N, T, Dv]
     lam: Tensor  # [N, T, L]
     g: Tensor | None  # [N, T]
-    beta: Tensor | None  # [N, T]
+    beta: Tensor  # [N, T]
     starts: Tensor  # [N, T, L] int64
     S0: Tensor  # [N, K, Dk, Dv]
+
+
+def _require_beta(name: str, beta) -> None:
+    if beta is None:
+        raise ValueError(f"{name}: beta is required (without β the readout takes dla.ops.readout.objects)")
 
 
 def _prepare(q, k, v, lam, g, beta, level_start, S0) -> tuple[Inputs, torch.dtype]:
@@ -109,7 +114,7 @@ def _prepare(q, k, v, lam, g, beta, level_start, S0) -> tuple[Inputs, torch.dtyp
     L = lam.shape[-1]
     inputs = Inputs(
         q=heads(q, cdt), k=heads(k, cdt), v=heads(v, cdt), lam=heads(lam, cdt),
-        g=None if g is None else heads(g, cdt), beta=None if beta is None else heads(beta, cdt),
+        g=None if g is None else heads(g, cdt), beta=heads(beta, cdt),
         starts=heads(level_start, torch.int64),
         S0=S0.to(cdt).reshape(B * H, L, Dk, v.shape[-1]),
     )
@@ -169,20 +174,20 @@ class _Chunk(NamedTuple):
     q: Tensor  # [N, C, Dk]
     k: Tensor
     v: Tensor  # [N, C, Dv]
-    beta: Tensor | None  # [N, C]
+    beta: Tensor  # [N, C]
     gam: Tensor  # γ [N, C]
     rho: Tensor  # ρ = γ_C / γ [N, C]
     gam_C: Tensor  # γ_C [N]
     Gam: Tensor  # Γ [N, C, C] (0 above the diagonal)
     QK: Tensor  # QKᵀ [N, C, C]
-    KK: Tensor | None  # KKᵀ (β only)
-    Tinv: Tensor | None  # (I + A_kk)⁻¹ (β only)
-    M: Tensor | None  # Tinv diag(β) (β only)
+    KK: Tensor  # KKᵀ
+    Tinv: Tensor  # (I + A_kk)⁻¹
+    M: Tensor  # Tinv diag(β)
     Aqk: Tensor  # QKᵀ ⊙ Γ
     At: Tensor  # Ã
     Qh: Tensor  # Q̂ [N, C, Dk]
     E: Tensor  # [N, Dk, C]
-    P: Tensor | None  # P_C [N, Dk, Dk] (β only; γ_C I otherwise)
+    P: Tensor  # P_C [N, Dk, Dk]
     Lam: Tensor  # Λ [N, C, C]
     lev_tok: Tensor  # ℓ_t(c0+s) [N, C, C], −1 where not a level (or s > t)
     W: Tensor  # [N, C, K]
@@ -226,24 +231,17 @@ def chunk_terms(x: Inputs, c0: int, c1: int, prev_pos: Tensor, need_levels: bool
     gam_C = gam[:, -1]
     QK = q @ k.transpose(1, 2)
     Aqk = QK * Gam
-    KK = Tinv = M = P = None
-    beta = None
-    if x.beta is None:
-        At = Aqk
-        Qh = gam[..., None] * q
-        E = (rho[..., None] * k).transpose(1, 2)
-    else:
-        beta = x.beta[:, c0:c1]
-        KK = k @ k.transpose(1, 2)
-        eye = torch.eye(C, dtype=dt, device=dev)
-        Akk = (beta[:, :, None] * KK * Gam).tril(-1)
-        Tinv = torch.linalg.solve_triangular(eye + Akk, eye.expand(N, C, C), upper=False, unitriangular=True)
-        M = Tinv * beta[:, None, :]
-        At = Aqk @ M
-        Hk = gam[..., None] * k
-        Qh = gam[..., None] * q - At @ Hk
-        E = (rho[..., None] * k).transpose(1, 2) @ M
-        P = gam_C[:, None, None] * torch.eye(Dk, dtype=dt, device=dev) - E @ Hk
+    beta = x.beta[:, c0:c1]
+    KK = k @ k.transpose(1, 2)
+    eye = torch.eye(C, dtype=dt, device=dev)
+    Akk = (beta[:, :, None] * KK * Gam).tril(-1)
+    Tinv = torch.linalg.solve_triangular(eye + Akk, eye.expand(N, C, C), upper=False, unitriangular=True)
+    M = Tinv * beta[:, None, :]
+    At = Aqk @ M
+    Hk = gam[..., None] * k
+    Qh = gam[..., None] * q - At @ Hk
+    E = (rho[..., None] * k).transpose(1, 2) @ M
+    P = gam_C[:, None, None] * torch.eye(Dk, dtype=dt, device=dev) - E @ Hk
     if need_levels:
         levels = _levels(x.starts[:, c0:c1], prev_pos, c0, x.lam[:, c0:c1], K)
     else:  # the state pass needs the chunk-end remaps only
@@ -259,7 +257,7 @@ def chunk_terms(x: Inputs, c0: int, c1: int, prev_pos: Tensor, need_levels: bool
 def _chunk_end(c: _Chunk, S: Tensor) -> Tensor:
     """S'_{r'} = Σ_{r→r'} P_C S_r + Σ_{s→r'} E_s v_sᵀ, in the new rank order [N, K, Dk, Dv]."""
     N, K, Dk, Dv = S.shape
-    PS = c.gam_C[:, None, None, None] * S if c.P is None else c.P[:, None] @ S
+    PS = c.P[:, None] @ S
     out = (_token_writes(c, K)[1] @ c.v).reshape(N, K, Dk, Dv)
     _add_rows(out, c.end_old, PS)
     return out
@@ -282,6 +280,7 @@ def _next_prev_pos(x: Inputs, c1: int) -> Tensor:
 @torch.no_grad()
 def chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] in the state dtype)`; see the module doc."""
+    _require_beta("chunked_forward", beta)
     B, T, H, Dk = q.shape
     Dv, K = v.shape[-1], lam.shape[-1]
     x, cdt = _prepare(q, k, v, lam, g, beta, level_start, S0)
@@ -307,8 +306,9 @@ def chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_
 
 @torch.no_grad()
 def chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int):
-    """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg`/`dbeta` are
-    float32 zeros `[B,T,H]` when `g`/`beta` is absent. `do` or `dS` may be None (zero)."""
+    """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg` is float32
+    zeros `[B,T,H]` when `g` is absent. `do` or `dS` may be None (zero)."""
+    _require_beta("chunked_backward", beta)
     B, T, H, Dk = q.shape
     Dv, K = v.shape[-1], lam.shape[-1]
     x, cdt = _prepare(q, k, v, lam, g, beta, level_start, S0)
@@ -335,7 +335,7 @@ def chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: floa
     dbeta = torch.zeros(N, T, dtype=cdt, device=dev)
     for (c0, c1), S, prev_pos in zip(reversed(bounds), reversed(states), reversed(prev)):
         c = chunk_terms(x, c0, c1, prev_pos)
-        dSc = _chunk_backward(c, S, dOt[:, c0:c1], dSc, x.beta is not None, x.g is not None,
+        dSc = _chunk_backward(c, S, dOt[:, c0:c1], dSc, x.g is not None,
                               dq[:, c0:c1], dk[:, c0:c1], dv[:, c0:c1], dlam[:, c0:c1], dg[:, c0:c1],
                               dbeta[:, c0:c1])
 
@@ -344,7 +344,7 @@ def chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: floa
         unheads(dq, B, H, q.dtype), unheads(dk, B, H, k.dtype), unheads(dv, B, H, v.dtype),
         unheads(dlam, B, H, lam.dtype),
         unheads(dg, B, H, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev),
-        unheads(dbeta, B, H, beta.dtype) if beta is not None else torch.zeros(B, T, H, dtype=f32, device=dev),
+        unheads(dbeta, B, H, beta.dtype),
         dSc.reshape(B, H, K, Dk, Dv).to(S0.dtype).clone(),
     )
 
@@ -353,7 +353,7 @@ def _rowsum(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
-def _chunk_backward(c: _Chunk, S: Tensor, dOt: Tensor, dSn: Tensor, has_beta: bool, has_g: bool,
+def _chunk_backward(c: _Chunk, S: Tensor, dOt: Tensor, dSn: Tensor, has_g: bool,
                     dq: Tensor, dk: Tensor, dv: Tensor, dlam: Tensor, dg: Tensor, dbeta: Tensor) -> Tensor:
     """Accumulates the chunk's input gradients into the given views; returns dS at the chunk
     start (rank order of the old slots)."""
@@ -381,34 +381,27 @@ def _chunk_backward(c: _Chunk, S: Tensor, dOt: Tensor, dSn: Tensor, has_beta: bo
     gam, rho, Gam = c.gam, c.rho, c.Gam
     dgam = _rowsum(dQh, c.q)
     dq += gam[..., None] * dQh
-    if not has_beta:
-        dS += c.gam_C[:, None, None, None] * dPS
-        dgam_C = (dPS * S).sum((1, 2, 3))
-        dKr = dE.transpose(1, 2)
-        dAqk = dAt
-        dGam = dAqk * c.QK
-    else:
-        dS += c.P.transpose(1, 2)[:, None] @ dPS
-        dP = (dPS @ S.transpose(2, 3)).sum(1)  # Σ_r dPS_r S_rᵀ [N, Dk, Dk]
-        dgam_C = dP.diagonal(dim1=1, dim2=2).sum(-1)
-        Hk = gam[..., None] * c.k
-        dE = dE - dP @ Hk.transpose(1, 2)
-        dAt = dAt - dQh @ Hk.transpose(1, 2)
-        dH = -(c.E.transpose(1, 2) @ dP) - c.At.transpose(1, 2) @ dQh  # [N, C, Dk]
-        dk += gam[..., None] * dH
-        dgam = dgam + _rowsum(dH, c.k)
-        Kr = rho[..., None] * c.k
-        dKr = c.M @ dE.transpose(1, 2)
-        dM = Kr @ dE + c.Aqk.transpose(1, 2) @ dAt
-        dAqk = dAt @ c.M.transpose(1, 2)
-        dbeta += (dM * c.Tinv).sum(1)
-        dTinv = dM * c.beta[:, None, :]
-        dAkk = -(c.Tinv.transpose(1, 2) @ dTinv @ c.Tinv.transpose(1, 2)).tril(-1)
-        dbeta += (dAkk * c.KK * Gam).sum(2)
-        dB = c.beta[:, :, None] * dAkk
-        Zk = dB * Gam
-        dk += Zk @ c.k + Zk.transpose(1, 2) @ c.k
-        dGam = dB * c.KK + dAqk * c.QK
+    dS += c.P.transpose(1, 2)[:, None] @ dPS
+    dP = (dPS @ S.transpose(2, 3)).sum(1)  # Σ_r dPS_r S_rᵀ [N, Dk, Dk]
+    dgam_C = dP.diagonal(dim1=1, dim2=2).sum(-1)
+    Hk = gam[..., None] * c.k
+    dE = dE - dP @ Hk.transpose(1, 2)
+    dAt = dAt - dQh @ Hk.transpose(1, 2)
+    dH = -(c.E.transpose(1, 2) @ dP) - c.At.transpose(1, 2) @ dQh  # [N, C, Dk]
+    dk += gam[..., None] * dH
+    dgam = dgam + _rowsum(dH, c.k)
+    Kr = rho[..., None] * c.k
+    dKr = c.M @ dE.transpose(1, 2)
+    dM = Kr @ dE + c.Aqk.transpose(1, 2) @ dAt
+    dAqk = dAt @ c.M.transpose(1, 2)
+    dbeta += (dM * c.Tinv).sum(1)
+    dTinv = dM * c.beta[:, None, :]
+    dAkk = -(c.Tinv.transpose(1, 2) @ dTinv @ c.Tinv.transpose(1, 2)).tril(-1)
+    dbeta += (dAkk * c.KK * Gam).sum(2)
+    dB = c.beta[:, :, None] * dAkk
+    Zk = dB * Gam
+    dk += Zk @ c.k + Zk.transpose(1, 2) @ c.k
+    dGam = dB * c.KK + dAqk * c.QK
     Zq = dAqk * Gam
     dq += Zq @ c.k
     dk += rho[..., None] * dKr + Zq.transpose(1, 2) @ c.q

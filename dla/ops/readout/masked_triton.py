@@ -1,6 +1,9 @@
-r"""CUDA kernels of `dla::readout` and `dla::readout_backward` (SCHEMAS.md) for transitions
-without `β` (none, or scalar decay `g`): the flash-style masked quadratic form of SPEC §2, no
-softmax. Same signatures and outputs as the CPU kernel `dla.ops.readout.chunked`.
+r"""The dense path of the CUDA readout without `β` (none, or scalar decay `g`): the flash-style
+masked quadratic form of SPEC §2, no softmax, no sequential part. It takes the heads whose object
+plan is too dense for the object kernels or overflows their pool, and calls of at most one chunk
+(decode), by the stage's rule (`cost.takes_objects`, evaluated on the device); rows that the same
+call gives to the objects (`objects_triton.py`) are skipped (`MODE[n] = 1`). `masked_forward` and
+`masked_backward` run every row dense, with the signatures of `dla::readout`'s kernels.
 
 What it computes
 ================
@@ -65,11 +68,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from dla.ops.levels import running_min
 from dla.ops.triton_utils import interpreting, pow2
 
-__all__ = ["masked_forward", "masked_backward", "intra_chunk_forward", "intra_chunk_backward"]
+__all__ = ["masked_forward", "masked_backward", "dense_forward", "dense_backward", "reverse_cumsum"]
 
 NEG = tl.constexpr(-(2**30))  # running-minimum padding beyond L: ≤ every position, so never counted
 BIG = tl.constexpr(2**31 - 1)  # c[t, −1] = +∞, and the start of a level that does not exist
@@ -117,16 +121,6 @@ def _rel_decay(GH, GL, rows, mask, gh_ref, gl_ref):
 
 
 @triton.jit
-def _band_start(t0, BAND: tl.constexpr):
-    """The first key tile a query tile starting at t0 reads: 0, or its chunk's start (BAND > 0,
-    a multiple of the tiles)."""
-    if BAND > 0:
-        return (t0 // BAND) * BAND
-    else:
-        return t0 * 0
-
-
-@triton.jit
 def _u(GH, GL, rt, mt, scale, HAS_G: tl.constexpr, BT: tl.constexpr):
     """u_t = scale · exp(G_t), the weight of the initial slots' read-out."""
     u = tl.full([BT], scale, tl.float32)
@@ -164,13 +158,15 @@ def _level_step(CM, LAM, rq, mq, r, s, L: tl.constexpr, TRANS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_initial_kernel(Q, LAM, GH, GL, CM, S0, O0, T, H, scale,
+def _fwd_initial_kernel(Q, LAM, GH, GL, CM, S0, O0, MODE, T, H, scale,
                         L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                         HAS_G: tl.constexpr, PREC32: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """O0 [B,T,H,Dv] float32: the initial slots' part of o, u_t Σ_r W[t,r] S0_rᵀ q_t."""
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
+    if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
+        return
     row0 = (n // H).to(tl.int64) * T * H + n % H
     Q += row0 * DK
     LAM += row0 * L
@@ -235,16 +231,17 @@ def _fwd_tile(acc, q, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_ref, s0, t
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, T, H, scale,
+def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, MODE, T, H, scale,
                 L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
-                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
-                BAND: tl.constexpr = 0):
+                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """Over a query tile: o = O0 + (A ⊙ Λ) V for the first NL levels of each row and key tile;
     with EXTRA, O0 += the same for the levels beyond them (a pass over the tiles that have any,
-    launched before the main one). BAND > 0: only keys in the query's chunk of BAND tokens."""
+    launched before the main one)."""
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
+    if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
+        return
     row0 = (n // H).to(tl.int64) * T * H + n % H
     Q += row0 * DK
     K += row0 * DK
@@ -274,7 +271,7 @@ def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, T, H, scale,
     o_mask = _mask(mt, dv_, DV, BV)
     acc = tl.load(O0 + rt[:, None] * DV + dv_[None, :], mask=o_mask, other=0.0)
     t_end = tl.minimum(t0 + BT, T)
-    for s0 in range(_band_start(t0, BAND), t_end, BS):
+    for s0 in range(0, t_end, BS):
         top, need = _row_levels(c, t, mt, s0, tl.minimum(s0 + BS, t_end) - 1)
         if EXTRA:
             most = tl.max(need)
@@ -291,7 +288,7 @@ def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, T, H, scale,
 
 
 @triton.jit
-def _state_kernel(K, V, GH, GL, CM, S0, S, T, H,
+def _state_kernel(K, V, GH, GL, CM, S0, S, MODE, T, H,
                   L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   HAS_G: tl.constexpr, PREC: tl.constexpr,
                   BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -299,6 +296,8 @@ def _state_kernel(K, V, GH, GL, CM, S0, S, T, H,
     initial slots in it."""
     r = tl.program_id(0)
     n = tl.program_id(1)
+    if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
+        return
     row0 = (n // H).to(tl.int64) * T * H + n % H
     K += row0 * DK
     V += row0 * DV
@@ -343,7 +342,7 @@ def _state_kernel(K, V, GH, GL, CM, S0, S, T, H,
 
 
 @triton.jit
-def _bwd_initial_kernel(Q, LAM, GH, GL, CM, S0, DO, DQ0, DL0, DG0, T, H, scale,
+def _bwd_initial_kernel(Q, LAM, GH, GL, CM, S0, DO, DQ0, DL0, DG0, MODE, T, H, scale,
                         L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                         HAS_G: tl.constexpr, PREC32: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
@@ -352,6 +351,8 @@ def _bwd_initial_kernel(Q, LAM, GH, GL, CM, S0, DO, DQ0, DL0, DG0, T, H, scale,
     is reduced over Dv in chunks of BC."""
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
+    if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
+        return
     row0 = (n // H).to(tl.int64) * T * H + n % H
     Q += row0 * DK
     DO += row0 * DV
@@ -399,7 +400,7 @@ def _bwd_initial_kernel(Q, LAM, GH, GL, CM, S0, DO, DQ0, DL0, DG0, T, H, scale,
 
 
 @triton.jit
-def _bwd_final_kernel(K, V, GH, GL, CM, DS, DK0, DV0, DG0, FIN, T, H,
+def _bwd_final_kernel(K, V, GH, GL, CM, DS, DK0, DV0, DG0, FIN, MODE, T, H,
                       L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       HAS_G: tl.constexpr, PREC32: tl.constexpr,
                       BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
@@ -409,6 +410,8 @@ def _bwd_final_kernel(K, V, GH, GL, CM, DS, DK0, DV0, DG0, FIN, T, H,
     DG0 = −FIN (for dG); each in column chunks of BC."""
     s0 = tl.program_id(0) * BS
     n = tl.program_id(1)
+    if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
+        return
     row0 = (n // H).to(tl.int64) * T * H + n % H
     K += row0 * DK
     V += row0 * DV
@@ -504,16 +507,16 @@ def _dq_tile(dq, dl, dg, q, do, t, mt, rt, a, K, V, CM, LAM, GH, GL, gh_ref, gl_
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, DO, DQ0, DL0, DG0, DQ, DLAM, DGR, T, H, scale,
+def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, DO, DQ0, DL0, DG0, DQ, DLAM, DGR, MODE, T, H, scale,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
-                   BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
-                   BAND: tl.constexpr = 0):
+                   BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dq, dλ and the row part of dG over a query tile, on top of DQ0, DL0, DG0 (the initial
-    slots' parts); with EXTRA, the levels beyond the first NL go into DQ0, DL0, DG0 instead.
-    BAND > 0: only keys in the query's chunk of BAND tokens."""
+    slots' parts); with EXTRA, the levels beyond the first NL go into DQ0, DL0, DG0 instead."""
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
+    if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
+        return
     row0 = (n // H).to(tl.int64) * T * H + n % H
     Q += row0 * DK
     K += row0 * DK
@@ -552,7 +555,7 @@ def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, DO, DQ0, DL0, DG0, DQ, DLAM, DGR, T
     dl = tl.load(DL0 + rt[:, None] * L + cols[None, :], mask=ml, other=0.0)
     dg = tl.load(DG0 + rt, mask=mt, other=0.0)
     t_end = tl.minimum(t0 + BT, T)
-    for s0 in range(_band_start(t0, BAND), t_end, BS):
+    for s0 in range(0, t_end, BS):
         top, need = _row_levels(c, t, mt, s0, tl.minimum(s0 + BS, t_end) - 1)
         if EXTRA:
             most = tl.max(need)
@@ -609,16 +612,16 @@ def _dkv_tile(dk, dv, dg, k, v, s, bs, Q, DO, CM, LAM, GH, GL, gh_ref, gl_ref, t
 
 
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, T, H, scale,
+def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, MODE, T, H, scale,
                     L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     HAS_G: tl.constexpr, PREC: tl.constexpr, NL: tl.constexpr, EXTRA: tl.constexpr,
-                    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
-                    BAND: tl.constexpr = 0):
+                    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dk, dv and the column part of dG over a key tile, on top of DK0, DV0, DG0 (the final
-    states' parts); with EXTRA, the levels beyond the first NL go into DK0, DV0, DG0 instead.
-    BAND > 0: only queries in the key's chunk of BAND tokens."""
+    states' parts); with EXTRA, the levels beyond the first NL go into DK0, DV0, DG0 instead."""
     s0 = tl.program_id(0) * BS
     n = tl.program_id(1)
+    if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
+        return
     row0 = (n // H).to(tl.int64) * T * H + n % H
     Q += row0 * DK
     K += row0 * DK
@@ -656,11 +659,7 @@ def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, 
     dv = tl.load(DV0 + rs[:, None] * DV + dv_[None, :], mask=v_mask, other=0.0)
     dg = tl.load(DG0 + rs, mask=ms, other=0.0)
     s_last = tl.minimum(s0 + BS, T) - 1
-    if BAND > 0:
-        t_stop = tl.minimum((s0 // BAND + 1) * BAND, T)
-    else:
-        t_stop = T
-    for t0 in range(s0, t_stop, BT):
+    for t0 in range(s0, T, BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
         rt = t * H
@@ -685,13 +684,15 @@ def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, 
 
 
 @triton.jit
-def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, T, H, scale,
+def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, MODE, T, H, scale,
                     L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     HAS_G: tl.constexpr, PREC32: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dS0_r for one initial slot r and Dv tile; CARRY gets its part of dG_{T−1}."""
     r = tl.program_id(0)
     n = tl.program_id(1)
+    if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
+        return
     pv = tl.program_id(2)
     row0 = (n // H).to(tl.int64) * T * H + n % H
     Q += row0 * DK
@@ -707,7 +708,10 @@ def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, T, H, scale,
     dv_ = pv * BV + tl.arange(0, BV)
     cols = tl.arange(0, BL)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
-    for t0 in range(0, T, BT):
+    # segments only merge: a slot no level holds after the first token is never read
+    c_first = tl.load(CM + cols, mask=cols < L, other=NEG)
+    read = tl.sum((c_first > -1 - r).to(tl.int32), axis=0) < L
+    for t0 in range(0, tl.where(read, T, 0), BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
         rt = t * H
@@ -798,7 +802,8 @@ class _Prepared:
         else:
             self.gh = self.gl = torch.zeros(1, dtype=torch.float32, device=q.device)  # never read
         self.BK, self.BV, self.BL = pow2(self.dk), pow2(self.dv), triton.next_power_of_2(self.L)
-        self.cfg = _config(self.dk, self.dv, interpreting(q))
+        self.interpreted = interpreting(q)
+        self.cfg = _config(self.dk, self.dv, self.interpreted)
         self.prec, self.prec32 = _precisions(q.dtype, input_precision)
         self.dims = dict(L=self.L, DK=self.dk, DV=self.dv, HAS_G=self.has_g,
                          num_warps=self.cfg["num_warps"], num_stages=self.cfg["num_stages"])
@@ -823,39 +828,53 @@ class _Prepared:
     def empty(self, *shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device=self.q.device)
 
+    def all_dense(self) -> Tensor:
+        """The row mode of a call without object rows."""
+        return torch.zeros(self.N, dtype=torch.int32, device=self.q.device)
+
+    def gradients(self, q, k, v, lam) -> dict:
+        """Fresh gradient buffers, in the inputs' dtypes (dS0 float32)."""
+        return {"dq": self.empty(*q.shape, dtype=q.dtype), "dk": self.empty(*k.shape, dtype=k.dtype),
+                "dv": self.empty(*v.shape, dtype=v.dtype), "dlam": self.empty(*lam.shape, dtype=lam.dtype),
+                "dS0": self.empty(self.B, self.H, self.L, self.dk, self.dv)}
+
 
 def masked_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
-                           *, input_precision: str | None = None) -> tuple[Tensor, Tensor]:
+                   *, input_precision: str | None = None) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] float32)`; see the module doc.
     `chunk_size` is accepted for schema parity (the quadratic form has no chunks)."""
     _check("masked_forward", q, v, lam, beta, input_precision)
     x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
-    B, T, H, L, N, dv = x.B, x.T, x.H, x.L, x.N, x.dv
-    if T == 0:
-        return q.new_empty(B, 0, H, dv), x.S0.clone()
-    scale = float(scale)
-    m = x.meta("fwd_initial")
-    o0 = x.empty(B, T, H, dv)
-    _fwd_initial_kernel[(triton.cdiv(T, m["BT"]), N, triton.cdiv(dv, m["BV"]))](
-        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, o0, T, H, scale, **m)
-    m = x.meta("fwd")
-    o = x.empty(B, T, H, dv, dtype=q.dtype)
-    for extra in (True, False):  # the levels beyond NL per tile first, into o0
-        _fwd_kernel[(triton.cdiv(T, m["BT"]), N)](x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, T, H, scale,
-                                                  EXTRA=extra, **m)
-    m = x.meta("state")
-    S = x.empty(B, H, L, x.dk, dv)
-    _state_kernel[(L, N, triton.cdiv(dv, m["BV"]))](x.k, x.v, x.gh, x.gl, x.cm, x.S0, S, T, H, **m)
+    if x.T == 0:
+        return q.new_empty(x.B, 0, x.H, x.dv), x.S0.clone()
+    o, S = x.empty(x.B, x.T, x.H, x.dv, dtype=q.dtype), x.empty(x.B, x.H, x.L, x.dk, x.dv)
+    dense_forward(x, x.all_dense(), scale, o, S)
     return o, S
 
 
+def dense_forward(x: "_Prepared", mode: Tensor, scale: float, o: Tensor, S: Tensor) -> None:
+    """The dense rows (`mode[n] = 0`, `n = b·H + h`) of `o` and `S`."""
+    B, T, H, L, N, dv = x.B, x.T, x.H, x.L, x.N, x.dv
+    scale = float(scale)
+    m = x.meta("fwd_initial")
+    o0 = x.empty(B, T, H, dv)
+    wrap_triton(_fwd_initial_kernel)[(triton.cdiv(T, m["BT"]), N, triton.cdiv(dv, m["BV"]))](
+        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, o0, mode, T, H, scale, **m)
+    m = x.meta("fwd")
+    for extra in (True, False):  # the levels beyond NL per tile first, into o0
+        wrap_triton(_fwd_kernel)[(triton.cdiv(T, m["BT"]), N)](
+            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, mode, T, H, scale, EXTRA=extra, **m)
+    m = x.meta("state")
+    wrap_triton(_state_kernel)[(L, N, triton.cdiv(dv, m["BV"]))](x.k, x.v, x.gh, x.gl, x.cm, x.S0, S, mode, T, H, **m)
+
+
 def masked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
-                            *, input_precision: str | None = None):
+                    *, input_precision: str | None = None):
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg`/`dbeta` are
     float32 zeros `[B,T,H]` when `g`/`beta` is absent. `do` or `dS` may be None (zero)."""
     _check("masked_backward", q, v, lam, beta, input_precision)
     x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
-    B, T, H, L, N, dk, dv = x.B, x.T, x.H, x.L, x.N, x.dk, x.dv
+    B, T, H, L, dk, dv = x.B, x.T, x.H, x.L, x.dk, x.dv
     dev, f32 = q.device, torch.float32
     do = torch.zeros(B, T, H, dv, dtype=q.dtype, device=dev) if do is None else do.to(q.dtype).contiguous()
     dS = torch.zeros(B, H, L, dk, dv, dtype=f32, device=dev) if dS is None else dS.to(f32).contiguous()
@@ -864,96 +883,48 @@ def masked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float
         dg = torch.zeros(B, 0, H, dtype=g.dtype if g is not None else f32, device=dev)
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape),
                 dg, dbeta, dS.to(S0.dtype).clone())
-    scale = float(scale)
+    grads = x.gradients(q, k, v, lam)
+    dG = dense_backward(x, x.all_dense(), scale, do, dS, grads)
+    dg = reverse_cumsum(dG, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev)
+    return grads["dq"], grads["dk"], grads["dv"], grads["dlam"], dg, dbeta, grads["dS0"].to(S0.dtype)
 
+
+def reverse_cumsum(dG: Tensor, dtype) -> Tensor:
+    """dg_u = Σ_{t≥u} dG_t over `[B, T, H]` (float64: T terms of either sign), scanned with T
+    innermost (torch's CUDA cumsum along an outer dimension runs far below memory speed)."""
+    return dG.double().transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).to(dtype).contiguous()
+
+
+def dense_backward(x: "_Prepared", mode: Tensor, scale: float, do: Tensor, dS: Tensor, grads: dict) -> Tensor:
+    """The dense rows of `grads` (dq, dk, dv, dlam, dS0) and of the returned `dG [B,T,H]` (float64,
+    the gradient of `G = cumsum(g)`); `do` contiguous in q's dtype, `dS` float32."""
+    B, T, H, L, N, dk, dv = x.B, x.T, x.H, x.L, x.N, x.dk, x.dv
+    scale = float(scale)
     # the initial slots' and final states' terms, into float32 buffers the quadratic kernels
     # start from (the levels beyond NL per tile are added to them first)
     m = x.meta("bwd_initial")
     dq0, dl0, dg0 = x.empty(B, T, H, dk), x.empty(B, T, H, L), x.empty(B, T, H)
-    _bwd_initial_kernel[(triton.cdiv(T, m["BT"]), N)](
-        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dq0, dl0, dg0, T, H, scale, **m)
+    wrap_triton(_bwd_initial_kernel)[(triton.cdiv(T, m["BT"]), N)](
+        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dq0, dl0, dg0, mode, T, H, scale, **m)
     m = x.meta("bwd_final")
     dk0, dv0, dgc0, fin = x.empty(B, T, H, dk), x.empty(B, T, H, dv), x.empty(B, T, H), x.empty(B, T, H)
-    _bwd_final_kernel[(triton.cdiv(T, m["BS"]), N, 2)](x.k, x.v, x.gh, x.gl, x.cm, dS, dk0, dv0, dgc0, fin, T, H, **m)
-
+    wrap_triton(_bwd_final_kernel)[(triton.cdiv(T, m["BS"]), N, 2)](
+        x.k, x.v, x.gh, x.gl, x.cm, dS, dk0, dv0, dgc0, fin, mode, T, H, **m)
     mq, mkv = x.meta("dq"), x.meta("dkv")
-    dq, dlam, dg_row = x.empty(B, T, H, dk, dtype=q.dtype), x.empty(B, T, H, L, dtype=lam.dtype), x.empty(B, T, H)
-    dkk, dvv, dg_col = x.empty(B, T, H, dk, dtype=k.dtype), x.empty(B, T, H, dv, dtype=v.dtype), x.empty(B, T, H)
+    dg_row, dg_col = x.empty(B, T, H), x.empty(B, T, H)
     for extra in (True, False):
-        _bwd_dq_kernel[(triton.cdiv(T, mq["BT"]), N)](
-            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dq0, dl0, dg0, dq, dlam, dg_row, T, H, scale,
-            EXTRA=extra, **mq)
-        _bwd_dkv_kernel[(triton.cdiv(T, mkv["BS"]), N)](
-            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dk0, dv0, dgc0, dkk, dvv, dg_col, T, H, scale,
-            EXTRA=extra, **mkv)
-
+        wrap_triton(_bwd_dq_kernel)[(triton.cdiv(T, mq["BT"]), N)](
+            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dq0, dl0, dg0, grads["dq"], grads["dlam"], dg_row, mode, T,
+            H, scale, EXTRA=extra, **mq)
+        wrap_triton(_bwd_dkv_kernel)[(triton.cdiv(T, mkv["BS"]), N)](
+            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dk0, dv0, dgc0, grads["dk"], grads["dv"], dg_col, mode, T,
+            H, scale, EXTRA=extra, **mkv)
     m = x.meta("ds0")
     nv = triton.cdiv(dv, m["BV"])
-    dS0, carry = x.empty(B, H, L, dk, dv), x.empty(N, L, nv)
-    _bwd_ds0_kernel[(L, N, nv)](x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, dS0, carry, T, H, scale, **m)
-
-    if g is not None:  # dG, then dg_u = Σ_{t≥u} dG_t (in float64: T terms of either sign)
-        dG = dg_row.double() + dg_col
-        dG[:, -1] += fin.sum(1) + carry.sum((1, 2)).view(B, H)
-        # scanned with T innermost, like the forward's cumsum of g
-        dg = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).to(g.dtype).contiguous()
-    else:
-        dg = torch.zeros(B, T, H, dtype=f32, device=dev)
-    return dq, dkk, dvv, dlam, dg, dbeta, dS0.to(S0.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# The diagonal blocks alone: the chunked scan's intra-chunk part (dla/ops/readout/scan_triton.py)
-# --------------------------------------------------------------------------------------------
-
-
-def _band_prepared(name, q, k, v, lam, g, level_start, band: int, input_precision) -> _Prepared:
-    _check(name, q, v, lam, None, input_precision)
-    x = _Prepared(q, k, v, lam, g, level_start, q.new_zeros(0), input_precision)
-    for kernel in ("fwd", "dq", "dkv"):
-        m = x.meta(kernel)
-        if band % m["BT"] or band % m["BS"]:
-            raise ValueError(f"{name}: band {band} must be a multiple of the {kernel} tiles ({m['BT']}, {m['BS']})")
-    return x
-
-
-def intra_chunk_forward(q, k, v, lam, g, level_start, scale: float, band: int, *,
-                        input_precision: str | None = None) -> Tensor:
-    """`o_t = Σ_s (A ⊙ Λ)[t, s] v_s` over the keys `s ≤ t` of t's chunk (`band` tokens, chunks
-    from position 0), float32 `[B,T,H,Dv]`: the quadratic kernels on the diagonal blocks only,
-    `(T·band/2)(Dk+Dv)` per head instead of `(T²/2)(Dk+Dv)`. No initial or final states: the
-    chunked scan carries the slots across chunks."""
-    x = _band_prepared("intra_chunk_forward", q, k, v, lam, g, level_start, band, input_precision)
-    B, T, H, N, dv = x.B, x.T, x.H, x.N, x.dv
-    m = x.meta("fwd")
-    o0 = torch.zeros(B, T, H, dv, dtype=torch.float32, device=q.device)
-    o = x.empty(B, T, H, dv)
-    for extra in (True, False):
-        _fwd_kernel[(triton.cdiv(T, m["BT"]), N)](x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, o0, o, T, H, float(scale),
-                                                  EXTRA=extra, BAND=band, **m)
-    return o
-
-
-def intra_chunk_backward(do, q, k, v, lam, g, level_start, scale: float, band: int, *,
-                         input_precision: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of `intra_chunk_forward` given `do`: `(dq, dk, dv, dλ, dG)` in float32, where
-    `dG [B,T,H]` is the gradient w.r.t. `G = cumsum(g)` (the caller turns it into `dg` by a
-    reverse cumsum; within each chunk, since a chunk's terms of dG sum to zero)."""
-    x = _band_prepared("intra_chunk_backward", q, k, v, lam, g, level_start, band, input_precision)
-    B, T, H, L, N, dk, dv = x.B, x.T, x.H, x.L, x.N, x.dk, x.dv
-    zeros = dict(dtype=torch.float32, device=q.device)
-    do = do.to(q.dtype).contiguous()
-    dq0, dl0, dg0 = torch.zeros(B, T, H, dk, **zeros), torch.zeros(B, T, H, L, **zeros), torch.zeros(B, T, H, **zeros)
-    dk0, dv0, dgc0 = torch.zeros(B, T, H, dk, **zeros), torch.zeros(B, T, H, dv, **zeros), torch.zeros(B, T, H, **zeros)
-    mq, mkv = x.meta("dq"), x.meta("dkv")
-    dq, dlam, dg_row = x.empty(B, T, H, dk), x.empty(B, T, H, L), x.empty(B, T, H)
-    dkk, dvv, dg_col = x.empty(B, T, H, dk), x.empty(B, T, H, dv), x.empty(B, T, H)
-    scale = float(scale)
-    for extra in (True, False):
-        _bwd_dq_kernel[(triton.cdiv(T, mq["BT"]), N)](
-            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dq0, dl0, dg0, dq, dlam, dg_row, T, H, scale,
-            EXTRA=extra, BAND=band, **mq)
-        _bwd_dkv_kernel[(triton.cdiv(T, mkv["BS"]), N)](
-            x.q, x.k, x.v, x.lam, x.gh, x.gl, x.cm, do, dk0, dv0, dgc0, dkk, dvv, dg_col, T, H, scale,
-            EXTRA=extra, BAND=band, **mkv)
-    return dq, dkk, dvv, dlam, dg_row + dg_col
+    carry = x.empty(N, L, nv)
+    wrap_triton(_bwd_ds0_kernel)[(L, N, nv)](
+        x.q, x.lam, x.gh, x.gl, x.cm, x.S0, do, dS, grads["dS0"], carry, mode, T, H, scale, **m)
+    dG = dg_row.double() + dg_col
+    dense = (mode == 0).view(B, H)
+    dG[:, -1] += torch.where(dense, fin.sum(1) + carry.sum((1, 2)).view(B, H), 0.0)
+    return dG

@@ -1,8 +1,7 @@
-r"""CUDA kernels of `dla::readout` and `dla::readout_backward` (SCHEMAS.md): the chunked scan of
-SPEC §3, linear in T, for every transition — with `β` (DeltaNet, Gated DeltaNet) always, and
-without `β` (linear attention, Mamba-2) when the stage's rule (`dla.ops.readout`) picks it over the
-masked quadratic kernels. Same signatures and outputs as the CPU kernel `dla.ops.readout.chunked`,
-whose module doc derives the algebra used here.
+r"""CUDA kernels of `dla::readout` and `dla::readout_backward` (SCHEMAS.md) for transitions with
+`β` (DeltaNet, Gated DeltaNet): the chunked scan of SPEC §3, linear in T. (Without `β` the stage
+takes the persistent objects of `objects_triton.py`.) Same signatures and outputs as the CPU
+kernel `dla.ops.readout.chunked`, whose module doc derives the algebra used here.
 
 What it computes
 ================
@@ -18,9 +17,7 @@ the chunk-end remaps of old slots `r → e_r` and chunk tokens `s → ε_s`, ran
 
 Every slot carries its own state through the chunk's transition product `P_C` (`K·Dk²·Dv` per
 chunk; slots that merge at the chunk end are summed first, `P_C` being linear), and every query
-reads every slot (`K·Dk·Dv` per token). Without `β`, `P_C = γ_C I`: the kernels take the scalar
-`γ_C` (`HAS_P` off) and scale instead of multiplying, and `dP_C` shrinks to `dγ_C = tr dP_C`.
-Backward, with `dÕ = scale · dO` and `dS'` the gradient of the chunk-end states (new rank
+reads every slot (`K·Dk·Dv` per token). Backward, with `dÕ = scale · dO` and `dS'` the gradient of the chunk-end states (new rank
 order), per chunk in reverse:
 
     dX_r  = dÕ S_rᵀ:   dQ̂ = Σ_r W[:,r] ⊙ dX_r,   dW[t,r] = ⟨dX_r[t], Q̂_t⟩
@@ -49,11 +46,6 @@ The chunk-parallel part — the UT solve, `Ã, Q̂, E, P_C`, the level weights, 
 bound memory) with the torch code of `dla.ops.readout`, which this file calls on chunk-major
 views (positions made chunk-relative), so both paths share one derivation.
 
-Without β the intra-chunk part `(Ã ⊙ Λ) V` (and its backward) is not torch: it is the masked
-quadratic kernels of `dla.ops.readout.masked_triton` restricted to the diagonal `C×C` blocks
-(`intra_chunk_forward/backward`), and the chunk-parallel torch code shrinks to per-token and
-per-slot quantities (`_gated_chunk`).
-
 Numerics: chunk-local algebra in float32 (torch, IEEE); the scan's dots on float32 operands,
 `input_precision` `"ieee"` for float32 inputs (SPEC §6 tests) and `"tf32"` for 16-bit inputs,
 except the recursions through `P_C` without `g` (`"tf32x3"`: their rounding compounds over
@@ -63,17 +55,14 @@ chunks, nothing decays it; see `_precisions`). float64 runs on the CPU path.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from dla.ops.levels import EMPTY, initial_starts
-from dla.ops.readout.chunked import Inputs, chunk_terms, heads, level_of_by_search, unheads
+from dla.ops.readout.chunked import Inputs, chunk_terms, heads, unheads
 from dla.ops.state import state_dtype
-from dla.ops.readout.masked_triton import intra_chunk_backward, intra_chunk_forward
 from dla.ops.triton_utils import interpreting, pow2
 
 __all__ = ["scan_forward", "scan_backward"]
@@ -86,23 +75,18 @@ __all__ = ["scan_forward", "scan_backward"]
 
 @triton.jit
 def _new_slot(DST, r, ET, rows, v, etok, lo, hi, has_old, run, P, dv_, DK: tl.constexpr, DV: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr,
-              HAS_P: tl.constexpr):
+              BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
     """Writes new slot r: Σ_{s: ε_s = r} E_s v_sᵀ, plus P_C · run (its old slots' sum) when
-    has_old — in blocks of BH rows of Dk, so that P_C is never held whole in registers. Without
-    β (not HAS_P) P points at the scalar γ_C and BH = BK (one block)."""
+    has_old — in blocks of BH rows of Dk, so that P_C is never held whole in registers."""
     tok = (r >= lo) & (r <= hi)
     sel = (etok == r)[:, None]
     for h in tl.static_range(0, BK, BH):
         dh = h + tl.arange(0, BH)
         acc = tl.zeros([BH, BV], dtype=tl.float32)
         if has_old:
-            if HAS_P:
-                pm = tl.load(P + dh[:, None] * DK + tl.arange(0, BK)[None, :],
-                             mask=(dh[:, None] < DK) & (tl.arange(0, BK)[None, :] < DK), other=0.0)
-                acc = tl.dot(pm, run, input_precision=PREC_P)
-            else:
-                acc = tl.load(P) * run
+            pm = tl.load(P + dh[:, None] * DK + tl.arange(0, BK)[None, :],
+                         mask=(dh[:, None] < DK) & (tl.arange(0, BK)[None, :] < DK), other=0.0)
+            acc = tl.dot(pm, run, input_precision=PREC_P)
         if tok:
             et = tl.load(ET + rows[:, None] * DK + dh[None, :], mask=sel & (dh[None, :] < DK), other=0.0)
             acc += tl.dot(tl.trans(et), v, input_precision=PREC)
@@ -113,7 +97,7 @@ def _new_slot(DST, r, ET, rows, v, etok, lo, hi, has_old, run, P, dv_, DK: tl.co
 @triton.jit
 def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr, DK: tl.constexpr,
           DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-          READ: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr, HAS_P: tl.constexpr):
+          READ: tl.constexpr, PREC: tl.constexpr, PREC_P: tl.constexpr):
     """One chunk on this program's Dv tile, every old slot read once: returns (with READ) the
     slots' read-out Σ_r W[:,r] ⊙ Q̂ S_r [C, BV], and writes DST[r'] = P_C · Σ_{r: e_r = r'} SRC[r]
     + Σ_{s: ε_s = r'} E_s v_sᵀ for all K new slots, each exactly once, in order. Old slots
@@ -150,7 +134,7 @@ def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr
             first = tl.where(cur >= 0, cur, nxt)  # the open group's slot (= nxt − 1), else nxt
             for r2 in range(first, tl.where(last, K, e)):
                 _new_slot(DST, r2, ET, rows, v, etok, lo, hi, r2 == cur, run, P, dv_, DK, DV, BK, BV, BH, PREC,
-                          PREC_P, HAS_P)
+                          PREC_P)
             nxt = e + 1
             cur = e
             run = tl.zeros([BK, BV], dtype=tl.float32)
@@ -164,7 +148,7 @@ def _step(SRC, DST, P, ET, V, EOLD, ETOK, QH, W, rows, dk_, dv_, K: tl.constexpr
 def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
                      K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     PREC_P: tl.constexpr, HAS_P: tl.constexpr):
+                     PREC_P: tl.constexpr):
     """OI [N, NC·C, Dv] = Σ_r W[t,r] S_rᵀ Q̂_t per chunk; SO = the final slot states. Chunk c's
     start states are S0 (c = 0) or the previous chunk's output; the outputs alternate between
     TMP and SO so that the last chunk writes SO."""
@@ -177,7 +161,7 @@ def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
     V += tok * DV
     OI += tok * DV
     ETOK += tok
-    PSZ: tl.constexpr = DK * DK if HAS_P else 1  # P_C per chunk: [Dk, Dk], or the scalar γ_C
+    PSZ: tl.constexpr = DK * DK  # P_C per chunk
     P += n * NC * PSZ
     EOLD += n * NC * K
     S0 += n * K * DK * DV
@@ -198,7 +182,7 @@ def _fwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, S0, TMP, SO, OI, NC,
         else:
             dst = TMP
         acc = _step(src, dst, P + c * PSZ, ET, V, EOLD + c * K, ETOK, QH, W, rows, dk_, dv_, K, DK, DV, C, BK, BV,
-                    BH, True, PREC, PREC_P, HAS_P)
+                    BH, True, PREC, PREC_P)
         tl.store(OI + rows[:, None] * DV + dv_[None, :], acc, mask=dv_[None, :] < DV)
 
 
@@ -207,13 +191,12 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
                      DQH, DW, DET, DVS, DP, NC, R,
                      K: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     PREC_P: tl.constexpr, HAS_P: tl.constexpr):
+                     PREC_P: tl.constexpr):
     """The reverse pass over chunks (module doc). CK [NSEG, N, K, Dk, Dv]: chunk-start states of
     the chunks c ≡ 0 mod R; SEG [R, N, K, Dk, Dv]: those of the segment being reversed (SEG[0],
     SEG[1] also serve the first forward walk). dS' alternates between DTMP and DS0 so that the
     first chunk writes DS0. DQH, DW, DET, DP (zeroed) get this tile's share by atomic adds; DVS
-    [N, NC·C, Dv] is written. Without β (not HAS_P) P holds γ_C and DP its gradient
-    dγ_C = Σ_r ⟨dS'_{e_r}, S_r⟩ = tr dP_C, one number per chunk."""
+    [N, NC·C, Dv] is written."""
     pv = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     N = tl.num_programs(1).to(tl.int64)
@@ -228,7 +211,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
     DO += tok * DV
     DVS += tok * DV
     ETOK += tok
-    PSZ: tl.constexpr = DK * DK if HAS_P else 1
+    PSZ: tl.constexpr = DK * DK
     P += n * NC * PSZ
     DP += n * NC * PSZ
     EOLD += n * NC * K
@@ -264,7 +247,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
         else:
             dst = SEG
         _step(src, dst, P + c * PSZ, ET, V, EOLD + c * K, ETOK, QH, W, rows, dk_, dv_, K, DK, DV, C, BK, BV, BH, False,
-              PREC, PREC_P, HAS_P)
+              PREC, PREC_P)
     c_last = NC - 1
     if c_last % R == 0:  # the last chunk starts a segment: its state is the walk's last output
         if c_last == 0:
@@ -291,7 +274,7 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             c = c_first + j - 1
             rows = c * C + tl.arange(0, C)
             _step(SEG + (j - 1) * STRIDE, SEG + j * STRIDE, P + c * PSZ, ET, V, EOLD + c * K, ETOK, QH, W, rows,
-                  dk_, dv_, K, DK, DV, C, BK, BV, BH, False, PREC, PREC_P, HAS_P)
+                  dk_, dv_, K, DK, DV, C, BK, BV, BH, False, PREC, PREC_P)
         for jj in range(0, n_in):
             j = n_in - 1 - jj
             c = c_first + j
@@ -330,30 +313,20 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
             tl.atomic_add(DET + rows[:, None] * DK + dk_[None, :], det, mask=mk, sem="relaxed")
             # old slots: read-out and transition
             dqh = tl.zeros([C, BK], dtype=tl.float32)
-            dp = tl.zeros([BK, BK], dtype=tl.float32)  # dP_C (HAS_P), else dγ_C in dgc
-            dgc = tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)
+            dp = tl.zeros([BK, BK], dtype=tl.float32)  # dP_C
             cur = tl.load(EOLD + c * K)
             dsc = tl.load(dsn + cur * DK * DV + tile, mask=m2 & (cur < K), other=0.0)
-            if HAS_P:
-                ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc, input_precision=PREC_P)
-            else:
-                ptds = tl.load(Pc) * dsc
+            ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc, input_precision=PREC_P)
             run = tl.zeros([BK, BV], dtype=tl.float32)
             for r in range(0, K):
                 e = tl.load(EOLD + c * K + r)
                 if e != cur:
-                    if HAS_P:
-                        dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
-                    else:
-                        dgc += tl.sum(tl.sum(dsc * run, axis=1), axis=0)
+                    dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
                     cur = e
                     run = tl.zeros([BK, BV], dtype=tl.float32)
                     dsc = tl.load(dsn + cur * DK * DV + tile, mask=m2 & (cur < K), other=0.0)
-                    if HAS_P:
-                        ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc,
-                                      input_precision=PREC_P)
-                    else:
-                        ptds = tl.load(Pc) * dsc
+                    ptds = tl.dot(tl.trans(tl.load(Pc + pm_tile, mask=pm_mask, other=0.0)), dsc,
+                                  input_precision=PREC_P)
                 w = tl.load(W + rows * K + r)
                 s = tl.load(src + r * DK * DV + tile, mask=m2, other=0.0)
                 run += s
@@ -365,12 +338,8 @@ def _bwd_scan_kernel(QH, W, P, ET, V, EOLD, ETOK, DO, S0, DS, CK, SEG, DTMP, DS0
                     ds += tl.dot(tl.trans(qh), w[:, None] * do, input_precision=PREC)
                 tl.store(dst + r * DK * DV + tile, ds, mask=m2)
             tl.atomic_add(DQH + rows[:, None] * DK + dk_[None, :], dqh, mask=mk, sem="relaxed")
-            if HAS_P:
-                dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
-                tl.atomic_add(DP + c * PSZ + pm_tile, dp, mask=pm_mask, sem="relaxed")
-            else:
-                dgc += tl.sum(tl.sum(dsc * run, axis=1), axis=0)
-                tl.atomic_add(DP + c * PSZ, dgc, sem="relaxed")
+            dp += tl.dot(dsc, tl.trans(run), input_precision=PREC)
+            tl.atomic_add(DP + c * PSZ + pm_tile, dp, mask=pm_mask, sem="relaxed")
             tl.debug_barrier()
 
 
@@ -454,27 +423,6 @@ class _Chunked:
         R = self.N * self.NC
         return [(i, min(i + step, R)) for i in range(0, R, step)]
 
-    def gated_scan_inputs(self):
-        """Without β: Q̂, W, Eᵀ, γ_C, e, ε for every chunk (`_gated_chunk`, no C×C work)."""
-        N, NC, C, K, dk = self.N, self.NC, self.C, self.K, self.dk
-        dev, f32 = self.q.device, torch.float32
-        R = N * NC
-        qh, et = torch.empty(R, C, dk, dtype=f32, device=dev), torch.empty(R, C, dk, dtype=f32, device=dev)
-        w = torch.empty(R, C, K, dtype=f32, device=dev)
-        p = torch.empty(R, dtype=f32, device=dev)
-        eold = torch.empty(R, K, dtype=torch.int32, device=dev)
-        etok = torch.empty(R, C, dtype=torch.int32, device=dev)
-        for i0, i1 in self.blocks():
-            c = _gated_chunk(*self.block(i0, i1))
-            qh[i0:i1], et[i0:i1], w[i0:i1], p[i0:i1] = c.Qh, c.Et, c.W, c.gam_C
-            eold[i0:i1], etok[i0:i1] = c.end_old, c.end_tok
-        return qh, w, et, p, eold, etok
-
-    def band(self, t: Tensor) -> Tensor:
-        """A `[B, T, H, ...]` output of the intra-chunk kernels as chunk rows `[N·NC, C, ...]`
-        (float32, the padding zero)."""
-        return self.rows(self.padded_heads(t, torch.float32))
-
     def scan_inputs(self, with_intra: bool):
         """With β: Q̂, W, Eᵀ, P_C, e, ε for every chunk (and the scale-free intra-chunk o)."""
         N, NC, C, K, dk, dv = self.N, self.NC, self.C, self.K, self.dk, self.dv
@@ -500,39 +448,9 @@ class _Chunked:
         return qh, w, et, p, eold, etok, intra
 
 
-class _Gated(NamedTuple):
-    gam: Tensor  # γ [R, C]
-    rho: Tensor  # ρ [R, C]
-    gam_C: Tensor  # [R]
-    Qh: Tensor  # Q̂ = diag(γ) Q [R, C, Dk]
-    Et: Tensor  # Eᵀ = diag(ρ) K [R, C, Dk]
-    W: Tensor  # [R, C, K]
-    lev_old: Tensor  # [R, C, K], −1 where no weight
-    end_old: Tensor  # [R, K], K where dropped
-    end_tok: Tensor  # [R, C], K where dropped
-
-
-def _gated_chunk(x: Inputs, prev_pos: Tensor) -> _Gated:
-    """What the scan needs of a block of chunks without β — per-token and per-slot quantities
-    only, as in `dla.ops.readout.chunked.chunk_terms`; the `C×C` intra-chunk part runs in the masked kernels'
-    diagonal blocks (`intra_chunk_forward`). Positions are chunk-relative (`_Chunked`)."""
-    q, k, lam, starts = x.q, x.k, x.lam, x.starts
-    R, C, _ = k.shape
-    K = lam.shape[-1]
-    if x.g is not None:
-        G = x.g.cumsum(1)
-        gam, rho = torch.exp(G), torch.exp(G[:, -1:] - G)
-    else:
-        gam = rho = torch.ones(R, C, dtype=k.dtype, device=k.device)
-    lev_old = level_of_by_search(starts, prev_pos[:, None, :].expand(R, C, K))
-    lev_old = torch.where((prev_pos != EMPTY)[:, None, :], lev_old, -1)
-    W = torch.where(lev_old >= 0, torch.gather(lam, -1, lev_old.clamp(min=0)), 0.0)
-    lev_end = level_of_by_search(starts[:, -1:], torch.arange(C, device=k.device).expand(R, 1, C))[:, 0]
-    return _Gated(gam, rho, gam[:, -1], gam[..., None] * q, rho[..., None] * k, W, lev_old,
-                  torch.where(lev_old[:, -1] >= 0, lev_old[:, -1], K), torch.where(lev_end >= 0, lev_end, K))
-
-
 def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, input_precision: str | None) -> None:
+    if beta is None:
+        raise ValueError(f"{name}: beta is required (without β the readout takes dla.ops.readout.objects_triton)")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
     if input_precision not in (None, "ieee", "tf32", "tf32x3"):
@@ -545,7 +463,7 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, in
         raise ValueError(f"{name}: T·max(Dk, Dv, K) must stay below 2**31 (int32 offsets within a head)")
 
 
-def _precisions(dtype: torch.dtype, input_precision: str | None, has_g: bool = False) -> tuple[str, str]:
+def _precisions(dtype: torch.dtype, input_precision: str | None, has_g: bool) -> tuple[str, str]:
     """(precision of the scan's dots, precision of its recursions: P_C · S forward, P_Cᵀ · dS
     backward). The recursions compound their rounding over the chunks; without `g` nothing
     decays it, so with 16-bit inputs they take tf32x3 (about float32) unless told otherwise.
@@ -558,20 +476,19 @@ def _precisions(dtype: torch.dtype, input_precision: str | None, has_g: bool = F
 
 
 def _meta(dk: int, dv: int, K: int, N: int, dtype: torch.dtype, input_precision: str | None,
-          has_beta: bool = True, has_g: bool = False, interpreted: bool = False) -> tuple[dict, int]:
+          has_g: bool = False, interpreted: bool = False) -> tuple[dict, int]:
     """The scan kernels' meta-parameters (constexprs, num_warps, num_stages) and the number of
-    Dv tiles, from the shapes alone (the sm_90 compile test uses the same). Without β the chunk
-    transition is the scalar γ_C (HAS_P off): no [Dk, Dk] product, and new slots in one block."""
+    Dv tiles, from the shapes alone (the sm_90 compile test uses the same)."""
     cfg = _config(dk, dv, N, interpreted)
     bv, bk = cfg["BV"], pow2(dk)
     prec, prec_p = _precisions(dtype, input_precision, has_g)
-    meta = dict(K=K, DK=dk, DV=dv, C=cfg["C"], BK=bk, BV=bv, BH=min(bk, 64) if has_beta else bk, PREC=prec,
-                PREC_P=prec_p, HAS_P=has_beta, num_warps=cfg["num_warps"], num_stages=1)
+    meta = dict(K=K, DK=dk, DV=dv, C=cfg["C"], BK=bk, BV=bv, BH=min(bk, 64), PREC=prec, PREC_P=prec_p,
+                num_warps=cfg["num_warps"], num_stages=1)
     return meta, triton.cdiv(dv, bv)
 
 
 def _launch_meta(x: _Chunked, input_precision: str | None, dtype: torch.dtype) -> tuple[dict, int]:
-    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision, x.beta is not None, x.g is not None, interpreting(x.q))
+    return _meta(x.dk, x.dv, x.K, x.N, dtype, input_precision, x.g is not None, interpreting(x.q))
 
 
 def scan_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
@@ -586,12 +503,8 @@ def scan_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_siz
         return q.new_empty(B, 0, H, Dv), S0.to(torch.float32).clone()
     x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H, interpreting(q))["C"])
     scale = float(scale)
-    if beta is None:  # the C×C part in the masked kernels' diagonal blocks, scale included
-        qh, w, et, p, eold, etok = x.gated_scan_inputs()
-        intra = x.band(intra_chunk_forward(q, k, v, lam, g, level_start, scale, x.C, input_precision=input_precision))
-    else:
-        qh, w, et, p, eold, etok, intra = x.scan_inputs(with_intra=True)
-        intra = intra * scale
+    qh, w, et, p, eold, etok, intra = x.scan_inputs(with_intra=True)
+    intra = intra * scale
     meta, nv = _launch_meta(x, input_precision, q.dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
     S = torch.empty(B, H, K, Dk, Dv, **f32)
@@ -606,7 +519,7 @@ def scan_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_siz
 def _local_backward(c, dOt, dQh, dW, dEt, dvs, dP, has_g: bool):
     """The chunk-local part of `dla.ops.readout._chunk_backward` (β branch), given the scan's
     sums over slots: dQ̂, dW, dE (token writes), dv (token writes) and dP_C. Returns
-    (dq, dk, dv, dλ, dg, dβ) for the block's chunks. (Without β: `_gated_backward`.)"""
+    (dq, dk, dv, dλ, dg, dβ) for the block's chunks."""
     N, C, Dk = c.k.shape
     K = c.W.shape[-1]
     dv = (c.At * c.Lam).transpose(1, 2) @ dOt + dvs
@@ -655,36 +568,6 @@ def _dg(c, dGam, dKr, dgam, dgam_C):
     return dG.flip(1).cumsum(1).flip(1)
 
 
-def _gated_backward(x: _Chunked, band: list[Tensor], dqh: Tensor, dw: Tensor, det: Tensor, dvs: Tensor, dgc: Tensor):
-    """Without β: the input gradients from the diagonal blocks' (`band`: dq, dk, dv, dλ, dG as
-    chunk rows) and the scan's sums over slots (dQ̂, dW, dEᵀ, dv, dγ_C), through Q̂ = diag(γ) Q,
-    Eᵀ = diag(ρ) K and γ_C (the no-β branch of `dla.ops.readout._chunk_backward`)."""
-    N, NC, C, T, B, H = x.N, x.NC, x.C, x.T, x.B, x.H
-    dq_b, dk_b, dv_b, dl_b, dG_b = band
-    out = [torch.empty_like(t) for t in (dq_b, dk_b, dv_b, dl_b, dG_b)]
-    rows = [x.rows(t) for t in (dqh, dw, det, dvs)]
-    for i0, i1 in x.blocks():
-        xb, prev = x.block(i0, i1)
-        c = _gated_chunk(xb, prev)
-        dQh, dW, dEt, dVs = (t[i0:i1] for t in rows)
-        out[0][i0:i1] = dq_b[i0:i1] + c.gam[..., None] * dQh
-        out[1][i0:i1] = dk_b[i0:i1] + c.rho[..., None] * dEt
-        out[2][i0:i1] = dv_b[i0:i1] + dVs
-        out[3][i0:i1] = dl_b[i0:i1].scatter_add(-1, c.lev_old.clamp(min=0), torch.where(c.lev_old >= 0, dW, 0.0))
-        if x.g is not None:  # dG, then dg_u = Σ_{t ≥ u} dG_t within the chunk
-            drho_rho = (dEt * xb.k).sum(-1) * c.rho
-            dG = dG_b[i0:i1] + (dQh * xb.q).sum(-1) * c.gam - drho_rho
-            dG[:, -1] += drho_rho.sum(1) + dgc[i0:i1] * c.gam_C
-            out[4][i0:i1] = dG.flip(1).cumsum(1).flip(1)
-
-    def back(t, dtype):
-        return unheads(t.view(N, NC * C, *t.shape[2:])[:, :T], B, H, dtype)
-
-    dq, dk, dv, dlam = (back(t, ref.dtype) for t, ref in zip(out[:4], (x.q_in, x.k_in, x.v_in, x.lam_in)))
-    dg = back(out[4], x.g_in.dtype) if x.g is not None else torch.zeros(B, T, H, dtype=torch.float32, device=dq.device)
-    return dq, dk, dv, dlam, dg
-
-
 def scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
                             *, input_precision: str | None = None):
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)`, shaped and typed like the inputs; `dg` is float32
@@ -697,13 +580,10 @@ def scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, 
         dg = torch.zeros(B, 0, H, dtype=g.dtype if g is not None else f32, device=dev)
         dS0 = torch.zeros(S0.shape, dtype=f32, device=dev) if dS is None else dS.to(f32).clone()
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape),
-                dg, torch.zeros(B, 0, H, dtype=beta.dtype if beta is not None else f32, device=dev), dS0.to(S0.dtype))
+                dg, torch.zeros(B, 0, H, dtype=beta.dtype, device=dev), dS0.to(S0.dtype))
     x = _Chunked(q, k, v, lam, g, beta, level_start, S0, _config(Dk, Dv, B * H, interpreting(q))["C"])
     N, NC, C, Tp = x.N, x.NC, x.C, x.Tp
-    if beta is None:
-        qh, w, et, p, eold, etok = x.gated_scan_inputs()
-    else:
-        qh, w, et, p, eold, etok, _ = x.scan_inputs(with_intra=False)
+    qh, w, et, p, eold, etok, _ = x.scan_inputs(with_intra=False)
     meta, nv = _launch_meta(x, input_precision, q.dtype)
     if do is None:
         dOt = torch.zeros(N, Tp, Dv, dtype=f32, device=dev)
@@ -722,7 +602,7 @@ def scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, 
     dw = torch.zeros(N, Tp, K, **sets)
     det = torch.zeros(N, Tp, Dk, **sets)
     dvs = torch.empty(N, Tp, Dv, **sets)
-    dp = torch.zeros((N * NC, Dk, Dk) if beta is not None else (N * NC,), **sets)  # dP_C, or dγ_C without β
+    dp = torch.zeros(N * NC, Dk, Dk, **sets)  # dP_C
     v32 = x.v.to(f32).contiguous()
     per_head = (dOt, x.S0, dS.view(N, K, Dk, Dv), dS0.view(N, K, Dk, Dv), dqh, dw, det, dvs, v32)
     for n0 in range(0, N, G):
@@ -733,12 +613,6 @@ def scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, 
                                         h[3], h[4], h[5], h[6], h[7], c[6], NC, R, **meta)
     del ck, seg, dtmp
 
-    if beta is None:
-        do = torch.zeros(B, T, H, Dv, dtype=q.dtype, device=dev) if do is None else do
-        band = intra_chunk_backward(do, q, k, v, lam, g, level_start, float(scale), C, input_precision=input_precision)
-        dq, dk, dv, dlam, dg = _gated_backward(x, [x.band(t) for t in band], dqh, dw, det, dvs, dp)
-        dS0 = dS0.to(S0.dtype)
-        return dq, dk, dv, dlam, dg, torch.zeros(B, T, H, dtype=f32, device=dev), dS0
     grads = [torch.empty(N * NC, C, d, dtype=x.cdt, device=dev) for d in (Dk, Dk, Dv, K)]
     dg = torch.zeros(N * NC, C, dtype=x.cdt, device=dev)
     dbeta = torch.empty(N * NC, C, dtype=x.cdt, device=dev)

@@ -1,0 +1,181 @@
+r"""What the readout with `β` by windows costs, kernel by kernel as `objects_delta_triton.py` runs
+it, from the plan it consumes (`objects_delta.window_plan`), and the window `R` the cost model picks.
+
+Counts per row
+==============
+`window_counts(plan)` gives, per `(b, h)` row (float64 `[N]`, on the plan's device, no host
+read), with `n_w = |P_w|` the objects of window `w` and `j_c` the position of chunk `c` in its
+window (0 for the window's first chunk):
+
+    tokens, chunks, windows
+    reads         = Σ_w tokens(w) · n_w                  object reads, Dk·Dv each
+    steps         = Σ_c tokens(c) · j_c                  transport steps back to the window's frame
+    objects       = Σ_w n_w                              objects held, once per window
+    reframes      = Σ_w #{E' ∈ P_{w+1} holding an element of P_w}   (the last: the final state)
+    token_chunks  = Σ_w Σ_{E' ∈ P_{w+1}} #{chunks of w holding tokens of E'}
+
+Kernels, forward then backward (a multiply-add is 2 FLOPs)
+==========================================================
+`D = Dk·Dv`, `s` the inputs' itemsize, `ut = C²·Dk + C³/3 + Dk·C²` a chunk's solve and `Ē`.
+Bytes count each tensor a kernel touches once (DRAM), with one exception: the window-major
+readout backward keeps per-step state and key-side sums in its own buffers (`XS`, `DEB`, `DHB`,
+`DVK`: `R·C·(3Dk + Dv)·4` bytes per program, beyond an SM's share of L2 at the §7 shapes), so
+their traffic is counted per step.
+
+    UT                  NC·ut;  k, β, g; T⁻¹ and Ē written (float32)
+    suffix products     2·Dk²·C per chunk (K̃ = Suf Ē, Suf ← γ_C Suf − K̃ H); Ē, k; K̃, Suf_F written
+    object pass         reframes·Dk²·Dv + token_chunks·C·D; masters read once, every rank's master
+                        (float32) and copy written per window, K̃ and v of the chunks each element holds
+    readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
+                        the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
+    (backward)          UT, suffix products, object pass again (every window's masters kept)
+    readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), reads·D; per step
+                        XS written and read twice (3·C·Dk·4) and the key side's sums read and
+                        written (2·C·(2Dk + Dv)·4); dλ, dQ̂, dÃ, the queries in the frame (XF)
+    object gradients    reads·D; XF, dO, λ once; D written
+    object pass backward   2·reframes·Dk²·Dv + 2·token_chunks·C·D; D, masters, the next D read,
+                        D written; dK̃ (per Dv tile) and dv read-modify-written per token chunk
+    suffix backward     6·Dk²·C per chunk (the chain again and its adjoint); each chunk's Suf
+                        written and read twice (3·Dk²·4); Ē, K̃, dK̃, dĒ, dH
+    UT backward         per chunk 10·C²·Dk + 6·C³; q, k, β, g, T⁻¹, the gradients of Q̂, Ã, Ē, H;
+                        dq, dk, dv, dβ, dg written
+
+The window
+==========
+`R` trades re-framing and the object passes' masters (per window, falling as `1/R`) against the
+transport, the band and the backward's per-step traffic (`(R − 1)/2` steps per query, rising
+with `R`). `window_for(…)` takes the `R` (a power of two, at most the chunks of the call) with
+the least roofline time on the given card from shapes alone — `n_w = K` objects, `K`
+re-framings and `K` extra token chunks per window (the most a plan can hold) — so the choice
+needs no count and no host read (decode, CUDA graphs); `window_counts` at that `R` then gives
+the call's figures.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dla.ops.readout.objects_delta import WindowPlan
+
+__all__ = ["window_counts", "delta_kernels", "worst_counts", "roofline_s", "window_for", "WINDOWS"]
+
+WINDOWS = (1, 2, 4, 8, 16, 32)
+
+
+def window_counts(plan: WindowPlan) -> dict[str, Tensor]:
+    """The per-row counts of the module doc, float64 `[N]`."""
+    f = torch.float64
+    N, W1, L = plan.first.shape
+    B = plan.chunk_starts.shape[0]
+    H = N // B
+    cs, ws = plan.chunk_starts, plan.window_starts  # [B, NC + 1], [B, NW + 1]
+    ntok = (cs[:, 1:] - cs[:, :-1]).to(f)  # [B, NC]
+    window = torch.searchsorted(ws.contiguous(), cs[:, :-1].contiguous(), right=True) - 1  # [B, NC]
+    first_chunk = torch.searchsorted(cs.contiguous(), torch.gather(ws, 1, window.clamp(max=ws.shape[1] - 1)),
+                                     right=False)
+    position = (torch.arange(cs.shape[1] - 1, device=cs.device) - first_chunk).to(f)
+    wtok = (ws[:, 1:] - ws[:, :-1]).to(f)  # [B, NW]
+    valid = plan.first <= plan.last  # [N, NW + 1, L]
+    n_w = valid.sum(-1).to(f)  # [N, NW + 1]
+    a, e = plan.first, plan.last
+    holds = ((a[:, 1:, :, None] <= a[:, :-1, None, :]) & (e[:, :-1, None, :] <= e[:, 1:, :, None])
+             & valid[:, :-1, None, :] & valid[:, 1:, :, None]).any(-1)  # [N, NW, L]
+    live = wtok > 0  # window slots holding tokens
+
+    def per_row(x: Tensor) -> Tensor:  # [B, …] → [N, …]
+        return x.repeat_interleave(H, 0)
+
+    def upto(x: Tensor) -> Tensor:  # how many chunk starts are ≤ x, per row
+        return torch.searchsorted(cs_rows, x.reshape(N, -1).contiguous(), right=True).reshape(x.shape)
+
+    # the chunks of window w that hold tokens of each element of the next partition
+    ws_rows, cs_rows = per_row(ws), per_row(cs).contiguous()
+    lo = torch.maximum(a[:, 1:], ws_rows[:, :-1, None])
+    hi = torch.minimum(e[:, 1:], ws_rows[:, 1:, None] - 1)
+    spans = torch.where(valid[:, 1:] & (hi >= lo), upto(hi) - upto(lo) + 1, 0).to(f)  # [N, NW, L]
+    return {
+        "tokens": per_row(ntok.sum(1)),
+        "chunks": per_row((ntok > 0).sum(1).to(f)),
+        "windows": per_row(live.sum(1).to(f)),
+        "reads": (per_row(wtok) * n_w[:, :-1]).sum(1),
+        "steps": per_row((ntok * position).sum(1)),
+        "objects": (n_w[:, :-1] * per_row(live).to(f)).sum(1),
+        "reframes": (holds.sum(-1).to(f) * per_row(live).to(f)).sum(1),
+        "token_chunks": (spans.sum(-1) * per_row(live).to(f)).sum(1),
+    }
+
+
+def worst_counts(T: int, K: int, C: int, R: int) -> dict[str, float]:
+    """The counts of a call of `T` tokens from step 0 with every window holding `K` objects."""
+    chunks = -(-T // C)
+    windows = -(-chunks // R)
+    steps = 0.0
+    for c in range(chunks):
+        steps += min(C, T - c * C) * (c % R)
+    return {"tokens": float(T), "chunks": float(chunks), "windows": float(windows), "reads": float(T * K),
+            "steps": steps, "objects": float(windows * K), "reframes": float(windows * K),
+            "token_chunks": float(chunks + windows * K)}
+
+
+def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> dict[str, tuple]:
+    """Per row, `{kernel: (flops, bytes)}` of the module doc from the counts `n` (floats or `[N]`
+    tensors)."""
+    D, s = Dk * Dv, itemsize
+    T, NC, NW = n["tokens"], n["chunks"], n["windows"]
+    ut = C * C * Dk + C**3 / 3 + Dk * C * C
+    rows = T * (L * (s + 4) + 8)  # λ, the level rows, g and β
+    qkvo = T * (2 * Dk + 2 * Dv) * s
+    ut_k = (2.0 * NC * ut, T * (Dk * s + 8) + T * (C + Dk) * 4)
+    suffix = (4.0 * Dk * Dk * C * NC, T * (Dk * 4 * 2 + Dk * s + 4) + NW * Dk * Dk * 4)
+    objects = (2.0 * (n["reframes"] * Dk * D + n["token_chunks"] * C * D),
+               n["objects"] * D * 4 + NW * L * D * (4 + s) + NW * Dk * Dk * 4
+               + n["token_chunks"] * C * (Dk * 4 + Dv * s))
+    readout = (2.0 * (NC * (2 * C * C * Dk + C**3 + C * C * Dv) + n["steps"] * C * (2 * Dk + Dv) + n["reads"] * D),
+               qkvo + rows + T * (C + Dk) * 4 + n["objects"] * D * s)
+    readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (7 * Dk + 2 * Dv)
+                          + n["reads"] * D),
+                   qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 * 2)
+                   + n["steps"] * (3 * Dk * 4 + 2 * (2 * Dk + Dv) * 4) + n["objects"] * D * s)
+    object_grads = (2.0 * n["reads"] * D, T * (Dk * 4 + Dv * s + L * (s + 4)) + n["objects"] * D * 4)
+    object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * n["token_chunks"] * C * D),
+                  n["objects"] * D * 4 * 4 + NW * L * D * 4 + NW * Dk * Dk * 4 * 2
+                  + n["token_chunks"] * C * (Dk * 4 * 2 + Dv * (s + 8)))
+    suffix_bwd = (12.0 * Dk * Dk * C * NC,
+                  NC * Dk * Dk * 4 * 3 + T * (Dk * 4 * 3 + Dk * s * 2 + 8) + T * Dk * 4 * 4 + NW * Dk * Dk * 4)
+    ut_bwd = (2.0 * NC * (10 * C * C * Dk + 6 * C**3),
+              T * ((2 * Dk + Dv) * s * 2 + 16 + C * 4 * 3 + Dk * 4 * 4 + Dv * 4 + 8) + NC * C * C * 4 * 4)
+    return {
+        "UT": ut_k, "suffix products": suffix, "object pass": objects, "readout": readout,
+        "UT (recomputed)": ut_k, "suffix products (recomputed)": suffix, "object pass (recomputed)": objects,
+        "readout backward": readout_bwd, "object gradients": object_grads, "object pass backward": object_bwd,
+        "suffix backward": suffix_bwd, "UT backward": ut_bwd,
+    }
+
+
+def roofline_s(kernels: dict[str, tuple], flops_per_s: float, bytes_per_s: float):
+    """Σ over kernels of max(flops / F, bytes / W), in seconds (floats or tensors)."""
+    total = 0.0
+    for flops, bytes_ in kernels.values():
+        t_f, t_b = flops / flops_per_s, bytes_ / bytes_per_s
+        if isinstance(t_f, Tensor) or isinstance(t_b, Tensor):
+            total = total + torch.maximum(torch.as_tensor(t_f, dtype=torch.float64),
+                                          torch.as_tensor(t_b, dtype=torch.float64))
+        else:
+            total = total + max(t_f, t_b)
+    return total
+
+
+def window_for(T: int, K: int, Dk: int, Dv: int, itemsize: int, C: int, flops_per_s: float,
+               bytes_per_s: float) -> int:
+    """The `R` of `WINDOWS` (at most the call's chunks) with the least roofline time at the
+    worst-case counts (module doc): a pure function of the shapes and the card's two peaks."""
+    chunks = max(1, -(-T // C))
+    best, best_t = 1, float("inf")
+    for R in WINDOWS:
+        if R > 1 and R // 2 >= chunks:
+            break
+        t = roofline_s(delta_kernels(worst_counts(T, K, C, R), Dk, Dv, K, itemsize, C), flops_per_s, bytes_per_s)
+        if t < best_t:
+            best, best_t = R, t
+    return best

@@ -1,0 +1,842 @@
+r"""CUDA kernels of the readout with `β` by windows, forward and backward: the Triton twin of
+`objects_delta.py` (whose module doc derives the algebra and the backward).
+
+What it computes
+================
+Per row `n = b·H + h`, in *virtual* positions `u = t + φ_b`, `φ_b = step_b mod R·C`: virtual chunk
+`c` holds the real tokens `[c·C − φ_b, (c+1)·C − φ_b) ∩ [0, T)` and virtual window `w` the chunks
+`[w·R, (w+1)·R)`, which are exactly the chunks and windows of `objects_delta.window_plan` (chunks
+and windows aligned to `step + t`); positions outside `[0, T)` are tokens with `k = v = 0`,
+`β = 0`, `g = 0` — identity transitions that write nothing — so every chunk and window has the
+same shape. Notation of `objects_delta.py`:
+
+    _ut_kernel        per (chunk, row): A_kk, T⁻¹ = (I + A_kk)⁻¹ by 16-row blocks (as `delta_wy.py`),
+                      Ē = Kᵀ diag(ρ) T⁻¹ diag(β)                        → TI [N,NC,C,C], EB [N,NC,Dk,C]
+    _suffix_kernel    per (window, row, row tile of Dk): from the window's end, K̃ = Suf Ē and
+                      Suf ← γ_C Suf − K̃ H chunk by chunk                 → KT [N,NC,Dk,C], SUF [N,NW,Dk,Dk]
+    _object_kernel    per (row, Dv tile), windows in order: every element E' of the next partition
+                      S̄'_{E'} = Suf_F Σ_{E⊂E'} S̄_E + Σ_{s∈E'} K̃_s v_sᵀ  (float32 masters MB,
+                      copies OB in the inputs' dtype for the readout; the last masters are S)
+    _readout_kernel   per (chunk, row, Dv tile): own chunk (Ã ⊙ Λ)V with Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β)
+                      and Q̂ = diag(γ)Q − ÃH; back through the window's earlier chunks σ = xĒ,
+                      o += (σ ⊙ Λ)V, x ← γ_C x − σH; then Σ_E λ_t[ℓ_t(a_E)] x S̄_E
+
+Backward (`objects_delta._row_backward`'s order; the forward's buffers recomputed, with the
+masters of every window kept):
+
+    _readout_bwd_kernel   per (window, row), its chunks in order: the chain again (the query in
+                          every frame into XS, in the window's frame into XF), own chunk and objects
+                          (U = dÕ S̄ᵀ, dλ), then back up the chain: the band's dV, dλ and the key side's
+                          dĒ, dH, dγ_C of each earlier chunk — chunks of one window belong to one
+                          program, so these accumulate without atomics; dQ̂ and dÃ of the chunk
+    _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
+    _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
+                          elements each E' holds; this tile's dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v
+                          (summed over tiles after), dv += D'ᵀ K̃
+    _suffix_bwd_kernel    per (window, row): the suffix chain again, then its adjoint into dĒ, dH, dγ_C
+    _ut_bwd_kernel        per (chunk, row): the UT backward to dq, dk, dβ, dg; dv
+
+Transposes of dot results go through a scratch round trip (`_transposed`), never `tl.trans`.
+
+Levels: with `c[t, r]` the running minimum of row `t` of the level map (non-increasing in `r`),
+`ℓ_t(p) = #{r : c[t, r] > p}`, so `λ_t[ℓ_t(p)] = Σ_r λ_t[r] ([c[t, r−1] > p] − [c[t, r] > p])`
+(`[c[t, −1] > p] = 1`; 0 where no level holds `p`): one pass over the `L` levels per tile.
+
+The transport `x` is carried per `Dv` tile of the readout (recomputed `Dv/BV` times; `BV = Dv`
+on the GPU). Dots on float32 operands (the inputs are converted on load), `input_precision`
+`"ieee"` for float32 inputs; for 16-bit inputs `"tf32"`, and `"tf32x3"` (`delta_common.precisions`)
+for the solve and for every product of the transport and suffix chains, whose rounding compounds
+over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
+Offsets inside a `[B, T, H, …]` row are int32 (`T·H·max(Dk, Dv, L) < 2³¹`), buffer bases int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dla.ops.backbone.delta_common import decay, precisions
+from dla.ops.backbone.delta_wy import BC, _unit_lower_inverse
+from dla.ops.levels import running_min
+from dla.ops.readout.objects_delta import window_plan
+from dla.ops.state import state_dtype
+from dla.ops.triton_utils import interpreting, pow2
+
+__all__ = ["objects_delta_forward_triton", "objects_delta_backward_triton"]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tokens(PHI, n, c, T, H: tl.constexpr, C: tl.constexpr):
+    """(t [C] the real positions of virtual chunk c, which are tokens, t clamped into [0, T), the
+    row's offset in a [B, T, H] tensor)."""
+    b = n // H
+    t = c * C + tl.arange(0, C) - tl.load(PHI + b)
+    valid = (t >= 0) & (t < T)
+    return t, valid, tl.minimum(tl.maximum(t, 0), T - 1), b * T * H + n % H
+
+
+@triton.jit
+def _gates(G, tok, tc, valid, H: tl.constexpr, C: tl.constexpr, HAS_G: tl.constexpr):
+    """(G [C] chunk-local cumsum, γ, ρ, γ_C) over the chunk's tokens (g = 0 elsewhere)."""
+    if HAS_G:
+        Gc = tl.cumsum(tl.load(G + tok + tc * H, mask=valid, other=0.0).to(tl.float32), axis=0)
+    else:
+        Gc = tl.zeros([C], dtype=tl.float32)
+    G_C = tl.sum(tl.where(tl.arange(0, C) == C - 1, Gc, 0.0), axis=0)
+    return Gc, tl.exp(Gc), tl.exp(G_C - Gc), tl.exp(G_C)
+
+
+@triton.jit
+def _rows(X, tok, tc, valid, cols, H: tl.constexpr, D: tl.constexpr):
+    """Rows of a [B, T, H, D] tensor at the chunk's tokens, columns `cols`, float32 (0 elsewhere)."""
+    return tl.load(X + tok * D + tc[:, None] * (H * D) + cols[None, :], mask=valid[:, None] & (cols[None, :] < D),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _cols(X, tok, tc, valid, rows, H: tl.constexpr, D: tl.constexpr):
+    """The transpose of `_rows`: [len(rows), C]."""
+    return tl.load(X + tok * D + tc[None, :] * (H * D) + rows[:, None], mask=valid[None, :] & (rows[:, None] < D),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _band_weights(CM, LAM, tokL, tc, valid, s, H: tl.constexpr, L: tl.constexpr, C: tl.constexpr):
+    """Λ[t, s] = λ_t[ℓ_t(s)] for the chunk's rows t and the positions s [C] (module doc)."""
+    out = tl.zeros([C, C], dtype=tl.float32)
+    above = tl.full([C, C], 1.0, tl.float32)
+    for r in range(L):
+        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
+        lam = tl.load(LAM + tokL + tc * (H * L) + r, mask=valid, other=0.0).to(tl.float32)
+        ind = tl.where(cm[:, None] > s[None, :], 1.0, 0.0)
+        out += lam[:, None] * (above - ind)
+        above = ind
+    return out
+
+
+@triton.jit
+def _point_weights(CM, LAM, tokL, tc, valid, a, H: tl.constexpr, L: tl.constexpr, C: tl.constexpr):
+    """λ_t[ℓ_t(a)] [C] for one position a."""
+    out = tl.zeros([C], dtype=tl.float32)
+    above = tl.full([C], 1.0, tl.float32)
+    for r in range(L):
+        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
+        lam = tl.load(LAM + tokL + tc * (H * L) + r, mask=valid, other=0.0).to(tl.float32)
+        ind = tl.where(cm > a, 1.0, 0.0)
+        out += lam * (above - ind)
+        above = ind
+    return out
+
+
+@triton.jit
+def _chunk_range(PHI, n, w, a, e, H: tl.constexpr, C: tl.constexpr, R: tl.constexpr):
+    """`(j0, j1)`: the window-relative chunks `[j0, j1)` holding tokens of the element `[a, e]`
+    (empty when j0 ≥ j1)."""
+    phi = tl.load(PHI + n // H)
+    lo = tl.maximum(a, w * R * C - phi)
+    hi = tl.minimum(e, (w + 1) * R * C - phi - 1)
+    j0 = (lo + phi) // C - w * R
+    j1 = tl.where(hi >= lo, (hi + phi) // C - w * R + 1, j0)
+    return j0, j1
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ut_kernel(K, BETA, G, PHI, TI, EB, T, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+               BK: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_SOLVE: tl.constexpr):
+    c = tl.program_id(0)
+    n = tl.program_id(1)
+    NC = tl.num_programs(0)
+    o = tl.arange(0, C)
+    t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+    Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+    beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        d = k0 + tl.arange(0, BK)
+        KK += tl.dot(_rows(K, tok, tc, valid, d, H, DK), _cols(K, tok, tc, valid, d, H, DK), input_precision=PREC)
+    base = TI + (n * NC + c).to(tl.int64) * C * C
+    tile = base + o[:, None] * C + o[None, :]
+    tl.store(tile, beta[:, None] * KK * decay(Gc, tl.zeros([C], dtype=tl.int32), C, True, False))
+    tl.debug_barrier()
+    ob = tl.arange(0, BC)
+    for i in tl.static_range(C // BC):
+        r = i * BC + ob
+        diag = base + r[:, None] * C + (i * BC + ob)[None, :]
+        Tii = _unit_lower_inverse(tl.load(diag), BC)
+        if i > 0:
+            band = base + r[:, None] * C + o[None, :]
+            left = o[None, :] < i * BC
+            Ai = tl.load(band, mask=left, other=0.0)
+            solved = tl.load(tile, mask=(o < i * BC)[:, None], other=0.0)
+            Toff = -tl.dot(Tii, tl.dot(Ai, solved, input_precision=PREC_SOLVE), input_precision=PREC_SOLVE)
+            tl.debug_barrier()  # every thread has read A_i before it is overwritten
+            tl.store(band, Toff, mask=left)
+        tl.store(diag, Tii)
+        tl.debug_barrier()
+    M = tl.load(tile) * beta[None, :]
+    for k0 in range(0, DK, BK):
+        d = k0 + tl.arange(0, BK)
+        kr = _cols(K, tok, tc, valid, d, H, DK) * rho[None, :]
+        E = tl.dot(kr, M, input_precision=PREC_SOLVE)
+        tl.store(EB + (n * NC + c).to(tl.int64) * DK * C + d[:, None] * C + o[None, :], E, mask=d[:, None] < DK)
+
+
+@triton.jit
+def _suffix_kernel(K, G, PHI, EB, KT, SUF, T, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+                   BR: tl.constexpr, BKP: tl.constexpr, HAS_G: tl.constexpr, PREC_CHAIN: tl.constexpr):
+    w = tl.program_id(0)
+    n = tl.program_id(1)
+    NW = tl.num_programs(0)
+    NC = NW * R
+    o = tl.arange(0, C)
+    rows = tl.program_id(2) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BKP)
+    suf = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+    for jj in range(R):
+        c = w * R + R - 1 - jj
+        t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+        Gp, gam, rhop, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+        chunk = (n * NC + c).to(tl.int64) * DK * C
+        E = tl.load(EB + chunk + cols[:, None] * C + o[None, :], mask=cols[:, None] < DK, other=0.0)
+        kt = tl.dot(suf, E, input_precision=PREC_CHAIN)
+        tl.store(KT + chunk + rows[:, None] * C + o[None, :], kt, mask=rows[:, None] < DK)
+        Hk = _rows(K, tok, tc, valid, cols, H, DK) * gam[:, None]
+        suf = gam_C * suf - tl.dot(kt, Hk, input_precision=PREC_CHAIN)
+    tl.store(SUF + (n * NW + w).to(tl.int64) * DK * DK + rows[:, None] * DK + cols[None, :], suf,
+             mask=(rows[:, None] < DK) & (cols[None, :] < DK))
+
+
+@triton.jit
+def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr,
+                   DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
+                   PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, KEEP: tl.constexpr):
+    n = tl.program_id(0)
+    NC = NW * R
+    o = tl.arange(0, C)
+    rk = tl.arange(0, BKP)
+    cv = tl.program_id(1) * BV + tl.arange(0, BV)
+    tile = rk[:, None] * DV + cv[None, :]
+    mt = (rk[:, None] < DK) & (cv[None, :] < DV)
+    D = DK * DV
+    for w in range(NW):
+        if KEEP:  # every window's masters (the backward reads them)
+            src = MB + ((n * (NW + 1) + w) * L).to(tl.int64) * D
+            dst = MB + ((n * (NW + 1) + w + 1) * L).to(tl.int64) * D
+        else:  # two buffers, in turn
+            src = MB + ((n * 2 + w % 2) * L).to(tl.int64) * D
+            dst = MB + ((n * 2 + (w + 1) % 2) * L).to(tl.int64) * D
+        suf = tl.load(SUF + (n * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :],
+                      mask=(rk[:, None] < DK) & (rk[None, :] < DK), other=0.0)
+        now = (n * (NW + 1) + w) * L
+        nxt = (n * (NW + 1) + w + 1) * L
+        for r2 in range(L):
+            a2 = tl.load(FIRST + nxt + r2)
+            e2 = tl.load(LAST + nxt + r2)
+            acc = tl.zeros([BKP, BV], dtype=tl.float32)
+            if a2 <= e2:
+                held_any = tl.full([], 0, tl.int32)
+                for r in range(L):
+                    a = tl.load(FIRST + now + r)
+                    e = tl.load(LAST + now + r)
+                    held = (a <= e) & (a2 <= a) & (e <= e2)
+                    acc += tl.load(src + r * D + tile, mask=mt & held, other=0.0)
+                    held_any += held.to(tl.int32)
+                if held_any > 0:  # re-framed only when it holds an object (else made of the window's tokens)
+                    acc = tl.dot(suf, acc, input_precision=PREC_CHAIN)
+                j0, j1 = _chunk_range(PHI, n, w, a2, e2, H, C, R)
+                for j in range(j0, j1):
+                    c = w * R + j
+                    t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+                    member = valid & (t >= a2) & (t <= e2)
+                    kt = tl.load(KT + (n * NC + c).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :],
+                                 mask=(rk[:, None] < DK) & member[None, :], other=0.0)
+                    acc += tl.dot(kt, _rows(V, tok, tc, member, cv, H, DV), input_precision=PREC)
+            tl.store(dst + r2 * D + tile, acc, mask=mt)
+            tl.store(OB + (nxt + r2).to(tl.int64) * D + tile, acc.to(OB.dtype.element_ty), mask=mt)
+        tl.debug_barrier()  # the next window reads these masters
+
+
+@triton.jit
+def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, T, scale, H: tl.constexpr,
+                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+                    BKP: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
+                    PREC_CHAIN: tl.constexpr):
+    c = tl.program_id(0)
+    n = tl.program_id(1)
+    NC = tl.num_programs(0)
+    NW = NC // R
+    w = c // R
+    o = tl.arange(0, C)
+    ck = tl.arange(0, BKP)
+    cv = tl.program_id(2) * BV + tl.arange(0, BV)
+    t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+    tokL = tok * L
+    Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+    beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
+    q = _rows(Q, tok, tc, valid, ck, H, DK)
+    k = _rows(K, tok, tc, valid, ck, H, DK)
+    Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC)
+    Aqk = Aqk * decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
+    M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
+    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)  # a product with the triangular inverse
+    x = q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
+    Lam = _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C)
+    Lam = tl.where(o[:, None] >= o[None, :], Lam, 0.0)
+    acc = tl.dot(At * Lam, _rows(V, tok, tc, valid, cv, H, DV), input_precision=PREC)
+    for jj in range(c - w * R):
+        p = c - 1 - jj
+        tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
+        Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
+        E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK,
+                    other=0.0)
+        sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
+        Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
+        acc += tl.dot(sigma * Lp, _rows(V, tok, tcp, validp, cv, H, DV), input_precision=PREC)
+        x = gam_Cp * x - tl.dot(sigma, _rows(K, tok, tcp, validp, ck, H, DK) * gamp[:, None],
+                                input_precision=PREC_CHAIN)
+    now = (n * (NW + 1) + w) * L
+    for r in range(L):
+        a = tl.load(FIRST + now + r)
+        e = tl.load(LAST + now + r)
+        if a <= e:
+            Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
+            S = tl.load(OB + (now + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
+                        mask=(ck[:, None] < DK) & (cv[None, :] < DV), other=0.0).to(tl.float32)
+            acc += Wr[:, None] * tl.dot(x, S, input_precision=PREC)
+    tl.store(O + tok * DV + tc[:, None] * (H * DV) + cv[None, :], (scale * acc).to(O.dtype.element_ty),
+             mask=valid[:, None] & (cv[None, :] < DV))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _transposed(SCR, X, C: tl.constexpr):
+    """Xᵀ of a [C, C] register tile by a round trip through the program's scratch: `tl.trans` of a
+    dot's result is what Triton 3.4–3.7.0 miscompiles on Hopper (fla issue #640)."""
+    o = tl.arange(0, C)
+    tl.store(SCR + o[:, None] * C + o[None, :], X)
+    tl.debug_barrier()
+    Y = tl.load(SCR + o[None, :] * C + o[:, None])
+    tl.debug_barrier()
+    return Y
+
+
+@triton.jit
+def _scatter_levels(dl, CM, tokL, tc, valid, s, X, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                    C: tl.constexpr):
+    """dl [C, LP] += Σ_s X[t, s] at column ℓ_t(s) (X [C, C] over the positions s [C])."""
+    cols = tl.arange(0, LP)
+    above = tl.full([C, C], 1.0, tl.float32)
+    for r in range(L):
+        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
+        ind = tl.where(cm[:, None] > s[None, :], 1.0, 0.0)
+        dl += tl.where(cols[None, :] == r, tl.sum(X * (above - ind), axis=1)[:, None], 0.0)
+        above = ind
+    return dl
+
+
+@triton.jit
+def _scatter_point(dl, CM, tokL, tc, valid, a, x, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                   C: tl.constexpr):
+    """dl [C, LP] += x[t] at column ℓ_t(a)."""
+    cols = tl.arange(0, LP)
+    above = tl.full([C], 1.0, tl.float32)
+    for r in range(L):
+        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
+        ind = tl.where(cm > a, 1.0, 0.0)
+        dl += tl.where(cols[None, :] == r, (x * (above - ind))[:, None], 0.0)
+        above = ind
+    return dl
+
+
+@triton.jit
+def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XS, SCR, XF, DQH, DAT, DEB,
+                        DHB, DGC, DVK, DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                        DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr,
+                        BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+    w = tl.program_id(0)
+    n = tl.program_id(1)
+    NW = tl.num_programs(0)
+    NC = NW * R
+    o = tl.arange(0, C)
+    ck = tl.arange(0, BKP)
+    cv = tl.arange(0, BVP)
+    xs = XS + (n * NC + w * R).to(tl.int64) * C * DK  # R slots: the query in frames b_c, b_{c−1}, …
+    scr = SCR + (n * NW + w).to(tl.int64) * C * C
+    now = (n * (NW + 1) + w) * L
+    for i in range(R):
+        c = w * R + i
+        t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+        tokL = tok * L
+        Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+        beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
+        q = _rows(Q, tok, tc, valid, ck, H, DK)
+        k = _rows(K, tok, tc, valid, ck, H, DK)
+        Gam = decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
+        Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC) * Gam
+        M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
+        At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)
+        x = q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
+        tl.store(xs + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
+        dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
+        dl = tl.zeros([C, LP], dtype=tl.float32)
+        # own chunk: o += (Ã ⊙ Λ) V
+        Lam = tl.where(o[:, None] >= o[None, :], _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C), 0.0)
+        dAL = tl.dot(dO, _cols(V, tok, tc, valid, cv, H, DV), input_precision=PREC)
+        tl.store(DAT + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :], dAL * Lam)
+        dl = _scatter_levels(dl, CM, tokL, tc, valid, t, tl.where(o[:, None] >= o[None, :], dAL * At, 0.0), H, L,
+                             LP, C)
+        dvk = DVK + (n * NC + c).to(tl.int64) * C * DV + o[:, None] * DV + cv[None, :]
+        ALt = _transposed(scr, At * Lam, C)
+        tl.store(dvk, tl.load(dvk, mask=cv[None, :] < DV, other=0.0) + tl.dot(ALt, dO, input_precision=PREC),
+                 mask=cv[None, :] < DV)
+        tl.debug_barrier()
+        # the chain to the window's frame
+        for j in range(i):
+            p = c - 1 - j
+            tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
+            Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
+            E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :],
+                        mask=ck[:, None] < DK, other=0.0)
+            sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
+            x = gam_Cp * x - tl.dot(sigma, _rows(K, tokp, tcp, validp, ck, H, DK) * gamp[:, None],
+                                    input_precision=PREC_CHAIN)
+            tl.store(xs + (j + 1) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
+        tl.debug_barrier()
+        # objects: U = dÕ S̄ᵀ, dx = Σ W U, dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
+        tl.store(XF + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
+        dx = tl.zeros([C, BKP], dtype=tl.float32)
+        for r in range(L):
+            a = tl.load(FIRST + now + r)
+            e = tl.load(LAST + now + r)
+            if a <= e:
+                Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
+                ST = tl.load(OB + (now + r).to(tl.int64) * DK * DV + cv[:, None] + ck[None, :] * DV,
+                             mask=(cv[:, None] < DV) & (ck[None, :] < DK), other=0.0).to(tl.float32)
+                U = tl.dot(dO, ST, input_precision=PREC)
+                dx += Wr[:, None] * U
+                dl = _scatter_point(dl, CM, tokL, tc, valid, a, tl.sum(U * x, axis=1), H, L, LP, C)
+        tl.debug_barrier()
+        # back up the chain: the band of each earlier chunk, and the key side's gradients
+        for jj in range(i):
+            j = i - 1 - jj
+            p = c - 1 - j
+            tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
+            Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
+            chunk = (n * NC + p).to(tl.int64)
+            x_in = tl.load(xs + j * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+            x_inT = tl.load(xs + j * C * DK + o[None, :] * DK + ck[:, None], mask=ck[:, None] < DK, other=0.0)
+            E = tl.load(EB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
+            ET = tl.load(EB + chunk * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK, other=0.0)
+            sigma = tl.dot(x_in, E, input_precision=PREC_CHAIN)
+            Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
+            dAL = tl.dot(dO, _cols(V, tokp, tcp, validp, cv, H, DV), input_precision=PREC)
+            dl = _scatter_levels(dl, CM, tokL, tc, valid, tp, dAL * sigma, H, L, LP, C)
+            dvp = DVK + chunk * C * DV + o[:, None] * DV + cv[None, :]
+            SLt = _transposed(scr, sigma * Lp, C)
+            tl.store(dvp, tl.load(dvp, mask=cv[None, :] < DV, other=0.0) + tl.dot(SLt, dO, input_precision=PREC),
+                     mask=cv[None, :] < DV)
+            HT = _cols(K, tokp, tcp, validp, ck, H, DK) * gamp[None, :]
+            dsigma = dAL * Lp - tl.dot(dx, HT, input_precision=PREC_CHAIN)
+            deb = DEB + chunk * DK * C + ck[:, None] * C + o[None, :]
+            tl.store(deb, tl.load(deb, mask=ck[:, None] < DK, other=0.0)
+                     + tl.dot(x_inT, dsigma, input_precision=PREC_CHAIN), mask=ck[:, None] < DK)
+            sigT = _transposed(scr, sigma, C)
+            dhb = DHB + chunk * C * DK + o[:, None] * DK + ck[None, :]
+            tl.store(dhb, tl.load(dhb, mask=ck[None, :] < DK, other=0.0)
+                     - tl.dot(sigT, dx, input_precision=PREC_CHAIN), mask=ck[None, :] < DK)
+            tl.store(DGC + chunk, tl.load(DGC + chunk) + tl.sum(tl.sum(dx * x_in, axis=1), axis=0))
+            tl.debug_barrier()
+            dx = gam_Cp * dx + tl.dot(dsigma, ET, input_precision=PREC_CHAIN)
+        tl.store(DQH + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], dx, mask=ck[None, :] < DK)
+        lc = tl.arange(0, LP)
+        tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
+                 mask=valid[:, None] & (lc[None, :] < L))
+
+
+@triton.jit
+def _object_grad_kernel(DO, LAM, CM, PHI, FIRST, LAST, XF, DR, T, scale, H: tl.constexpr, L: tl.constexpr,
+                        DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr,
+                        BV: tl.constexpr, PREC: tl.constexpr):
+    """D_E = Σ_t λ_t[ℓ_t(a_E)] x_t^{(F)} dÕ_tᵀ over the window's queries, one program per (window,
+    row, element × Dv tile), from the queries in the window's frame (XF)."""
+    w = tl.program_id(0)
+    n = tl.program_id(1)
+    NW = tl.num_programs(0)
+    NC = NW * R
+    NVT: tl.constexpr = (DV + BV - 1) // BV
+    r = tl.program_id(2) // NVT
+    o = tl.arange(0, C)
+    ck = tl.arange(0, BKP)
+    cv = (tl.program_id(2) % NVT) * BV + tl.arange(0, BV)
+    now = (n * (NW + 1) + w) * L
+    a = tl.load(FIRST + now + r)
+    e = tl.load(LAST + now + r)
+    acc = tl.zeros([BKP, BV], dtype=tl.float32)
+    if a <= e:
+        for i in range(R):
+            c = w * R + i
+            t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+            Wr = _point_weights(CM, LAM, tok * L, tc, valid, a, H, L, C)
+            xT = tl.load(XF + (n * NC + c).to(tl.int64) * C * DK + o[None, :] * DK + ck[:, None],
+                         mask=(ck[:, None] < DK) & valid[None, :], other=0.0)
+            acc += tl.dot(xT * Wr[None, :], scale * _rows(DO, tok, tc, valid, cv, H, DV), input_precision=PREC)
+    tl.store(DR + (now + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :], acc,
+             mask=(ck[:, None] < DK) & (cv[None, :] < DV))
+
+
+@triton.jit
+def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DN, DKT, DVK, DSUF, T, NW, H: tl.constexpr,
+                       L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+                       BKP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+    """Windows in reverse: D^w = D_readout^w + Suf_Fᵀ D' on the elements each E' holds; the
+    partial (this Dv tile's) dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v; dv += D'ᵀ K̃. DN [N, 2, L, Dk, Dv]
+    holds D' (the final dS in slot NW % 2 on entry) and receives D^w; D^0 ends in slot 0."""
+    n = tl.program_id(0)
+    vt = tl.program_id(1)
+    NVT = tl.num_programs(1)
+    NC = NW * R
+    o = tl.arange(0, C)
+    rk = tl.arange(0, BKP)
+    cv = vt * BV + tl.arange(0, BV)
+    tile = rk[:, None] * DV + cv[None, :]
+    tileT = rk[None, :] * DV + cv[:, None]
+    mt = (rk[:, None] < DK) & (cv[None, :] < DV)
+    mtT = (rk[None, :] < DK) & (cv[:, None] < DV)
+    D = DK * DV
+    for ww in range(NW):
+        w = NW - 1 - ww
+        nxt = DN + ((n * 2 + (w + 1) % 2) * L).to(tl.int64) * D
+        cur = DN + ((n * 2 + w % 2) * L).to(tl.int64) * D
+        masters = MB + ((n * (NW + 1) + w) * L).to(tl.int64) * D
+        now = (n * (NW + 1) + w) * L
+        after = (n * (NW + 1) + w + 1) * L
+        for r in range(L):
+            tl.store(cur + r * D + tile, tl.load(DR + (now + r).to(tl.int64) * D + tile, mask=mt, other=0.0), mask=mt)
+        tl.debug_barrier()
+        sufT = tl.load(SUF + (n * NW + w).to(tl.int64) * DK * DK + rk[None, :] * DK + rk[:, None],
+                       mask=(rk[:, None] < DK) & (rk[None, :] < DK), other=0.0)
+        dsuf = tl.zeros([BKP, BKP], dtype=tl.float32)
+        for r2 in range(L):
+            a2 = tl.load(FIRST + after + r2)
+            e2 = tl.load(LAST + after + r2)
+            if a2 <= e2:
+                Dn = tl.load(nxt + r2 * D + tile, mask=mt, other=0.0)
+                gathered = tl.zeros([BV, BKP], dtype=tl.float32)
+                held_any = tl.full([], 0, tl.int32)
+                for r in range(L):
+                    a = tl.load(FIRST + now + r)
+                    e = tl.load(LAST + now + r)
+                    held = (a <= e) & (a2 <= a) & (e <= e2)
+                    gathered += tl.load(masters + r * D + tileT, mask=mtT & held, other=0.0)
+                    held_any += held.to(tl.int32)
+                if held_any > 0:
+                    DT = tl.dot(sufT, Dn, input_precision=PREC_CHAIN)
+                    dsuf += tl.dot(Dn, gathered, input_precision=PREC_CHAIN)
+                    for r in range(L):
+                        a = tl.load(FIRST + now + r)
+                        e = tl.load(LAST + now + r)
+                        if (a <= e) & (a2 <= a) & (e <= e2):
+                            tl.store(cur + r * D + tile, tl.load(cur + r * D + tile, mask=mt, other=0.0) + DT,
+                                     mask=mt)
+                j0, j1 = _chunk_range(PHI, n, w, a2, e2, H, C, R)
+                for j in range(j0, j1):
+                    c = w * R + j
+                    t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+                    member = valid & (t >= a2) & (t <= e2)
+                    chunk = (n * NC + c).to(tl.int64)
+                    vT = tl.load(V + tok * DV + tc[None, :] * (H * DV) + cv[:, None],
+                                 mask=member[None, :] & (cv[:, None] < DV), other=0.0).to(tl.float32)
+                    dkt = DKT + ((n * NVT + vt) * NC + c).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :]
+                    tl.store(dkt, tl.load(dkt, mask=rk[:, None] < DK, other=0.0)
+                             + tl.dot(Dn, vT, input_precision=PREC), mask=rk[:, None] < DK)
+                    ktT = tl.load(KT + chunk * DK * C + rk[None, :] * C + o[:, None],
+                                  mask=(rk[None, :] < DK) & member[:, None], other=0.0)
+                    dvk = DVK + chunk * C * DV + o[:, None] * DV + cv[None, :]
+                    tl.store(dvk, tl.load(dvk, mask=cv[None, :] < DV, other=0.0)
+                             + tl.dot(ktT, Dn, input_precision=PREC), mask=cv[None, :] < DV)
+                tl.debug_barrier()
+        tl.store(DSUF + ((n * NVT + vt) * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :], dsuf,
+                 mask=(rk[:, None] < DK) & (rk[None, :] < DK))
+        tl.debug_barrier()
+
+
+@triton.jit
+def _suffix_bwd_kernel(K, G, PHI, EB, KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H: tl.constexpr,
+                       DK: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, HAS_G: tl.constexpr,
+                       PREC_CHAIN: tl.constexpr):
+    """The suffix chain of window w again (each chunk's Suf into SB), then its adjoint from the
+    window's first chunk on: dK̃ = −dSuf' Hᵀ + DKT, dH −= K̃ᵀ dSuf', dγ_C += ⟨dSuf', Suf⟩,
+    dĒ += Sufᵀ dK̃, dSuf = γ_C dSuf' + dK̃ Ēᵀ."""
+    w = tl.program_id(0)
+    n = tl.program_id(1)
+    NW = tl.num_programs(0)
+    NC = NW * R
+    o = tl.arange(0, C)
+    rk = tl.arange(0, BKP)
+    msq = (rk[:, None] < DK) & (rk[None, :] < DK)
+    sb = SB + (n * NC + w * R).to(tl.int64) * DK * DK
+    suf = tl.where(rk[:, None] == rk[None, :], 1.0, 0.0)
+    for jj in range(R):
+        j = R - 1 - jj
+        c = w * R + j
+        t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+        Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+        tl.store(sb + j * DK * DK + rk[:, None] * DK + rk[None, :], suf, mask=msq)
+        E = tl.load(EB + (n * NC + c).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :], mask=rk[:, None] < DK,
+                    other=0.0)
+        kt = tl.dot(suf, E, input_precision=PREC_CHAIN)
+        suf = gam_C * suf - tl.dot(kt, _rows(K, tok, tc, valid, rk, H, DK) * gam[:, None], input_precision=PREC_CHAIN)
+    tl.debug_barrier()
+    dsuf = tl.load(DSUF + (n * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :], mask=msq, other=0.0)
+    for j in range(R):
+        c = w * R + j
+        chunk = (n * NC + c).to(tl.int64)
+        t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+        Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+        suf_j = tl.load(sb + j * DK * DK + rk[:, None] * DK + rk[None, :], mask=msq, other=0.0)
+        sufT = tl.load(sb + j * DK * DK + rk[None, :] * DK + rk[:, None], mask=msq, other=0.0)
+        HT = _cols(K, tok, tc, valid, rk, H, DK) * gam[None, :]
+        ktT = tl.load(KT + chunk * DK * C + rk[None, :] * C + o[:, None], mask=rk[None, :] < DK, other=0.0)
+        dkeys = tl.load(DKT + chunk * DK * C + rk[:, None] * C + o[None, :], mask=rk[:, None] < DK, other=0.0)
+        dkeys -= tl.dot(dsuf, HT, input_precision=PREC_CHAIN)
+        dhb = DHB + chunk * C * DK + o[:, None] * DK + rk[None, :]
+        tl.store(dhb, tl.load(dhb, mask=rk[None, :] < DK, other=0.0) - tl.dot(ktT, dsuf, input_precision=PREC_CHAIN),
+                 mask=rk[None, :] < DK)
+        tl.store(DGC + chunk, tl.load(DGC + chunk) + tl.sum(tl.sum(dsuf * suf_j, axis=1), axis=0))
+        ET = tl.load(EB + chunk * DK * C + rk[None, :] * C + o[:, None], mask=rk[None, :] < DK, other=0.0)
+        deb = DEB + chunk * DK * C + rk[:, None] * C + o[None, :]
+        tl.store(deb, tl.load(deb, mask=rk[:, None] < DK, other=0.0) + tl.dot(sufT, dkeys, input_precision=PREC_CHAIN),
+                 mask=rk[:, None] < DK)
+        dsuf = gam_C * dsuf + tl.dot(dkeys, ET, input_precision=PREC_CHAIN)
+
+
+@triton.jit
+def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ, DK_OUT, DV_OUT, DBETA, DG_OUT, T,
+                   H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKP: tl.constexpr,
+                   BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+    """The chunk's UT backward (`objects_delta._chunk_backward`): dq, dk, dβ, dg from the
+    gradients of Q̂, Ã, Ē, H, γ_C; dv = the key side's (band and tokens)."""
+    c = tl.program_id(0)
+    n = tl.program_id(1)
+    NC = tl.num_programs(0)
+    o = tl.arange(0, C)
+    ck = tl.arange(0, BKP)
+    cv = tl.arange(0, BVP)
+    chunk = (n * NC + c).to(tl.int64)
+    scr = SCR + chunk * C * C
+    t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+    Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+    beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
+    seg = tl.zeros([C], dtype=tl.int32)
+    Gam = decay(Gc, seg, C, False, False)
+    GamT = decay(Gc, seg, C, False, True)
+    q = _rows(Q, tok, tc, valid, ck, H, DK)
+    k = _rows(K, tok, tc, valid, ck, H, DK)
+    qT = _cols(Q, tok, tc, valid, ck, H, DK)
+    kT = _cols(K, tok, tc, valid, ck, H, DK)
+    QK = tl.dot(q, kT, input_precision=PREC)
+    KK = tl.dot(k, kT, input_precision=PREC)
+    Aqk = QK * Gam
+    AqkT = tl.dot(k, qT, input_precision=PREC) * GamT
+    Tinv = tl.load(TI + chunk * C * C + o[:, None] * C + o[None, :])
+    TinvT = tl.load(TI + chunk * C * C + o[None, :] * C + o[:, None])
+    M = Tinv * beta[None, :]
+    MT = TinvT * beta[:, None]
+    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)
+    AtT = tl.dot(MT, AqkT, input_precision=PREC_CHAIN)
+    dQh = tl.load(DQH + chunk * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+    dE = tl.load(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
+    dET = tl.load(DEB + chunk * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK, other=0.0)
+    dAt = tl.load(DAT + chunk * C * C + o[:, None] * C + o[None, :]) - tl.dot(dQh, kT * gam[None, :],
+                                                                             input_precision=PREC_CHAIN)
+    dH = tl.load(DHB + chunk * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+    dH -= tl.dot(AtT, dQh, input_precision=PREC_CHAIN)
+    dgam = tl.sum(dQh * q, axis=1) + tl.sum(dH * k, axis=1)
+    dq = gam[:, None] * dQh
+    dk = gam[:, None] * dH
+    dKr = tl.dot(M, dET, input_precision=PREC_CHAIN)
+    dM = tl.dot(k * rho[:, None], dE, input_precision=PREC_CHAIN) + tl.dot(AqkT, dAt, input_precision=PREC_CHAIN)
+    dAqk = tl.dot(dAt, MT, input_precision=PREC_CHAIN)
+    dk += rho[:, None] * dKr
+    drho = tl.sum(dKr * k, axis=1)
+    dbeta = tl.sum(dM * Tinv, axis=0)
+    dTinv = dM * beta[None, :]
+    dAkk = -tl.dot(tl.dot(TinvT, dTinv, input_precision=PREC_CHAIN), TinvT, input_precision=PREC_CHAIN)
+    dAkk = tl.where(o[:, None] > o[None, :], dAkk, 0.0)
+    dbeta += tl.sum(dAkk * KK * Gam, axis=1)
+    dB = beta[:, None] * dAkk
+    Zk = dB * Gam
+    Zq = dAqk * Gam
+    ZkT = _transposed(scr, Zk, C)
+    ZqT = _transposed(scr, Zq, C)
+    dk += tl.dot(Zk + ZkT, k, input_precision=PREC) + tl.dot(ZqT, q, input_precision=PREC)
+    dq += tl.dot(Zq, k, input_precision=PREC)
+    mk = valid[:, None] & (ck[None, :] < DK)
+    tl.store(DQ + tok * DK + tc[:, None] * (H * DK) + ck[None, :], dq.to(DQ.dtype.element_ty), mask=mk)
+    tl.store(DK_OUT + tok * DK + tc[:, None] * (H * DK) + ck[None, :], dk.to(DK_OUT.dtype.element_ty), mask=mk)
+    tl.store(DBETA + tok + tc * H, dbeta.to(DBETA.dtype.element_ty), mask=valid)
+    dv = tl.load(DVK + chunk * C * DV + o[:, None] * DV + cv[None, :], mask=cv[None, :] < DV, other=0.0)
+    tl.store(DV_OUT + tok * DV + tc[:, None] * (H * DV) + cv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=valid[:, None] & (cv[None, :] < DV))
+    if HAS_G:
+        Zg = (dB * KK + dAqk * QK) * Gam
+        dG = tl.sum(Zg, axis=1) - tl.sum(Zg, axis=0) + dgam * gam - drho * rho
+        dG += tl.where(o == C - 1, tl.sum(drho * rho, axis=0) + tl.load(DGC + chunk) * gam_C, 0.0)
+        dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
+        tl.store(DG_OUT + tok + tc * H, dg.to(DG_OUT.dtype.element_ty), mask=valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _meta(x: Tensor, Dk: int, Dv: int) -> dict:
+    """Tiles: the whole of `Dk` (`BKP`, ≤ 256) in the transport; `Dv` whole on the GPU, by 16
+    under the interpreter (so tests cross tile edges)."""
+    BKP = pow2(Dk)
+    BV = 16 if interpreting(x) else pow2(Dv)
+    return dict(BKP=BKP, BV=BV, BR=min(BKP, 32 if interpreting(x) else 64), BK=min(BKP, 32))
+
+
+class _Buffers:
+    """The forward's plan and intermediate buffers (module doc), shared by both passes."""
+
+    def __init__(self, q, k, v, g, beta, level_start, S0, C: int, R: int, step: Tensor, keep: bool):
+        B, T, H, Dk = q.shape
+        Dv, L = v.shape[-1], level_start.shape[-1]
+        if C < BC or C & (C - 1):
+            raise ValueError(f"chunk_size must be a power of two >= {BC} for the Triton kernels, got {C!r}")
+        dev, f32 = q.device, torch.float32
+        plan = window_plan(level_start, step, C, R)
+        self.NW = NW = plan.first.shape[1] - 1
+        self.NC = NC = NW * R
+        self.N = N = B * H
+        self.plan = plan
+        self.phi = torch.remainder(step.to(torch.int64), R * C).to(torch.int32).contiguous()
+        self.first = plan.first.clamp(-2**31, 2**31 - 1).to(torch.int32).contiguous()
+        self.last = plan.last.clamp(-2**31, 2**31 - 1).to(torch.int32).contiguous()
+        self.cm = running_min(level_start.to(torch.int32)).contiguous()
+        self.prec, self.prec_chain = precisions(q.dtype)
+        self.meta = meta = _meta(q, Dk, Dv)
+        flags = dict(C=C, HAS_G=g is not None)
+        self.TI = torch.empty(N, NC, C, C, dtype=f32, device=dev)
+        self.EB = torch.empty(N, NC, Dk, C, dtype=f32, device=dev)
+        _ut_kernel[(NC, N)](k, beta, g, self.phi, self.TI, self.EB, T, H, Dk, BC=BC, BK=meta["BK"], PREC=self.prec,
+                            PREC_SOLVE=self.prec_chain, **flags)
+        self.KT = torch.empty(N, NC, Dk, C, dtype=f32, device=dev)
+        self.SUF = torch.empty(N, NW, Dk, Dk, dtype=f32, device=dev)
+        _suffix_kernel[(NW, N, triton.cdiv(Dk, meta["BR"]))](k, g, self.phi, self.EB, self.KT, self.SUF, T, H, Dk,
+                                                             R=R, BR=meta["BR"], BKP=meta["BKP"],
+                                                             PREC_CHAIN=self.prec_chain, **flags)
+        slot = -1 - torch.arange(L, device=dev)
+        self.inside = (plan.first[:, 0, :, None] <= slot) & (slot <= plan.last[:, 0, :, None])  # P_0 ∋ slot j
+        objects0 = torch.einsum("nrj,njkv->nrkv", self.inside.to(f32), S0.to(f32).reshape(N, L, Dk, Dv))
+        self.keep = keep
+        self.MB = torch.empty(N, NW + 1 if keep else 2, L, Dk, Dv, dtype=f32, device=dev)
+        self.MB[:, 0] = objects0
+        self.OB = torch.empty(N, NW + 1, L, Dk, Dv, dtype=q.dtype, device=dev)
+        self.OB[:, 0] = objects0.to(q.dtype)
+        _object_kernel[(N, triton.cdiv(Dv, meta["BV"]))](v, self.phi, self.KT, self.SUF, self.first, self.last,
+                                                          self.MB, self.OB, T, NW, H, L, Dk, Dv, C=C, R=R,
+                                                          BKP=meta["BKP"], BV=meta["BV"], PREC=self.prec,
+                                                          PREC_CHAIN=self.prec_chain, KEEP=keep)
+
+    def final(self) -> Tensor:
+        """The final state [N, L, Dk, Dv] float32 (the masters after the last window)."""
+        return self.MB[:, self.NW if self.keep else self.NW % 2]
+
+
+def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
+                                 step: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """`(o [B,T,H,Dv] in q's dtype, S [B,H,L,Dk,Dv] float32)`, as `objects_delta_forward`;
+    `chunk_size` a power of two ≥ 16."""
+    B, T, H, Dk = q.shape
+    Dv, L = v.shape[-1], lam.shape[-1]
+    C, R = int(chunk_size), int(window)
+    sd = state_dtype(q.dtype)
+    if T == 0:
+        return v.new_empty(B, 0, H, Dv), S0.to(sd).clone()
+    q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
+    g = None if g is None else g.contiguous()
+    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, keep=False)
+    o = torch.empty_like(v)
+    _readout_kernel[(buf.NC, buf.N, triton.cdiv(Dv, buf.meta["BV"]))](
+        q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, o, T, float(scale), H,
+        L, Dk, Dv, C=C, R=R, BKP=buf.meta["BKP"], BV=buf.meta["BV"], HAS_G=g is not None, PREC=buf.prec,
+        PREC_CHAIN=buf.prec_chain)
+    return o, buf.final().reshape(B, H, L, Dk, Dv).to(sd).clone()
+
+
+def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
+                                  step: Tensor, window: int):
+    """`(dq, dk, dv, dlam, dg, dbeta, dS0)` as `objects_delta_backward` (`dS0` float32)."""
+    B, T, H, Dk = q.shape
+    Dv, L = v.shape[-1], lam.shape[-1]
+    C, R = int(chunk_size), int(window)
+    dev, f32 = q.device, torch.float32
+    zeros_g = torch.zeros(B, T, H, dtype=f32, device=dev)
+    dS = torch.zeros(B, H, L, Dk, Dv, dtype=f32, device=dev) if dS is None else dS.to(f32)
+    if T == 0:
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(lam),
+                zeros_g if g is None else torch.zeros_like(g), torch.zeros_like(beta), dS.clone())
+    q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
+    g = None if g is None else g.contiguous()
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, keep=True)
+    N, NC, NW, meta = buf.N, buf.NC, buf.NW, buf.meta
+    BKP, BVP = meta["BKP"], pow2(Dv)
+    flags = dict(C=C, HAS_G=g is not None)
+    XS = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
+    SCR = torch.empty(N, max(NW, NC), C, C, dtype=f32, device=dev)
+    XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
+    DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
+    DQH = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
+    DAT = torch.empty(N, NC, C, C, dtype=f32, device=dev)
+    DEB = torch.zeros(N, NC, Dk, C, dtype=f32, device=dev)
+    DHB = torch.zeros(N, NC, C, Dk, dtype=f32, device=dev)
+    DGC = torch.zeros(N, NC, dtype=f32, device=dev)
+    DVK = torch.zeros(N, NC, C, Dv, dtype=f32, device=dev)
+    dlam = torch.empty_like(lam)
+    _readout_bwd_kernel[(NW, N)](
+        q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, do, XS, SCR, XF, DQH,
+        DAT, DEB, DHB, DGC, DVK, dlam, T, float(scale), H, L, pow2(L, 1), Dk, Dv, R=R, BKP=BKP, BVP=BVP,
+        PREC=buf.prec, PREC_CHAIN=buf.prec_chain, **flags)
+    NVT = triton.cdiv(Dv, meta["BV"])
+    _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
+                                          Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec)
+    DN = torch.empty(N, 2, L, Dk, Dv, dtype=f32, device=dev)
+    DN[:, NW % 2] = dS.reshape(N, L, Dk, Dv)
+    DKT = torch.zeros(N, NVT, NC, Dk, C, dtype=f32, device=dev)
+    DSUF = torch.empty(N, NVT, NW, Dk, Dk, dtype=f32, device=dev)
+    _object_bwd_kernel[(N, NVT)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.MB, DR, DN, DKT, DVK, DSUF,
+                                 T, NW, H, L, Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec,
+                                 PREC_CHAIN=buf.prec_chain)
+    SB = torch.empty(N, NC, Dk, Dk, dtype=f32, device=dev)
+    _suffix_bwd_kernel[(NW, N)](k, g, buf.phi, buf.EB, buf.KT, DSUF.sum(1).contiguous(),
+                                DKT.sum(1).contiguous(), DEB, DHB, DGC, SB, T, H, Dk, R=R, BKP=BKP,
+                                PREC_CHAIN=buf.prec_chain, **flags)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dg = torch.empty_like(g) if g is not None else zeros_g
+    _ut_bwd_kernel[(NC, N)](q, k, g, beta, buf.phi, buf.TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, dq, dk, dv, dbeta,
+                            dg if g is not None else None, T, H, Dk, Dv, BKP=BKP, BVP=BVP, PREC=buf.prec,
+                            PREC_CHAIN=buf.prec_chain, **flags)
+    dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DN[:, 0])
+    return dq, dk, dv, dlam, dg, dbeta, dS0.reshape(B, H, L, Dk, Dv)
