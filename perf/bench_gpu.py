@@ -288,7 +288,7 @@ def _backbone_table(results, prefix: str, anchor: str, anchor_name: str) -> list
              "K=16 / anchor | K=32 / anchor | K=32 / Log-Linear | drift seg share K=32 (sparse / dense) | "
              "peak MB single / K=32 | K=32 model ms (roofline) | K=32 achieved TFLOP/s, GB/s (model count) |",
              "|" + "---|" * 16]
-    for r in results["rows"]:
+    for r in sorted(results["rows"], key=lambda r: r["T"]):
         a, d16, d32 = r.get(anchor), r.get(f"{prefix}dla16_fwd_bwd"), r.get(f"{prefix}dla32_fwd_bwd")
         single, ll = r.get(f"{prefix}single_fwd_bwd"), r.get("loglinear_fwd_bwd") if not prefix else None
         c = r.get(f"{prefix}dla32_counts", {})
