@@ -64,7 +64,7 @@ def summary(names: list[str]) -> str:
             heads = by_layer[e["layer"]]
             lo, hi = middle_heads(e["boundary_rate_by_head"])
             quarters = zip(*(h["boundary_rate_by_quarter"] for h in heads))
-            run = ([f"`{name}`", seg["backbone"], seg["score"], f"{seg['tau']:g}", str(ev["step"]),
+            run = ([f"`{name}`", seg["backbone"], seg["score"], str(seg['tau']), str(ev["step"]),
                     f"{ev['heldout_bpb']:.3f}"] if i == 0 else [""] * 6)
             cells = run + [str(e["layer"]), spread(e["boundary_rate_by_head"]), f"{rate(lo)}, {rate(hi)}",
                            spread([h["boundary_rate"] for h in heads]),
