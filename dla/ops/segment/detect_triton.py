@@ -19,8 +19,8 @@ Per chunk of `C` tokens (local `i, j`; `G` the chunk-local cumsum of `g`, `γ = 
    leaves registers, where taking it from the backbone's Triton state pass would store
    `T/C · Dk · Dv` float32 values per stream (512 MB at SPEC §7's shapes) to read them once.
 
-Every dot is `input_precision=PREC` on float32 operands (SPEC §2: no TF32 or bf16 operands
-behind a score); 16-bit inputs are upcast to float32 first. Every decay is a difference inside
+Every dot is `input_precision=PREC` on float32 operands, `"ieee"` from `launch_meta` (SPEC §2:
+no TF32 or bf16 operands behind a score; `perf/sweep_drift_gpu.py` times `"tf32x3"` beside it); 16-bit inputs are upcast to float32 first. Every decay is a difference inside
 one chunk, `≤ 1`. Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta [B,T,H]` or None,
 `Sg0 [B,H,Dk,Dv]`; returns `p, ρ [B,H,T]` float32.
 """
@@ -35,8 +35,6 @@ from torch import Tensor
 from dla.ops.triton_utils import interpreting, pow2
 
 __all__ = ["readout_products_triton"]
-
-_CHUNK, _TILE, _WARPS = 16, 4096, 8  # launch_meta's bounds (its doc says why)
 
 
 @triton.jit
@@ -138,20 +136,22 @@ def _pass_kernel(k_ptr, v_ptr, g_ptr, s0_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr, p_pt
 
 
 def launch_meta(Dk: int, Dv: int, chunk_size: int, on_interpreter: bool) -> dict:
-    """Blocks: the chunk a power of two, at most `_CHUNK` (the products do not depend on it
-    beyond rounding); the pass kernel's `h` tile `BK × BV` at most `_TILE` float32 values, and the
-    smallest tile under the interpreter (tiny shapes then still cover several tiles). The IEEE
-    dots run on the FMA units with every operand in registers, and ptxas spills what does not fit
-    (`ptxas -v` on the sm_90 build): at a chunk of 64 beside a 128 × 64 tile the pass kernel keeps
-    32 registers and spills 17 KB per thread; at a chunk of 16 beside a 128 × 32 tile over 8 warps
-    it keeps 255 and spills 0.2 KB. The serial chain is then four times as long, but each step is
-    small, and the grid has `Dv / BV` programs per stream. One pipeline stage: the IEEE dots stage
-    their operands in shared memory, and pipelining the loop's loads on top would ask for more."""
+    """Blocks: the chunk a power of two in [16, 64] (the products do not depend on it beyond
+    rounding); the pass kernel's `h` tile `BK × BV` at most 8K float32 values, and the smallest
+    tile under the interpreter (tiny shapes then still cover several tiles). One pipeline stage:
+    the IEEE dots stage their operands in shared memory, and pipelining the chunk loop's loads
+    on top (three stages) asks for 279 KB at `Dk = 128`, `BV = 64`, beyond an H100's 227 KB.
+
+    These are the bounds an H100 verified. They are slow there: the IEEE dots run on the FMA
+    units with every operand in registers, and `ptxas -v` on the sm_90 build shows the pass
+    kernel at 32 registers with 17 KB of spills per thread at a chunk of 64 beside a 128 × 64
+    tile, against 255 registers and 0.2 KB at a chunk of 16 beside a 128 × 32 tile over 8
+    warps. `perf/sweep_drift_gpu.py` verifies and times such bounds on a card; they change here
+    once a GPU has verified them."""
     BK = pow2(Dk)
-    C = min(_CHUNK, pow2(chunk_size)) if on_interpreter else max(16, min(_CHUNK, pow2(chunk_size)))
-    BV = 16 if on_interpreter else max(16, min(pow2(Dv), _TILE // BK))
-    warps = 1 if on_interpreter else _WARPS
-    return dict(C=C, BK=BK, BV=BV, PREC="ieee", num_warps=warps, num_stages=1)
+    BV = 16 if on_interpreter else max(16, min(pow2(Dv), 8192 // BK))
+    warps = 1 if on_interpreter else (8 if BK * BV >= 64 * 64 else 4)
+    return dict(C=min(64, pow2(chunk_size)), BK=BK, BV=BV, PREC="ieee", num_warps=warps, num_stages=1)
 
 
 def readout_products_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, Sg0: Tensor,
