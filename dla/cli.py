@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from dla import __version__
 from dla.model import BACKBONES, POLICIES, PRESETS, ModelConfig, preset
+from dla.ops import SCORES
 from dla.run import checkpoint, distributed
 from dla.run import experiment as ex
 from dla.run.data import decode, encode
@@ -28,6 +30,7 @@ from dla.run.eval.task_accuracy import evaluate_checkpoint_on_task
 from dla.run.eval.tasks import TASKS, task_fields
 from dla.run.generate import check_request, generate
 from dla.run.quantize import quantize_checkpoint
+from dla.run.segments import segments_of_checkpoint
 from dla.run.train import RECIPES, Interrupted, NonFiniteLoss, TrainConfig, plan, recipe, resumed_config, train
 
 
@@ -51,6 +54,21 @@ _TRAIN_DEFAULTS = {"preset": "tiny", "backbone": "mamba2", "policy": "dla", "see
                    "optim": "adamw"}
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _print_segmentation(layers: list[dict]) -> None:
+    """The statistics of `dla.run.eval.segmentation.layer_summary`, a line per DLA layer."""
+    if layers:
+        print(f"segmentation of the held-out windows ({layers[0]['window_tokens']} tokens; boundary rate: the "
+              f"fraction of tokens at positions >= 16 of a window that open a slot):")
+    for e in layers:
+        print(f"  layer {e['layer']}: boundary rate {_rate(e['boundary_rate'])} (by head "
+              f"{' '.join(map(_rate, e['boundary_rate_by_head']))}), {e['merges_per_1000']:.1f} merges per 1000 "
+              f"tokens, mean segment {e['mean_segment_length']:.1f} tokens")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a language model on the embedded corpus or --data, then evaluate it",
                        description="A new run takes its configuration from the flags (the preset's where not "
@@ -71,6 +89,10 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, help="windows per step (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--capacity", type=int, help="states K of the dla policy (default: the preset's)")
+    p.add_argument("--score", choices=SCORES,
+                   help="what the dla policy's boundary decision reads: drift (default: the change a token "
+                        "makes to the layer's whole memory), token or state (ablations)")
+    p.add_argument("--tau", type=float, help="boundary threshold τ of the dla policy (default: the preset's, 0.6)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and of the batches (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--eval-tokens", type=int, help="held-out bytes scored at the end (default 32768)")
@@ -124,7 +146,8 @@ def _positive(name: str, value) -> None:
 def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
     """The configuration of `dla train`: the checkpoint's with the flags given (--resume of a run
     that has one), else the flags' over the preset's."""
-    model = {k: getattr(args, k) for k in ("backbone", "policy", "seq_len", "capacity") if getattr(args, k) is not None}
+    model = {k: getattr(args, k) for k in ("backbone", "policy", "seq_len", "capacity", "score", "tau")
+             if getattr(args, k) is not None}
     train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "eval_tokens": args.eval_tokens, "optim": args.optim,
              "float8": (args.float8_recipe or "tensorwise") if args.float8 else None,
@@ -151,7 +174,13 @@ def _train(args) -> int:
             raise ValueError(f"--float8-recipe {args.float8_recipe} needs --float8")
         if args.capacity is not None and (args.policy or "dla") == "dla" and args.capacity < 2:
             raise ValueError(f"--capacity must be >= 2 with --policy dla, got {args.capacity}")
+        if args.tau is not None and not (math.isfinite(args.tau) and args.tau >= 0):
+            raise ValueError(f"--tau must be a finite number >= 0, got {args.tau}")
         model_cfg, train_cfg = _train_configs(args)
+        for flag in ("score", "tau"):
+            if getattr(args, flag) is not None and (model_cfg.policy != "dla" or model_cfg.backbone == "attention"):
+                raise ValueError(f"--{flag} applies to the dla policy of the mamba2 and gdn backbones, not to "
+                                 f"{model_cfg.backbone}/{model_cfg.policy}")
         run = plan(model_cfg, train_cfg, args.out, resume=args.resume, compile=not args.no_compile,
                    device=args.device, checkpoint_every=args.checkpoint_every, world=world)
     except ValueError as e:
@@ -180,6 +209,7 @@ def _train(args) -> int:
           f"{result['unigram_bpb']:.3f} (unigram byte model fitted on the training split): {_relative(lower)}")
     print(f"loss plot: {result['plot']}")
     print(f"checkpoint: {result['checkpoint']}  ({result['train_s']:.0f} s of training)")
+    _print_segmentation(result["segmentation"])
     return 0
 
 
@@ -229,10 +259,12 @@ def _eval(args) -> int:
         print(json.dumps(result))
     else:
         lower = 1 - result["heldout_bpb"] / result["unigram_bpb"]
-        print(f"{result['checkpoint']} ({result['backbone']}/{result['policy']}, step {result['step']}): "
+        dla_policy = f", score {result['score']}, tau {result['tau']:g}" if result["segmentation"] else ""
+        print(f"{result['checkpoint']} ({result['backbone']}/{result['policy']}{dla_policy}, step {result['step']}): "
               f"held-out loss {result['heldout_loss']:.4f} nats, {result['heldout_bpb']:.3f} bits per byte "
               f"over {result['heldout_tokens']:,} bytes; unigram byte model {result['unigram_bpb']:.3f} "
               f"({_relative(lower)})")
+        _print_segmentation(result["segmentation"])
     return 0
 
 
@@ -362,6 +394,63 @@ def _quantize(args) -> int:
     return 0
 
 
+def _indices(value: str) -> list[int]:
+    try:
+        indices = [int(x) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,2, got {value!r}") from None
+    return sorted(set(indices))
+
+
+def _add_segments(sub) -> None:
+    p = sub.add_parser("segments", help="draw how a checkpoint's DLA layers segment a text, and print the "
+                                        "segmentation statistics of what is drawn",
+                       description="The model reads the text once from an empty cache. For each chosen layer and "
+                                   "head the picture shows the text with a bar before every token that opened a "
+                                   "slot, and which slot holds each past token after each step.")
+    p.add_argument("--checkpoint", required=True, help="a run folder (the --out of dla train) or a checkpoint folder")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="a UTF-8 text file (at most 4096 bytes)")
+    text.add_argument("--prompt", help="the text itself")
+    p.add_argument("--out", required=True, help="the picture, a .png file")
+    p.add_argument("--layers", type=_indices, help="DLA layers to draw, e.g. 0,1 (default: all)")
+    p.add_argument("--heads", type=_indices, help="heads to draw, e.g. 0,3 (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def _segments(args) -> int:
+    try:
+        if args.text is not None:
+            try:
+                text = Path(args.text).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise ValueError(f"--text {args.text}: no such file") from None
+            except IsADirectoryError:
+                raise ValueError(f"--text {args.text}: is a folder, expected a text file") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"--text {args.text}: not UTF-8 text") from None
+        else:
+            text = args.prompt
+        result = segments_of_checkpoint(args.checkpoint, text, args.out, layers=args.layers, heads=args.heads,
+                                        device=args.device)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['checkpoint']} ({result['backbone']}/{result['policy']}, score {result['score']}, tau "
+          f"{result['tau']:g}, step {result['step']}): {result['tokens']:,} tokens; picture: {result['picture']}")
+    print("boundary rate: the fraction of tokens at positions >= 16 that open a slot (overall, then by quarter of "
+          "the text)")
+    for h in result["segmentation"]:
+        print(f"  layer {h['layer']} head {h['head']}: boundary rate {_rate(h['boundary_rate'])} (quarters "
+              f"{' '.join(map(_rate, h['boundary_rate_by_quarter']))}), {h['merges_per_1000']:.1f} merges per 1000 "
+              f"tokens, segments mean {h['mean_segment_length']:.1f} median {h['median_segment_length']:g} tokens, "
+              f"{h['slots_changed_per_chunk']:.2f} slots changed per chunk")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dla", description="Dynamic Linear Attention")
     parser.add_argument("--version", action="version", version=f"dla {__version__}")
@@ -372,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_quantize(sub)
     _add_experiment(sub)
+    _add_segments(sub)
     return parser
 
 
@@ -390,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         return _quantize(args)
     if args.command == "experiment":
         return _experiment(args)
+    if args.command == "segments":
+        return _segments(args)
     return 2
 
 

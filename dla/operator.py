@@ -4,6 +4,16 @@ that `dla.compile` registers over the kernels of `dla.ops`. It sits above both.
 Everything here is traced by `torch.compile`: no branch on tensor values, no `.item()`, no
 data-dependent shapes. The cache's slots are stored oldest first; the readout works in rank
 order (newest first), and `reverse_live_slots` converts between the two.
+
+Non-finite inputs stay causal. A chunked kernel multiplies a whole chunk's keys and values at
+once, and `0 · NaN = NaN`: a NaN or inf in `k_t` or `v_t` (or `g_t`, `β_t`) would reach the
+outputs of earlier tokens of its chunk, which the token-by-token reference keeps finite — and
+right-padding with garbage would poison real tokens. So every token whose write or transition is
+non-finite is replaced by one that writes nothing and keeps the state (`k = v = 0`, `g = 0`,
+`β = 0`) before any kernel runs, and the outputs from the first such token on, per sequence and
+head, are set to NaN afterwards, as the reference's are (its state is non-finite from there);
+a final cache that took such a token is NaN in its float fields. Outputs before it are exactly
+those of the clean prefix, on every path.
 """
 
 from __future__ import annotations
@@ -38,19 +48,23 @@ def multistate_attention(
     p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale,
                  chunk_size=chunk_size, initial_state=initial_state)
     state = _start(initial_state, p, k)
+    k, v, g, beta, poisoned = _finite_writes(k, v, g, beta)
     if policy == "single":
-        return _single(p, q, k, v, lam, g, beta, state, chunk_size, output_final_state)
-    level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, float(tau), chunk_size)
-    o, S = readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale, chunk_size,
-                   state.step)
+        o, final = _single(p, q, k, v, lam, g, beta, state, chunk_size)
+    else:
+        level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, float(tau), chunk_size)
+        o, S = readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale,
+                       chunk_size, state.step)
+        S = reverse_live_slots(S, m)
+        if not (policy == "dla" and score == "drift"):
+            # N advanced in the segmentation only where a decision needed it; elsewhere it is the
+            # norm of the slots' sum S^g, equal to the carried value up to rounding (SPEC §2)
+            N = S.detach().sum(2).pow(2).sum((-2, -1))
+        final = MultiStateCache(S=S, n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + p.length, N=N)
+    o = torch.where(poisoned[..., None], torch.nan, o)
     if not output_final_state:
         return o
-    S = reverse_live_slots(S, m)
-    if not (policy == "dla" and score == "drift"):
-        # N advanced in the segmentation only where a decision needed it; elsewhere it is the
-        # norm of the slots' sum S^g, equal to the carried value up to rounding (SPEC §2)
-        N = S.detach().sum(2).pow(2).sum((-2, -1))
-    return o, MultiStateCache(S=S, n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + p.length, N=N)
+    return o, _poisoned_cache(final, poisoned[:, -1])
 
 
 def level_map(k, v, *, capacity, g=None, beta=None, policy="dla", tau=0.6, score="drift", chunk_size=64,
@@ -63,10 +77,42 @@ def level_map(k, v, *, capacity, g=None, beta=None, policy="dla", tau=0.6, score
     p = validate(k, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, chunk_size=chunk_size,
                  initial_state=initial_state)
     state = _start(initial_state, p, k)
+    k, v, g, beta, _ = _finite_writes(k, v, g, beta)
     return _segment(p, k, v, g, beta, state, policy, score, float(tau), chunk_size)[0]
 
 
-def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size, output_final_state):
+def _finite_writes(k, v, g, beta):
+    """`(k, v, g, beta, poisoned)`: the tokens whose write or transition is non-finite made
+    neutral (no write, state kept), and `poisoned [B,T,H]`, true from the first of them on (module
+    doc)."""
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    for x in (g, beta):
+        if x is not None:
+            bad = bad | ~torch.isfinite(x)
+    k = torch.where(bad[..., None], 0, k)
+    v = torch.where(bad[..., None], 0, v)
+    g = None if g is None else torch.where(bad, 0, g)
+    beta = None if beta is None else torch.where(bad, 0, beta)
+    # the first bad position per (b, h) by a reduction: a cumsum along T, an outer dimension of
+    # [B, T, H], runs far below memory speed on CUDA
+    T = bad.shape[1]
+    if T == 0:
+        return k, v, g, beta, bad
+    pos = torch.arange(T, device=bad.device)[:, None]
+    first = torch.where(bad, pos, T).amin(1, keepdim=True)
+    return k, v, g, beta, pos >= first
+
+
+def _poisoned_cache(cache: MultiStateCache, rows: Tensor) -> MultiStateCache:
+    """The cache's float fields NaN on the `(b, h)` rows that took a non-finite token."""
+    def nan_where(x: Tensor) -> Tensor:
+        return torch.where(rows.view(*rows.shape, *([1] * (x.dim() - 2))), torch.nan, x)
+
+    return cache._replace(S=nan_where(cache.S), I=nan_where(cache.I), Z=nan_where(cache.Z), zz=nan_where(cache.zz),
+                          N=nan_where(cache.N))
+
+
+def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size):
     """`single` is the backbone itself (`dla::backbone`): no segmentation, every initial slot at
     rank 0 (SPEC §2), read with `λ_t[0]`. The final cache holds one slot; `I`, `Z`, `zz` stay as
     the initial cache had them, as for `fenwick`; `N` is the norm of the final state (nothing is
@@ -74,8 +120,6 @@ def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size, output
     live = torch.arange(p.levels, device=q.device) < state.m[..., None]  # [B, H, K]
     S0 = (state.S * live[..., None, None]).sum(2)
     o, S = torch.ops.dla.backbone(q, k, v, lam[..., 0], g, beta, S0, p.scale, chunk_size)
-    if not output_final_state:
-        return o
     slot0 = torch.arange(p.levels, device=q.device) == 0
     n = torch.where(slot0, p.length + (state.n * live).sum(-1, keepdim=True), 0)
     final = MultiStateCache(S=S[:, :, None] * slot0[:, None, None].to(S.dtype), n=n, I=torch.zeros_like(state.I),

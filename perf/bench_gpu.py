@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from dla import level_map, multistate_attention
 from dla.compile.ops import readout
 from dla.ops.readout import cost, readout_backward, readout_forward
-from dla.ops.readout.plan import build_plan
-from perf.cost_model import counts
-from perf.inputs import layer_inputs
+from perf.cost_model import predict
+from perf.inputs import REGIMES, layer_inputs
 
 TOKENS, HEADS, DIM = 32768, 16, 128
 
@@ -73,11 +72,10 @@ def fla_anchors():
     return chunk_simple_gla, chunk_gated_delta_rule
 
 
-def inputs(length, levels, backbone, dtype=torch.bfloat16, boundary_dense=False):
+def inputs(length, levels, backbone, dtype=torch.bfloat16, regime="sparse"):
     batch = TOKENS // length
-    t = layer_inputs(batch, length, HEADS, DIM, DIM, levels, backbone=backbone, dtype=dtype, device="cuda",
-                     boundary_dense=boundary_dense)
-    return t
+    return layer_inputs(batch, length, HEADS, DIM, DIM, levels, backbone=backbone, dtype=dtype, device="cuda",
+                        regime=regime)
 
 
 def train_step(t, **kw):
@@ -123,8 +121,9 @@ def verify(length, levels, policy, backbone) -> dict:
     names = [n for n in ("q", "k", "v", "lam", "g", "beta") if leaves[n] is not None]
     errs = {"o": rel(o, o_ref), "S": rel(S, S_ref), **{f"d{n}": rel(a, refs[n]) for n, a in zip(names, grads)}}
     finite = all(torch.isfinite(x).all() for x in (o, S, *grads))
+    heads = regime_counts(t, levels, policy)["heads_on_objects"] if policy != "single" else "—"
     return {"policy": policy, "K": levels, "T": length, "backbone": backbone, "errors": errs, "finite": bool(finite),
-            "ok": bool(finite and max(errs.values()) <= 2e-2)}
+            "heads_on_objects": heads, "ok": bool(finite and max(errs.values()) <= 2e-2)}
 
 
 def verify_loglinear(loglinear, length=2048) -> dict:
@@ -142,15 +141,16 @@ def verify_loglinear(loglinear, length=2048) -> dict:
 
 
 def regime_counts(t: dict, levels: int, policy: str) -> dict:
-    """The timed inputs' segmentation counts (SPEC §7: every figure states its regime) and how
-    many heads the readout's rule gives to the object kernels."""
+    """The timed inputs' segmentation counts (SPEC §7: every figure states its regime), how many
+    heads the readout's rule gives to the object kernels, and the cost model's prediction for
+    this card (`perf.cost_model.predict`: FLOPs, DRAM bytes, roofline ms of the readout and the
+    segmentation)."""
     T = t["k"].shape[1]
     starts = level_map(t["k"], t["v"], capacity=levels, g=t["g"], beta=t["beta"], policy=policy, score="token")
-    P, M = cost.pool_capacity(T, levels, DIM, DIM, t["q"].element_size())
-    plan = build_plan(starts, torch.zeros(t["k"].shape[0], dtype=torch.int64, device="cuda"), 64, P, M)
     shapes = cost.Shapes(T=T, K=levels, Dk=DIM, Dv=DIM, itemsize=t["q"].element_size())
-    objects = cost.takes_objects(shapes, plan, cost.arch_of(t["q"].device))
-    return {**counts(starts, plan, T, 64), "heads_on_objects": f"{int(objects.sum())}/{objects.numel()}"}
+    p = predict(starts, shapes, cost.arch_of(t["q"].device))
+    return {**p["counts"], "model_tflop": p["flops_fwd_bwd"] / 1e12, "model_gb": p["bytes_fwd_bwd"] / 1e9,
+            "model_roofline_ms": p["roofline_ms"]}
 
 
 def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: int) -> None:
@@ -166,6 +166,10 @@ def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: in
         row[f"{name}_peak_mb"] = peak_memory_mb(fwd_bwd)
         flop = 3 * 2 * TOKENS * HEADS * levels * DIM * DIM
         row[f"{name}_readout_tflops"] = flop / (row[f"{name}_fwd_bwd"] * 1e-3) / 1e12
+        if policy != "single":  # achieved rates by the cost model's count of what the kernels do
+            c = row[f"{name}_counts"]
+            row[f"{name}_model_tflops"] = c["model_tflop"] / (row[f"{name}_fwd_bwd"] * 1e-3)
+            row[f"{name}_model_gbs"] = c["model_gb"] / (row[f"{name}_fwd_bwd"] * 1e-3)
     except torch.OutOfMemoryError as exc:
         row[f"{name}_error"] = f"OOM: {exc}"[:200]
     del t, fwd, fwd_bwd
@@ -178,6 +182,8 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--backbones", nargs="+", choices=["mamba2", "gdn"], default=["mamba2", "gdn"])
+    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES),
+                        help="segmentation regimes (SPEC §7) the DLA rows are timed in; sparse always")
     parser.add_argument("--loglinear", type=Path, metavar="DIR",
                         help="a directory holding the Log-Linear reference's hattention/ (perf/loglinear.py)")
     args = parser.parse_args()
@@ -190,19 +196,26 @@ def main() -> int:
     results = {"env": env, "verify": [], "rows": []}
 
     for backbone in args.backbones:
-        for policy, levels in (("single", 2), ("fenwick", 16), ("dla", 16), ("dla", 32)):
-            r = verify(2048, levels, policy, backbone)
+        # T = 8192 as well: there the rule gives the heads to the object kernels
+        for length, policy, levels in ((2048, "single", 2), (2048, "fenwick", 16), (2048, "dla", 16),
+                                       (2048, "dla", 32), (8192, "fenwick", 16), (8192, "dla", 32)):
+            r = verify(length, levels, policy, backbone)
             results["verify"].append(r)
             print("verify", r)
 
     ssd, gdn = fla_anchors()
+    results["notes"] = ["fla's Triton<3.7.1 Hopper refusal (fla #640) is patched off for anchor timings only"] if ssd else []
     loglinear = None
     if args.loglinear is not None and "mamba2" in args.backbones:
         from perf import loglinear as ll  # fla, which it needs, is only on the GPU machine
 
         print("NOTE:", ll.NOTE)
-        loglinear = ll.mamba2(args.loglinear)
-        results["loglinear_verify"] = verify_loglinear(loglinear)
+        results["notes"].append(ll.NOTE)
+        try:
+            loglinear = ll.mamba2(args.loglinear)
+            results["loglinear_verify"] = verify_loglinear(loglinear)
+        except Exception as exc:  # noqa: BLE001 - a foreign anchor that fails is reported, not fatal
+            loglinear, results["loglinear_verify"] = None, {"ok": False, "error": repr(exc)[:500]}
         print("verify loglinear", results["loglinear_verify"])
     for length in args.lengths:
         batch = TOKENS // length
@@ -240,9 +253,15 @@ def main() -> int:
             for name, policy, levels in (("single", "single", 2), ("fenwick", "fenwick", fenwick_levels),
                                          ("dla16", "dla", 16), ("dla32", "dla", 32)):
                 time_policy(row, prefix + name, inputs(length, levels, backbone), policy, levels, rep)
-        for kind, dense in (("seg_piecewise", False), ("seg_gaussian", True)):
-            t = inputs(length, 32, "mamba2", boundary_dense=dense)
-            row[f"{kind}_ms"] = bench(lambda: level_map(t["k"], t["v"], capacity=32), rep=rep)
+            for regime in (r for r in args.regimes if r != "sparse"):
+                for name, levels in (("dla16", 16), ("dla32", 32)):
+                    time_policy(row, f"{prefix}{name}_{regime}", inputs(length, levels, backbone, regime=regime),
+                                "dla", levels, rep)
+            # the layer's own segmentation (the default `drift` score, with the layer's g and β)
+            for regime in ("sparse", "dense"):
+                t = inputs(length, 32, backbone, regime=regime)
+                row[f"{prefix}seg_{regime}_ms"] = bench(
+                    lambda: level_map(t["k"], t["v"], capacity=32, g=t["g"], beta=t["beta"]), rep=rep)
         results["rows"].append(row)
         print(json.dumps(row))
         (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1))
@@ -253,52 +272,89 @@ def main() -> int:
     return 0 if all(r["ok"] for r in results["verify"]) else 1
 
 
+def _f(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _ratio(a, b) -> str:
+    return _f(a / b if a and b else None)
+
+
+def _backbone_table(results, prefix: str, anchor: str, anchor_name: str) -> list[str]:
+    """One backbone's sparse-regime rows: anchors, policies, ratios, the segmentation's share (the
+    `drift` default, on the sparse and the dense inputs, of DLA K=32's time), peak memory, and the
+    cost model's roofline with the achieved rates by its count."""
+    lines = [f"| T | SDPA | {anchor_name} | Log-Linear | single | single / anchor | fenwick | DLA K=16 | DLA K=32 | "
+             "K=16 / anchor | K=32 / anchor | K=32 / Log-Linear | drift seg share K=32 (sparse / dense) | "
+             "peak MB single / K=32 | K=32 model ms (roofline) | K=32 achieved TFLOP/s, GB/s (model count) |",
+             "|" + "---|" * 16]
+    for r in sorted(results["rows"], key=lambda r: r["T"]):
+        a, d16, d32 = r.get(anchor), r.get(f"{prefix}dla16_fwd_bwd"), r.get(f"{prefix}dla32_fwd_bwd")
+        single, ll = r.get(f"{prefix}single_fwd_bwd"), r.get("loglinear_fwd_bwd") if not prefix else None
+        c = r.get(f"{prefix}dla32_counts", {})
+        seg = [r.get(f"{prefix}seg_{regime}_ms") for regime in ("sparse", "dense")]
+        share = " / ".join(f"{100 * x / d32:.0f}%" if x and d32 else "—" for x in seg)
+        lines.append("| " + " | ".join([
+            str(r["T"]), _f(r.get("sdpa_fwd_bwd")), _f(a), _f(ll), _f(single), _ratio(single, a),
+            _f(r.get(f"{prefix}fenwick_fwd_bwd")), _f(d16), _f(d32), _ratio(d16, a), _ratio(d32, a), _ratio(d32, ll),
+            share, f"{_f(r.get(f'{prefix}single_peak_mb'))} / {_f(r.get(f'{prefix}dla32_peak_mb'))}",
+            _f(c.get("model_roofline_ms")),
+            f"{_f(r.get(f'{prefix}dla32_model_tflops'))}, {_f(r.get(f'{prefix}dla32_model_gbs'))}"]) + " |")
+    return lines
+
+
+def _regime_table(results, prefix: str, anchor: str) -> list[str]:
+    lines = ["| T | regime | boundaries / 1000 (K=32) | DLA K=16 | DLA K=32 | K=16 / anchor | K=32 / anchor | "
+             "K=32 model ms (roofline) | heads on objects K=32 |", "|" + "---|" * 9]
+    for r in results["rows"]:
+        for regime in REGIMES:
+            suffix = "" if regime == "sparse" else f"_{regime}"
+            d16, d32 = r.get(f"{prefix}dla16{suffix}_fwd_bwd"), r.get(f"{prefix}dla32{suffix}_fwd_bwd")
+            c = r.get(f"{prefix}dla32{suffix}_counts")
+            if c is None:
+                continue
+            lines.append("| " + " | ".join([
+                str(r["T"]), regime, f"{c['boundaries_per_1000']:.1f}", _f(d16), _f(d32), _ratio(d16, r.get(anchor)),
+                _ratio(d32, r.get(anchor)), _f(c.get("model_roofline_ms")), c["heads_on_objects"]]) + " |")
+    return lines
+
+
 def render(results) -> str:
     env = results["env"]
     lines = [f"GPU benchmark on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['time']}",
-             "fwd+bwd median ms, bf16, 32,768 tokens per call, H = 16, Dk = Dv = 128 (perf/bench_gpu.py)", "",
-             "| T | SDPA | fla SSD | fla GDN | single | fenwick | DLA K=16 | DLA K=32 | K=16 / SSD | K=32 / SSD | seg share K=32 (piecewise / gaussian) | peak MB single / K=32 | readout TFLOP/s K=32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def f(x):
-        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
-
-    for r in results["rows"]:
-        ssd = r.get("fla_ssd_fwd_bwd")
-        d16, d32 = r.get("dla16_fwd_bwd"), r.get("dla32_fwd_bwd")
-        share = (f"{100 * r['seg_piecewise_ms'] / d32:.0f}% / {100 * r['seg_gaussian_ms'] / d32:.0f}%" if d32 else "—")
-        lines.append("| " + " | ".join([
-            str(r["T"]), f(r.get("sdpa_fwd_bwd")), f(ssd), f(r.get("fla_gdn_fwd_bwd")), f(r.get("single_fwd_bwd")),
-            f(r.get("fenwick_fwd_bwd")), f(d16), f(d32), f(d16 / ssd if d16 and ssd else None),
-            f(d32 / ssd if d32 and ssd else None), share,
-            f"{f(r.get('single_peak_mb'))} / {f(r.get('dla32_peak_mb'))}", f(r.get("dla32_readout_tflops"))]) + " |")
-    lines += ["", "DLA-Gated DeltaNet (β and g: dla/ops/triton/readout_scan.py) beside fla's chunk_gated_delta_rule "
-              "(l2-normalised q, k), same shapes; targets K=16 ≤ 3×, K=32 ≤ 4× fla GDN, peak ≤ 2× single:", "",
-              "| T | fla GDN | single | fenwick | DLA K=16 | DLA K=32 | K=16 / GDN | K=32 / GDN | fwd ms K=32 | "
-              "peak MB single / K=16 / K=32 | readout TFLOP/s K=32 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        gdn = r.get("fla_gdn_fwd_bwd")
-        d16, d32 = r.get("gdn_dla16_fwd_bwd"), r.get("gdn_dla32_fwd_bwd")
-        lines.append("| " + " | ".join([
-            str(r["T"]), f(gdn), f(r.get("gdn_single_fwd_bwd")), f(r.get("gdn_fenwick_fwd_bwd")), f(d16), f(d32),
-            f(d16 / gdn if d16 and gdn else None), f(d32 / gdn if d32 and gdn else None), f(r.get("gdn_dla32_fwd")),
-            f"{f(r.get('gdn_single_peak_mb'))} / {f(r.get('gdn_dla16_peak_mb'))} / {f(r.get('gdn_dla32_peak_mb'))}",
-            f(r.get("gdn_dla32_readout_tflops"))]) + " |")
+             "fwd+bwd median ms, bf16, 32,768 tokens per call, H = 16, Dk = Dv = 128 (perf/bench_gpu.py); "
+             "DLA rows under the `token` score (SPEC §7's regimes), segmentation timed under the default `drift`",
+             ""]
+    for note in results.get("notes", []):
+        lines.append(f"NOTE: {note}")
+    ll = results.get("loglinear_verify")
+    if ll is not None:
+        lines.append(f"Log-Linear Mamba-2 against our float64 `fenwick`: "
+                     f"{'ok, relative error %.1e' % ll['relative_error'] if ll.get('ok') else 'FAILED ' + str(ll)}")
+    lines += ["", "DLA-Mamba-2, sparse regime (anchor: fla SSD `chunk_simple_gla`):", ""]
+    lines += _backbone_table(results, "", "fla_ssd_fwd_bwd", "fla SSD")
+    lines += ["", "DLA-Mamba-2 by segmentation regime:", ""] + _regime_table(results, "", "fla_ssd_fwd_bwd")
+    if any("gdn_dla32_fwd_bwd" in r for r in results["rows"]):
+        lines += ["", "DLA-Gated DeltaNet, sparse regime (anchor: fla `chunk_gated_delta_rule`, l2-normalised q, k):",
+                  ""]
+        lines += _backbone_table(results, "gdn_", "fla_gdn_fwd_bwd", "fla GDN")
+        lines += ["", "DLA-Gated DeltaNet by segmentation regime:", ""]
+        lines += _regime_table(results, "gdn_", "fla_gdn_fwd_bwd")
     lines += ["", "segmentation counts of the timed DLA rows (token score, per 1000 tokens; objects read and slots "
-              "changed per chunk; heads the rule gives to objects):"]
+              "changed per chunk; heads the rule gives to objects; the cost model's prediction):"]
     for r in results["rows"]:
         for key in sorted(k for k in r if k.endswith("_counts")):
             c = r[key]
             lines.append(f"- T={r['T']} {key[:-7]}: boundaries {c['boundaries_per_1000']:.1f}, merges "
                          f"{c['merges_per_1000']:.1f}, objects {c['objects_per_1000']:.1f}, read/chunk "
                          f"{c['objects_read_per_chunk']:.1f}, changed/chunk {c['slots_changed_per_chunk']:.2f}, "
-                         f"heads on objects {c['heads_on_objects']}")
-    lines += ["", "verification vs the stage's float64 torch kernels on this GPU (T = 2048, bf16 inputs):"]
+                         f"heads on objects {c['heads_on_objects']}; model {c['model_tflop']:.2f} TFLOP, "
+                         f"{c['model_gb']:.2f} GB, roofline {c['model_roofline_ms']:.2f} ms")
+    lines += ["", "verification vs the stage's float64 torch kernels on this GPU (bf16 inputs):"]
     for v in results["verify"]:
         worst = max(v["errors"].items(), key=lambda kv: kv[1])
-        lines.append(f"- {v.get('backbone', 'mamba2')} {v['policy']} K={v['K']}: {'ok' if v['ok'] else 'FAILED'}; "
-                     f"worst {worst[0]} {worst[1]:.1e}")
+        lines.append(f"- {v.get('backbone', 'mamba2')} {v['policy']} K={v['K']} T={v['T']} (heads on objects "
+                     f"{v.get('heads_on_objects', '—')}): {'ok' if v['ok'] else 'FAILED'}; worst {worst[0]} {worst[1]:.1e}")
     return "\n".join(lines) + "\n"
 
 

@@ -24,21 +24,14 @@ from dla import level_map
 from dla.ops.readout import cost
 from dla.ops.readout.plan import Plan, build_plan
 from dla.ops.segment.stats import segmentation_stats
-from dla.run.synthetic import piecewise_stationary
-from perf.inputs import layer_inputs
+from perf.inputs import REGIMES, layer_inputs
 
 TOKENS, HEADS, DIM = 32768, 16, 128
-REGIMES = ("sparse", "moderate", "dense")
 
 
 def regime_inputs(regime: str, batch: int, length: int, seed: int = 0):
     """`k, v` of a segmentation regime (only the writes decide the segmentation)."""
-    if regime == "moderate":
-        gen = torch.Generator().manual_seed(seed)
-        k, v, _ = piecewise_stationary(batch, length, HEADS, DIM, DIM, mean_regime=8.0, noise=0.1, generator=gen)
-        return k, v
-    t = layer_inputs(batch, length, HEADS, DIM, DIM, 2, backbone="mamba2", seed=seed,
-                     boundary_dense=regime == "dense")
+    t = layer_inputs(batch, length, HEADS, DIM, DIM, 2, backbone="mamba2", seed=seed, regime=regime)
     return t["k"], t["v"]
 
 
@@ -62,15 +55,15 @@ def counts(level_start, plan: Plan, T: int, C: int) -> dict:
     }
 
 
-def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = cost.H100_ROOFLINE) -> dict:
-    batch = TOKENS // T
-    k, v = regime_inputs(regime, batch, T)
-    starts = level_map(k, v, capacity=K, policy=policy, score="token", tau=0.6)
-    shapes = cost.Shapes(T=T, K=K, Dk=DIM, Dv=DIM, itemsize=2)
-    capacity, masters = cost.pool_capacity(T, K, DIM, DIM, 2, shapes.C)
-    plan = build_plan(starts, torch.zeros(batch, dtype=torch.int64), shapes.C, capacity, masters)
-    n = cost.plan_counts(plan)
-    objects = cost.takes_objects(shapes, plan, arch) & torch.tensor(not cost.decode_sized(T, shapes.C))
+def predict(starts: torch.Tensor, shapes: cost.Shapes, arch: cost.Arch = cost.H100_ROOFLINE) -> dict:
+    """The plan of the level map `starts [B,T,H,K]` (from step 0) and its cost on `arch`: each head
+    on the path the rule gives it, the segmentation and both paths' kernels over all heads; with
+    the counts, and the totals had every head taken one path."""
+    B, T = starts.shape[:2]
+    capacity, masters = cost.pool_capacity(T, shapes.K, shapes.Dk, shapes.Dv, shapes.itemsize, shapes.C)
+    plan = build_plan(starts, torch.zeros(B, dtype=torch.int64, device=starts.device), shapes.C, capacity, masters)
+    n = {name: x.cpu() for name, x in cost.plan_counts(plan).items()}
+    objects = cost.takes_objects(shapes, plan, arch).cpu() & torch.tensor(not cost.decode_sized(T, shapes.C))
     N = plan.read.shape[0]
     shared = {name: (f * N, b * N) for name, (f, b) in
               {**cost.segmentation_kernel(shapes), **cost.shared_kernels(shapes)}.items()}
@@ -93,12 +86,9 @@ def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = co
                        "roofline_ms": 1e3 * cost.roofline_s(r, arch)}
     counted.update({"heads_on_objects": f"{int(objects.sum())}/{N}", "pool_capacity_objects": capacity,
                     "pool_capacity_masters": masters})
-    flops = sum(f for f, _ in rows.values())
-    bytes_ = sum(b for _, b in rows.values())
     return {
-        "backbone": "mamba2", "policy": policy, "T": T, "K": K, "regime": regime, "B": batch, "H": HEADS,
-        "Dk": DIM, "Dv": DIM, "dtype": "bfloat16", "card": arch.name,
-        "flops_fwd_bwd": flops, "bytes_fwd_bwd": bytes_,
+        "card": arch.name,
+        "flops_fwd_bwd": sum(f for f, _ in rows.values()), "bytes_fwd_bwd": sum(b for _, b in rows.values()),
         "roofline_ms": 1e3 * cost.roofline_s(rows, arch),
         "counts": counted,
         "paths": paths,
@@ -107,13 +97,23 @@ def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = co
     }
 
 
+def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = cost.H100_ROOFLINE) -> dict:
+    """`predict` on the §7 inputs of `regime`, segmented on the CPU by the `token` score."""
+    batch = TOKENS // T
+    k, v = regime_inputs(regime, batch, T)
+    starts = level_map(k, v, capacity=K, policy=policy, score="token", tau=0.6)
+    shapes = cost.Shapes(T=T, K=K, Dk=DIM, Dv=DIM, itemsize=2)
+    return {"backbone": "mamba2", "policy": policy, "T": T, "K": K, "regime": regime, "B": batch, "H": HEADS,
+            "Dk": DIM, "Dv": DIM, "dtype": "bfloat16", **predict(starts, shapes, arch)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbone", choices=["mamba2"], default="mamba2")
     parser.add_argument("--policy", choices=["dla", "fenwick", "single"], default="dla")
     parser.add_argument("--T", type=int, default=8192)
     parser.add_argument("--K", type=int, default=32)
-    parser.add_argument("--regime", choices=REGIMES, default="sparse")
+    parser.add_argument("--regime", choices=list(REGIMES), default="sparse")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = model(args.T, args.K, args.regime, args.policy)

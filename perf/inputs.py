@@ -1,5 +1,6 @@
-"""Timed inputs (SPEC §7): piecewise-stationary `k, v` (geometric regime lengths, mean 64,
-noise 0.1) and `λ, g, β` as the layers make them."""
+"""Timed inputs (SPEC §7): `k, v` of a segmentation regime — *sparse*, piecewise-stationary with
+geometric regime lengths of mean 64 and noise 0.1; *moderate*, the same with mean 8; *dense*,
+Gaussian — and `λ, g, β` as the layers make them."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import torch.nn.functional as F
 
 from dla.run.synthetic import piecewise_stationary
 
+REGIMES = {"sparse": 64.0, "moderate": 8.0, "dense": None}  # mean regime length (dense: Gaussian)
+
 
 def layer_inputs(batch, length, heads, dk, dv, levels, *, backbone="mamba2", dtype=torch.float32, device="cpu",
-                 seed=0, boundary_dense=False) -> dict:
+                 seed=0, regime="sparse") -> dict:
     """Operator inputs for one layer. `backbone="mamba2"`: `g = −exp(A_log)·softplus(dt)`, no β.
     `"gdn"`: l2-normalised `q, k`, `β = sigmoid(·)` and a gate `g`. `"linear"`: neither.
-    `boundary_dense=True` draws Gaussian `k, v` instead (almost every token a boundary)."""
+    `regime` (module doc) sets how often `k, v` change: how many boundaries a score finds."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     gen = torch.Generator().manual_seed(seed)
-    if boundary_dense:
+    if regime == "dense":
         k = torch.randn(batch, length, heads, dk, generator=gen)
         v = torch.randn(batch, length, heads, dv, generator=gen)
     else:
-        k, v, _ = piecewise_stationary(batch, length, heads, dk, dv, mean_regime=64.0, noise=0.1, generator=gen)
+        k, v, _ = piecewise_stationary(batch, length, heads, dk, dv, mean_regime=REGIMES[regime], noise=0.1,
+                                       generator=gen)
     q = torch.randn(batch, length, heads, dk, generator=gen)
     lam = F.softplus(torch.randn(batch, length, heads, levels, generator=gen))  # softplus(L_h ⊙ W_λ x)
     g = beta = None

@@ -11,6 +11,9 @@ this):
 * fla 0.6 no longer has two names the package imports: `fla.ops.utils.op.safe_exp` is supplied
   with its old definition (`exp(x)` for `x ≤ 0`, 0 above) and `fla.utils.use_cuda_graph` with its
   old default, off;
+* fla 0.6's `chunk_local_cumsum` refuses the `head_first` and `offsets` keywords the package
+  passes (it always passes `head_first=False` and `offsets=None`, which are fla 0.6's layout and
+  default): the package's modules see a wrapper that drops them, refusing any other value;
 * its level table `make_levels_matrix` is replaced by the same table computed in one vectorised
   expression: the original reads `16384²` tables from absolute paths of the authors' machines, or
   else builds them with a Python loop over every pair of positions. The weak base-2 table is
@@ -31,7 +34,8 @@ import triton
 import triton.language as tl
 
 NOTE = ("Log-Linear Mamba-2: the hattention reference kernels, loaded without the package __init__, with "
-        "fla's old safe_exp supplied and a vectorised level table (timing only)")
+        "fla's old safe_exp supplied, chunk_local_cumsum's removed head_first/offsets keywords dropped and a "
+        "vectorised level table (timing only)")
 
 
 @triton.jit
@@ -47,6 +51,15 @@ def _levels_matrix(length, base, htype, dtype, device, default=-1, clamp_min=Non
     levels = torch.where(xor > 0, torch.frexp(xor.double()).exponent.long(), 0)  # bitlen
     levels = torch.where(t[None, :] <= t[:, None], levels, default).to(dtype)
     return levels.clamp(min=clamp_min) if clamp_min is not None else levels
+
+
+def _local_cumsum(cumsum):
+    def wrapper(g, chunk_size, *args, head_first=False, offsets=None, **kwargs):
+        if head_first or offsets is not None:
+            raise NotImplementedError("the Log-Linear anchor runs [B, T, H] layouts without offsets only")
+        return cumsum(g, chunk_size, *args, **kwargs)
+
+    return wrapper
 
 
 def load(directory: str | Path):
@@ -67,7 +80,10 @@ def load(directory: str | Path):
     base.make_levels_matrix = _levels_matrix
     for name in ("hattention.chunkwise", "hattention.parallel"):
         importlib.import_module(name).make_levels_matrix = _levels_matrix
-    return importlib.import_module("hattention.kernel"), base
+    kernel = importlib.import_module("hattention.kernel")
+    for module in (importlib.import_module("hattention.chunkwise"), kernel):
+        module.chunk_local_cumsum = _local_cumsum(module.chunk_local_cumsum)
+    return kernel, base
 
 
 def mamba2(directory: str | Path):

@@ -37,10 +37,11 @@ def train_curve(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
-def add_micro_preset(monkeypatch: pytest.MonkeyPatch, model: dict = MICRO, recipe: dict = MICRO_RECIPE) -> None:
-    """`dla train --preset micro` trains `model` by `recipe` until `monkeypatch` is undone."""
-    monkeypatch.setitem(PRESETS, "micro", dict(model))
-    monkeypatch.setitem(RECIPES, "micro", dict(recipe))
+def add_micro_preset(monkeypatch: pytest.MonkeyPatch, model: dict = MICRO, recipe: dict = MICRO_RECIPE, *,
+                     name: str = "micro") -> None:
+    """`dla train --preset NAME` trains `model` by `recipe` until `monkeypatch` is undone."""
+    monkeypatch.setitem(PRESETS, name, dict(model))
+    monkeypatch.setitem(RECIPES, name, dict(recipe))
 
 
 def exit_code(main, argv: list[str]) -> int:

@@ -43,6 +43,7 @@ RUN_ORDER = {
     "dla.run.synthetic": 0,
     "dla.run.eval": 0,
     "dla.run.eval.tasks": 0,
+    "dla.run.eval.segmentation": 0,
     "dla.run.checkpoint": 1,
     "dla.run.eval.metrics": 1,
     "dla.run.distributed": 2,
@@ -53,6 +54,7 @@ RUN_ORDER = {
     "dla.run.generate": 3,
     "dla.run.experiment": 4,
     "dla.run.demo": 4,
+    "dla.run.segments": 4,
 }
 # Optional or heavy dependencies that a module may import inside a function, on the path that
 # needs them (with a comment saying why); the last two never at module level.

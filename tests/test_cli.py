@@ -472,7 +472,7 @@ def test_python_m_dla_and_the_version():
 def test_every_flag_has_help():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"demo", "train", "eval", "generate", "quantize", "experiment"}
+    assert set(commands) == {"demo", "train", "eval", "generate", "quantize", "experiment", "segments"}
     missing = [f"{name} {action.option_strings or action.dest}" for name, command in commands.items()
                for action in command._actions if not action.help or not action.help.strip()]
     missing += [f"dla {action.option_strings}" for action in parser._actions

@@ -149,8 +149,9 @@ def test_sharded_checkpoint_resumes_on_one_process(runs):
 
 
 def test_dla_eval_reads_a_sharded_checkpoint(runs, capsys):
-    """`dla eval` of the sharded checkpoint scores its model as computed directly, and that model
-    is the one the single process trained (to the agreement of the two runs)."""
+    """`dla eval` of the sharded checkpoint scores its model as computed directly, that model is
+    the one the single process trained (to the agreement of the two runs), and its segmentation
+    is the one rank 0 recorded."""
     assert main(["eval", "--checkpoint", str(runs["two"]), "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == STEPS
@@ -159,6 +160,13 @@ def test_dla_eval_reads_a_sharded_checkpoint(runs, capsys):
     assert relative(result["heldout_loss"], oracle["heldout_loss"]) < 1e-5
     one = heldout_oracle(checkpoint.load(runs["one"], device="cpu"), runs["one"], max_tokens=64)
     assert relative(oracle["heldout_loss"], one["heldout_loss"]) < 1e-5
+    # the segmentation that rank 0 recorded through the sharded model: the same layers and windows,
+    # and no more than one decision of 64 tokens apart from a plain process's
+    sharded, plain = eval_record(runs["two"])["segmentation"], result["segmentation"]
+    assert [e["layer"] for e in sharded] == [e["layer"] for e in plain] == [0, 1]
+    for a, b in zip(sharded, plain):
+        assert a["windows"] == b["windows"] == 4
+        assert a["merges_per_1000_by_head"] == pytest.approx(b["merges_per_1000_by_head"], abs=1000 / 64 + 1e-9)
 
 
 def torchrun_env(monkeypatch, rank: int = 0, size: int = 2) -> None:

@@ -150,11 +150,15 @@ def _fenwick_step(cache: _Cache, t: int, w: Tensor, position: int, K: int) -> No
 
 
 def _single_step(cache: _Cache, t: int, w: Tensor) -> None:
+    """`single` keeps one slot at rank 0: the slots of an initial cache (of any policy) are all
+    merged into it, as SPEC §2's level map of `single` has them."""
     if not cache.slots:
         cache.slots.append(_Slot(w, 1, 0.0, (t,)))
-    else:
-        only = cache.slots[0]
-        cache.slots[0] = _Slot(only.S + w, only.n + 1, 0.0, only.members + (t,))
+        return
+    only = cache.slots[0]
+    for older in cache.slots[1:]:
+        only = _Slot(only.S + older.S, only.n + older.n, 0.0, only.members + older.members)
+    cache.slots[:] = [_Slot(only.S + w, only.n + 1, 0.0, only.members + (t,))]
 
 
 def multistate_attention_recurrent(

@@ -7,7 +7,8 @@ frame unless told otherwise; backward by AOT autograd), backward, gradient clipp
 optimizer step. `train` feeds it the batch of `(seed, step)` and checks the loss and gradient
 norm for finiteness. Everything a step depends on is a function of the step number and the
 checkpoint, so a resumed run repeats an uninterrupted one. Metrics go to `RUN/metrics.jsonl`, the
-loss curve to `RUN/loss.png`, the held-out evaluation at the end (`dla.run.eval.lm`); the run
+loss curve to `RUN/loss.png`, the held-out evaluation at the end (`dla.run.eval.lm`: bits per
+byte, and each DLA layer's segmentation statistics, `dla.run.eval.segmentation`); the run
 keeps its corpus split in `RUN/data`, so its checkpoints evaluate and resume without `--data`.
 One process writes a run folder at a time (a lock on `RUN/.lock`); an error found while training
 removes what the run wrote unless a checkpoint was kept, and Ctrl-C stops at once with the last
@@ -294,7 +295,9 @@ def _check_resume(run: Run) -> Path:
     requested = run.config()
     what = f"the checkpoint in {out}"
     note = f"a resumed run keeps its configuration; only {', '.join('--' + f.replace('_', '-') for f in RESUMABLE)} may change"
-    checkpoint.check_compatible(saved.get("model", {}), requested["model"], what=what, note=note)
+    # read through ModelConfig, so that a field the checkpoint predates takes the value it had then
+    saved_model = checkpoint.model_config(ckpt, saved).to_dict()
+    checkpoint.check_compatible(saved_model, requested["model"], what=what, note=note)
     saved_train = {**dataclasses.asdict(TrainConfig()), **saved.get("train", {})}
     fixed = {k: v for k, v in requested["train"].items() if k not in RESUMABLE}
     checkpoint.check_compatible({k: v for k, v in saved_train.items() if k not in RESUMABLE}, fixed, what=what,
@@ -486,6 +489,7 @@ def _train(run: Run, log, main: bool, done: list[int]) -> dict:
         return {**result, "plot": None}
     with open(metrics_path, "a") as metrics:
         metrics.write(json.dumps({"step": tcfg.steps, **{k: result[k] for k in
-                                  ("heldout_loss", "heldout_bpb", "unigram_bpb", "heldout_tokens")}}) + "\n")
+                                  ("heldout_loss", "heldout_bpb", "unigram_bpb", "heldout_tokens",
+                                   "segmentation")}}) + "\n")
     result["plot"] = str(plot_loss(_read_metrics(metrics_path), out / "loss.png"))
     return result

@@ -19,8 +19,8 @@ Per chunk of `C` tokens (local `i, j`; `G` the chunk-local cumsum of `g`, `γ = 
    leaves registers, where taking it from the backbone's Triton state pass would store
    `T/C · Dk · Dv` float32 values per stream (512 MB at SPEC §7's shapes) to read them once.
 
-Every dot is `input_precision="ieee"` on float32 operands (SPEC §2: no TF32 or bf16 operands
-behind a score); 16-bit inputs are upcast to float32 first. Every decay is a difference inside
+Every dot is `input_precision=PREC` on float32 operands, `"ieee"` from `launch_meta` (SPEC §2:
+no TF32 or bf16 operands behind a score; `perf/sweep_drift_gpu.py` times `"tf32x3"` beside it); 16-bit inputs are upcast to float32 first. Every decay is a difference inside
 one chunk, `≤ 1`. Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta [B,T,H]` or None,
 `Sg0 [B,H,Dk,Dv]`; returns `p, ρ [B,H,T]` float32.
 """
@@ -40,7 +40,7 @@ __all__ = ["readout_products_triton"]
 @triton.jit
 def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr, T, H, Dk, Dv,
                     HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr):
+                    BV: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -61,7 +61,7 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr,
         gc = tl.zeros([C], tl.float32)
     G = tl.cumsum(gc, 0)
     Gp = G - gc
-    KK = tl.dot(Kc, tl.trans(Kc), input_precision="ieee")
+    KK = tl.dot(Kc, tl.trans(Kc), input_precision=PREC)
     # (the exponent is positive above the diagonal: `where` keeps it out of every product)
     M = tl.where(rows > cols, tl.exp(Gp[:, None] - G[None, :]), 0.0) * KK
     Q = tl.exp(Gp)[:, None] * Kc
@@ -76,26 +76,26 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr,
             a_i = a_i + tl.sum(a_i[:, None] * A, 0) * (idx < i)
             A = tl.where(at_i[:, None], a_i[None, :], A)
         A = A + (rows == cols)
-        W = tl.dot(A, (bc * tl.exp(G))[:, None] * Kc, input_precision="ieee")
+        W = tl.dot(A, (bc * tl.exp(G))[:, None] * Kc, input_precision=PREC)
         tl.store(w_ptr + dst[:, None] * Dk + dk[None, :], W, mask=kmask)
-        Q = Q - tl.dot(M, W, input_precision="ieee")
+        Q = Q - tl.dot(M, W, input_precision=PREC)
     tl.store(q_ptr + dst[:, None] * Dk + dk[None, :], Q, mask=kmask)
     for j in range(0, Dv, BV):
         dv = j + tl.arange(0, BV)
         vmask = valid[:, None] & (dv[None, :] < Dv)
         Vc = tl.load(v_ptr + src[:, None] * Dv + dv[None, :], mask=vmask, other=0.0)
         if HAS_BETA:
-            U0 = tl.dot(A, bc[:, None] * Vc, input_precision="ieee")
+            U0 = tl.dot(A, bc[:, None] * Vc, input_precision=PREC)
             tl.store(u0_ptr + dst[:, None] * Dv + dv[None, :], U0, mask=vmask)
         else:
             U0 = Vc
-        tl.store(r0_ptr + dst[:, None] * Dv + dv[None, :], tl.dot(M, U0, input_precision="ieee"), mask=vmask)
+        tl.store(r0_ptr + dst[:, None] * Dv + dv[None, :], tl.dot(M, U0, input_precision=PREC), mask=vmask)
 
 
 @triton.jit
 def _pass_kernel(k_ptr, v_ptr, g_ptr, s0_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr, p_ptr, rr_ptr, T, H, Dk, Dv, NC,
                  HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr):
+                 BV: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     vt = tl.program_id(1)
     b = bh // H
@@ -117,13 +117,13 @@ def _pass_kernel(k_ptr, v_ptr, g_ptr, s0_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr, p_pt
         Vc = tl.load(v_ptr + src[:, None] * Dv + dv[None, :], mask=vmask, other=0.0)
         Qc = tl.load(q_ptr + dst[:, None] * Dk + dk[None, :], mask=kmask, other=0.0)
         R = tl.load(r0_ptr + dst[:, None] * Dv + dv[None, :], mask=vmask, other=0.0)
-        R = R + tl.dot(Qc, S, input_precision="ieee")
+        R = R + tl.dot(Qc, S, input_precision=PREC)
         tl.store(p_ptr + part + tok, tl.sum(R * Vc, 1), mask=valid)
         tl.store(rr_ptr + part + tok, tl.sum(R * R, 1), mask=valid)
         if HAS_BETA:
             Wc = tl.load(w_ptr + dst[:, None] * Dk + dk[None, :], mask=kmask, other=0.0)
             U = tl.load(u0_ptr + dst[:, None] * Dv + dv[None, :], mask=vmask, other=0.0)
-            U = U - tl.dot(Wc, S, input_precision="ieee")
+            U = U - tl.dot(Wc, S, input_precision=PREC)
         else:
             U = Vc
         if HAS_G:
@@ -132,7 +132,7 @@ def _pass_kernel(k_ptr, v_ptr, g_ptr, s0_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr, p_pt
             G = tl.zeros([C], tl.float32)
         G_end = tl.sum(tl.where(idx == C - 1, G, 0.0), 0)  # padding tokens have g = 0
         to_end = tl.exp(G_end - G)[:, None] * Kc
-        S = tl.exp(G_end) * S + tl.dot(tl.trans(to_end), U, input_precision="ieee")
+        S = tl.exp(G_end) * S + tl.dot(tl.trans(to_end), U, input_precision=PREC)
 
 
 def launch_meta(Dk: int, Dv: int, chunk_size: int, on_interpreter: bool) -> dict:
@@ -140,11 +140,18 @@ def launch_meta(Dk: int, Dv: int, chunk_size: int, on_interpreter: bool) -> dict
     rounding); the pass kernel's `h` tile `BK × BV` at most 8K float32 values, and the smallest
     tile under the interpreter (tiny shapes then still cover several tiles). One pipeline stage:
     the IEEE dots stage their operands in shared memory, and pipelining the chunk loop's loads
-    on top (three stages) asks for 279 KB at `Dk = 128`, `BV = 64`, beyond an H100's 227 KB."""
+    on top (three stages) asks for 279 KB at `Dk = 128`, `BV = 64`, beyond an H100's 227 KB.
+
+    These are the bounds an H100 verified. They are slow there: the IEEE dots run on the FMA
+    units with every operand in registers, and `ptxas -v` on the sm_90 build shows the pass
+    kernel at 32 registers with 17 KB of spills per thread at a chunk of 64 beside a 128 × 64
+    tile, against 255 registers and 0.2 KB at a chunk of 16 beside a 128 × 32 tile over 8
+    warps. `perf/sweep_drift_gpu.py` verifies and times such bounds on a card; they change here
+    once a GPU has verified them."""
     BK = pow2(Dk)
     BV = 16 if on_interpreter else max(16, min(pow2(Dv), 8192 // BK))
     warps = 1 if on_interpreter else (8 if BK * BV >= 64 * 64 else 4)
-    return dict(C=min(64, pow2(chunk_size)), BK=BK, BV=BV, num_warps=warps, num_stages=1)
+    return dict(C=min(64, pow2(chunk_size)), BK=BK, BV=BV, PREC="ieee", num_warps=warps, num_stages=1)
 
 
 def readout_products_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, Sg0: Tensor,

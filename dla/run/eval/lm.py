@@ -1,6 +1,7 @@
 """Language-model evaluation: held-out loss and bits per byte of a model, or of a checkpoint, on
 its corpus's held-out split, beside a unigram byte model fitted on the training split (the
-baseline a model must beat). `dla train` reports it at its end, `dla eval` for a checkpoint."""
+baseline a model must beat), and how each DLA layer segmented the held-out windows
+(`dla.run.eval.segmentation`). `dla train` reports it at its end, `dla eval` for a checkpoint."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dla.model import CausalLM
 from dla.run import checkpoint
 from dla.run.data import Split, has_split, heldout_batches, heldout_windows, load_split, prepare, unigram_log_probs
 from dla.run.device import autocast, resolve_device
+from dla.run.eval.segmentation import recording, summaries
 
 LN2 = math.log(2.0)
 
@@ -24,8 +26,9 @@ LN2 = math.log(2.0)
 def evaluate_heldout(model: CausalLM, split: Split, *, batch_size: int, max_tokens: int,
                      device: torch.device, progress: bool = False) -> dict:
     """Held-out loss and bits per byte of `model`, and of a unigram byte model fitted on the
-    training split, over the same held-out targets (at most `max_tokens`). `progress`: a bar
-    on a terminal."""
+    training split, over the same held-out targets (at most `max_tokens`), and `segmentation`:
+    one entry per DLA layer (`dla.run.eval.segmentation.layer_summary`) over the same windows.
+    `progress`: a bar on a terminal."""
     was_training = model.training
     model.eval()
     unigram = torch.from_numpy(-unigram_log_probs(split.train))
@@ -33,17 +36,18 @@ def evaluate_heldout(model: CausalLM, split: Split, *, batch_size: int, max_toke
     count = 0
     batches = heldout_batches(split.heldout, batch_size=batch_size, seq_len=model.cfg.seq_len, max_tokens=max_tokens)
     windows = heldout_windows(split.heldout, seq_len=model.cfg.seq_len, max_tokens=max_tokens)
-    for x, y in tqdm(batches, total=-(-windows // batch_size), desc="held-out evaluation", unit="batch",
-                     leave=False, disable=None if progress else True, file=sys.stderr):
-        with autocast(device):
-            loss = model.loss(x.to(device), y.to(device))
-        total += float(loss) * y.numel()
-        unigram_total += float(unigram[y].sum())
-        count += y.numel()
+    with recording(model) as layers:
+        for x, y in tqdm(batches, total=-(-windows // batch_size), desc="held-out evaluation", unit="batch",
+                         leave=False, disable=None if progress else True, file=sys.stderr):
+            with autocast(device):
+                loss = model.loss(x.to(device), y.to(device))
+            total += float(loss) * y.numel()
+            unigram_total += float(unigram[y].sum())
+            count += y.numel()
     model.train(was_training)
     loss = total / count
     return {"heldout_loss": loss, "heldout_bpb": loss / LN2, "unigram_bpb": unigram_total / count / LN2,
-            "heldout_tokens": count}
+            "heldout_tokens": count, "segmentation": summaries(layers)}
 
 
 def _train_fields(ckpt: Path, config: dict) -> tuple[str | None, int, int]:
@@ -82,4 +86,4 @@ def evaluate_checkpoint(path: str | Path, *, device: str | None = None, progress
         raise ValueError(f"--checkpoint {ckpt}: the held-out loss is {result['heldout_loss']} (not finite); the "
                          f"checkpoint is unusable")
     return {"checkpoint": str(ckpt), "step": int(state["step"]), "backbone": mcfg.backbone,
-            "policy": mcfg.policy, **result}
+            "policy": mcfg.policy, "score": mcfg.score, "tau": mcfg.tau, **result}
