@@ -63,10 +63,10 @@ def snapshot(folder: Path) -> dict:
 
 def heldout_oracle(model, run: Path, max_tokens: int) -> dict:
     """The held-out figures of `model` on `run`'s split (`RUN/data/{train,heldout}.bin`), computed
-    as the README defines them and not by `dla.run.eval`: mean next-byte cross-entropy (nats) of
-    the plain forward over evenly spaced disjoint windows of `seq_len + 1` bytes (at most
-    `max_tokens` targets, at least one window), and of the add-one unigram byte model of the
-    training split on the same targets."""
+    as `dla.run.data.heldout_batches` and `dla.run.eval.lm` document them but not by their code:
+    mean next-byte cross-entropy (nats) of the plain forward over evenly spaced disjoint windows
+    of `seq_len + 1` bytes (at most `max_tokens` targets, at least one window), and of the add-one
+    unigram byte model of the training split on the same targets."""
     heldout = np.fromfile(run / "data" / "heldout.bin", dtype=np.uint8)
     train = np.fromfile(run / "data" / "train.bin", dtype=np.uint8)
     T = model.cfg.seq_len
