@@ -206,8 +206,8 @@ def drift_cases(draw, transition: str):
     Without `g` the state grows and `drift` opens slots early only: Gaussian inputs, a low
     threshold and a small capacity, so that those early slots still fill it."""
     if transition in ("g", "both"):
-        fields = dict(levels=draw(st.integers(2, 6)), inputs="piecewise",
-                      tau=draw(st.sampled_from([0.3, 0.6, 0.6, 1.0])), mean_regime=draw(st.sampled_from([4.0, 8.0])))
+        fields = dict(levels=draw(st.integers(2, 4)), inputs="piecewise",
+                      tau=draw(st.sampled_from([0.3, 0.6, 0.6, 1.0])), mean_regime=draw(st.sampled_from([2.0, 4.0])))
     else:
         fields = dict(levels=draw(st.integers(2, 3)), inputs="gaussian", tau=0.3, mean_regime=4.0)
     return Case(

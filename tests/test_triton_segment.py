@@ -128,7 +128,7 @@ def test_dla_matches_naive():
     speculative walk and its fix-up), and on the designed inputs; the draws are mostly
     well-conditioned and reach capacity merges (`claims_decisions`)."""
 
-    @claims_decisions()
+    @claims_decisions(well_share=0.9)
     @settings(max_examples=36, **FAST)
     @given(dla_draws())
     @with_examples(EXACT_DRAWS)
@@ -335,7 +335,7 @@ def test_drift_matches_naive(transition):
     mostly well-conditioned and reach capacity merges (`claims_decisions`)."""
     exact = dict(BASE, score="drift", transition=transition)
 
-    @claims_decisions()
+    @claims_decisions(well_share=0.8)
     @settings(max_examples=6, **FAST)
     @given(drift_draws(transition))
     @example((Case(length=21, levels=3, policy="dla", tau=0.0, **{**exact, "inputs": "repeated"}), False))
