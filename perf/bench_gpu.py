@@ -204,7 +204,8 @@ def main() -> int:
             print("verify", r)
 
     ssd, gdn = fla_anchors()
-    results["notes"] = ["fla's Triton<3.7.1 Hopper refusal (fla #640) is patched off for anchor timings only"] if ssd else []
+    patched = "fla's Triton<3.7.1 Hopper refusal (fla #640) is patched off for anchor timings only"
+    results["notes"] = [patched] if ssd else []
     loglinear = None
     if args.loglinear is not None and "mamba2" in args.backbones:
         from perf import loglinear as ll  # fla, which it needs, is only on the GPU machine
@@ -354,7 +355,8 @@ def render(results) -> str:
     for v in results["verify"]:
         worst = max(v["errors"].items(), key=lambda kv: kv[1])
         lines.append(f"- {v.get('backbone', 'mamba2')} {v['policy']} K={v['K']} T={v['T']} (heads on objects "
-                     f"{v.get('heads_on_objects', '—')}): {'ok' if v['ok'] else 'FAILED'}; worst {worst[0]} {worst[1]:.1e}")
+                     f"{v.get('heads_on_objects', '—')}): {'ok' if v['ok'] else 'FAILED'}; "
+                     f"worst {worst[0]} {worst[1]:.1e}")
     return "\n".join(lines) + "\n"
 
 

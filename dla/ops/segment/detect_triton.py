@@ -20,9 +20,10 @@ Per chunk of `C` tokens (local `i, j`; `G` the chunk-local cumsum of `g`, `γ = 
    `T/C · Dk · Dv` float32 values per stream (512 MB at SPEC §7's shapes) to read them once.
 
 Every dot is `input_precision=PREC` on float32 operands, `"ieee"` from `launch_meta` (SPEC §2:
-no TF32 or bf16 operands behind a score; `perf/sweep_drift_gpu.py` times `"tf32x3"` beside it); 16-bit inputs are upcast to float32 first. Every decay is a difference inside
-one chunk, `≤ 1`. Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta [B,T,H]` or None,
-`Sg0 [B,H,Dk,Dv]`; returns `p, ρ [B,H,T]` float32.
+no TF32 or bf16 operands behind a score; `perf/sweep_drift_gpu.py` times `"tf32x3"` beside it);
+16-bit inputs are upcast to float32 first. Every decay is a difference inside one chunk, `≤ 1`.
+Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta [B,T,H]` or None, `Sg0 [B,H,Dk,Dv]`; returns
+`p, ρ [B,H,T]` float32.
 """
 
 from __future__ import annotations
