@@ -131,6 +131,24 @@ def cases(draw, policies=("dla", "dla", "fenwick", "single"), transitions=TRANSI
     )
 
 
+@st.composite
+def kernel_cases(draw, max_length: int, transitions=("none", "g")):
+    """A `Case` for the readout kernels' interpreter tests under the `token` score: `dla` draws
+    are `decisive` (capacity merges in most draws), the closed forms any length; `dk, dv` the
+    dot-sized 16 or 32."""
+    policy = draw(st.sampled_from(["dla", "dla", "fenwick", "single"]))
+    if policy == "dla":
+        fields = draw(decisive("token", max_length))
+    else:
+        fields = dict(length=draw(st.integers(1, max_length)), levels=draw(st.integers(2, 6)), tau=0.6,
+                      inputs=draw(st.sampled_from(["gaussian", "piecewise"])), mean_regime=4.0)
+    return Case(
+        batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 2)), dk=draw(st.sampled_from([16, 32])),
+        dv=draw(st.sampled_from([16, 32])), policy=policy, transition=draw(st.sampled_from(transitions)),
+        score="token", seed=draw(st.integers(0, 2**31 - 1)), **fields,
+    )
+
+
 def build(case: Case, dtype=torch.float64) -> dict:
     """Tensors for `case`: q, k, v, lam and, by transition, g (≤ 0) and beta (in (0, 1)); with
     β the keys are l2-normalised, as Gated DeltaNet feeds them."""

@@ -40,7 +40,7 @@ from tests.readout_helpers import (
     DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, dla_map, f32, gpu_inputs, reference, setup,
 )
 from tests.strategies import (
-    Case, claims_decisions, decisive, map_decisions, poisoned_empty, relative_error, tally_draw,
+    Case, claims_decisions, kernel_cases, map_decisions, poisoned_empty, relative_error, tally_draw,
 )
 
 INTERPRETER = [DEVICES[0]]
@@ -48,20 +48,9 @@ EDGE = dict(batch=1, heads=2, dk=16, dv=16, score="token", inputs="piecewise", m
 NAMES = ("q", "k", "v", "lam", "g", "S0")
 
 
-@st.composite
-def cases(draw, max_length=48):
-    """`dla` maps that reach capacity merges (`tests.strategies.decisive`) in most draws."""
-    policy = draw(st.sampled_from(["dla", "dla", "fenwick", "single"]))
-    if policy == "dla":
-        fields = draw(decisive("token", max_length))
-    else:
-        fields = dict(length=draw(st.integers(1, max_length)), levels=draw(st.integers(2, 6)), tau=0.6,
-                      inputs=draw(st.sampled_from(["gaussian", "piecewise"])), mean_regime=4.0)
-    return Case(
-        batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 2)), dk=draw(st.sampled_from([16, 32])),
-        dv=draw(st.sampled_from([16, 32])), policy=policy, transition=draw(st.sampled_from(["none", "g"])),
-        score="token", seed=draw(st.integers(0, 2**31 - 1)), **fields,
-    )
+def cases(max_length=48):
+    """`dla` maps that reach capacity merges (`tests.strategies.kernel_cases`) in most draws."""
+    return kernel_cases(max_length)
 
 
 def arguments(case: Case, initial: bool, step_shift: int = 0, device="cpu"):
