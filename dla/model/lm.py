@@ -1,6 +1,11 @@
 """Causal language model: token embedding, pre-norm blocks (mixer, SwiGLU MLP), final norm,
 head tied to the embedding. Shapes: `idx, targets [B, T]` int64 with `T ≤ seq_len`.
 
+Packed documents (`cu_seqlens`, the flash-attention convention of `dla.ops.packing`): `idx [1, T]`
+holds `N` sequences back to back; each is laid out as its own row of `max_seqlen` columns and the
+unchanged model runs on those rows, so no layer (mixer, short convolution, attention) lets a token
+see another sequence's, and each sequence's logits are those of running it alone.
+
 Generation runs the same blocks over a fixed-shape cache (`dla.model.cache`): `prefill` takes a
 prompt, `step` one token per call."""
 
@@ -18,6 +23,7 @@ from dla.model.config import ModelConfig
 from dla.model.gated_deltanet import DLAGatedDeltaNet
 from dla.model.layers import SwiGLU
 from dla.model.mamba2 import DLAMamba2
+from dla.ops.packing import check_cu_seqlens, from_rows, layout, to_rows
 
 MIXERS = {"mamba2": DLAMamba2, "gdn": DLAGatedDeltaNet, "attention": SoftmaxAttention}
 RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "down")  # scaled by 1/√(2·n_layers) at init, as in GPT-2
@@ -57,13 +63,38 @@ class CausalLM(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(RESIDUAL_OUTPUTS) else 0.02
                 nn.init.normal_(module.weight, std=std)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx [B, T] → logits [B, T, vocab]."""
-        if idx.shape[-1] > self.cfg.seq_len:
-            raise ValueError(f"idx holds {idx.shape[-1]} tokens, more than the model's seq_len = {self.cfg.seq_len}")
-        x = self.embed(idx)
+    def forward(self, idx: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
+        """idx [B, T] → logits [B, T, vocab]. With `cu_seqlens` (int32 [N + 1] offsets: 0 first,
+        T last, non-decreasing; sequences may be empty), `idx [1, T]` is `N` packed sequences of
+        at most `max_seqlen ≤ seq_len` tokens each (default T), and each position's logits are
+        its sequence's alone. Static shapes: the work is `N · max_seqlen` tokens, and nothing is
+        read back to the host, so the packed call compiles with `fullgraph=True` too."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [B, T] token ids, got shape {list(idx.shape)}")
+        if cu_seqlens is None:
+            if max_seqlen is not None:
+                raise ValueError("max_seqlen applies to packed sequences: pass cu_seqlens with it")
+            if idx.shape[-1] > self.cfg.seq_len:
+                raise ValueError(f"idx holds {idx.shape[-1]} tokens, more than the model's seq_len = "
+                                 f"{self.cfg.seq_len}")
+            return self._head(self._blocks(self.embed(idx)))
+        length = idx.shape[1]
+        rows = check_cu_seqlens(cu_seqlens, idx.shape[0], length, max_seqlen, idx.device)
+        if rows > self.cfg.seq_len:
+            raise ValueError(f"max_seqlen = {rows} (T = {length} when not given) is more than the model's "
+                             f"seq_len = {self.cfg.seq_len}")
+        where = layout(cu_seqlens, length, rows)
+        # token 0 pads each row after its sequence's end, which a causal model never reads back
+        x = self._blocks(self.embed(to_rows(idx, where)))
+        # the rows' hidden states back to the packed positions before the head: T·vocab logits, not N·L·vocab
+        return self._head(from_rows(x, where))
+
+    def _blocks(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
+        return x
+
+    def _head(self, x: Tensor) -> Tensor:
         return F.linear(self.norm(x), self.embed.weight)
 
     def empty_cache(self, batch: int, *, max_len: int | None = None, dtype: torch.dtype | None = None,
@@ -101,9 +132,12 @@ class CausalLM(nn.Module):
         logits, cache = self.prefill(token[:, None], cache)
         return logits[:, 0], cache
 
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy in nats, float32."""
-        logits = self(idx)
+    def loss(self, idx: Tensor, targets: Tensor, cu_seqlens: Tensor | None = None,
+             max_seqlen: int | None = None) -> Tensor:
+        """Mean next-token cross-entropy in nats, float32, over the targets that are not -100
+        (`cross_entropy`'s `ignore_index`: e.g. a packed sequence's last target, which would
+        predict the next sequence's first token). `cu_seqlens, max_seqlen` as in `forward`."""
+        logits = self(idx, cu_seqlens, max_seqlen)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def num_params(self) -> int:
