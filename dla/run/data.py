@@ -13,6 +13,13 @@ never downloaded. Its First Folio transcriptions are left out, since they would 
 copy of each held-out play in the training split.
 
 Batches are a pure function of `(seed, step)`, so a resumed run sees the same data order.
+
+Each source file is a document (a play of the default corpus, a file of a --data folder); the
+split records where each starts (`Split.documents`, from the file sizes in `meta.json`). A
+packed batch (`packed_batch`, for `dla train --pack`) takes the same windows as `batch_at`,
+flattened into one packed row, and cuts them at document starts and window ends into pieces
+that each lie within one document and one window, marked by `cu_seqlens` (`dla.ops.packing`); a
+target that would predict the first token of the next document is `IGNORE_INDEX`.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 VOCAB_SIZE = 256
 HELDOUT_FRACTION = 0.05
+IGNORE_INDEX = -100  # a target the loss skips (`torch.nn.functional.cross_entropy`'s default ignore_index)
 DEFAULT_CORPUS = "shakespeare"
 _COPY_CHUNK = 1 << 22
 
@@ -83,6 +92,7 @@ class Split:
     train: np.ndarray  # uint8 memmap
     heldout: np.ndarray  # uint8 memmap
     source: str  # "shakespeare" or the --data path, absolute
+    documents: np.ndarray  # int64, increasing: where each source file's bytes start in `train` (0 first)
 
 
 def _fingerprint(files: list[Path]) -> list:
@@ -136,8 +146,18 @@ def load_split(cache: Path, data: str | None) -> Split:
 
 
 def _map(cache: Path, source: str) -> Split:
-    return Split(train=np.memmap(cache / "train.bin", dtype=np.uint8, mode="r"),
-                 heldout=np.memmap(cache / "heldout.bin", dtype=np.uint8, mode="r"), source=source)
+    train = np.memmap(cache / "train.bin", dtype=np.uint8, mode="r")
+    return Split(train=train, heldout=np.memmap(cache / "heldout.bin", dtype=np.uint8, mode="r"), source=source,
+                 documents=_document_starts(json.loads((cache / "meta.json").read_text()), len(train)))
+
+
+def _document_starts(meta: dict, n_train: int) -> np.ndarray:
+    """The offsets in the training split where a source file starts, from the sizes that
+    `meta.json` records in the order they were written (an empty file starts no document; the
+    files past the split's end are held out)."""
+    sizes = np.array([size for _, size, _ in meta["files"]], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    return np.unique(starts[starts < n_train])
 
 
 def _write_split(files: list[Path], n_train: int, cache: Path) -> None:
@@ -157,15 +177,71 @@ def _write_split(files: list[Path], n_train: int, cache: Path) -> None:
     os.replace(cache / "heldout.bin.tmp", cache / "heldout.bin")
 
 
+def window_starts(stream: np.ndarray, step: int, *, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
+    """Where the `batch_size` windows of `seq_len + 1` tokens of `step` start: drawn from
+    `(seed, step)` alone."""
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, len(stream) - seq_len, size=batch_size)
+
+
+def _windows(stream: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(stream[s:s + seq_len + 1]) for s in starts]).astype(np.int64))
+
+
 def batch_at(stream: np.ndarray, step: int, *, batch_size: int, seq_len: int, seed: int,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The training batch of `step`: `batch_size` windows of `seq_len + 1` tokens at offsets
     drawn from `(seed, step)` alone. Returns inputs and next-token targets, [B, T] int64."""
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(stream) - seq_len, size=batch_size)
-    windows = torch.from_numpy(np.stack([np.asarray(stream[s:s + seq_len + 1]) for s in starts]).astype(np.int64))
-    windows = windows.to(device)
+    starts = window_starts(stream, step, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    windows = _windows(stream, starts, seq_len).to(device)
     return windows[:, :-1], windows[:, 1:]
+
+
+def pieces_per_row(documents: np.ndarray, seq_len: int) -> int:
+    """The most pieces a window of `seq_len` tokens can be cut into at the document starts
+    `documents` (0 first): one more than the most starts that fit within `seq_len − 1`
+    consecutive positions (a window's positions 1 … T − 1). A bound on the data, not on a
+    batch, so that a run's packed batches keep one shape; it is 2 for the default corpus at any
+    preset's `seq_len` (its shortest document, a poem, is 2,096 bytes)."""
+    inner = documents[1:]
+    if len(inner) == 0:
+        return 1
+    return 1 + int((np.searchsorted(inner, inner + seq_len - 1, side="left") - np.arange(len(inner))).max())
+
+
+class PackedBatch(NamedTuple):
+    """`B` windows of `T` tokens as one packed row: `x, y [1, B·T]` int64 (targets `IGNORE_INDEX`
+    where the next token starts another document), `cu_seqlens [sequences + 1]` int32 marking
+    each piece (within one document and one window), padded with empty sequences at the end."""
+    x: torch.Tensor
+    y: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def packed_batch(stream: np.ndarray, documents: np.ndarray, starts: np.ndarray, *, seq_len: int, sequences: int,
+                 device: torch.device | str = "cpu") -> PackedBatch:
+    """The windows of `seq_len + 1` tokens at `starts` (`window_starts`), packed: cut at the
+    document starts `documents` into at most `sequences` pieces, `cu_seqlens` of `sequences + 1`
+    entries (`sequences ≥ len(starts) · pieces_per_row(documents, seq_len)` always suffices)."""
+    T, B = seq_len, len(starts)
+    windows = _windows(stream, starts, T)
+    x, y = windows[:, :-1], windows[:, 1:].clone()
+    offsets = []
+    for row, s in enumerate(starts):
+        # document starts at window positions 1..T: a piece begins there; the target before it crosses
+        lo, hi = np.searchsorted(documents, [s + 1, s + T + 1])
+        inside = documents[lo:hi] - s
+        y[row, inside - 1] = IGNORE_INDEX
+        offsets.extend(row * T + inside[inside < T])
+        offsets.append((row + 1) * T)
+    if len(offsets) > sequences:
+        raise ValueError(f"sequences = {sequences} is too few for this batch's {len(offsets)} pieces")
+    cu_seqlens = np.full(sequences + 1, B * T, dtype=np.int32)
+    cu_seqlens[0] = 0
+    cu_seqlens[1:len(offsets) + 1] = offsets
+    return PackedBatch(x=x.reshape(1, B * T).to(device), y=y.reshape(1, B * T).to(device),
+                       cu_seqlens=torch.from_numpy(cu_seqlens).to(device), max_seqlen=T)
 
 
 def heldout_windows(stream: np.ndarray, *, seq_len: int, max_tokens: int) -> int:
