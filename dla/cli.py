@@ -93,6 +93,10 @@ def _add_train(sub) -> None:
                    help="what the dla policy's boundary decision reads: drift (default: the change a token "
                         "makes to the layer's whole memory), token or state (ablations)")
     p.add_argument("--tau", type=float, help="boundary threshold τ of the dla policy (default: the preset's, 0.6)")
+    p.add_argument("--pack", action="store_true",
+                   help="keep documents apart (the corpus's plays, --data's files): cut each window at document "
+                        "starts and run every piece as its own sequence; costs up to pieces-per-window times "
+                        "the work (twice for the default corpus)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and of the batches (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--eval-tokens", type=int, help="held-out bytes scored at the end (default 32768)")
@@ -151,6 +155,7 @@ def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
     train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "eval_tokens": args.eval_tokens, "optim": args.optim,
              "float8": (args.float8_recipe or "tensorwise") if args.float8 else None,
+             "pack": True if args.pack else None,
              "data": None if args.data is None else str(Path(args.data).resolve())}
     train = {k: v for k, v in train.items() if v is not None}
     if args.resume and checkpoint.has_checkpoint(Path(args.out)):

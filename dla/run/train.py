@@ -6,9 +6,13 @@ forward and loss under the device's autocast (compiled as one `torch.compile(ful
 frame unless told otherwise; backward by AOT autograd), backward, gradient clipping, the
 optimizer step. `train` feeds it the batch of `(seed, step)` and checks the loss and gradient
 norm for finiteness. Everything a step depends on is a function of the step number and the
-checkpoint, so a resumed run repeats an uninterrupted one. Metrics go to `RUN/metrics.jsonl`, the
-loss curve to `RUN/loss.png`, the held-out evaluation at the end (`dla.run.eval.lm`: bits per
-byte, and each DLA layer's segmentation statistics, `dla.run.eval.segmentation`); the run
+checkpoint, so a resumed run repeats an uninterrupted one. With `pack` (`dla train --pack`) the
+batch's windows are cut at document starts (`dla.run.data.packed_batch`) and the model runs each
+piece as its own sequence (`CausalLM.forward`'s `cu_seqlens`), so no token reads another
+document's, and no target predicts a document's first token from the one before. Metrics go to
+`RUN/metrics.jsonl`, the loss curve to `RUN/loss.png`, the held-out evaluation at the end
+(`dla.run.eval.lm`: bits per byte, and each DLA layer's segmentation statistics,
+`dla.run.eval.segmentation`); the run
 keeps its corpus split in `RUN/data`, so its checkpoints evaluate and resume without `--data`.
 One process writes a run folder at a time (a lock on `RUN/.lock`); an error found while training
 removes what the run wrote unless a checkpoint was kept, and Ctrl-C stops at once with the last
@@ -41,7 +45,8 @@ from tqdm import tqdm
 
 from dla.model import PRESETS, CausalLM, ModelConfig, preset
 from dla.run import checkpoint, distributed, optim
-from dla.run.data import DataError, batch_at, check_source, has_split, load_split, prepare
+from dla.run.data import (DataError, batch_at, check_source, has_split, load_split, packed_batch, pieces_per_row,
+                          prepare, window_starts)
 from dla.run.device import autocast, resolve_device
 from dla.run.eval.lm import LN2, evaluate_heldout
 
@@ -62,12 +67,15 @@ class TrainConfig:
     eval_tokens: int = 32768  # held-out targets scored at the end
     optim: str = "adamw"  # adamw | adamw8bit (torchao, dla.run.optim)
     float8: str | None = None  # None, or the float8 training recipe: tensorwise | rowwise (dla.run.optim)
+    pack: bool = False  # keep documents apart: each window cut at document starts (dla.run.data.packed_batch)
 
     def __post_init__(self) -> None:
         if self.optim not in optim.OPTIMIZERS:
             raise ValueError(f"--optim must be one of {list(optim.OPTIMIZERS)}, got {self.optim!r}")
         if self.float8 is not None and self.float8 not in optim.FLOAT8_RECIPES:
             raise ValueError(f"--float8-recipe must be one of {list(optim.FLOAT8_RECIPES)}, got {self.float8!r}")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"pack must be True or False, got {self.pack!r}")
         for name in ("steps", "batch_size", "eval_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -135,14 +143,16 @@ def compiled_loss(model: CausalLM):
 
 
 def train_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
-               x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimizer step `step` (0-based) on the batch `x, y`: the schedule's learning rate, forward
-    and loss by `loss_fn` (`model.loss` or `compiled_loss(model)`) under autocast, backward,
-    clipping to `cfg.grad_clip`, the update. Returns the loss and the gradient norm before
-    clipping, detached and not read back, so that the caller chooses when to synchronise."""
+               x: torch.Tensor, y: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+               max_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimizer step `step` (0-based) on the batch `x, y` (packed when `cu_seqlens` is given,
+    see `CausalLM.forward`): the schedule's learning rate, forward and loss by `loss_fn`
+    (`model.loss` or `compiled_loss(model)`) under autocast, backward, clipping to
+    `cfg.grad_clip`, the update. Returns the loss and the gradient norm before clipping,
+    detached and not read back, so that the caller chooses when to synchronise."""
     optim.set_lr(optimizer, lr_at(cfg, step))
     with autocast(x.device):
-        loss = loss_fn(x, y)
+        loss = loss_fn(x, y) if cu_seqlens is None else loss_fn(x, y, cu_seqlens, max_seqlen)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
@@ -426,6 +436,15 @@ def _train(run: Run, log, main: bool, done: list[int]) -> dict:
         metrics_path.write_text("")
     log(f"model: {mcfg.backbone}/{mcfg.policy}, {model.num_params() / 1e6:.2f}M parameters, "
         f"{mcfg.levels} levels; data: {split.source} ({len(split.train):,} training bytes); device {device}")
+    per_row = sequences = None
+    if tcfg.pack:
+        # one static number of sequences for the whole run, so the step keeps one shape (one
+        # compiled graph): room for every window of this process cut into as many pieces as any
+        # window of the data can be, the rest left empty
+        per_row = pieces_per_row(split.documents, mcfg.seq_len)
+        sequences = (tcfg.batch_size if world is None else tcfg.batch_size // world.size) * per_row
+        log(f"packing {len(split.documents)} documents apart: {sequences} sequences of at most {mcfg.seq_len} "
+            f"tokens per step (up to {per_row} pieces per window: {per_row}x the blocks' work of unpacked windows)")
 
     # under torchrun the blocks were compiled one by one before sharding
     loss_fn = compiled_loss(model) if run.compile and world is None else model.loss
@@ -443,18 +462,31 @@ def _train(run: Run, log, main: bool, done: list[int]) -> dict:
         state = {"schedule": {"lr": tcfg.lr, "warmup": tcfg.warmup, "steps": tcfg.steps,
                               "next_lr": lr_at(tcfg, min(step, tcfg.steps - 1))},
                  "data": {"source": split.source, "seed": tcfg.seed, "next_step": step,
-                          "train_tokens": len(split.train)}}
+                          "train_tokens": len(split.train), "pack": tcfg.pack,
+                          **({"documents": len(split.documents), "pieces_per_window": per_row} if tcfg.pack else {})}}
         write = checkpoint.save if world is None else distributed.save
         return write(out, step=step, model=model, optimizer=optimizer, config=run.config(), state=state)
 
     model.train()
     with bar, open(metrics_path if main else os.devnull, "a") as metrics:
         for step in range(start, tcfg.steps):
-            x, y = batch_at(split.train, step, batch_size=tcfg.batch_size, seq_len=mcfg.seq_len, seed=tcfg.seed,
-                            device=device)
-            if world is not None:
-                x, y = x[world.rows(tcfg.batch_size)], y[world.rows(tcfg.batch_size)]
-            loss, grad_norm = train_step(model, loss_fn, optimizer, tcfg, step, x, y)
+            if tcfg.pack:
+                starts = window_starts(split.train, step, batch_size=tcfg.batch_size, seq_len=mcfg.seq_len,
+                                       seed=tcfg.seed)
+                if world is not None:
+                    starts = starts[world.rows(tcfg.batch_size)]
+                # under torchrun each process's loss is the mean over its own scored targets, so
+                # ranks whose rows cross more documents weigh each target slightly more
+                batch = packed_batch(split.train, split.documents, starts, seq_len=mcfg.seq_len,
+                                     sequences=sequences, device=device)
+                loss, grad_norm = train_step(model, loss_fn, optimizer, tcfg, step, batch.x, batch.y,
+                                             batch.cu_seqlens, batch.max_seqlen)
+            else:
+                x, y = batch_at(split.train, step, batch_size=tcfg.batch_size, seq_len=mcfg.seq_len,
+                                seed=tcfg.seed, device=device)
+                if world is not None:
+                    x, y = x[world.rows(tcfg.batch_size)], y[world.rows(tcfg.batch_size)]
+                loss, grad_norm = train_step(model, loss_fn, optimizer, tcfg, step, x, y)
             loss_value = float(loss if world is None else distributed.mean(loss))
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(step + 1, "the loss")
@@ -484,12 +516,12 @@ def _train(run: Run, log, main: bool, done: list[int]) -> dict:
     eval_batch = tcfg.batch_size if world is None else tcfg.batch_size // world.size
     result = evaluate_heldout(model, split, batch_size=eval_batch, max_tokens=tcfg.eval_tokens, device=device,
                               progress=main)
-    result.update(step=tcfg.steps, checkpoint=str(ckpt), train_s=round(time.monotonic() - t0, 1))
+    result.update(step=tcfg.steps, checkpoint=str(ckpt), train_s=round(time.monotonic() - t0, 1), pack=tcfg.pack)
     if not main:
         return {**result, "plot": None}
     with open(metrics_path, "a") as metrics:
         metrics.write(json.dumps({"step": tcfg.steps, **{k: result[k] for k in
                                   ("heldout_loss", "heldout_bpb", "unigram_bpb", "heldout_tokens",
-                                   "segmentation")}}) + "\n")
+                                   "segmentation", "pack")}}) + "\n")
     result["plot"] = str(plot_loss(_read_metrics(metrics_path), out / "loss.png"))
     return result
