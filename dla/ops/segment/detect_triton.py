@@ -137,22 +137,21 @@ def _pass_kernel(k_ptr, v_ptr, g_ptr, s0_ptr, q_ptr, r0_ptr, w_ptr, u0_ptr, p_pt
 
 
 def launch_meta(Dk: int, Dv: int, chunk_size: int, on_interpreter: bool) -> dict:
-    """Blocks: the chunk a power of two in [16, 64] (the products do not depend on it beyond
-    rounding); the pass kernel's `h` tile `BK × BV` at most 8K float32 values, and the smallest
-    tile under the interpreter (tiny shapes then still cover several tiles). One pipeline stage:
-    the IEEE dots stage their operands in shared memory, and pipelining the chunk loop's loads
-    on top (three stages) asks for 279 KB at `Dk = 128`, `BV = 64`, beyond an H100's 227 KB.
+    """Blocks: the chunk a power of two in [16, 32] (the products do not depend on it beyond
+    rounding); the pass kernel's `h` tile `BK × BV` at most 4K float32 values over 8 warps, and
+    the smallest tile under the interpreter (tiny shapes then still cover several tiles). One
+    pipeline stage: the IEEE dots stage their operands in shared memory.
 
-    These are the bounds an H100 verified. They are slow there: the IEEE dots run on the FMA
-    units with every operand in registers, and `ptxas -v` on the sm_90 build shows the pass
-    kernel at 32 registers with 17 KB of spills per thread at a chunk of 64 beside a 128 × 64
-    tile, against 255 registers and 0.2 KB at a chunk of 16 beside a 128 × 32 tile over 8
-    warps. `perf/sweep_drift_gpu.py` verifies and times such bounds on a card; they change here
-    once a GPU has verified them."""
+    The IEEE dots run on the FMA units with every operand in registers, so the tile is sized to
+    stay in them: at a chunk of 64 beside a 128 × 64 tile, `ptxas -v` shows the pass kernel
+    spilling 17 KB per thread, and an H100 ran it an order of magnitude slower than at a chunk of
+    32 beside a 128 × 32 tile. `perf/sweep_drift_gpu.py` verifies each candidate against the
+    float64 products before timing it; these bounds are the ones it verified and found fastest
+    for both transitions (`perf/results/sweep_drift-h100.md`)."""
     BK = pow2(Dk)
-    BV = 16 if on_interpreter else max(16, min(pow2(Dv), 8192 // BK))
+    BV = 16 if on_interpreter else max(16, min(pow2(Dv), 4096 // BK))
     warps = 1 if on_interpreter else (8 if BK * BV >= 64 * 64 else 4)
-    return dict(C=min(64, pow2(chunk_size)), BK=BK, BV=BV, PREC="ieee", num_warps=warps, num_stages=1)
+    return dict(C=min(32, pow2(chunk_size)), BK=BK, BV=BV, PREC="ieee", num_warps=warps, num_stages=1)
 
 
 def readout_products_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, Sg0: Tensor,
