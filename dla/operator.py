@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from dla.compile.ops import readout
+from dla.ops.packing import check_cu_seqlens, from_rows, layout, to_rows
 from dla.ops.state import MultiStateCache, empty_cache
 from dla.ops.validation import validate
 
@@ -38,21 +39,39 @@ def reverse_live_slots(S: Tensor, m: Tensor) -> Tensor:
 
 def multistate_attention(
     q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="drift", scale=None,
-    chunk_size=64, initial_state=None, output_final_state=False,
+    chunk_size=64, initial_state=None, output_final_state=False, cu_seqlens=None, max_seqlen=None,
 ):
     """Multi-state linear attention over the level map of `policy` (SPEC §2, §4).
 
     q, k [B,T,H,Dk]; v [B,T,H,Dv]; lam [B,T,H,L] (L = K, the slot capacity); g, beta [B,T,H].
     Returns o [B,T,H,Dv], and with `output_final_state=True` also the `MultiStateCache` that
-    `initial_state` accepts back."""
+    `initial_state` accepts back.
+
+    Packed sequences: with `cu_seqlens` (int32 `[N + 1]`, 0 first, `T` last, non-decreasing), the
+    `B = 1` row holds `N` sequences back to back, each computed as its own call — from an empty
+    cache, or from its row of an `initial_state` of `N` rows — and the final cache has one row per
+    sequence. `max_seqlen` (an int; default `T`) bounds their lengths; the call does the work of
+    `N · max_seqlen` tokens (`dla.ops.packing`). Bad offsets fail the call on the device, naming
+    `cu_seqlens`, without a host synchronisation."""
+    if cu_seqlens is not None:
+        return _packed(q, k, v, lam, g, beta, policy, tau, score, scale, chunk_size, initial_state,
+                       output_final_state, cu_seqlens, max_seqlen)
     p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale,
                  chunk_size=chunk_size, initial_state=initial_state)
     state = _start(initial_state, p, k)
+    o, final = _attend(p, q, k, v, lam, g, beta, state, policy, score, float(tau), chunk_size)
+    return (o, final) if output_final_state else o
+
+
+def _attend(p, q, k, v, lam, g, beta, state: MultiStateCache, policy, score, tau, chunk_size, end=None):
+    """`(o, final cache)` of one validated call; `end [B]`: rows that end early (padded rows of
+    packed sequences: the final cache is the one after step `end − 1`)."""
     k, v, g, beta, poisoned = _finite_writes(k, v, g, beta)
+    length = p.length if end is None else end
     if policy == "single":
-        o, final = _single(p, q, k, v, lam, g, beta, state, chunk_size)
+        o, final = _single(p, q, k, v, lam, g, beta, state, chunk_size, length)
     else:
-        level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, float(tau), chunk_size)
+        level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, tau, chunk_size, end)
         o, S = readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale,
                        chunk_size, state.step)
         S = reverse_live_slots(S, m)
@@ -60,11 +79,33 @@ def multistate_attention(
             # N advanced in the segmentation only where a decision needed it; elsewhere it is the
             # norm of the slots' sum S^g, equal to the carried value up to rounding (SPEC §2)
             N = S.detach().sum(2).pow(2).sum((-2, -1))
-        final = MultiStateCache(S=S, n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + p.length, N=N)
+        final = MultiStateCache(S=S, n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + length, N=N)
     o = torch.where(poisoned[..., None], torch.nan, o)
+    return o, _poisoned_cache(final, poisoned[:, -1])
+
+
+def _packed(q, k, v, lam, g, beta, policy, tau, score, scale, chunk_size, initial_state, output_final_state,
+            cu_seqlens, max_seqlen):
+    """A packed call as padded rows (`dla.ops.packing`): sequence `n` is row `n`, followed by
+    padding that writes nothing and keeps the state, which the segmentation is told to skip
+    (`end`); outputs are gathered back, and an empty sequence's final cache is its initial one."""
+    options = dict(g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale, chunk_size=chunk_size)
+    validate(q, k, v, lam, **options, packed=True)
+    length = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], max_seqlen, q.device)
+    rows = layout(cu_seqlens, q.shape[1], length)
+    q, k, v, lam, g, beta = (to_rows(x, rows) for x in (q, k, v, lam, g, beta))
+    p = validate(q, k, v, lam, **{**options, "g": g, "beta": beta}, initial_state=initial_state)
+    state = _start(initial_state, p, k)
+    # an empty sequence runs one padding token (every kernel needs one) and keeps its initial cache
+    o, final = _attend(p, q, k, v, lam, g, beta, state, policy, score, float(tau), chunk_size,
+                       end=rows.lengths.clamp(min=1))
+    o = from_rows(o, rows)
     if not output_final_state:
         return o
-    return o, _poisoned_cache(final, poisoned[:, -1])
+    empty = rows.lengths == 0
+    kept = MultiStateCache(*(torch.where(empty.view(-1, *([1] * (new.dim() - 1))), old, new)
+                             for old, new in zip(state, final)))
+    return o, kept._replace(step=state.step + rows.lengths)
 
 
 def level_map(k, v, *, capacity, g=None, beta=None, policy="dla", tau=0.6, score="drift", chunk_size=64,
@@ -112,7 +153,7 @@ def _poisoned_cache(cache: MultiStateCache, rows: Tensor) -> MultiStateCache:
                           N=nan_where(cache.N))
 
 
-def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size):
+def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size, length):
     """`single` is the backbone itself (`dla::backbone`): no segmentation, every initial slot at
     rank 0 (SPEC §2), read with `λ_t[0]`. The final cache holds one slot; `I`, `Z`, `zz` stay as
     the initial cache had them, as for `fenwick`; `N` is the norm of the final state (nothing is
@@ -121,9 +162,10 @@ def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size):
     S0 = (state.S * live[..., None, None]).sum(2)
     o, S = torch.ops.dla.backbone(q, k, v, lam[..., 0], g, beta, S0, p.scale, chunk_size)
     slot0 = torch.arange(p.levels, device=q.device) == 0
-    n = torch.where(slot0, p.length + (state.n * live).sum(-1, keepdim=True), 0)
+    tokens = length if isinstance(length, int) else length.view(-1, 1, 1)
+    n = torch.where(slot0, tokens + (state.n * live).sum(-1, keepdim=True), 0)
     final = MultiStateCache(S=S[:, :, None] * slot0[:, None, None].to(S.dtype), n=n, I=torch.zeros_like(state.I),
-                            m=torch.ones_like(state.m), Z=state.Z, zz=state.zz, step=state.step + p.length,
+                            m=torch.ones_like(state.m), Z=state.Z, zz=state.zz, step=state.step + length,
                             N=S.detach().pow(2).sum((-2, -1)))
     return o, final
 
@@ -134,10 +176,11 @@ def _start(initial_state, p, like: Tensor) -> MultiStateCache:
     return empty_cache(p.batch, p.heads, p.levels, p.dk, p.dv, dtype=like.dtype, device=like.device)
 
 
-def _segment(p, k, v, g, beta, state, policy, score, tau, chunk_size):
+def _segment(p, k, v, g, beta, state, policy, score, tau, chunk_size, end=None):
     """Segmentation sees the writes and transitions only (never q or λ) and carries no gradient
     (SPEC §2)."""
     g = None if g is None else g.detach()
     beta = None if beta is None else beta.detach()
     return torch.ops.dla.segment(k.detach(), v.detach(), g, beta, state.S.detach(), state.n, state.I, state.m,
-                                 state.Z, state.zz, state.N, state.step, p.levels, policy, score, tau, chunk_size)
+                                 state.Z, state.zz, state.N, state.step, p.levels, policy, score, tau, chunk_size,
+                                 end)

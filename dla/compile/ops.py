@@ -27,8 +27,8 @@ from dla.ops.segment import segment
 
 SEGMENT = (
     "segment(Tensor k, Tensor v, Tensor? g, Tensor? beta, Tensor S0, Tensor n0, Tensor I0, Tensor m0, Tensor Z0, "
-    "Tensor zz0, Tensor N0, Tensor step0, int levels, str policy, str score, float tau, int chunk_size) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor zz0, Tensor N0, Tensor step0, int levels, str policy, str score, float tau, int chunk_size, "
+    "Tensor? end=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 READOUT = (
     "readout(Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, Tensor? beta, Tensor level_start, "
@@ -50,7 +50,8 @@ BACKBONE_BACKWARD = (
 )
 
 
-def _segment_fake(k, v, g, beta, S0, n0, I0, m0, Z0, zz0, N0, step0, levels, policy, score, tau, chunk_size):
+def _segment_fake(k, v, g, beta, S0, n0, I0, m0, Z0, zz0, N0, step0, levels, policy, score, tau, chunk_size,
+                  end=None):
     B, T, H, _ = k.shape
     return (
         k.new_empty(B, T, H, levels, dtype=torch.int32),

@@ -49,8 +49,8 @@ def check_cu_seqlens(cu_seqlens, batch: int, length: int, max_seqlen, device, na
         raise ValueError(f"with {name}, the inputs hold one packed row: batch must be 1, got {batch}")
     if max_seqlen is None:
         max_seqlen = length
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int (or None: the packed length), got {max_seqlen!r}")
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     torch._assert_async(cu_seqlens[0] == 0, f"{name} must start at 0")
     torch._assert_async(cu_seqlens[-1] == length, f"{name} must end at the packed length T = {length}")

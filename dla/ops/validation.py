@@ -49,9 +49,11 @@ def _tensor(name: str, x) -> Tensor:
 
 def validate(
     q, k, v, lam, *, g=None, beta=None, policy="dla", tau=0.6, score="drift", scale=None,
-    chunk_size=64, initial_state=None,
+    chunk_size=64, initial_state=None, packed=False,
 ) -> Problem:
-    """Raise `TypeError`/`ValueError` naming the offending argument; return the dimensions."""
+    """Raise `TypeError`/`ValueError` naming the offending argument; return the dimensions.
+    `packed`: the tensors are one row of packed sequences (`cu_seqlens`), whose lengths bound
+    `fenwick`'s levels instead of `T` (checked again on the rows)."""
     for name, x in (("q", q), ("k", k), ("v", v), ("lam", lam)):
         _tensor(name, x)
         if x.dim() != 4:
@@ -96,7 +98,7 @@ def validate(
         raise ValueError(f"scale must be a finite number > 0 or None, got {scale!r}")
     if policy == "dla" and L < 2:
         raise ValueError(f"policy 'dla' needs capacity K = lam.shape[-1] >= 2, got {L}")
-    if policy == "fenwick" and initial_state is None and not L > bit_length(T - 1):
+    if policy == "fenwick" and initial_state is None and not packed and not L > bit_length(T - 1):
         raise ValueError(
             f"policy 'fenwick' needs lam.shape[-1] > bitlen(T - 1) = {bit_length(T - 1)} levels for T = {T}, got {L}"
         )

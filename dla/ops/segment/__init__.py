@@ -7,6 +7,7 @@ gradient.
 | `detect.py` | `drift`'s boundary detection, per token `I_t` and flag, parallel over the sequence (torch), and the rule for its products |
 | `detect_triton.py` | the CUDA products of that detection (`r_t` in chunks, IEEE dots) |
 | `events.py` | from per-token flags to the merge scan's events and the final open block; `dla` under `drift` on any device |
+| `ends.py` | rows that end before `T` (packed sequences as padded rows): padding taken out of the segmentation |
 | `closed_form.py` | `fenwick` and `single`, closed forms in plain torch on any device |
 | `cpu.py` | `dla` on the CPU: the merge scan over events (`drift`), the chunked boundary walk (`token`, `state`) |
 | `triton_walk.py` | `dla` on CUDA: the speculative boundary walk (`token`, `state`), merge scan and level-map fill in Triton |
@@ -35,9 +36,11 @@ __all__ = ["segment", "segmentation_stats", "SegmentationStats"]
 
 def segment(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, S0: Tensor, n0: Tensor, I0: Tensor,
             m0: Tensor, Z0: Tensor, zz0: Tensor, N0: Tensor, step0: Tensor, levels: int, policy: str, score: str,
-            tau: float, chunk_size: int):
-    """`dla::segment` on the tensors' device; outputs as `dla/compile/SCHEMAS.md` lays them out."""
-    args = (k, v, g, beta, S0, n0, I0, m0, Z0, zz0, N0, step0, levels, policy, score, tau, chunk_size)
+            tau: float, chunk_size: int, end: Tensor | None = None):
+    """`dla::segment` on the tensors' device; outputs as `dla/compile/SCHEMAS.md` lays them out.
+    `end [B]`: row `b` holds `end[b]` tokens and then padding (`ends.py`); each kernel freezes
+    the map after it."""
+    args = (k, v, g, beta, S0, n0, I0, m0, Z0, zz0, N0, step0, levels, policy, score, tau, chunk_size, end)
     if k.is_cuda:
         return segment_triton(*args)
     return segment_cpu(*args)

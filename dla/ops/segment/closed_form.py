@@ -24,12 +24,13 @@ def _untouched_dla_fields(I_like: Tensor, Z0: Tensor, zz0: Tensor, dt):
     return torch.zeros(I_like.shape, dtype=dt, device=I_like.device), Z0.to(dt).clone(), zz0.to(dt).clone()
 
 
-def segment_fenwick(k, v, n0, m0, Z0, zz0, step0, L: int):
+def segment_fenwick(k, v, n0, m0, Z0, zz0, step0, L: int, end: Tensor | None = None):
     """Closed form in plain torch on any device (the Triton launcher uses it too).
     Level ℓ ≥ 1 at absolute position p holds [(p>>ℓ)<<ℓ, ((p>>ℓ)<<ℓ) + 2^(ℓ−1)) iff bit ℓ−1 of p
     is set; level 0 holds p. An initial cache (slot i = level K−1−i at time step0 − 1, at
     pseudo-position −1 − level) is folded in: a level reaching back before step0 starts at the
-    oldest non-empty initial bucket it contains."""
+    oldest non-empty initial bucket it contains. `end [B]`: the final counts are those after step
+    `end − 1` (rows that end early, `ends.py`)."""
     B, T, H, _ = k.shape
     dev, dt, K = k.device, state_dtype(k.dtype), L
     step = step0.to(torch.int64).to(dev)  # [B]
@@ -62,17 +63,20 @@ def segment_fenwick(k, v, n0, m0, Z0, zz0, step0, L: int):
     level_start = level_start.to(torch.int32).permute(0, 2, 1, 3).contiguous()
 
     # final counts: slot i holds level K − 1 − i
-    final = count[:, -1][:, None].expand(B, H, L).clone()  # [B, H, L] by level
+    last = torch.full((B,), T - 1, dtype=torch.int64, device=dev) if end is None else end.to(dev) - 1
+    final = count[torch.arange(B, device=dev), last][:, None].expand(B, H, L).clone()  # [B, H, L] by level
     carried = torch.zeros(B, H, L + 1, dtype=torch.int64, device=dev)
-    carried.scatter_add_(-1, idx[:, :, -1], torch.where(valid, n0.to(torch.int64), 0))
+    last_idx = idx.gather(2, last.view(B, 1, 1, 1).expand(B, H, 1, K))[:, :, 0]
+    carried.scatter_add_(-1, last_idx, torch.where(valid, n0.to(torch.int64), 0))
     n = (final + carried[..., :L]).flip(-1).contiguous()
     m = torch.full((B, H), K, dtype=torch.int64, device=dev)
     I, Z, zz = _untouched_dla_fields(n, Z0, zz0, dt)
     return level_start, n, I, m, Z, zz
 
 
-def segment_single(k, v, n0, m0, Z0, zz0, L: int):
-    """Everything at rank 0: from the oldest non-empty initial slot (position i − m0) or token 0."""
+def segment_single(k, v, n0, m0, Z0, zz0, L: int, end: Tensor | None = None):
+    """Everything at rank 0: from the oldest non-empty initial slot (position i − m0) or token 0.
+    `end [B]`: the rank-0 count takes the first `end` tokens only."""
     B, T, H, _ = k.shape
     dev, dt, K = k.device, state_dtype(k.dtype), L
     slot = torch.arange(K, device=dev)
@@ -81,7 +85,8 @@ def segment_single(k, v, n0, m0, Z0, zz0, L: int):
     level_start = torch.full((B, T, H, L), EMPTY, dtype=torch.int32, device=dev)
     level_start[..., 0] = oldest[:, None, :].to(torch.int32)
     n = torch.zeros(B, H, K, dtype=torch.int64, device=dev)
-    n[..., 0] = T + torch.where(valid, n0.to(torch.int64), 0).sum(-1)
+    length = T if end is None else end.to(dev).view(B, 1)
+    n[..., 0] = length + torch.where(valid, n0.to(torch.int64), 0).sum(-1)
     m = torch.ones(B, H, dtype=torch.int64, device=dev)
     I, Z, zz = _untouched_dla_fields(n, Z0, zz0, dt)
     return level_start, n, I, m, Z, zz

@@ -42,6 +42,7 @@ from torch import Tensor
 from dla.ops.levels import EMPTY
 from dla.ops.segment.closed_form import segment_fenwick, segment_single
 from dla.ops.segment.detect import readout_products
+from dla.ops.segment.ends import drop_padding_count, frozen
 from dla.ops.segment.events import compact_events, segment_drift
 from dla.ops.state import EPS, state_dtype
 from dla.ops.validation import check_fenwick_levels, check_segment_options
@@ -55,23 +56,28 @@ __all__ = ["segment_cpu"]
 def segment_cpu(
     k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, S0: Tensor, n0: Tensor, I0: Tensor, m0: Tensor,
     Z0: Tensor, zz0: Tensor, N0: Tensor, step0: Tensor, levels: int, policy: str, score: str, tau: float,
-    chunk_size: int,
+    chunk_size: int, end: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`(level_start [B,T,H,L] int32, n [B,H,K] int64, I [B,H,K], m [B,H] int64, Z [B,H,Dk,Dv],
-    zz [B,H], N [B,H])`, floats in the state dtype; see SCHEMAS.md for the encoding."""
+    zz [B,H], N [B,H])`, floats in the state dtype; see SCHEMAS.md for the encoding. `end [B]`:
+    rows that end early (`ends.py`)."""
     check_segment_options(levels, policy, score, chunk_size)
     with torch.no_grad():
         if policy == "dla" and score == "drift":
-            return segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, levels, float(tau), int(chunk_size),
-                                 readout_products, _merge_events)
+            return frozen(segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, levels, float(tau),
+                                        int(chunk_size), readout_products, _merge_events, end), end)
         N = N0.to(state_dtype(k.dtype)).clone()
         if policy == "dla":
-            return (*_segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size)), N)
-        T = k.shape[1]
+            level_start, n, I, m, Z, zz = _segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau),
+                                                       int(chunk_size), end)
+            if end is not None:
+                n = drop_padding_count(n, m, k.shape[1], end)
+            return frozen((level_start, n, I, m, Z, zz, N), end)
+        T = k.shape[1] if end is None else int(end.max())
         if policy == "fenwick":
             check_fenwick_levels(levels, step0, T)
-            return (*segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels), N)
-        return (*segment_single(k, v, n0, m0, Z0, zz0, levels), N)
+            return frozen((*segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels, end), N), end)
+        return frozen((*segment_single(k, v, n0, m0, Z0, zz0, levels, end), N), end)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,15 +139,16 @@ def _level_map(start_rows: Tensor, m_rows: Tensor, B: int, H: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _segment_dla(k, v, n0, I0, m0, Z0, zz0, K: int, score: str, tau: float, C: int):
+def _segment_dla(k, v, n0, I0, m0, Z0, zz0, K: int, score: str, tau: float, C: int, end: Tensor | None = None):
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     N, dev = B * H, k.device
     dt = state_dtype(k.dtype)
     kh = k.detach().to(dt).permute(0, 2, 1, 3).reshape(N, T, Dk)
     vh = v.detach().to(dt).permute(0, 2, 1, 3).reshape(N, T, Dv)
+    row_end = None if end is None else end.to(dev).repeat_interleave(H)  # [N]
     scan = _DlaScan(n0.reshape(N, K), I0.reshape(N, K), m0.reshape(N), Z0.reshape(N, Dk, Dv), zz0.reshape(N),
-                    score, tau, dt)
+                    score, tau, dt, row_end)
 
     # What needs no sequential state (the Gram, its suffix sums, ss) is computed for a group of
     # chunks at once; per chunk remain the base term and the Z update, inside the scan.
@@ -179,11 +186,13 @@ class _DlaScan:
     some row opens a block — and at the end. `Z` is the open block's content at the current
     chunk's start, `zz` its squared norm (by the update rule), `bstart` its first position
     (−1 for the initial open block). Each event snapshots `(starts, m)`; `snap_of[t]` names
-    the snapshot that holds after step t."""
+    the snapshot that holds after step t. `end [N]`: steps `t ≥ end` are padding (`ends.py`): they
+    open nothing and add no information; the caller drops them from the open slot's count."""
 
-    def __init__(self, n0, I0, m0, Z0, zz0, score: str, tau: float, dt):
+    def __init__(self, n0, I0, m0, Z0, zz0, score: str, tau: float, dt, end: Tensor | None = None):
         N, K = n0.shape
         dev = n0.device
+        self.end = end
         self.K, self.tau, self.dt, self.token_score = K, tau, dt, score == "token"
         self.slot = torch.arange(K, device=dev)
         self.rows = torch.arange(N, device=dev)
@@ -237,6 +246,10 @@ class _DlaScan:
                 first = m == 0  # the first token of a sequence opens the first slot, unscored
                 opens = opens | first
                 info = info.masked_fill(first, 0.0)
+            if self.end is not None:
+                padding = t >= self.end
+                opens = opens & ~padding
+                info = info.masked_fill(padding, 0.0)
             if not bool(opens.any()):  # every row absorbs t into its open block
                 cur_I.add_(info)
                 zz.add_(c, alpha=2).add_(s)

@@ -71,18 +71,21 @@ class Detection(NamedTuple):
 
 
 def detect_drift(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, Sg0: Tensor, N0: Tensor,
-                 m0: Tensor, tau: float, chunk_size: int, products: Callable) -> Detection:
+                 m0: Tensor, tau: float, chunk_size: int, products: Callable, end: Tensor | None = None) -> Detection:
     """`I_t`, the boundary flags and the final `N` under `drift` (module doc). `products` computes
     `(p_t, ρ_t)` from `(k, v, g, beta, Sg0, chunk_size)`: `readout_products` or, in the CUDA
-    kernel, `detect_triton.readout_products_triton`."""
+    kernel, `detect_triton.readout_products_triton`. `end [B]`: `N` after step `end − 1` (rows
+    that end early, `dla.ops.segment.ends`)."""
     p, rr = products(k, v, g, beta, Sg0, chunk_size)
-    return drift_scores(p, rr, k, v, g, beta, N0, m0 == 0, tau)
+    return drift_scores(p, rr, k, v, g, beta, N0, m0 == 0, tau, end)
 
 
 def drift_scores(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None,
-                 N0: Tensor, first_unscored: Tensor, tau: float) -> Detection:
+                 N0: Tensor, first_unscored: Tensor, tau: float, end: Tensor | None = None) -> Detection:
     """The scalar tail: `N` by its recurrence, `cos`, `I`, the flags, from `p_t` and `ρ_t = ‖r_t‖²`
-    (`[B,H,T]`). `first_unscored [B,H]`: the call's first token opens the first slot unscored."""
+    (`[B,H,T]`). `first_unscored [B,H]`: the call's first token opens the first slot unscored.
+    `end [B]`: the final `N` is read after step `end − 1` (the doubling gives step `t` the same
+    operations whatever follows it)."""
     dt = p.dtype
     kappa = _heads_first(k.to(dt).pow(2).sum(-1))
     nu = _heads_first(v.to(dt).pow(2).sum(-1))
@@ -101,7 +104,11 @@ def drift_scores(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor | None, 
     first = torch.zeros_like(info, dtype=torch.bool)
     first[..., 0] = first_unscored
     info = info.masked_fill(first, 0.0)
-    return Detection(info=info, flag=(info >= tau) | first, N=N[..., -1].clone())
+    if end is None:
+        last = N[..., -1]
+    else:
+        last = N.gather(-1, (end.to(N.device) - 1).view(-1, 1, 1).expand(*N.shape[:2], 1))[..., 0]
+    return Detection(info=info, flag=(info >= tau) | first, N=last.clone())
 
 
 def linear_recurrence(alpha: Tensor, b: Tensor, x0: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dla.ops.segment.detect import detect_drift
+from dla.ops.segment.ends import clear_padding, drop_padding_count
 from dla.ops.state import state_dtype
 
 __all__ = ["Events", "compact_events", "open_block", "segment_drift"]
@@ -69,15 +70,21 @@ def open_block(k: Tensor, v: Tensor, flag: Tensor, Z0: Tensor, dt: torch.dtype) 
 
 
 def segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, K: int, tau: float, chunk_size: int, products,
-                  merge_events):
+                  merge_events, end: Tensor | None = None):
     """`dla` under `drift` on any device: the detection stage with the kernel's `products` (see
     `detect_drift`), its `merge_events(info, flag, n0, I0, m0, K) -> (level_start [B,T,H,K] int32,
-    n, I, m)` (merge scan and level-map fill), and the final open block."""
+    n, I, m)` (merge scan and level-map fill), and the final open block. `end [B]`: rows that end
+    early (`ends.py`)."""
     dt = state_dtype(k.dtype)
     live = torch.arange(K, device=k.device) < m0[..., None]
     Sg0 = torch.where(live[..., None, None], S0.to(dt), 0.0).sum(2)  # S^g before the call
     g, beta = (None if x is None else x.detach() for x in (g, beta))
-    det = detect_drift(k.detach(), v.detach(), g, beta, Sg0, N0, m0, tau, chunk_size, products)
-    level_start, n, I, m = merge_events(det.info, det.flag, n0, I0, m0, K)
-    Z, zz = open_block(k, v, det.flag, Z0, dt)
+    det = detect_drift(k.detach(), v.detach(), g, beta, Sg0, N0, m0, tau, chunk_size, products, end)
+    info, flag = det.info, det.flag
+    if end is not None:
+        info, flag = clear_padding(info, flag, end)
+    level_start, n, I, m = merge_events(info, flag, n0, I0, m0, K)
+    if end is not None:
+        n = drop_padding_count(n, m, k.shape[1], end)
+    Z, zz = open_block(k, v, flag, Z0, dt)
     return level_start, n, I, m, Z, zz, det.N

@@ -59,7 +59,8 @@ from dla.ops.levels import EMPTY
 from dla.ops.segment.closed_form import segment_fenwick, segment_single
 from dla.ops.segment.detect import readout_products
 from dla.ops.segment.detect_triton import readout_products_triton
-from dla.ops.segment.events import compact_events, segment_drift
+from dla.ops.segment.ends import clear_padding, drop_padding_count, frozen
+from dla.ops.segment.events import compact_events, open_block, segment_drift
 from dla.ops.state import EPS, state_dtype
 from dla.ops.triton_utils import interpreting, pow2
 from dla.ops.validation import check_fenwick_levels, check_segment_options
@@ -445,11 +446,18 @@ def dla_walk(k: Tensor, v: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, score: s
 
 
 def segment_dla(k: Tensor, v: Tensor, n0: Tensor, I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor,
-                levels: int, score: str, tau: float, chunk_size: int, piece: int | None = None):
+                levels: int, score: str, tau: float, chunk_size: int, piece: int | None = None,
+                end: Tensor | None = None):
     """`dla` under `token` or `state`: the boundary walk, the merge scan over boundary events, the
-    level map."""
+    level map. `end [B]`: rows that end early (`ends.py`); the walk may flag padding and restart
+    its open block there, so the final block is taken from the cleared flags instead."""
     info, flag, Z, zz = dla_walk(k, v, m0, Z0, zz0, score, tau, chunk_size, piece)
+    if end is not None:
+        info, flag = clear_padding(info, flag, end)
+        Z, zz = open_block(k, v, flag, Z0, info.dtype)
     level_start, n, I, m = merge_events(info, flag, n0, I0, m0, levels)
+    if end is not None:
+        n = drop_padding_count(n, m, k.shape[1], end)
     return level_start, n, I, m, Z.contiguous(), zz.contiguous()
 
 
@@ -481,7 +489,7 @@ def merge_events(info: Tensor, flag: Tensor, n0: Tensor, I0: Tensor, m0: Tensor,
 
 def segment_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, S0: Tensor, n0: Tensor,
                    I0: Tensor, m0: Tensor, Z0: Tensor, zz0: Tensor, N0: Tensor, step0: Tensor, levels: int,
-                   policy: str, score: str, tau: float, chunk_size: int):
+                   policy: str, score: str, tau: float, chunk_size: int, end: Tensor | None = None):
     """`dla::segment` on the GPU: `(level_start [B,T,H,L] int32, n [B,H,K] int64, I [B,H,K],
     m [B,H] int64, Z [B,H,Dk,Dv], zz [B,H], N [B,H])`, floats in the state dtype (SCHEMAS.md; `N`
     advances under `drift` with `dla` only, as in the CPU kernel)."""
@@ -493,15 +501,16 @@ def segment_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, 
         if policy == "dla" and score == "drift":
             # float64 products are IEEE in torch on any device; below it the Triton ones
             products = readout_products if k.dtype == torch.float64 else readout_products_triton
-            return segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, levels, float(tau), int(chunk_size),
-                                 products, merge_events)
+            return frozen(segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, levels, float(tau),
+                                        int(chunk_size), products, merge_events, end), end)
         N = N0.to(state_dtype(k.dtype)).clone()
         if policy == "dla":
-            return (*segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size)), N)
+            return frozen((*segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size),
+                                        end=end), N), end)
         if policy == "fenwick":
             # the check reads `step` on the host, which a CUDA graph being captured (the compiled
             # decode step) cannot do; there the request was bounded up front (generate.max_context)
             if not (k.is_cuda and torch.cuda.is_current_stream_capturing()):
-                check_fenwick_levels(levels, step0, k.shape[1])
-            return (*segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels), N)
-        return (*segment_single(k, v, n0, m0, Z0, zz0, levels), N)
+                check_fenwick_levels(levels, step0, k.shape[1] if end is None else int(end.max()))
+            return frozen((*segment_fenwick(k, v, n0, m0, Z0, zz0, step0, levels, end), N), end)
+        return frozen((*segment_single(k, v, n0, m0, Z0, zz0, levels, end), N), end)
