@@ -315,4 +315,5 @@ def test_gpu_matches_chunked_float64(policy, T, Dk, Dv, K, has_g, initial, dtype
     dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64).cuda()
     # inputs rounded to the tested dtype, so the float64 reference sees exactly what the kernel sees
     x = cast(t, dtype)
-    assert_matches_float64(masked_forward, masked_backward, x, do.to(dtype), dS, ls, S0, scale)
+    assert_matches_float64(lambda *a: masked_forward(*a, scale, 64), lambda do, dS, *a: masked_backward(do, dS, *a, scale, 64),
+                           x, do.to(dtype), dS, ls, S0, scale)

@@ -320,4 +320,5 @@ def test_gpu_matches_chunked_float64(policy, B, H, T, Dk, Dv, K, has_g, initial,
     do = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64).cuda()
     dS = torch.randn(S0.shape, generator=gen, dtype=torch.float64).cuda()
     x = cast(t, dtype)  # q, k, v, λ in dtype; g, β in float32 (as gates usually are)
-    assert_matches_float64(scan_forward, scan_backward, x, do.to(dtype), dS, ls, S0, scale)
+    assert_matches_float64(lambda *a: scan_forward(*a, scale, 64), lambda do, dS, *a: scan_backward(do, dS, *a, scale, 64),
+                           x, do.to(dtype), dS, ls, S0, scale)
