@@ -87,7 +87,7 @@ MUTANTS = [
            "objects_backward", "(decay[..., None, None] * dSc)[valid]", "dSc[valid]",
            ("tests/test_readout.py::test_backward_matches_reference_autograd",
             "tests/test_readout.py::test_backward_gradcheck[dla-g]")),
-    Mutant("operator: the initial slots reach the readout oldest first", dla.operator, "multistate_attention",
+    Mutant("operator: the initial slots reach the readout oldest first", dla.operator, "_attend",
            "reverse_live_slots(state.S, state.m), p.scale", "state.S, p.scale",
            ("tests/test_ops.py::test_continues_from_an_initial_state",)),
     Mutant("object plan: each chunk reads the partition of the row before its start", dla.ops.readout.plan,
