@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
-from hypothesis import event
+from hypothesis import event, example
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 
@@ -105,6 +105,30 @@ def decisive(draw, score: str, max_length: int, min_length: int = 1, decay: bool
         taus = [0.3, 0.6]
     return dict(levels=levels, length=length, inputs=inputs, tau=draw(st.sampled_from(taus)), mean_regime=mean_regime,
                 log_decay=FORGETFUL if score == "drift" else draw(st.sampled_from([GENTLE, FORGETFUL])))
+
+
+@st.composite
+def token_map_fields(draw, policy: str, max_length: int, initial: bool) -> dict:
+    """The map fields of a readout test's draw under `token`: `decisive` for `dla`; for the closed
+    forms any length and 2–6 levels, `fenwick` given enough for a `random_cache` before the call
+    (`initial`), which leaves `step = 5`."""
+    if policy == "dla":
+        return draw(decisive("token", max_length))
+    length = draw(st.integers(1, max_length))
+    levels = draw(st.integers(2, 6))
+    if policy == "fenwick":
+        levels = max(levels, fenwick_levels(length, offset=5 if initial else 0))
+    return dict(length=length, levels=levels, tau=0.6, inputs=draw(st.sampled_from(["gaussian", "piecewise"])),
+                mean_regime=4.0)
+
+
+def with_examples(draws):
+    """Decorator: `@example` each of `draws` (explicit edge cases beside a strategy's own)."""
+    def wrap(fn):
+        for drawn in draws:
+            fn = example(drawn)(fn)
+        return fn
+    return wrap
 
 
 @st.composite

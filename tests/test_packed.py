@@ -18,7 +18,7 @@ from dla import multistate_attention
 from dla.ops.state import MultiStateCache
 from dla.testing import triton_interpreter
 from tests.strategies import (
-    build, cases, claims_decisions, comparable, fenwick_levels, information_close, naive_segmentation,
+    Case, build, cases, claims_decisions, comparable, fenwick_levels, information_close, naive_segmentation,
     random_cache, relative_error, tally_draw,
 )
 
@@ -136,8 +136,6 @@ INTERPRETER_CASES = [  # (policy, score, transition)
 def test_triton_kernels_pack_like_the_separate_calls(policy, score, transition):
     """The Triton kernels through the interpreter (segmentation, readout or backbone, backward):
     the packed call's outputs, final caches and gradients against the separate calls, float32."""
-    from tests.strategies import Case
-
     lengths = [9, 0, 1, 20]  # an empty sequence, a lone token, ends inside a chunk
     case = Case(batch=1, length=20, heads=1, dk=16, dv=16, levels=6, policy=policy, transition=transition,
                 score=score, tau=0.3, inputs="piecewise", mean_regime=3.0, seed=7, chunk_size=16)
@@ -183,8 +181,6 @@ def test_compiled_packed_call_is_one_graph():
 
 
 def build_case():
-    from tests.strategies import Case
-
     return Case(batch=1, length=16, heads=2, dk=4, dv=3, levels=3, policy="dla", transition="g", score="drift",
                 tau=0.3, inputs="gaussian", mean_regime=2.0, seed=3)
 

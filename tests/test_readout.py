@@ -23,8 +23,8 @@ from dla.ops.readout.chunked import level_of_by_search
 from dla.ops.reference import multistate_attention_materialized, segment_naive
 from dla.ops.state import MultiStateCache
 from tests.strategies import (
-    POLICIES, TRANSITIONS, Case, build, claims_decisions, decisive, fenwick_levels, map_decisions, random_cache,
-    relative_error, tally_draw,
+    POLICIES, TRANSITIONS, Case, build, claims_decisions, map_decisions, random_cache,
+    relative_error, tally_draw, token_map_fields,
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # SPEC §6
@@ -122,15 +122,7 @@ def readout_cases(draw, policies=("dla", "dla") + POLICIES[1:], transitions=TRAN
     """`(case, initial?, dtype, step)`: `dla` maps that reach capacity merges (`decisive`)."""
     policy = draw(st.sampled_from(policies))
     initial = draw(st.booleans())
-    if policy == "dla":
-        fields = draw(decisive("token", max_length))
-    else:
-        length = draw(st.integers(1, max_length))
-        levels = draw(st.integers(2, 6))
-        if policy == "fenwick":  # random_cache leaves step = 5 for the warm-up
-            levels = max(levels, fenwick_levels(length, offset=5 if initial else 0))
-        fields = dict(length=length, levels=levels, tau=0.6, inputs=draw(st.sampled_from(["gaussian", "piecewise"])),
-                      mean_regime=4.0)
+    fields = draw(token_map_fields(policy, max_length, initial))
     case = Case(
         batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 2)), dk=draw(st.integers(1, 5)),
         dv=draw(st.integers(1, 4)), policy=policy, transition=draw(st.sampled_from(transitions)), score="token",

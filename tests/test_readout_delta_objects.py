@@ -30,7 +30,8 @@ from dla.ops.reference import (
 )
 from dla.ops.state import MultiStateCache
 from tests.strategies import (
-    Case, build, claims_decisions, decisive, fenwick_levels, random_cache, relative_error, tally_draw,
+    Case, build, claims_decisions, fenwick_levels, random_cache, relative_error, tally_draw,
+    token_map_fields,
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # SPEC §6
@@ -76,15 +77,7 @@ def delta_cases(draw, policies=("dla", "dla", "fenwick"), max_length=24, dtypes=
     """A `Drawn`; `dla` draws are `tests.strategies.decisive` (most reach capacity merges)."""
     policy = draw(st.sampled_from(policies))
     initial = draw(st.booleans())
-    if policy == "dla":
-        fields = draw(decisive("token", max_length))
-    else:
-        length = draw(st.integers(1, max_length))
-        levels = draw(st.integers(2, 6))
-        if policy == "fenwick":  # random_cache leaves step = 5 for the warm-up
-            levels = max(levels, fenwick_levels(length, offset=5 if initial else 0))
-        fields = dict(length=length, levels=levels, tau=0.6, inputs=draw(st.sampled_from(["gaussian", "piecewise"])),
-                      mean_regime=4.0)
+    fields = draw(token_map_fields(policy, max_length, initial))
     case = Case(
         batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 2)), dk=draw(st.integers(1, 5)),
         dv=draw(st.integers(1, 4)), policy=policy, transition=draw(st.sampled_from(["beta", "both"])), score="token",

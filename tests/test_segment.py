@@ -29,7 +29,7 @@ from dla.ops.validation import SCORES
 from dla.run.synthetic import piecewise_stationary
 from tests.strategies import (
     DELTA, EXACT, EXACT_BETA, FORGETFUL, GENTLE, I_TOL, TRANSITIONS, claims_decisions, decisive, designed_stream,
-    fenwick_levels, relative_error, tally_draw,
+    fenwick_levels, relative_error, tally_draw, with_examples,
 )
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -238,14 +238,6 @@ EXACT_CASES = {
                                               levels=3, tau=2.0, chunk_size=1, dtype="float64", warm=3,
                                               transition="g"),
 }
-
-
-def with_examples(cases):
-    def wrap(fn):
-        for case in cases:
-            fn = example(case)(fn)
-        return fn
-    return wrap
 
 
 @claims_decisions()

@@ -31,6 +31,7 @@ from dla.run.synthetic import piecewise_stationary
 from tests.strategies import (
     DELTA, TRANSITIONS, Case, build, claims_decisions, comparable, decisive, fenwick_levels, information_close,
     naive_segmentation, poisoned_empty, random_cache, relative_error, tally_draw, well_conditioned,
+    with_examples,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,14 +39,6 @@ FAST = dict(deadline=None, database=None, derandomize=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 BASE = dict(batch=1, heads=1, dk=16, dv=16, transition="none", score="token", inputs="piecewise",
             mean_regime=4.0, seed=3, chunk_size=16)
-
-
-def with_examples(draws):
-    def wrap(fn):
-        for drawn in draws:
-            fn = example(drawn)(fn)
-        return fn
-    return wrap
 
 
 def cache_args(state: MultiStateCache, device=DEVICE):

@@ -68,11 +68,8 @@ def segment_cpu(
                                         int(chunk_size), readout_products, _merge_events, end), end)
         N = N0.to(state_dtype(k.dtype)).clone()
         if policy == "dla":
-            level_start, n, I, m, Z, zz = _segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau),
-                                                       int(chunk_size), end)
-            if end is not None:
-                n = drop_padding_count(n, m, k.shape[1], end)
-            return frozen((level_start, n, I, m, Z, zz, N), end)
+            return frozen((*_segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size),
+                                         end), N), end)
         T = k.shape[1] if end is None else int(end.max())
         if policy == "fenwick":
             check_fenwick_levels(levels, step0, T)
@@ -174,7 +171,10 @@ def _segment_dla(k, v, n0, I0, m0, Z0, zz0, K: int, score: str, tau: float, C: i
                 c0 = (g0 + ci) * C
                 c1 = min(c0 + C, T)
                 scan.chunk(c0, kh[:, c0:c1], vh[:, c0:c1], suf[:, ci], ss[ci])
-    return scan.result(B, H)
+    level_start, n, I, m, Z, zz = scan.result(B, H)
+    if end is not None:
+        n = drop_padding_count(n, m, T, end)
+    return level_start, n, I, m, Z, zz
 
 
 class _DlaScan:
