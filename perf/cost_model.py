@@ -63,7 +63,7 @@ def predict(starts: torch.Tensor, shapes: cost.Shapes, arch: cost.Arch = cost.H1
     capacity, masters = cost.pool_capacity(T, shapes.K, shapes.Dk, shapes.Dv, shapes.itemsize, shapes.C)
     plan = build_plan(starts, torch.zeros(B, dtype=torch.int64, device=starts.device), shapes.C, capacity, masters)
     n = {name: x.cpu() for name, x in cost.plan_counts(plan).items()}
-    objects = cost.takes_objects(shapes, plan, arch).cpu() & torch.tensor(not cost.decode_sized(T, shapes.C))
+    objects = cost.takes_objects(plan).cpu() & torch.tensor(not cost.decode_sized(T, shapes.C))
     N = plan.read.shape[0]
     shared = {name: (f * N, b * N) for name, (f, b) in
               {**cost.segmentation_kernel(shapes), **cost.shared_kernels(shapes)}.items()}

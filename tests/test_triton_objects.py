@@ -223,21 +223,19 @@ def test_decode_sized_calls_take_the_dense_path_from_shapes(device):
     assert plan is None and not mode.any()
 
 
-def test_the_rule_weighs_the_plan_against_the_dense_path():
-    """`cost.takes_objects`: a sparse long plan takes objects, a boundary-dense one the dense
-    path, and an overflowing plan never objects; all from the plan's counts."""
+def test_the_rule_takes_objects_wherever_the_plan_fits_the_pool():
+    """`cost.takes_objects`: a sparse long plan fits and takes objects, a boundary-dense one
+    overflows the pool and takes the dense path; the same dense map in a roomy pool fits and
+    takes objects; all from the plan alone."""
     T, K, D = 4096, 16, 128
-    shapes = cost.Shapes(T=T, K=K, Dk=D, Dv=D, itemsize=2)
     sparse = dla_map(1, T, 2, K, 0, 1 / 128, seed=0)
     dense = dla_map(1, T, 2, K, 0, 0.9, seed=0)
-    arch = cost.ARCHITECTURES["H100"][1]
     zero = torch.zeros(1, dtype=torch.int64)
     P, M = cost.pool_capacity(T, K, D, D, 2)
-    assert cost.takes_objects(shapes, build_plan(sparse, zero, 64, P, M), arch).all()
+    assert cost.takes_objects(build_plan(sparse, zero, 64, P, M)).all()
     dense_plan = build_plan(dense, zero, 64, P, M)
-    assert dense_plan.overflow.all() and not cost.takes_objects(shapes, dense_plan, arch).any()
-    roomy = build_plan(dense, zero, 64)
-    assert not cost.takes_objects(shapes, roomy, arch).any()  # it fits, but costs more than the dense path
+    assert dense_plan.overflow.all() and not cost.takes_objects(dense_plan).any()
+    assert cost.takes_objects(build_plan(dense, zero, 64)).all()
 
 
 def test_rejects_float64_and_unknown_precision():

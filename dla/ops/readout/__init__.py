@@ -17,9 +17,8 @@ The references are `dla.ops.reference.multistate_attention_materialized` (the ma
 
 The rule (`readout_forward`, `readout_backward`): CPU tensors (and float64 ones on any device)
 take the torch kernels — objects without `β`, the chunked form with it. On CUDA, `β` takes the scan; without `β` each head takes
-the object kernels or the dense ones by `cost.takes_objects` — the plan fits the pool bound
-(derived from the memory target) and the object kernels' roofline time on the card's row of
-`cost.ARCHITECTURES` is at most the dense kernels' — evaluated on the device, so no host read
+the object kernels or the dense ones by `cost.takes_objects` — objects whenever the plan fits
+the pool bound (derived from the memory target) — evaluated on the device, so no host read
 happens; a call of at most one chunk (decode) is dense from its shapes alone. Results agree to
 rounding (all kernels are held to the same oracles): the choice is one of speed and memory.
 """

@@ -66,9 +66,14 @@ dense path.
 
 The rule
 ========
-Per head: objects iff the plan fits the pool and its roofline time is at most the dense path's
-(the kernels both paths share — segmentation, `G`, the level map's running minimum — left out).
-Calls of at most one chunk (decode) take the dense path by shapes alone: no plan, no count.
+Per head: objects iff the plan fits the pool. Calls of at most one chunk (decode) take the dense
+path by shapes alone: no plan. The rule once also asked that the object kernels' roofline be at
+most the dense kernels'; on an H100 that ranking was wrong wherever the two disagreed — the masked
+kernels run an order of magnitude below their tensor-core roofline (per-pair level masking on the
+CUDA cores, two launches per pass), the object kernels much closer to theirs, so every head that
+fits ran faster on objects (`perf/results/rule-h100.md`) — and counting the plan on the device
+cost a sizeable share of the readout itself. The kernel counts
+stay for `perf.cost_model`'s predictions.
 """
 
 from __future__ import annotations
@@ -282,10 +287,6 @@ def decode_sized(T: int, C: int = 64) -> bool:
     return T <= C
 
 
-def takes_objects(s: Shapes, plan: Plan, arch: Arch) -> Tensor:
-    """`[N]` bool on the plan's device: the plan fits the pool and the object kernels' roofline
-    is at most the dense kernels' (module doc)."""
-    n = plan_counts(plan)
-    t_obj = roofline_s(object_kernels(s, n), arch)
-    t_dense = roofline_s(dense_kernels(s, n), arch)
-    return ~plan.overflow & (t_obj <= t_dense)
+def takes_objects(plan: Plan) -> Tensor:
+    """`[N]` bool on the plan's device: the plan fits the pool (module doc, "The rule")."""
+    return ~plan.overflow

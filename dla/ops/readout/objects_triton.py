@@ -749,8 +749,9 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
 
 def row_modes(x: _Prepared, level_start: Tensor, step: Tensor | None, objects: Tensor | None = None):
     """`(plan or None, mode [N] int32)`: 1 where a row takes the object kernels, by the stage's
-    rule (`cost.takes_objects`, evaluated on the device) or as `objects [N]` asks (rows whose plan
-    overflows the pool stay dense). A call of at most one chunk is dense from its shapes alone."""
+    rule (`cost.takes_objects`: the plan fits the pool, evaluated on the device) or as `objects
+    [N]` asks (rows whose plan overflows the pool stay dense). A call of at most one chunk is
+    dense from its shapes alone."""
     C = config(x.interpreted)["C"]
     if cost.decode_sized(x.T, C) and objects is None:
         return None, x.all_dense()
@@ -758,10 +759,8 @@ def row_modes(x: _Prepared, level_start: Tensor, step: Tensor | None, objects: T
     itemsize = x.q.element_size()
     P, M = cost.pool_capacity(x.T, x.L, x.dk, x.dv, itemsize, C)
     plan = build_plan(level_start, step, C, P, M)
-    if objects is None:
-        shapes = cost.Shapes(T=x.T, K=x.L, Dk=x.dk, Dv=x.dv, itemsize=itemsize, C=C)
-        objects = cost.takes_objects(shapes, plan, cost.arch_of(x.q.device))
-    return plan, (objects & ~plan.overflow).to(torch.int32)
+    fits = cost.takes_objects(plan)
+    return plan, (fits if objects is None else objects & fits).to(torch.int32)
 
 
 def mixed_forward(q, k, v, lam, g, level_start, S0, scale: float, step=None, *, input_precision: str | None = None,
