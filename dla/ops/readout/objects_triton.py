@@ -35,7 +35,7 @@ Kernels and buffers
   `X = W ⊗ q` built on the fly.
 * `_bwd_objects_kernel` — one program per (object with a master, row, state tile): `D_E` over the
   chunks that read it (an object is read by a contiguous range of chunks), plus the final `dS`;
-  into `DBUF [N, M−L, Dk, Dv]` float32 (`dS0` for the initial slots).
+  into `DBUF [N, M−L, Dk, Dv]` float32 (`dS0` for the initial slots); and `dg`'s crossing terms.
 * `_pushdown_kernel` — one program per (row, state tile), chunks in reverse: each new object's
   `D` (its `DBUF` entry, or for a `Λ_c` without master its one chunk's `Σ W q dOᵀ`, formed here)
   plus what its child pushed, written as a copy (`DTOT`, input dtype) for the token gradients;
@@ -43,8 +43,18 @@ Kernels and buffers
 * `_chunk_bwd_kernel` — per (chunk, row) two programs: rows (`dq`, `dλ`, `dG` of the queries:
   band and `U`), columns (`dk`, `dv`, `dG` of the keys: band and the tokens' `D`).
 
-`dg = Σ_{u≥t} dG_u` (float64, torch). Every program of a dense head (`MODE[n] = 0`) returns at
-once. State tiles are 64×64 on the card (ptxas holds their two or three float32 tiles in
+dg. `dg_u = Σ_{t≥u} dG_t`, but not summed over the whole suffix: each `dG_t` carries the rounding
+of the 16-bit objects it read, and over thousands of tokens those roundings add up while `dg`
+itself (a sum of terms that largely cancel) stays small. As fla does with `⟨h, dh⟩` at each chunk's
+end, the sum stops at the chunk: for `u` in chunk `c`, `dg_u = Σ_{u≤t<e} dG_t + R_{c+1}`, where
+`R_c = Σ_{t ≥ start(c)} dG_t` is the derivative of the loss by a shift of every `G_t`, `t ≥
+start(c)` — which scales exactly the memory that crosses that boundary, the objects chunk `c`
+reads (`P_c`), in their own frames: `R_c = Σ_{E∈P_c} ⟨E, D_E^{≥c}⟩`, `D_E^{≥c} = D_E − D_E^{<c}`
+(`D_E` whole, with its merges' and the final state's share; `D_E^{<c}` its reads by earlier
+chunks). `_bwd_objects_kernel` adds `−⟨E, D_E^{<c}⟩` per chunk, `_pushdown_kernel` `⟨E, D_E⟩`
+over E's chunks; one float32 product per object and chunk, no sum along T (`chunk_local_dg`, in
+float64). Dense rows sum the whole suffix. Every program of a dense head (`MODE[n] = 0`) returns
+at once. State tiles are 64×64 on the card (ptxas holds their two or three float32 tiles in
 registers, at most a few bytes spilled; the build reads k `Dv/TV` and v `Dk/TK` times); the chunk
 kernels hold whole `[C, Dk]` and `[C, Dv]` tiles (C = 64). Every launch goes through
 `torch.library.wrap_triton`, with fixed grids: `dla::readout_without_beta` (`dla/compile/ops.py`)
@@ -361,14 +371,15 @@ def _chunk_fwd_kernel(Q, K, V, LAM, GH, GL, CM, COPY, MODE, STARTS, READ, FIRST,
 
 
 @triton.jit
-def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, MODE, STARTS, OBJ_FIRST, OBJ_LAST, MASTER,
-                        READ_LO, READ_HI, FINAL_RANK, T, H, NC, P, M, scale,
+def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, COPY, S0, RB, MODE, STARTS, OBJ_FIRST, OBJ_LAST,
+                        MASTER, READ_LO, READ_HI, FINAL_RANK, T, H, NC, P, M, scale,
                         L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, HAS_G: tl.constexpr,
                         PREC: tl.constexpr, NV: tl.constexpr):
     """D_E = Σ_{chunks reading E} Σ_t W[t,E] q_t dO_tᵀ (+ exp(G_{T−1} − G_e) dS_rank) for object
     `program_id(0)` with a master and [BK, BV] tile `program_id(2)` (the initial slots into dS0,
-    the others into DBUF)."""
+    the others into DBUF); and into `RB[0, n, c]` the tile's `−⟨E, D_E^{<c}⟩` for each chunk `c`
+    that reads E, `D_E^{<c}` its reads by the chunks before `c` (module doc, "dg")."""
     x = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
@@ -395,7 +406,14 @@ def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, MODE, STARTS, OBJ
     e = tl.load(OBJ_LAST + n * P + x)
     eh, el = _G(GH, GL, e, True, H, HAS_G)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
-    for c in range(tl.load(READ_LO + n * P + x), tl.load(READ_HI + n * P + x) + 1):
+    if x < L:
+        obj = tl.load(S0 + (n.to(tl.int64) * L + x) * DK * DV + tile, mask=mtile, other=0.0)
+    else:
+        obj = tl.load(COPY + (n.to(tl.int64) * P + x) * DK * DV + tile, mask=mtile, other=0.0).to(tl.float32)
+    lo = tl.load(READ_LO + n * P + x)
+    for c in range(lo, tl.load(READ_HI + n * P + x) + 1):
+        if c > lo:
+            tl.atomic_add(RB + n * (R + 1) + c, -tl.sum(obj * acc))
         cs = tl.load(STARTS + c)
         t = cs + tl.arange(0, C)
         mt = t < tl.load(STARTS + c + 1)
@@ -422,13 +440,15 @@ def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, MODE, STARTS, OBJ
 
 
 @triton.jit
-def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, MODE, STARTS, READ, NEW_IDS, NEW_COUNT,
-                     LAM_ID, OBJ_FIRST, OBJ_LAST, PAR_LO, PAR_HI, TOK_LO, TOK_HI, MASTER, FINAL_RANK,
-                     T, H, NC, P, M, scale,
+def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, COPY, S0, RB, MODE, STARTS, READ, NEW_IDS,
+                     NEW_COUNT, LAM_ID, OBJ_FIRST, OBJ_LAST, PAR_LO, PAR_HI, TOK_LO, TOK_HI, MASTER, FINAL_RANK,
+                     READ_LO, READ_HI, T, H, NC, P, M, scale,
                      L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, HAS_G: tl.constexpr,
                      PREC: tl.constexpr, NV: tl.constexpr):
-    """Down the merge tree for one row and [BK, BV] tile, newest chunk first (module doc)."""
+    """Down the merge tree for one row and [BK, BV] tile, newest chunk first (module doc); with
+    each object's whole `D_E` known, the tile's `⟨E, D_E⟩` over the chunks that read E into
+    `RB[1, n]` as differences (module doc, "dg")."""
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
         return
@@ -444,6 +464,9 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, MODE, STARTS, 
     DS0 += n.to(tl.int64) * L * DK * DV
     DBUF += n.to(tl.int64) * (M - L) * DK * DV
     DTOT += n.to(tl.int64) * P * DK * DV
+    COPY += n.to(tl.int64) * P * DK * DV
+    S0 += n.to(tl.int64) * L * DK * DV
+    RB += n * (R + 1)
     STARTS += n * R
     READ += n * R * L
     NEW_IDS += n * R * L
@@ -457,6 +480,8 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, MODE, STARTS, 
     TOK_HI += n * P
     MASTER += n * P
     FINAL_RANK += n * P
+    READ_LO += n * P
+    READ_HI += n * P
     dk0, dv0 = _tile(NV, BK, BV)
     tile, mtile = _tile_offsets(BK, BV, dk0, dv0, DK, DV)
     dk_ = dk0 + tl.arange(0, BK)
@@ -505,6 +530,13 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, MODE, STARTS, 
                 done = True
             if tl.load(TOK_LO + x) < tl.load(TOK_HI + x):
                 tl.store(DTOT + x.to(tl.int64) * DK * DV + tile, d.to(DTOT.dtype.element_ty), mask=mtile)
+            lo = tl.load(READ_LO + x)
+            hi = tl.load(READ_HI + x)
+            if lo <= hi:
+                obj = tl.load(COPY + x.to(tl.int64) * DK * DV + tile, mask=mtile, other=0.0).to(tl.float32)
+                inner = tl.sum(obj * d)
+                tl.atomic_add(RB + lo, inner)
+                tl.atomic_add(RB + hi + 1, -inner)
             for r in range(tl.load(PAR_LO + x), tl.load(PAR_HI + x) + 1):
                 pid = r
                 if c > 0:
@@ -529,6 +561,14 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, MODE, STARTS, 
             else:
                 dh_next += dh
         dh = dh_next
+    for slot in range(0, L):  # the initial slots, whose dS0 is whole now
+        lo = tl.load(READ_LO + slot)
+        hi = tl.load(READ_HI + slot)
+        if lo <= hi:
+            inner = tl.sum(tl.load(S0 + slot * DK * DV + tile, mask=mtile, other=0.0)
+                           * tl.load(DS0 + slot * DK * DV + tile, mask=mtile, other=0.0))
+            tl.atomic_add(RB + lo, inner)
+            tl.atomic_add(RB + hi + 1, -inner)
 
 
 @triton.jit
@@ -718,15 +758,17 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     del lo
     dbuf = torch.empty(N, max(M - x.L, 1), x.dk, x.dv, dtype=torch.float32, device=dev)
     dtot = torch.empty(N, P, x.dk, x.dv, dtype=x.q.dtype, device=dev)
+    # crossing[0]: −⟨E, D_E^{<c}⟩ by chunk; crossing[1]: ⟨E, D_E⟩ over E's chunks, as differences
+    crossing = torch.zeros(2, N, NC + 2, dtype=torch.float32, device=dev)
     wrap_triton(_bwd_objects_kernel)[(P, N, nt)](
-        x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, mode, pt["starts"], pt["obj_first"], pt["obj_last"],
-        pt["master"], pt["read_lo"], pt["read_hi"], pt["final_rank"], x.T, x.H, NC, P, M, float(scale), BL=x.BL,
-        **tiles, **meta)
+        x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, copies, x.S0, crossing[0], mode, pt["starts"],
+        pt["obj_first"], pt["obj_last"], pt["master"], pt["read_lo"], pt["read_hi"], pt["final_rank"], x.T, x.H, NC,
+        P, M, float(scale), BL=x.BL, **tiles, **meta)
     wrap_triton(_pushdown_kernel)[(nt, N)](
-        x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, dtot, mode, pt["starts"], pt["read"],
-        pt["new_ids"], pt["new_count"], pt["lam_id"], pt["obj_first"], pt["obj_last"], pt["par_lo"], pt["par_hi"],
-        pt["tok_lo"], pt["tok_hi"], pt["master"], pt["final_rank"], x.T, x.H, NC, P, M, float(scale), BL=x.BL,
-        **tiles, **meta)
+        x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, dtot, copies, x.S0, crossing[1], mode,
+        pt["starts"], pt["read"], pt["new_ids"], pt["new_count"], pt["lam_id"], pt["obj_first"], pt["obj_last"],
+        pt["par_lo"], pt["par_hi"], pt["tok_lo"], pt["tok_hi"], pt["master"], pt["final_rank"], pt["read_lo"],
+        pt["read_hi"], x.T, x.H, NC, P, M, float(scale), BL=x.BL, **tiles, **meta)
     del dbuf
     dgr = torch.empty(x.B, x.T, x.H, dtype=torch.float32, device=dev)
     dgc = torch.empty(x.B, x.T, x.H, dtype=torch.float32, device=dev)
@@ -739,7 +781,7 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     if final:  # the final state's gradient reaches G_{T−1}: ⟨dS, S⟩
         S = S_built
     dG[:, -1] += (dS * S).sum((-3, -2, -1))
-    return dG
+    return dG, crossing[0] + crossing[1].cumsum(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,8 +840,36 @@ def mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale: float, step=
     plan, mode = row_modes(x, level_start, step, objects)
     grads = x.gradients(q, k, v, lam)
     dG = dense_backward(x, mode, scale, do, dS, grads)  # its buffers freed before the object pool exists
-    if plan is not None:
-        dG_objects = objects_backward_triton(x, plan, mode, scale, do, dS, S, grads)
-        dG = torch.where(mode.view(B, 1, H) != 0, dG_objects.double(), dG)
-    dg = reverse_cumsum(dG, g.dtype) if g is not None else torch.zeros(B, T, H, dtype=f32, device=dev)
+    if g is None:
+        if plan is not None:
+            objects_backward_triton(x, plan, mode, scale, do, dS, S, grads)
+        return grads["dq"], grads["dk"], grads["dv"], grads["dlam"], torch.zeros(B, T, H, dtype=f32, device=dev), \
+            grads["dS0"]
+    if plan is None:
+        return grads["dq"], grads["dk"], grads["dv"], grads["dlam"], reverse_cumsum(dG, g.dtype), grads["dS0"]
+    dG_objects, crossing = objects_backward_triton(x, plan, mode, scale, do, dS, S, grads)
+    dG = torch.where(mode.view(B, 1, H) != 0, dG_objects.double(), dG)
+    dg = chunk_local_dg(reverse_cumsum(dG, torch.float64), plan.starts, crossing, mode).to(g.dtype)
     return grads["dq"], grads["dk"], grads["dv"], grads["dlam"], dg, grads["dS0"]
+
+
+def chunk_local_dg(suffix: Tensor, starts: Tensor, crossing: Tensor, mode: Tensor) -> Tensor:
+    """`dg [B,T,H]` float64 of the object rows from chunk-local sums (module doc, "dg"):
+    `dg_u = Σ_{u≤t<e} dG_t + R_{c+1}` for `u` in chunk `c` ending at `e`, from the whole suffix
+    sums `suffix [B,T,H]` (float64: their difference is exact to float64), the chunk starts
+    `starts [N, NC+1]` and `R = crossing [N, NC+2]` (`R = 0` at `e = T`); the dense rows keep
+    `suffix`."""
+    B, T, H = suffix.shape
+    N = B * H
+    rows = suffix.transpose(1, 2).reshape(N, T)
+    starts = starts.long()
+    u = torch.arange(T, device=suffix.device).expand(N, T).contiguous()
+    chunk = torch.searchsorted(starts[:, 1:-1].contiguous(), u, right=True)  # [N, T]: the chunk of u
+    end = torch.gather(starts, 1, chunk + 1)
+    after = torch.gather(torch.cat([rows, rows.new_zeros(N, 1)], 1), 1, end)
+    # R at T is zero (no G_t after it); trailing chunks of the plan start there and may still carry
+    # the final state's share, which belongs to the boundaries before T
+    crossing_next = torch.where(end < T, torch.gather(crossing.double(), 1, chunk + 1), 0.0)
+    local = rows - after + crossing_next
+    rows = torch.where(mode.view(N, 1) != 0, local, rows)
+    return rows.reshape(B, H, T).transpose(1, 2).contiguous()
