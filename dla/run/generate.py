@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dla.model import CausalLM, ModelConfig
 from dla.run.device import autocast
@@ -63,9 +63,14 @@ def sample(logits: Tensor, *, temperature: float, top_k: int | None, generator: 
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
-def decode_step(model: CausalLM, mode: str = "auto"):
+def decode_step(model: CausalLM, mode: str = "auto", backend="inductor"):
     """`model.step`, compiled (`fullgraph=True`) unless `mode` is "none". "auto" picks
-    "reduce-overhead" (CUDA graphs) on CUDA and Inductor's default elsewhere."""
+    "reduce-overhead" (CUDA graphs) on CUDA and Inductor's default elsewhere; `mode` applies to
+    the Inductor `backend` only (tests pass another backend to count frames).
+
+    The compiled frame takes and returns tensors only — the cache's leaves, the structure kept
+    outside — so Dynamo never rebuilds a cache object at the frame's end (torch 2.11's Dynamo
+    asserts on rebuilding those named tuples there)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"--compile must be one of {list(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
@@ -73,15 +78,32 @@ def decode_step(model: CausalLM, mode: str = "auto"):
     cuda = model.embed.weight.device.type == "cuda"
     if mode == "auto":
         mode = "reduce-overhead" if cuda else "default"
-    compiled = torch.compile(model.step, fullgraph=True, mode=mode)
-    if mode != "reduce-overhead" or not cuda:
-        return compiled
+    graphs = mode == "reduce-overhead" and cuda and backend == "inductor"
+    frames: list = []  # (cache structure, its compiled frame): one structure per model in practice
+
+    def compiled_for(spec):
+        for known, frame in frames:
+            if known == spec:
+                return frame
+
+        def tensors_step(token: Tensor, *leaves: Tensor):
+            logits, cache = model.step(token, tree_unflatten(list(leaves), spec))
+            return (logits, *tree_flatten(cache)[0])
+
+        kw = {"mode": mode} if backend == "inductor" else {}
+        frame = torch.compile(tensors_step, fullgraph=True, backend=backend, **kw)
+        frames.append((spec, frame))
+        return frame
 
     def step(token: Tensor, cache):
-        torch.compiler.cudagraph_mark_step_begin()
-        logits, cache = compiled(token, cache)
-        # a replay reuses its output memory: copy out what the next replay would overwrite
-        return logits.clone(), tree_map(torch.clone, cache)
+        leaves, spec = tree_flatten(cache)
+        frame = compiled_for(spec)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, *leaves = frame(token, *leaves)
+        if graphs:  # a replay reuses its output memory: copy out what the next replay would overwrite
+            logits, leaves = logits.clone(), [x.clone() for x in leaves]
+        return logits, tree_unflatten(leaves, spec)
 
     return step
 
