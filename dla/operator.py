@@ -9,8 +9,9 @@ Non-finite inputs stay causal. A chunked kernel multiplies a whole chunk's keys 
 once, and `0 · NaN = NaN`: a NaN or inf in `k_t` or `v_t` (or `g_t`, `β_t`) would reach the
 outputs of earlier tokens of its chunk, which the token-by-token reference keeps finite — and
 right-padding with garbage would poison real tokens. So every token whose write or transition is
-non-finite is replaced by one that writes nothing and keeps the state (`k = v = 0`, `g = 0`,
-`β = 0`) before any kernel runs, and the outputs from the first such token on, per sequence and
+non-finite (a NaN or ±inf among `k_t, v_t, g_t, β_t`, or finite entries whose sum overflows: a
+write that would overflow the state anyway) is replaced by one that writes nothing and keeps
+the state (`k = v = 0`, `g = 0`, `β = 0`) before any kernel runs, and the outputs from the first such token on, per sequence and
 head, are set to NaN afterwards, as the reference's are (its state is non-finite from there);
 a final cache that took such a token is NaN in its float fields. Outputs before it are exactly
 those of the clean prefix, on every path.
@@ -126,10 +127,15 @@ def _finite_writes(k, v, g, beta):
     """`(k, v, g, beta, poisoned)`: the tokens whose write or transition is non-finite made
     neutral (no write, state kept), and `poisoned [B,T,H]`, true from the first of them on (module
     doc)."""
-    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    # one reading pass over k and v: a sum is non-finite iff an entry is (NaN, ±inf), or the
+    # entries are so large that it overflows — a write that would overflow the state anyway;
+    # per-element isfinite runs several passes over [B,T,H,D] in eager mode
+    acc = torch.promote_types(k.dtype, torch.float32)
+    write = k.sum(-1, dtype=acc) + v.sum(-1, dtype=acc)
     for x in (g, beta):
         if x is not None:
-            bad = bad | ~torch.isfinite(x)
+            write = write + x.to(acc)
+    bad = ~torch.isfinite(write)
     k = torch.where(bad[..., None], 0, k)
     v = torch.where(bad[..., None], 0, v)
     g = None if g is None else torch.where(bad, 0, g)

@@ -71,7 +71,7 @@ path by shapes alone: no plan. The rule once also asked that the object kernels'
 most the dense kernels'; on an H100 that ranking was wrong wherever the two disagreed — the masked
 kernels run an order of magnitude below their tensor-core roofline (per-pair level masking on the
 CUDA cores, two launches per pass), the object kernels much closer to theirs, so every head that
-fits ran faster on objects (`perf/results/rule-h100.md`) — and counting the plan on the device
+fits ran faster on objects (`perf/results/paths-h100.md`) — and counting the plan on the device
 cost a sizeable share of the readout itself. The kernel counts
 stay for `perf.cost_model`'s predictions.
 """
