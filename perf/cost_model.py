@@ -2,6 +2,7 @@
 forward+backward at the §7 shapes, kernel by kernel, from the plan the kernels consume.
 
     python -m perf.cost_model --backbone mamba2 --policy dla --T 8192 --K 32 --regime sparse --json
+    python -m perf.cost_model --backbone gdn --policy dla --T 8192 --K 32 --regime sparse
 
 Shapes: `B·T = 32768` tokens, `H = 16` heads, `Dk = Dv = 128`, bf16. Inputs (`perf/inputs.py`,
 SPEC §7): *sparse* piecewise-stationary `k, v` (regime mean 64), *moderate* (regime mean 8),
@@ -11,6 +12,13 @@ the functions the CUDA readout's rule evaluates on the device. Each head takes t
 gives it on the reference card (an H100 at 800 TFLOP/s and 3.35 TB/s); the totals add the
 segmentation and both paths' kernels over all heads. Counts are per 1000 tokens or per chunk,
 averaged over heads.
+
+`--backbone gdn` (transitions with `β`): the readout by windows of `R` chunks
+(`dla.ops.readout.objects_delta`, SPEC §3.1 "With β"), its plan built by `window_plan`, `R`
+chosen by `cost_delta.window_for` on the reference card, and costed by `cost_delta` kernel by
+kernel, beside the worst case at that `R` (every window holding `K` objects). The inputs are
+the Gated DeltaNet's (l2-normalised `q, k`, `β`, a gate `g`), segmented the same way. That path
+is a prototype: no rule takes it yet (`dla.ops.readout`), so this is what it would cost.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import json
 import torch
 
 from dla import level_map
-from dla.ops.readout import cost
+from dla.ops.readout import cost, cost_delta
+from dla.ops.readout.objects_delta import window_plan
 from dla.ops.readout.plan import Plan, build_plan
 from dla.ops.segment.stats import segmentation_stats
 from perf.inputs import REGIMES, layer_inputs
@@ -107,16 +116,48 @@ def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = co
             "Dk": DIM, "Dv": DIM, "dtype": "bfloat16", **predict(starts, shapes, arch)}
 
 
+def model_delta(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = cost.H100_ROOFLINE) -> dict:
+    """The windowed readout with `β` (module doc) on the Gated DeltaNet's §7 inputs of `regime`."""
+    batch, C = TOKENS // T, 64
+    t = layer_inputs(batch, T, HEADS, DIM, DIM, K, backbone="gdn", regime=regime)
+    starts = level_map(t["k"], t["v"], capacity=K, g=t["g"], beta=t["beta"], policy=policy, score="token", tau=0.6)
+    R = cost_delta.window_for(T, K, DIM, DIM, 2, C, arch.flops, arch.bandwidth)
+    plan = window_plan(starts, torch.zeros(batch, dtype=torch.int64), C, R)
+    n = cost_delta.window_counts(plan)
+    shapes = cost.Shapes(T=T, K=K, Dk=DIM, Dv=DIM, itemsize=2, C=C)
+    N = batch * HEADS
+    rows = {name: (f * N, b * N) for name, (f, b) in cost.segmentation_kernel(shapes).items()}
+    rows.update({name: (float(torch.as_tensor(f).sum()), float(torch.as_tensor(b).sum()))
+                 for name, (f, b) in cost_delta.delta_kernels(n, DIM, DIM, K, 2, C).items()})
+    worst = {name: (f * N, b * N) for name, (f, b) in
+             cost_delta.delta_kernels(cost_delta.worst_counts(T, K, C, R), DIM, DIM, K, 2, C).items()}
+    stats = segmentation_stats(starts, chunk_size=C)
+    per_token = {name: float((x / n["tokens"]).mean()) for name, x in n.items() if name != "tokens"}
+    return {
+        "backbone": "gdn", "policy": policy, "T": T, "K": K, "regime": regime, "B": batch, "H": HEADS, "Dk": DIM,
+        "Dv": DIM, "dtype": "bfloat16", "card": arch.name, "window_R": R,
+        "flops_fwd_bwd": sum(f for f, _ in rows.values()), "bytes_fwd_bwd": sum(b for _, b in rows.values()),
+        "roofline_ms": 1e3 * cost.roofline_s(rows, arch),
+        "worst_case_roofline_ms": 1e3 * cost.roofline_s(worst, arch),
+        "counts": {"boundaries_per_1000": float(stats.boundaries_per_1k.mean()),
+                   "merges_per_1000": float(stats.merges_per_1k.mean()), "per_token": per_token},
+        "kernels": {name: {"gflop": f / 1e9, "gb": b / 1e9, "ms": 1e3 * max(f / arch.flops, b / arch.bandwidth)}
+                    for name, (f, b) in rows.items()},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backbone", choices=["mamba2"], default="mamba2")
+    parser.add_argument("--backbone", choices=["mamba2", "gdn"], default="mamba2")
     parser.add_argument("--policy", choices=["dla", "fenwick", "single"], default="dla")
     parser.add_argument("--T", type=int, default=8192)
     parser.add_argument("--K", type=int, default=32)
     parser.add_argument("--regime", choices=list(REGIMES), default="sparse")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = model(args.T, args.K, args.regime, args.policy)
+    if args.backbone == "gdn" and args.policy == "single":
+        raise SystemExit("--backbone gdn models the readout by windows: --policy dla or fenwick")
+    result = (model_delta if args.backbone == "gdn" else model)(args.T, args.K, args.regime, args.policy)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -125,7 +166,11 @@ def main() -> int:
         for name, row in result["kernels"].items():
             print(f"  {name:32s} {row['gflop']:9.1f} GFLOP {row['gb']:8.3f} GB {row['ms']:7.3f} ms")
         print("  counts:", json.dumps(result["counts"]))
-        print("  paths:", json.dumps(result["paths"]))
+        if "paths" in result:
+            print("  paths:", json.dumps(result["paths"]))
+        else:
+            print(f"  window R = {result['window_R']}; worst case at that R (every window holding K objects): "
+                  f"{result['worst_case_roofline_ms']:.2f} ms")
     return 0
 
 

@@ -207,3 +207,21 @@ def test_capacity_overflows_are_flagged():
     assert torch.equal(small.overflow, 3 + full.created > need - 1)
     masters = 3 + int(full.masters.max())
     assert build_plan(level_start, step, 4, capacity=need, master_capacity=masters - 1).overflow.any()
+
+
+def test_cost_model_with_beta_costs_the_window_plan(monkeypatch):
+    """`perf.cost_model --backbone gdn`: the windowed readout's kernels from the window plan's own
+    counts, summed over heads — at most the worst case at the same `R` (every window holding `K`
+    objects), whose totals it reports beside — with the segmentation's counts."""
+    import perf.cost_model as cm
+    from dla.ops.readout import cost_delta
+
+    monkeypatch.setattr(cm, "TOKENS", 1024)
+    monkeypatch.setattr(cm, "HEADS", 2)
+    got = cm.model_delta(512, 8, "sparse")
+    R, N = got["window_R"], 2 * 2
+    worst = cost_delta.delta_kernels(cost_delta.worst_counts(512, 8, 64, R), 128, 128, 8, 2, 64)
+    assert got["flops_fwd_bwd"] <= N * sum(f for f, _ in worst.values()) + got["kernels"]["segmentation"]["gflop"] * 1e9
+    assert 0 < got["roofline_ms"] <= got["worst_case_roofline_ms"] + got["kernels"]["segmentation"]["ms"]
+    assert got["counts"]["boundaries_per_1000"] > 0 and got["counts"]["per_token"]["chunks"] == 1 / 64
+    assert set(worst) <= set(got["kernels"])
