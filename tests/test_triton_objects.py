@@ -377,7 +377,7 @@ tiles, _ = R._tiles(x, False)
 whole = dict(BK=x.BK, BV=x.BV, BL=x.BL)
 ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
 inputs = {"Q", "K", "V", "LAM", "DO", "O", "COPY", "DTOT", "DQ", "DK_", "DV_", "DLAM"}
-floats = {"GH", "GL", "S0", "S", "DS", "DS0", "DBUF", "DGR", "DGC"}
+floats = {"GH", "GL", "S0", "S", "DS", "DS0", "DBUF", "DGR", "DGC", "RB"}
 scalars = {"T", "H", "NC", "P", "M"}
 variants = {"build": [dict(**tiles, HAS_LO=dtype != torch.float32, FINAL=f, ALL_MASTERS=f) for f in (True, False)],
             "chunk_fwd": [whole], "chunk_bwd": [whole],
