@@ -11,9 +11,10 @@ outputs of earlier tokens of its chunk, which the token-by-token reference keeps
 right-padding with garbage would poison real tokens. So every token whose write or transition is
 non-finite (a NaN or ±inf among `k_t, v_t, g_t, β_t`, or finite entries whose sum overflows: a
 write that would overflow the state anyway) is replaced by one that writes nothing and keeps
-the state (`k = v = 0`, `g = 0`, `β = 0`) before any kernel runs, and the outputs from the first such token on, per sequence and
-head, are set to NaN afterwards, as the reference's are (its state is non-finite from there);
-a final cache that took such a token is NaN in its float fields. Outputs before it are exactly
+the state (`k = v = 0`, `g = 0`, `β = 0`) before any kernel runs, and the outputs from the first
+such token on, per sequence and head, are set to NaN afterwards, as the reference's are (its
+state is non-finite from there); a final cache that took such a token is NaN in its float
+fields. Outputs before it are exactly
 those of the clean prefix, on every path.
 """
 

@@ -72,8 +72,8 @@ most the dense kernels'; on an H100 that ranking was wrong wherever the two disa
 kernels run an order of magnitude below their tensor-core roofline (per-pair level masking on the
 CUDA cores, two launches per pass), the object kernels much closer to theirs, so every head that
 fits ran faster on objects (`perf/results/paths-h100.md`) — and counting the plan on the device
-cost a sizeable share of the readout itself. The kernel counts
-stay for `perf.cost_model`'s predictions.
+cost a sizeable share of the readout itself. The kernel counts stay for `perf.cost_model`'s
+predictions.
 """
 
 from __future__ import annotations

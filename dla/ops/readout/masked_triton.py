@@ -1,9 +1,9 @@
 r"""The dense path of the CUDA readout without `β` (none, or scalar decay `g`): the flash-style
 masked quadratic form of SPEC §2, no softmax, no sequential part. It takes the heads whose object
 plan overflows the pool, and calls of at most one chunk (decode), by the stage's rule
-(`cost.takes_objects`, evaluated on the device); rows that the same
-call gives to the objects (`objects_triton.py`) are skipped (`MODE[n] = 1`). `masked_forward` and
-`masked_backward` run every row dense, with the signatures of `dla::readout`'s kernels.
+(`cost.takes_objects`, evaluated on the device); rows that the same call gives to the objects
+(`objects_triton.py`) are skipped (`MODE[n] = 1`). `masked_forward` and `masked_backward` run
+every row dense, with the signatures of `dla::readout`'s kernels.
 
 What it computes
 ================

@@ -734,11 +734,11 @@ def objects_forward_triton(x, plan, mode: Tensor, scale: float, o: Tensor, S: Te
 
 
 def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS: Tensor, S: Tensor | None,
-                            grads: dict) -> Tensor:
+                            grads: dict) -> tuple[Tensor, Tensor]:
     """The object rows of `grads` (dq, dk, dv, dlam in the inputs' dtypes, dS0 float32, each
-    `[B,T,H,·]` / `[B,H,L,Dk,Dv]`), and of `dG [B,T,H]` float32 (the gradient of `G = cumsum(g)`),
-    which it returns. `do` contiguous in q's dtype, `dS` float32; `S` the forward's final state
-    (None: rebuilt here)."""
+    `[B,T,H,·]` / `[B,H,L,Dk,Dv]`); returns `dG [B,T,H]` float32 (the gradient of `G = cumsum(g)`)
+    and the crossing terms `R [N, NC+2]` float64 (module doc, "dg"). `do` contiguous in q's
+    dtype, `dS` float32; `S` the forward's final state (None: rebuilt here)."""
     pt = plan_tensors(plan)
     meta = _meta(x, x.interpreted)
     tiles, nt = _tiles(x, x.interpreted)
@@ -781,7 +781,7 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     if final:  # the final state's gradient reaches G_{T−1}: ⟨dS, S⟩
         S = S_built
     dG[:, -1] += (dS * S).sum((-3, -2, -1))
-    return dG, crossing[0] + crossing[1].cumsum(-1)
+    return dG, crossing[0].double() + crossing[1].double().cumsum(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -857,8 +857,8 @@ def chunk_local_dg(suffix: Tensor, starts: Tensor, crossing: Tensor, mode: Tenso
     """`dg [B,T,H]` float64 of the object rows from chunk-local sums (module doc, "dg"):
     `dg_u = Σ_{u≤t<e} dG_t + R_{c+1}` for `u` in chunk `c` ending at `e`, from the whole suffix
     sums `suffix [B,T,H]` (float64: their difference is exact to float64), the chunk starts
-    `starts [N, NC+1]` and `R = crossing [N, NC+2]` (`R = 0` at `e = T`); the dense rows keep
-    `suffix`."""
+    `starts [N, NC+1]` and `R = crossing [N, NC+2]` float64 (`R = 0` at `e = T`); the dense rows
+    keep `suffix`."""
     B, T, H = suffix.shape
     N = B * H
     rows = suffix.transpose(1, 2).reshape(N, T)
@@ -869,7 +869,7 @@ def chunk_local_dg(suffix: Tensor, starts: Tensor, crossing: Tensor, mode: Tenso
     after = torch.gather(torch.cat([rows, rows.new_zeros(N, 1)], 1), 1, end)
     # R at T is zero (no G_t after it); trailing chunks of the plan start there and may still carry
     # the final state's share, which belongs to the boundaries before T
-    crossing_next = torch.where(end < T, torch.gather(crossing.double(), 1, chunk + 1), 0.0)
+    crossing_next = torch.where(end < T, torch.gather(crossing, 1, chunk + 1), 0.0)
     local = rows - after + crossing_next
     rows = torch.where(mode.view(N, 1) != 0, local, rows)
     return rows.reshape(B, H, T).transpose(1, 2).contiguous()
