@@ -61,21 +61,28 @@ def multistate_attention(
     p = validate(q, k, v, lam, g=g, beta=beta, policy=policy, tau=tau, score=score, scale=scale,
                  chunk_size=chunk_size, initial_state=initial_state)
     state = _start(initial_state, p, k)
-    o, final = _attend(p, q, k, v, lam, g, beta, state, policy, score, float(tau), chunk_size)
+    o, final = _attend(p, q, k, v, lam, g, beta, state, policy, score, float(tau), chunk_size,
+                       fresh=initial_state is None, want_final=output_final_state)
     return (o, final) if output_final_state else o
 
 
-def _attend(p, q, k, v, lam, g, beta, state: MultiStateCache, policy, score, tau, chunk_size, end=None):
-    """`(o, final cache)` of one validated call; `end [B]`: rows that end early (padded rows of
-    packed sequences: the final cache is the one after step `end − 1`)."""
+def _attend(p, q, k, v, lam, g, beta, state: MultiStateCache, policy, score, tau, chunk_size, end=None, *,
+            fresh: bool, want_final: bool):
+    """`(o, final cache or None)` of one validated call; `end [B]`: rows that end early (padded
+    rows of packed sequences: the final cache is the one after step `end − 1`). `fresh`: `state` is
+    the empty cache (its slots zeros in either order); without `want_final` the final cache is
+    neither assembled nor returned — its slot states are `[B,H,K,Dk,Dv]` float32, several copies
+    of which a training step would otherwise allocate and drop."""
     k, v, g, beta, poisoned = _finite_writes(k, v, g, beta)
     length = p.length if end is None else end
     if policy == "single":
-        o, final = _single(p, q, k, v, lam, g, beta, state, chunk_size, length)
+        o, final = _single(p, q, k, v, lam, g, beta, state, chunk_size, length, fresh=fresh, want_final=want_final)
     else:
         level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, tau, chunk_size, end)
-        o, S = readout(q, k, v, lam, g, beta, level_start, reverse_live_slots(state.S, state.m), p.scale,
-                       chunk_size, state.step)
+        S0 = state.S if fresh else reverse_live_slots(state.S, state.m)
+        o, S = readout(q, k, v, lam, g, beta, level_start, S0, p.scale, chunk_size, state.step)
+        if not want_final:
+            return torch.where(poisoned[..., None], torch.nan, o), None
         S = reverse_live_slots(S, m)
         if not (policy == "dla" and score == "drift"):
             # N advanced in the segmentation only where a decision needed it; elsewhere it is the
@@ -83,7 +90,7 @@ def _attend(p, q, k, v, lam, g, beta, state: MultiStateCache, policy, score, tau
             N = S.detach().sum(2).pow(2).sum((-2, -1))
         final = MultiStateCache(S=S, n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + length, N=N)
     o = torch.where(poisoned[..., None], torch.nan, o)
-    return o, _poisoned_cache(final, poisoned[:, -1])
+    return o, (_poisoned_cache(final, poisoned[:, -1]) if want_final else None)
 
 
 def _packed(q, k, v, lam, g, beta, policy, tau, score, scale, chunk_size, initial_state, output_final_state,
@@ -100,7 +107,7 @@ def _packed(q, k, v, lam, g, beta, policy, tau, score, scale, chunk_size, initia
     state = _start(initial_state, p, k)
     # an empty sequence runs one padding token (every kernel needs one) and keeps its initial cache
     o, final = _attend(p, q, k, v, lam, g, beta, state, policy, score, float(tau), chunk_size,
-                       end=rows.lengths.clamp(min=1))
+                       end=rows.lengths.clamp(min=1), fresh=initial_state is None, want_final=output_final_state)
     o = from_rows(o, rows)
     if not output_final_state:
         return o
@@ -160,14 +167,16 @@ def _poisoned_cache(cache: MultiStateCache, rows: Tensor) -> MultiStateCache:
                           N=nan_where(cache.N))
 
 
-def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size, length):
+def _single(p, q, k, v, lam, g, beta, state: MultiStateCache, chunk_size, length, *, fresh: bool, want_final: bool):
     """`single` is the backbone itself (`dla::backbone`): no segmentation, every initial slot at
     rank 0 (SPEC §2), read with `λ_t[0]`. The final cache holds one slot; `I`, `Z`, `zz` stay as
     the initial cache had them, as for `fenwick`; `N` is the norm of the final state (nothing is
     decided by it here: equal to the carried value up to rounding, SPEC §2)."""
     live = torch.arange(p.levels, device=q.device) < state.m[..., None]  # [B, H, K]
-    S0 = (state.S * live[..., None, None]).sum(2)
+    S0 = state.S[:, :, 0] if fresh else (state.S * live[..., None, None]).sum(2)
     o, S = torch.ops.dla.backbone(q, k, v, lam[..., 0], g, beta, S0, p.scale, chunk_size)
+    if not want_final:
+        return o, None
     slot0 = torch.arange(p.levels, device=q.device) == 0
     tokens = length if isinstance(length, int) else length.view(-1, 1, 1)
     n = torch.where(slot0, tokens + (state.n * live).sum(-1, keepdim=True), 0)

@@ -88,7 +88,7 @@ MUTANTS = [
            ("tests/test_readout.py::test_backward_matches_reference_autograd",
             "tests/test_readout.py::test_backward_gradcheck[dla-g]")),
     Mutant("operator: the initial slots reach the readout oldest first", dla.operator, "_attend",
-           "reverse_live_slots(state.S, state.m), p.scale", "state.S, p.scale",
+           "S0 = state.S if fresh else reverse_live_slots(state.S, state.m)", "S0 = state.S",
            ("tests/test_ops.py::test_continues_from_an_initial_state",)),
     Mutant("object plan: each chunk reads the partition of the row before its start", dla.ops.readout.plan,
            "build_plan", "row = cs.clamp(max=T - 1)", "row = (cs - 1).clamp(min=0, max=T - 1)",
