@@ -238,6 +238,33 @@ def test_the_rule_takes_objects_wherever_the_plan_fits_the_pool():
     assert cost.takes_objects(build_plan(dense, zero, 64)).all()
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 200), st.integers(0, 63), st.integers(0, 2**31 - 1))
+def test_chunk_local_dg_is_the_suffix_sum(H, T, step, seed):
+    """`chunk_local_dg`: within-chunk sums plus the crossing term `R` of the next boundary give
+    the whole suffix sum `Σ_{t≥u} dG_t` on the object rows, whatever the plan's chunking (a partial
+    first chunk, trailing chunks that start at T, whose `R` must be ignored); dense rows keep the
+    suffix as it is."""
+    gen = torch.Generator().manual_seed(seed)
+    B, C = 2, 16
+    dG = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    suffix = dG.flip(1).cumsum(1).flip(1)
+    first = (-step) % C
+    cuts = [0] + [c for c in range(first, T, C) if c > 0] + [T, T]  # one trailing chunk at T
+    starts = torch.tensor(cuts).expand(B * H, -1).contiguous()
+    rows = suffix.transpose(1, 2).reshape(B * H, T)
+    crossing = torch.randn(B * H, len(cuts) + 1, generator=gen, dtype=torch.float64)  # garbage where unused
+    inside = starts < T
+    crossing[:, :-1] = torch.where(inside, torch.gather(torch.cat([rows, rows.new_zeros(B * H, 1)], 1), 1, starts),
+                                   crossing[:, :-1])
+    mode = torch.arange(B * H) % 3 != 0
+    got = OT.chunk_local_dg(suffix, starts, crossing, mode)
+    assert torch.allclose(got, suffix, rtol=0, atol=1e-12)
+    garbage = suffix + 1.0  # the dense rows pass their suffix through untouched
+    got = OT.chunk_local_dg(garbage, starts, crossing, torch.zeros_like(mode))
+    assert torch.equal(got, garbage)
+
+
 def test_rejects_float64_and_unknown_precision():
     case = Case(length=3, levels=2, policy="single", transition="none", tau=0.6, **EDGE)
     _, t, _, _, args, step, _, _ = arguments(case, False)
