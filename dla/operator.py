@@ -14,8 +14,7 @@ write that would overflow the state anyway) is replaced by one that writes nothi
 the state (`k = v = 0`, `g = 0`, `β = 0`) before any kernel runs, and the outputs from the first
 such token on, per sequence and head, are set to NaN afterwards, as the reference's are (its
 state is non-finite from there); a final cache that took such a token is NaN in its float
-fields. Outputs before it are exactly
-those of the clean prefix, on every path.
+fields. Outputs before it are exactly those of the clean prefix, on every path.
 """
 
 from __future__ import annotations
@@ -81,16 +80,16 @@ def _attend(p, q, k, v, lam, g, beta, state: MultiStateCache, policy, score, tau
         level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, tau, chunk_size, end)
         S0 = state.S if fresh else reverse_live_slots(state.S, state.m)
         o, S = readout(q, k, v, lam, g, beta, level_start, S0, p.scale, chunk_size, state.step)
-        if not want_final:
-            return torch.where(poisoned[..., None], torch.nan, o), None
-        S = reverse_live_slots(S, m)
-        if not (policy == "dla" and score == "drift"):
-            # N advanced in the segmentation only where a decision needed it; elsewhere it is the
-            # norm of the slots' sum S^g, equal to the carried value up to rounding (SPEC §2)
-            N = S.detach().sum(2).pow(2).sum((-2, -1))
-        final = MultiStateCache(S=S, n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + length, N=N)
+        final = None
+        if want_final:
+            S = reverse_live_slots(S, m)
+            if not (policy == "dla" and score == "drift"):
+                # N advanced in the segmentation only where a decision needed it; elsewhere it is
+                # the norm of the slots' sum S^g, equal to the carried value up to rounding (SPEC §2)
+                N = S.detach().sum(2).pow(2).sum((-2, -1))
+            final = MultiStateCache(S=S, n=n, I=info, m=m, Z=Z, zz=zz, step=state.step + length, N=N)
     o = torch.where(poisoned[..., None], torch.nan, o)
-    return o, (_poisoned_cache(final, poisoned[:, -1]) if want_final else None)
+    return o, (None if final is None else _poisoned_cache(final, poisoned[:, -1]))
 
 
 def _packed(q, k, v, lam, g, beta, policy, tau, score, scale, chunk_size, initial_state, output_final_state,

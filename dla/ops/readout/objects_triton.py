@@ -840,16 +840,15 @@ def mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale: float, step=
     plan, mode = row_modes(x, level_start, step, objects)
     grads = x.gradients(q, k, v, lam)
     dG = dense_backward(x, mode, scale, do, dS, grads)  # its buffers freed before the object pool exists
+    if plan is not None:
+        dG_objects, crossing = objects_backward_triton(x, plan, mode, scale, do, dS, S, grads)
+        dG = torch.where(mode.view(B, 1, H) != 0, dG_objects.double(), dG)
     if g is None:
-        if plan is not None:
-            objects_backward_triton(x, plan, mode, scale, do, dS, S, grads)
-        return grads["dq"], grads["dk"], grads["dv"], grads["dlam"], torch.zeros(B, T, H, dtype=f32, device=dev), \
-            grads["dS0"]
-    if plan is None:
-        return grads["dq"], grads["dk"], grads["dv"], grads["dlam"], reverse_cumsum(dG, g.dtype), grads["dS0"]
-    dG_objects, crossing = objects_backward_triton(x, plan, mode, scale, do, dS, S, grads)
-    dG = torch.where(mode.view(B, 1, H) != 0, dG_objects.double(), dG)
-    dg = chunk_local_dg(reverse_cumsum(dG, torch.float64), plan.starts, crossing, mode).to(g.dtype)
+        dg = torch.zeros(B, T, H, dtype=f32, device=dev)
+    elif plan is None:
+        dg = reverse_cumsum(dG, g.dtype)
+    else:
+        dg = chunk_local_dg(reverse_cumsum(dG, torch.float64), plan.starts, crossing, mode).to(g.dtype)
     return grads["dq"], grads["dk"], grads["dv"], grads["dlam"], dg, grads["dS0"]
 
 
