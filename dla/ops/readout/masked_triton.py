@@ -70,6 +70,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from dla.ops.cumsum_triton import cumsum
 from dla.ops.levels import running_min
 from dla.ops.triton_utils import interpreting, pow2
 
@@ -163,6 +164,7 @@ def _fwd_initial_kernel(Q, LAM, GH, GL, CM, S0, O0, MODE, T, H, scale,
                         HAS_G: tl.constexpr, PREC32: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """O0 [B,T,H,Dv] float32: the initial slots' part of o, u_t Σ_r W[t,r] S0_rᵀ q_t."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -238,6 +240,7 @@ def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, MODE, T, H, scale,
     """Over a query tile: o = O0 + (A ⊙ Λ) V for the first NL levels of each row and key tile;
     with EXTRA, O0 += the same for the levels beyond them (a pass over the tiles that have any,
     launched before the main one)."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -349,6 +352,7 @@ def _bwd_initial_kernel(Q, LAM, GH, GL, CM, S0, DO, DQ0, DL0, DG0, MODE, T, H, s
                         BL: tl.constexpr):
     """The initial slots' parts of dq, dλ and dG (float32) over a query tile; X_{t,r} = S0_r dO_t
     is reduced over Dv in chunks of BC."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -513,6 +517,7 @@ def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, DO, DQ0, DL0, DG0, DQ, DLAM, DGR, M
                    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dq, dλ and the row part of dG over a query tile, on top of DQ0, DL0, DG0 (the initial
     slots' parts); with EXTRA, the levels beyond the first NL go into DQ0, DL0, DG0 instead."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -618,6 +623,7 @@ def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, 
                     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dk, dv and the column part of dG over a key tile, on top of DK0, DV0, DG0 (the final
     states' parts); with EXTRA, the levels beyond the first NL go into DK0, DV0, DG0 instead."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     s0 = tl.program_id(0) * BS
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -689,6 +695,7 @@ def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, MODE, T, H, scal
                     HAS_G: tl.constexpr, PREC32: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dS0_r for one initial slot r and Dv tile; CARRY gets its part of dG_{T−1}."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     r = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -794,9 +801,7 @@ class _Prepared:
         self.cm = running_min(level_start).to(torch.int32).contiguous()
         self.has_g = g is not None
         if self.has_g:
-            # scanned with T innermost: torch's CUDA cumsum along an outer dimension of [B, T, H]
-            # runs far below memory speed
-            G = g.to(torch.float64).transpose(1, 2).contiguous().cumsum(-1).transpose(1, 2).contiguous()
+            G = cumsum(g.to(torch.float64), 1)
             self.gh = G.to(torch.float32)
             self.gl = (G - self.gh.to(torch.float64)).to(torch.float32)
         else:
@@ -890,9 +895,8 @@ def masked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float
 
 
 def reverse_cumsum(dG: Tensor, dtype) -> Tensor:
-    """dg_u = Σ_{t≥u} dG_t over `[B, T, H]` (float64: T terms of either sign), scanned with T
-    innermost (torch's CUDA cumsum along an outer dimension runs far below memory speed)."""
-    return dG.double().transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).to(dtype).contiguous()
+    """dg_u = Σ_{t≥u} dG_t over `[B, T, H]` (float64: T terms of either sign)."""
+    return cumsum(dG.double(), 1, reverse=True).to(dtype)
 
 
 def dense_backward(x: "_Prepared", mode: Tensor, scale: float, do: Tensor, dS: Tensor, grads: dict) -> Tensor:

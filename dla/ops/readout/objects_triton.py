@@ -71,6 +71,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from dla.ops.cumsum_triton import cumsum
 from dla.ops.readout import cost
 from dla.ops.readout.masked_triton import (
     NEG, _check, _level, _level_step, _pick, _Prepared, dense_backward, dense_forward, reverse_cumsum,
@@ -314,6 +315,7 @@ def _chunk_fwd_kernel(Q, K, V, LAM, GH, GL, CM, COPY, MODE, STARTS, READ, FIRST,
                       BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, HAS_G: tl.constexpr,
                       PREC: tl.constexpr):
     """o of chunk `program_id(0)` of row `program_id(1)`: band + Σ_E X_E S̄_E."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     c = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
@@ -380,6 +382,7 @@ def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, COPY, S0, RB, MOD
     `program_id(0)` with a master and [BK, BV] tile `program_id(2)` (the initial slots into dS0,
     the others into DBUF); and into `RB[0, n, c]` the tile's `−⟨E, D_E^{<c}⟩` for each chunk `c`
     that reads E, `D_E^{<c}` its reads by the chunks before `c` (module doc, "dg")."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     x = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
@@ -449,6 +452,7 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, COPY, S0, RB, 
     """Down the merge tree for one row and [BK, BV] tile, newest chunk first (module doc); with
     each object's whole `D_E` known, the tile's `⟨E, D_E⟩` over the chunks that read E into
     `RB[1, n]` as differences (module doc, "dg")."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
         return
@@ -581,6 +585,7 @@ def _chunk_bwd_kernel(Q, K, V, DO, LAM, GH, GL, CM, COPY, DTOT, MODE, STARTS, RE
     """Chunk `program_id(0)` of row `program_id(1)`; program_id(2) = 0: dq, dλ, dG of its queries
     (band and U = dO S̄ᵀ of every object read), = 1: dk, dv, dG of its keys (band and the
     tokens' share of the D of the objects built from them)."""
+    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
     c = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
@@ -781,7 +786,7 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
     if final:  # the final state's gradient reaches G_{T−1}: ⟨dS, S⟩
         S = S_built
     dG[:, -1] += (dS * S).sum((-3, -2, -1))
-    return dG, crossing[0].double() + crossing[1].double().cumsum(-1)
+    return dG, crossing[0].double() + cumsum(crossing[1].double(), -1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from dla.ops.cumsum_triton import cumsum
 from dla.ops.levels import EMPTY, running_min
 
 __all__ = ["Plan", "build_plan", "chunk_count", "chunk_starts"]
@@ -165,7 +166,7 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
 
     # ids in creation order, then every element's id by its key (a, e)
     flat_new = new.reshape(N, R * L)
-    ids_new = L + torch.cumsum(flat_new.to(i64), 1) - 1  # valid where new
+    ids_new = L + cumsum(flat_new.to(i64), 1) - 1  # valid where new
     width = T + L + 2
     key = ((a + L) * width + (e + L)).reshape(N, R * L)
     key_init = (init + L) * width + (init + L)
@@ -192,7 +193,7 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
     before_last = torch.arange(R, device=dev)[None, :, None] < NC - 1
     merged_here = valid & ~persists & ~holds_last & before_last
     flat_master = needs_master.reshape(N, R * L)
-    master_of_new = L + torch.cumsum(flat_master.to(i64), 1) - 1
+    master_of_new = L + cumsum(flat_master.to(i64), 1) - 1
 
     created = flat_new.sum(1)
     masters = flat_master.sum(1)
@@ -236,7 +237,7 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
     final_rank.scatter_(1, torch.where((fin >= 0) & (fin < P), fin, P), ranks.expand(N, L).clone())
 
     # the ids each chunk creates, compacted (creation order = rank order)
-    slot = torch.cumsum(new.to(i64), -1) - 1
+    slot = cumsum(new.to(i64), -1) - 1
     new_ids = torch.full((N, R, L + 1), NONE, dtype=i64, device=dev)
     new_ids.scatter_(-1, torch.where(new, slot, L), torch.where(new, read.to(i64), NONE))
     new_ids = torch.where(new_ids < P, new_ids, NONE)
