@@ -89,7 +89,8 @@ def test_opcheck_and_fullgraph_compile(delta):
 @pytest.mark.parametrize("decay,delta", [(False, False), (True, False), (True, True), (False, True)])
 def test_triton_kernels_through_the_interpreter(decay, delta):
     """The operator's CUDA path for `single` on CPU tensors: the Triton SSD at its own chunk of 64,
-    or with β the torch delta rule (`dla.ops.backbone`'s rule)."""
+    with β and gates the Triton delta rule, with β alone the torch delta rule (`dla.ops.backbone`'s
+    rule)."""
     q, k, v, lam, g, beta = _inputs(1, 70, 2, 16, 16, 1, decay=decay, seed=5, dtype=torch.float32, delta=delta)
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, lam, g, beta)]
     with triton_interpreter():
@@ -101,3 +102,29 @@ def test_triton_kernels_through_the_interpreter(decay, delta):
     assert relative_error(o.detach(), ref.detach()) <= 1e-5
     for a, b in zip(got, want):
         assert relative_error(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_the_rule_takes_the_triton_delta_rule_with_gates_only(gated, monkeypatch):
+    """With β, the CUDA side of the rule launches the Triton delta rule for gated inputs (verified
+    on an H100) and keeps ungated ones (DeltaNet) on the torch kernels (module doc)."""
+    import dla.ops.backbone as backbone
+
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(backbone, name, wrapped)
+
+    for name in ("delta_forward_triton", "delta_backward_triton", "delta_forward", "delta_backward"):
+        spy(name, getattr(backbone, name))
+    q, k, v, lam, g, beta = _inputs(1, 70, 2, 16, 16, 1, decay=gated, seed=6, dtype=torch.float32, delta=True)
+    S0 = torch.zeros(1, 2, 16, 16)
+    with triton_interpreter():
+        o, S = backbone.backbone_forward_triton(q, k, v, lam[..., 0], g, beta, S0, 0.25, 64)
+        backbone.backbone_backward_triton(torch.ones_like(o), torch.zeros_like(S), q, k, v, lam[..., 0], g, beta, S0,
+                                          0.25, 64)
+    expected = ["delta_forward_triton", "delta_backward_triton"] if gated else ["delta_forward", "delta_backward"]
+    assert calls == expected

@@ -9,15 +9,16 @@ DeltaNet) and DLA's open block, which restarts at every boundary (`reset`).
 | `ssd.py` | transitions without `β`: the chunked SSD in torch (any device, float32/float64), with its stage pieces |
 | `ssd_states.py`, `ssd_output.py`, `ssd_triton.py` | the same in Triton: the sequential state pass, the chunk-parallel output and gradients, and the entry points |
 | `delta.py` | transitions with `β`: the chunked (gated) delta rule in WY/UT form in torch, with its stage pieces |
-| `delta_wy.py`, `delta_states.py`, `delta_output.py`, `delta_triton.py` | the same in Triton: the UT solve and `w, u`, the state pass, the output and gradients, and the entry points — not used by the rule yet (below) |
+| `delta_wy.py`, `delta_states.py`, `delta_output.py`, `delta_triton.py` | the same in Triton: the UT solve and `w, u`, the state pass, the output and gradients, and the entry points |
 
-The rule (`backbone_forward`, `backbone_backward`): without `β` the SSD — the torch kernel for
-float64 inputs and CPU tensors, the Triton kernels for 16- and 32-bit CUDA tensors, at their own
-chunk of 64 tokens (the result does not depend on the chunk beyond rounding). With `β` the torch
-delta rule on every device: the Triton delta-rule kernels pass their interpreter tests, but on an
-H100 (torch 2.11, Triton 3.6) their `dq, dk, dλ0, dg` missed the float64 path by 2–6% in bf16
-and missed float32's bound in one float32 case (`perf/results/gpu_tests-h100.log`), so no call
-takes them until they are fixed and pass on the card.
+The rule (`backbone_forward`, `backbone_backward`): the torch kernels for float64 inputs and CPU
+tensors, the Triton kernels for 16- and 32-bit CUDA tensors — without `β` the SSD, with `β` and
+gates (Gated DeltaNet) the delta rule, each at its own chunk of 64 tokens (the result does not
+depend on the chunk beyond rounding). With `β` and no gates (DeltaNet) CUDA tensors stay on the
+torch delta rule: on an H100 (torch 2.11, Triton 3.6) the Triton kernels passed every gated case
+of the GPU suite but missed the bf16 bound in one ungated case (`dq` 2.1e-2 at Dk = Dv = 128,
+T = 4096; `perf/results/gpu_tests-h100.log`), and a launch configuration that passes both
+ungated cases has not been found on the card yet.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dla.ops.backbone.delta import delta_backward, delta_forward
+from dla.ops.backbone.delta_triton import delta_backward_triton, delta_forward_triton
 from dla.ops.backbone.ssd import ssd_backward, ssd_forward
 from dla.ops.backbone.ssd_triton import ssd_backward_triton, ssd_forward_triton
 
@@ -63,16 +65,22 @@ def backbone_backward(do: Tensor, dS: Tensor, q: Tensor, k: Tensor, v: Tensor, l
 def backbone_forward_triton(q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
     """The CUDA side of the rule, for the tensors' device (CPU tensors run through the Triton
     interpreter, as under `dla.testing.triton_interpreter()`): the Triton SSD, or with `β` the
-    torch delta rule (module doc)."""
-    if beta is not None:
+    Triton delta rule with gates, the torch delta rule without (module doc)."""
+    if beta is not None and g is None:
         return delta_forward(q, k, v, lam0, g, beta, None, S0, scale, chunk_size)
+    if beta is not None:
+        return delta_forward_triton(q, k, v, lam0, g, beta, None, S0, scale, TRITON_CHUNK)
     return ssd_forward_triton(q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
 
 
 def backbone_backward_triton(do, dS, q, k, v, lam0, g, beta, S0, scale: float, chunk_size: int):
     """The backward of `backbone_forward_triton`."""
-    if beta is not None:
+    if beta is not None and g is None:
         return _delta_backward(do, dS, q, k, v, lam0, g, beta, S0, scale, chunk_size)
+    if beta is not None:
+        dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward_triton(do, dS, q, k, v, lam0, g, beta, None, S0, scale,
+                                                                  TRITON_CHUNK)
+        return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), dbeta, dS0
     dq, dk, dv, dlam0, dg, dS0 = ssd_backward_triton(do, dS, q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
     return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), _zeros_for_absent(None, q), dS0
 

@@ -183,15 +183,20 @@ def _dqkwg_kernel(Q, K, UN, HS, DHS, DO, LAM, G, RESET, DQ, DKP, DGP, DLAM, scal
 def output_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of the three kernels, a function of the shapes and the dtype only:
     `fwd`/`dU` tile `Dk` and `Dv` by at most 128 (8 warps for 128 × 128 tiles); `dqkwg` holds
-    all of `Dk` (its row sums need it) and tiles `Dv` by at most 32 (its [C, Dk] and [Dk, C]
-    float32 accumulators leave little room), 8 warps for 64-token chunks or Dk ≥ 128."""
+    all of `Dk` (its row sums need it) and tiles `Dv` by at most 16, 8 warps for 64-token chunks
+    or Dk ≥ 128. The `Dv` tile of `dqkwg` is a correctness bound, not a tuning: on an H100 with
+    Triton 3.6, 16-bit inputs, tiles of 32 or 64 at 8 warps and tiles of 32 at 4 warps gave
+    `dq, dk, dλ0, dg` 3–35% off the float64 path, while tiles of 16 at 8 warps (and 32 at 2
+    warps, which spills) matched it as closely as the torch path (`perf/results/gpu_tests-h100.log`);
+    the same Triton range miscompiles fla's `chunk_bwd_dqkwg` on Hopper for some block widths and
+    warp counts (fla issues #640, #984)."""
     prec = precisions(dtype)[0]
     BK, BV = min(pow2(Dk), 128), min(pow2(Dv), 128)
     wide = 8 if BK * BV >= 128 * 128 else 4
     return dict(
         fwd=dict(C=chunk_size, BK=BK, BV=BV, PREC=prec, num_warps=wide, num_stages=2),
         dU=dict(C=chunk_size, BK=BK, BV=BV, PREC=prec, num_warps=wide, num_stages=2),
-        dqkwg=dict(C=chunk_size, BK=pow2(Dk), BV=min(pow2(Dv), 32), PREC=prec,
+        dqkwg=dict(C=chunk_size, BK=pow2(Dk), BV=min(pow2(Dv), 16), PREC=prec,
                    num_warps=8 if pow2(Dk) >= 128 or chunk_size >= 64 else 4, num_stages=2),
     )
 
