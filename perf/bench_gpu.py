@@ -41,6 +41,7 @@ from perf.cost_model import predict
 from perf.inputs import REGIMES, layer_inputs
 
 TOKENS, HEADS, DIM = 32768, 16, 128
+START = time.monotonic()
 
 
 def bench(fn, warmup=25, rep=200) -> float:
@@ -155,10 +156,16 @@ def regime_counts(t: dict, levels: int, policy: str) -> dict:
             "model_roofline_ms": p["roofline_ms"]}
 
 
-def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: int) -> None:
+def progress(what: str) -> None:
+    """One line per measurement as it is taken, with the seconds since the start, so that a run
+    stopped by a time limit still shows what it measured and where the time went."""
+    print(f"[{time.monotonic() - START:6.0f} s] {what}", flush=True)
+
+
+def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: int, save=None) -> None:
     """fwd, fwd+bwd, peak memory and readout TFLOP/s of one policy into `row` (`name_…`), under
     the `token` score that defines SPEC §7's regimes (the inputs are the sparse regime's), with
-    the inputs' counts."""
+    the inputs' counts; then `save()`, which writes what has been measured so far."""
     fwd, fwd_bwd = train_step(t, policy=policy, score="token")
     if policy != "single":
         row[f"{name}_counts"] = regime_counts(t, levels, policy)
@@ -174,6 +181,9 @@ def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: in
             row[f"{name}_model_gbs"] = c["model_gb"] / (row[f"{name}_fwd_bwd"] * 1e-3)
     except torch.OutOfMemoryError as exc:
         row[f"{name}_error"] = f"OOM: {exc}"[:200]
+    progress(f"T={row['T']} {name}: fwd+bwd {row.get(f'{name}_fwd_bwd', float('nan')):.2f} ms")
+    if save is not None:
+        save()
     del t, fwd, fwd_bwd
     torch.cuda.empty_cache()
 
@@ -186,6 +196,9 @@ def main() -> int:
     parser.add_argument("--backbones", nargs="+", choices=["mamba2", "gdn"], default=["mamba2", "gdn"])
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES),
                         help="segmentation regimes (SPEC §7) the DLA rows are timed in; sparse always")
+    parser.add_argument("--skip-verify", action="store_true",
+                        help="no comparison with the float64 path first (the output says so); for runs "
+                             "whose kernels the GPU suite has just verified")
     parser.add_argument("--loglinear", type=Path, metavar="DIR",
                         help="a directory holding the Log-Linear reference's hattention/ (perf/loglinear.py)")
     args = parser.parse_args()
@@ -197,13 +210,13 @@ def main() -> int:
     print(env)
     results = {"env": env, "verify": [], "rows": []}
 
-    for backbone in args.backbones:
+    for backbone in ([] if args.skip_verify else args.backbones):
         # T = 8192 as well: there the rule gives the heads to the object kernels
         for length, policy, levels in ((2048, "single", 2), (2048, "fenwick", 16), (2048, "dla", 16),
                                        (2048, "dla", 32), (8192, "fenwick", 16), (8192, "dla", 32)):
             r = verify(length, levels, policy, backbone)
             results["verify"].append(r)
-            print("verify", r)
+            progress(f"verify {r}")
 
     ssd, gdn = fla_anchors()
     patched = "fla's Triton<3.7.1 Hopper refusal (fla #640) is patched off for anchor timings only"
@@ -220,9 +233,16 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - a foreign anchor that fails is reported, not fatal
             loglinear, results["loglinear_verify"] = None, {"ok": False, "error": repr(exc)[:500]}
         print("verify loglinear", results["loglinear_verify"])
+    if args.skip_verify:
+        results["notes"].append("verification against the float64 path skipped (--skip-verify)")
+
+    def save():
+        (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1))
+
     for length in args.lengths:
         batch = TOKENS // length
         row = {"T": length, "B": batch}
+        results["rows"].append(row)  # filled in place: a stopped run keeps what it measured
         q, k, v = (torch.randn(batch, HEADS, length, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         do = torch.randn_like(q)
@@ -249,25 +269,28 @@ def main() -> int:
             do = torch.randn_like(xs[2])
             row["loglinear_fwd_bwd"] = bench(lambda: torch.autograd.backward(loglinear(*xs), do), rep=rep)
             del xs, do
+        anchors = (f"{name} {ms:.2f} ms" for name, ms in row.items() if name.endswith("_fwd_bwd"))
+        progress(f"T={length} anchors: " + ", ".join(anchors))
+        save()
         fenwick_levels = max(16, (length - 1).bit_length() + 1)
         for backbone, prefix in (("mamba2", ""), ("gdn", "gdn_")):
             if backbone not in args.backbones:
                 continue
             for name, policy, levels in (("single", "single", 2), ("fenwick", "fenwick", fenwick_levels),
                                          ("dla16", "dla", 16), ("dla32", "dla", 32)):
-                time_policy(row, prefix + name, inputs(length, levels, backbone), policy, levels, rep)
+                time_policy(row, prefix + name, inputs(length, levels, backbone), policy, levels, rep, save)
             for regime in (r for r in args.regimes if r != "sparse"):
                 for name, levels in (("dla16", 16), ("dla32", 32)):
                     time_policy(row, f"{prefix}{name}_{regime}", inputs(length, levels, backbone, regime=regime),
-                                "dla", levels, rep)
+                                "dla", levels, rep, save)
             # the layer's own segmentation (the default `drift` score, with the layer's g and β)
             for regime in ("sparse", "dense"):
                 t = inputs(length, 32, backbone, regime=regime)
                 row[f"{prefix}seg_{regime}_ms"] = bench(
                     lambda: level_map(t["k"], t["v"], capacity=32, g=t["g"], beta=t["beta"]), rep=rep)
-        results["rows"].append(row)
+                progress(f"T={length} {prefix}drift segmentation ({regime}): {row[f'{prefix}seg_{regime}_ms']:.2f} ms")
         print(json.dumps(row))
-        (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1))
+        save()
 
     table = render(results)
     (args.out / "bench_gpu.md").write_text(table)
