@@ -25,6 +25,7 @@ its output; fla's numbers are timings, not verified results.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -79,12 +80,17 @@ def inputs(length, levels, backbone, dtype=torch.bfloat16, regime="sparse"):
                         regime=regime)
 
 
-def train_step(t, **kw):
+def train_step(t, compiled: bool = False, **kw):
+    """fwd and fwd+bwd closures over detached leaves of `t`; `compiled`: the operator under
+    torch.compile(fullgraph=True), as a model trains."""
     xs = {n: (x.detach().requires_grad_() if n in ("q", "k", "v", "lam") else x) for n, x in t.items()}
     do = torch.randn_like(xs["v"])
+    attend = functools.partial(multistate_attention, **kw)
+    if compiled:
+        attend = torch.compile(attend, fullgraph=True)
 
     def fwd():
-        return multistate_attention(xs["q"], xs["k"], xs["v"], xs["lam"], g=xs["g"], beta=xs["beta"], **kw)
+        return attend(xs["q"], xs["k"], xs["v"], xs["lam"], g=xs["g"], beta=xs["beta"])
 
     def fwd_bwd():
         o = fwd()
@@ -162,11 +168,12 @@ def progress(what: str) -> None:
     print(f"[{time.monotonic() - START:6.0f} s] {what}", flush=True)
 
 
-def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: int, save=None) -> None:
+def time_policy(row: dict, name: str, t: dict, policy: str, levels: int, rep: int, save=None,
+                compiled: bool = False) -> None:
     """fwd, fwd+bwd, peak memory and readout TFLOP/s of one policy into `row` (`name_…`), under
     the `token` score that defines SPEC §7's regimes (the inputs are the sparse regime's), with
     the inputs' counts; then `save()`, which writes what has been measured so far."""
-    fwd, fwd_bwd = train_step(t, policy=policy, score="token")
+    fwd, fwd_bwd = train_step(t, compiled, policy=policy, score="token")
     if policy != "single":
         row[f"{name}_counts"] = regime_counts(t, levels, policy)
     try:
@@ -196,6 +203,9 @@ def main() -> int:
     parser.add_argument("--backbones", nargs="+", choices=["mamba2", "gdn"], default=["mamba2", "gdn"])
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES),
                         help="segmentation regimes (SPEC §7) the DLA rows are timed in; sparse always")
+    parser.add_argument("--compiled", action="store_true",
+                        help="time our rows with the operator under torch.compile(fullgraph=True) (Inductor "
+                             "fuses the torch glue around the Triton readout); the anchors stay as they are")
     parser.add_argument("--skip-verify", action="store_true",
                         help="no comparison with the float64 path first (the output says so); for runs "
                              "whose kernels the GPU suite has just verified")
@@ -235,6 +245,8 @@ def main() -> int:
         print("verify loglinear", results["loglinear_verify"])
     if args.skip_verify:
         results["notes"].append("verification against the float64 path skipped (--skip-verify)")
+    if args.compiled:
+        results["notes"].append("our rows: the operator under torch.compile(fullgraph=True) (--compiled)")
 
     def save():
         (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1))
@@ -278,11 +290,12 @@ def main() -> int:
                 continue
             for name, policy, levels in (("single", "single", 2), ("fenwick", "fenwick", fenwick_levels),
                                          ("dla16", "dla", 16), ("dla32", "dla", 32)):
-                time_policy(row, prefix + name, inputs(length, levels, backbone), policy, levels, rep, save)
+                time_policy(row, prefix + name, inputs(length, levels, backbone), policy, levels, rep, save,
+                            args.compiled)
             for regime in (r for r in args.regimes if r != "sparse"):
                 for name, levels in (("dla16", 16), ("dla32", 32)):
                     time_policy(row, f"{prefix}{name}_{regime}", inputs(length, levels, backbone, regime=regime),
-                                "dla", levels, rep, save)
+                                "dla", levels, rep, save, args.compiled)
             # the layer's own segmentation (the default `drift` score, with the layer's g and β)
             for regime in ("sparse", "dense"):
                 t = inputs(length, 32, backbone, regime=regime)
