@@ -69,7 +69,7 @@ def backbone_forward_triton(q, k, v, lam0, g, beta, S0, scale: float, chunk_size
     if beta is not None and g is None:
         return delta_forward(q, k, v, lam0, g, beta, None, S0, scale, chunk_size)
     if beta is not None:
-        return delta_forward_triton(q, k, v, lam0, g, beta, None, S0, scale, TRITON_CHUNK)
+        return delta_forward_triton(q, k, v, lam0, g, beta, None, S0.float(), scale, TRITON_CHUNK)
     return ssd_forward_triton(q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
 
 
@@ -78,9 +78,9 @@ def backbone_backward_triton(do, dS, q, k, v, lam0, g, beta, S0, scale: float, c
     if beta is not None and g is None:
         return _delta_backward(do, dS, q, k, v, lam0, g, beta, S0, scale, chunk_size)
     if beta is not None:
-        dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward_triton(do, dS, q, k, v, lam0, g, beta, None, S0, scale,
-                                                                  TRITON_CHUNK)
-        return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), dbeta, dS0
+        dq, dk, dv, dlam0, dg, dbeta, dS0 = delta_backward_triton(do, dS, q, k, v, lam0, g, beta, None, S0.float(),
+                                                                  scale, TRITON_CHUNK)
+        return dq, dk, dv, dlam0, dg, dbeta, dS0.to(S0.dtype)
     dq, dk, dv, dlam0, dg, dS0 = ssd_backward_triton(do, dS, q, k, v, lam0, g, None, S0, scale, TRITON_CHUNK)
     return dq, dk, dv, dlam0, _zeros_for_absent(dg, q), _zeros_for_absent(None, q), dS0
 
