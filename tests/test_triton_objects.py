@@ -198,6 +198,31 @@ def test_the_final_state_given_or_rebuilt(device):
 
 
 @pytest.mark.parametrize("device", INTERPRETER)
+@pytest.mark.parametrize("rows", ["objects", "mixed", "rule", "decode"])
+def test_the_backward_reads_the_forwards_plan(device, rows, monkeypatch):
+    """The plan the forward keeps (`keep_plan`, as `dla::readout_without_beta` does) gives the
+    backward exactly what building it again gives, without building it: every row on objects,
+    object and dense rows in one call, the rule's choice, and a call dense from its shapes (one
+    chunk, no tables); the empty sequence keeps its modes only."""
+    length = 9 if rows == "decode" else 45
+    case = Case(length=length, levels=4, policy="dla", transition="g", tau=0.6, **{**EDGE, "batch": 2})
+    case, _, _, _, args, step, S0, _ = arguments(case, True, 0, device)
+    do, dS = cotangents(case, S0)
+    objects = {"objects": every_row(case, device), "mixed": torch.tensor([True, False, False, True], device=device),
+               "rule": None, "decode": None}[rows]
+    o, S, plan = mixed_forward(*args, step, objects=objects, keep_plan=True)
+    assert plan.dtype == torch.int32 and (plan.shape[0] == case.batch * case.heads) == (rows == "decode")
+    rebuilt = mixed_backward(f32(do, device), f32(dS, device), *args, step, S, objects=objects)
+    monkeypatch.setattr(OT, "build_plan", lambda *a, **kw: pytest.fail("the backward built the plan again"))
+    kept = mixed_backward(f32(do, device), f32(dS, device), *args, step, S, plan=plan)
+    for name, a, b in zip(NAMES, kept, rebuilt):
+        assert torch.equal(a, b), name
+    empty = [x[:, :0] for x in args[:6]] + list(args[6:])
+    *_, plan = mixed_forward(*empty, step, keep_plan=True)
+    assert torch.equal(plan, torch.zeros(case.batch * case.heads, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device", INTERPRETER)
 def test_missing_cotangents_and_empty_sequence(device):
     case = Case(length=25, levels=3, policy="dla", transition="g", tau=0.6, **EDGE)
     case, _, _, _, args, step, S0, _ = arguments(case, True, 0, device)
@@ -345,22 +370,23 @@ def backend(gm, inputs):
 
 
 def loss(q, k, v, lam, g, S0):
-    o, S = ops.readout_without_beta(q, k, v, lam, g, ls, S0, scale, step)
+    o, S, _ = ops.readout_without_beta(q, k, v, lam, g, ls, S0, scale, step)
     return (o * do).sum() + (S * dS).sum()
 
 
 with triton_interpreter():
-    _, S = ops.readout_without_beta(q, k, v, lam, g, ls, S0f, scale, step)
+    _, S, plan = ops.readout_without_beta(q, k, v, lam, g, ls, S0f, scale, step)
     torch.library.opcheck(ops.readout_without_beta.default, (*leaves[:5], ls, leaves[5], scale, step),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(ops.readout_without_beta_backward.default,
-                          (do, dS, q, k, v, lam, g, ls, S0f, scale, step, S),
+                          (do, dS, q, k, v, lam, g, ls, S0f, scale, step, S, plan),
                           test_utils=("test_schema", "test_faketensor"))
     value = torch.compile(loss, fullgraph=True, backend=backend)(*leaves)
     got = torch.autograd.grad(value, leaves)
 ref = objects_backward(do.double(), dS.double(), t["q"], t["k"], t["v"], t["lam"], t["g"], ls, S0, scale, 5, step)
 for name, x, r in zip(("q", "k", "v", "lam", "g", "S0"), got, ref):
     print(name, relative_error(x, r))
+print("plan sorts", [code.count("aten.sort") for code in graphs])
 print("kernels traced", [code.count("higher_order.triton_kernel_wrapper_functional(") for code in graphs])
 """
 
@@ -369,17 +395,19 @@ def test_triton_op_opcheck_and_fullgraph_compile():
     """`dla::readout_without_beta` (a `torch.library.triton_op`) on CPU tensors through
     `dla.testing.triton_interpreter()`: opcheck, and a `fullgraph=True` compile of a loss whose
     forward and backward graphs hold the Triton kernels themselves (AOT autograd decomposes the
-    op), with gradients against the torch object path. In a subprocess without TRITON_INTERPRET:
-    kernels defined under it are interpreted functions, which `wrap_triton` runs instead of
-    tracing."""
+    op) and only the forward builds the plan, with gradients against the torch object path. In
+    a subprocess without TRITON_INTERPRET: kernels defined under it are interpreted functions,
+    which `wrap_triton` runs instead of tracing."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", TRITON_OP], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    errors = {line.split()[0]: float(line.split()[1]) for line in lines[:-1]}
+    errors = {line.split()[0]: float(line.split()[1]) for line in lines[:-2]}
     assert set(errors) == set(NAMES) and max(errors.values()) <= TOL32, errors
     forward, backward = eval(lines[-1].removeprefix("kernels traced "))
     assert (forward, backward) == (6, 11)  # every launch of each pass: 2 + 4 object kernels, 4 + 7 dense
+    # the plan is built once, in the forward (its one sort), and handed to the backward
+    assert eval(lines[-2].removeprefix("plan sorts ")) == [1, 0]
 
 
 # --------------------------------------------------------------------------------------------

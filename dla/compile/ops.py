@@ -140,31 +140,33 @@ LIBRARY = _register()  # kept alive: the registrations last as long as this obje
 
 @torch.library.triton_op("dla::readout_without_beta", mutates_args=())
 def readout_without_beta(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, g: Tensor | None, level_start: Tensor,
-                         S0: Tensor, scale: float, step: Tensor) -> tuple[Tensor, Tensor]:
-    """`(o, S)` of `dla::readout` without β, by the Triton kernels (object and dense heads)."""
-    return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
+                         S0: Tensor, scale: float, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`(o, S, plan)` of `dla::readout` without β, by the Triton kernels (object and dense heads);
+    `plan` (int32, no gradient) is the object plan and the row modes, which the backward reads
+    instead of building them again."""
+    return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step, keep_plan=True)
 
 
 @torch.library.triton_op("dla::readout_without_beta_backward", mutates_args=())
 def readout_without_beta_backward(do: Tensor, dS: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor,
                                   g: Tensor | None, level_start: Tensor, S0: Tensor, scale: float, step: Tensor,
-                                  S: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """`(dq, dk, dv, dlam, dg, dS0)`; `S` is the forward's final state; `dg` float32 zeros without g."""
-    return mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step, S)
+                                  S: Tensor, plan: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv, dlam, dg, dS0)`; `S` and `plan` are the forward's; `dg` float32 zeros without g."""
+    return mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step, S, plan=plan)
 
 
 def _without_beta_setup_context(ctx, inputs, output):
     q, k, v, lam, g, level_start, S0, scale, step = inputs
-    ctx.save_for_backward(q, k, v, lam, g, level_start, S0, step, output[1])
+    ctx.save_for_backward(q, k, v, lam, g, level_start, S0, step, output[1], output[2])
     ctx.scale = scale
 
 
-def _without_beta_grad(ctx, do, dS):
-    q, k, v, lam, g, level_start, S0, step, S = ctx.saved_tensors
+def _without_beta_grad(ctx, do, dS, _plan):
+    q, k, v, lam, g, level_start, S0, step, S, plan = ctx.saved_tensors
     do = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device) if do is None else do
     dS = torch.zeros_like(S) if dS is None else dS
     dq, dk, dv, dlam, dg, dS0 = torch.ops.dla.readout_without_beta_backward(
-        do, dS, q, k, v, lam, g, level_start, S0, ctx.scale, step, S)
+        do, dS, q, k, v, lam, g, level_start, S0, ctx.scale, step, S, plan)
     return dq, dk, dv, dlam, dg if g is not None else None, None, dS0.to(S0.dtype), None, None
 
 
@@ -175,5 +177,6 @@ def readout(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: in
     """The readout op for these tensors: `dla::readout_without_beta` for 16/32-bit CUDA tensors
     without β (so that `torch.compile` sees its Triton kernels), else the opaque `dla::readout`."""
     if beta is None and q.is_cuda and q.dtype != torch.float64:
-        return torch.ops.dla.readout_without_beta(q, k, v, lam, g, level_start, S0, scale, step)
+        o, S, _ = torch.ops.dla.readout_without_beta(q, k, v, lam, g, level_start, S0, scale, step)
+        return o, S
     return torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)

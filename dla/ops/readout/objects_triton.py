@@ -58,12 +58,15 @@ at once. State tiles are 64×64 on the card (ptxas holds their two or three floa
 registers, at most a few bytes spilled; the build reads k `Dv/TV` and v `Dk/TK` times); the chunk
 kernels hold whole `[C, Dk]` and `[C, Dv]` tiles (C = 64). Every launch goes through
 `torch.library.wrap_triton`, with fixed grids: `dla::readout_without_beta` (`dla/compile/ops.py`)
-is a `triton_op` whose kernels `torch.compile` sees. Dots on the input dtype (`input_precision`
+is a `triton_op` whose kernels `torch.compile` sees; it builds the plan (a few hundred small torch
+ops) once, in the forward, and hands its tables to the backward as one int32 tensor (`pack_plan`). Dots on the input dtype (`input_precision`
 ieee for float32, tf32 with float32 operands otherwise); accumulation, `h`, `D` in float32.
 Offsets inside a row are int32 (`T·H·max(Dk, Dv, L) < 2³¹`), the pools' row offsets int64.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -76,7 +79,7 @@ from dla.ops.readout import cost
 from dla.ops.readout.masked_triton import (
     NEG, _check, _level, _level_step, _pick, _Prepared, dense_backward, dense_forward, reverse_cumsum,
 )
-from dla.ops.readout.plan import build_plan
+from dla.ops.readout.plan import build_plan, chunk_count
 
 __all__ = ["mixed_forward", "mixed_backward", "row_modes"]
 
@@ -700,12 +703,40 @@ def _tiles(x, interpreted: bool) -> dict:
     return dict(BK=tk, BV=tv, NV=nv), triton.cdiv(x.dk, tk) * nv
 
 
+# The plan's tables the kernels read, by their shape: `[N, R]`, `[N, R, L]`, `[N, P]` (R = NC + 1)
+ROW_TABLES = ("starts", "new_count", "lam_id")
+ELEMENT_TABLES = ("read", "first", "last", "new_ids")
+OBJECT_TABLES = ("obj_chunk", "obj_first", "obj_last", "par_lo", "par_hi", "tok_lo", "tok_hi", "master", "merged",
+                 "final_rank", "read_lo", "read_hi")
+
+
 def plan_tensors(plan) -> dict:
     """The plan's tables as the contiguous int32 tensors the kernels read."""
-    names = ("starts", "read", "first", "last", "new_ids", "new_count", "lam_id", "obj_chunk", "obj_first",
-             "obj_last", "par_lo", "par_hi", "tok_lo", "tok_hi", "master", "merged", "final_rank", "read_lo",
-             "read_hi")
-    return {name: getattr(plan, name).to(torch.int32).contiguous() for name in names}
+    return {name: getattr(plan, name).to(torch.int32).contiguous()
+            for name in ROW_TABLES + ELEMENT_TABLES + OBJECT_TABLES}
+
+
+def pack_plan(tables: dict | None, mode: Tensor) -> Tensor:
+    """The kernels' plan as one flat int32 tensor — the row modes `[N]`, then the tables of
+    `plan_tensors` (none when the call is dense from its shapes) — which the forward hands to
+    the backward, so the backward does not build the plan again (`unpack_plan`)."""
+    parts = [mode.to(torch.int32).reshape(-1)]
+    if tables is not None:
+        parts += [tables[name].reshape(-1) for name in ROW_TABLES + ELEMENT_TABLES + OBJECT_TABLES]
+    return torch.cat(parts)
+
+
+def unpack_plan(flat: Tensor, N: int, NC: int, L: int, P: int) -> tuple[dict | None, Tensor]:
+    """`(tables or None, mode [N] int32)` from `pack_plan`'s tensor, as views of it."""
+    mode, at = flat[:N], N
+    if flat.shape[0] == N:
+        return None, mode
+    R, tables = NC + 1, {}
+    for names, shape in ((ROW_TABLES, (N, R)), (ELEMENT_TABLES, (N, R, L)), (OBJECT_TABLES, (N, P))):
+        size = math.prod(shape)
+        for name in names:
+            tables[name], at = flat[at:at + size].view(shape), at + size
+    return tables, mode
 
 
 def _meta(x, interpreted: bool) -> dict:
@@ -716,13 +747,13 @@ def _meta(x, interpreted: bool) -> dict:
                 num_warps=cfg["num_warps"], num_stages=1)
 
 
-def objects_forward_triton(x, plan, mode: Tensor, scale: float, o: Tensor, S: Tensor) -> None:
+def objects_forward_triton(x, pt: dict, M: int, mode: Tensor, scale: float, o: Tensor, S: Tensor) -> None:
     """The object rows (`mode = 1`) of `o [B,T,H,Dv]` and `S [B,H,L,Dk,Dv]` (float32); `x` is
-    `masked_triton._Prepared` (contiguous inputs, G hi/lo, the level map's running minimum)."""
-    pt = plan_tensors(plan)
+    `masked_triton._Prepared` (contiguous inputs, G hi/lo, the level map's running minimum), `pt`
+    the plan's tables (`plan_tensors`), `M` its master capacity."""
     meta = _meta(x, x.interpreted)
     tiles, nt = _tiles(x, x.interpreted)
-    N, P, M = x.N, plan.master.shape[1], plan.master_capacity
+    N, P = x.N, pt["master"].shape[1]
     NC = pt["read"].shape[1] - 1
     dev = x.q.device
     copies = torch.empty(N, P, x.dk, x.dv, dtype=x.q.dtype, device=dev)
@@ -738,16 +769,16 @@ def objects_forward_triton(x, plan, mode: Tensor, scale: float, o: Tensor, S: Te
         x.T, x.H, NC, P, float(scale), BK=x.BK, BV=x.BV, BL=x.BL, **meta)
 
 
-def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS: Tensor, S: Tensor | None,
-                            grads: dict) -> tuple[Tensor, Tensor]:
+def objects_backward_triton(x, pt: dict, M: int, mode: Tensor, scale: float, do: Tensor, dS: Tensor,
+                            S: Tensor | None, grads: dict) -> tuple[Tensor, Tensor]:
     """The object rows of `grads` (dq, dk, dv, dlam in the inputs' dtypes, dS0 float32, each
     `[B,T,H,·]` / `[B,H,L,Dk,Dv]`); returns `dG [B,T,H]` float32 (the gradient of `G = cumsum(g)`)
     and the crossing terms `R [N, NC+2]` float64 (module doc, "dg"). `do` contiguous in q's
-    dtype, `dS` float32; `S` the forward's final state (None: rebuilt here)."""
-    pt = plan_tensors(plan)
+    dtype, `dS` float32; `S` the forward's final state (None: rebuilt here); `pt`, `M` as for
+    `objects_forward_triton`."""
     meta = _meta(x, x.interpreted)
     tiles, nt = _tiles(x, x.interpreted)
-    N, P, M = x.N, plan.master.shape[1], plan.master_capacity
+    N, P = x.N, pt["master"].shape[1]
     NC = pt["read"].shape[1] - 1
     dev = x.q.device
     copies = torch.empty(N, P, x.dk, x.dv, dtype=x.q.dtype, device=dev)
@@ -795,43 +826,50 @@ def objects_backward_triton(x, plan, mode: Tensor, scale: float, do: Tensor, dS:
 
 
 def row_modes(x: _Prepared, level_start: Tensor, step: Tensor | None, objects: Tensor | None = None):
-    """`(plan or None, mode [N] int32)`: 1 where a row takes the object kernels, by the stage's
-    rule (`cost.takes_objects`: the plan fits the pool, evaluated on the device) or as `objects
-    [N]` asks (rows whose plan overflows the pool stay dense). A call of at most one chunk is
-    dense from its shapes alone."""
+    """`(tables or None, mode [N] int32)`: the plan's tables (`plan_tensors`) and 1 where a row
+    takes the object kernels, by the stage's rule (`cost.takes_objects`: the plan fits the pool,
+    evaluated on the device) or as `objects [N]` asks (rows whose plan overflows the pool stay
+    dense). A call of at most one chunk is dense from its shapes alone (no tables)."""
     C = config(x.interpreted)["C"]
     if cost.decode_sized(x.T, C) and objects is None:
         return None, x.all_dense()
     step = torch.zeros(x.B, dtype=torch.int64, device=x.q.device) if step is None else step
-    itemsize = x.q.element_size()
-    P, M = cost.pool_capacity(x.T, x.L, x.dk, x.dv, itemsize, C)
+    P, M = _pool(x)
     plan = build_plan(level_start, step, C, P, M)
     fits = cost.takes_objects(plan)
-    return plan, (fits if objects is None else objects & fits).to(torch.int32)
+    return plan_tensors(plan), (fits if objects is None else objects & fits).to(torch.int32)
+
+
+def _pool(x: _Prepared) -> tuple[int, int]:
+    """`(P, M)`: the object pool's ids and masters for these shapes (`cost.pool_capacity`)."""
+    return cost.pool_capacity(x.T, x.L, x.dk, x.dv, x.q.element_size(), config(x.interpreted)["C"])
 
 
 def mixed_forward(q, k, v, lam, g, level_start, S0, scale: float, step=None, *, input_precision: str | None = None,
-                  objects: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  objects: Tensor | None = None, keep_plan: bool = False):
     """The CUDA readout without β: `(o [B,T,H,Dv] in q's dtype, S [B,H,K,Dk,Dv] float32)`, each
-    row by the object kernels or the dense ones (`row_modes`)."""
+    row by the object kernels or the dense ones (`row_modes`); with `keep_plan` also the plan
+    and the row modes as one int32 tensor (`pack_plan`) for `mixed_backward`."""
     _check("mixed_forward", q, v, lam, None, input_precision)
     x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
     if x.T == 0:
-        return q.new_empty(x.B, 0, x.H, x.dv), x.S0.clone()
-    plan, mode = row_modes(x, level_start, step, objects)
+        o, S = q.new_empty(x.B, 0, x.H, x.dv), x.S0.clone()
+        return (o, S, pack_plan(None, x.all_dense())) if keep_plan else (o, S)
+    tables, mode = row_modes(x, level_start, step, objects)
     o, S = x.empty(x.B, x.T, x.H, x.dv, dtype=q.dtype), x.empty(x.B, x.H, x.L, x.dk, x.dv)
     # the dense kernels' float32 buffers are freed before the object pool is allocated: a call's
     # peak holds one path's temporaries, not both
     dense_forward(x, mode, scale, o, S)
-    if plan is not None:
-        objects_forward_triton(x, plan, mode, scale, o, S)
-    return o, S
+    if tables is not None:
+        objects_forward_triton(x, tables, _pool(x)[1], mode, scale, o, S)
+    return (o, S, pack_plan(tables, mode)) if keep_plan else (o, S)
 
 
 def mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale: float, step=None, S=None, *,
-                   input_precision: str | None = None, objects: Tensor | None = None):
+                   input_precision: str | None = None, objects: Tensor | None = None, plan: Tensor | None = None):
     """`(dq, dk, dv, dlam, dg, dS0)` of `mixed_forward` (dg float32 zeros without g); `do`/`dS`
-    may be None (zero); `S` the forward's final state, rebuilt when None."""
+    may be None (zero); `S` the forward's final state, rebuilt when None; `plan` the forward's
+    kept plan (`keep_plan`), built again when None (and `objects` then as for the forward)."""
     _check("mixed_backward", q, v, lam, None, input_precision)
     x = _Prepared(q, k, v, lam, g, level_start, S0, input_precision)
     B, T, H, L, dk, dv = x.B, x.T, x.H, x.L, x.dk, x.dv
@@ -842,18 +880,22 @@ def mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale: float, step=
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape), dg, dS0
     do = torch.zeros(B, T, H, dv, dtype=q.dtype, device=dev) if do is None else do.to(q.dtype).contiguous()
     dS = torch.zeros(B, H, L, dk, dv, dtype=f32, device=dev) if dS is None else dS.to(f32).contiguous()
-    plan, mode = row_modes(x, level_start, step, objects)
+    P, M = _pool(x)
+    if plan is None:
+        tables, mode = row_modes(x, level_start, step, objects)
+    else:
+        tables, mode = unpack_plan(plan, x.N, chunk_count(T, config(x.interpreted)["C"]), L, P)
     grads = x.gradients(q, k, v, lam)
     dG = dense_backward(x, mode, scale, do, dS, grads)  # its buffers freed before the object pool exists
-    if plan is not None:
-        dG_objects, crossing = objects_backward_triton(x, plan, mode, scale, do, dS, S, grads)
+    if tables is not None:
+        dG_objects, crossing = objects_backward_triton(x, tables, M, mode, scale, do, dS, S, grads)
         dG = torch.where(mode.view(B, 1, H) != 0, dG_objects.double(), dG)
     if g is None:
         dg = torch.zeros(B, T, H, dtype=f32, device=dev)
-    elif plan is None:
+    elif tables is None:
         dg = reverse_cumsum(dG, g.dtype)
     else:
-        dg = chunk_local_dg(reverse_cumsum(dG, torch.float64), plan.starts, crossing, mode).to(g.dtype)
+        dg = chunk_local_dg(reverse_cumsum(dG, torch.float64), tables["starts"], crossing, mode).to(g.dtype)
     return grads["dq"], grads["dk"], grads["dv"], grads["dlam"], dg, grads["dS0"]
 
 
