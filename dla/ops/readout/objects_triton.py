@@ -59,8 +59,9 @@ registers, at most a few bytes spilled; the build reads k `Dv/TV` and v `Dk/TK` 
 kernels hold whole `[C, Dk]` and `[C, Dv]` tiles (C = 64). Every launch goes through
 `torch.library.wrap_triton`, with fixed grids: `dla::readout_without_beta` (`dla/compile/ops.py`)
 is a `triton_op` whose kernels `torch.compile` sees; it builds the plan (a few hundred small torch
-ops) once, in the forward, and hands its tables to the backward as one int32 tensor (`pack_plan`). Dots on the input dtype (`input_precision`
-ieee for float32, tf32 with float32 operands otherwise); accumulation, `h`, `D` in float32.
+ops) once, in the forward, and hands its tables to the backward as one int32 tensor (`pack_plan`).
+Dots on the input dtype (`input_precision` ieee for float32, tf32 with float32 operands
+otherwise); accumulation, `h`, `D` in float32.
 Offsets inside a row are int32 (`T·H·max(Dk, Dv, L) < 2³¹`), the pools' row offsets int64.
 """
 
