@@ -380,7 +380,9 @@ def poisoned_empty():
 
     def empty(*size, **kw):
         x = real(*size, **kw)
-        return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-(2**30))
+        if x.is_floating_point():
+            return x.fill_(float("nan"))
+        return x.fill_(True) if x.dtype == torch.bool else x.fill_(max(-(2**30), torch.iinfo(x.dtype).min))
 
     torch.empty = empty
     try:

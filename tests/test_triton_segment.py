@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
 from dla.ops.reference import segment_naive
 from dla.ops.segment.cpu import segment_cpu
-from dla.ops.segment.detect import detect_drift, readout_products
-from dla.ops.segment.detect_triton import readout_products_triton
+from dla.ops.segment.detect import detect_drift, drift_scores, readout_products
+from dla.ops.segment.detect_triton import drift_scores_triton, readout_products_triton
 from dla.ops.state import MultiStateCache, empty_cache
 from dla.ops.segment.triton_walk import dla_walk, segment_dla, segment_triton
 from dla.ops.validation import SCORES
@@ -495,6 +495,38 @@ def test_large_shapes_match_the_cpu_kernel(T, Dk, Dv, K, dtype, inputs, score):
             assert relative_error(ours_cpu[i][same], theirs[i][same]) <= 1e-3
 
 
+@settings(max_examples=25, **FAST)
+@given(T=st.integers(1, 90), transition=st.sampled_from(TRANSITIONS), first=st.booleans(), ends=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_drift_tail_kernel_matches_the_torch_tail(T, transition, first, ends, seed):
+    """The scalar tail in one Triton kernel (`drift_scores_triton`, through the interpreter) against
+    `drift_scores` in float64 on the same float32 products: `N` (every step, through `end`, and
+    across the kernel's blocks of 16 tokens) within float32 rounding, `I_t²` within 1e-5, and the
+    flags equal wherever `|I_t − τ| ≥ δ`; the first token unscored where asked."""
+    B, H, Dk, Dv = 2, 2, 8, 12
+    gen = torch.Generator().manual_seed(seed)
+    k, v, _ = piecewise_stationary(B, T, H, Dk, Dv, mean_regime=6.0, noise=0.1, generator=gen)
+    if transition in ("beta", "both"):
+        k = torch.nn.functional.normalize(k, dim=-1)
+    g = -torch.rand(B, T, H, generator=gen) if transition in ("g", "both") else None
+    beta = torch.rand(B, T, H, generator=gen) if transition in ("beta", "both") else None
+    S0 = 0.1 * torch.randn(B, H, Dk, Dv, generator=gen)
+    p, rr = readout_products(k, v, g, beta, S0, 16)
+    N0, unscored = S0.pow(2).sum((-2, -1)), torch.tensor([[first, False], [True, first]])
+    end = torch.randint(1, T + 1, (B,), generator=gen) if ends else None
+    tau = 0.6
+    with poisoned_empty():
+        det = drift_scores_triton(p, rr, k, v, g, beta, N0, unscored, tau, end)
+    ref = drift_scores(*(None if x is None else x.double() for x in (p, rr, k, v, g, beta, N0)), unscored, tau, end)
+    assert relative_error(det.N, ref.N) <= 1e-5
+    # I = √(2 − 2cos): its square, not I near 0, carries float32 rounding evenly
+    assert float((det.info.double().square() - ref.info.square()).abs().max()) <= 1e-5
+    well = (ref.info - tau).abs() >= DELTA[torch.float32]
+    assert torch.equal(det.flag[well], ref.flag[well])
+    assert bool((det.info[..., 0][unscored] == 0).all())
+    assert bool(det.flag[..., 0][unscored].all())
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("B,H,T,Dk,Dv,transition,dtype", [
@@ -506,7 +538,7 @@ def test_large_shapes_match_the_cpu_kernel(T, Dk, Dv, K, dtype, inputs, score):
 ])
 def test_drift_detection_on_the_gpu(B, H, T, Dk, Dv, transition, dtype):
     """The Triton products (16-bit inputs upcast) against the torch form in float64 on the
-    device on the same values, ≤ 1e-5; the boundary flags equal the float64 ones wherever
+    device on the same values, ≤ 1e-5; with the Triton tail, the boundary flags equal the float64 ones wherever
     `|I_t − τ| ≥ δ`, at nearly every token; `N` within float32 rounding."""
 
     gen = torch.Generator().manual_seed(T + Dv)
@@ -525,7 +557,7 @@ def test_drift_detection_on_the_gpu(B, H, T, Dk, Dv, transition, dtype):
     p64, rr64 = readout_products(*f64, 64)
     assert relative_error(p, p64) <= 1e-5 and relative_error(rr, rr64) <= 1e-5
     tau = 0.6
-    det = detect_drift(k, v, g, beta, S0, N0, m0, tau, 64, readout_products_triton)
+    det = detect_drift(k, v, g, beta, S0, N0, m0, tau, 64, readout_products_triton, scores=drift_scores_triton)
     ref = detect_drift(*f64[:4], f64[4], N0.double(), m0, tau, 64, readout_products)
     well = (ref.info - tau).abs() >= DELTA[torch.float32]
     assert bool(well.float().mean() >= 0.99), float(well.float().mean())

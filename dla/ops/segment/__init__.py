@@ -5,7 +5,7 @@ gradient.
 | file | what it holds |
 | --- | --- |
 | `detect.py` | `drift`'s boundary detection, per token `I_t` and flag, parallel over the sequence (torch), and the rule for its products |
-| `detect_triton.py` | the CUDA products of that detection (`r_t` in chunks, IEEE dots) |
+| `detect_triton.py` | the CUDA products of that detection (`r_t` in chunks, IEEE dots) and its scalar tail in one kernel |
 | `events.py` | from per-token flags to the merge scan's events and the final open block; `dla` under `drift` on any device |
 | `ends.py` | rows that end before `T` (packed sequences as padded rows): padding taken out of the segmentation |
 | `closed_form.py` | `fenwick` and `single`, closed forms in plain torch on any device |

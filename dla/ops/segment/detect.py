@@ -43,7 +43,9 @@ Kernels. The torch form here (`readout_products`) serves CPU tensors and float64
 (float64 products are IEEE on every device). CUDA tensors in float32 or 16 bits (upcast to float32)
 take `detect_triton.py`, whose dots are `input_precision="ieee"`: SPEC §2 forbids TF32 and bf16
 operands in the products behind a score, and torch's CUDA matmul may use TF32 by a process-wide
-switch. The tail (`drift_scores`) is elementwise torch, exact in either case.
+switch. The tail (`drift_scores`) is elementwise torch and a recursive doubling; on CUDA below
+float64 one Triton kernel computes it (`detect_triton.drift_scores_triton`), the same steps in
+another summation order.
 
 Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta [B,T,H]` or None, `Sg0 [B,H,Dk,Dv]`, `N0 [B,H]`,
 `m0 [B,H]`; results `[B,H,T]` and `[B,H]` in the state dtype (float64 for float64 inputs, float32
@@ -71,13 +73,15 @@ class Detection(NamedTuple):
 
 
 def detect_drift(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, Sg0: Tensor, N0: Tensor,
-                 m0: Tensor, tau: float, chunk_size: int, products: Callable, end: Tensor | None = None) -> Detection:
+                 m0: Tensor, tau: float, chunk_size: int, products: Callable, end: Tensor | None = None,
+                 scores: Callable | None = None) -> Detection:
     """`I_t`, the boundary flags and the final `N` under `drift` (module doc). `products` computes
     `(p_t, ρ_t)` from `(k, v, g, beta, Sg0, chunk_size)`: `readout_products` or, in the CUDA
-    kernel, `detect_triton.readout_products_triton`. `end [B]`: `N` after step `end − 1` (rows
-    that end early, `dla.ops.segment.ends`)."""
+    kernel, `detect_triton.readout_products_triton`; `scores` the tail, `drift_scores` (None) or
+    `detect_triton.drift_scores_triton`. `end [B]`: `N` after step `end − 1` (rows that end
+    early, `dla.ops.segment.ends`)."""
     p, rr = products(k, v, g, beta, Sg0, chunk_size)
-    return drift_scores(p, rr, k, v, g, beta, N0, m0 == 0, tau, end)
+    return (scores or drift_scores)(p, rr, k, v, g, beta, N0, m0 == 0, tau, end)
 
 
 def drift_scores(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None,

@@ -1,6 +1,6 @@
 r"""CUDA products of the `drift` detection in Triton: `p_t = r_tᵀ v_t` and `ρ_t = ‖r_t‖²` with
 `r_t = S^{gᵀ}_{t−1} k_t`, the backbone's readout with `q := k` one step behind (`detect.py` has the
-math and the torch form; the scalar tail that turns them into `I_t` is shared).
+math and the torch form), and the scalar tail that turns them into `I_t` in one kernel.
 
 Per chunk of `C` tokens (local `i, j`; `G` the chunk-local cumsum of `g`, `γ = exp(G)`,
 `γ' = exp(G − g)`, `h` the chunk-start state):
@@ -19,11 +19,18 @@ Per chunk of `C` tokens (local `i, j`; `G` the chunk-local cumsum of `g`, `γ = 
    leaves registers, where taking it from the backbone's Triton state pass would store
    `T/C · Dk · Dv` float32 values per stream (512 MB at SPEC §7's shapes) to read them once.
 
+3. `_scores_kernel`, one program per `b·h`, sequential over blocks of the sequence: the scalar
+   tail of `detect.drift_scores` — `κ_t = ‖k_t‖²`, `ν_t = ‖v_t‖²`, `N_t = a_t² N_{t−1} + b_t` (an
+   associative scan over the block on `(a², b)`, carried across blocks), `cos`, `I_t` and the
+   flags — in one launch where the torch form takes about a hundred (its recursive doubling is
+   `log₂ T` passes over `[B, H, T]`). Decisions match the torch tail's wherever `I_t` is not
+   within rounding of `τ` (the sums run in another order).
+
 Every dot is `input_precision=PREC` on float32 operands, `"ieee"` from `launch_meta` (SPEC §2:
 no TF32 or bf16 operands behind a score; `perf/sweep_drift_gpu.py` times `"tf32x3"` beside it);
 16-bit inputs are upcast to float32 first. Every decay is a difference inside one chunk, `≤ 1`.
-Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta [B,T,H]` or None, `Sg0 [B,H,Dk,Dv]`; returns
-`p, ρ [B,H,T]` float32.
+Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta [B,T,H]` or None, `Sg0 [B,H,Dk,Dv]`; the
+products are `p, ρ [B,H,T]` float32, and the tail returns `dla.ops.segment.detect.Detection`.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dla.ops.segment.detect import Detection
+from dla.ops.state import EPS
 from dla.ops.triton_utils import interpreting, pow2
 
-__all__ = ["readout_products_triton"]
+__all__ = ["readout_products_triton", "drift_scores_triton"]
 
 
 @triton.jit
@@ -177,3 +186,84 @@ def readout_products_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor
     _prepare_kernel[(B * H, NC)](k, v, gf, bf, Q, R0, W, U0, T, H, Dk, Dv, **flags, **meta)
     _pass_kernel[(B * H, NV)](k, v, gf, S0, Q, R0, W, U0, p, rr, T, H, Dk, Dv, NC, **flags, **meta)
     return p.sum(0).view(B, H, T), rr.sum(0).view(B, H, T)
+
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    """`x ← a x + b` twice: first `(a1, x1)`, then `(a2, x2)`."""
+    return a1 * a2, x1 * a2 + x2
+
+
+@triton.jit
+def _scores_kernel(P, RR, K, V, G, BETA, N0, FIRST, INFO, FLAG, NALL, T, tau, H: tl.constexpr, DK: tl.constexpr,
+                   DV: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, EPS: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    b = n // H
+    h = n % H
+    row = n * T  # [B, H, T] rows of p, ρ and the outputs
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    carry = tl.load(N0 + n)
+    first_unscored = tl.load(FIRST + n) != 0
+    for t0 in range(0, T, BT):
+        t = t0 + tl.arange(0, BT)
+        m = t < T
+        src = (b * T + t) * H + h  # token rows of k, v, g, β [B, T, H, ·]
+        p = tl.load(P + row + t, mask=m, other=0.0)
+        k = tl.load(K + src[:, None] * DK + dk[None, :], mask=m[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(V + src[:, None] * DV + dv[None, :], mask=m[:, None] & (dv[None, :] < DV), other=0.0)
+        kappa = tl.sum(k * k, axis=1)
+        nu = tl.sum(v * v, axis=1)
+        if HAS_G:
+            a = tl.exp(tl.load(G + src, mask=m, other=0.0))
+        else:
+            a = tl.full([BT], 1.0, tl.float32)
+        if HAS_BETA:
+            bt = tl.load(BETA + src, mask=m, other=0.0)
+            rr = tl.load(RR + row + t, mask=m, other=0.0)
+            bb = a * a * (bt * bt * kappa - 2 * bt) * rr + 2 * a * bt * (1 - bt * kappa) * p + bt * bt * kappa * nu
+        else:
+            bb = 2 * a * p + kappa * nu
+        alpha = tl.where(m, a * a, 1.0)  # positions past T: identity steps
+        A, X = tl.associative_scan((alpha, tl.where(m, bb, 0.0)), 0, _combine)
+        N = X + A * carry
+        tl.store(NALL + row + t, N, mask=m)
+        tl.debug_barrier()  # N_{t−1} of the block's first token is the carry; of the others, just stored
+        N_prev = tl.load(NALL + row + t - 1, mask=m & (t > t0), other=0.0)
+        N_prev = tl.where(t == t0, carry, N_prev)
+        if HAS_BETA:
+            inner = a * (N_prev - bt * rr) + bt * p
+        else:
+            inner = a * N_prev + p
+        cos = inner / tl.maximum(tl.sqrt(tl.maximum(N * N_prev, 0.0)), EPS)
+        info = tl.sqrt(tl.maximum(2 - 2 * cos, 0.0))
+        first = (t == 0) & first_unscored
+        info = tl.where(first, 0.0, info)
+        tl.store(INFO + row + t, info, mask=m)
+        tl.store(FLAG + row + t, (info >= tau) | first, mask=m)
+        carry = tl.sum(tl.where(t == tl.minimum(t0 + BT, T) - 1, N, 0.0), axis=0)
+
+
+def drift_scores_triton(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None,
+                        N0: Tensor, first_unscored: Tensor, tau: float, end: Tensor | None = None) -> Detection:
+    """`detect.drift_scores` for float32 products (module doc, kernel 3): the same arguments and
+    `Detection`."""
+    B, H, T = p.shape
+    Dk, Dv, dev, f32 = k.shape[-1], v.shape[-1], p.device, torch.float32
+    info = torch.empty(B, H, T, dtype=f32, device=dev)
+    flag = torch.empty(B, H, T, dtype=torch.bool, device=dev)
+    N = torch.empty(B, H, T, dtype=f32, device=dev)
+    if T == 0:
+        return Detection(info=info, flag=flag, N=N0.to(f32).clone())
+    k, v = k.to(f32).contiguous(), v.to(f32).contiguous()
+    gf = g.to(f32).contiguous() if g is not None else p  # (an unread placeholder pointer)
+    bf = beta.to(f32).contiguous() if beta is not None else p
+    BK, BV = pow2(Dk, 1), pow2(Dv, 1)
+    BT = 16 if interpreting(p) else max(16, min(128, 8192 // max(BK, BV)))
+    _scores_kernel[(B * H,)](p.contiguous(), rr.contiguous(), k, v, gf, bf, N0.to(f32).contiguous(),
+                             first_unscored.to(torch.int8).contiguous(), info, flag, N, T, float(tau), H, Dk, Dv,
+                             HAS_G=g is not None, HAS_BETA=beta is not None, BT=BT, BK=BK, BV=BV, EPS=EPS,
+                             num_warps=4)
+    last = N[..., -1] if end is None else N.gather(-1, (end.to(dev) - 1).view(-1, 1, 1).expand(B, H, 1))[..., 0]
+    return Detection(info=info, flag=flag, N=last.clone())

@@ -70,16 +70,16 @@ def open_block(k: Tensor, v: Tensor, flag: Tensor, Z0: Tensor, dt: torch.dtype) 
 
 
 def segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, K: int, tau: float, chunk_size: int, products,
-                  merge_events, end: Tensor | None = None):
-    """`dla` under `drift` on any device: the detection stage with the kernel's `products` (see
-    `detect_drift`), its `merge_events(info, flag, n0, I0, m0, K) -> (level_start [B,T,H,K] int32,
-    n, I, m)` (merge scan and level-map fill), and the final open block. `end [B]`: rows that end
-    early (`ends.py`)."""
+                  merge_events, end: Tensor | None = None, scores=None):
+    """`dla` under `drift` on any device: the detection stage with the kernel's `products` and
+    `scores` (see `detect_drift`), its `merge_events(info, flag, n0, I0, m0, K) -> (level_start
+    [B,T,H,K] int32, n, I, m)` (merge scan and level-map fill), and the final open block. `end
+    [B]`: rows that end early (`ends.py`)."""
     dt = state_dtype(k.dtype)
     live = torch.arange(K, device=k.device) < m0[..., None]
     Sg0 = torch.where(live[..., None, None], S0.to(dt), 0.0).sum(2)  # S^g before the call
     g, beta = (None if x is None else x.detach() for x in (g, beta))
-    det = detect_drift(k.detach(), v.detach(), g, beta, Sg0, N0, m0, tau, chunk_size, products, end)
+    det = detect_drift(k.detach(), v.detach(), g, beta, Sg0, N0, m0, tau, chunk_size, products, end, scores)
     info, flag = det.info, det.flag
     if end is not None:
         info, flag = clear_padding(info, flag, end)

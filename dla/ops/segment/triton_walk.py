@@ -58,7 +58,7 @@ from torch import Tensor
 from dla.ops.levels import EMPTY
 from dla.ops.segment.closed_form import segment_fenwick, segment_single
 from dla.ops.segment.detect import readout_products
-from dla.ops.segment.detect_triton import readout_products_triton
+from dla.ops.segment.detect_triton import drift_scores_triton, readout_products_triton
 from dla.ops.segment.ends import clear_padding, drop_padding_count, frozen
 from dla.ops.segment.events import compact_events, open_block, segment_drift
 from dla.ops.state import EPS, state_dtype
@@ -499,10 +499,12 @@ def segment_triton(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, 
         n0, I0, m0 = n0.contiguous(), I0.contiguous(), m0.contiguous()
         Z0, zz0, step0 = Z0.contiguous(), zz0.contiguous(), step0.contiguous()
         if policy == "dla" and score == "drift":
-            # float64 products are IEEE in torch on any device; below it the Triton ones
-            products = readout_products if k.dtype == torch.float64 else readout_products_triton
+            # float64 products and tail are torch on any device; below it the Triton ones
+            wide = k.dtype == torch.float64
+            products = readout_products if wide else readout_products_triton
             return frozen(segment_drift(k, v, g, beta, S0, n0, I0, m0, Z0, N0, levels, float(tau),
-                                        int(chunk_size), products, merge_events, end), end)
+                                        int(chunk_size), products, merge_events, end,
+                                        None if wide else drift_scores_triton), end)
         N = N0.to(state_dtype(k.dtype)).clone()
         if policy == "dla":
             return frozen((*segment_dla(k, v, n0, I0, m0, Z0, zz0, levels, score, float(tau), int(chunk_size),
