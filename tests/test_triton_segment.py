@@ -617,15 +617,24 @@ for spec in sys.argv[1:]:
                                   options=options)
         assert compiled.metadata.shared <= 227 * 1024, (spec, fn.__name__, compiled.metadata.shared)
         print(spec, fn.__name__, "compiled", flush=True)
+    meta = D.scores_meta(int(Dk), int(Dv), on_interpreter=False)
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=1)
+    meta.update(H=4, DK=int(Dk), DV=int(Dv), HAS_G=transition in ("g", "both"),
+                HAS_BETA=transition in ("beta", "both"), EPS=1e-12)
+    fn = D._scores_kernel
+    types = {"T": "i32", "tau": "fp32", "FIRST": "*i8", "FLAG": "*i1"}
+    sig = {a.name: "constexpr" if a.is_constexpr else types.get(a.name, "*fp32") for a in fn.params}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32), options=options)
+    print(spec, fn.__name__, "compiled", flush=True)
 """
 
 
 @pytest.mark.slow
 def test_detection_kernels_compile_for_sm90():
-    """Both detection kernels with the launcher's meta-parameters through Triton's GPU compiler and
+    """The detection kernels with the launchers' meta-parameters through Triton's GPU compiler and
     ptxas, within an H100's shared memory: 8 warps at `Dk = Dv = 128` with `g` and β (every
-    branch taken), 4 warps at 64 without either (every branch skipped). The GPU tests run every
-    configuration on the card."""
+    branch taken), 4 warps at 64 without either (every branch skipped); and the tail kernel at
+    both. The GPU tests run every configuration on the card."""
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton wheel ships no ptxas")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -633,4 +642,4 @@ def test_detection_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 2 * len(specs)
+    assert done.stdout.count("compiled") == 3 * len(specs)

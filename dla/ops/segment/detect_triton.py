@@ -245,6 +245,14 @@ def _scores_kernel(P, RR, K, V, G, BETA, N0, FIRST, INFO, FLAG, NALL, T, tau, H:
         carry = tl.sum(tl.where(t == tl.minimum(t0 + BT, T) - 1, N, 0.0), axis=0)
 
 
+def scores_meta(Dk: int, Dv: int, on_interpreter: bool) -> dict:
+    """The tail kernel's blocks: whole `k, v` rows, `BT` tokens so that a block of either holds
+    at most 8K float32 values (16 tokens under the interpreter), 4 warps."""
+    BK, BV = pow2(Dk, 1), pow2(Dv, 1)
+    BT = 16 if on_interpreter else max(16, min(128, 8192 // max(BK, BV)))
+    return dict(BT=BT, BK=BK, BV=BV, num_warps=4)
+
+
 def drift_scores_triton(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None,
                         N0: Tensor, first_unscored: Tensor, tau: float, end: Tensor | None = None) -> Detection:
     """`detect.drift_scores` for float32 products (module doc, kernel 3): the same arguments and
@@ -259,11 +267,9 @@ def drift_scores_triton(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor |
     k, v = k.to(f32).contiguous(), v.to(f32).contiguous()
     gf = g.to(f32).contiguous() if g is not None else p  # (an unread placeholder pointer)
     bf = beta.to(f32).contiguous() if beta is not None else p
-    BK, BV = pow2(Dk, 1), pow2(Dv, 1)
-    BT = 16 if interpreting(p) else max(16, min(128, 8192 // max(BK, BV)))
     _scores_kernel[(B * H,)](p.contiguous(), rr.contiguous(), k, v, gf, bf, N0.to(f32).contiguous(),
                              first_unscored.to(torch.int8).contiguous(), info, flag, N, T, float(tau), H, Dk, Dv,
-                             HAS_G=g is not None, HAS_BETA=beta is not None, BT=BT, BK=BK, BV=BV, EPS=EPS,
-                             num_warps=4)
+                             HAS_G=g is not None, HAS_BETA=beta is not None, EPS=EPS,
+                             **scores_meta(Dk, Dv, interpreting(p)))
     last = N[..., -1] if end is None else N.gather(-1, (end.to(dev) - 1).view(-1, 1, 1).expand(B, H, 1))[..., 0]
     return Detection(info=info, flag=flag, N=last.clone())
