@@ -1,8 +1,13 @@
 """The prefix-sum kernel (`dla/ops/cumsum_triton.py`) against `torch.cumsum`, through the
 interpreter on the CPU and on the GPU at the sizes the readout scans."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +44,14 @@ def test_matches_torch_cumsum(shape, data, dtype, reverse):
     _check(cumsum_triton(x, dim, reverse), x, dim, reverse)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_long_row_in_many_pieces(reverse):
+    """A row long enough for dozens of pieces (the offset kernel sums their totals), T not a
+    multiple of the piece."""
+    x = torch.randn(1, 1100, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _check(cumsum_triton(x, 1, reverse), x, 1, reverse)
+
+
 def test_empty_and_rejected_inputs():
     x = torch.zeros(3, 0, 2)
     assert cumsum_triton(x, 1).shape == (3, 0, 2)
@@ -62,3 +75,33 @@ def test_gpu_matches_torch_cumsum(shape, dim, dtype):
     x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 50).to(DTYPES[dtype]).cuda()
     for reverse in (False, True):
         _check(cumsum(x, dim, reverse), x, dim, reverse)
+
+
+COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import dla.ops.cumsum_triton as S
+
+for pointer in ("*fp64", "*fp32", "*i64"):
+    for fn, extra in ((S._piece_kernel, {}), (S._offset_kernel, {"BP": 64})):
+        sig = {a.name: "constexpr" if a.is_constexpr else "i32" if a.name in ("T", "C", "NP") else pointer
+               for a in fn.params}
+        for reverse in (False, True):
+            meta = dict(CH=512, BT=64, BC=16, REVERSE=reverse, **extra)
+            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4, num_stages=1))
+            print(pointer, fn.__name__, reverse, "compiled", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Both kernels through Triton's GPU compiler and ptxas for sm_90, every dtype the readout
+    scans, both directions (the GPU test runs them on the card)."""
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton wheel ships no ptxas")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 12

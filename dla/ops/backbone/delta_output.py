@@ -185,11 +185,11 @@ def output_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> dict:
     `fwd`/`dU` tile `Dk` and `Dv` by at most 128 (8 warps for 128 × 128 tiles); `dqkwg` holds
     all of `Dk` (its row sums need it) and tiles `Dv` by at most 16, 8 warps for 64-token chunks
     or Dk ≥ 128. The `Dv` tile of `dqkwg` is a correctness bound, not a tuning: on an H100 with
-    Triton 3.6, 16-bit inputs, tiles of 32 or 64 at 8 warps and tiles of 32 at 4 warps gave
-    `dq, dk, dλ0, dg` 3–35% off the float64 path, while tiles of 16 at 8 warps (and 32 at 2
-    warps, which spills) matched it as closely as the torch path (`perf/results/gpu_tests-h100.log`);
-    the same Triton range miscompiles fla's `chunk_bwd_dqkwg` on Hopper for some block widths and
-    warp counts (fla issues #640, #984)."""
+    Triton 3.6 and 16-bit gated inputs, tiles of 32 or 64 at 8 warps and of 32 at 4 warps gave
+    `dq, dk, dλ0, dg` 3–35% off the float64 path, while tiles of 16 at 8 warps (and of 32 at 2
+    warps) came within 1.3× of the torch path's error (`perf/results/gpu_tests-h100.log`; one
+    ungated case still misses, see `dla.ops.backbone`'s rule); the same Triton range miscompiles
+    fla's `chunk_bwd_dqkwg` on Hopper for some block widths and warp counts (fla #640, #984)."""
     prec = precisions(dtype)[0]
     BK, BV = min(pow2(Dk), 128), min(pow2(Dv), 128)
     wide = 8 if BK * BV >= 128 * 128 else 4

@@ -164,7 +164,7 @@ def _fwd_initial_kernel(Q, LAM, GH, GL, CM, S0, O0, MODE, T, H, scale,
                         HAS_G: tl.constexpr, PREC32: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """O0 [B,T,H,Dv] float32: the initial slots' part of o, u_t Σ_r W[t,r] S0_rᵀ q_t."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -240,7 +240,7 @@ def _fwd_kernel(Q, K, V, LAM, GH, GL, CM, O0, O, MODE, T, H, scale,
     """Over a query tile: o = O0 + (A ⊙ Λ) V for the first NL levels of each row and key tile;
     with EXTRA, O0 += the same for the levels beyond them (a pass over the tiles that have any,
     launched before the main one)."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -352,7 +352,7 @@ def _bwd_initial_kernel(Q, LAM, GH, GL, CM, S0, DO, DQ0, DL0, DG0, MODE, T, H, s
                         BL: tl.constexpr):
     """The initial slots' parts of dq, dλ and dG (float32) over a query tile; X_{t,r} = S0_r dO_t
     is reduced over Dv in chunks of BC."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -517,7 +517,7 @@ def _bwd_dq_kernel(Q, K, V, LAM, GH, GL, CM, DO, DQ0, DL0, DG0, DQ, DLAM, DGR, M
                    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dq, dλ and the row part of dG over a query tile, on top of DQ0, DL0, DG0 (the initial
     slots' parts); with EXTRA, the levels beyond the first NL go into DQ0, DL0, DG0 instead."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     t0 = tl.program_id(0) * BT
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -623,7 +623,7 @@ def _bwd_dkv_kernel(Q, K, V, LAM, GH, GL, CM, DO, DK0, DV0, DG0, DK_, DV_, DGC, 
                     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dk, dv and the column part of dG over a key tile, on top of DK0, DV0, DG0 (the final
     states' parts); with EXTRA, the levels beyond the first NL go into DK0, DV0, DG0 instead."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     s0 = tl.program_id(0) * BS
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)
@@ -695,7 +695,7 @@ def _bwd_ds0_kernel(Q, LAM, GH, GL, CM, S0, DO, DS, DS0, CARRY, MODE, T, H, scal
                     HAS_G: tl.constexpr, PREC32: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr):
     """dS0_r for one initial slot r and Dv tile; CARRY gets its part of dG_{T−1}."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     r = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) != 0:  # an object row (objects_triton.py)

@@ -319,7 +319,7 @@ def _chunk_fwd_kernel(Q, K, V, LAM, GH, GL, CM, COPY, MODE, STARTS, READ, FIRST,
                       BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, HAS_G: tl.constexpr,
                       PREC: tl.constexpr):
     """o of chunk `program_id(0)` of row `program_id(1)`: band + Σ_E X_E S̄_E."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     c = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
@@ -386,7 +386,7 @@ def _bwd_objects_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, COPY, S0, RB, MOD
     `program_id(0)` with a master and [BK, BV] tile `program_id(2)` (the initial slots into dS0,
     the others into DBUF); and into `RB[0, n, c]` the tile's `−⟨E, D_E^{<c}⟩` for each chunk `c`
     that reads E, `D_E^{<c}` its reads by the chunks before `c` (module doc, "dg")."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     x = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
@@ -456,7 +456,7 @@ def _pushdown_kernel(Q, DO, LAM, GH, GL, CM, DS, DS0, DBUF, DTOT, COPY, S0, RB, 
     """Down the merge tree for one row and [BK, BV] tile, newest chunk first (module doc); with
     each object's whole `D_E` known, the tile's `⟨E, D_E⟩` over the chunks that read E into
     `RB[1, n]` as differences (module doc, "dg")."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
         return
@@ -589,7 +589,7 @@ def _chunk_bwd_kernel(Q, K, V, DO, LAM, GH, GL, CM, COPY, DTOT, MODE, STARTS, RE
     """Chunk `program_id(0)` of row `program_id(1)`; program_id(2) = 0: dq, dλ, dG of its queries
     (band and U = dO S̄ᵀ of every object read), = 1: dk, dv, dG of its keys (band and the
     tokens' share of the D of the objects built from them)."""
-    scale = tl.cast(scale, tl.float32)  # under torch.compile (2.11) a Python float arrives as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch 2.11) passed the float as fp64
     c = tl.program_id(0)
     n = tl.program_id(1)
     if tl.load(MODE + n) == 0:
