@@ -87,6 +87,7 @@ def train_step(t, compiled: bool = False, **kw):
     do = torch.randn_like(xs["v"])
     attend = functools.partial(multistate_attention, **kw)
     if compiled:
+        torch.compiler.reset()  # each row its own frame: the recompile limit would fall back to eager
         attend = torch.compile(attend, fullgraph=True)
 
     def fwd():
