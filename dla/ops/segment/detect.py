@@ -108,11 +108,14 @@ def drift_scores(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor | None, 
     first = torch.zeros_like(info, dtype=torch.bool)
     first[..., 0] = first_unscored
     info = info.masked_fill(first, 0.0)
+    return Detection(info=info, flag=(info >= tau) | first, N=norm_at_end(N, end))
+
+
+def norm_at_end(N: Tensor, end: Tensor | None) -> Tensor:
+    """`N [B,H,T]` after the last step, or after step `end − 1` of each row (`end [B]`)."""
     if end is None:
-        last = N[..., -1]
-    else:
-        last = N.gather(-1, (end.to(N.device) - 1).view(-1, 1, 1).expand(*N.shape[:2], 1))[..., 0]
-    return Detection(info=info, flag=(info >= tau) | first, N=last.clone())
+        return N[..., -1].clone()
+    return N.gather(-1, (end.to(N.device) - 1).view(-1, 1, 1).expand(*N.shape[:2], 1))[..., 0]
 
 
 def linear_recurrence(alpha: Tensor, b: Tensor, x0: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dla.ops.segment.detect import Detection
+from dla.ops.segment.detect import Detection, norm_at_end
 from dla.ops.state import EPS
 from dla.ops.triton_utils import interpreting, pow2
 
@@ -271,5 +271,4 @@ def drift_scores_triton(p: Tensor, rr: Tensor, k: Tensor, v: Tensor, g: Tensor |
                              first_unscored.to(torch.int8).contiguous(), info, flag, N, T, float(tau), H, Dk, Dv,
                              HAS_G=g is not None, HAS_BETA=beta is not None, EPS=EPS,
                              **scores_meta(Dk, Dv, interpreting(p)))
-    last = N[..., -1] if end is None else N.gather(-1, (end.to(dev) - 1).view(-1, 1, 1).expand(B, H, 1))[..., 0]
-    return Detection(info=info, flag=flag, N=last.clone())
+    return Detection(info=info, flag=flag, N=norm_at_end(N, end))
