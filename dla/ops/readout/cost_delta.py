@@ -17,10 +17,11 @@ window (0 for the window's first chunk):
 Kernels, forward then backward (a multiply-add is 2 FLOPs)
 ==========================================================
 `D = Dk·Dv`, `s` the inputs' itemsize, `ut = C²·Dk + C³/3 + Dk·C²` a chunk's solve and `Ē`.
-Bytes count each tensor a kernel touches once (DRAM), with one exception: the window-major
-readout backward keeps per-step state and key-side sums in its own buffers (`XS`, `DEB`, `DHB`,
-`DVK`: `R·C·(3Dk + Dv)·4` bytes per program, beyond an SM's share of L2 at the §7 shapes), so
-their traffic is counted per step.
+Bytes count each tensor a kernel touches once (DRAM), with one exception: the readout backward's
+band pass walks the window's (query chunk, key chunk) pairs and keeps the query side's state in
+buffers (the pair's query in the key chunk's frame `XP`, the query's running `dx` and `dλ`), beyond
+an SM's share of L2 at the §7 shapes, so their traffic, and the query chunk's `dO` and level rows
+it re-reads, are counted per step.
 
     UT                  NC·ut;  k, β, g; T⁻¹ and Ē written (float32)
     suffix products     2·Dk²·C per chunk (K̃ = Suf Ē, Suf ← γ_C Suf − K̃ H); Ē, k; K̃, Suf_F written
@@ -29,9 +30,13 @@ their traffic is counted per step.
     readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
                         the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
     (backward)          UT, suffix products, object pass again (every window's masters kept)
-    readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), reads·D; per step
-                        XS written and read twice (3·C·Dk·4) and the key side's sums read and
-                        written (2·C·(2Dk + Dv)·4); dλ, dQ̂, dÃ, the queries in the frame (XF)
+    readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), reads·D. The chain
+                        pass (per chunk): own chunk, the chain with each step's query written to
+                        XP, objects; dÃ, XF, dQ̂ written. The band pass (per window, key chunks in
+                        order, the later query chunks inside): the key side's sums in registers,
+                        written once per chunk; per step XP read once and written once before
+                        (2·C·Dk·4), dQ̂ and dλ read and written (2·C·(Dk + LP)·4), dO and the
+                        query's level rows read (C·(Dv·s + L·(4 + s)))
     object gradients    reads·D; XF, dO, λ once; D written
     object pass backward   2·reframes·Dk²·Dv + 2·token_chunks·C·D; D, masters, the next D read,
                         D written; dK̃ (per Dv tile) and dv read-modify-written per token chunk
@@ -133,10 +138,11 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
                + n["token_chunks"] * C * (Dk * 4 + Dv * s))
     readout = (2.0 * (NC * (2 * C * C * Dk + C**3 + C * C * Dv) + n["steps"] * C * (2 * Dk + Dv) + n["reads"] * D),
                qkvo + rows + T * (C + Dk) * 4 + n["objects"] * D * s)
+    LP = 1 << max(L - 1, 0).bit_length()  # the dλ tile's width
     readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (7 * Dk + 2 * Dv)
                           + n["reads"] * D),
-                   qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 * 2)
-                   + n["steps"] * (3 * Dk * 4 + 2 * (2 * Dk + Dv) * 4) + n["objects"] * D * s)
+                   qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 + (2 * Dk + Dv) * 4 + LP * 4)
+                   + n["steps"] * (2 * Dk * 4 + 2 * (Dk + LP) * 4 + Dv * s + L * (4 + s)) + n["objects"] * D * s)
     object_grads = (2.0 * n["reads"] * D, T * (Dk * 4 + Dv * s + L * (s + 4)) + n["objects"] * D * 4)
     object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * n["token_chunks"] * C * D),
                   n["objects"] * D * 4 * 4 + NW * L * D * 4 + NW * Dk * Dk * 4 * 2

@@ -24,11 +24,17 @@ same shape. Notation of `objects_delta.py`:
 Backward (`objects_delta._row_backward`'s order; the forward's buffers recomputed, with the
 masters of every window kept):
 
-    _readout_bwd_kernel   per (window, row), its chunks in order: the chain again (the query in
-                          every frame into XS, in the window's frame into XF), own chunk and objects
-                          (U = dÕ S̄ᵀ, dλ), then back up the chain: the band's dV, dλ and the key side's
-                          dĒ, dH, dγ_C of each earlier chunk — chunks of one window belong to one
-                          program, so these accumulate without atomics; dQ̂ and dÃ of the chunk
+    _readout_bwd_chain_kernel   per (chunk, row): own chunk (dÃ, its dV, dλ), the chain again with
+                          the query before each step written to XP (one slot per pair of the window's
+                          query chunk i and step j < i) and in the window's frame to XF, objects
+                          (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL
+    _readout_bwd_band_kernel    per (window, row): key chunks p in order, the window's later query
+                          chunks inside, each query's dx climbing from the window's frame to its own
+                          chunk as p rises — the band's dV, dλ, and p's key-side dĒ, dH, dγ_C summed in
+                          registers and written once (no atomics, no read-modify-write of them per
+                          step); a query's dx and dλ go back to dQ̂ and DL between its steps. The
+                          other order (the query's state in registers) would read and write the
+                          key side's three sums at every step instead of the query's one
     _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
     _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
                           elements each E' holds; this tile's dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v
@@ -365,10 +371,84 @@ def _scatter_point(dl, CM, tokL, tc, valid, a, x, H: tl.constexpr, L: tl.constex
 
 
 @triton.jit
-def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XS, SCR, XF, DQH, DAT, DEB,
-                        DHB, DGC, DVK, DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
-                        DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr,
-                        BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XP, SCR, XF, DQH, DAT, DL,
+                              DVK, DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+                              BKP: tl.constexpr, BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
+                              PREC_CHAIN: tl.constexpr):
+    c = tl.program_id(0)
+    n = tl.program_id(1)
+    NC = tl.num_programs(0)
+    NW = NC // R
+    w = c // R
+    i = c - w * R
+    o = tl.arange(0, C)
+    ck = tl.arange(0, BKP)
+    cv = tl.arange(0, BVP)
+    # the pairs (i, j < i) of window w in the order (1, 0), (2, 0), (2, 1), (3, 0), …
+    xp = XP + ((n * NW + w) * (R * (R - 1) // 2) + i * (i - 1) // 2).to(tl.int64) * C * DK
+    scr = SCR + (n * NC + c).to(tl.int64) * C * C
+    now = (n * (NW + 1) + w) * L
+    t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+    tokL = tok * L
+    Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+    beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
+    q = _rows(Q, tok, tc, valid, ck, H, DK)
+    k = _rows(K, tok, tc, valid, ck, H, DK)
+    Gam = decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
+    Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC) * Gam
+    M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
+    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)
+    x = q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
+    dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
+    dl = tl.zeros([C, LP], dtype=tl.float32)
+    # own chunk: o += (Ã ⊙ Λ) V
+    Lam = tl.where(o[:, None] >= o[None, :], _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C), 0.0)
+    dAL = tl.dot(dO, _cols(V, tok, tc, valid, cv, H, DV), input_precision=PREC)
+    tl.store(DAT + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :], dAL * Lam)
+    dl = _scatter_levels(dl, CM, tokL, tc, valid, t, tl.where(o[:, None] >= o[None, :], dAL * At, 0.0), H, L, LP, C)
+    ALt = _transposed(scr, At * Lam, C)
+    tl.store(DVK + (n * NC + c).to(tl.int64) * C * DV + o[:, None] * DV + cv[None, :],
+             tl.dot(ALt, dO, input_precision=PREC), mask=cv[None, :] < DV)
+    # the chain to the window's frame: pair (i, j) holds the query before its step through chunk c − 1 − j
+    for j in range(i):
+        p = c - 1 - j
+        tl.store(xp + j * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
+        tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
+        Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
+        E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK,
+                    other=0.0)
+        sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
+        x = gam_Cp * x - tl.dot(sigma, _rows(K, tokp, tcp, validp, ck, H, DK) * gamp[:, None],
+                                input_precision=PREC_CHAIN)
+    # objects: U = dÕ S̄ᵀ, dx = Σ W U, dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
+    tl.store(XF + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
+    dx = tl.zeros([C, BKP], dtype=tl.float32)
+    for r in range(L):
+        a = tl.load(FIRST + now + r)
+        e = tl.load(LAST + now + r)
+        if a <= e:
+            Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
+            ST = tl.load(OB + (now + r).to(tl.int64) * DK * DV + cv[:, None] + ck[None, :] * DV,
+                         mask=(cv[:, None] < DV) & (ck[None, :] < DK), other=0.0).to(tl.float32)
+            U = tl.dot(dO, ST, input_precision=PREC)
+            dx += Wr[:, None] * U
+            dl = _scatter_point(dl, CM, tokL, tc, valid, a, tl.sum(U * x, axis=1), H, L, LP, C)
+    # the band pass takes the query's dx and dλ on from here; a window's first chunk has no band
+    tl.store(DQH + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], dx, mask=ck[None, :] < DK)
+    lc = tl.arange(0, LP)
+    if i == 0:
+        tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
+                 mask=valid[:, None] & (lc[None, :] < L))
+    else:
+        tl.store(DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :], dl)
+
+
+@triton.jit
+def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK, DLAM, T, scale,
+                             H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                             C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
+                             HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
     w = tl.program_id(0)
     n = tl.program_id(1)
     NW = tl.num_programs(0)
@@ -376,97 +456,61 @@ def _readout_bwd_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB,
     o = tl.arange(0, C)
     ck = tl.arange(0, BKP)
     cv = tl.arange(0, BVP)
-    xs = XS + (n * NC + w * R).to(tl.int64) * C * DK  # R slots: the query in frames b_c, b_{c−1}, …
-    scr = SCR + (n * NW + w).to(tl.int64) * C * C
-    now = (n * (NW + 1) + w) * L
-    for i in range(R):
-        c = w * R + i
-        t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
-        tokL = tok * L
-        Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
-        beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
-        q = _rows(Q, tok, tc, valid, ck, H, DK)
-        k = _rows(K, tok, tc, valid, ck, H, DK)
-        Gam = decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
-        Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC) * Gam
-        M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
-        At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)
-        x = q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
-        tl.store(xs + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
-        dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
-        dl = tl.zeros([C, LP], dtype=tl.float32)
-        # own chunk: o += (Ã ⊙ Λ) V
-        Lam = tl.where(o[:, None] >= o[None, :], _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C), 0.0)
-        dAL = tl.dot(dO, _cols(V, tok, tc, valid, cv, H, DV), input_precision=PREC)
-        tl.store(DAT + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :], dAL * Lam)
-        dl = _scatter_levels(dl, CM, tokL, tc, valid, t, tl.where(o[:, None] >= o[None, :], dAL * At, 0.0), H, L,
-                             LP, C)
-        dvk = DVK + (n * NC + c).to(tl.int64) * C * DV + o[:, None] * DV + cv[None, :]
-        ALt = _transposed(scr, At * Lam, C)
-        tl.store(dvk, tl.load(dvk, mask=cv[None, :] < DV, other=0.0) + tl.dot(ALt, dO, input_precision=PREC),
-                 mask=cv[None, :] < DV)
-        tl.debug_barrier()
-        # the chain to the window's frame
-        for j in range(i):
-            p = c - 1 - j
-            tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
-            Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-            E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :],
-                        mask=ck[:, None] < DK, other=0.0)
-            sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
-            x = gam_Cp * x - tl.dot(sigma, _rows(K, tokp, tcp, validp, ck, H, DK) * gamp[:, None],
-                                    input_precision=PREC_CHAIN)
-            tl.store(xs + (j + 1) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
-        tl.debug_barrier()
-        # objects: U = dÕ S̄ᵀ, dx = Σ W U, dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
-        tl.store(XF + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
-        dx = tl.zeros([C, BKP], dtype=tl.float32)
-        for r in range(L):
-            a = tl.load(FIRST + now + r)
-            e = tl.load(LAST + now + r)
-            if a <= e:
-                Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
-                ST = tl.load(OB + (now + r).to(tl.int64) * DK * DV + cv[:, None] + ck[None, :] * DV,
-                             mask=(cv[:, None] < DV) & (ck[None, :] < DK), other=0.0).to(tl.float32)
-                U = tl.dot(dO, ST, input_precision=PREC)
-                dx += Wr[:, None] * U
-                dl = _scatter_point(dl, CM, tokL, tc, valid, a, tl.sum(U * x, axis=1), H, L, LP, C)
-        tl.debug_barrier()
-        # back up the chain: the band of each earlier chunk, and the key side's gradients
-        for jj in range(i):
-            j = i - 1 - jj
-            p = c - 1 - j
-            tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
-            Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-            chunk = (n * NC + p).to(tl.int64)
-            x_in = tl.load(xs + j * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-            x_inT = tl.load(xs + j * C * DK + o[None, :] * DK + ck[:, None], mask=ck[:, None] < DK, other=0.0)
+    lc = tl.arange(0, LP)
+    xp = XP + ((n * NW + w) * (R * (R - 1) // 2)).to(tl.int64) * C * DK
+    scr = SCR + (n * NC + w * R).to(tl.int64) * C * C
+    # key chunks in order, so that each query meets them as its adjoint climbs from the window's
+    # frame back to its own chunk; the key side's sums stay in registers
+    for pi in range(R):
+        p = w * R + pi
+        tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
+        Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
+        chunk = (n * NC + p).to(tl.int64)
+        debT = tl.zeros([C, BKP], dtype=tl.float32)
+        dhb = tl.zeros([C, BKP], dtype=tl.float32)
+        dv = tl.zeros([C, BVP], dtype=tl.float32)
+        dgc = tl.zeros([C], dtype=tl.float32)
+        for i in range(pi + 1, R):
+            c = w * R + i
+            t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+            tokL = tok * L
+            x_in = tl.load(xp + (i * (i - 1) // 2 + i - 1 - pi) * C * DK + o[:, None] * DK + ck[None, :],
+                           mask=ck[None, :] < DK, other=0.0)
+            dqh = DQH + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :]
+            dx = tl.load(dqh, mask=ck[None, :] < DK, other=0.0)
+            dl_at = DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :]
+            dl = tl.load(dl_at)
+            dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
+            # the key chunk's tiles are read again at every step (from L1/L2): held across the
+            # inner loop beside its accumulators, they spill
             E = tl.load(EB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
-            ET = tl.load(EB + chunk * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK, other=0.0)
             sigma = tl.dot(x_in, E, input_precision=PREC_CHAIN)
             Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
             dAL = tl.dot(dO, _cols(V, tokp, tcp, validp, cv, H, DV), input_precision=PREC)
             dl = _scatter_levels(dl, CM, tokL, tc, valid, tp, dAL * sigma, H, L, LP, C)
-            dvp = DVK + chunk * C * DV + o[:, None] * DV + cv[None, :]
             SLt = _transposed(scr, sigma * Lp, C)
-            tl.store(dvp, tl.load(dvp, mask=cv[None, :] < DV, other=0.0) + tl.dot(SLt, dO, input_precision=PREC),
-                     mask=cv[None, :] < DV)
+            dv += tl.dot(SLt, dO, input_precision=PREC)
             HT = _cols(K, tokp, tcp, validp, ck, H, DK) * gamp[None, :]
             dsigma = dAL * Lp - tl.dot(dx, HT, input_precision=PREC_CHAIN)
-            deb = DEB + chunk * DK * C + ck[:, None] * C + o[None, :]
-            tl.store(deb, tl.load(deb, mask=ck[:, None] < DK, other=0.0)
-                     + tl.dot(x_inT, dsigma, input_precision=PREC_CHAIN), mask=ck[:, None] < DK)
+            dsT = _transposed(scr, dsigma, C)
+            debT += tl.dot(dsT, x_in, input_precision=PREC_CHAIN)
             sigT = _transposed(scr, sigma, C)
-            dhb = DHB + chunk * C * DK + o[:, None] * DK + ck[None, :]
-            tl.store(dhb, tl.load(dhb, mask=ck[None, :] < DK, other=0.0)
-                     - tl.dot(sigT, dx, input_precision=PREC_CHAIN), mask=ck[None, :] < DK)
-            tl.store(DGC + chunk, tl.load(DGC + chunk) + tl.sum(tl.sum(dx * x_in, axis=1), axis=0))
-            tl.debug_barrier()
+            dhb -= tl.dot(sigT, dx, input_precision=PREC_CHAIN)
+            dgc += tl.sum(dx * x_in, axis=1)
+            ET = tl.load(EB + chunk * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK, other=0.0)
             dx = gam_Cp * dx + tl.dot(dsigma, ET, input_precision=PREC_CHAIN)
-        tl.store(DQH + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], dx, mask=ck[None, :] < DK)
-        lc = tl.arange(0, LP)
-        tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
-                 mask=valid[:, None] & (lc[None, :] < L))
+            tl.store(dqh, dx, mask=ck[None, :] < DK)
+            if i == pi + 1:  # the query's last key chunk: its dλ is whole
+                tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
+                         mask=valid[:, None] & (lc[None, :] < L))
+            else:
+                tl.store(dl_at, dl)
+            tl.debug_barrier()  # the next key chunk reads this query's dx and dλ back
+        dvk = DVK + chunk * C * DV + o[:, None] * DV + cv[None, :]
+        tl.store(dvk, tl.load(dvk, mask=cv[None, :] < DV, other=0.0) + dv, mask=cv[None, :] < DV)
+        tl.store(DEB + chunk * DK * C + ck[None, :] * C + o[:, None], debT, mask=ck[None, :] < DK)
+        tl.store(DHB + chunk * C * DK + o[:, None] * DK + ck[None, :], dhb, mask=ck[None, :] < DK)
+        tl.store(DGC + chunk, tl.sum(dgc, axis=0))
 
 
 @triton.jit
@@ -803,21 +847,29 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     N, NC, NW, meta = buf.N, buf.NC, buf.NW, buf.meta
     BKP, BVP = meta["BKP"], pow2(Dv)
     flags = dict(C=C, HAS_G=g is not None)
-    XS = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
-    SCR = torch.empty(N, max(NW, NC), C, C, dtype=f32, device=dev)
+    LP = pow2(L, 1)
+    # one [C, Dk] float32 query per (query chunk, step) pair of a window: (R − 1)/2 times the
+    # chunk-indexed buffers beside it
+    XP = torch.empty(N, NW, max(1, R * (R - 1) // 2), C, Dk, dtype=f32, device=dev)
+    SCR = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
     DQH = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DAT = torch.empty(N, NC, C, C, dtype=f32, device=dev)
-    DEB = torch.zeros(N, NC, Dk, C, dtype=f32, device=dev)
-    DHB = torch.zeros(N, NC, C, Dk, dtype=f32, device=dev)
-    DGC = torch.zeros(N, NC, dtype=f32, device=dev)
-    DVK = torch.zeros(N, NC, C, Dv, dtype=f32, device=dev)
+    DL = torch.empty(N, NC, C, LP, dtype=f32, device=dev)
+    DEB = torch.empty(N, NC, Dk, C, dtype=f32, device=dev)
+    DHB = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
+    DGC = torch.empty(N, NC, dtype=f32, device=dev)
+    DVK = torch.empty(N, NC, C, Dv, dtype=f32, device=dev)
     dlam = torch.empty_like(lam)
-    _readout_bwd_kernel[(NW, N)](
-        q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, do, XS, SCR, XF, DQH,
-        DAT, DEB, DHB, DGC, DVK, dlam, T, float(scale), H, L, pow2(L, 1), Dk, Dv, R=R, BKP=BKP, BVP=BVP,
-        PREC=buf.prec, PREC_CHAIN=buf.prec_chain, **flags)
+    common = dict(H=H, L=L, LP=LP, DK=Dk, DV=Dv, R=R, BKP=BKP, BVP=BVP, PREC=buf.prec, PREC_CHAIN=buf.prec_chain,
+                  **flags)
+    # eight warps: each program holds several [C, Dk] float32 tiles at once, which spill at four
+    _readout_bwd_chain_kernel[(NC, N)](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
+                                       buf.OB, do, XP, SCR, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), **common,
+                                       num_warps=8)
+    _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK,
+                                      dlam, T, float(scale), **common, num_warps=8)
     NVT = triton.cdiv(Dv, meta["BV"])
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
                                           Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec)
