@@ -20,28 +20,32 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # seconds (default 540) so that a slow part still leaves the others' summaries.
 PARTS=("tests/test_triton_objects.py -k 'fp32 or compile'"
        "tests/test_triton_objects.py -k 'not fp32 and not compile'"
-       "tests/test_triton_readout.py" "tests/test_triton_scan.py tests/test_triton_segment.py"
+       "tests/test_triton_readout.py tests/test_triton_segment.py"
        "tests/test_generate.py tests/test_eval.py tests/test_cumsum_triton.py"
-       "tests/test_backbone_ssd.py tests/test_backbone_delta.py" "tests/test_readout_delta_objects.py")
+       "tests/test_backbone_ssd.py tests/test_backbone_delta.py"
+       "tests/test_readout_delta_objects.py -k 'not backward'" "tests/test_readout_delta_objects.py -k backward")
 REST="tests"
 for part in "${PARTS[@]}"; do
   for f in $part; do case $f in tests/*.py) REST="$REST --ignore=$f" ;; esac; done
 done
 PARTS+=("$REST")
+# one log per part, its exit status on the last line (the device brings back a bounded number of
+# files); pytest's 5 (nothing collected: no GPU test left in the rest) counts as a pass
 tests_in_parts() {
-  local n g i rc=0
+  local n g i code rc=0
   n=$(nvidia-smi -L | wc -l)
   for i in "${!PARTS[@]}"; do
     g=$((i % n))
     ( eval "CUDA_VISIBLE_DEVICES=$g timeout ${LIMIT:-540} python3 -m pytest -q -p no:cacheprovider -m \"gpu or slow\" -rfs ${PARTS[$i]}" \
         > "$OUT/gpu_tests_$i.log" 2>&1
-      echo $? > "$OUT/gpu_tests_$i.rc" ) &
+      echo "exit $?" >> "$OUT/gpu_tests_$i.log" ) &
   done
   wait
   for i in "${!PARTS[@]}"; do
-    echo "== part $i (GPU $((i % n))): ${PARTS[$i]}: exit $(cat "$OUT/gpu_tests_$i.rc") (124: stopped by LIMIT)"
-    tail -n 3 "$OUT/gpu_tests_$i.log"
-    [ "$(cat "$OUT/gpu_tests_$i.rc")" = 0 ] || rc=1
+    code=$(tail -n 1 "$OUT/gpu_tests_$i.log" | cut -d' ' -f2)
+    echo "== part $i (GPU $((i % n))): ${PARTS[$i]}: exit $code (124: stopped by LIMIT)"
+    tail -n 4 "$OUT/gpu_tests_$i.log" | head -n 3
+    case $code in 0|5) ;; *) rc=1 ;; esac
   done
   return $rc
 }

@@ -37,7 +37,7 @@ def test_the_operator_runs_its_triton_kernels_inside_the_block_only(beta, monkey
         monkeypatch.setattr(module, name, lambda *a, **kw: (calls.append(name), original(*a, **kw))[1])
 
     spy(testing, "segment_triton")
-    for name in ("mixed_forward", "mixed_backward", "scan_forward", "scan_backward"):
+    for name in ("mixed_forward", "mixed_backward", "objects_delta_forward_triton", "objects_delta_backward_triton"):
         spy(readout, name)
     x = _inputs(beta)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
@@ -46,8 +46,9 @@ def test_the_operator_runs_its_triton_kernels_inside_the_block_only(beta, monkey
         o = dla.multistate_attention(leaves["q"], leaves["k"], leaves["v"], leaves["lam"], g=leaves["g"],
                                      beta=leaves.get("beta"), **kw)
         grads = torch.autograd.grad(o.square().sum(), list(leaves.values()))
-    kernel = "scan" if beta else "mixed"  # the readout stage's rule: objects or dense heads without β
-    assert calls == ["segment_triton", f"{kernel}_forward", f"{kernel}_backward"]
+    # the readout stage's rule: by windows with β, objects or dense heads without
+    kernel = "objects_delta_{}_triton" if beta else "mixed_{}"
+    assert calls == ["segment_triton", kernel.format("forward"), kernel.format("backward")]
 
     x64 = {n: (t.double().requires_grad_() if t is not None else None) for n, t in x.items()}
     ref = multistate_attention_materialized(x64["q"], x64["k"], x64["v"], x64["lam"], g=x64["g"], beta=x64["beta"], **kw)

@@ -178,9 +178,9 @@ def test_rejects_beta_float64_and_unknown_precision():
     args = list(triton_args(case, t, level_start, S0))
     with_beta = list(args)
     with_beta[5] = torch.full((1, 3, 2), 0.5)
-    with pytest.raises(NotImplementedError, match="scan_triton"):
+    with pytest.raises(NotImplementedError, match="objects_delta_triton"):
         masked_forward(*with_beta)
-    with pytest.raises(NotImplementedError, match="scan_triton"):
+    with pytest.raises(NotImplementedError, match="objects_delta_triton"):
         masked_backward(None, None, *with_beta)
     doubles = [t["q"], t["k"], t["v"], t["lam"]] + args[4:]
     with pytest.raises(TypeError, match="float64"):

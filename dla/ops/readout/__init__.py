@@ -8,15 +8,16 @@
 | `chunked.py` | the CPU kernel with `β`: the chunked form in torch, every slot rewritten per chunk |
 | `objects_triton.py` | CUDA without `β`: the object kernels, and the call that mixes object and dense heads |
 | `masked_triton.py` | CUDA without `β`, the dense path: the masked quadratic form `(A_base ⊙ Λ) V` for heads whose plan is too dense or overflows the pool, and for calls of one chunk |
-| `scan_triton.py` | CUDA with `β`: the chunked scan over the slot states, linear in `T`, `Dk ≤ 128` |
 | `cost.py` | what each CUDA kernel costs (FLOPs, bytes), the pool bound, and the rule between objects and the dense path |
-| `objects_delta.py`, `objects_delta_triton.py`, `cost_delta.py` | with `β`: the readout by windows of `R` chunks (objects re-framed once per window, the window's tokens read through the query's WY transport) in torch (float64-exact) and Triton, and its cost — not taken by the rule yet: its Triton kernels have not run on a GPU, and its modelled roofline misses SPEC §7's target |
+| `objects_delta.py`, `objects_delta_triton.py`, `cost_delta.py` | with `β`: the readout by windows of `R` chunks (objects re-framed once per window, the window's tokens read through the query's WY transport) in torch (float64-exact, the prototype and oracle) and Triton (CUDA with `β`), its cost, and the window `R` (`window_for`) |
 
 The references are `dla.ops.reference.multistate_attention_materialized` (the masked form) and
 `multistate_attention_recurrent`.
 
 The rule (`readout_forward`, `readout_backward`): CPU tensors (and float64 ones on any device)
-take the torch kernels — objects without `β`, the chunked form with it. On CUDA, `β` takes the scan; without `β` each head takes
+take the torch kernels — objects without `β`, the chunked form with it. On CUDA, `β` takes the
+readout by windows, its `R` by `cost_delta.window_for` from the shapes and the device's peaks
+(no host read); without `β` each head takes
 the object kernels or the dense ones by `cost.takes_objects` — objects whenever the plan fits
 the pool bound (derived from the memory target) — evaluated on the device, so no host read
 happens; a call of at most one chunk (decode) is dense from its shapes alone. Results agree to
@@ -30,7 +31,9 @@ import torch
 from dla.ops.readout.chunked import chunked_backward, chunked_forward
 from dla.ops.readout.objects import objects_backward, objects_forward
 from dla.ops.readout.objects_triton import mixed_backward, mixed_forward
-from dla.ops.readout.scan_triton import scan_backward, scan_forward
+from dla.ops.readout.cost import arch_of
+from dla.ops.readout.cost_delta import window_for
+from dla.ops.readout.objects_delta_triton import objects_delta_backward_triton, objects_delta_forward_triton
 
 __all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton"]
 
@@ -65,11 +68,19 @@ def _gate_grad(dg, q):
     return torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device) if dg is None else dg
 
 
+def _window(q, v, lam, chunk_size: int) -> int:
+    """The readout by windows' `R` for these shapes on q's device (`cost_delta.window_for`)."""
+    arch = arch_of(q.device)
+    return window_for(q.shape[1], lam.shape[-1], q.shape[-1], v.shape[-1], q.element_size(), chunk_size, arch.flops,
+                      arch.bandwidth)
+
+
 def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
-    """The CUDA side of the rule, for the tensors' device: the scan with β, else objects or dense
-    rows (`objects_triton.mixed_forward`)."""
+    """The CUDA side of the rule, for the tensors' device: the readout by windows with β, else
+    objects or dense rows (`objects_triton.mixed_forward`)."""
     if beta is not None:
-        return scan_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+        return objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size,
+                                            _steps(step, q), _window(q, v, lam, chunk_size))
     return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
 
 
@@ -77,6 +88,9 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
                             step=None):
     """The backward of `readout_forward_triton`, by the same rule."""
     if beta is not None:
-        return scan_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+        dq, dk, dv, dlam, dg, dbeta, dS0 = objects_delta_backward_triton(
+            do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, _steps(step, q),
+            _window(q, v, lam, chunk_size))
+        return dq, dk, dv, dlam, dg, dbeta, dS0.to(S0.dtype)
     dq, dk, dv, dlam, dg, dS0 = mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step)
     return dq, dk, dv, dlam, dg, _gate_grad(None, q), dS0.to(S0.dtype)

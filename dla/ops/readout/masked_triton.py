@@ -777,7 +777,7 @@ def _precisions(dtype: torch.dtype, input_precision: str | None) -> tuple[str, s
 
 def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None, input_precision: str | None) -> None:
     if beta is not None:
-        raise NotImplementedError(f"{name}: beta (the delta rule) runs in dla.ops.readout.scan_triton")
+        raise NotImplementedError(f"{name}: beta (the delta rule) runs in dla.ops.readout.objects_delta_triton")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
     if input_precision not in (None, "ieee", "tf32", "tf32x3"):

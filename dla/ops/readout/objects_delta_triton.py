@@ -53,7 +53,8 @@ on the GPU). Dots on float32 operands (the inputs are converted on load), `input
 `"ieee"` for float32 inputs; for 16-bit inputs `"tf32"`, and `"tf32x3"` (`delta_common.precisions`)
 for the solve and for every product of the transport and suffix chains, whose rounding compounds
 over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
-Offsets inside a `[B, T, H, …]` row are int32 (`T·H·max(Dk, Dv, L) < 2³¹`), buffer bases int64.
+Offsets into the `[B, T, H, …]` inputs are int32 (`B·T·H·max(Dk, Dv, L) < 2³¹`, checked), buffer
+bases int64.
 """
 
 from __future__ import annotations
@@ -715,6 +716,9 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
     dq = gam[:, None] * dQh
     dk = gam[:, None] * dH
     dKr = tl.dot(M, dET, input_precision=PREC_CHAIN)
+    # q and k are read again where they are used last (from L1/L2): held from the top of the
+    # kernel, their [C, Dk] float32 copies in shared memory put float32 inputs past Hopper's limit
+    k = _rows(K, tok, tc, valid, ck, H, DK)
     dM = tl.dot(k * rho[:, None], dE, input_precision=PREC_CHAIN) + tl.dot(AqkT, dAt, input_precision=PREC_CHAIN)
     dAqk = tl.dot(dAt, MT, input_precision=PREC_CHAIN)
     dk += rho[:, None] * dKr
@@ -729,6 +733,8 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
     Zq = dAqk * Gam
     ZkT = _transposed(scr, Zk, C)
     ZqT = _transposed(scr, Zq, C)
+    k = _rows(K, tok, tc, valid, ck, H, DK)
+    q = _rows(Q, tok, tc, valid, ck, H, DK)
     dk += tl.dot(Zk + ZkT, k, input_precision=PREC) + tl.dot(ZqT, q, input_precision=PREC)
     dq += tl.dot(Zq, k, input_precision=PREC)
     mk = valid[:, None] & (ck[None, :] < DK)
@@ -751,12 +757,25 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
 # --------------------------------------------------------------------------------------------
 
 
-def _meta(x: Tensor, Dk: int, Dv: int) -> dict:
-    """Tiles: the whole of `Dk` (`BKP`, ≤ 256) in the transport; `Dv` whole on the GPU, by 16
-    under the interpreter (so tests cross tile edges)."""
+def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
+    """Tiles: the whole of `Dk` (`BKP`, ≤ 256) in the transport; `Dv` whole on the GPU (`BV`),
+    by 64 in the object backward (`BVO`, which holds a `[Dk, Dk]` and several `[Dk, BVO]` float32
+    tiles), by 16 under the interpreter (so tests cross tile edges)."""
     BKP = pow2(Dk)
-    BV = 16 if interpreting(x) else pow2(Dv)
-    return dict(BKP=BKP, BV=BV, BR=min(BKP, 32 if interpreting(x) else 64), BK=min(BKP, 32))
+    BV = 16 if interpreted else pow2(Dv)
+    return dict(BKP=BKP, BV=BV, BVO=min(BV, 64), BR=min(BKP, 32 if interpreted else 64), BK=min(BKP, 32))
+
+
+# Launch options beyond Triton's defaults (4 warps, 3 stages), by kernel; the sm_90 compile test
+# checks every kernel's shared memory against Hopper's limit at these options. Eight warps where a
+# program holds several [C, Dk] float32 tiles at once (they spill at four); one stage where the
+# pipelined copies of [Dk, Dk] or [Dk, BVO] tiles would not fit.
+LAUNCH = {
+    "_readout_bwd_chain_kernel": dict(num_warps=8),
+    "_readout_bwd_band_kernel": dict(num_warps=8),
+    "_object_bwd_kernel": dict(num_stages=1),
+    "_suffix_bwd_kernel": dict(num_stages=1),
+}
 
 
 class _Buffers:
@@ -778,7 +797,7 @@ class _Buffers:
         self.last = plan.last.clamp(-2**31, 2**31 - 1).to(torch.int32).contiguous()
         self.cm = running_min(level_start.to(torch.int32)).contiguous()
         self.prec, self.prec_chain = precisions(q.dtype)
-        self.meta = meta = _meta(q, Dk, Dv)
+        self.meta = meta = _meta(Dk, Dv, interpreting(q))
         flags = dict(C=C, HAS_G=g is not None)
         self.TI = torch.empty(N, NC, C, C, dtype=f32, device=dev)
         self.EB = torch.empty(N, NC, Dk, C, dtype=f32, device=dev)
@@ -807,12 +826,28 @@ class _Buffers:
         return self.MB[:, self.NW if self.keep else self.NW % 2]
 
 
+def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) -> None:
+    """The launchers' contract, checked before any kernel runs."""
+    if beta is None:
+        raise ValueError(f"{name}: beta is required (without β the readout takes dla.ops.readout.objects_triton)")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    if max(Dk, Dv) > 128:  # whole-Dk tiles beside [Dk, Dk] ones: larger heads pass Hopper's shared memory
+        raise ValueError(f"{name}: head sizes Dk = {Dk}, Dv = {Dv} above 128 are not supported by the Triton "
+                         "kernels with β (the CPU path takes any size)")
+    if B * T * H * max(Dk, Dv, lam.shape[-1]) >= 2**31:
+        raise ValueError(f"{name}: B·T·H·max(Dk, Dv, K) must stay below 2**31 (the kernels' int32 offsets)")
+
+
 def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
                                  step: Tensor, window: int) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,L,Dk,Dv] float32)`, as `objects_delta_forward`;
     `chunk_size` a power of two ≥ 16."""
     B, T, H, Dk = q.shape
     Dv, L = v.shape[-1], lam.shape[-1]
+    _check("objects_delta_forward_triton", q, v, lam, beta)
     C, R = int(chunk_size), int(window)
     sd = state_dtype(q.dtype)
     if T == 0:
@@ -833,6 +868,7 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)` as `objects_delta_backward` (`dS0` float32)."""
     B, T, H, Dk = q.shape
     Dv, L = v.shape[-1], lam.shape[-1]
+    _check("objects_delta_backward_triton", q, v, lam, beta)
     C, R = int(chunk_size), int(window)
     dev, f32 = q.device, torch.float32
     zeros_g = torch.zeros(B, T, H, dtype=f32, device=dev)
@@ -864,26 +900,27 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     dlam = torch.empty_like(lam)
     common = dict(H=H, L=L, LP=LP, DK=Dk, DV=Dv, R=R, BKP=BKP, BVP=BVP, PREC=buf.prec, PREC_CHAIN=buf.prec_chain,
                   **flags)
-    # eight warps: each program holds several [C, Dk] float32 tiles at once, which spill at four
     _readout_bwd_chain_kernel[(NC, N)](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
                                        buf.OB, do, XP, SCR, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), **common,
-                                       num_warps=8)
+                                       **LAUNCH["_readout_bwd_chain_kernel"])
     _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK,
-                                      dlam, T, float(scale), **common, num_warps=8)
+                                      dlam, T, float(scale), **common, **LAUNCH["_readout_bwd_band_kernel"])
     NVT = triton.cdiv(Dv, meta["BV"])
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
                                           Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec)
     DN = torch.empty(N, 2, L, Dk, Dv, dtype=f32, device=dev)
     DN[:, NW % 2] = dS.reshape(N, L, Dk, Dv)
-    DKT = torch.zeros(N, NVT, NC, Dk, C, dtype=f32, device=dev)
-    DSUF = torch.empty(N, NVT, NW, Dk, Dk, dtype=f32, device=dev)
-    _object_bwd_kernel[(N, NVT)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.MB, DR, DN, DKT, DVK, DSUF,
-                                 T, NW, H, L, Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec,
-                                 PREC_CHAIN=buf.prec_chain)
+    NVO = triton.cdiv(Dv, meta["BVO"])
+    DKT = torch.zeros(N, NVO, NC, Dk, C, dtype=f32, device=dev)
+    DSUF = torch.empty(N, NVO, NW, Dk, Dk, dtype=f32, device=dev)
+    _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.MB, DR, DN, DKT, DVK, DSUF,
+                                 T, NW, H, L, Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BVO"], PREC=buf.prec,
+                                 PREC_CHAIN=buf.prec_chain, **LAUNCH["_object_bwd_kernel"])
     SB = torch.empty(N, NC, Dk, Dk, dtype=f32, device=dev)
     _suffix_bwd_kernel[(NW, N)](k, g, buf.phi, buf.EB, buf.KT, DSUF.sum(1).contiguous(),
                                 DKT.sum(1).contiguous(), DEB, DHB, DGC, SB, T, H, Dk, R=R, BKP=BKP,
-                                PREC_CHAIN=buf.prec_chain, **flags)
+                                PREC_CHAIN=buf.prec_chain, **flags,
+                                **LAUNCH["_suffix_bwd_kernel"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if g is not None else zeros_g
