@@ -209,6 +209,19 @@ def test_capacity_overflows_are_flagged():
     assert build_plan(level_start, step, 4, capacity=need, master_capacity=masters - 1).overflow.any()
 
 
+@pytest.mark.parametrize("length", [1, 30, 33])
+def test_a_missing_step_is_the_plan_of_step_zero(length):
+    """`step` None (the operator's fresh calls: chunk starts as a constant of the shapes) builds
+    exactly the plan of a zero `step` tensor, partial last chunks included."""
+    case = Case(length=length, levels=3, policy="dla", transition="none", tau=0.6, mean_regime=4.0, chunk_size=4,
+                **BASE)
+    level_start, _, _, _ = level_map_of(case, False)
+    zero = build_plan(level_start, torch.zeros(case.batch, dtype=torch.int64), 4)
+    none = build_plan(level_start, None, 4)
+    for name, a, b in zip(zero._fields, zero, none):
+        assert (a == b) if isinstance(a, int) else torch.equal(a, b), name
+
+
 def test_cost_model_with_beta_costs_the_window_plan(monkeypatch):
     """`perf.cost_model --backbone gdn`: the windowed readout's kernels from the window plan's own
     counts, summed over heads — at most the worst case at the same `R` (every window holding `K`

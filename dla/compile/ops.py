@@ -140,7 +140,7 @@ LIBRARY = _register()  # kept alive: the registrations last as long as this obje
 
 @torch.library.triton_op("dla::readout_without_beta", mutates_args=())
 def readout_without_beta(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, g: Tensor | None, level_start: Tensor,
-                         S0: Tensor, scale: float, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                         S0: Tensor, scale: float, step: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """`(o, S, plan)` of `dla::readout` without β, by the Triton kernels (object and dense heads);
     `plan` (int32, no gradient) is the object plan and the row modes, which the backward reads
     instead of building them again."""
@@ -149,7 +149,7 @@ def readout_without_beta(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, g: Tensor
 
 @torch.library.triton_op("dla::readout_without_beta_backward", mutates_args=())
 def readout_without_beta_backward(do: Tensor, dS: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor,
-                                  g: Tensor | None, level_start: Tensor, S0: Tensor, scale: float, step: Tensor,
+                                  g: Tensor | None, level_start: Tensor, S0: Tensor, scale: float, step: Tensor | None,
                                   S: Tensor, plan: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`(dq, dk, dv, dlam, dg, dS0)`; `S` and `plan` are the forward's; `dg` float32 zeros without g."""
     return mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step, S, plan=plan)

@@ -834,7 +834,6 @@ def row_modes(x: _Prepared, level_start: Tensor, step: Tensor | None, objects: T
     C = config(x.interpreted)["C"]
     if cost.decode_sized(x.T, C) and objects is None:
         return None, x.all_dense()
-    step = torch.zeros(x.B, dtype=torch.int64, device=x.q.device) if step is None else step
     P, M = _pool(x)
     plan = build_plan(level_start, step, C, P, M)
     fits = cost.takes_objects(plan)

@@ -78,9 +78,16 @@ def chunk_count(T: int, C: int) -> int:
     return 0 if T == 0 else (T + 2 * C - 2) // C
 
 
-def chunk_starts(step: Tensor, T: int, C: int, H: int) -> Tensor:
-    """`cs [N, NC + 1]` int64: `clamp(c·C − φ_b, 0, T)` per row `n = b·H + h`, `cs_NC = T`."""
+def chunk_starts(step: Tensor | None, T: int, C: int, H: int, B: int | None = None, device=None) -> Tensor:
+    """`cs [N, NC + 1]` int64: `clamp(c·C − φ_b, 0, T)` per row `n = b·H + h`, `cs_NC = T`.
+    `step` None (a call from the empty cache, every `φ_b = 0`; then `B` and `device` are given):
+    the same starts as a constant of the shapes, so that a compiler folds no clamped index
+    arithmetic out of them (Inductor's loop simplification in torch 2.11 failed on
+    `clamp(c·C, 0, T)` shifted by a chunk)."""
     NC = chunk_count(T, C)
+    if step is None:
+        starts = torch.tensor([min(c * C, T) for c in range(NC)] + [T], dtype=torch.int64, device=device)
+        return starts.expand(B * H, NC + 1)
     phase = torch.remainder(step.to(torch.int64), C).repeat_interleave(H)  # [N]
     c = torch.arange(NC + 1, device=step.device)
     cs = (c[None, :] * C - phase[:, None]).clamp(0, T)
@@ -129,9 +136,10 @@ def _elements(starts_rows: Tensor, limit: Tensor) -> tuple[Tensor, Tensor, Tenso
     return torch.where(valid, a, EMPTY), torch.where(valid, e, NONE), valid
 
 
-def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | None = None,
+def build_plan(level_start: Tensor, step: Tensor | None, chunk: int, capacity: int | None = None,
                master_capacity: int | None = None) -> Plan:
-    """The plan of the module doc. `level_start [B,T,H,L]` (T ≥ 1), `step [B]`; `capacity` bounds
+    """The plan of the module doc. `level_start [B,T,H,L]` (T ≥ 1), `step [B]` (None: zeros, a
+    call from the empty cache); `capacity` bounds
     the ids (initial slots included; None: the most any map can need, `L + (NC + 1)·L`),
     `master_capacity` the masters (initial slots included; None: `capacity`)."""
     B, T, H, L = level_start.shape
@@ -142,7 +150,7 @@ def build_plan(level_start: Tensor, step: Tensor, chunk: int, capacity: int | No
     PM = P if master_capacity is None else int(master_capacity)
     i64 = torch.int64
     rows_map = level_start.permute(0, 2, 1, 3).reshape(N, T, L).to(i64)
-    cs = chunk_starts(step, T, C, H)  # [N, R]
+    cs = chunk_starts(step, T, C, H, B, dev)  # [N, R]
     row = cs.clamp(max=T - 1)
     rows = torch.gather(rows_map, 1, row[..., None].expand(N, R, L))  # [N, R, L]
     a, e, valid = _elements(rows, cs)
