@@ -13,7 +13,8 @@ inputs under the `token` score, each row with its segmentation counts and the he
 segmentation alone on the benchmark inputs and on Gaussian (boundary-dense) inputs; peak memory of
 forward+backward; the readout's TFLOP/s by SPEC §3's count (3 GEMM passes × K·Dk·Dv
 multiply-adds per token and head). The same
-for DLA-Gated DeltaNet (`β` and `g`, l2-normalised `q, k`: the delta-rule kernels) beside fla's
+for DLA-Gated DeltaNet (`β` and `g`, l2-normalised `q, k`: the delta-rule kernels and the readout
+by windows, its rows with the window plan's counts and model) beside fla's
 `chunk_gated_delta_rule`, verified first like the Mamba-2 transition. Writes
 `bench_gpu.json` and `bench_gpu.md` to DIR and prints the table last.
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from dla import level_map, multistate_attention
 from dla.compile.ops import readout
 from dla.ops.readout import cost, readout_backward, readout_forward
-from perf.cost_model import predict
+from perf.cost_model import predict, predict_delta
 from perf.inputs import REGIMES, layer_inputs
 
 TOKENS, HEADS, DIM = 32768, 16, 128
@@ -102,7 +103,7 @@ def train_step(t, compiled: bool = False, **kw):
 
 def verify(length, levels, policy, backbone) -> dict:
     """The readout path the operator takes on this GPU (`dla.compile.ops.readout`: the Triton op
-    without β, the scan with β) against the stage's float64 torch kernels on the same inputs and
+    without β, the readout by windows with β) against the stage's float64 torch kernels on the same inputs and
     level map (the object path without β, the chunked form with β)."""
     batch, heads = 1, 4
     t = layer_inputs(batch, length, heads, DIM, DIM, levels, backbone=backbone, dtype=torch.bfloat16, device="cuda",
@@ -156,10 +157,16 @@ def regime_counts(t: dict, levels: int, policy: str) -> dict:
     T = t["k"].shape[1]
     starts = level_map(t["k"], t["v"], capacity=levels, g=t["g"], beta=t["beta"], policy=policy, score="token")
     shapes = cost.Shapes(T=T, K=levels, Dk=DIM, Dv=DIM, itemsize=t["q"].element_size())
-    p = predict(starts, shapes, cost.arch_of(t["q"].device))
-    if t["beta"] is not None:  # with β the operator runs the scan: the object plan and its model do not apply
-        return {**p["counts"], "heads_on_objects": "— (β: scan)"}
-    return {**p["counts"], "model_tflop": p["flops_fwd_bwd"] / 1e12, "model_gb": p["bytes_fwd_bwd"] / 1e9,
+    arch = cost.arch_of(t["q"].device)
+    if t["beta"] is not None:  # with β the readout by windows (`perf.cost_model.predict_delta`)
+        p = predict_delta(starts, shapes, arch)
+        counts = {"boundaries_per_1000": p["counts"]["boundaries_per_1000"],
+                  "merges_per_1000": p["counts"]["merges_per_1000"], "window_R": p["window_R"],
+                  "objects_read_per_token": p["counts"]["per_token"]["reads"], "heads_on_objects": "— (β: windows)"}
+    else:
+        p = predict(starts, shapes, arch)
+        counts = p["counts"]
+    return {**counts, "model_tflop": p["flops_fwd_bwd"] / 1e12, "model_gb": p["bytes_fwd_bwd"] / 1e9,
             "model_roofline_ms": p["roofline_ms"]}
 
 
@@ -385,10 +392,12 @@ def render(results) -> str:
     for r in results["rows"]:
         for key in sorted(k for k in r if k.endswith("_counts")):
             c = r[key]
+            plan = (f"window R {c['window_R']}, objects read/token {c['objects_read_per_token']:.1f}"
+                    if "window_R" in c else
+                    f"objects {c['objects_per_1000']:.1f}, read/chunk {c['objects_read_per_chunk']:.1f}, "
+                    f"changed/chunk {c['slots_changed_per_chunk']:.2f}, heads on objects {c['heads_on_objects']}")
             lines.append(f"- T={r['T']} {key[:-7]}: boundaries {c['boundaries_per_1000']:.1f}, merges "
-                         f"{c['merges_per_1000']:.1f}, objects {c['objects_per_1000']:.1f}, read/chunk "
-                         f"{c['objects_read_per_chunk']:.1f}, changed/chunk {c['slots_changed_per_chunk']:.2f}, "
-                         f"heads on objects {c['heads_on_objects']}"
+                         f"{c['merges_per_1000']:.1f}, {plan}"
                          + (f"; model {c['model_tflop']:.2f} TFLOP, {c['model_gb']:.2f} GB, roofline "
                             f"{c['model_roofline_ms']:.2f} ms" if "model_tflop" in c else ""))
     lines += ["", "verification vs the stage's float64 torch kernels on this GPU (bf16 inputs):"]

@@ -17,8 +17,8 @@ averaged over heads.
 (`dla.ops.readout.objects_delta`, SPEC §3.1 "With β"), its plan built by `window_plan`, `R`
 chosen by `cost_delta.window_for` on the reference card, and costed by `cost_delta` kernel by
 kernel, beside the worst case at that `R` (every window holding `K` objects). The inputs are
-the Gated DeltaNet's (l2-normalised `q, k`, `β`, a gate `g`), segmented the same way. That path
-is a prototype: no rule takes it yet (`dla.ops.readout`), so this is what it would cost.
+the Gated DeltaNet's (l2-normalised `q, k`, `β`, a gate `g`), segmented the same way; the
+stage's rule takes that path on CUDA (`dla.ops.readout`).
 """
 
 from __future__ import annotations
@@ -116,26 +116,25 @@ def model(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = co
             "Dk": DIM, "Dv": DIM, "dtype": "bfloat16", **predict(starts, shapes, arch)}
 
 
-def model_delta(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = cost.H100_ROOFLINE) -> dict:
-    """The windowed readout with `β` (module doc) on the Gated DeltaNet's §7 inputs of `regime`."""
-    batch, C = TOKENS // T, 64
-    t = layer_inputs(batch, T, HEADS, DIM, DIM, K, backbone="gdn", regime=regime)
-    starts = level_map(t["k"], t["v"], capacity=K, g=t["g"], beta=t["beta"], policy=policy, score="token", tau=0.6)
-    R = cost_delta.window_for(T, K, DIM, DIM, 2, C, arch.flops, arch.bandwidth)
-    plan = window_plan(starts, torch.zeros(batch, dtype=torch.int64), C, R)
-    n = cost_delta.window_counts(plan)
-    shapes = cost.Shapes(T=T, K=K, Dk=DIM, Dv=DIM, itemsize=2, C=C)
-    N = batch * HEADS
+def predict_delta(starts: torch.Tensor, shapes: cost.Shapes, arch: cost.Arch = cost.H100_ROOFLINE) -> dict:
+    """With `β`: the window plan of the level map `starts [B,T,H,K]` (from step 0) at the `R` the
+    rule picks on `arch` (`cost_delta.window_for`), and its cost kernel by kernel with the
+    segmentation's, beside the worst case at that `R` (every window holding `K` objects)."""
+    B, T, H, K = starts.shape
+    C, Dk, Dv, s = shapes.C, shapes.Dk, shapes.Dv, shapes.itemsize
+    R = cost_delta.window_for(T, K, Dk, Dv, s, C, arch.flops, arch.bandwidth)
+    plan = window_plan(starts, torch.zeros(B, dtype=torch.int64, device=starts.device), C, R)
+    n = {name: x.cpu() for name, x in cost_delta.window_counts(plan).items()}
+    N = B * H
     rows = {name: (f * N, b * N) for name, (f, b) in cost.segmentation_kernel(shapes).items()}
     rows.update({name: (float(torch.as_tensor(f).sum()), float(torch.as_tensor(b).sum()))
-                 for name, (f, b) in cost_delta.delta_kernels(n, DIM, DIM, K, 2, C).items()})
+                 for name, (f, b) in cost_delta.delta_kernels(n, Dk, Dv, K, s, C).items()})
     worst = {name: (f * N, b * N) for name, (f, b) in
-             cost_delta.delta_kernels(cost_delta.worst_counts(T, K, C, R), DIM, DIM, K, 2, C).items()}
+             cost_delta.delta_kernels(cost_delta.worst_counts(T, K, C, R), Dk, Dv, K, s, C).items()}
     stats = segmentation_stats(starts, chunk_size=C)
     per_token = {name: float((x / n["tokens"]).mean()) for name, x in n.items() if name != "tokens"}
     return {
-        "backbone": "gdn", "policy": policy, "T": T, "K": K, "regime": regime, "B": batch, "H": HEADS, "Dk": DIM,
-        "Dv": DIM, "dtype": "bfloat16", "card": arch.name, "window_R": R,
+        "card": arch.name, "window_R": R,
         "flops_fwd_bwd": sum(f for f, _ in rows.values()), "bytes_fwd_bwd": sum(b for _, b in rows.values()),
         "roofline_ms": 1e3 * cost.roofline_s(rows, arch),
         "worst_case_roofline_ms": 1e3 * cost.roofline_s(worst, arch),
@@ -144,6 +143,16 @@ def model_delta(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arc
         "kernels": {name: {"gflop": f / 1e9, "gb": b / 1e9, "ms": 1e3 * max(f / arch.flops, b / arch.bandwidth)}
                     for name, (f, b) in rows.items()},
     }
+
+
+def model_delta(T: int, K: int, regime: str, policy: str = "dla", arch: cost.Arch = cost.H100_ROOFLINE) -> dict:
+    """The readout by windows with `β` (module doc) on the Gated DeltaNet's §7 inputs of `regime`."""
+    batch = TOKENS // T
+    t = layer_inputs(batch, T, HEADS, DIM, DIM, K, backbone="gdn", regime=regime)
+    starts = level_map(t["k"], t["v"], capacity=K, g=t["g"], beta=t["beta"], policy=policy, score="token", tau=0.6)
+    shapes = cost.Shapes(T=T, K=K, Dk=DIM, Dv=DIM, itemsize=2, C=64)
+    return {"backbone": "gdn", "policy": policy, "T": T, "K": K, "regime": regime, "B": batch, "H": HEADS, "Dk": DIM,
+            "Dv": DIM, "dtype": "bfloat16", **predict_delta(starts, shapes, arch)}
 
 
 def main() -> int:
