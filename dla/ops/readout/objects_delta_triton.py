@@ -834,7 +834,7 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) ->
         raise TypeError(f"{name}: q must be float32, bfloat16 or float16, got {q.dtype} (float64 runs on the CPU path)")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    if max(Dk, Dv) > 128:  # whole-Dk tiles beside [Dk, Dk] ones: larger heads pass Hopper's shared memory
+    if max(Dk, Dv) > 128:  # whole-Dk tiles beside [Dk, Dk] ones: larger heads exceed Hopper's shared memory
         raise ValueError(f"{name}: head sizes Dk = {Dk}, Dv = {Dv} above 128 are not supported by the Triton "
                          "kernels with β (the CPU path takes any size)")
     if B * T * H * max(Dk, Dv, lam.shape[-1]) >= 2**31:
