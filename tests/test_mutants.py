@@ -14,7 +14,7 @@ backward, initial slots in the wrong order, the `latest` pointer written in plac
 the rename), and one at least per kernel stage — segment (the `drift` detection's threshold,
 and the Triton segmentation's tie-break and boundary test beside the CPU kernel's), backbone
 (the SSD chunk state carried through a reset), readout (the object plan, the object readout's
-decay) — each killed by the property checks and unit cases named beside it."""
+decay, the Triton band pass of the readout with β) — each killed by the property checks and unit cases named beside it."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import dla.operator
 import dla.ops.backbone.ssd
 import dla.ops.readout.chunked
 import dla.ops.readout.objects
+import dla.ops.readout.objects_delta_triton
 import dla.ops.readout.plan
 import dla.ops.segment.cpu
 import dla.ops.segment.detect
@@ -85,6 +86,10 @@ MUTANTS = [
            "dq += gam[..., None] * dQh", "dq += dQh",
            ("tests/test_readout.py::test_backward_matches_reference_autograd",
             "tests/test_readout.py::test_backward_gradcheck[dla-both]")),
+    Mutant("readout with β on CUDA, backward: the band pass halves a key chunk's dγ_C",
+           dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
+           "dgc += tl.sum(dx * x_in, axis=1)", "dgc += 0.5 * tl.sum(dx * x_in, axis=1)",
+           ("tests/test_readout_delta_objects.py::test_triton_backward_matches_torch",)),
     Mutant("readout without β, backward: the final state's decay dropped", dla.ops.readout.objects,
            "objects_backward", "(decay[..., None, None] * dSc)[valid]", "dSc[valid]",
            ("tests/test_readout.py::test_backward_matches_reference_autograd",
