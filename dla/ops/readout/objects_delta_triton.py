@@ -154,6 +154,22 @@ def _chunk_range(PHI, n, w, a, e, H: tl.constexpr, C: tl.constexpr, R: tl.conste
     return j0, j1
 
 
+@triton.jit
+def _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H: tl.constexpr, DK: tl.constexpr,
+                 C: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+    """(Ã [C, C], x [C, BKP]) of chunk c: Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β) and the queries in the chunk's
+    frame x = Q̂ = diag(γ)Q − Ã diag(γ)K, which the transport carries back chunk by chunk."""
+    o = tl.arange(0, C)
+    beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
+    q = _rows(Q, tok, tc, valid, ck, H, DK)
+    k = _rows(K, tok, tc, valid, ck, H, DK)
+    Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC)
+    Aqk = Aqk * decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
+    M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
+    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)  # a product with the triangular inverse
+    return At, q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -291,14 +307,7 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
     tokL = tok * L
     Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
-    beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
-    q = _rows(Q, tok, tc, valid, ck, H, DK)
-    k = _rows(K, tok, tc, valid, ck, H, DK)
-    Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC)
-    Aqk = Aqk * decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
-    M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
-    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)  # a product with the triangular inverse
-    x = q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
+    At, x = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN)
     Lam = _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C)
     Lam = tl.where(o[:, None] >= o[None, :], Lam, 0.0)
     acc = tl.dot(At * Lam, _rows(V, tok, tc, valid, cv, H, DV), input_precision=PREC)
@@ -393,14 +402,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
     tokL = tok * L
     Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
-    beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
-    q = _rows(Q, tok, tc, valid, ck, H, DK)
-    k = _rows(K, tok, tc, valid, ck, H, DK)
-    Gam = decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
-    Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC) * Gam
-    M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
-    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)
-    x = q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
+    At, x = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN)
     dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
     dl = tl.zeros([C, LP], dtype=tl.float32)
     # own chunk: o += (Ã ⊙ Λ) V
