@@ -170,6 +170,18 @@ def _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H: tl.co
     return At, q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
 
 
+@triton.jit
+def _step_back(x, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H: tl.constexpr, DK: tl.constexpr,
+               C: tl.constexpr, PREC_CHAIN: tl.constexpr):
+    """(σ [C, C], x carried back through chunk p): σ = x Ē_p, x ← γ_C x − σ diag(γ) K_p."""
+    o = tl.arange(0, C)
+    E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK,
+                other=0.0)
+    sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
+    return sigma, gam_Cp * x - tl.dot(sigma, _rows(K, tokp, tcp, validp, ck, H, DK) * gamp[:, None],
+                                      input_precision=PREC_CHAIN)
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -315,13 +327,9 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
         p = c - 1 - jj
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-        E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK,
-                    other=0.0)
-        sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
+        sigma, x = _step_back(x, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN)
         Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
         acc += tl.dot(sigma * Lp, _rows(V, tok, tcp, validp, cv, H, DV), input_precision=PREC)
-        x = gam_Cp * x - tl.dot(sigma, _rows(K, tok, tcp, validp, ck, H, DK) * gamp[:, None],
-                                input_precision=PREC_CHAIN)
     now = (n * (NW + 1) + w) * L
     for r in range(L):
         a = tl.load(FIRST + now + r)
@@ -419,11 +427,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
         tl.store(xp + j * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-        E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK,
-                    other=0.0)
-        sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
-        x = gam_Cp * x - tl.dot(sigma, _rows(K, tokp, tcp, validp, ck, H, DK) * gamp[:, None],
-                                input_precision=PREC_CHAIN)
+        sigma, x = _step_back(x, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN)
     # objects: U = dÕ S̄ᵀ, dx = Σ W U, dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
     tl.store(XF + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
     dx = tl.zeros([C, BKP], dtype=tl.float32)
