@@ -557,6 +557,39 @@ def test_triton_backward_matches_torch(drawn):
         assert relative_error(ours, ref) <= TOL[F32], (name, relative_error(ours, ref))
 
 
+def test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy():
+    """16-bit inputs take the 16-bit paths (the band pass's transported queries `XP` in bfloat16):
+    every gradient within 2e-2 of float64 on the same rounded inputs, and at most twice the torch
+    path's error there (SPEC §6). The interpreter rounds float32 to bfloat16 toward zero (the GPU
+    to nearest), so the torch path's gradients, computed in float32 on the same values, are
+    rounded the same way before they are compared; its dots are float32, as the kernels' operands
+    (the GPU test holds the same rule under tf32)."""
+    from dla.ops.readout.objects_delta_triton import objects_delta_backward_triton
+
+    def toward_zero(x: torch.Tensor) -> torch.Tensor:  # float32 → bfloat16 as the interpreter casts
+        return (x.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+    drawn = edge(44, 4, "dla", "both", 0.6, 16, 3, True, torch.bfloat16, mean_regime=6.0)  # 3 chunks a window
+    s = Setup(drawn)
+    gen = torch.Generator().manual_seed(5)
+    do = torch.randn(s.t["v"].shape, generator=gen).to(torch.bfloat16)
+    dS = torch.randn(s.S0.shape, generator=gen)
+    args = list(s.args(drawn))
+    args[4], args[5], args[7] = args[4].float(), args[5].float(), s.S0.float()  # g, β and S0 in float32
+    with poisoned_empty():
+        grads = objects_delta_backward_triton(do, dS.float(), *args)
+    refs = objects_delta_backward(do.double(), dS, *float64_args(drawn, s))
+    as_f32 = [x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
+    torch_path = objects_delta_backward(do.float(), dS.float(), *as_f32)
+    for name, ours, ref, theirs in zip(("dq", "dk", "dv", "dlam", "dg", "dbeta", "dS0"), grads, refs, torch_path):
+        assert torch.isfinite(ours).all(), name
+        err = relative_error(ours, ref)
+        assert err <= 2e-2, (name, err)
+        if ours.dtype == torch.bfloat16:
+            err_torch = relative_error(toward_zero(theirs), ref)
+            assert err <= 2 * err_torch, (name, err, err_torch)
+
+
 # --------------------------------------------------------------------------------------------
 # The launchers' contract, and the registered op with β on its Triton side (the stage's rule)
 # --------------------------------------------------------------------------------------------

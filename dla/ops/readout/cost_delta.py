@@ -35,7 +35,7 @@ it re-reads, are counted per step.
                         XP, objects; dÃ, XF, dQ̂ written. The band pass (per window, key chunks in
                         order, the later query chunks inside): the key side's sums in registers,
                         written once per chunk; per step XP read once and written once before
-                        (2·C·Dk·4), dQ̂ and dλ read and written (2·C·(Dk + LP)·4), dO and the
+                        (2·C·Dk·s), dQ̂ and dλ read and written (2·C·(Dk + LP)·4), dO and the
                         query's level rows read (C·(Dv·s + L·(4 + s)))
     object gradients    reads·D; XF, dO, λ once; D written
     object pass backward   2·reframes·Dk²·Dv + 2·token_chunks·C·D; D, masters, the next D read,
@@ -142,7 +142,7 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (7 * Dk + 2 * Dv)
                           + n["reads"] * D),
                    qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 + (2 * Dk + Dv) * 4 + LP * 4)
-                   + n["steps"] * (2 * Dk * 4 + 2 * (Dk + LP) * 4 + Dv * s + L * (4 + s)) + n["objects"] * D * s)
+                   + n["steps"] * (2 * Dk * s + 2 * (Dk + LP) * 4 + Dv * s + L * (4 + s)) + n["objects"] * D * s)
     object_grads = (2.0 * n["reads"] * D, T * (Dk * 4 + Dv * s + L * (s + 4)) + n["objects"] * D * 4)
     object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * n["token_chunks"] * C * D),
                   n["objects"] * D * 4 * 4 + NW * L * D * 4 + NW * Dk * Dk * 4 * 2

@@ -26,7 +26,7 @@ masters of every window kept):
 
     _readout_bwd_chain_kernel   per (chunk, row): own chunk (dÃ, its dV, dλ), the chain again with
                           the query before each step written to XP (one slot per pair of the window's
-                          query chunk i and step j < i) and in the window's frame to XF, objects
+                          query chunk i and step j < i; bfloat16 for 16-bit inputs) and in the window's frame to XF, objects
                           (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL
     _readout_bwd_band_kernel    per (window, row): key chunks p in order, the window's later query
                           chunks inside, each query's dx climbing from the window's frame to its own
@@ -424,7 +424,8 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     # the chain to the window's frame: pair (i, j) holds the query before its step through chunk c − 1 − j
     for j in range(i):
         p = c - 1 - j
-        tl.store(xp + j * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
+        tl.store(xp + j * C * DK + o[:, None] * DK + ck[None, :], x.to(XP.dtype.element_ty),
+                 mask=ck[None, :] < DK)
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         sigma, x = _step_back(x, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN)
@@ -482,7 +483,7 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, SCR, DQH, DL, DE
             t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
             tokL = tok * L
             x_in = tl.load(xp + (i * (i - 1) // 2 + i - 1 - pi) * C * DK + o[:, None] * DK + ck[None, :],
-                           mask=ck[None, :] < DK, other=0.0)
+                           mask=ck[None, :] < DK, other=0.0).to(tl.float32)
             dqh = DQH + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :]
             dx = tl.load(dqh, mask=ck[None, :] < DK, other=0.0)
             dl_at = DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :]
@@ -890,9 +891,13 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     BKP, BVP = meta["BKP"], pow2(Dv)
     flags = dict(C=C, HAS_G=g is not None)
     LP = pow2(L, 1)
-    # one [C, Dk] float32 query per (query chunk, step) pair of a window: (R − 1)/2 times the
-    # chunk-indexed buffers beside it
-    XP = torch.empty(N, NW, max(1, R * (R - 1) // 2), C, Dk, dtype=f32, device=dev)
+    # one [C, Dk] query per (query chunk, step) pair of a window: (R − 1)/2 times the chunk-indexed
+    # buffers beside it, and most of the band pass's traffic. Kept in bfloat16 for 16-bit inputs:
+    # the band reads it only for its step's own terms (σ, dĒ, dγ_C), never into the dx chain, so
+    # its rounding does not compound (bfloat16, not float16: the transported query's range is the
+    # transitions', not bounded by the inputs')
+    XP = torch.empty(N, NW, max(1, R * (R - 1) // 2), C, Dk, dtype=f32 if q.dtype == f32 else torch.bfloat16,
+                     device=dev)
     SCR = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
