@@ -778,6 +778,7 @@ def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
 # program holds several [C, Dk] float32 tiles at once (they spill at four); one stage where the
 # pipelined copies of [Dk, Dk] or [Dk, BVO] tiles would not fit.
 LAUNCH = {
+    "_readout_kernel": dict(num_warps=8),
     "_readout_bwd_chain_kernel": dict(num_warps=8),
     "_readout_bwd_band_kernel": dict(num_warps=8),
     "_object_bwd_kernel": dict(num_stages=1),
@@ -866,7 +867,7 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
     _readout_kernel[(buf.NC, buf.N, triton.cdiv(Dv, buf.meta["BV"]))](
         q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, o, T, float(scale), H,
         L, Dk, Dv, C=C, R=R, BKP=buf.meta["BKP"], BV=buf.meta["BV"], HAS_G=g is not None, PREC=buf.prec,
-        PREC_CHAIN=buf.prec_chain)
+        PREC_CHAIN=buf.prec_chain, **LAUNCH["_readout_kernel"])
     return o, buf.final().reshape(B, H, L, Dk, Dv).to(sd).clone()
 
 
