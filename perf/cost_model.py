@@ -123,7 +123,7 @@ def predict_delta(starts: torch.Tensor, shapes: cost.Shapes, arch: cost.Arch = c
     B, T, H, K = starts.shape
     C, Dk, Dv, s = shapes.C, shapes.Dk, shapes.Dv, shapes.itemsize
     R = cost_delta.window_for(T, K, Dk, Dv, s, C, arch.flops, arch.bandwidth)
-    plan = window_plan(starts, torch.zeros(B, dtype=torch.int64, device=starts.device), C, R)
+    plan = window_plan(starts, None, C, R)  # a fresh call
     n = {name: x.cpu() for name, x in cost_delta.window_counts(plan).items()}
     N = B * H
     rows = {name: (f * N, b * N) for name, (f, b) in cost.segmentation_kernel(shapes).items()}

@@ -623,6 +623,28 @@ def test_launchers_take_missing_cotangents_and_empty_sequences():
     assert torch.equal(grads[-1], f32(S0)) and grads[0].shape == (case.batch, 0, case.heads, case.dk)
 
 
+@pytest.mark.parametrize("length", [32, 37, 48])  # a whole number of windows, a partial one, one and a half
+def test_fresh_calls_plan_no_spare_window(length):
+    """`step` None (a fresh call) plans exactly ⌈T / (R·C)⌉ windows — the spare one a row's
+    phase can need is in no kernel's grid — with the results of a step of zeros, bit for bit."""
+    from dla.ops.readout.objects_delta_triton import objects_delta_backward_triton, objects_delta_forward_triton
+    from tests.readout_helpers import setup, triton_args
+
+    case, t, _, level_start, S0, _, _ = setup(replace(OP_CASE, length=length), False)
+    zeros = torch.zeros(case.batch, dtype=torch.int64)
+    C, R = 16, 2
+    fresh, zero = window_plan(level_start, None, C, R), window_plan(level_start, zeros, C, R)
+    assert fresh.first.shape[1] - 1 == -(-length // (R * C)) < zero.first.shape[1] - 1
+    assert torch.equal(fresh.window_starts, zero.window_starts[:, :fresh.window_starts.shape[1]])
+    args = triton_args(case, t, level_start, S0)
+    for ours, theirs in zip(objects_delta_forward_triton(*args, None, R), objects_delta_forward_triton(*args, zeros, R)):
+        assert torch.equal(ours, theirs)
+    do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=torch.Generator().manual_seed(3))
+    for ours, theirs in zip(objects_delta_backward_triton(do, None, *args, None, R),
+                            objects_delta_backward_triton(do, None, *args, zeros, R)):
+        assert torch.equal(ours, theirs)
+
+
 def test_launchers_reject_what_their_kernels_cannot_take():
     from dla.ops.readout.objects_delta_triton import objects_delta_forward_triton
     from tests.readout_helpers import setup, triton_args

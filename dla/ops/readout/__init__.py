@@ -79,8 +79,8 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
     """The CUDA side of the rule, for the tensors' device: the readout by windows with β, else
     objects or dense rows (`objects_triton.mixed_forward`)."""
     if beta is not None:
-        return objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size,
-                                            _steps(step, q), _window(q, v, lam, chunk_size))
+        return objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step,
+                                            _window(q, v, lam, chunk_size))
     return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
 
 
@@ -89,8 +89,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
     """The backward of `readout_forward_triton`, by the same rule."""
     if beta is not None:
         dq, dk, dv, dlam, dg, dbeta, dS0 = objects_delta_backward_triton(
-            do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, _steps(step, q),
-            _window(q, v, lam, chunk_size))
+            do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, _window(q, v, lam, chunk_size))
         return dq, dk, dv, dlam, dg, dbeta, dS0.to(S0.dtype)
     dq, dk, dv, dlam, dg, dS0 = mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step)
     return dq, dk, dv, dlam, dg, _gate_grad(None, q), dS0.to(S0.dtype)

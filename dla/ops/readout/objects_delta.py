@@ -110,12 +110,18 @@ __all__ = ["WindowPlan", "window_plan", "aligned_starts", "objects_delta_forward
 # --------------------------------------------------------------------------------------------
 
 
-def aligned_starts(step: Tensor, T: int, size: int) -> Tensor:
+def aligned_starts(step: Tensor | None, T: int, size: int, batch: int, device) -> Tensor:
     """`[B, ⌈(T + size − 1)/size⌉ + 1]` int64: `clamp(i·size − step mod size, 0, T)`, the last
-    entry `T` (`plan.chunk_starts`' rule per batch row; trailing entries may repeat `T`)."""
-    n = 0 if T == 0 else (T + 2 * size - 2) // size
-    phase = torch.remainder(step.to(torch.int64), size)
-    i = torch.arange(n + 1, device=step.device)
+    entry `T` (`plan.chunk_starts`' rule per batch row; trailing entries may repeat `T`). A
+    fresh call (`step` None: every row from position 0) has exactly `⌈T/size⌉` spans: the
+    extra one only a row's phase can need is left out of every kernel's grid."""
+    if step is None:
+        n = -(-T // size)
+        phase = torch.zeros(batch, dtype=torch.int64, device=device)
+    else:
+        n = 0 if T == 0 else (T + 2 * size - 2) // size
+        phase = torch.remainder(step.to(torch.int64), size)
+    i = torch.arange(n + 1, device=device)
     starts = (i[None, :] * size - phase[:, None]).clamp(0, T)
     starts[:, -1] = T
     return starts
@@ -140,16 +146,17 @@ class WindowPlan(NamedTuple):
     last: Tensor  # [N, NW + 1, L] int64: e (a > e: empty)
 
 
-def window_plan(level_start: Tensor, step: Tensor, chunk_size: int, window: int) -> WindowPlan:
-    """The plan of the module doc, on the level map's device, static shapes, no host read."""
+def window_plan(level_start: Tensor, step: Tensor | None, chunk_size: int, window: int) -> WindowPlan:
+    """The plan of the module doc, on the level map's device, static shapes, no host read;
+    `step` None for a fresh call (every row from position 0)."""
     B, T, H, L = level_start.shape
     C, R = int(chunk_size), int(window)
     if C < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if R < 1:
         raise ValueError(f"window must be a positive number of chunks, got {window!r}")
-    cs = aligned_starts(step, T, C)
-    ws = aligned_starts(step, T, R * C)
+    cs = aligned_starts(step, T, C, B, level_start.device)
+    ws = aligned_starts(step, T, R * C, B, level_start.device)
     rows_map = level_start.permute(0, 2, 1, 3).reshape(B * H, T, L).to(torch.int64)
     limit = ws.repeat_interleave(H, 0)  # [N, NW + 1]
     row = limit.clamp(max=T - 1)

@@ -789,7 +789,7 @@ LAUNCH = {
 class _Buffers:
     """The forward's plan and intermediate buffers (module doc), shared by both passes."""
 
-    def __init__(self, q, k, v, g, beta, level_start, S0, C: int, R: int, step: Tensor, keep: bool):
+    def __init__(self, q, k, v, g, beta, level_start, S0, C: int, R: int, step: Tensor | None, keep: bool):
         B, T, H, Dk = q.shape
         Dv, L = v.shape[-1], level_start.shape[-1]
         if C < BC or C & (C - 1):
@@ -800,7 +800,8 @@ class _Buffers:
         self.NC = NC = NW * R
         self.N = N = B * H
         self.plan = plan
-        self.phi = torch.remainder(step.to(torch.int64), R * C).to(torch.int32).contiguous()
+        self.phi = (torch.zeros(B, dtype=torch.int32, device=dev) if step is None else
+                    torch.remainder(step.to(torch.int64), R * C).to(torch.int32).contiguous())
         self.first = plan.first.clamp(-2**31, 2**31 - 1).to(torch.int32).contiguous()
         self.last = plan.last.clamp(-2**31, 2**31 - 1).to(torch.int32).contiguous()
         self.cm = running_min(level_start.to(torch.int32)).contiguous()
@@ -850,9 +851,9 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) ->
 
 
 def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
-                                 step: Tensor, window: int) -> tuple[Tensor, Tensor]:
+                                 step: Tensor | None, window: int) -> tuple[Tensor, Tensor]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,L,Dk,Dv] float32)`, as `objects_delta_forward`;
-    `chunk_size` a power of two ≥ 16."""
+    `chunk_size` a power of two ≥ 16; `step` None for a fresh call (no spare window)."""
     B, T, H, Dk = q.shape
     Dv, L = v.shape[-1], lam.shape[-1]
     _check("objects_delta_forward_triton", q, v, lam, beta)
@@ -872,7 +873,7 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
 
 
 def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
-                                  step: Tensor, window: int):
+                                  step: Tensor | None, window: int):
     """`(dq, dk, dv, dlam, dg, dbeta, dS0)` as `objects_delta_backward` (`dS0` float32)."""
     B, T, H, Dk = q.shape
     Dv, L = v.shape[-1], lam.shape[-1]
