@@ -16,12 +16,14 @@ On a GPU machine (`pytest -m gpu`) a fixed grid of long sequences (T up to 16384
 32}, Dk, Dv ∈ {64, 128}, in float32 (ieee) and bfloat16, checks forward and gradients against
 the torch object path in float64 on the device (SPEC §6: bf16 ≤ 2e-2 and at most twice the
 torch path's own bf16 error), forced onto objects and by the stage's rule. A compile test pushes
-every object kernel through Triton's GPU compiler and ptxas for sm_90 on any machine.
+every object kernel through Triton's GPU compiler and ptxas for sm_90 on any machine, and
+Inductor compiles the `triton_op` whole on the CPU (its user kernels interpreted), held to eager.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -408,6 +410,136 @@ def test_triton_op_opcheck_and_fullgraph_compile():
     assert (forward, backward) == (6, 11)  # every launch of each pass: 2 + 4 object kernels, 4 + 7 dense
     # the plan is built once, in the forward (its one sort), and handed to the backward
     assert eval(lines[-2].removeprefix("plan sorts ")) == [1, 0]
+
+
+INDUCTOR = r"""
+import os
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+import torch._inductor.async_compile as async_compile
+from torch._inductor.runtime import triton_heuristics
+
+import dla.compile.ops  # noqa: F401  registers the ops
+from dla.testing import triton_interpreter
+from tests.readout_helpers import f32, setup
+from tests.strategies import Case, relative_error
+
+
+class SM90:
+    '''A driver that names the H100 as its target and has no device: Inductor generates its
+    wrapper and analyses the kernels' writes (Triton IR) as it does on the card.'''
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+class Interpreted:
+    '''A user kernel of Inductor's wrapper, launched by `fn[grid]` (interpreted inside
+    `triton_interpreter()`): Inductor passes the non-constexpr arguments, then the grid.'''
+
+    def __init__(self, fn, triton_meta, inductor_meta):
+        self.fn, self.meta = fn, triton_meta
+        self.names = [n for n, t in triton_meta["signature"].items() if t != "constexpr"]
+        self.grid = len(inductor_meta.get("extra_launcher_args", ())) or 3
+
+    def run(self, *args, stream=None):
+        n = len(self.names)
+        kwargs = dict(zip(self.names, args[:n]))
+        constants = {k: v for k, v in self.meta["constants"].items() if k not in kwargs}
+        self.fn[tuple(int(g) for g in args[n:n + self.grid])](**kwargs, **constants)
+
+
+def user_kernel(self, kernel_name, source_code, device_str="cuda"):
+    if "user_autotune" not in source_code:
+        return original(self, kernel_name, source_code, device_str)
+    made = {}
+
+    def user_autotune(configs, triton_meta, filename=None, inductor_meta=None, custom_kernel=False, **_):
+        def wrap(fn):
+            made["kernel"] = Interpreted(fn, triton_meta, inductor_meta or {})
+            return fn
+        return wrap
+
+    path = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], f"user_{kernel_name}_{len(source_code)}.py")
+    with open(path, "w") as f:
+        f.write(source_code)  # triton.jit reads a kernel's source from its file
+    real, triton_heuristics.user_autotune = triton_heuristics.user_autotune, user_autotune
+    try:
+        exec(compile(source_code, path, "exec"), {"__file__": path, "__name__": kernel_name})
+    finally:
+        triton_heuristics.user_autotune = real
+    return made["kernel"]
+
+
+def red_zoned(empty):
+    '''Inductor's CPU buffers NaN-filled and followed by as many NaNs again, so that a read past
+    a buffer's end, or of what no kernel wrote, shows (as uninitialised memory does on the card).'''
+
+    def allocate(size, stride, dtype, *rest):
+        extent = 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(n > 0 for n in size) else 0
+        if not dtype.is_floating_point:
+            return empty(size, stride, dtype, *rest)
+        return torch.full((2 * extent + 16,), float("nan"), dtype=dtype).as_strided(size, stride)
+    return allocate
+
+
+torch._C._dynamo.guards._empty_strided_cpu = red_zoned(torch._C._dynamo.guards._empty_strided_cpu)
+triton.runtime.driver.set_active(SM90())
+original = async_compile.AsyncCompile.triton
+async_compile.AsyncCompile.triton = user_kernel
+
+case = Case(batch=1, length=40, heads=2, dk=16, dv=16, levels=3, policy="dla", transition="g", tau=0.6,
+            score="token", inputs="piecewise", mean_regime=4.0, seed=7)
+case, t, state, ls, S0, live, step = setup(case, False)
+q, k, v, lam, g, S0f = (f32(x) for x in (t["q"], t["k"], t["v"], t["lam"], t["g"], S0))
+gen = torch.Generator().manual_seed(0)
+do, dS = torch.randn(v.shape, generator=gen), torch.randn(S0f.shape, generator=gen)
+
+
+def loss(q, k, v, lam, g, S0):
+    # a fresh call, as the operator makes it: no step
+    o, S, _ = torch.ops.dla.readout_without_beta(q, k, v, lam, g, ls, S0, case.dk**-0.5, None)
+    return (o * do).sum() + (S * dS).sum()
+
+
+results = []
+with triton_interpreter():
+    # compiled first: Inductor reads the kernels' Triton IR, which no interpreted launch may precede
+    for fn in (torch.compile(loss, fullgraph=True, backend="inductor"), loss):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, lam, g, S0f)]
+        value = fn(*leaves)
+        results.append((value.detach(), torch.autograd.grad(value, leaves)))
+(compiled, got), (eager, want) = results
+print("loss", relative_error(compiled, eager.double()))
+for name, x, r in zip(("q", "k", "v", "lam", "g", "S0"), got, want):
+    print(name, relative_error(x, r.double()) if torch.isfinite(x).all() else float("inf"))
+"""
+
+
+def test_inductor_compiled_backward_matches_eager(tmp_path):
+    """`dla::readout_without_beta` compiled by Inductor itself (the recall grid's path on the
+    card: compile = true, a fresh call, so no `step`), forward and backward, against the same op
+    run eagerly: every gradient finite and equal to float32 rounding. No GPU: the driver names
+    sm_90 as its target (Inductor generates its wrapper and reads the kernels' writes from
+    their Triton IR as on the H100), the wrapper's torch parts are Inductor's C++ kernels, its
+    user Triton kernels launch through the interpreter, and its buffers are NaN with a NaN red
+    zone behind them, as uninitialised memory may be on the card. Regression: the backward's
+    two dg crossing accumulators were two views of one zeros tensor, and Inductor's lowering
+    of the kernels' functionalized writes into them lost the second view's zeros (a copy read
+    past the end of a buffer of half the size), so dg came out NaN and the compiled Mamba-2
+    `dla` run of `tests/test_eval.py::test_compiled_grid_runs_on_the_gpu` went non-finite."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("Inductor's CPU kernels need a C++ compiler")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    done = subprocess.run([sys.executable, "-c", INDUCTOR], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = {line.split()[0]: float(line.split()[1]) for line in done.stdout.strip().splitlines()}
+    assert set(errors) == {"loss", *NAMES} and max(errors.values()) <= TOL32, errors
 
 
 # --------------------------------------------------------------------------------------------

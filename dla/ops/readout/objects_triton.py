@@ -795,14 +795,18 @@ def objects_backward_triton(x, pt: dict, M: int, mode: Tensor, scale: float, do:
     del lo
     dbuf = torch.empty(N, max(M - x.L, 1), x.dk, x.dv, dtype=torch.float32, device=dev)
     dtot = torch.empty(N, P, x.dk, x.dv, dtype=x.q.dtype, device=dev)
-    # crossing[0]: −⟨E, D_E^{<c}⟩ by chunk; crossing[1]: ⟨E, D_E⟩ over E's chunks, as differences
-    crossing = torch.zeros(2, N, NC + 2, dtype=torch.float32, device=dev)
+    # before: −⟨E, D_E^{<c}⟩ by chunk; whole: ⟨E, D_E⟩ over E's chunks, as differences. Two
+    # tensors, not two views of one: Inductor (torch.compile of `dla::readout_without_beta`)
+    # lost the zeros of the second view once both kernels' writes were functionalized, and the
+    # pushdown then accumulated into uninitialised memory (NaN dg on the card)
+    before = torch.zeros(N, NC + 2, dtype=torch.float32, device=dev)
+    whole = torch.zeros(N, NC + 2, dtype=torch.float32, device=dev)
     wrap_triton(_bwd_objects_kernel)[(P, N, nt)](
-        x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, copies, x.S0, crossing[0], mode, pt["starts"],
+        x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, copies, x.S0, before, mode, pt["starts"],
         pt["obj_first"], pt["obj_last"], pt["master"], pt["read_lo"], pt["read_hi"], pt["final_rank"], x.T, x.H, NC,
         P, M, float(scale), BL=x.BL, **tiles, **meta)
     wrap_triton(_pushdown_kernel)[(nt, N)](
-        x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, dtot, copies, x.S0, crossing[1], mode,
+        x.q, do, x.lam, x.gh, x.gl, x.cm, dS, grads["dS0"], dbuf, dtot, copies, x.S0, whole, mode,
         pt["starts"], pt["read"], pt["new_ids"], pt["new_count"], pt["lam_id"], pt["obj_first"], pt["obj_last"],
         pt["par_lo"], pt["par_hi"], pt["tok_lo"], pt["tok_hi"], pt["master"], pt["final_rank"], pt["read_lo"],
         pt["read_hi"], x.T, x.H, NC, P, M, float(scale), BL=x.BL, **tiles, **meta)
@@ -818,7 +822,7 @@ def objects_backward_triton(x, pt: dict, M: int, mode: Tensor, scale: float, do:
     if final:  # the final state's gradient reaches G_{T−1}: ⟨dS, S⟩
         S = S_built
     dG[:, -1] += (dS * S).sum((-3, -2, -1))
-    return dG, crossing[0].double() + cumsum(crossing[1].double(), -1)
+    return dG, before.double() + cumsum(whole.double(), -1)
 
 
 # --------------------------------------------------------------------------------------------
