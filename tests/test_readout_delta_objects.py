@@ -540,6 +540,7 @@ def test_triton_forward_matches_torch(drawn):
 @example(edge(40, 4, "dla", "both", 0.6, 16, 2, True, F32, mean_regime=6.0))  # capacity merges across windows
 @example(edge(37, 3, "dla", "beta", 0.0, 16, 3, False, F32, step=5, dk=16, dv=20))  # every token a boundary, step
 @example(edge(45, 7, "fenwick", "both", 0.6, 16, 2, True, F32))  # fenwick from step 5: partial first window
+@example(edge(40, 4, "dla", "both", 0.6, 16, 3, True, F32, dk=20, dv=36))  # two Dk and three Dv blocks of the band
 def test_triton_backward_matches_torch(drawn):
     """Every gradient of the Triton backward against the float64 torch backward, for a loss
     ⟨o, R_o⟩ + ⟨S, R_S⟩ (both cotangents), outputs NaN-poisoned."""
@@ -637,7 +638,8 @@ def test_fresh_calls_plan_no_spare_window(length):
     assert fresh.first.shape[1] - 1 == -(-length // (R * C)) < zero.first.shape[1] - 1
     assert torch.equal(fresh.window_starts, zero.window_starts[:, :fresh.window_starts.shape[1]])
     args = triton_args(case, t, level_start, S0)
-    for ours, theirs in zip(objects_delta_forward_triton(*args, None, R), objects_delta_forward_triton(*args, zeros, R)):
+    fresh_out, zero_out = objects_delta_forward_triton(*args, None, R), objects_delta_forward_triton(*args, zeros, R)
+    for ours, theirs in zip(fresh_out, zero_out):
         assert torch.equal(ours, theirs)
     do = torch.randn(case.batch, case.length, case.heads, case.dv, generator=torch.Generator().manual_seed(3))
     for ours, theirs in zip(objects_delta_backward_triton(do, None, *args, None, R),
@@ -699,41 +701,6 @@ def test_registered_op_with_beta_opcheck_and_fullgraph_compile():
     assert abs(float(value.detach()) - expected) <= 1e-4 * (1 + abs(expected))
 
 
-COMPILE = r"""
-import sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import dla.ops.readout.objects_delta_triton as X
-from dla.ops.backbone.delta_common import precisions
-
-INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "scale": "fp32"}
-FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "XP", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB",
-           "DGC", "DVK", "DN", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
-HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
-for spec in sys.argv[1:]:
-    D, L, C, R, dtype, has_g = spec.split(":")
-    D, L, C, R, dtype = int(D), int(L), int(C), int(R), getattr(torch, dtype)
-    data = "*fp32" if dtype == torch.float32 else "*bf16"
-    prec, prec_solve = precisions(dtype)
-    meta = dict(X._meta(D, D, interpreted=False), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16,
-                HAS_G=has_g == "g", PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve)
-    meta.update(LP=triton.next_power_of_2(L), BVP=triton.next_power_of_2(D), KEEP=True)
-    for fn in (X._ut_kernel, X._suffix_kernel, X._object_kernel, X._readout_kernel, X._readout_bwd_chain_kernel,
-               X._readout_bwd_band_kernel, X._object_grad_kernel, X._object_bwd_kernel, X._suffix_bwd_kernel,
-               X._ut_bwd_kernel):
-        name = fn.__name__
-        names = [a.name for a in fn.params]
-        sig = {a.name: "constexpr" if a.is_constexpr else INTS.get(a.name, "*fp32" if a.name in FLOAT32 else data)
-               for a in fn.params}
-        constexprs = {k: v for k, v in meta.items() if k in names}
-        if name == "_object_bwd_kernel":
-            constexprs["BV"] = meta["BVO"]
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                                target=GPUTarget("cuda", 90, 32), options=X.LAUNCH.get(name, {}))
-        shared = kernel.metadata.shared
-        assert shared <= HOPPER_SHARED, f"{spec} {name}: {shared} bytes of shared memory > {HOPPER_SHARED}"
-        print(spec, name, "compiled", shared, flush=True)
-"""
 
 
 @pytest.mark.slow  # 30 compiles at the GPU's tiles, a process per spec: about 20 minutes on 2 cores
@@ -749,8 +716,9 @@ def test_triton_kernels_compile_for_sm90():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     R = window_for(8192, 32, 128, 128, 2, 64, 800e12, 3.35e12)
     specs = [f"128:32:64:{R}:bfloat16:g", f"128:32:64:{R}:float32:g", f"64:16:64:{R}:float32:none"]
-    runs = [subprocess.Popen([sys.executable, "-c", COMPILE, spec], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for spec in specs]  # one process per spec
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = [subprocess.Popen([sys.executable, "-m", "perf.sm90_resources", "--check-shared", spec], env=env, cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for spec in specs]
     for spec, run in zip(specs, runs):
         out, err = run.communicate(timeout=3000)
         assert run.returncode == 0, (spec, err[-3000:])

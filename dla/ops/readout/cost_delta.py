@@ -33,8 +33,9 @@ it re-reads, are counted per step.
     readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), reads·D. The chain
                         pass (per chunk): own chunk, the chain with each step's query written to
                         XP, objects; dÃ, XF, dQ̂ written. The band pass (per window, key chunks in
-                        order, the later query chunks inside): the key side's sums in registers,
-                        written once per chunk; per step XP read once and written once before
+                        order, the later query chunks inside): the key side's sums read-modify-
+                        written per step in L2 (one key chunk's at a time), to DRAM once per
+                        chunk; per step XP read once and written once before
                         (2·C·Dk·s), dQ̂ and dλ read and written (2·C·(Dk + LP)·4), dO and the
                         query's level rows read (C·(Dv·s + L·(4 + s)))
     object gradients    reads·D; XF, dO, λ once; D written

@@ -26,15 +26,17 @@ masters of every window kept):
 
     _readout_bwd_chain_kernel   per (chunk, row): own chunk (dÃ, its dV, dλ), the chain again with
                           the query before each step written to XP (one slot per pair of the window's
-                          query chunk i and step j < i; bfloat16 for 16-bit inputs) and in the window's frame to XF, objects
-                          (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL
+                          query chunk i and step j < i; bfloat16 for 16-bit inputs) and in the
+                          window's frame to XF, objects (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL
     _readout_bwd_band_kernel    per (window, row): key chunks p in order, the window's later query
                           chunks inside, each query's dx climbing from the window's frame to its own
-                          chunk as p rises — the band's dV, dλ, and p's key-side dĒ, dH, dγ_C summed in
-                          registers and written once (no atomics, no read-modify-write of them per
-                          step); a query's dx and dλ go back to dQ̂ and DL between its steps. The
-                          other order (the query's state in registers) would read and write the
-                          key side's three sums at every step instead of the query's one
+                          chunk as p rises — the band's dV, dλ, and p's key-side dĒ, dH, dγ_C (one
+                          program writes each: no atomics). Every [C, ·] tile is taken BKB or BVB
+                          columns at a time; p's three sums are read-modify-written at each step,
+                          one key chunk's at a time (a program's working set, in L2), and a query's
+                          dx and dλ go back to dQ̂ and DL between its steps (all R queries': DRAM).
+                          Whole-width float32 tiles, and the sums held in registers beside them,
+                          spilled (ptxas for sm_90: 7.9 KB of spill stores per thread, 3.5 KB now)
     _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
     _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
                           elements each E' holds; this tile's dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v
@@ -363,13 +365,14 @@ def _transposed(SCR, X, C: tl.constexpr):
 @triton.jit
 def _scatter_levels(dl, CM, tokL, tc, valid, s, X, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                     C: tl.constexpr):
-    """dl [C, LP] += Σ_s X[t, s] at column ℓ_t(s) (X [C, C] over the positions s [C])."""
+    """dl [C, LP] += Σ_s X[t, s] at column ℓ_t(s) (X [C, C] over the positions s [C]): column r
+    gains P_{r−1} − P_r with P_r[t] = Σ_s X[t, s] [c[t, r] > s] (P_{−1} = Σ_s X[t, s])."""
     cols = tl.arange(0, LP)
-    above = tl.full([C, C], 1.0, tl.float32)
+    above = tl.sum(X, axis=1)
     for r in range(L):
         cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
-        ind = tl.where(cm[:, None] > s[None, :], 1.0, 0.0)
-        dl += tl.where(cols[None, :] == r, tl.sum(X * (above - ind), axis=1)[:, None], 0.0)
+        ind = tl.sum(tl.where(cm[:, None] > s[None, :], X, 0.0), axis=1)
+        dl += tl.where(cols[None, :] == r, (above - ind)[:, None], 0.0)
         above = ind
     return dl
 
@@ -456,68 +459,93 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
 def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK, DLAM, T, scale,
                              H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                              C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
-                             HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+                             BKB: tl.constexpr, BVB: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
+                             PREC_CHAIN: tl.constexpr):
     w = tl.program_id(0)
     n = tl.program_id(1)
     NW = tl.num_programs(0)
     NC = NW * R
     o = tl.arange(0, C)
-    ck = tl.arange(0, BKP)
-    cv = tl.arange(0, BVP)
+    kb0 = tl.arange(0, BKB)
+    vb0 = tl.arange(0, BVB)
     lc = tl.arange(0, LP)
     xp = XP + ((n * NW + w) * (R * (R - 1) // 2)).to(tl.int64) * C * DK
     scr = SCR + (n * NC + w * R).to(tl.int64) * C * C
     # key chunks in order, so that each query meets them as its adjoint climbs from the window's
-    # frame back to its own chunk; the key side's sums stay in registers
+    # frame back to its own chunk. Every [C, ·] tile is taken BKB or BVB columns at a time and the
+    # key chunk's sums dĒ, dH, dV are read-modify-written at each step (a program's working set,
+    # in L2): whole-width float32 tiles, or the sums held in registers, spill
     for pi in range(R):
         p = w * R + pi
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         chunk = (n * NC + p).to(tl.int64)
-        debT = tl.zeros([C, BKP], dtype=tl.float32)
-        dhb = tl.zeros([C, BKP], dtype=tl.float32)
-        dv = tl.zeros([C, BVP], dtype=tl.float32)
+        eb = EB + chunk * DK * C
+        deb = DEB + chunk * DK * C
+        dhb = DHB + chunk * C * DK
+        dvk = DVK + chunk * C * DV
+        for kb in tl.static_range(BKP // BKB):  # the band is dĒ's and dH's first writer
+            ck = kb * BKB + kb0
+            tl.store(deb + ck[:, None] * C + o[None, :], tl.zeros([BKB, C], dtype=tl.float32), mask=ck[:, None] < DK)
+            tl.store(dhb + o[:, None] * DK + ck[None, :], tl.zeros([C, BKB], dtype=tl.float32), mask=ck[None, :] < DK)
         dgc = tl.zeros([C], dtype=tl.float32)
+        tl.debug_barrier()
         for i in range(pi + 1, R):
             c = w * R + i
             t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
             tokL = tok * L
-            x_in = tl.load(xp + (i * (i - 1) // 2 + i - 1 - pi) * C * DK + o[:, None] * DK + ck[None, :],
-                           mask=ck[None, :] < DK, other=0.0).to(tl.float32)
-            dqh = DQH + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :]
-            dx = tl.load(dqh, mask=ck[None, :] < DK, other=0.0)
-            dl_at = DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :]
-            dl = tl.load(dl_at)
-            dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
-            # the key chunk's tiles are read again at every step (from L1/L2): held across the
-            # inner loop beside its accumulators, they spill
-            E = tl.load(EB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
-            sigma = tl.dot(x_in, E, input_precision=PREC_CHAIN)
+            x_at = xp + (i * (i - 1) // 2 + i - 1 - pi) * C * DK
+            dqh = DQH + (n * NC + c).to(tl.int64) * C * DK
+            # σ = x Ē_p, dx Hᵀ and dγ_C's Σ dx ∘ x, over Dk by blocks
+            sigma = tl.zeros([C, C], dtype=tl.float32)
+            dxH = tl.zeros([C, C], dtype=tl.float32)
+            for kb in tl.static_range(BKP // BKB):
+                ck = kb * BKB + kb0
+                x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0).to(tl.float32)
+                E = tl.load(eb + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
+                sigma += tl.dot(x_in, E, input_precision=PREC)  # a step's own term: its rounding does not compound
+                dx = tl.load(dqh + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                HT = _cols(K, tokp, tcp, validp, ck, H, DK) * gamp[None, :]
+                dxH += tl.dot(dx, HT, input_precision=PREC_CHAIN)
+                dgc += tl.sum(dx * x_in, axis=1)
+            dAL = tl.zeros([C, C], dtype=tl.float32)
+            for vb in tl.static_range(BVP // BVB):
+                cv = vb * BVB + vb0
+                dAL += tl.dot(_rows(DO, tok, tc, valid, cv, H, DV), _cols(V, tokp, tcp, validp, cv, H, DV),
+                              input_precision=PREC)
+            dAL = scale * dAL
             Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
-            dAL = tl.dot(dO, _cols(V, tokp, tcp, validp, cv, H, DV), input_precision=PREC)
-            dl = _scatter_levels(dl, CM, tokL, tc, valid, tp, dAL * sigma, H, L, LP, C)
+            dl_at = DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :]
+            dl = _scatter_levels(tl.load(dl_at), CM, tokL, tc, valid, tp, dAL * sigma, H, L, LP, C)
+            last = i == pi + 1  # the query's last key chunk: its dλ is whole
+            tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
+                     mask=valid[:, None] & (lc[None, :] < L) & last)
+            tl.store(dl_at, dl, mask=(lc[None, :] < LP) & (not last))
+            dsigma = dAL * Lp - dxH
             SLt = _transposed(scr, sigma * Lp, C)
-            dv += tl.dot(SLt, dO, input_precision=PREC)
-            HT = _cols(K, tokp, tcp, validp, ck, H, DK) * gamp[None, :]
-            dsigma = dAL * Lp - tl.dot(dx, HT, input_precision=PREC_CHAIN)
-            dsT = _transposed(scr, dsigma, C)
-            debT += tl.dot(dsT, x_in, input_precision=PREC_CHAIN)
+            for vb in tl.static_range(BVP // BVB):
+                cv = vb * BVB + vb0
+                at = dvk + o[:, None] * DV + cv[None, :]
+                dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
+                tl.store(at, tl.load(at, mask=cv[None, :] < DV, other=0.0) + tl.dot(SLt, dO, input_precision=PREC),
+                         mask=cv[None, :] < DV)
             sigT = _transposed(scr, sigma, C)
-            dhb -= tl.dot(sigT, dx, input_precision=PREC_CHAIN)
-            dgc += tl.sum(dx * x_in, axis=1)
-            ET = tl.load(EB + chunk * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK, other=0.0)
-            dx = gam_Cp * dx + tl.dot(dsigma, ET, input_precision=PREC_CHAIN)
-            tl.store(dqh, dx, mask=ck[None, :] < DK)
-            if i == pi + 1:  # the query's last key chunk: its dλ is whole
-                tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
-                         mask=valid[:, None] & (lc[None, :] < L))
-            else:
-                tl.store(dl_at, dl)
-            tl.debug_barrier()  # the next key chunk reads this query's dx and dλ back
-        dvk = DVK + chunk * C * DV + o[:, None] * DV + cv[None, :]
-        tl.store(dvk, tl.load(dvk, mask=cv[None, :] < DV, other=0.0) + dv, mask=cv[None, :] < DV)
-        tl.store(DEB + chunk * DK * C + ck[None, :] * C + o[:, None], debT, mask=ck[None, :] < DK)
-        tl.store(DHB + chunk * C * DK + o[:, None] * DK + ck[None, :], dhb, mask=ck[None, :] < DK)
+            dsT = _transposed(scr, dsigma, C)
+            # dĒ += dσᵀ x, dH −= σᵀ dx, then the query's dx on through the step: dx ← γ_C dx + dσ Ē
+            for kb in tl.static_range(BKP // BKB):
+                ck = kb * BKB + kb0
+                mk = ck[None, :] < DK
+                x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+                at = deb + ck[None, :] * C + o[:, None]  # dĒᵀ [C, BKB] in Ē's [Dk, C] layout
+                tl.store(at, tl.load(at, mask=mk, other=0.0) + tl.dot(dsT, x_in, input_precision=PREC), mask=mk)
+                dx_at = dqh + o[:, None] * DK + ck[None, :]
+                dx = tl.load(dx_at, mask=mk, other=0.0)
+                at = dhb + o[:, None] * DK + ck[None, :]
+                # dĒ's and dH's step terms, like σ, do not compound: single-pass products
+                tl.store(at, tl.load(at, mask=mk, other=0.0) - tl.dot(sigT, dx, input_precision=PREC), mask=mk)
+                ET = tl.load(eb + ck[None, :] * C + o[:, None], mask=mk, other=0.0)
+                tl.store(dx_at, gam_Cp * dx + tl.dot(dsigma, ET, input_precision=PREC_CHAIN), mask=mk)
+            tl.debug_barrier()  # the next step reads the key chunk's sums, the next key chunk this query's dx and dλ
         tl.store(DGC + chunk, tl.sum(dgc, axis=0))
 
 
@@ -768,9 +796,11 @@ def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
     """Tiles: the whole of `Dk` (`BKP`, ≤ 256) in the transport; `Dv` whole on the GPU (`BV`),
     by 64 in the object backward (`BVO`, which holds a `[Dk, Dk]` and several `[Dk, BVO]` float32
     tiles), by 16 under the interpreter (so tests cross tile edges)."""
-    BKP = pow2(Dk)
-    BV = 16 if interpreted else pow2(Dv)
-    return dict(BKP=BKP, BV=BV, BVO=min(BV, 64), BR=min(BKP, 32 if interpreted else 64), BK=min(BKP, 32))
+    BKP, BVP = pow2(Dk), pow2(Dv)
+    BV = 16 if interpreted else BVP
+    block = 16 if interpreted else 64
+    return dict(BKP=BKP, BV=BV, BVO=min(BV, 64), BR=min(BKP, 32 if interpreted else 64), BK=min(BKP, 32),
+                BKB=min(BKP, block), BVB=min(BVP, block))
 
 
 # Launch options beyond Triton's defaults (4 warps, 3 stages), by kernel; the sm_90 compile test
@@ -917,7 +947,8 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
                                        buf.OB, do, XP, SCR, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), **common,
                                        **LAUNCH["_readout_bwd_chain_kernel"])
     _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK,
-                                      dlam, T, float(scale), **common, **LAUNCH["_readout_bwd_band_kernel"])
+                                      dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], **common,
+                                      **LAUNCH["_readout_bwd_band_kernel"])
     NVT = triton.cdiv(Dv, meta["BV"])
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
                                           Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec)
