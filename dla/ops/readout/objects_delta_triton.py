@@ -804,15 +804,20 @@ def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
 
 
 # Launch options beyond Triton's defaults (4 warps, 3 stages), by kernel; the sm_90 compile test
-# checks every kernel's shared memory against Hopper's limit at these options. Eight warps where a
-# program holds several [C, Dk] float32 tiles at once (they spill at four); one stage where the
-# pipelined copies of [Dk, Dk] or [Dk, BVO] tiles would not fit.
+# checks every kernel's shared memory against Hopper's limit at these options, and
+# `python -m perf.sm90_resources` reports their registers and spills. Eight warps where a program
+# holds several [C, Dk], [Dk, Dk] or [Dk, BVO] float32 tiles at once (at four, each warp group
+# holds a [64, 128] one in 64 registers per thread, and they spill); one stage where the pipelined
+# copies of [Dk, Dk] or [Dk, BVO] tiles would not fit.
 LAUNCH = {
+    "_object_kernel": dict(num_warps=8),
+    "_suffix_kernel": dict(num_warps=8),
     "_readout_kernel": dict(num_warps=8),
     "_readout_bwd_chain_kernel": dict(num_warps=8),
     "_readout_bwd_band_kernel": dict(num_warps=8),
-    "_object_bwd_kernel": dict(num_stages=1),
-    "_suffix_bwd_kernel": dict(num_stages=1),
+    "_object_bwd_kernel": dict(num_warps=8, num_stages=1),
+    "_suffix_bwd_kernel": dict(num_warps=8, num_stages=1),
+    "_ut_bwd_kernel": dict(num_warps=8),
 }
 
 
@@ -846,7 +851,8 @@ class _Buffers:
         self.SUF = torch.empty(N, NW, Dk, Dk, dtype=f32, device=dev)
         _suffix_kernel[(NW, N, triton.cdiv(Dk, meta["BR"]))](k, g, self.phi, self.EB, self.KT, self.SUF, T, H, Dk,
                                                              R=R, BR=meta["BR"], BKP=meta["BKP"],
-                                                             PREC_CHAIN=self.prec_chain, **flags)
+                                                             PREC_CHAIN=self.prec_chain, **flags,
+                                                             **LAUNCH["_suffix_kernel"])
         slot = -1 - torch.arange(L, device=dev)
         self.inside = (plan.first[:, 0, :, None] <= slot) & (slot <= plan.last[:, 0, :, None])  # P_0 ∋ slot j
         objects0 = torch.einsum("nrj,njkv->nrkv", self.inside.to(f32), S0.to(f32).reshape(N, L, Dk, Dv))
@@ -858,7 +864,8 @@ class _Buffers:
         _object_kernel[(N, triton.cdiv(Dv, meta["BV"]))](v, self.phi, self.KT, self.SUF, self.first, self.last,
                                                           self.MB, self.OB, T, NW, H, L, Dk, Dv, C=C, R=R,
                                                           BKP=meta["BKP"], BV=meta["BV"], PREC=self.prec,
-                                                          PREC_CHAIN=self.prec_chain, KEEP=keep)
+                                                          PREC_CHAIN=self.prec_chain, KEEP=keep,
+                                                          **LAUNCH["_object_kernel"])
 
     def final(self) -> Tensor:
         """The final state [N, L, Dk, Dv] float32 (the masters after the last window)."""
@@ -970,6 +977,6 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     dg = torch.empty_like(g) if g is not None else zeros_g
     _ut_bwd_kernel[(NC, N)](q, k, g, beta, buf.phi, buf.TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, dq, dk, dv, dbeta,
                             dg if g is not None else None, T, H, Dk, Dv, BKP=BKP, BVP=BVP, PREC=buf.prec,
-                            PREC_CHAIN=buf.prec_chain, **flags)
+                            PREC_CHAIN=buf.prec_chain, **flags, **LAUNCH["_ut_bwd_kernel"])
     dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DN[:, 0])
     return dq, dk, dv, dlam, dg, dbeta, dS0.reshape(B, H, L, Dk, Dv)
