@@ -36,7 +36,7 @@ masters of every window kept):
                           one key chunk's at a time (a program's working set, in L2), and a query's
                           dx and dλ go back to dQ̂ and DL between its steps (all R queries': DRAM).
                           Whole-width float32 tiles, and the sums held in registers beside them,
-                          spilled (ptxas for sm_90: 7.9 KB of spill stores per thread, 3.5 KB now)
+                          spilled several times more (`python -m perf.sm90_resources` reports it)
     _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
     _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
                           elements each E' holds; this tile's dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v
@@ -795,7 +795,8 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
 def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
     """Tiles: the whole of `Dk` (`BKP`, ≤ 256) in the transport; `Dv` whole on the GPU (`BV`),
     by 64 in the object backward (`BVO`, which holds a `[Dk, Dk]` and several `[Dk, BVO]` float32
-    tiles), by 16 under the interpreter (so tests cross tile edges)."""
+    tiles); the band pass's column blocks of `Dk` and `Dv` (`BKB`, `BVB`) by 64. Under the
+    interpreter `BV`, `BKB` and `BVB` are 16 (so tests cross tile edges)."""
     BKP, BVP = pow2(Dk), pow2(Dv)
     BV = 16 if interpreted else BVP
     block = 16 if interpreted else 64
