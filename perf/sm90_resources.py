@@ -47,7 +47,7 @@ def compile_kernel(name: str, spec: str):
     prec, prec_solve = precisions(dtype)
     meta = dict(X._meta(D, D, interpreted=False), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16, HAS_G=has_g == "g",
                 PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve, LP=triton.next_power_of_2(L),
-                BVP=triton.next_power_of_2(D), KEEP=True)
+                BVP=triton.next_power_of_2(D), KEEP=True, SPLIT=dtype == torch.bfloat16, INTERP=False)
     fn = getattr(X, name)
     names = [a.name for a in fn.params]
     sig = {a.name: "constexpr" if a.is_constexpr else INTS.get(a.name, "*fp32" if a.name in FLOAT32 else data)

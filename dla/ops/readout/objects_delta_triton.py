@@ -19,7 +19,9 @@ same shape. Notation of `objects_delta.py`:
                       copies OB in the inputs' dtype for the readout; the last masters are S)
     _readout_kernel   per (chunk, row, Dv tile): own chunk (Ã ⊙ Λ)V with Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β)
                       and Q̂ = diag(γ)Q − ÃH; back through the window's earlier chunks σ = xĒ,
-                      o += (σ ⊙ Λ)V, x ← γ_C x − σH; then Σ_E λ_t[ℓ_t(a_E)] x S̄_E
+                      o += (σ ⊙ Λ)V, x ← γ_C x − σH; then Σ_E λ_t[ℓ_t(a_E)] x S̄_E — all of it
+                      transposed (oᵀ, xᵀ, σᵀ built as such), so that every product has Dk, Dv or
+                      C rows and takes the carried tiles as its right operand
 
 Backward (`objects_delta._row_backward`'s order; the forward's buffers recomputed, with the
 masters of every window kept):
@@ -55,6 +57,12 @@ on the GPU). Dots on float32 operands (the inputs are converted on load), `input
 `"ieee"` for float32 inputs; for 16-bit inputs `"tf32"`, and `"tf32x3"` (`delta_common.precisions`)
 for the solve and for every product of the transport and suffix chains, whose rounding compounds
 over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
+The forward readout with bfloat16 inputs (`SPLIT`) instead takes every product in bfloat16 with
+float32 accumulation: a tile of the inputs (q, k, v, the object copies) exact against the hi and
+lo halves of the float32 side (`_mm`), two float32 sides as three products without lo·lo
+(`_mm32`) — 16 bits of each float32 operand, against tf32's 11, and no float32 operand held in
+registers (a plain load reaches the tensor cores from shared memory). Under the interpreter,
+whose bfloat16 dot is wrong, the same split products run in float32.
 Offsets into the `[B, T, H, …]` inputs are int32 (`B·T·H·max(Dk, Dv, L) < 2³¹`, checked), buffer
 bases int64.
 """
@@ -110,22 +118,93 @@ def _rows(X, tok, tc, valid, cols, H: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _cols(X, tok, tc, valid, rows, H: tl.constexpr, D: tl.constexpr):
-    """The transpose of `_rows`: [len(rows), C]."""
+def _cols_raw(X, tok, tc, valid, rows, H: tl.constexpr, D: tl.constexpr):
+    """The transpose of `_rows`, [len(rows), C], in X's dtype."""
     return tl.load(X + tok * D + tc[None, :] * (H * D) + rows[:, None], mask=valid[None, :] & (rows[:, None] < D),
-                   other=0.0).to(tl.float32)
+                   other=0.0)
 
 
 @triton.jit
-def _band_weights(CM, LAM, tokL, tc, valid, s, H: tl.constexpr, L: tl.constexpr, C: tl.constexpr):
-    """Λ[t, s] = λ_t[ℓ_t(s)] for the chunk's rows t and the positions s [C] (module doc)."""
+def _cols(X, tok, tc, valid, rows, H: tl.constexpr, D: tl.constexpr):
+    """The transpose of `_rows`: [len(rows), C]."""
+    return _cols_raw(X, tok, tc, valid, rows, H, D).to(tl.float32)
+
+
+@triton.jit
+def _hilo(x):
+    """x (float32) as hi + lo, two bfloat16 tiles (16 bits of x's mantissa; bfloat16 has x's range)."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """a · b in float32, a a tile of the inputs in their dtype (exact), b float32. SPLIT (bfloat16
+    inputs): a·hi(b) + a·lo(b), bfloat16 products with float32 accumulation — a is a plain load,
+    which Triton hands to the tensor cores from shared memory, where a converted float32 operand
+    would sit in registers; else a in float32 at PREC."""
+    if SPLIT:
+        hi, lo = _hilo(b)
+        if INTERP:  # the interpreter's bfloat16 dot is wrong: the same two products in float32
+            a = a.to(tl.float32)
+            return tl.dot(a, lo.to(tl.float32), tl.dot(a, hi.to(tl.float32), input_precision="ieee"),
+                          input_precision="ieee")
+        return tl.dot(a, lo, tl.dot(a, hi))
+    return tl.dot(a.to(tl.float32), b, input_precision=PREC)
+
+
+@triton.jit
+def _mm16(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """a · b in float32 for two tiles of the inputs in their dtype (exact products either way)."""
+    if SPLIT and not INTERP:
+        return tl.dot(a, b)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _mmr(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """`_mm` mirrored: a · b for a float32 a and a tile b of the inputs in their dtype."""
+    if SPLIT:
+        hi, lo = _hilo(a)
+        if INTERP:
+            b = b.to(tl.float32)
+            return tl.dot(lo.to(tl.float32), b, tl.dot(hi.to(tl.float32), b, input_precision="ieee"),
+                          input_precision="ieee")
+        return tl.dot(lo, b, tl.dot(hi, b))
+    return tl.dot(a, b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _mm32(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """a · b for two float32 tiles. SPLIT: the three bfloat16 products of (a_hi + a_lo)(b_hi + b_lo)
+    without lo·lo (relative error about 2⁻¹⁶ per product); else PREC."""
+    if SPLIT:
+        ah, al = _hilo(a)
+        bh, bl = _hilo(b)
+        if INTERP:
+            ah, al, bh, bl = ah.to(tl.float32), al.to(tl.float32), bh.to(tl.float32), bl.to(tl.float32)
+            return tl.dot(al, bh, tl.dot(ah, bl, tl.dot(ah, bh, input_precision="ieee"), input_precision="ieee"),
+                          input_precision="ieee")
+        return tl.dot(al, bh, tl.dot(ah, bl, tl.dot(ah, bh)))
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _band_weights(CM, LAM, tokL, tc, valid, s, H: tl.constexpr, L: tl.constexpr, C: tl.constexpr,
+                  TRANSPOSED: tl.constexpr = False):
+    """Λ[t, s] = λ_t[ℓ_t(s)] for the chunk's rows t and the positions s [C] (module doc); Λᵀ (rows
+    s, columns t) when TRANSPOSED, built as such."""
     out = tl.zeros([C, C], dtype=tl.float32)
     above = tl.full([C, C], 1.0, tl.float32)
     for r in range(L):
         cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
         lam = tl.load(LAM + tokL + tc * (H * L) + r, mask=valid, other=0.0).to(tl.float32)
-        ind = tl.where(cm[:, None] > s[None, :], 1.0, 0.0)
-        out += lam[:, None] * (above - ind)
+        if TRANSPOSED:
+            ind = tl.where(cm[None, :] > s[:, None], 1.0, 0.0)
+            out += lam[None, :] * (above - ind)
+        else:
+            ind = tl.where(cm[:, None] > s[None, :], 1.0, 0.0)
+            out += lam[:, None] * (above - ind)
         above = ind
     return out
 
@@ -158,30 +237,34 @@ def _chunk_range(PHI, n, w, a, e, H: tl.constexpr, C: tl.constexpr, R: tl.conste
 
 @triton.jit
 def _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H: tl.constexpr, DK: tl.constexpr,
-                 C: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
-    """(Ã [C, C], x [C, BKP]) of chunk c: Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β) and the queries in the chunk's
-    frame x = Q̂ = diag(γ)Q − Ã diag(γ)K, which the transport carries back chunk by chunk."""
+                   C: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr,
+                   INTERP: tl.constexpr):
+    """Chunk c's Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β) and its queries in the chunk's frame x = Q̂ = diag(γ)Q −
+    Ã diag(γ)K, which the transport carries back chunk by chunk — both transposed, built as such:
+    (Ãᵀ = diag(β) T⁻ᵀ (KQᵀ ⊙ Γᵀ) [C, C], xᵀ = Qᵀ diag(γ) − Kᵀ diag(γ) Ãᵀ [BKP, C])."""
     o = tl.arange(0, C)
     beta = tl.load(BETA + tok + tc * H, mask=valid, other=0.0).to(tl.float32)
-    q = _rows(Q, tok, tc, valid, ck, H, DK)
-    k = _rows(K, tok, tc, valid, ck, H, DK)
-    Aqk = tl.dot(q, _cols(K, tok, tc, valid, ck, H, DK), input_precision=PREC)
-    Aqk = Aqk * decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, False)
-    M = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :]) * beta[None, :]
-    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)  # a product with the triangular inverse
-    return At, q * gam[:, None] - tl.dot(At, k * gam[:, None], input_precision=PREC_CHAIN)
+    qT = _cols_raw(Q, tok, tc, valid, ck, H, DK)
+    k = tl.load(K + tok * DK + tc[:, None] * (H * DK) + ck[None, :], mask=valid[:, None] & (ck[None, :] < DK),
+                other=0.0)
+    AqkT = _mm16(k, qT, PREC, SPLIT, INTERP) * decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, True)
+    MT = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[None, :] * C + o[:, None]) * beta[:, None]
+    AtT = _mm32(MT, AqkT, PREC_CHAIN, SPLIT, INTERP)  # a product with the triangular inverse
+    kT = _cols_raw(K, tok, tc, valid, ck, H, DK)
+    return AtT, qT.to(tl.float32) * gam[None, :] - _mm(kT, gam[:, None] * AtT, PREC_CHAIN, SPLIT, INTERP)
 
 
 @triton.jit
-def _step_back(x, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H: tl.constexpr, DK: tl.constexpr,
-               C: tl.constexpr, PREC_CHAIN: tl.constexpr):
-    """(σ [C, C], x carried back through chunk p): σ = x Ē_p, x ← γ_C x − σ diag(γ) K_p."""
+def _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H: tl.constexpr, DK: tl.constexpr,
+                 C: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """One step of the transport back through chunk p, transposed: (σᵀ = Ē_pᵀ xᵀ [C, C],
+    xᵀ ← γ_C xᵀ − K_pᵀ diag(γ) σᵀ)."""
     o = tl.arange(0, C)
-    E = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK,
-                other=0.0)
-    sigma = tl.dot(x, E, input_precision=PREC_CHAIN)
-    return sigma, gam_Cp * x - tl.dot(sigma, _rows(K, tokp, tcp, validp, ck, H, DK) * gamp[:, None],
-                                      input_precision=PREC_CHAIN)
+    ET = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK,
+                 other=0.0)
+    sigmaT = _mm32(ET, xT, PREC_CHAIN, SPLIT, INTERP)
+    kT = _cols_raw(K, tokp, tcp, validp, ck, H, DK)
+    return sigmaT, gam_Cp * xT - _mm(kT, gamp[:, None] * sigmaT, PREC_CHAIN, SPLIT, INTERP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +392,11 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
 def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, T, scale, H: tl.constexpr,
                     L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                     BKP: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
-                    PREC_CHAIN: tl.constexpr):
+                    PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    # Transposed throughout (oᵀ, xᵀ, σᵀ): every product's rows are then Dk or Dv (128 at the §7
+    # shapes) or C, and the carried xᵀ and σᵀ enter the next products as their right operands
+    # (through shared memory). Carried as [C, ·] left operands, the chain's products took Triton's
+    # warp layout [num_warps, 1], which splits only the C = 64 rows: the warps held copies.
     c = tl.program_id(0)
     n = tl.program_id(1)
     NC = tl.num_programs(0)
@@ -321,28 +408,30 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
     tokL = tok * L
     Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
-    At, x = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN)
-    Lam = _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C)
-    Lam = tl.where(o[:, None] >= o[None, :], Lam, 0.0)
-    acc = tl.dot(At * Lam, _rows(V, tok, tc, valid, cv, H, DV), input_precision=PREC)
+    AtT, xT = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN,
+                             SPLIT, INTERP)
+    LamT = _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C, True)
+    LamT = tl.where(o[None, :] >= o[:, None], LamT, 0.0)
+    accT = _mm(_cols_raw(V, tok, tc, valid, cv, H, DV), AtT * LamT, PREC, SPLIT, INTERP)
     for jj in range(c - w * R):
         p = c - 1 - jj
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-        sigma, x = _step_back(x, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN)
-        Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
-        acc += tl.dot(sigma * Lp, _rows(V, tok, tcp, validp, cv, H, DV), input_precision=PREC)
+        sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
+                                  SPLIT, INTERP)
+        LpT = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C, True)
+        accT += _mm(_cols_raw(V, tok, tcp, validp, cv, H, DV), sigmaT * LpT, PREC, SPLIT, INTERP)
     now = (n * (NW + 1) + w) * L
     for r in range(L):
         a = tl.load(FIRST + now + r)
         e = tl.load(LAST + now + r)
         if a <= e:
             Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
-            S = tl.load(OB + (now + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
-                        mask=(ck[:, None] < DK) & (cv[None, :] < DV), other=0.0).to(tl.float32)
-            acc += Wr[:, None] * tl.dot(x, S, input_precision=PREC)
-    tl.store(O + tok * DV + tc[:, None] * (H * DV) + cv[None, :], (scale * acc).to(O.dtype.element_ty),
-             mask=valid[:, None] & (cv[None, :] < DV))
+            ST = tl.load(OB + (now + r).to(tl.int64) * DK * DV + ck[None, :] * DV + cv[:, None],
+                         mask=(ck[None, :] < DK) & (cv[:, None] < DV), other=0.0)
+            accT += _mm(ST, xT, PREC, SPLIT, INTERP) * Wr[None, :]
+    tl.store(O + tok * DV + tc[None, :] * (H * DV) + cv[:, None], (scale * accT).to(O.dtype.element_ty),
+             mask=valid[None, :] & (cv[:, None] < DV))
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,14 +453,18 @@ def _transposed(SCR, X, C: tl.constexpr):
 
 @triton.jit
 def _scatter_levels(dl, CM, tokL, tc, valid, s, X, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
-                    C: tl.constexpr):
-    """dl [C, LP] += Σ_s X[t, s] at column ℓ_t(s) (X [C, C] over the positions s [C]): column r
-    gains P_{r−1} − P_r with P_r[t] = Σ_s X[t, s] [c[t, r] > s] (P_{−1} = Σ_s X[t, s])."""
+                    C: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """dl [C, LP] += Σ_s X[t, s] at column ℓ_t(s) (X [C, C] over the positions s [C]; given as Xᵀ
+    when TRANSPOSED): column r gains P_{r−1} − P_r with P_r[t] = Σ_s X[t, s] [c[t, r] > s]
+    (P_{−1} = Σ_s X[t, s])."""
     cols = tl.arange(0, LP)
-    above = tl.sum(X, axis=1)
+    above = tl.sum(X, axis=0 if TRANSPOSED else 1)
     for r in range(L):
         cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
-        ind = tl.sum(tl.where(cm[:, None] > s[None, :], X, 0.0), axis=1)
+        if TRANSPOSED:
+            ind = tl.sum(tl.where(cm[None, :] > s[:, None], X, 0.0), axis=0)
+        else:
+            ind = tl.sum(tl.where(cm[:, None] > s[None, :], X, 0.0), axis=1)
         dl += tl.where(cols[None, :] == r, (above - ind)[:, None], 0.0)
         above = ind
     return dl
@@ -392,11 +485,12 @@ def _scatter_point(dl, CM, tokL, tc, valid, a, x, H: tl.constexpr, L: tl.constex
 
 
 @triton.jit
-def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XP, SCR, XF, DQH, DAT, DL,
-                              DVK, DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XP, XF, DQH, DAT, DL, DVK,
+                              DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                               BKP: tl.constexpr, BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
-                              PREC_CHAIN: tl.constexpr):
+                              PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    # transposed as the forward readout (Ãᵀ, xᵀ, dxᵀ, dÃᵀ); the buffers it writes keep their layouts
     c = tl.program_id(0)
     n = tl.program_id(1)
     NC = tl.num_programs(0)
@@ -408,51 +502,56 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     cv = tl.arange(0, BVP)
     # the pairs (i, j < i) of window w in the order (1, 0), (2, 0), (2, 1), (3, 0), …
     xp = XP + ((n * NW + w) * (R * (R - 1) // 2) + i * (i - 1) // 2).to(tl.int64) * C * DK
-    scr = SCR + (n * NC + c).to(tl.int64) * C * C
+    chunk = (n * NC + c).to(tl.int64)
     now = (n * (NW + 1) + w) * L
     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
     tokL = tok * L
     Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
-    At, x = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN)
-    dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
+    AtT, xT = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN,
+                             SPLIT, INTERP)
     dl = tl.zeros([C, LP], dtype=tl.float32)
-    # own chunk: o += (Ã ⊙ Λ) V
-    Lam = tl.where(o[:, None] >= o[None, :], _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C), 0.0)
-    dAL = tl.dot(dO, _cols(V, tok, tc, valid, cv, H, DV), input_precision=PREC)
-    tl.store(DAT + (n * NC + c).to(tl.int64) * C * C + o[:, None] * C + o[None, :], dAL * Lam)
-    dl = _scatter_levels(dl, CM, tokL, tc, valid, t, tl.where(o[:, None] >= o[None, :], dAL * At, 0.0), H, L, LP, C)
-    ALt = _transposed(scr, At * Lam, C)
-    tl.store(DVK + (n * NC + c).to(tl.int64) * C * DV + o[:, None] * DV + cv[None, :],
-             tl.dot(ALt, dO, input_precision=PREC), mask=cv[None, :] < DV)
+    # own chunk: o += (Ã ⊙ Λ) V, so dÃ = (dO Vᵀ) ⊙ Λ, dλ from dO Vᵀ ⊙ Ã, dV = (Ã ⊙ Λ)ᵀ dO
+    causal = o[None, :] >= o[:, None]
+    LamT = tl.where(causal, _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C, True), 0.0)
+    v = tl.load(V + tok * DV + tc[:, None] * (H * DV) + cv[None, :], mask=valid[:, None] & (cv[None, :] < DV),
+                other=0.0)
+    dALT = scale * _mm16(v, _cols_raw(DO, tok, tc, valid, cv, H, DV), PREC, SPLIT, INTERP)
+    tl.store(DAT + chunk * C * C + o[None, :] * C + o[:, None], dALT * LamT)
+    dl = _scatter_levels(dl, CM, tokL, tc, valid, t, tl.where(causal, dALT * AtT, 0.0), H, L, LP, C, True)
+    dO = tl.load(DO + tok * DV + tc[:, None] * (H * DV) + cv[None, :], mask=valid[:, None] & (cv[None, :] < DV),
+                 other=0.0)
+    tl.store(DVK + chunk * C * DV + o[:, None] * DV + cv[None, :], scale * _mmr(AtT * LamT, dO, PREC, SPLIT, INTERP),
+             mask=cv[None, :] < DV)
     # the chain to the window's frame: pair (i, j) holds the query before its step through chunk c − 1 − j
     for j in range(i):
         p = c - 1 - j
-        tl.store(xp + j * C * DK + o[:, None] * DK + ck[None, :], x.to(XP.dtype.element_ty),
-                 mask=ck[None, :] < DK)
+        tl.store(xp + j * C * DK + o[None, :] * DK + ck[:, None], xT.to(XP.dtype.element_ty), mask=ck[:, None] < DK)
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-        sigma, x = _step_back(x, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN)
-    # objects: U = dÕ S̄ᵀ, dx = Σ W U, dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
-    tl.store(XF + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], x, mask=ck[None, :] < DK)
-    dx = tl.zeros([C, BKP], dtype=tl.float32)
+        sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
+                                  SPLIT, INTERP)
+    # objects: Uᵀ = S̄ dOᵀ, dxᵀ = Σ Uᵀ diag(W), dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
+    tl.store(XF + chunk * C * DK + o[None, :] * DK + ck[:, None], xT, mask=ck[:, None] < DK)
+    dxT = tl.zeros([BKP, C], dtype=tl.float32)
+    dOT = _cols_raw(DO, tok, tc, valid, cv, H, DV)  # loaded again here: kept across the chain, it spilled
     for r in range(L):
         a = tl.load(FIRST + now + r)
         e = tl.load(LAST + now + r)
         if a <= e:
             Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
-            ST = tl.load(OB + (now + r).to(tl.int64) * DK * DV + cv[:, None] + ck[None, :] * DV,
-                         mask=(cv[:, None] < DV) & (ck[None, :] < DK), other=0.0).to(tl.float32)
-            U = tl.dot(dO, ST, input_precision=PREC)
-            dx += Wr[:, None] * U
-            dl = _scatter_point(dl, CM, tokL, tc, valid, a, tl.sum(U * x, axis=1), H, L, LP, C)
+            S = tl.load(OB + (now + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
+                        mask=(ck[:, None] < DK) & (cv[None, :] < DV), other=0.0)
+            UT = scale * _mm16(S, dOT, PREC, SPLIT, INTERP)
+            dxT += Wr[None, :] * UT
+            dl = _scatter_point(dl, CM, tokL, tc, valid, a, tl.sum(UT * xT, axis=0), H, L, LP, C)
     # the band pass takes the query's dx and dλ on from here; a window's first chunk has no band
-    tl.store(DQH + (n * NC + c).to(tl.int64) * C * DK + o[:, None] * DK + ck[None, :], dx, mask=ck[None, :] < DK)
+    tl.store(DQH + chunk * C * DK + o[None, :] * DK + ck[:, None], dxT, mask=ck[:, None] < DK)
     lc = tl.arange(0, LP)
     if i == 0:
         tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
                  mask=valid[:, None] & (lc[None, :] < L))
     else:
-        tl.store(DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :], dl)
+        tl.store(DL + chunk * C * LP + o[:, None] * LP + lc[None, :], dl)
 
 
 @triton.jit
@@ -906,7 +1005,8 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
     _readout_kernel[(buf.NC, buf.N, triton.cdiv(Dv, buf.meta["BV"]))](
         q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, o, T, float(scale), H,
         L, Dk, Dv, C=C, R=R, BKP=buf.meta["BKP"], BV=buf.meta["BV"], HAS_G=g is not None, PREC=buf.prec,
-        PREC_CHAIN=buf.prec_chain, **LAUNCH["_readout_kernel"])
+        PREC_CHAIN=buf.prec_chain, SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q),
+        **LAUNCH["_readout_kernel"])
     return o, buf.final().reshape(B, H, L, Dk, Dv).to(sd).clone()
 
 
@@ -925,7 +1025,7 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
                 zeros_g if g is None else torch.zeros_like(g), torch.zeros_like(beta), dS.clone())
     q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
     g = None if g is None else g.contiguous()
-    do = torch.zeros_like(v) if do is None else do.contiguous()
+    do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()  # the kernels' products take it with v
     buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, keep=True)
     N, NC, NW, meta = buf.N, buf.NC, buf.NW, buf.meta
     BKP, BVP = meta["BKP"], pow2(Dv)
@@ -952,7 +1052,8 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     common = dict(H=H, L=L, LP=LP, DK=Dk, DV=Dv, R=R, BKP=BKP, BVP=BVP, PREC=buf.prec, PREC_CHAIN=buf.prec_chain,
                   **flags)
     _readout_bwd_chain_kernel[(NC, N)](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
-                                       buf.OB, do, XP, SCR, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), **common,
+                                       buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), **common,
+                                       SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q),
                                        **LAUNCH["_readout_bwd_chain_kernel"])
     _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK,
                                       dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], **common,
