@@ -615,7 +615,9 @@ def test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy():
         assert err <= 2e-2, (name, err)
         if ours.dtype == torch.bfloat16:
             err_torch = relative_error(toward_zero(theirs), ref)
-            assert err <= 2 * err_torch, (name, err, err_torch)
+            # SPEC §6 asks for 2×; with the split products' lo halves the error is the outputs' own
+            # rounding, within 1.25× (dropping them gives dk 1.33× and more here)
+            assert err <= 1.25 * err_torch, (name, err, err_torch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,4 +850,6 @@ def test_gpu_triton_backward_matches_float64(policy, B, H, T, Dk, Dv, K, has_g, 
         err_torch = relative_error(torch_path, ref)
         assert err <= 2e-2, (name, err, err_torch)
         if ours.dtype == torch.bfloat16:
-            assert err <= 2 * err_torch, (name, err, err_torch)
+            # SPEC §6 asks for 2×; with the split products' lo halves the error is the outputs' own
+            # rounding, within 1.25× (dropping them gives dk 1.33× and more here)
+            assert err <= 1.25 * err_torch, (name, err, err_torch)

@@ -57,12 +57,15 @@ on the GPU). Dots on float32 operands (the inputs are converted on load), `input
 `"ieee"` for float32 inputs; for 16-bit inputs `"tf32"`, and `"tf32x3"` (`delta_common.precisions`)
 for the solve and for every product of the transport and suffix chains, whose rounding compounds
 over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
-The forward readout with bfloat16 inputs (`SPLIT`) instead takes every product in bfloat16 with
-float32 accumulation: a tile of the inputs (q, k, v, the object copies) exact against the hi and
-lo halves of the float32 side (`_mm`), two float32 sides as three products without lo·lo
-(`_mm32`) — 16 bits of each float32 operand, against tf32's 11, and no float32 operand held in
-registers (a plain load reaches the tensor cores from shared memory). Under the interpreter,
-whose bfloat16 dot is wrong, the same split products run in float32.
+The readout's three passes (forward, chain, band) with bfloat16 inputs (`SPLIT`) instead take
+their products in bfloat16 with float32 accumulation: a tile of the inputs (q, k, v, dO, the
+object copies, the bfloat16 `XP`) exact against the hi and lo halves of the float32 side (`_mm`,
+`_mmr`), two tiles of the inputs as one product (`_mm16`), two float32 sides as three products
+without lo·lo (`_mm32`) — 16 bits of each float32 operand, against tf32's 11, at two or three
+bfloat16 products where tf32x3 takes three tf32 ones (each twice a bfloat16 one), and no float32
+operand held in registers (a plain load reaches the tensor cores from shared memory). The band's
+σᵀ dx stays a single tf32 product. Under the interpreter, whose bfloat16 dot is wrong, the same
+split products run in float32.
 Offsets into the `[B, T, H, …]` inputs are int32 (`B·T·H·max(Dk, Dv, L) < 2³¹`, checked), buffer
 bases int64.
 """
@@ -111,10 +114,16 @@ def _gates(G, tok, tc, valid, H: tl.constexpr, C: tl.constexpr, HAS_G: tl.conste
 
 
 @triton.jit
-def _rows(X, tok, tc, valid, cols, H: tl.constexpr, D: tl.constexpr):
-    """Rows of a [B, T, H, D] tensor at the chunk's tokens, columns `cols`, float32 (0 elsewhere)."""
+def _rows_raw(X, tok, tc, valid, cols, H: tl.constexpr, D: tl.constexpr):
+    """Rows of a [B, T, H, D] tensor at the chunk's tokens, columns `cols`, in X's dtype (0 elsewhere)."""
     return tl.load(X + tok * D + tc[:, None] * (H * D) + cols[None, :], mask=valid[:, None] & (cols[None, :] < D),
-                   other=0.0).to(tl.float32)
+                   other=0.0)
+
+
+@triton.jit
+def _rows(X, tok, tc, valid, cols, H: tl.constexpr, D: tl.constexpr):
+    """`_rows_raw` in float32."""
+    return _rows_raw(X, tok, tc, valid, cols, H, D).to(tl.float32)
 
 
 @triton.jit
@@ -513,13 +522,11 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     # own chunk: o += (Ã ⊙ Λ) V, so dÃ = (dO Vᵀ) ⊙ Λ, dλ from dO Vᵀ ⊙ Ã, dV = (Ã ⊙ Λ)ᵀ dO
     causal = o[None, :] >= o[:, None]
     LamT = tl.where(causal, _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C, True), 0.0)
-    v = tl.load(V + tok * DV + tc[:, None] * (H * DV) + cv[None, :], mask=valid[:, None] & (cv[None, :] < DV),
-                other=0.0)
-    dALT = scale * _mm16(v, _cols_raw(DO, tok, tc, valid, cv, H, DV), PREC, SPLIT, INTERP)
+    dALT = scale * _mm16(_rows_raw(V, tok, tc, valid, cv, H, DV), _cols_raw(DO, tok, tc, valid, cv, H, DV), PREC,
+                         SPLIT, INTERP)
     tl.store(DAT + chunk * C * C + o[None, :] * C + o[:, None], dALT * LamT)
     dl = _scatter_levels(dl, CM, tokL, tc, valid, t, tl.where(causal, dALT * AtT, 0.0), H, L, LP, C, True)
-    dO = tl.load(DO + tok * DV + tc[:, None] * (H * DV) + cv[None, :], mask=valid[:, None] & (cv[None, :] < DV),
-                 other=0.0)
+    dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
     tl.store(DVK + chunk * C * DV + o[:, None] * DV + cv[None, :], scale * _mmr(AtT * LamT, dO, PREC, SPLIT, INTERP),
              mask=cv[None, :] < DV)
     # the chain to the window's frame: pair (i, j) holds the query before its step through chunk c − 1 − j
@@ -559,7 +566,7 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, SCR, DQH, DL, DE
                              H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                              C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
                              BKB: tl.constexpr, BVB: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
-                             PREC_CHAIN: tl.constexpr):
+                             PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
     w = tl.program_id(0)
     n = tl.program_id(1)
     NW = tl.num_programs(0)
@@ -600,18 +607,18 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, SCR, DQH, DL, DE
             dxH = tl.zeros([C, C], dtype=tl.float32)
             for kb in tl.static_range(BKP // BKB):
                 ck = kb * BKB + kb0
-                x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0).to(tl.float32)
+                x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
                 E = tl.load(eb + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
-                sigma += tl.dot(x_in, E, input_precision=PREC)  # a step's own term: its rounding does not compound
+                sigma += _mm(x_in, E, PREC, SPLIT, INTERP)  # a step's own term: its rounding does not compound
                 dx = tl.load(dqh + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-                HT = _cols(K, tokp, tcp, validp, ck, H, DK) * gamp[None, :]
-                dxH += tl.dot(dx, HT, input_precision=PREC_CHAIN)
-                dgc += tl.sum(dx * x_in, axis=1)
+                dxH += _mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP)
+                dgc += tl.sum(dx * x_in.to(tl.float32), axis=1)
+            dxH = dxH * gamp[None, :]
             dAL = tl.zeros([C, C], dtype=tl.float32)
             for vb in tl.static_range(BVP // BVB):
                 cv = vb * BVB + vb0
-                dAL += tl.dot(_rows(DO, tok, tc, valid, cv, H, DV), _cols(V, tokp, tcp, validp, cv, H, DV),
-                              input_precision=PREC)
+                dAL += _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
+                             PREC, SPLIT, INTERP)
             dAL = scale * dAL
             Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
             dl_at = DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :]
@@ -625,25 +632,25 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, SCR, DQH, DL, DE
             for vb in tl.static_range(BVP // BVB):
                 cv = vb * BVB + vb0
                 at = dvk + o[:, None] * DV + cv[None, :]
-                dO = scale * _rows(DO, tok, tc, valid, cv, H, DV)
-                tl.store(at, tl.load(at, mask=cv[None, :] < DV, other=0.0) + tl.dot(SLt, dO, input_precision=PREC),
-                         mask=cv[None, :] < DV)
+                dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
+                tl.store(at, tl.load(at, mask=cv[None, :] < DV, other=0.0)
+                         + scale * _mmr(SLt, dO, PREC, SPLIT, INTERP), mask=cv[None, :] < DV)
             sigT = _transposed(scr, sigma, C)
             dsT = _transposed(scr, dsigma, C)
             # dĒ += dσᵀ x, dH −= σᵀ dx, then the query's dx on through the step: dx ← γ_C dx + dσ Ē
             for kb in tl.static_range(BKP // BKB):
                 ck = kb * BKB + kb0
                 mk = ck[None, :] < DK
-                x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+                x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=mk, other=0.0)
                 at = deb + ck[None, :] * C + o[:, None]  # dĒᵀ [C, BKB] in Ē's [Dk, C] layout
-                tl.store(at, tl.load(at, mask=mk, other=0.0) + tl.dot(dsT, x_in, input_precision=PREC), mask=mk)
+                tl.store(at, tl.load(at, mask=mk, other=0.0) + _mmr(dsT, x_in, PREC, SPLIT, INTERP), mask=mk)
                 dx_at = dqh + o[:, None] * DK + ck[None, :]
                 dx = tl.load(dx_at, mask=mk, other=0.0)
                 at = dhb + o[:, None] * DK + ck[None, :]
                 # dĒ's and dH's step terms, like σ, do not compound: single-pass products
                 tl.store(at, tl.load(at, mask=mk, other=0.0) - tl.dot(sigT, dx, input_precision=PREC), mask=mk)
                 ET = tl.load(eb + ck[None, :] * C + o[:, None], mask=mk, other=0.0)
-                tl.store(dx_at, gam_Cp * dx + tl.dot(dsigma, ET, input_precision=PREC_CHAIN), mask=mk)
+                tl.store(dx_at, gam_Cp * dx + _mm32(dsigma, ET, PREC_CHAIN, SPLIT, INTERP), mask=mk)
             tl.debug_barrier()  # the next step reads the key chunk's sums, the next key chunk this query's dx and dλ
         tl.store(DGC + chunk, tl.sum(dgc, axis=0))
 
@@ -1056,7 +1063,8 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
                                        SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q),
                                        **LAUNCH["_readout_bwd_chain_kernel"])
     _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK,
-                                      dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], **common,
+                                      dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"],
+                                      SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q), **common,
                                       **LAUNCH["_readout_bwd_band_kernel"])
     NVT = triton.cdiv(Dv, meta["BV"])
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
