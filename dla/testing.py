@@ -34,7 +34,22 @@ from dla.ops.backbone import backbone_backward_triton, backbone_forward_triton
 from dla.ops.readout import readout_backward_triton, readout_forward_triton
 from dla.ops.segment import segment_triton
 
-__all__ = ["triton_interpreter"]
+__all__ = ["triton_interpreter", "compile_for_sm90"]
+
+
+def compile_for_sm90(fn, types, constexprs: dict, **options):
+    """The Triton kernel `fn` through Triton's GPU compiler and ptxas for sm_90a, on this machine
+    (no GPU needed: a kernel that compiles here but exceeds Hopper's shared memory or spills shows
+    it in the result's metadata and `asm`). Every runtime parameter gets the Triton signature type
+    `types(name)` (`"*fp32"`, `"i32"`, ...), the constexprs are `constexprs`, and `options` are the
+    launch options (`num_warps`, `num_stages`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {p.name: "constexpr" if p.is_constexpr else types(p.name) for p in fn.params}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
 @contextmanager

@@ -22,11 +22,10 @@ import tempfile
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 import dla.ops.readout.objects_delta_triton as X
 from dla.ops.backbone.delta_common import precisions
+from dla.testing import compile_for_sm90
 
 HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", "_readout_bwd_chain_kernel",
@@ -50,13 +49,11 @@ def compile_kernel(name: str, spec: str):
                 BVP=triton.next_power_of_2(D), KEEP=True, SPLIT=dtype == torch.bfloat16, INTERP=False)
     fn = getattr(X, name)
     names = [a.name for a in fn.params]
-    sig = {a.name: "constexpr" if a.is_constexpr else INTS.get(a.name, "*fp32" if a.name in FLOAT32 else data)
-           for a in fn.params}
     constexprs = {k: v for k, v in meta.items() if k in names}
     if name == "_object_bwd_kernel":
         constexprs["BV"] = meta["BVO"]
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                          options=X.LAUNCH.get(name, {}))
+    return compile_for_sm90(fn, lambda a: INTS.get(a, "*fp32" if a in FLOAT32 else data), constexprs,
+                            **X.LAUNCH.get(name, {}))
 
 
 def ptxas_report(kernel) -> dict:

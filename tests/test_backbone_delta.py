@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 
 import pytest
@@ -37,6 +35,7 @@ from dla.ops.backbone.delta_triton import (
     delta_backward_triton, delta_chunk_states_backward_triton, delta_chunk_states_triton, delta_forward_triton,
 )
 from dla.ops.backbone.naive import backbone_recurrent
+from tests.sm90 import compile_script
 from tests.strategies import relative_error
 
 TOL64, TOL32 = 1e-10, 1e-5
@@ -470,9 +469,8 @@ def test_gpu_matches_float64(B, H, T, Dk, Dv, has_g, resets, initial, dtype):
 # --------------------------------------------------------------------------------------------
 
 COMPILE = r"""
-import sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys, torch
+from dla.testing import compile_for_sm90
 import dla.ops.backbone.delta_output as O
 import dla.ops.backbone.delta_states as S
 import dla.ops.backbone.delta_wy as W
@@ -482,15 +480,12 @@ FLAGS = ("HAS_G", "HAS_RESET", "HAS_S0", "STORE_U", "HAS_OUT", "HAS_DHX", "HAS_D
 
 
 def compile_one(fn, meta, shapes, pointer, on):
-    sig = {}
-    for a in fn.params:
-        sig[a.name] = ("constexpr" if a.is_constexpr else "i32" if a.name == "T" else "fp32" if a.name == "scale"
-                       else "*u8" if a.name == "RESET" else "*fp32" if a.name in FLOAT32 else pointer)
     names = {a.name for a in fn.params}
     constexprs = {**shapes, **{k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
                   **{f: on for f in FLAGS if f in names}}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"]))
+    compile_for_sm90(fn, lambda a: "i32" if a == "T" else "fp32" if a == "scale" else "*u8" if a == "RESET"
+                     else "*fp32" if a in FLOAT32 else pointer, constexprs, num_warps=meta["num_warps"],
+                     num_stages=meta["num_stages"])
     print(fn.__name__, meta.get("BV"), on, "compiled", flush=True)
 
 
@@ -515,16 +510,8 @@ for spec in sys.argv[1:]:
 
 
 def compile_for_sm90(specs: list[str]) -> None:
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton wheel ships no ptxas")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
-                          timeout=1800)
-    assert done.returncode == 0, done.stderr[-3000:]
     kernels_per_spec = [2 * (5 + 2 * len(spec.split(":")[3].split(","))) for spec in specs]
-    assert done.stdout.count("compiled") == sum(kernels_per_spec)
+    assert compile_script(COMPILE, *specs, timeout=1800).count("compiled") == sum(kernels_per_spec)
 
 
 def test_kernels_compile_for_sm90():

@@ -36,6 +36,7 @@ from dla.ops.backbone.ssd import ssd_backward, ssd_chunk_states, ssd_chunk_state
 from dla.ops.backbone.ssd_triton import (
     ssd_backward_triton, ssd_chunk_states_backward_triton, ssd_chunk_states_triton, ssd_forward_triton,
 )
+from tests.sm90 import compile_script
 from tests.strategies import relative_error
 
 RESETS = ("none", "sparse", "dense", "chunk_starts", "chunk_ends", "first", "every", "last")
@@ -349,9 +350,8 @@ def test_triton_interpreter_matches_torch(case, cotangent):
 # --------------------------------------------------------------------------------------------
 
 COMPILE = r"""
-import sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys, torch
+from dla.testing import compile_for_sm90
 import dla.ops.backbone.ssd_output as O
 import dla.ops.backbone.ssd_states as S
 
@@ -398,10 +398,8 @@ for spec in sys.argv[1:]:
         if key in seen:
             continue
         seen.add(key)
-        sig = {p.name: "constexpr" if p.is_constexpr else "i32" if p.name in ("T", "H", "NC") else "fp32"
-               if p.name == "scale" else pointer(p.name, fn, dtype, on) for p in fn.params}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
+        compile_for_sm90(fn, lambda a: "i32" if a in ("T", "H", "NC") else "fp32" if a == "scale"
+                         else pointer(a, fn, dtype, on), meta, num_warps=warps, num_stages=stages)
         print(spec, fn.__name__, "compiled", flush=True)
 """
 
@@ -417,16 +415,9 @@ COMPILE_SPECS_32 = ["float32:128:128:64:g,reset,s0,out", "float32:64:64:64:g,res
 def compile_for_sm90(specs: list[str]) -> None:
     """Each kernel with its launcher's meta-parameters through Triton's GPU compiler and ptxas for
     the H100 (the interpreter accepts code that the compiler refuses)."""
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton wheel ships no ptxas")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = compile_script(COMPILE, *specs)
     for spec in specs:  # each spec compiles at least its output backward and one state kernel pair
-        assert sum(line.startswith(spec + " ") for line in done.stdout.splitlines()) >= 3, (spec, done.stdout)
+        assert sum(line.startswith(spec + " ") for line in out.splitlines()) >= 3, (spec, out)
 
 
 def test_kernels_compile_for_sm90():

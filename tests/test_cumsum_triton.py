@@ -1,17 +1,13 @@
 """The prefix-sum kernel (`dla/ops/cumsum_triton.py`) against `torch.cumsum`, through the
 interpreter on the CPU and on the GPU at the sizes the readout scans."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dla.ops.cumsum_triton import cumsum, cumsum_triton
+from tests.sm90 import compile_script
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
 
@@ -78,19 +74,15 @@ def test_gpu_matches_torch_cumsum(shape, dim, dtype):
 
 
 COMPILE = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from dla.testing import compile_for_sm90
 import dla.ops.cumsum_triton as S
 
 for pointer in ("*fp64", "*fp32", "*i64"):
     for fn, extra in ((S._piece_kernel, {}), (S._offset_kernel, {"BP": 64})):
-        sig = {a.name: "constexpr" if a.is_constexpr else "i32" if a.name in ("T", "C", "NP") else pointer
-               for a in fn.params}
         for reverse in (False, True):
             meta = dict(CH=512, BT=64, BC=16, REVERSE=reverse, **extra)
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=4, num_stages=1))
+            compile_for_sm90(fn, lambda a: "i32" if a in ("T", "C", "NP") else pointer, meta, num_warps=4,
+                             num_stages=1)
             print(pointer, fn.__name__, reverse, "compiled", flush=True)
 """
 
@@ -99,9 +91,4 @@ for pointer in ("*fp64", "*fp32", "*i64"):
 def test_kernels_compile_for_sm90():
     """Both kernels through Triton's GPU compiler and ptxas for sm_90, every dtype the readout
     scans, both directions (the GPU test runs them on the card)."""
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton wheel ships no ptxas")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 12
+    assert compile_script(COMPILE).count("compiled") == 12

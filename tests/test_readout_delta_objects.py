@@ -29,6 +29,7 @@ from dla.ops.reference import (
     multistate_attention_materialized, multistate_attention_recurrent, recurrent_level_map, segment_naive,
 )
 from dla.ops.state import MultiStateCache
+from tests.sm90 import PTXAS
 from tests.strategies import (
     Case, build, claims_decisions, fenwick_levels, random_cache, relative_error, tally_draw,
     token_map_fields,
@@ -738,9 +739,7 @@ def test_triton_kernels_compile_for_sm90():
     shapes (Dk = Dv = 128, K = 32, 64-token chunks, the window the rule picks there) through
     Triton's GPU compiler and ptxas, each within Hopper's shared memory: the interpreter accepts
     code that the compiler refuses, and a kernel past the limit compiles but cannot launch."""
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+    if not os.path.exists(PTXAS):
         pytest.skip("this triton wheel ships no ptxas")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     R = window_for(8192, 32, 128, 128, 2, 64, 800e12, 3.35e12)

@@ -41,6 +41,7 @@ from dla.testing import triton_interpreter
 from tests.readout_helpers import (
     DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, dla_map, f32, gpu_inputs, reference, setup,
 )
+from tests.sm90 import compile_script
 from tests.strategies import (
     Case, claims_decisions, kernel_cases, map_decisions, poisoned_empty, relative_error, tally_draw,
 )
@@ -547,9 +548,8 @@ def test_inductor_compiled_backward_matches_eager(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 COMPILE = r"""
-import sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys, torch
+from dla.testing import compile_for_sm90
 import dla.ops.readout.objects_triton as R
 import dla.ops.readout.masked_triton as M
 
@@ -573,11 +573,9 @@ kernels = {"build": R._build_kernel, "chunk_fwd": R._chunk_fwd_kernel, "chunk_bw
            "bwd_objects": R._bwd_objects_kernel, "pushdown": R._pushdown_kernel}
 for name, fn in kernels.items():
     for extra in variants[name]:
-        sig = {p.name: "constexpr" if p.is_constexpr else "fp32" if p.name == "scale" else "i32" if p.name in scalars
-               else ptr if p.name in inputs else "*bf16" if p.name == "LO" else "*fp32" if p.name in floats
-               else "*i32" for p in fn.params}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs={**meta, **extra}),
-                       target=GPUTarget("cuda", 90, 32), options=options)
+        compile_for_sm90(fn, lambda a: "fp32" if a == "scale" else "i32" if a in scalars else ptr if a in inputs
+                         else "*bf16" if a == "LO" else "*fp32" if a in floats else "*i32", {**meta, **extra},
+                         **options)
         print(name, "compiled", flush=True)
 """
 
@@ -589,15 +587,7 @@ for name, fn in kernels.items():
 def test_kernels_compile_for_sm90(dtype, D, L, has_g):
     """Every object kernel, with the launchers' meta-parameters (the card's chunk 64, both build
     variants), through Triton's GPU compiler and ptxas for the H100."""
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton wheel ships no ptxas")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE, dtype, str(D), str(L), str(has_g)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 6
+    assert compile_script(COMPILE, dtype, str(D), str(L), str(has_g)).count("compiled") == 6
 
 
 # --------------------------------------------------------------------------------------------

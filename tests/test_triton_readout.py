@@ -31,6 +31,7 @@ from tests.readout_helpers import (
     DEVICES, TOL32, assert_matches_float64, cast, cotangents, cpu, dla_map, f32, fenwick_map, gpu_inputs,
     reference, setup, triton_args,
 )
+from tests.sm90 import compile_script
 from tests.strategies import (
     Case, claims_decisions, kernel_cases, map_decisions, poisoned_empty, relative_error, tally_draw,
 )
@@ -205,9 +206,8 @@ def test_tf32_dots_stay_within_the_tf32_tolerance(device):
 # --------------------------------------------------------------------------------------------
 
 COMPILE = r"""
-import sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys, torch
+from dla.testing import compile_for_sm90
 import dla.ops.readout.masked_triton as R
 
 R.interpreting = lambda x: False  # the GPU's launch configurations, from CPU tensors
@@ -229,10 +229,8 @@ for name, fn in kernels.items():
         options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
         if extra is not None:
             meta["EXTRA"] = extra
-        sig = {p.name: "constexpr" if p.is_constexpr else "fp32" if p.name == "scale" else "i32" if p.name in ("T", "H")
-               else ptr if p.name in inputs else "*i32" if p.name in ints else "*fp32" for p in fn.params}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
-                       options=options)
+        compile_for_sm90(fn, lambda a: "fp32" if a == "scale" else "i32" if a in ("T", "H") else ptr if a in inputs
+                         else "*i32" if a in ints else "*fp32", meta, **options)
         print(name, extra, "compiled", flush=True)
 """
 
@@ -244,19 +242,7 @@ for name, fn in kernels.items():
 def test_kernels_compile_for_sm90(dtype, D, L, has_g):
     """Every kernel, with the launchers' meta-parameters, through Triton's GPU compiler and
     ptxas for the H100 (the interpreter accepts code that the compiler refuses)."""
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton wheel ships no ptxas")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE, dtype, str(D), str(L), str(has_g)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 11
+    assert compile_script(COMPILE, dtype, str(D), str(L), str(has_g), timeout=600).count("compiled") == 11
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,14 +8,10 @@ in float32; with one, the same tests run compiled on it, and the `gpu` tests add
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
-import triton
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +24,7 @@ from dla.ops.state import MultiStateCache, empty_cache
 from dla.ops.segment.triton_walk import dla_walk, segment_dla, segment_triton
 from dla.ops.validation import SCORES
 from dla.run.synthetic import piecewise_stationary
+from tests.sm90 import compile_script
 from tests.strategies import (
     DELTA, TRANSITIONS, Case, build, claims_decisions, comparable, decisive, fenwick_levels, information_close,
     naive_segmentation, poisoned_empty, random_cache, relative_error, tally_draw, well_conditioned,
@@ -600,9 +597,8 @@ def test_drift_segmentation_matches_the_cpu_kernel(T, Dk, Dv, K, transition, dty
 # --------------------------------------------------------------------------------------------
 
 COMPILE = r"""
-import sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
+from dla.testing import compile_for_sm90
 import dla.ops.segment.detect_triton as D
 
 for spec in sys.argv[1:]:
@@ -611,10 +607,8 @@ for spec in sys.argv[1:]:
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
     meta.update(HAS_G=transition in ("g", "both"), HAS_BETA=transition in ("beta", "both"))
     for fn in (D._prepare_kernel, D._pass_kernel):
-        sig = {a.name: "constexpr" if a.is_constexpr else "i32" if a.name in ("T", "H", "Dk", "Dv", "NC")
-               else "*fp32" for a in fn.params}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
-                                  options=options)
+        compiled = compile_for_sm90(fn, lambda a: "i32" if a in ("T", "H", "Dk", "Dv", "NC") else "*fp32", meta,
+                                    **options)
         assert compiled.metadata.shared <= 227 * 1024, (spec, fn.__name__, compiled.metadata.shared)
         print(spec, fn.__name__, "compiled", flush=True)
     meta = D.scores_meta(int(Dk), int(Dv), on_interpreter=False)
@@ -623,8 +617,7 @@ for spec in sys.argv[1:]:
                 HAS_BETA=transition in ("beta", "both"), EPS=1e-12)
     fn = D._scores_kernel
     types = {"T": "i32", "tau": "fp32", "FIRST": "*i8", "FLAG": "*i1"}
-    sig = {a.name: "constexpr" if a.is_constexpr else types.get(a.name, "*fp32") for a in fn.params}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta), target=GPUTarget("cuda", 90, 32), options=options)
+    compile_for_sm90(fn, lambda a: types.get(a, "*fp32"), meta, **options)
     print(spec, fn.__name__, "compiled", flush=True)
 """
 
@@ -635,11 +628,5 @@ def test_detection_kernels_compile_for_sm90():
     ptxas, within an H100's shared memory: 8 warps at `Dk = Dv = 128` with `g` and β (every
     branch taken), 4 warps at 64 without either (every branch skipped); and the tail kernel at
     both. The GPU tests run every configuration on the card."""
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton wheel ships no ptxas")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     specs = ["128:128:both", "64:64:none"]
-    done = subprocess.run([sys.executable, "-c", COMPILE, *specs], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 3 * len(specs)
+    assert compile_script(COMPILE, *specs).count("compiled") == 3 * len(specs)

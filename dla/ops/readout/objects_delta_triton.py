@@ -246,8 +246,8 @@ def _chunk_range(PHI, n, w, a, e, H: tl.constexpr, C: tl.constexpr, R: tl.conste
 
 @triton.jit
 def _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H: tl.constexpr, DK: tl.constexpr,
-                   C: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr,
-                   INTERP: tl.constexpr):
+                 C: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr,
+                 INTERP: tl.constexpr):
     """Chunk c's Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β) and its queries in the chunk's frame x = Q̂ = diag(γ)Q −
     Ã diag(γ)K, which the transport carries back chunk by chunk — both transposed, built as such:
     (Ãᵀ = diag(β) T⁻ᵀ (KQᵀ ⊙ Γᵀ) [C, C], xᵀ = Qᵀ diag(γ) − Kᵀ diag(γ) Ãᵀ [BKP, C])."""
@@ -265,7 +265,7 @@ def _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H: tl.co
 
 @triton.jit
 def _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H: tl.constexpr, DK: tl.constexpr,
-                 C: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+               C: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
     """One step of the transport back through chunk p, transposed: (σᵀ = Ē_pᵀ xᵀ [C, C],
     xᵀ ← γ_C xᵀ − K_pᵀ diag(γ) σᵀ)."""
     o = tl.arange(0, C)
@@ -418,7 +418,7 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
     tokL = tok * L
     Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
     AtT, xT = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN,
-                             SPLIT, INTERP)
+                           SPLIT, INTERP)
     LamT = _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C, True)
     LamT = tl.where(o[None, :] >= o[:, None], LamT, 0.0)
     accT = _mm(_cols_raw(V, tok, tc, valid, cv, H, DV), AtT * LamT, PREC, SPLIT, INTERP)
@@ -427,7 +427,7 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
-                                  SPLIT, INTERP)
+                                SPLIT, INTERP)
         LpT = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C, True)
         accT += _mm(_cols_raw(V, tok, tcp, validp, cv, H, DV), sigmaT * LpT, PREC, SPLIT, INTERP)
     now = (n * (NW + 1) + w) * L
@@ -517,7 +517,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     tokL = tok * L
     Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
     AtT, xT = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN,
-                             SPLIT, INTERP)
+                           SPLIT, INTERP)
     dl = tl.zeros([C, LP], dtype=tl.float32)
     # own chunk: o += (Ã ⊙ Λ) V, so dÃ = (dO Vᵀ) ⊙ Λ, dλ from dO Vᵀ ⊙ Ã, dV = (Ã ⊙ Λ)ᵀ dO
     causal = o[None, :] >= o[:, None]
@@ -536,7 +536,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
-                                  SPLIT, INTERP)
+                                SPLIT, INTERP)
     # objects: Uᵀ = S̄ dOᵀ, dxᵀ = Σ Uᵀ diag(W), dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
     tl.store(XF + chunk * C * DK + o[None, :] * DK + ck[:, None], xT, mask=ck[:, None] < DK)
     dxT = tl.zeros([BKP, C], dtype=tl.float32)
@@ -838,13 +838,11 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
     kT = _cols(K, tok, tc, valid, ck, H, DK)
     QK = tl.dot(q, kT, input_precision=PREC)
     KK = tl.dot(k, kT, input_precision=PREC)
-    Aqk = QK * Gam
     AqkT = tl.dot(k, qT, input_precision=PREC) * GamT
     Tinv = tl.load(TI + chunk * C * C + o[:, None] * C + o[None, :])
     TinvT = tl.load(TI + chunk * C * C + o[None, :] * C + o[:, None])
     M = Tinv * beta[None, :]
     MT = TinvT * beta[:, None]
-    At = tl.dot(Aqk, M, input_precision=PREC_CHAIN)
     AtT = tl.dot(MT, AqkT, input_precision=PREC_CHAIN)
     dQh = tl.load(DQH + chunk * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
     dE = tl.load(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
@@ -948,6 +946,8 @@ class _Buffers:
         self.last = plan.last.clamp(-2**31, 2**31 - 1).to(torch.int32).contiguous()
         self.cm = running_min(level_start.to(torch.int32)).contiguous()
         self.prec, self.prec_chain = precisions(q.dtype)
+        # the readout passes' split bfloat16 products (module doc), emulated under the interpreter
+        self.split = dict(SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q))
         self.meta = meta = _meta(Dk, Dv, interpreting(q))
         flags = dict(C=C, HAS_G=g is not None)
         self.TI = torch.empty(N, NC, C, C, dtype=f32, device=dev)
@@ -1012,8 +1012,7 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
     _readout_kernel[(buf.NC, buf.N, triton.cdiv(Dv, buf.meta["BV"]))](
         q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, o, T, float(scale), H,
         L, Dk, Dv, C=C, R=R, BKP=buf.meta["BKP"], BV=buf.meta["BV"], HAS_G=g is not None, PREC=buf.prec,
-        PREC_CHAIN=buf.prec_chain, SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q),
-        **LAUNCH["_readout_kernel"])
+        PREC_CHAIN=buf.prec_chain, **buf.split, **LAUNCH["_readout_kernel"])
     return o, buf.final().reshape(B, H, L, Dk, Dv).to(sd).clone()
 
 
@@ -1032,7 +1031,8 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
                 zeros_g if g is None else torch.zeros_like(g), torch.zeros_like(beta), dS.clone())
     q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
     g = None if g is None else g.contiguous()
-    do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()  # the kernels' products take it with v
+    # the kernels take dO in the inputs' dtype (as the gradient of an output in that dtype arrives)
+    do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
     buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, keep=True)
     N, NC, NW, meta = buf.N, buf.NC, buf.NW, buf.meta
     BKP, BVP = meta["BKP"], pow2(Dv)
@@ -1057,14 +1057,12 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     DVK = torch.empty(N, NC, C, Dv, dtype=f32, device=dev)
     dlam = torch.empty_like(lam)
     common = dict(H=H, L=L, LP=LP, DK=Dk, DV=Dv, R=R, BKP=BKP, BVP=BVP, PREC=buf.prec, PREC_CHAIN=buf.prec_chain,
-                  **flags)
+                  **flags, **buf.split)
     _readout_bwd_chain_kernel[(NC, N)](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
                                        buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), **common,
-                                       SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q),
                                        **LAUNCH["_readout_bwd_chain_kernel"])
     _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK,
-                                      dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"],
-                                      SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q), **common,
+                                      dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], **common,
                                       **LAUNCH["_readout_bwd_band_kernel"])
     NVT = triton.cdiv(Dv, meta["BV"])
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
