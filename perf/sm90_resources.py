@@ -42,7 +42,8 @@ def compile_kernel(name: str, spec: str):
     call it on the GPU (`_meta`, `LAUNCH`; `XP` in the inputs' dtype for 16-bit inputs)."""
     D, L, C, R, dtype, has_g = spec.split(":")
     D, L, C, R, dtype = int(D), int(L), int(C), int(R), getattr(torch, dtype)
-    data = "*fp32" if dtype == torch.float32 else "*bf16"
+    data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    xp = "*fp32" if dtype == torch.float32 else "*bf16"  # the band pass's queries: bfloat16 for 16-bit inputs
     prec, prec_solve = precisions(dtype)
     meta = dict(X._meta(D, D, interpreted=False), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16, HAS_G=has_g == "g",
                 PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve, LP=triton.next_power_of_2(L),
@@ -52,8 +53,8 @@ def compile_kernel(name: str, spec: str):
     constexprs = {k: v for k, v in meta.items() if k in names}
     if name == "_object_bwd_kernel":
         constexprs["BV"] = meta["BVO"]
-    return compile_for_sm90(fn, lambda a: INTS.get(a, "*fp32" if a in FLOAT32 else data), constexprs,
-                            **X.LAUNCH.get(name, {}))
+    return compile_for_sm90(fn, lambda a: INTS.get(a, "*fp32" if a in FLOAT32 else xp if a == "XP" else data),
+                            constexprs, **X.LAUNCH.get(name, {}))
 
 
 def ptxas_report(kernel) -> dict:

@@ -57,8 +57,8 @@ on the GPU). Dots on float32 operands (the inputs are converted on load), `input
 `"ieee"` for float32 inputs; for 16-bit inputs `"tf32"`, and `"tf32x3"` (`delta_common.precisions`)
 for the solve and for every product of the transport and suffix chains, whose rounding compounds
 over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
-The readout's three passes (forward, chain, band) with bfloat16 inputs (`SPLIT`) instead take
-their products in bfloat16 with float32 accumulation: a tile of the inputs (q, k, v, dO, the
+The readout's three passes (forward, chain, band) and the UT backward with bfloat16 inputs
+(`SPLIT`) instead take their products in bfloat16 with float32 accumulation: a tile of the inputs (q, k, v, dO, the
 object copies, the bfloat16 `XP`) exact against the hi and lo halves of the float32 side (`_mm`,
 `_mmr`), two tiles of the inputs as one product (`_mm16`), two float32 sides as three products
 without lo·lo (`_mm32`) — 16 bits of each float32 operand, against tf32's 11, at two or three
@@ -815,7 +815,8 @@ def _suffix_bwd_kernel(K, G, PHI, EB, KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H: tl
 @triton.jit
 def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ, DK_OUT, DV_OUT, DBETA, DG_OUT, T,
                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKP: tl.constexpr,
-                   BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+                   BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr,
+                   SPLIT: tl.constexpr, INTERP: tl.constexpr):
     """The chunk's UT backward (`objects_delta._chunk_backward`): dq, dk, dβ, dg from the
     gradients of Q̂, Ã, Ē, H, γ_C; dv = the key side's (band and tokens)."""
     c = tl.program_id(0)
@@ -832,39 +833,38 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
     seg = tl.zeros([C], dtype=tl.int32)
     Gam = decay(Gc, seg, C, False, False)
     GamT = decay(Gc, seg, C, False, True)
-    q = _rows(Q, tok, tc, valid, ck, H, DK)
-    k = _rows(K, tok, tc, valid, ck, H, DK)
-    qT = _cols(Q, tok, tc, valid, ck, H, DK)
-    kT = _cols(K, tok, tc, valid, ck, H, DK)
-    QK = tl.dot(q, kT, input_precision=PREC)
-    KK = tl.dot(k, kT, input_precision=PREC)
-    AqkT = tl.dot(k, qT, input_precision=PREC) * GamT
+    q = _rows_raw(Q, tok, tc, valid, ck, H, DK)
+    k = _rows_raw(K, tok, tc, valid, ck, H, DK)
+    kT = _cols_raw(K, tok, tc, valid, ck, H, DK)
+    QK = _mm16(q, kT, PREC, SPLIT, INTERP)
+    KK = _mm16(k, kT, PREC, SPLIT, INTERP)
+    AqkT = _mm16(k, _cols_raw(Q, tok, tc, valid, ck, H, DK), PREC, SPLIT, INTERP) * GamT
     Tinv = tl.load(TI + chunk * C * C + o[:, None] * C + o[None, :])
     TinvT = tl.load(TI + chunk * C * C + o[None, :] * C + o[:, None])
     M = Tinv * beta[None, :]
     MT = TinvT * beta[:, None]
-    AtT = tl.dot(MT, AqkT, input_precision=PREC_CHAIN)
+    AtT = _mm32(MT, AqkT, PREC_CHAIN, SPLIT, INTERP)
     dQh = tl.load(DQH + chunk * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
     dE = tl.load(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
     dET = tl.load(DEB + chunk * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK, other=0.0)
-    dAt = tl.load(DAT + chunk * C * C + o[:, None] * C + o[None, :]) - tl.dot(dQh, kT * gam[None, :],
-                                                                             input_precision=PREC_CHAIN)
+    dAt = (tl.load(DAT + chunk * C * C + o[:, None] * C + o[None, :])
+           - _mmr(dQh, kT, PREC_CHAIN, SPLIT, INTERP) * gam[None, :])
     dH = tl.load(DHB + chunk * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-    dH -= tl.dot(AtT, dQh, input_precision=PREC_CHAIN)
-    dgam = tl.sum(dQh * q, axis=1) + tl.sum(dH * k, axis=1)
+    dH -= _mm32(AtT, dQh, PREC_CHAIN, SPLIT, INTERP)
+    dgam = tl.sum(dQh * q.to(tl.float32), axis=1) + tl.sum(dH * k.to(tl.float32), axis=1)
     dq = gam[:, None] * dQh
     dk = gam[:, None] * dH
-    dKr = tl.dot(M, dET, input_precision=PREC_CHAIN)
+    dKr = _mm32(M, dET, PREC_CHAIN, SPLIT, INTERP)
     # q and k are read again where they are used last (from L1/L2): held from the top of the
     # kernel, their [C, Dk] float32 copies in shared memory put float32 inputs past Hopper's limit
-    k = _rows(K, tok, tc, valid, ck, H, DK)
-    dM = tl.dot(k * rho[:, None], dE, input_precision=PREC_CHAIN) + tl.dot(AqkT, dAt, input_precision=PREC_CHAIN)
-    dAqk = tl.dot(dAt, MT, input_precision=PREC_CHAIN)
+    k = _rows_raw(K, tok, tc, valid, ck, H, DK)
+    dM = rho[:, None] * _mm(k, dE, PREC_CHAIN, SPLIT, INTERP) + _mm32(AqkT, dAt, PREC_CHAIN, SPLIT, INTERP)
+    dAqk = _mm32(dAt, MT, PREC_CHAIN, SPLIT, INTERP)
     dk += rho[:, None] * dKr
-    drho = tl.sum(dKr * k, axis=1)
+    drho = tl.sum(dKr * k.to(tl.float32), axis=1)
     dbeta = tl.sum(dM * Tinv, axis=0)
     dTinv = dM * beta[None, :]
-    dAkk = -tl.dot(tl.dot(TinvT, dTinv, input_precision=PREC_CHAIN), TinvT, input_precision=PREC_CHAIN)
+    dAkk = -_mm32(_mm32(TinvT, dTinv, PREC_CHAIN, SPLIT, INTERP), TinvT, PREC_CHAIN, SPLIT, INTERP)
     dAkk = tl.where(o[:, None] > o[None, :], dAkk, 0.0)
     dbeta += tl.sum(dAkk * KK * Gam, axis=1)
     dB = beta[:, None] * dAkk
@@ -872,10 +872,10 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
     Zq = dAqk * Gam
     ZkT = _transposed(scr, Zk, C)
     ZqT = _transposed(scr, Zq, C)
-    k = _rows(K, tok, tc, valid, ck, H, DK)
-    q = _rows(Q, tok, tc, valid, ck, H, DK)
-    dk += tl.dot(Zk + ZkT, k, input_precision=PREC) + tl.dot(ZqT, q, input_precision=PREC)
-    dq += tl.dot(Zq, k, input_precision=PREC)
+    k = _rows_raw(K, tok, tc, valid, ck, H, DK)
+    q = _rows_raw(Q, tok, tc, valid, ck, H, DK)
+    dk += _mmr(Zk + ZkT, k, PREC, SPLIT, INTERP) + _mmr(ZqT, q, PREC, SPLIT, INTERP)
+    dq += _mmr(Zq, k, PREC, SPLIT, INTERP)
     mk = valid[:, None] & (ck[None, :] < DK)
     tl.store(DQ + tok * DK + tc[:, None] * (H * DK) + ck[None, :], dq.to(DQ.dtype.element_ty), mask=mk)
     tl.store(DK_OUT + tok * DK + tc[:, None] * (H * DK) + ck[None, :], dk.to(DK_OUT.dtype.element_ty), mask=mk)
@@ -1085,6 +1085,6 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     dg = torch.empty_like(g) if g is not None else zeros_g
     _ut_bwd_kernel[(NC, N)](q, k, g, beta, buf.phi, buf.TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, dq, dk, dv, dbeta,
                             dg if g is not None else None, T, H, Dk, Dv, BKP=BKP, BVP=BVP, PREC=buf.prec,
-                            PREC_CHAIN=buf.prec_chain, **flags, **LAUNCH["_ut_bwd_kernel"])
+                            PREC_CHAIN=buf.prec_chain, **flags, **buf.split, **LAUNCH["_ut_bwd_kernel"])
     dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DN[:, 0])
     return dq, dk, dv, dlam, dg, dbeta, dS0.reshape(B, H, L, Dk, Dv)
