@@ -14,7 +14,8 @@ backward, initial slots in the wrong order, the `latest` pointer written in plac
 the rename), and one at least per kernel stage — segment (the `drift` detection's threshold,
 and the Triton segmentation's tie-break and boundary test beside the CPU kernel's), backbone
 (the SSD chunk state carried through a reset), readout (the object plan, the object readout's
-decay, the Triton band pass of the readout with β) — each killed by the property checks and unit cases named beside it."""
+decay, the Triton band pass of the readout with β and its split bfloat16 products) — each killed
+by the property checks and unit cases named beside it."""
 
 from __future__ import annotations
 
@@ -88,8 +89,13 @@ MUTANTS = [
             "tests/test_readout.py::test_backward_gradcheck[dla-both]")),
     Mutant("readout with β on CUDA, backward: the band pass halves a key chunk's dγ_C",
            dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
-           "dgc += tl.sum(dx * x_in, axis=1)", "dgc += 0.5 * tl.sum(dx * x_in, axis=1)",
+           "dgc += tl.sum(dx * x_in.to(tl.float32), axis=1)", "dgc += 0.5 * tl.sum(dx * x_in.to(tl.float32), axis=1)",
            ("tests/test_readout_delta_objects.py::test_triton_backward_matches_torch",)),
+    Mutant("readout with β on CUDA, bfloat16: the split products drop the float32 side's lo halves",
+           dla.ops.readout.objects_delta_triton, "_hilo",
+           "return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)", "return hi, (0.0 * x).to(tl.bfloat16)",
+           ("tests/test_readout_delta_objects.py::test_triton_forward_bfloat16_keeps_the_torch_paths_accuracy",
+            "tests/test_readout_delta_objects.py::test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy")),
     Mutant("readout without β, backward: the final state's decay dropped", dla.ops.readout.objects,
            "objects_backward", "(decay[..., None, None] * dSc)[valid]", "dSc[valid]",
            ("tests/test_readout.py::test_backward_matches_reference_autograd",
