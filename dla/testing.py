@@ -9,6 +9,10 @@ kernel is defined, so the block hands each launch and each device-function call 
 interpreted twin of the kernel). Outside it nothing has changed: the registrations and Triton's
 own launch methods come back when the block exits. Not thread-safe: use it around tests.
 
+`compile_for_sm90(fn, types, constexprs, **options)` puts one Triton kernel through Triton's GPU
+compiler and ptxas for an H100 on the same machine: what the interpreter accepts but the compiler
+refuses, and a kernel's shared memory and spills, show without a GPU.
+
 The interpreter runs every program of a launch in Python over numpy arrays, so keep shapes tiny
 (a few heads, tens of tokens, head dims of 16 or 32). It computes float32 faithfully; 16-bit
 `tl.dot` is not trustworthy there, so call the operator with float32 inputs.
