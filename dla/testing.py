@@ -30,6 +30,9 @@ import warnings
 from contextlib import contextmanager
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -47,10 +50,6 @@ def compile_for_sm90(fn, types, constexprs: dict, **options):
     it in the result's metadata and `asm`). Every runtime parameter gets the Triton signature type
     `types(name)` (`"*fp32"`, `"i32"`, ...), the constexprs are `constexprs`, and `options` are the
     launch options (`num_warps`, `num_stages`)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     signature = {p.name: "constexpr" if p.is_constexpr else types(p.name) for p in fn.params}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                           target=GPUTarget("cuda", 90, 32), options=options)
