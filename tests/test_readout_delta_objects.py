@@ -590,12 +590,12 @@ def test_triton_forward_bfloat16_keeps_the_torch_paths_accuracy():
 
 
 def test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy():
-    """16-bit inputs take the 16-bit paths (the band pass's transported queries `XP` in bfloat16):
-    every gradient within 2e-2 of float64 on the same rounded inputs, and at most twice the torch
-    path's error there (SPEC §6). The interpreter rounds float32 to bfloat16 toward zero (the GPU
-    to nearest), so the torch path's gradients, computed in float32 on the same values, are
-    rounded the same way before they are compared; its dots are float32, as the kernels' operands
-    (the GPU test holds the same rule under tf32)."""
+    """16-bit inputs take the 16-bit paths (the band pass's transported queries `XP` in bfloat16,
+    the split products): every gradient within 2e-2 of float64 on the same rounded inputs, and
+    within the torch path's error there (SPEC §6 allows twice it). The interpreter rounds float32
+    to bfloat16 toward zero (the GPU to nearest), so the torch path's gradients, computed in
+    float32 on the same values, are rounded the same way before they are compared; its dots are
+    float32, as the kernels' operands (the GPU test holds SPEC §6's rule under tf32)."""
     from dla.ops.readout.objects_delta_triton import objects_delta_backward_triton
 
     drawn = edge(44, 4, "dla", "both", 0.6, 16, 3, True, torch.bfloat16, mean_regime=6.0)  # 3 chunks a window
@@ -849,6 +849,4 @@ def test_gpu_triton_backward_matches_float64(policy, B, H, T, Dk, Dv, K, has_g, 
         err_torch = relative_error(torch_path, ref)
         assert err <= 2e-2, (name, err, err_torch)
         if ours.dtype == torch.bfloat16:
-            # SPEC §6 asks for 2×; with the split products' lo halves the error is the outputs' own
-            # rounding, within 1.25× (dropping them gives dk 1.33× and more here)
-            assert err <= 1.25 * err_torch, (name, err, err_torch)
+            assert err <= 2 * err_torch, (name, err, err_torch)

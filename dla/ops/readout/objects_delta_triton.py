@@ -537,7 +537,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
                                 SPLIT, INTERP)
-    # objects: Uᵀ = S̄ dOᵀ, dxᵀ = Σ Uᵀ diag(W), dW = U·x (D = Σ_t W x dÕᵀ by `_object_grad_kernel`, from XF)
+    # objects: Uᵀ = S̄ dOᵀ, dxᵀ = Σ Uᵀ diag(W), dW = U·x (D = Σ_t W x dÕᵀ: `_object_grad_kernel`, from XF)
     tl.store(XF + chunk * C * DK + o[None, :] * DK + ck[:, None], xT, mask=ck[:, None] < DK)
     dxT = tl.zeros([BKP, C], dtype=tl.float32)
     dOT = _cols_raw(DO, tok, tc, valid, cv, H, DV)  # loaded again here: kept across the chain, it spilled
