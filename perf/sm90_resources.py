@@ -25,6 +25,7 @@ import triton
 
 import dla.ops.readout.objects_delta_triton as X
 from dla.ops.backbone.delta_common import precisions
+from dla.ops.readout.cost_delta import BAND_KEYS, band_visits
 from dla.testing import compile_for_sm90
 
 HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
@@ -33,13 +34,13 @@ KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", 
            "_ut_bwd_kernel")
 INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "scale": "fp32"}
 FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
-           "DVK", "DN", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
+           "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def compile_kernel(name: str, spec: str):
     """The kernel `name` compiled for sm_90a at `spec` (`Dk:L:C:R:dtype:g|none`), as the launchers
-    call it on the GPU (`_meta`, `LAUNCH`; `XP` in the inputs' dtype for 16-bit inputs)."""
+    call it on the GPU (`_meta`, `LAUNCH`; `XP` and `XS` in bfloat16 for 16-bit inputs)."""
     D, L, C, R, dtype, has_g = spec.split(":")
     D, L, C, R, dtype = int(D), int(L), int(C), int(R), getattr(torch, dtype)
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
@@ -47,13 +48,14 @@ def compile_kernel(name: str, spec: str):
     prec, prec_solve = precisions(dtype)
     meta = dict(X._meta(D, D, interpreted=False), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16, HAS_G=has_g == "g",
                 PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve, LP=triton.next_power_of_2(L),
-                BVP=triton.next_power_of_2(D), KEEP=True, SPLIT=dtype == torch.bfloat16, INTERP=False)
+                BVP=triton.next_power_of_2(D), KEEP=True, SPLIT=dtype == torch.bfloat16, INTERP=False,
+                KEYS=BAND_KEYS, VISITS=max(1, band_visits(R)))
     fn = getattr(X, name)
     names = [a.name for a in fn.params]
     constexprs = {k: v for k, v in meta.items() if k in names}
     if name == "_object_bwd_kernel":
         constexprs["BV"] = meta["BVO"]
-    return compile_for_sm90(fn, lambda a: INTS.get(a, "*fp32" if a in FLOAT32 else xp if a == "XP" else data),
+    return compile_for_sm90(fn, lambda a: INTS.get(a, "*fp32" if a in FLOAT32 else xp if a in ("XP", "XS") else data),
                             constexprs, **X.LAUNCH.get(name, {}))
 
 

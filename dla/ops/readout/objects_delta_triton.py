@@ -27,22 +27,25 @@ Backward (`objects_delta._row_backward`'s order; the forward's buffers recompute
 masters of every window kept):
 
     _readout_bwd_chain_kernel   per (chunk, row): own chunk (dÃ, its dV, dλ), the chain again with
-                          the query before each step written to XP (one slot per pair of the window's
-                          query chunk i and step j < i; bfloat16 for 16-bit inputs) and in the
-                          window's frame to XF, objects (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL
-    _readout_bwd_band_kernel    per (window, row): key chunks p in order, the window's later query
-                          chunks inside, each query's dx climbing from the window's frame to its own
-                          chunk as p rises — the band's dV, dλ, and p's key-side dĒ, dH, dγ_C (one
-                          program writes each: no atomics). Every [C, ·] tile is taken BKB or BVB
-                          columns at a time; p's three sums are read-modify-written at each step,
-                          one key chunk's at a time (a program's working set, in L2), and a query's
-                          dx and dλ go back to dQ̂ and DL between its steps (all R queries': DRAM).
+                          the query written to XP before the last step of each block of KEYS key
+                          chunks (one slot per visit of the band: query chunk i, block b < ⌈i/KEYS⌉;
+                          bfloat16 for 16-bit inputs) and in the window's frame to XF, objects
+                          (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL
+    _readout_bwd_band_kernel    per (window, row): key chunks p in order, KEYS at a time (a block),
+                          the window's later query chunks inside, each query's dx climbing from the
+                          window's frame to its own chunk as p rises — the band's dV, dλ, and p's
+                          key-side dĒ, dH, dγ_C (one program writes each: no atomics). A query's
+                          visit to a block steps its XP slot back through the block into the scratch
+                          XS, then takes the block's steps back to back, so that its dx and dλ go
+                          back to dQ̂ and DL once per visit (all R queries' live across the sweep:
+                          DRAM). Every [C, ·] tile is taken BKB or BVB columns at a time; the block's
+                          sums are read-modify-written at each step (its working set, in L2).
                           Whole-width float32 tiles, and the sums held in registers beside them,
                           spilled several times more (`python -m perf.sm90_resources` reports it)
     _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
     _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
-                          elements each E' holds; this tile's dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v
-                          (summed over tiles after), dv += D'ᵀ K̃
+                          elements each E' holds, in place over D_readout; this tile's dSuf_F =
+                          Σ D' (Σ S̄)ᵀ and dK̃ = D' v (summed over tiles after), dv += D'ᵀ K̃
     _suffix_bwd_kernel    per (window, row): the suffix chain again, then its adjoint into dĒ, dH, dγ_C
     _ut_bwd_kernel        per (chunk, row): the UT backward to dq, dk, dβ, dg; dv
 
@@ -80,6 +83,7 @@ from torch import Tensor
 from dla.ops.backbone.delta_common import decay, precisions
 from dla.ops.backbone.delta_wy import BC, _unit_lower_inverse
 from dla.ops.levels import running_min
+from dla.ops.readout.cost_delta import BAND_KEYS, band_visits
 from dla.ops.readout.objects_delta import window_plan
 from dla.ops.state import state_dtype
 from dla.ops.triton_utils import interpreting, pow2
@@ -242,6 +246,15 @@ def _chunk_range(PHI, n, w, a, e, H: tl.constexpr, C: tl.constexpr, R: tl.conste
     j0 = (lo + phi) // C - w * R
     j1 = tl.where(hi >= lo, (hi + phi) // C - w * R + 1, j0)
     return j0, j1
+
+
+@triton.jit
+def _visits_before(i, G: tl.constexpr):
+    """Σ_{i' < i} ⌈i' / G⌉: the band's visits (query chunk, block of G key chunks) of a window's
+    query chunks before chunk i — where chunk i's XP slots start (`VISITS` = the window's, R's)."""
+    m = tl.maximum(i - 1, 0)
+    q = m // G
+    return G * q * (q + 1) // 2 + (m - q * G) * (q + 1)
 
 
 @triton.jit
@@ -497,8 +510,9 @@ def _scatter_point(dl, CM, tokL, tc, valid, a, x, H: tl.constexpr, L: tl.constex
 def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XP, XF, DQH, DAT, DL, DVK,
                               DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                              BKP: tl.constexpr, BVP: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
-                              PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+                              BKP: tl.constexpr, BVP: tl.constexpr, KEYS: tl.constexpr, VISITS: tl.constexpr,
+                              HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr,
+                              SPLIT: tl.constexpr, INTERP: tl.constexpr):
     # transposed as the forward readout (Ãᵀ, xᵀ, dxᵀ, dÃᵀ); the buffers it writes keep their layouts
     c = tl.program_id(0)
     n = tl.program_id(1)
@@ -509,8 +523,9 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     o = tl.arange(0, C)
     ck = tl.arange(0, BKP)
     cv = tl.arange(0, BVP)
-    # the pairs (i, j < i) of window w in the order (1, 0), (2, 0), (2, 1), (3, 0), …
-    xp = XP + ((n * NW + w) * (R * (R - 1) // 2) + i * (i - 1) // 2).to(tl.int64) * C * DK
+    # the band's visits of window w (query chunk i, block b of KEYS key chunks, b < ⌈i / KEYS⌉), in
+    # the order of i then b: each holds the query before its step through the block's last chunk
+    xp = XP + ((n * NW + w) * VISITS + _visits_before(i, KEYS)).to(tl.int64) * C * DK
     chunk = (n * NC + c).to(tl.int64)
     now = (n * (NW + 1) + w) * L
     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
@@ -532,7 +547,10 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     # the chain to the window's frame: pair (i, j) holds the query before its step through chunk c − 1 − j
     for j in range(i):
         p = c - 1 - j
-        tl.store(xp + j * C * DK + o[None, :] * DK + ck[:, None], xT.to(XP.dtype.element_ty), mask=ck[:, None] < DK)
+        pr = i - 1 - j  # p in the window
+        top = (j == 0) | (pr % KEYS == KEYS - 1)  # the last step of p's block for this query
+        tl.store(xp + (pr // KEYS) * C * DK + o[None, :] * DK + ck[:, None], xT.to(XP.dtype.element_ty),
+                 mask=(ck[:, None] < DK) & top)
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
@@ -562,11 +580,13 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
 
 
 @triton.jit
-def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK, DLAM, T, scale,
+def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL, DEB, DHB, DGC, DVK, DLAM, T, scale,
                              H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                              C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
-                             BKB: tl.constexpr, BVB: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
-                             PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+                             BKB: tl.constexpr, BVB: tl.constexpr, KEYS: tl.constexpr, VISITS: tl.constexpr,
+                             HAS_G: tl.constexpr,
+                             PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr,
+                             INTERP: tl.constexpr):
     w = tl.program_id(0)
     n = tl.program_id(1)
     NW = tl.num_programs(0)
@@ -575,84 +595,128 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, SCR, DQH, DL, DE
     kb0 = tl.arange(0, BKB)
     vb0 = tl.arange(0, BVB)
     lc = tl.arange(0, LP)
-    xp = XP + ((n * NW + w) * (R * (R - 1) // 2)).to(tl.int64) * C * DK
+    xp = XP + ((n * NW + w) * VISITS).to(tl.int64) * C * DK
+    xs = XS + ((n * NW + w) * KEYS).to(tl.int64) * C * DK
     scr = SCR + (n * NC + w * R).to(tl.int64) * C * C
-    # key chunks in order, so that each query meets them as its adjoint climbs from the window's
-    # frame back to its own chunk. Every [C, ·] tile is taken BKB or BVB columns at a time and the
-    # key chunk's sums dĒ, dH, dV are read-modify-written at each step (a program's working set,
-    # in L2): whole-width float32 tiles, or the sums held in registers, spill
-    for pi in range(R):
-        p = w * R + pi
-        tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
-        Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-        chunk = (n * NC + p).to(tl.int64)
-        eb = EB + chunk * DK * C
-        deb = DEB + chunk * DK * C
-        dhb = DHB + chunk * C * DK
-        dvk = DVK + chunk * C * DV
-        for kb in tl.static_range(BKP // BKB):  # the band is dĒ's and dH's first writer
-            ck = kb * BKB + kb0
-            tl.store(deb + ck[:, None] * C + o[None, :], tl.zeros([BKB, C], dtype=tl.float32), mask=ck[:, None] < DK)
-            tl.store(dhb + o[:, None] * DK + ck[None, :], tl.zeros([C, BKB], dtype=tl.float32), mask=ck[None, :] < DK)
-        dgc = tl.zeros([C], dtype=tl.float32)
+    # key chunks in order, KEYS at a time, so that each query meets them as its adjoint climbs from
+    # the window's frame back to its own chunk, and takes a block's steps back to back (a visit: its
+    # dx and dλ go back to dQ̂ and DL once per visit). XP holds the query before the block's last
+    # step; the visit steps it back through the block into the scratch XS first (a step's own terms
+    # read it, never the dx chain: its rounding does not compound). Every [C, ·] tile is taken BKB
+    # or BVB columns at a time and the key chunks' sums dĒ, dH, dV are read-modify-written at each
+    # step (the block's working set, in L2): whole-width float32 tiles, or the sums held in
+    # registers, spill
+    for p0 in range(0, R, KEYS):
+        for pk in tl.static_range(KEYS):  # the band is dĒ's and dH's first writer
+            if p0 + pk < R:
+                chunk = (n * NC + w * R + p0 + pk).to(tl.int64)
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    tl.store(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], tl.zeros([BKB, C], dtype=tl.float32),
+                             mask=ck[:, None] < DK)
+                    tl.store(DHB + chunk * C * DK + o[:, None] * DK + ck[None, :], tl.zeros([C, BKB], dtype=tl.float32),
+                             mask=ck[None, :] < DK)
+        kk = tl.arange(0, KEYS)
+        dgc = tl.zeros([KEYS], dtype=tl.float32)  # dγ_C of the block's key chunks: Σ dx ∘ x
         tl.debug_barrier()
-        for i in range(pi + 1, R):
+        for i in range(p0 + 1, R):
             c = w * R + i
             t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
             tokL = tok * L
-            x_at = xp + (i * (i - 1) // 2 + i - 1 - pi) * C * DK
             dqh = DQH + (n * NC + c).to(tl.int64) * C * DK
-            # σ = x Ē_p, dx Hᵀ and dγ_C's Σ dx ∘ x, over Dk by blocks
-            sigma = tl.zeros([C, C], dtype=tl.float32)
-            dxH = tl.zeros([C, C], dtype=tl.float32)
-            for kb in tl.static_range(BKP // BKB):
-                ck = kb * BKB + kb0
-                x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-                E = tl.load(eb + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
-                sigma += _mm(x_in, E, PREC, SPLIT, INTERP)  # a step's own term: its rounding does not compound
-                dx = tl.load(dqh + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-                dxH += _mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP)
-                dgc += tl.sum(dx * x_in.to(tl.float32), axis=1)
-            dxH = dxH * gamp[None, :]
-            dAL = tl.zeros([C, C], dtype=tl.float32)
-            for vb in tl.static_range(BVP // BVB):
-                cv = vb * BVB + vb0
-                dAL += _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
-                             PREC, SPLIT, INTERP)
-            dAL = scale * dAL
-            Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
             dl_at = DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :]
-            dl = _scatter_levels(tl.load(dl_at), CM, tokL, tc, valid, tp, dAL * sigma, H, L, LP, C)
-            last = i == pi + 1  # the query's last key chunk: its dλ is whole
-            tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
-                     mask=valid[:, None] & (lc[None, :] < L) & last)
-            tl.store(dl_at, dl, mask=(lc[None, :] < LP) & (not last))
-            dsigma = dAL * Lp - dxH
-            SLt = _transposed(scr, sigma * Lp, C)
-            for vb in tl.static_range(BVP // BVB):
-                cv = vb * BVB + vb0
-                at = dvk + o[:, None] * DV + cv[None, :]
-                dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
-                tl.store(at, tl.load(at, mask=cv[None, :] < DV, other=0.0)
-                         + scale * _mmr(SLt, dO, PREC, SPLIT, INTERP), mask=cv[None, :] < DV)
-            sigT = _transposed(scr, sigma, C)
-            dsT = _transposed(scr, dsigma, C)
-            # dĒ += dσᵀ x, dH −= σᵀ dx, then the query's dx on through the step: dx ← γ_C dx + dσ Ē
+            p_top = tl.minimum(p0 + KEYS, i) - 1
+            top = xp + (_visits_before(i, KEYS) + p0 // KEYS) * C * DK
             for kb in tl.static_range(BKP // BKB):
                 ck = kb * BKB + kb0
-                mk = ck[None, :] < DK
-                x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=mk, other=0.0)
-                at = deb + ck[None, :] * C + o[:, None]  # dĒᵀ [C, BKB] in Ē's [Dk, C] layout
-                tl.store(at, tl.load(at, mask=mk, other=0.0) + _mmr(dsT, x_in, PREC, SPLIT, INTERP), mask=mk)
-                dx_at = dqh + o[:, None] * DK + ck[None, :]
-                dx = tl.load(dx_at, mask=mk, other=0.0)
-                at = dhb + o[:, None] * DK + ck[None, :]
-                # dĒ's and dH's step terms, like σ, do not compound: single-pass products
-                tl.store(at, tl.load(at, mask=mk, other=0.0) - tl.dot(sigT, dx, input_precision=PREC), mask=mk)
-                ET = tl.load(eb + ck[None, :] * C + o[:, None], mask=mk, other=0.0)
-                tl.store(dx_at, gam_Cp * dx + _mm32(dsigma, ET, PREC_CHAIN, SPLIT, INTERP), mask=mk)
-            tl.debug_barrier()  # the next step reads the key chunk's sums, the next key chunk this query's dx and dλ
-        tl.store(DGC + chunk, tl.sum(dgc, axis=0))
+                tl.store(xs + (p_top - p0) * C * DK + o[:, None] * DK + ck[None, :],
+                         tl.load(top + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0),
+                         mask=ck[None, :] < DK)
+            tl.debug_barrier()
+            for back in range(p_top - p0):  # through chunk ph: x before ph → x before ph − 1
+                ph = p_top - back
+                th, validh, tch, tokh = _tokens(PHI, n, w * R + ph, T, H, C)
+                Gh, gamh, rhoh, gam_Ch = _gates(G, tokh, tch, validh, H, C, HAS_G)
+                src = xs + (ph - p0) * C * DK
+                eh = EB + (n * NC + w * R + ph).to(tl.int64) * DK * C
+                sigma = tl.zeros([C, C], dtype=tl.float32)
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    x_in = tl.load(src + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                    E = tl.load(eh + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
+                    sigma += _mm(x_in, E, PREC_CHAIN, SPLIT, INTERP)
+                sigma = sigma * gamh[None, :]
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    x_in = tl.load(src + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                    x_lo = gam_Ch * x_in.to(tl.float32) - _mmr(sigma, _rows_raw(K, tokh, tch, validh, ck, H, DK),
+                                                               PREC_CHAIN, SPLIT, INTERP)
+                    tl.store(src - C * DK + o[:, None] * DK + ck[None, :], x_lo.to(XS.dtype.element_ty),
+                             mask=ck[None, :] < DK)
+                tl.debug_barrier()
+            for pi in range(p0, p_top + 1):
+                p = w * R + pi
+                tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
+                Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
+                chunk = (n * NC + p).to(tl.int64)
+                eb = EB + chunk * DK * C
+                deb = DEB + chunk * DK * C
+                dhb = DHB + chunk * C * DK
+                dvk = DVK + chunk * C * DV
+                x_at = xs + (pi - p0) * C * DK
+                # σ = x Ē_p, dx Hᵀ and dγ_C's Σ dx ∘ x, over Dk by blocks
+                sigma = tl.zeros([C, C], dtype=tl.float32)
+                dxH = tl.zeros([C, C], dtype=tl.float32)
+                dgc_p = tl.zeros([C], dtype=tl.float32)
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                    E = tl.load(eb + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
+                    sigma += _mm(x_in, E, PREC, SPLIT, INTERP)  # a step's own term: its rounding does not compound
+                    dx = tl.load(dqh + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                    dxH += _mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP)
+                    dgc_p += tl.sum(dx * x_in.to(tl.float32), axis=1)
+                dgc += tl.where(kk == pi - p0, tl.sum(dgc_p, axis=0), 0.0)
+                dxH = dxH * gamp[None, :]
+                dAL = tl.zeros([C, C], dtype=tl.float32)
+                for vb in tl.static_range(BVP // BVB):
+                    cv = vb * BVB + vb0
+                    dAL += _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
+                                 PREC, SPLIT, INTERP)
+                dAL = scale * dAL
+                Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
+                dl = _scatter_levels(tl.load(dl_at), CM, tokL, tc, valid, tp, dAL * sigma, H, L, LP, C)
+                last = i == pi + 1  # the query's last key chunk: its dλ is whole
+                tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
+                         mask=valid[:, None] & (lc[None, :] < L) & last)
+                tl.store(dl_at, dl, mask=(lc[None, :] < LP) & (not last))
+                dsigma = dAL * Lp - dxH
+                SLt = _transposed(scr, sigma * Lp, C)
+                for vb in tl.static_range(BVP // BVB):
+                    cv = vb * BVB + vb0
+                    at = dvk + o[:, None] * DV + cv[None, :]
+                    dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
+                    tl.store(at, tl.load(at, mask=cv[None, :] < DV, other=0.0)
+                             + scale * _mmr(SLt, dO, PREC, SPLIT, INTERP), mask=cv[None, :] < DV)
+                sigT = _transposed(scr, sigma, C)
+                dsT = _transposed(scr, dsigma, C)
+                # dĒ += dσᵀ x, dH −= σᵀ dx, then the query's dx on through the step: dx ← γ_C dx + dσ Ē
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    mk = ck[None, :] < DK
+                    x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=mk, other=0.0)
+                    at = deb + ck[None, :] * C + o[:, None]  # dĒᵀ [C, BKB] in Ē's [Dk, C] layout
+                    tl.store(at, tl.load(at, mask=mk, other=0.0) + _mmr(dsT, x_in, PREC, SPLIT, INTERP), mask=mk)
+                    dx_at = dqh + o[:, None] * DK + ck[None, :]
+                    dx = tl.load(dx_at, mask=mk, other=0.0)
+                    at = dhb + o[:, None] * DK + ck[None, :]
+                    # dĒ's and dH's step terms, like σ, do not compound: single-pass products
+                    tl.store(at, tl.load(at, mask=mk, other=0.0) - tl.dot(sigT, dx, input_precision=PREC), mask=mk)
+                    ET = tl.load(eb + ck[None, :] * C + o[:, None], mask=mk, other=0.0)
+                    tl.store(dx_at, gam_Cp * dx + _mm32(dsigma, ET, PREC_CHAIN, SPLIT, INTERP), mask=mk)
+                tl.debug_barrier()  # the next step reads this query's dx and dλ, the next query the key chunks' sums
+        first = (n * NC + w * R + p0).to(tl.int64)
+        tl.store(DGC + first + kk, dgc, mask=p0 + kk < R)
 
 
 @triton.jit
@@ -687,12 +751,13 @@ def _object_grad_kernel(DO, LAM, CM, PHI, FIRST, LAST, XF, DR, T, scale, H: tl.c
 
 
 @triton.jit
-def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DN, DKT, DVK, DSUF, T, NW, H: tl.constexpr,
+def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DKT, DVK, DSUF, T, NW, H: tl.constexpr,
                        L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                        BKP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
     """Windows in reverse: D^w = D_readout^w + Suf_Fᵀ D' on the elements each E' holds; the
-    partial (this Dv tile's) dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v; dv += D'ᵀ K̃. DN [N, 2, L, Dk, Dv]
-    holds D' (the final dS in slot NW % 2 on entry) and receives D^w; D^0 ends in slot 0."""
+    partial (this Dv tile's) dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v; dv += D'ᵀ K̃. DR [N, NW + 1, L,
+    Dk, Dv] holds D_readout^w in slot w (`_object_grad_kernel`) and the final dS in slot NW, and
+    each slot turns into D^w in place (a program owns its Dv tile's columns); D^0 ends in slot 0."""
     n = tl.program_id(0)
     vt = tl.program_id(1)
     NVT = tl.num_programs(1)
@@ -707,14 +772,11 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DN, DKT, DVK, DSUF,
     D = DK * DV
     for ww in range(NW):
         w = NW - 1 - ww
-        nxt = DN + ((n * 2 + (w + 1) % 2) * L).to(tl.int64) * D
-        cur = DN + ((n * 2 + w % 2) * L).to(tl.int64) * D
+        nxt = DR + ((n * (NW + 1) + w + 1) * L).to(tl.int64) * D
+        cur = DR + ((n * (NW + 1) + w) * L).to(tl.int64) * D
         masters = MB + ((n * (NW + 1) + w) * L).to(tl.int64) * D
         now = (n * (NW + 1) + w) * L
         after = (n * (NW + 1) + w + 1) * L
-        for r in range(L):
-            tl.store(cur + r * D + tile, tl.load(DR + (now + r).to(tl.int64) * D + tile, mask=mt, other=0.0), mask=mt)
-        tl.debug_barrier()
         sufT = tl.load(SUF + (n * NW + w).to(tl.int64) * DK * DK + rk[None, :] * DK + rk[:, None],
                        mask=(rk[:, None] < DK) & (rk[None, :] < DK), other=0.0)
         dsuf = tl.zeros([BKP, BKP], dtype=tl.float32)
@@ -1038,13 +1100,17 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     BKP, BVP = meta["BKP"], pow2(Dv)
     flags = dict(C=C, HAS_G=g is not None)
     LP = pow2(L, 1)
-    # one [C, Dk] query per (query chunk, step) pair of a window: (R − 1)/2 times the chunk-indexed
-    # buffers beside it, and most of the band pass's traffic. Kept in bfloat16 for 16-bit inputs:
-    # the band reads it only for its step's own terms (σ, dĒ, dγ_C), never into the dx chain, so
-    # its rounding does not compound (bfloat16, not float16: the transported query's range is the
-    # transitions', not bounded by the inputs')
-    XP = torch.empty(N, NW, max(1, R * (R - 1) // 2), C, Dk, dtype=f32 if q.dtype == f32 else torch.bfloat16,
-                     device=dev)
+    # one [C, Dk] query per visit of the band (query chunk i, block of BAND_KEYS key chunks before
+    # it): about (R − 1)/(2·BAND_KEYS) times the chunk-indexed buffers beside it, and much of the
+    # band pass's traffic. Kept in bfloat16 for 16-bit inputs: the band reads it only for its
+    # steps' own terms (σ, dĒ, dγ_C), never into the dx chain, so its rounding does not compound
+    # (bfloat16, not float16: the transported query's range is the transitions', not bounded by
+    # the inputs'); XS, a window's scratch, holds it stepped back through a block
+    G = BAND_KEYS
+    visits = max(1, band_visits(R))  # one slot at R = 1, where the band has none
+    xdtype = f32 if q.dtype == f32 else torch.bfloat16
+    XP = torch.empty(N, NW, visits, C, Dk, dtype=xdtype, device=dev)
+    XS = torch.empty(N, NW, G, C, Dk, dtype=xdtype, device=dev)
     SCR = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
@@ -1059,20 +1125,21 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     common = dict(H=H, L=L, LP=LP, DK=Dk, DV=Dv, R=R, BKP=BKP, BVP=BVP, PREC=buf.prec, PREC_CHAIN=buf.prec_chain,
                   **flags, **buf.split)
     _readout_bwd_chain_kernel[(NC, N)](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
-                                       buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), **common,
+                                       buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), KEYS=G,
+                                       VISITS=visits, **common,
                                        **LAUNCH["_readout_bwd_chain_kernel"])
-    _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, SCR, DQH, DL, DEB, DHB, DGC, DVK,
-                                      dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], **common,
+    _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, XS, SCR, DQH, DL, DEB, DHB, DGC,
+                                      DVK, dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], KEYS=G,
+                                      VISITS=visits, **common,
                                       **LAUNCH["_readout_bwd_band_kernel"])
     NVT = triton.cdiv(Dv, meta["BV"])
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
                                           Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec)
-    DN = torch.empty(N, 2, L, Dk, Dv, dtype=f32, device=dev)
-    DN[:, NW % 2] = dS.reshape(N, L, Dk, Dv)
+    DR[:, NW] = dS.reshape(N, L, Dk, Dv)
     NVO = triton.cdiv(Dv, meta["BVO"])
     DKT = torch.zeros(N, NVO, NC, Dk, C, dtype=f32, device=dev)
     DSUF = torch.empty(N, NVO, NW, Dk, Dk, dtype=f32, device=dev)
-    _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.MB, DR, DN, DKT, DVK, DSUF,
+    _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.MB, DR, DKT, DVK, DSUF,
                                  T, NW, H, L, Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BVO"], PREC=buf.prec,
                                  PREC_CHAIN=buf.prec_chain, **LAUNCH["_object_bwd_kernel"])
     SB = torch.empty(N, NC, Dk, Dk, dtype=f32, device=dev)
@@ -1086,5 +1153,5 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     _ut_bwd_kernel[(NC, N)](q, k, g, beta, buf.phi, buf.TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, dq, dk, dv, dbeta,
                             dg if g is not None else None, T, H, Dk, Dv, BKP=BKP, BVP=BVP, PREC=buf.prec,
                             PREC_CHAIN=buf.prec_chain, **flags, **buf.split, **LAUNCH["_ut_bwd_kernel"])
-    dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DN[:, 0])
+    dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DR[:, 0])
     return dq, dk, dv, dlam, dg, dbeta, dS0.reshape(B, H, L, Dk, Dv)
