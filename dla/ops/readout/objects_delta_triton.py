@@ -857,8 +857,9 @@ def _suffix_bwd_kernel(K, G, PHI, EB, KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H: tl
         chunk = (n * NC + c).to(tl.int64)
         t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
         Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
+        # each [Dk, Dk] tile loaded where it is used, so that no two of them wait in registers
         suf_j = tl.load(sb + j * DK * DK + rk[:, None] * DK + rk[None, :], mask=msq, other=0.0)
-        sufT = tl.load(sb + j * DK * DK + rk[None, :] * DK + rk[:, None], mask=msq, other=0.0)
+        tl.store(DGC + chunk, tl.load(DGC + chunk) + tl.sum(tl.sum(dsuf * suf_j, axis=1), axis=0))
         HT = _cols(K, tok, tc, valid, rk, H, DK) * gam[None, :]
         ktT = tl.load(KT + chunk * DK * C + rk[None, :] * C + o[:, None], mask=rk[None, :] < DK, other=0.0)
         dkeys = tl.load(DKT + chunk * DK * C + rk[:, None] * C + o[None, :], mask=rk[:, None] < DK, other=0.0)
@@ -866,12 +867,12 @@ def _suffix_bwd_kernel(K, G, PHI, EB, KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H: tl
         dhb = DHB + chunk * C * DK + o[:, None] * DK + rk[None, :]
         tl.store(dhb, tl.load(dhb, mask=rk[None, :] < DK, other=0.0) - tl.dot(ktT, dsuf, input_precision=PREC_CHAIN),
                  mask=rk[None, :] < DK)
-        tl.store(DGC + chunk, tl.load(DGC + chunk) + tl.sum(tl.sum(dsuf * suf_j, axis=1), axis=0))
         ET = tl.load(EB + chunk * DK * C + rk[None, :] * C + o[:, None], mask=rk[None, :] < DK, other=0.0)
+        dsuf = gam_C * dsuf + tl.dot(dkeys, ET, input_precision=PREC_CHAIN)
+        sufT = tl.load(sb + j * DK * DK + rk[None, :] * DK + rk[:, None], mask=msq, other=0.0)
         deb = DEB + chunk * DK * C + rk[:, None] * C + o[None, :]
         tl.store(deb, tl.load(deb, mask=rk[:, None] < DK, other=0.0) + tl.dot(sufT, dkeys, input_precision=PREC_CHAIN),
                  mask=rk[:, None] < DK)
-        dsuf = gam_C * dsuf + tl.dot(dkeys, ET, input_precision=PREC_CHAIN)
 
 
 @triton.jit
