@@ -1110,11 +1110,13 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     G = BAND_KEYS
     visits = max(1, band_visits(R))  # one slot at R = 1, where the band has none
     xdtype = f32 if q.dtype == f32 else torch.bfloat16
+    # Each buffer is made just before its first kernel and dropped after its last, so that the
+    # caching allocator hands its memory to the later ones: the backward's peak is one phase's
+    # buffers (the readout passes', the object passes', the suffix's) beside the plan's, not all
     XP = torch.empty(N, NW, visits, C, Dk, dtype=xdtype, device=dev)
     XS = torch.empty(N, NW, G, C, Dk, dtype=xdtype, device=dev)
     SCR = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
-    DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
     DQH = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DAT = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     DL = torch.empty(N, NC, C, LP, dtype=f32, device=dev)
@@ -1133,9 +1135,12 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
                                       DVK, dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], KEYS=G,
                                       VISITS=visits, **common,
                                       **LAUNCH["_readout_bwd_band_kernel"])
+    del XP, XS, DL, buf.OB  # the readout passes' own (the object copies are theirs too)
     NVT = triton.cdiv(Dv, meta["BV"])
+    DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
                                           Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec)
+    del XF
     DR[:, NW] = dS.reshape(N, L, Dk, Dv)
     NVO = triton.cdiv(Dv, meta["BVO"])
     DKT = torch.zeros(N, NVO, NC, Dk, C, dtype=f32, device=dev)
@@ -1143,16 +1148,18 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.MB, DR, DKT, DVK, DSUF,
                                  T, NW, H, L, Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BVO"], PREC=buf.prec,
                                  PREC_CHAIN=buf.prec_chain, **LAUNCH["_object_bwd_kernel"])
+    dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DR[:, 0]).reshape(B, H, L, Dk, Dv)
+    del DR, buf.MB
+    dsuf, dkt = DSUF.sum(1), DKT.sum(1)  # over the Dv tiles
+    del DSUF, DKT
     SB = torch.empty(N, NC, Dk, Dk, dtype=f32, device=dev)
-    _suffix_bwd_kernel[(NW, N)](k, g, buf.phi, buf.EB, buf.KT, DSUF.sum(1).contiguous(),
-                                DKT.sum(1).contiguous(), DEB, DHB, DGC, SB, T, H, Dk, R=R, BKP=BKP,
-                                PREC_CHAIN=buf.prec_chain, **flags,
-                                **LAUNCH["_suffix_bwd_kernel"])
+    _suffix_bwd_kernel[(NW, N)](k, g, buf.phi, buf.EB, buf.KT, dsuf, dkt, DEB, DHB, DGC, SB, T, H, Dk, R=R, BKP=BKP,
+                                PREC_CHAIN=buf.prec_chain, **flags, **LAUNCH["_suffix_bwd_kernel"])
+    del SB, dsuf, dkt, buf.KT, buf.SUF
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if g is not None else zeros_g
     _ut_bwd_kernel[(NC, N)](q, k, g, beta, buf.phi, buf.TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, dq, dk, dv, dbeta,
                             dg if g is not None else None, T, H, Dk, Dv, BKP=BKP, BVP=BVP, PREC=buf.prec,
                             PREC_CHAIN=buf.prec_chain, **flags, **buf.split, **LAUNCH["_ut_bwd_kernel"])
-    dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DR[:, 0])
-    return dq, dk, dv, dlam, dg, dbeta, dS0.reshape(B, H, L, Dk, Dv)
+    return dq, dk, dv, dlam, dg, dbeta, dS0
