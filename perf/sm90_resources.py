@@ -48,7 +48,7 @@ def compile_kernel(name: str, spec: str):
     prec, prec_solve = precisions(dtype)
     meta = dict(X._meta(D, D, interpreted=False), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16, HAS_G=has_g == "g",
                 PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve, LP=triton.next_power_of_2(L),
-                BVP=triton.next_power_of_2(D), KEEP=True, SPLIT=dtype == torch.bfloat16, INTERP=False,
+                BVP=triton.next_power_of_2(D), SPLIT=dtype == torch.bfloat16, INTERP=False,
                 KEYS=BAND_KEYS, VISITS=max(1, band_visits(R)))
     fn = getattr(X, name)
     names = [a.name for a in fn.params]

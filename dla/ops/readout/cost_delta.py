@@ -30,10 +30,11 @@ visit, so it is counted per visit.
     UT                  NC·ut;  k, β, g; T⁻¹ and Ē written (float32)
     suffix products     2·Dk²·C per chunk (K̃ = Suf Ē, Suf ← γ_C Suf − K̃ H); Ē, k; K̃, Suf_F written
     object pass         reframes·Dk²·Dv + token_chunks·C·D; masters read once, every rank's master
-                        (float32) and copy written per window, K̃ and v of the chunks each element holds
+                        (float32, two windows' buffers in turn) and copy written per window, K̃ and v
+                        of the chunks each element holds
     readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
                         the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
-    (backward)          UT, suffix products, object pass again (every window's masters kept)
+    (backward)          UT, suffix products, object pass again (every window's copies kept)
     readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), per step beyond a
                         visit's first C·2Dk (the query stepped back again), reads·D. The chain pass
                         (per chunk): own chunk, the chain with the query before each visit's last
@@ -45,8 +46,8 @@ visit, so it is counted per visit.
                         (C·(Dv·s + L·(4 + s)))
     object gradients    reads·D; XF, dO, λ once; D written
     object pass backward   2·reframes·Dk²·Dv + 2·token_chunks·C·D; D read and written in place,
-                        masters and the next D read; dK̃ (per Dv tile) and dv read-modify-written
-                        per token chunk
+                        the next D and the objects' copies read; dK̃ (per Dv tile) and dv
+                        read-modify-written per token chunk
     suffix backward     6·Dk²·C per chunk (the chain again and its adjoint); each chunk's Suf
                         written and read twice (3·Dk²·4); Ē, K̃, dK̃, dĒ, dH
     UT backward         per chunk 10·C²·Dk + 6·C³; q, k, β, g, T⁻¹, the gradients of Q̂, Ã, Ē, H;
@@ -166,7 +167,7 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
                    + n["visits"] * (2 * Dk * s + 2 * (Dk + LP) * 4 + Dv * s + L * (4 + s)) + n["objects"] * D * s)
     object_grads = (2.0 * n["reads"] * D, T * (Dk * 4 + Dv * s + L * (s + 4)) + n["objects"] * D * 4)
     object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * n["token_chunks"] * C * D),
-                  n["objects"] * D * 4 * 4 + NW * Dk * Dk * 4 * 2
+                  n["objects"] * D * (4 * 3 + s) + NW * Dk * Dk * 4 * 2
                   + n["token_chunks"] * C * (Dk * 4 * 2 + Dv * (s + 8)))
     suffix_bwd = (12.0 * Dk * Dk * C * NC,
                   NC * Dk * Dk * 4 * 3 + T * (Dk * 4 * 3 + Dk * s * 2 + 8) + T * Dk * 4 * 4 + NW * Dk * Dk * 4)

@@ -15,16 +15,16 @@ same shape. Notation of `objects_delta.py`:
     _suffix_kernel    per (window, row, row tile of Dk): from the window's end, K̃ = Suf Ē and
                       Suf ← γ_C Suf − K̃ H chunk by chunk                 → KT [N,NC,Dk,C], SUF [N,NW,Dk,Dk]
     _object_kernel    per (row, Dv tile), windows in order: every element E' of the next partition
-                      S̄'_{E'} = Suf_F Σ_{E⊂E'} S̄_E + Σ_{s∈E'} K̃_s v_sᵀ  (float32 masters MB,
-                      copies OB in the inputs' dtype for the readout; the last masters are S)
+                      S̄'_{E'} = Suf_F Σ_{E⊂E'} S̄_E + Σ_{s∈E'} K̃_s v_sᵀ  (float32 masters MB, two
+                      windows' in turn; every window's copies OB in the inputs' dtype, which the
+                      readout and the object backward read; the last masters are S)
     _readout_kernel   per (chunk, row, Dv tile): own chunk (Ã ⊙ Λ)V with Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β)
                       and Q̂ = diag(γ)Q − ÃH; back through the window's earlier chunks σ = xĒ,
                       o += (σ ⊙ Λ)V, x ← γ_C x − σH; then Σ_E λ_t[ℓ_t(a_E)] x S̄_E — all of it
                       transposed (oᵀ, xᵀ, σᵀ built as such), so that every product has Dk, Dv or
                       C rows and takes the carried tiles as its right operand
 
-Backward (`objects_delta._row_backward`'s order; the forward's buffers recomputed, with the
-masters of every window kept):
+Backward (`objects_delta._row_backward`'s order; the forward's buffers recomputed):
 
     _readout_bwd_chain_kernel   per (chunk, row): own chunk (dÃ, its dV, dλ), the chain again with
                           the query written to XP before the last step of each block of KEYS key
@@ -363,7 +363,7 @@ def _suffix_kernel(K, G, PHI, EB, KT, SUF, T, H: tl.constexpr, DK: tl.constexpr,
 @triton.jit
 def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr,
                    DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, KEEP: tl.constexpr):
+                   PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
     n = tl.program_id(0)
     NC = NW * R
     o = tl.arange(0, C)
@@ -373,12 +373,9 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
     mt = (rk[:, None] < DK) & (cv[None, :] < DV)
     D = DK * DV
     for w in range(NW):
-        if KEEP:  # every window's masters (the backward reads them)
-            src = MB + ((n * (NW + 1) + w) * L).to(tl.int64) * D
-            dst = MB + ((n * (NW + 1) + w + 1) * L).to(tl.int64) * D
-        else:  # two buffers, in turn
-            src = MB + ((n * 2 + w % 2) * L).to(tl.int64) * D
-            dst = MB + ((n * 2 + (w + 1) % 2) * L).to(tl.int64) * D
+        # the float32 masters in two buffers, in turn (every window's copies are in OB)
+        src = MB + ((n * 2 + w % 2) * L).to(tl.int64) * D
+        dst = MB + ((n * 2 + (w + 1) % 2) * L).to(tl.int64) * D
         suf = tl.load(SUF + (n * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :],
                       mask=(rk[:, None] < DK) & (rk[None, :] < DK), other=0.0)
         now = (n * (NW + 1) + w) * L
@@ -751,11 +748,13 @@ def _object_grad_kernel(DO, LAM, CM, PHI, FIRST, LAST, XF, DR, T, scale, H: tl.c
 
 
 @triton.jit
-def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DKT, DVK, DSUF, T, NW, H: tl.constexpr,
+def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, OB, DR, DKT, DVK, DSUF, T, NW, H: tl.constexpr,
                        L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                        BKP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
     """Windows in reverse: D^w = D_readout^w + Suf_Fᵀ D' on the elements each E' holds; the
-    partial (this Dv tile's) dSuf_F = Σ D' (Σ S̄)ᵀ and dK̃ = D' v; dv += D'ᵀ K̃. DR [N, NW + 1, L,
+    partial (this Dv tile's) dSuf_F = Σ D' (Σ S̄)ᵀ, the objects S̄ from their copies in the inputs'
+    dtype (SPEC §3.1: objects are rounded once for the products, as fla rounds its chunk states),
+    and dK̃ = D' v; dv += D'ᵀ K̃. DR [N, NW + 1, L,
     Dk, Dv] holds D_readout^w in slot w (`_object_grad_kernel`) and the final dS in slot NW, and
     each slot turns into D^w in place (a program owns its Dv tile's columns); D^0 ends in slot 0."""
     n = tl.program_id(0)
@@ -774,7 +773,7 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DKT, DVK, DSUF, T, 
         w = NW - 1 - ww
         nxt = DR + ((n * (NW + 1) + w + 1) * L).to(tl.int64) * D
         cur = DR + ((n * (NW + 1) + w) * L).to(tl.int64) * D
-        masters = MB + ((n * (NW + 1) + w) * L).to(tl.int64) * D
+        objects = OB + ((n * (NW + 1) + w) * L).to(tl.int64) * D
         now = (n * (NW + 1) + w) * L
         after = (n * (NW + 1) + w + 1) * L
         sufT = tl.load(SUF + (n * NW + w).to(tl.int64) * DK * DK + rk[None, :] * DK + rk[:, None],
@@ -791,7 +790,7 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, DR, DKT, DVK, DSUF, T, 
                     a = tl.load(FIRST + now + r)
                     e = tl.load(LAST + now + r)
                     held = (a <= e) & (a2 <= a) & (e <= e2)
-                    gathered += tl.load(masters + r * D + tileT, mask=mtT & held, other=0.0)
+                    gathered += tl.load(objects + r * D + tileT, mask=mtT & held, other=0.0).to(tl.float32)
                     held_any += held.to(tl.int32)
                 if held_any > 0:
                     DT = tl.dot(sufT, Dn, input_precision=PREC_CHAIN)
@@ -992,7 +991,7 @@ LAUNCH = {
 class _Buffers:
     """The forward's plan and intermediate buffers (module doc), shared by both passes."""
 
-    def __init__(self, q, k, v, g, beta, level_start, S0, C: int, R: int, step: Tensor | None, keep: bool):
+    def __init__(self, q, k, v, g, beta, level_start, S0, C: int, R: int, step: Tensor | None):
         B, T, H, Dk = q.shape
         Dv, L = v.shape[-1], level_start.shape[-1]
         if C < BC or C & (C - 1):
@@ -1026,20 +1025,19 @@ class _Buffers:
         slot = -1 - torch.arange(L, device=dev)
         self.inside = (plan.first[:, 0, :, None] <= slot) & (slot <= plan.last[:, 0, :, None])  # P_0 ∋ slot j
         objects0 = torch.einsum("nrj,njkv->nrkv", self.inside.to(f32), S0.to(f32).reshape(N, L, Dk, Dv))
-        self.keep = keep
-        self.MB = torch.empty(N, NW + 1 if keep else 2, L, Dk, Dv, dtype=f32, device=dev)
+        self.MB = torch.empty(N, 2, L, Dk, Dv, dtype=f32, device=dev)
         self.MB[:, 0] = objects0
         self.OB = torch.empty(N, NW + 1, L, Dk, Dv, dtype=q.dtype, device=dev)
         self.OB[:, 0] = objects0.to(q.dtype)
         _object_kernel[(N, triton.cdiv(Dv, meta["BV"]))](v, self.phi, self.KT, self.SUF, self.first, self.last,
                                                           self.MB, self.OB, T, NW, H, L, Dk, Dv, C=C, R=R,
                                                           BKP=meta["BKP"], BV=meta["BV"], PREC=self.prec,
-                                                          PREC_CHAIN=self.prec_chain, KEEP=keep,
+                                                          PREC_CHAIN=self.prec_chain,
                                                           **LAUNCH["_object_kernel"])
 
     def final(self) -> Tensor:
         """The final state [N, L, Dk, Dv] float32 (the masters after the last window)."""
-        return self.MB[:, self.NW if self.keep else self.NW % 2]
+        return self.MB[:, self.NW % 2]
 
 
 def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) -> None:
@@ -1070,7 +1068,7 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
         return v.new_empty(B, 0, H, Dv), S0.to(sd).clone()
     q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
     g = None if g is None else g.contiguous()
-    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, keep=False)
+    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step)
     o = torch.empty_like(v)
     _readout_kernel[(buf.NC, buf.N, triton.cdiv(Dv, buf.meta["BV"]))](
         q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, o, T, float(scale), H,
@@ -1096,7 +1094,8 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     g = None if g is None else g.contiguous()
     # the kernels take dO in the inputs' dtype (as the gradient of an output in that dtype arrives)
     do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
-    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, keep=True)
+    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step)
+    del buf.MB  # the backward reads every window's objects from their copies (OB)
     N, NC, NW, meta = buf.N, buf.NC, buf.NW, buf.meta
     BKP, BVP = meta["BKP"], pow2(Dv)
     flags = dict(C=C, HAS_G=g is not None)
@@ -1135,7 +1134,7 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
                                       DVK, dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], KEYS=G,
                                       VISITS=visits, **common,
                                       **LAUNCH["_readout_bwd_band_kernel"])
-    del XP, XS, DL, buf.OB  # the readout passes' own (the object copies are theirs too)
+    del XP, XS, DL  # the band's own
     NVT = triton.cdiv(Dv, meta["BV"])
     DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
@@ -1145,11 +1144,11 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     NVO = triton.cdiv(Dv, meta["BVO"])
     DKT = torch.zeros(N, NVO, NC, Dk, C, dtype=f32, device=dev)
     DSUF = torch.empty(N, NVO, NW, Dk, Dk, dtype=f32, device=dev)
-    _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.MB, DR, DKT, DVK, DSUF,
+    _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.OB, DR, DKT, DVK, DSUF,
                                  T, NW, H, L, Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BVO"], PREC=buf.prec,
                                  PREC_CHAIN=buf.prec_chain, **LAUNCH["_object_bwd_kernel"])
     dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DR[:, 0]).reshape(B, H, L, Dk, Dv)
-    del DR, buf.MB
+    del DR, buf.OB
     dsuf, dkt = DSUF.sum(1), DKT.sum(1)  # over the Dv tiles
     del DSUF, DKT
     SB = torch.empty(N, NC, Dk, Dk, dtype=f32, device=dev)
