@@ -581,9 +581,8 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                              H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                              C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
                              BKB: tl.constexpr, BVB: tl.constexpr, KEYS: tl.constexpr, VISITS: tl.constexpr,
-                             HAS_G: tl.constexpr,
-                             PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr,
-                             INTERP: tl.constexpr):
+                             HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr,
+                             SPLIT: tl.constexpr, INTERP: tl.constexpr):
     w = tl.program_id(0)
     n = tl.program_id(1)
     NW = tl.num_programs(0)
@@ -754,9 +753,9 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, OB, DR, DKT, DVK, DSUF, T, 
     """Windows in reverse: D^w = D_readout^w + Suf_Fᵀ D' on the elements each E' holds; the
     partial (this Dv tile's) dSuf_F = Σ D' (Σ S̄)ᵀ, the objects S̄ from their copies in the inputs'
     dtype (SPEC §3.1: objects are rounded once for the products, as fla rounds its chunk states),
-    and dK̃ = D' v; dv += D'ᵀ K̃. DR [N, NW + 1, L,
-    Dk, Dv] holds D_readout^w in slot w (`_object_grad_kernel`) and the final dS in slot NW, and
-    each slot turns into D^w in place (a program owns its Dv tile's columns); D^0 ends in slot 0."""
+    and dK̃ = D' v; dv += D'ᵀ K̃. DR [N, NW + 1, L, Dk, Dv] holds D_readout^w in slot w
+    (`_object_grad_kernel`) and the final dS in slot NW, and each slot turns into D^w in place (a
+    program owns its Dv tile's columns); D^0 ends in slot 0."""
     n = tl.program_id(0)
     vt = tl.program_id(1)
     NVT = tl.num_programs(1)
