@@ -55,8 +55,10 @@ def compile_kernel(name: str, spec: str):
     constexprs = {k: v for k, v in meta.items() if k in names}
     if name == "_object_bwd_kernel":
         constexprs["BV"] = meta["BVO"]
-    return compile_for_sm90(fn, lambda a: INTS.get(a, "*fp32" if a in FLOAT32 else xp if a in ("XP", "XS") else data),
-                            constexprs, **X.LAUNCH.get(name, {}))
+    def arg_type(a: str) -> str:
+        return INTS.get(a, "*fp32" if a in FLOAT32 else xp if a in ("XP", "XS") else data)
+
+    return compile_for_sm90(fn, arg_type, constexprs, **X.LAUNCH.get(name, {}))
 
 
 def ptxas_report(kernel) -> dict:
