@@ -629,6 +629,8 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                          tl.load(top + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0),
                          mask=ck[None, :] < DK)
             tl.debug_barrier()
+            # `_step_back`'s step, by BKB columns as the rest of the band: called here, its whole-width
+            # tiles made the band spill more (`python -m perf.sm90_resources`)
             for back in range(p_top - p0):  # through chunk ph: x before ph → x before ph − 1
                 ph = p_top - back
                 th, validh, tch, tokh = _tokens(PHI, n, w * R + ph, T, H, C)
