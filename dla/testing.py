@@ -26,6 +26,7 @@ The interpreter runs every program of a launch in Python over numpy arrays, so k
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import contextmanager
 
@@ -41,7 +42,10 @@ from dla.ops.backbone import backbone_backward_triton, backbone_forward_triton
 from dla.ops.readout import readout_backward_triton, readout_forward_triton
 from dla.ops.segment import segment_triton
 
-__all__ = ["triton_interpreter", "compile_for_sm90"]
+__all__ = ["triton_interpreter", "compile_for_sm90", "PTXAS"]
+
+# the ptxas that `compile_for_sm90` runs, shipped in Triton's wheel (absent from some builds)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def compile_for_sm90(fn, types, constexprs: dict, **options):

@@ -26,7 +26,7 @@ import triton
 import dla.ops.readout.objects_delta_triton as X
 from dla.ops.backbone.delta_common import precisions
 from dla.ops.readout.cost_delta import BAND_KEYS, band_visits
-from dla.testing import compile_for_sm90
+from dla.testing import PTXAS, compile_for_sm90
 
 HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", "_readout_bwd_chain_kernel",
@@ -35,7 +35,6 @@ KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", 
 INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "scale": "fp32"}
 FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
            "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def compile_kernel(name: str, spec: str):

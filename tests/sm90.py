@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-import triton
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+from dla.testing import PTXAS
 
 
 def compile_script(script: str, *args: str, timeout: int = 900) -> str:

@@ -29,7 +29,7 @@ from dla.ops.reference import (
     multistate_attention_materialized, multistate_attention_recurrent, recurrent_level_map, segment_naive,
 )
 from dla.ops.state import MultiStateCache
-from tests.sm90 import PTXAS
+from dla.testing import PTXAS
 from tests.strategies import (
     Case, build, claims_decisions, fenwick_levels, random_cache, relative_error, tally_draw,
     token_map_fields,
