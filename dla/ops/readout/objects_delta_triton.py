@@ -541,7 +541,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
     tl.store(DVK + chunk * C * DV + o[:, None] * DV + cv[None, :], scale * _mmr(AtT * LamT, dO, PREC, SPLIT, INTERP),
              mask=cv[None, :] < DV)
-    # the chain to the window's frame: pair (i, j) holds the query before its step through chunk c − 1 − j
+    # the chain to the window's frame; the query goes to its visit's XP slot before each block's last step
     for j in range(i):
         p = c - 1 - j
         pr = i - 1 - j  # p in the window
@@ -552,7 +552,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
                                 SPLIT, INTERP)
-    # objects: Uᵀ = S̄ dOᵀ, dxᵀ = Σ Uᵀ diag(W), dW = U·x (D = Σ_t W x dÕᵀ: `_object_grad_kernel`, from XF)
+    # objects: Uᵀ = S̄ dOᵀ, dxᵀ = Σ Uᵀ diag(W), dW = U·x (D = Σ_t W x dÕᵀ: `_object_grad_kernel`, XF)
     tl.store(XF + chunk * C * DK + o[None, :] * DK + ck[:, None], xT, mask=ck[:, None] < DK)
     dxT = tl.zeros([BKP, C], dtype=tl.float32)
     dOT = _cols_raw(DO, tok, tc, valid, cv, H, DV)  # loaded again here: kept across the chain, it spilled
