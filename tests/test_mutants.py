@@ -95,7 +95,7 @@ MUTANTS = [
     Mutant("readout with β on CUDA, backward: the band steps the query back through a block without its decay",
            dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
            "x_lo = gam_Ch * x_in.to(tl.float32) - _mmr(", "x_lo = x_in.to(tl.float32) - _mmr(",
-           ("tests/test_readout_delta_objects.py::test_triton_backward_matches_torch",)),
+           ("tests/test_readout_delta_objects.py::test_triton_backward_key_blocks_match_torch",)),
     Mutant("readout with β on CUDA, bfloat16: the split products drop the float32 side's lo halves",
            dla.ops.readout.objects_delta_triton, "_hilo",
            "return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)", "return hi, (0.0 * x).to(tl.bfloat16)",

@@ -544,13 +544,16 @@ def test_triton_forward_matches_torch(drawn):
 @example(edge(37, 3, "dla", "beta", 0.0, 16, 3, False, F32, step=5, dk=16, dv=20))  # every token a boundary, step
 @example(edge(45, 7, "fenwick", "both", 0.6, 16, 2, True, F32))  # fenwick from step 5: partial first window
 @example(edge(40, 4, "dla", "both", 0.6, 16, 3, True, F32, dk=20, dv=36))  # two Dk and three Dv blocks of the band
-@example(edge(80, 4, "dla", "both", 0.6, 16, 5, True, F32, mean_regime=6.0))  # the band's key blocks: two, a partial
+@example(edge(80, 4, "dla", "both", 0.6, 16, 5, True, F32, mean_regime=6.0))  # a window of five chunks
 def test_triton_backward_matches_torch(drawn):
     """Every gradient of the Triton backward against the float64 torch backward, for a loss
     ⟨o, R_o⟩ + ⟨S, R_S⟩ (both cotangents), outputs NaN-poisoned."""
+    check_triton_backward(drawn, tallied(drawn))
+
+
+def check_triton_backward(drawn: Drawn, s: Setup) -> None:
     from dla.ops.readout.objects_delta_triton import objects_delta_backward_triton
 
-    s = tallied(drawn)
     gen = torch.Generator().manual_seed(drawn.case.seed % 1000)
     do = torch.randn(s.t["v"].shape, generator=gen)
     dS = torch.randn(s.S0.shape, generator=gen)
@@ -560,6 +563,19 @@ def test_triton_backward_matches_torch(drawn):
     for name, ours, ref in zip(("dq", "dk", "dv", "dlam", "dg", "dbeta", "dS0"), grads, refs):
         assert ours.shape == ref.shape and torch.isfinite(ours).all(), name
         assert relative_error(ours, ref) <= TOL[F32], (name, relative_error(ours, ref))
+
+
+@pytest.mark.parametrize("keys", [2, 4])
+def test_triton_backward_key_blocks_match_torch(keys, monkeypatch):
+    """The band pass's blocks of several key chunks (`BAND_KEYS` above one; shipped at one, see
+    cost_delta): a window of five chunks (two blocks and a partial one at two keys, one and a
+    partial at four) and one of three, against the float64 torch backward."""
+    import dla.ops.readout.objects_delta_triton as odt
+
+    monkeypatch.setattr(odt, "BAND_KEYS", keys)
+    for drawn in (edge(80, 4, "dla", "both", 0.6, 16, 5, True, F32, mean_regime=6.0),
+                  edge(40, 4, "dla", "both", 0.6, 16, 3, True, F32, dk=20, dv=36)):
+        check_triton_backward(drawn, Setup(drawn))
 
 
 def toward_zero(x: torch.Tensor) -> torch.Tensor:

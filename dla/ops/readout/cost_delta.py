@@ -22,8 +22,8 @@ Bytes count each tensor a kernel touches once (DRAM), with one exception: the re
 band pass walks the window's (query chunk, key chunk) pairs, `G = BAND_KEYS` key chunks at a time,
 the window's later queries inside, each query taking the block's steps back to back (a visit).
 What it reuses across a sweep over the queries is the block's key side (each key chunk's sums
-dĒ, dH, dV and its Ē, k, v: 160 KB at the §7 shapes, 320 KB for the block, within an SM's share
-of an H100's 50 MB L2); the query side (its state before the block `XP`, stepped back through the
+dĒ, dH, dV and its Ē, k, v: 160 KB at the §7 shapes, within an SM's share of an H100's 50 MB L2
+for blocks of up to two); the query side (its state before the block `XP`, stepped back through the
 block into a scratch, its running `dx` and `dλ`, its `dO` and level rows) is reused only within a
 visit, so it is counted per visit.
 
@@ -75,17 +75,21 @@ __all__ = ["window_counts", "delta_kernels", "worst_counts", "roofline_s", "wind
            "band_visits"]
 
 WINDOWS = (1, 2, 4, 8, 16, 32)
-# key chunks the band pass takes per sweep over a window's queries (a power of two): a query's
-# state (XP, dx, dλ) goes through memory once per block instead of once per step, while the
-# block's key side must stay in L2 through the sweep (module doc), which two key chunks do at the
-# §7 shapes and four would not
-BAND_KEYS = 2
+# key chunks the band pass takes per sweep over a window's queries (a power of two). Blocks of two
+# send a query's state (XP, dx, dλ) through memory half as often and keep the block's key side in
+# L2 (module doc), and the roofline model prefers them (it then picks R = 32); but on an H100 the
+# band pass and the whole layer were slower at two key chunks and R = 32 than at one and R = 16
+# (`perf/results/profile_windows-h100.md`): the kernels run far from their roofline, where the
+# model cannot rank the two. One, until a profile on the card shows blocks paying
+BAND_KEYS = 1
 
 
-def band_visits(R: int) -> int:
-    """The band's visits to the queries of a window of `R` chunks, Σ_{i < R} ⌈i / BAND_KEYS⌉ (chunk
-    i visited once per block of key chunks before it): the XP slots it keeps per window."""
-    return sum(-(-i // BAND_KEYS) for i in range(R))
+def band_visits(R: int, keys: int | None = None) -> int:
+    """The band's visits to the queries of a window of `R` chunks, Σ_{i < R} ⌈i / G⌉ (chunk i
+    visited once per block of `G = keys` key chunks before it, `BAND_KEYS` by default): the XP
+    slots it keeps per window."""
+    G = BAND_KEYS if keys is None else keys
+    return sum(-(-i // G) for i in range(R))
 
 
 def window_counts(plan: WindowPlan) -> dict[str, Tensor]:

@@ -1108,7 +1108,7 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     # (bfloat16, not float16: the transported query's range is the transitions', not bounded by
     # the inputs'); XS, a window's scratch, holds it stepped back through a block
     G = BAND_KEYS
-    visits = max(1, band_visits(R))  # one slot at R = 1, where the band has none
+    visits = max(1, band_visits(R, G))  # one slot at R = 1, where the band has none
     xdtype = f32 if q.dtype == f32 else torch.bfloat16
     # Each buffer is made just before its first kernel and dropped after its last, so that the
     # caching allocator hands its memory to the later ones: the backward's peak is one phase's
