@@ -9,6 +9,10 @@ kernel is defined, so the block hands each launch and each device-function call 
 interpreted twin of the kernel). Outside it nothing has changed: the registrations and Triton's
 own launch methods come back when the block exits. Not thread-safe: use it around tests.
 
+`bounds_checked()` holds every load and store of the interpreted kernels launched inside it to
+the tensor argument it addresses: an access past a tensor's end, which on a GPU reads another
+buffer or stops the process with an illegal address, raises at the launch that makes it.
+
 `compile_for_sm90(fn, types, constexprs, **options)` puts one Triton kernel through Triton's GPU
 compiler and ptxas for an H100 on the same machine: what the interpreter accepts but the compiler
 refuses, and a kernel's shared memory and spills, show without a GPU.
@@ -30,10 +34,12 @@ import os
 import warnings
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime import interpreter as _interp
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -42,7 +48,7 @@ from dla.ops.backbone import backbone_backward_triton, backbone_forward_triton
 from dla.ops.readout import readout_backward_triton, readout_forward_triton
 from dla.ops.segment import segment_triton
 
-__all__ = ["triton_interpreter", "compile_for_sm90", "PTXAS"]
+__all__ = ["triton_interpreter", "bounds_checked", "OutOfBounds", "compile_for_sm90", "PTXAS"]
 
 # the ptxas that `compile_for_sm90` runs, shipped in Triton's wheel (absent from some builds)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -74,6 +80,69 @@ def triton_interpreter():
             yield
         finally:
             lib._destroy()
+
+
+class OutOfBounds(AssertionError):
+    """An interpreted kernel's load or store outside the tensor argument it addresses."""
+
+
+@contextmanager
+def bounds_checked():
+    """Inside the block, each load and store of an interpreted Triton launch must fall, on every
+    lane its mask keeps, inside the one tensor argument that its lowest address lies in (from
+    that tensor's first element to its last, by its strides); otherwise `OutOfBounds` names the
+    kernel, the argument and the overrun (the interpreter re-raises it as its `InterpreterError`,
+    with the message). Accesses that address no argument at all raise too.
+    Patches the interpreter (`GridExecutor`, `InterpreterBuilder`) for the block; not
+    thread-safe."""
+    ranges: list[tuple[int, int, str]] = []
+    kernel = [""]
+    init, load, store = (_interp.GridExecutor._init_args_hst, _interp.InterpreterBuilder.create_masked_load,
+                         _interp.InterpreterBuilder.create_masked_store)
+
+    def init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init(self, args_dev, kwargs)
+        kernel[0] = self.fn.__name__
+        ranges.clear()
+        named = list(zip(self.arg_names, args_hst)) + list(kwargs_hst.items())
+        for name, a in named:
+            if isinstance(a, torch.Tensor) and a.numel() > 0:
+                last = sum((n - 1) * st for n, st in zip(a.shape, a.stride()))
+                ranges.append((a.data_ptr(), a.data_ptr() + (last + 1) * a.element_size(), name))
+        return args_hst, kwargs_hst
+
+    def check(what: str, ptrs, mask) -> None:
+        addr = np.asarray(ptrs.data, dtype=np.uint64)
+        on = np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)
+        if not on.any():
+            return
+        size = np.dtype(_interp._get_np_dtype(ptrs.get_element_ty())).itemsize
+        lo, hi = int(addr[on].min()), int(addr[on].max()) + size
+        for start, end, name in ranges:
+            if start <= lo < end:
+                if hi > end:
+                    raise OutOfBounds(f"{kernel[0]}: a {what} of {name!r} reaches byte {hi - start} of its "
+                                      f"{end - start}")
+                return
+        raise OutOfBounds(f"{kernel[0]}: a {what} at an address in no tensor argument")
+
+    def checked_load(self, ptrs, mask, *rest):
+        check("load", ptrs, mask)
+        return load(self, ptrs, mask, *rest)
+
+    def checked_store(self, ptrs, value, mask, *rest):
+        check("store", ptrs, mask)
+        return store(self, ptrs, value, mask, *rest)
+
+    _interp.GridExecutor._init_args_hst = init_args
+    _interp.InterpreterBuilder.create_masked_load = checked_load
+    _interp.InterpreterBuilder.create_masked_store = checked_store
+    try:
+        yield
+    finally:
+        _interp.GridExecutor._init_args_hst = init
+        _interp.InterpreterBuilder.create_masked_load = load
+        _interp.InterpreterBuilder.create_masked_store = store
 
 
 @contextmanager

@@ -14,8 +14,8 @@ backward, initial slots in the wrong order, the `latest` pointer written in plac
 the rename), and one at least per kernel stage — segment (the `drift` detection's threshold,
 and the Triton segmentation's tie-break and boundary test beside the CPU kernel's), backbone
 (the SSD chunk state carried through a reset), readout (the object plan, the object readout's
-decay, the Triton band pass of the readout with β and its split bfloat16 products) — each killed
-by the property checks and unit cases named beside it."""
+decay, the Triton band pass of the readout with β and its split bfloat16 products, a buffer of
+it a row short) — each killed by the property checks and unit cases named beside it."""
 
 from __future__ import annotations
 
@@ -95,7 +95,11 @@ MUTANTS = [
     Mutant("readout with β on CUDA, backward: the band steps the query back through a block without its decay",
            dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
            "x_lo = gam_Ch * x_in.to(tl.float32) - _mmr(", "x_lo = x_in.to(tl.float32) - _mmr(",
-           ("tests/test_readout_delta_objects.py::test_triton_backward_key_blocks_match_torch",)),
+           ("tests/test_readout_delta_objects.py::test_triton_backward_key_blocks_match_torch[2]",)),
+    Mutant("readout with β on CUDA, backward: the dQ̂ buffer a row short per chunk (an overrun on a GPU)",
+           dla.ops.readout.objects_delta_triton, "objects_delta_backward_triton",
+           "DQH = torch.empty(N, NC, C, Dk,", "DQH = torch.empty(N, NC, C - 1, Dk,",
+           ("tests/test_testing.py::test_the_operators_kernels_stay_in_bounds[dla-beta]",)),
     Mutant("readout with β on CUDA, bfloat16: the split products drop the float32 side's lo halves",
            dla.ops.readout.objects_delta_triton, "_hilo",
            "return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)", "return hi, (0.0 * x).to(tl.bfloat16)",
