@@ -394,7 +394,8 @@ def test_triton_refuses_bad_arguments():
 # --------------------------------------------------------------------------------------------
 
 GPU_CASES = [  # (B, H, T, Dk, Dv, g, resets, S0, dtype): both head sizes, fp32 (IEEE) and bf16, the
-    # state pass's Dv tiles 16 / 32 / 64 (by B·H on a 132-SM card), T not a multiple of the chunk
+    # state pass's Dv tiles (`state_tile`, by B·H on a 132-SM card: 16 up to B·H·Dv/32 < 132, 32 for
+    # (4, 16, ·, ·, 128), 64 from B·H·Dv/64 ≥ 132), T not a multiple of the chunk
     (1, 2, 16384, 128, 128, True, "sparse", True, "bf16"),
     (1, 2, 16384, 128, 128, True, "sparse", True, "fp32"),
     (2, 4, 2048, 64, 64, True, "dense", True, "bf16"),
@@ -405,6 +406,8 @@ GPU_CASES = [  # (B, H, T, Dk, Dv, g, resets, S0, dtype): both head sizes, fp32 
     (4, 16, 1000, 128, 64, True, "none", False, "bf16"),
     (8, 16, 520, 128, 128, True, "chunk_ends", True, "bf16"),
     (16, 16, 2048, 128, 128, True, "sparse", True, "bf16"),  # SPEC §7's shape at T = 2048
+    (4, 16, 8192, 128, 128, True, "sparse", True, "bf16"),  # T = 8192: a Dv tile of 32, where an H100
+    # run of perf.bench_gpu stopped with an illegal address (perf/results/gpu_tests-h100.log)
 ]
 
 
