@@ -387,6 +387,14 @@ def test_triton_refuses_bad_arguments():
         delta_forward_triton(*args(on(inputs(case), "cpu", torch.float64)), 0.25, 16)
     with pytest.raises(ValueError, match="chunk_size"):
         delta_forward(*args(x), 0.25, 0)
+    # a sequence past the state pass's int32 offsets (T·H·D = 2**31), as zero-stride views: no memory
+    T, H, D = 2**20, 16, 128
+    q, k, v = (torch.zeros(()).expand(1, T, H, D) for _ in range(3))
+    lam0, g, beta = (torch.zeros(()).expand(1, T, H) for _ in range(3))
+    with pytest.raises(ValueError, match=r"int32: .* got T=1048576, H=16, Dk=128, Dv=128"):
+        delta_forward_triton(q, k, v, lam0, g, beta, None, None, 0.25, 64)
+    with pytest.raises(ValueError, match="int32"):
+        delta_backward_triton(q, None, q, k, v, lam0, g, beta, None, None, 0.25, 64)
 
 
 # --------------------------------------------------------------------------------------------

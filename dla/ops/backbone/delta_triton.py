@@ -45,6 +45,13 @@ def _inputs(k, v, g, beta, reset, S0, chunk_size: int, *more: Tensor | None):
         raise ValueError(f"k's head dimension must be at most 256 for the Triton kernels, got {k.shape[-1]}")
     if S0 is not None and S0.dtype != torch.float32:
         raise TypeError(f"S0 must be float32 for the Triton kernels, got {S0.dtype}")
+    _, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    # the state pass indexes one batch element in int32 (token rows t·H·D, chunk states c·Dk·Dv):
+    # past these bounds its addresses would wrap, so refuse as the SSD stage does
+    if T * H * max(Dk, Dv) >= 2**31 or -(-T // chunk_size) * Dk * Dv >= 2**31:
+        raise ValueError(f"the Triton delta rule indexes one batch element in int32: T·H·max(Dk, Dv) and "
+                         f"⌈T/chunk_size⌉·Dk·Dv must be < 2**31, got T={T}, H={H}, Dk={Dk}, Dv={Dv}")
 
     def c(x):
         return None if x is None else x.contiguous()
