@@ -238,6 +238,10 @@ def test_errors_name_the_argument():
         ssd_forward_triton(*args(x), 1.0, 16)
     with pytest.raises(ValueError, match="chunk_size must be one of"):
         ssd_forward_triton(*args(x32), 1.0, 8)
+    # past the state pass's int32 offsets (T·H·D = 2**31), as zero-stride views: no memory
+    q, lam0 = torch.zeros(()).expand(1, 2**20, 16, 128), torch.zeros(()).expand(1, 2**20, 16)
+    with pytest.raises(ValueError, match=r"ssd_forward_triton: the kernels index one batch element in int32"):
+        ssd_forward_triton(q, q, q, lam0, lam0, None, None, 1.0, 64)
 
 
 def test_empty_sequence():

@@ -5,6 +5,7 @@
   interpreted). Launchers pick interpreter-sized blocks by asking `interpreting(tensor)`: the
   tensors decide, not an environment variable read at an arbitrary time.
 * Block sizes are powers of two no smaller than `tl.dot`'s minimum of 16.
+* The backbone's sequential state passes index one batch element in int32 (`check_state_offsets`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def interpreting(x: torch.Tensor) -> bool:
 def pow2(x: int, lo: int = 16) -> int:
     """The smallest power of two ≥ max(x, lo)."""
     return max(lo, triton.next_power_of_2(int(x)))
+
+
+def check_state_offsets(name: str, T: int, H: int, Dk: int, Dv: int, chunk_size: int) -> None:
+    """Refuse shapes past the state passes' int32 offsets within one batch element — token rows
+    `t·H·D` and chunk states `c·Dk·Dv` — where their addresses would wrap silently."""
+    if T * H * max(Dk, Dv) >= 2**31 or -(-T // chunk_size) * Dk * Dv >= 2**31:
+        raise ValueError(f"{name}: the kernels index one batch element in int32: T·H·max(Dk, Dv) and "
+                         f"⌈T/chunk_size⌉·Dk·Dv must be < 2**31, got T={T}, H={H}, Dk={Dk}, Dv={Dv}")
 
 
 def fix_interpreter_range() -> None:

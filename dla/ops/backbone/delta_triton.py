@@ -29,6 +29,7 @@ from torch import Tensor
 from dla.ops.backbone.delta_output import output_backward, output_dU, output_forward
 from dla.ops.backbone.delta_states import states_backward, states_forward
 from dla.ops.backbone.delta_wy import wy_backward, wy_forward
+from dla.ops.triton_utils import check_state_offsets
 
 __all__ = ["delta_forward_triton", "delta_backward_triton", "delta_chunk_states_triton",
            "delta_chunk_states_backward_triton"]
@@ -46,12 +47,7 @@ def _inputs(k, v, g, beta, reset, S0, chunk_size: int, *more: Tensor | None):
     if S0 is not None and S0.dtype != torch.float32:
         raise TypeError(f"S0 must be float32 for the Triton kernels, got {S0.dtype}")
     _, T, H, Dk = k.shape
-    Dv = v.shape[-1]
-    # the state pass indexes one batch element in int32 (token rows t·H·D, chunk states c·Dk·Dv):
-    # past these bounds its addresses would wrap, so refuse as the SSD stage does
-    if T * H * max(Dk, Dv) >= 2**31 or -(-T // chunk_size) * Dk * Dv >= 2**31:
-        raise ValueError(f"the Triton delta rule indexes one batch element in int32: T·H·max(Dk, Dv) and "
-                         f"⌈T/chunk_size⌉·Dk·Dv must be < 2**31, got T={T}, H={H}, Dk={Dk}, Dv={Dv}")
+    check_state_offsets("the Triton delta rule", T, H, Dk, v.shape[-1], chunk_size)
 
     def c(x):
         return None if x is None else x.contiguous()

@@ -22,6 +22,7 @@ from torch import Tensor
 from dla.ops.backbone.ssd import check_ssd_args
 from dla.ops.backbone.ssd_output import output_backward, output_forward
 from dla.ops.backbone.ssd_states import state_backward, state_forward
+from dla.ops.triton_utils import check_state_offsets
 
 __all__ = ["ssd_forward_triton", "ssd_backward_triton", "ssd_chunk_states_triton", "ssd_chunk_states_backward_triton",
            "CHUNK_SIZES"]
@@ -36,10 +37,7 @@ def _check(name: str, k: Tensor, v: Tensor, chunk_size: int) -> None:
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"{name}: chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     _, T, H, Dk = k.shape
-    Dv = v.shape[-1]
-    if T * H * max(Dk, Dv) >= 2**31 or -(-T // chunk_size) * Dk * Dv >= 2**31:
-        raise ValueError(f"{name}: the kernels index one batch element in int32: T·H·max(Dk, Dv) and "
-                         f"⌈T/chunk_size⌉·Dk·Dv must be < 2**31, got T={T}, H={H}, Dk={Dk}, Dv={Dv}")
+    check_state_offsets(name, T, H, Dk, v.shape[-1], chunk_size)
 
 
 def _contiguous(*xs: Tensor | None) -> list[Tensor | None]:
