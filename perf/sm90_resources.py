@@ -31,7 +31,8 @@ HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", "_readout_bwd_chain_kernel",
            "_readout_bwd_band_queries_kernel", "_readout_bwd_band_keys_kernel", "_object_grad_kernel",
            "_object_bwd_kernel", "_suffix_bwd_kernel", "_ut_bwd_kernel")
-INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "scale": "fp32"}
+INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "N0": "i32",
+        "scale": "fp32"}
 FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
            "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
 

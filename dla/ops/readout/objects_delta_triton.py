@@ -496,15 +496,16 @@ def _scatter_point(dl, CM, tokL, tc, valid, a, x, H: tl.constexpr, L: tl.constex
     return dl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N0"])  # one compile for every group of rows
 def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XP, XF, DQH, DAT, DL, DVK,
-                              DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                              DLAM, T, scale, N0, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                               BKP: tl.constexpr, BVP: tl.constexpr, PAIRS: tl.constexpr, HAS_G: tl.constexpr,
                               PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    # transposed as the forward readout (Ãᵀ, xᵀ, dxᵀ, dÃᵀ); the buffers it writes keep their layouts
+    # transposed as the forward readout (Ãᵀ, xᵀ, dxᵀ, dÃᵀ); the buffers it writes keep their layouts.
+    # Rows N0 + program_id(1): the launch's group of rows, whose pairs alone XP holds
     c = tl.program_id(0)
-    n = tl.program_id(1)
+    n = N0 + tl.program_id(1)
     NC = tl.num_programs(0)
     NW = NC // R
     w = c // R
@@ -514,7 +515,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     cv = tl.arange(0, BVP)
     # the band's pairs of window w (query chunk i, key chunk p < i), in the order of i then p: each
     # holds the query before its step back through p
-    xp = XP + ((n * NW + w) * PAIRS + _pairs_before(i)).to(tl.int64) * C * DK
+    xp = XP + ((tl.program_id(1) * NW + w) * PAIRS + _pairs_before(i)).to(tl.int64) * C * DK
     chunk = (n * NC + c).to(tl.int64)
     now = (n * (NW + 1) + w) * L
     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
@@ -566,8 +567,8 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
         tl.store(DL + chunk * C * LP + o[:, None] * LP + lc[None, :], dl)
 
 
-@triton.jit
-def _readout_bwd_band_queries_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DQH, DL, DLAM, T, scale,
+@triton.jit(do_not_specialize=["N0"])  # one compile for every group of rows
+def _readout_bwd_band_queries_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DQH, DL, DLAM, T, scale, N0,
                                      H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr,
                                      DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr,
                                      BVP: tl.constexpr, PAIRS: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
@@ -577,7 +578,7 @@ def _readout_bwd_band_queries_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DQH
     # σ = x Ē_p; the band's dλ, and dx ← γ_C dx + dσ Ē_pᵀ with dσ = (dO V_pᵀ ⊙ Λ) − (dx K_pᵀ) diag(γ_p).
     # The dx each step starts from goes to DXP, for the key side's sums (the keys pass)
     c = tl.program_id(0)
-    n = tl.program_id(1)
+    n = N0 + tl.program_id(1)  # the rows of the launch's group, as the chain
     NC = tl.num_programs(0)
     NW = NC // R
     w = c // R
@@ -593,7 +594,7 @@ def _readout_bwd_band_queries_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DQH
         chunk = (n * NC + c).to(tl.int64)
         tile = o[None, :] * DK + ck[:, None]  # [BKP, C]: a [C, Dk] buffer's transpose
         dqh = DQH + chunk * C * DK + tile
-        pairs = ((n * NW + w) * PAIRS + _pairs_before(i)).to(tl.int64) * C * DK + tile
+        pairs = ((tl.program_id(1) * NW + w) * PAIRS + _pairs_before(i)).to(tl.int64) * C * DK + tile
         dxT = tl.load(dqh, mask=mk, other=0.0)
         dl = tl.load(DL + chunk * C * LP + o[:, None] * LP + lc[None, :])
         for pi in range(0, i):
@@ -617,8 +618,8 @@ def _readout_bwd_band_queries_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DQH
                  mask=valid[:, None] & (lc[None, :] < L))
 
 
-@triton.jit
-def _readout_bwd_band_keys_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DEB, DHB, DGC, DVK, T, scale,
+@triton.jit(do_not_specialize=["N0"])  # one compile for every group of rows
+def _readout_bwd_band_keys_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DEB, DHB, DGC, DVK, T, scale, N0,
                                   H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                                   C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
                                   PAIRS: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
@@ -628,7 +629,7 @@ def _readout_bwd_band_keys_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DEB, D
     # dH_pᵀ = −Σ dxᵀ σ, dV_pᵀ += Σ dO_iᵀ (σ ⊙ Λ), dγ_C = Σ dx ∘ x — the sums with Dk or Dv rows, as
     # the chain's carried tiles, the pair's [C, C] σ and dσ rebuilt from its tiles
     p = tl.program_id(0)
-    n = tl.program_id(1)
+    n = N0 + tl.program_id(1)  # the rows of the launch's group, as the chain
     NC = tl.num_programs(0)
     NW = NC // R
     w = p // R
@@ -641,7 +642,7 @@ def _readout_bwd_band_keys_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DEB, D
     Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
     chunk = (n * NC + p).to(tl.int64)
     eb = EB + chunk * DK * C
-    window = ((n * NW + w) * PAIRS).to(tl.int64) * C * DK
+    window = ((tl.program_id(1) * NW + w) * PAIRS).to(tl.int64) * C * DK
     dE = tl.zeros([BKP, C], dtype=tl.float32)
     dHT = tl.zeros([BKP, C], dtype=tl.float32)
     dVT = tl.zeros([BVP, C], dtype=tl.float32)
@@ -1063,8 +1064,14 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     xdtype = f32 if q.dtype == f32 else torch.bfloat16
     # Each buffer is made just before its first kernel and dropped after its last, so that the
     # caching allocator hands its memory to the later ones: the backward's peak is one phase's
-    # buffers (the readout passes', the object passes', the suffix's) beside the plan's, not all
-    XP = torch.empty(N, NW, pairs, C, Dk, dtype=xdtype, device=dev)
+    # buffers (the readout passes', the object passes', the suffix's) beside the plan's, not all.
+    # XP and DXP hold one group of rows at a time — the chain and the band's two passes run group
+    # by group — so that together they take at most two float32 [C, Dk] chunk buffers' memory (as
+    # DQH and XF): over all rows they would take (R − 1)·s/8 times that and set the training peak
+    groups = max(1, min(N, -(-(R - 1) * xdtype.itemsize // 8)))
+    rows = -(-N // groups)
+    XP = torch.empty(rows, NW, pairs, C, Dk, dtype=xdtype, device=dev)
+    DXP = torch.empty_like(XP)
     SCR = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DQH = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
@@ -1076,20 +1083,19 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     DVK = torch.empty(N, NC, C, Dv, dtype=f32, device=dev)
     dlam = torch.empty_like(lam)
     common = dict(H=H, L=L, LP=LP, DK=Dk, DV=Dv, R=R, BKP=BKP, BVP=BVP, PREC=buf.prec, PREC_CHAIN=buf.prec_chain,
-                  **flags, **buf.split)
-    _readout_bwd_chain_kernel[(NC, N)](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
-                                       buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), PAIRS=pairs,
-                                       **common, **LAUNCH["_readout_bwd_chain_kernel"])
-    DXP = torch.empty_like(XP)
-    _readout_bwd_band_queries_kernel[(NC, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DQH, DL, dlam, T,
-                                              float(scale), PAIRS=pairs, **common,
-                                              **LAUNCH["_readout_bwd_band_queries_kernel"])
-    del DL
+                  PAIRS=pairs, **flags, **buf.split)
     band = {name: x for name, x in common.items() if name != "LP"}
-    _readout_bwd_band_keys_kernel[(NC, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DEB, DHB, DGC, DVK, T,
-                                           float(scale), PAIRS=pairs, **band,
-                                           **LAUNCH["_readout_bwd_band_keys_kernel"])
-    del XP, DXP  # the band's own
+    for n0 in range(0, N, rows):
+        grid = (NC, min(rows, N - n0))
+        _readout_bwd_chain_kernel[grid](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
+                                        buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), n0, **common,
+                                        **LAUNCH["_readout_bwd_chain_kernel"])
+        _readout_bwd_band_queries_kernel[grid](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DQH, DL, dlam, T,
+                                               float(scale), n0, **common,
+                                               **LAUNCH["_readout_bwd_band_queries_kernel"])
+        _readout_bwd_band_keys_kernel[grid](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DEB, DHB, DGC, DVK, T,
+                                            float(scale), n0, **band, **LAUNCH["_readout_bwd_band_keys_kernel"])
+    del XP, DXP, DL  # the band's own
     NVT = triton.cdiv(Dv, meta["BV"])
     DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
