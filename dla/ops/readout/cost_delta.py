@@ -33,7 +33,8 @@ dx there (`DXP`) — counts per pair.
     readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
                         the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
     (backward)          UT, suffix products, object pass again (every window's copies kept)
-    readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 3Dv), reads·D. The chain
+    readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(9Dk + 3Dv) (the chain's step
+                        2Dk, the queries pass's 3Dk + Dv, the keys pass's 4Dk + 2Dv), reads·D. The chain
                         pass (per chunk): own chunk, the chain with the query before each step
                         written to XP, objects; dÃ, XF, dQ̂, dλ written. The band's queries pass
                         (per query chunk, its key chunks in order): dQ̂ and dλ read and written
@@ -139,7 +140,7 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     readout = (2.0 * (NC * (2 * C * C * Dk + C**3 + C * C * Dv) + n["steps"] * C * (2 * Dk + Dv) + n["reads"] * D),
                qkvo + rows + T * (C + Dk) * 4 + n["objects"] * D * s)
     LP = 1 << max(L - 1, 0).bit_length()  # the dλ tile's width
-    readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (7 * Dk + 3 * Dv)
+    readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (9 * Dk + 3 * Dv)
                           + n["reads"] * D),
                    qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 + (2 * Dk + Dv) * 4 + LP * 4)
                    + T * (Dk * 4 * 2 + LP * 4 + Dv * 4) + n["steps"] * 5 * Dk * s + n["objects"] * D * s)
