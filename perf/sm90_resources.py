@@ -29,8 +29,8 @@ from dla.testing import PTXAS, compile_for_sm90
 
 HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", "_readout_bwd_chain_kernel",
-           "_readout_bwd_band_queries_kernel", "_readout_bwd_band_keys_kernel", "_object_grad_kernel",
-           "_object_bwd_kernel", "_suffix_bwd_kernel", "_ut_bwd_kernel")
+           "_readout_bwd_band_queries_kernel", "_readout_bwd_band_keys_kernel:0", "_readout_bwd_band_keys_kernel:1",
+           "_object_grad_kernel", "_object_bwd_kernel", "_suffix_bwd_kernel", "_ut_bwd_kernel")
 INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "N0": "i32",
         "scale": "fp32"}
 FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
@@ -38,8 +38,9 @@ FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "SCR", "XF", "DR", "DQH",
 
 
 def compile_kernel(name: str, spec: str):
-    """The kernel `name` compiled for sm_90a at `spec` (`Dk:L:C:R:dtype:g|none`), as the launchers
-    call it on the GPU (`_meta`, `LAUNCH`; `XP` and `DXP` in bfloat16 for 16-bit inputs)."""
+    """The kernel `name` (`name:PART` for a kernel launched in parts) compiled for sm_90a at `spec`
+    (`Dk:L:C:R:dtype:g|none`), as the launchers call it on the GPU (`_meta`, `LAUNCH`; `XP` and
+    `DXP` in bfloat16 for 16-bit inputs)."""
     D, L, C, R, dtype, has_g = spec.split(":")
     D, L, C, R, dtype = int(D), int(L), int(C), int(R), getattr(torch, dtype)
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
@@ -49,6 +50,8 @@ def compile_kernel(name: str, spec: str):
                 PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve, LP=triton.next_power_of_2(L),
                 BVP=triton.next_power_of_2(D), SPLIT=dtype == torch.bfloat16, INTERP=False,
                 PAIRS=max(1, R * (R - 1) // 2))
+    name, _, part = name.partition(":")
+    meta["PART"] = int(part or 0)
     fn = getattr(X, name)
     names = [a.name for a in fn.params]
     constexprs = {k: v for k, v in meta.items() if k in names}

@@ -34,10 +34,11 @@ Backward (`objects_delta._row_backward`'s order; the forward's buffers recompute
     _readout_bwd_band_queries_kernel   per (chunk, row): the query's dx climbs from the window's
                           frame to its own chunk through the key chunks before it, in registers —
                           the band's dλ and the whole dQ̂; the dx each pair starts from to DXP
-    _readout_bwd_band_keys_kernel      per (chunk, row): the key chunk's sums over the window's
-                          later queries from their pairs' XP and DXP — the band's dV and the
-                          key-side dĒ, dH, dγ_C, held in registers and written once (one program
-                          writes each: no atomics, no order between the band's programs)
+    _readout_bwd_band_keys_kernel      per (chunk, row), in two launches (dĒ and dγ_C; dH and dV):
+                          the key chunk's sums over the window's later queries from their pairs'
+                          XP and DXP — the band's dV and the key-side dĒ, dH, dγ_C, held in
+                          registers and written once (one program writes each: no atomics, no
+                          order between the band's programs)
     _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
     _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
                           elements each E' holds, in place over D_readout; this tile's dSuf_F =
@@ -622,12 +623,15 @@ def _readout_bwd_band_queries_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DQH
 def _readout_bwd_band_keys_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DEB, DHB, DGC, DVK, T, scale, N0,
                                   H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                                   C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
-                                  PAIRS: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
-                                  PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+                                  PAIRS: tl.constexpr, PART: tl.constexpr, HAS_G: tl.constexpr,
+                                  PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr,
+                                  INTERP: tl.constexpr):
     # key chunk p's sums over the window's later queries i from each pair's x (XP) and dx (DXP), in
-    # registers and written once (one program writes each: no atomics): dĒ_p = Σ xᵀ dσ,
-    # dH_pᵀ = −Σ dxᵀ σ, dV_pᵀ += Σ dO_iᵀ (σ ⊙ Λ), dγ_C = Σ dx ∘ x — the sums with Dk or Dv rows, as
-    # the chain's carried tiles, the pair's [C, C] σ and dσ rebuilt from its tiles
+    # registers and written once (one program writes each: no atomics), with Dk or Dv rows as the
+    # chain's carried tiles, the pair's [C, C] σ and dσ rebuilt from its tiles. Two launches:
+    # PART 0 dĒ_p = Σ xᵀ dσ and dγ_C = Σ dx ∘ x; PART 1 dH_pᵀ = −Σ dxᵀ σ and dV_pᵀ += Σ dO_iᵀ (σ ⊙ Λ)
+    # — three products each, whose float32 operands in shared memory fit a Hopper block where six
+    # did not
     p = tl.program_id(0)
     n = N0 + tl.program_id(1)  # the rows of the launch's group, as the chain
     NC = tl.num_programs(0)
@@ -641,35 +645,42 @@ def _readout_bwd_band_keys_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DEB, D
     tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
     Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
     chunk = (n * NC + p).to(tl.int64)
-    eb = EB + chunk * DK * C
     window = ((tl.program_id(1) * NW + w) * PAIRS).to(tl.int64) * C * DK
-    dE = tl.zeros([BKP, C], dtype=tl.float32)
-    dHT = tl.zeros([BKP, C], dtype=tl.float32)
-    dVT = tl.zeros([BVP, C], dtype=tl.float32)
-    dgc = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)
-    for i in range(pi + 1, R):
-        t, valid, tc, tok = _tokens(PHI, n, w * R + i, T, H, C)
-        pair = window + (_pairs_before(i) + pi) * C * DK
-        x = tl.load(XP + pair + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-        dx = tl.load(DXP + pair + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0).to(tl.float32)
-        xT = tl.load(XP + pair + o[None, :] * DK + ck[:, None], mask=mk, other=0.0)
-        dxT = tl.load(DXP + pair + o[None, :] * DK + ck[:, None], mask=mk, other=0.0).to(tl.float32)
-        E = tl.load(eb + ck[:, None] * C + o[None, :], mask=mk, other=0.0)
-        sigma = _mm(x, E, PREC, SPLIT, INTERP)
-        Lam = _band_weights(CM, LAM, tok * L, tc, valid, tp, H, L, C)
-        dAL = scale * _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
-                            PREC, SPLIT, INTERP)
-        dxH = _mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP) * gamp[None, :]
-        dE += _mm(xT, dAL * Lam - dxH, PREC, SPLIT, INTERP)
-        # dĒ's and dH's step terms, like σ, do not compound: single-pass products
-        dHT -= tl.dot(dxT, sigma, input_precision=PREC)
-        dVT += scale * _mm(_cols_raw(DO, tok, tc, valid, cv, H, DV), sigma * Lam, PREC, SPLIT, INTERP)
-        dgc += tl.sum(tl.sum(dx * x.to(tl.float32), axis=1), axis=0)
-    tl.store(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], dE, mask=mk)
-    tl.store(DHB + chunk * C * DK + o[None, :] * DK + ck[:, None], dHT, mask=mk)
-    dvk = DVK + chunk * C * DV + o[None, :] * DV + cv[:, None]
-    tl.store(dvk, tl.load(dvk, mask=cv[:, None] < DV, other=0.0) + dVT, mask=cv[:, None] < DV)
-    tl.store(DGC + chunk, dgc)
+    if PART == 0:
+        dE = tl.zeros([BKP, C], dtype=tl.float32)
+        dgc = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)
+        for i in range(pi + 1, R):
+            t, valid, tc, tok = _tokens(PHI, n, w * R + i, T, H, C)
+            pair = XP + window + (_pairs_before(i) + pi) * C * DK
+            dpair = DXP + window + (_pairs_before(i) + pi) * C * DK
+            dx = tl.load(dpair + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0).to(tl.float32)
+            dAL = scale * _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
+                                PREC, SPLIT, INTERP)
+            dxH = _mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP) * gamp[None, :]
+            dsigma = dAL * _band_weights(CM, LAM, tok * L, tc, valid, tp, H, L, C) - dxH
+            xT = tl.load(pair + o[None, :] * DK + ck[:, None], mask=mk, other=0.0)
+            dE += _mm(xT, dsigma, PREC, SPLIT, INTERP)
+            x = tl.load(pair + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+            dgc += tl.sum(tl.sum(dx * x.to(tl.float32), axis=1), axis=0)
+        tl.store(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], dE, mask=mk)
+        tl.store(DGC + chunk, dgc)
+    else:
+        dHT = tl.zeros([BKP, C], dtype=tl.float32)
+        dVT = tl.zeros([BVP, C], dtype=tl.float32)
+        E = tl.load(EB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=mk, other=0.0)
+        for i in range(pi + 1, R):
+            t, valid, tc, tok = _tokens(PHI, n, w * R + i, T, H, C)
+            pair = window + (_pairs_before(i) + pi) * C * DK
+            x = tl.load(XP + pair + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+            sigma = _mm(x, E, PREC, SPLIT, INTERP)
+            dxT = tl.load(DXP + pair + o[None, :] * DK + ck[:, None], mask=mk, other=0.0).to(tl.float32)
+            # dH's step terms, like σ, do not compound: a single-pass product
+            dHT -= tl.dot(dxT, sigma, input_precision=PREC)
+            Lam = _band_weights(CM, LAM, tok * L, tc, valid, tp, H, L, C)
+            dVT += scale * _mm(_cols_raw(DO, tok, tc, valid, cv, H, DV), sigma * Lam, PREC, SPLIT, INTERP)
+        tl.store(DHB + chunk * C * DK + o[None, :] * DK + ck[:, None], dHT, mask=mk)
+        dvk = DVK + chunk * C * DV + o[None, :] * DV + cv[:, None]
+        tl.store(dvk, tl.load(dvk, mask=cv[:, None] < DV, other=0.0) + dVT, mask=cv[:, None] < DV)
 
 
 @triton.jit
@@ -1093,8 +1104,10 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
         _readout_bwd_band_queries_kernel[grid](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DQH, DL, dlam, T,
                                                float(scale), n0, **common,
                                                **LAUNCH["_readout_bwd_band_queries_kernel"])
-        _readout_bwd_band_keys_kernel[grid](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DEB, DHB, DGC, DVK, T,
-                                            float(scale), n0, **band, **LAUNCH["_readout_bwd_band_keys_kernel"])
+        for part in (0, 1):
+            _readout_bwd_band_keys_kernel[grid](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DEB, DHB, DGC,
+                                                DVK, T, float(scale), n0, PART=part, **band,
+                                                **LAUNCH["_readout_bwd_band_keys_kernel"])
     del XP, DXP, DL  # the band's own
     NVT = triton.cdiv(Dv, meta["BV"])
     DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
