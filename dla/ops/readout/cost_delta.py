@@ -39,8 +39,8 @@ dx there (`DXP`) — counts per pair.
                         written to XP, objects; dÃ, XF, dQ̂, dλ written. The band's queries pass
                         (per query chunk, its key chunks in order): dQ̂ and dλ read and written
                         once, per step XP read and DXP written. Its keys pass (per key chunk, the
-                        later queries): per step XP and DXP read; dĒ, dH written, dV read and
-                        written. Per step 5·C·Dk·s in all
+                        later queries, two launches: dĒ and dγ_C, then dH and dV): per step XP and
+                        DXP read by each; dĒ, dH written, dV read and written. Per step 7·C·Dk·s
     object gradients    reads·D; XF, dO, λ once; D written
     object pass backward   2·reframes·Dk²·Dv + 2·token_chunks·C·D; D read and written in place,
                         the next D and the objects' copies read; dK̃ (per Dv tile) and dv
@@ -143,7 +143,7 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (9 * Dk + 3 * Dv)
                           + n["reads"] * D),
                    qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 + (2 * Dk + Dv) * 4 + LP * 4)
-                   + T * (Dk * 4 * 2 + LP * 4 + Dv * 4) + n["steps"] * 5 * Dk * s + n["objects"] * D * s)
+                   + T * (Dk * 4 * 2 + LP * 4 + Dv * 4) + n["steps"] * 7 * Dk * s + n["objects"] * D * s)
     object_grads = (2.0 * n["reads"] * D, T * (Dk * 4 + Dv * s + L * (s + 4)) + n["objects"] * D * 4)
     object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * n["token_chunks"] * C * D),
                   n["objects"] * D * (4 * 3 + s) + NW * Dk * Dk * 4 * 2
