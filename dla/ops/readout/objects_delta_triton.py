@@ -245,6 +245,17 @@ def _chunk_range(PHI, n, w, a, e, H: tl.constexpr, C: tl.constexpr, R: tl.conste
 
 
 @triton.jit
+def _group_chunk(N0, R: tl.constexpr):
+    """`(c, n, NC, NW, w, i)` of a program of the backward's per-chunk passes, launched over the
+    chunks × one group of rows from N0 (XP and DXP hold that group's pairs alone, at row
+    `program_id(1)`): chunk c of row n, the row's chunks and windows, c's window w and place i."""
+    c = tl.program_id(0)
+    NC = tl.num_programs(0)
+    w = c // R
+    return c, N0 + tl.program_id(1), NC, NC // R, w, c - w * R
+
+
+@triton.jit
 def _pairs_before(i):
     """Σ_{i' < i} i' = i(i − 1)/2: the band's (query chunk, key chunk) pairs of a window's query
     chunks before chunk i — where chunk i's XP and DXP slots start (`PAIRS` = R(R − 1)/2 a window)."""
@@ -503,14 +514,8 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
                               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                               BKP: tl.constexpr, BVP: tl.constexpr, PAIRS: tl.constexpr, HAS_G: tl.constexpr,
                               PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    # transposed as the forward readout (Ãᵀ, xᵀ, dxᵀ, dÃᵀ); the buffers it writes keep their layouts.
-    # Rows N0 + program_id(1): the launch's group of rows, whose pairs alone XP holds
-    c = tl.program_id(0)
-    n = N0 + tl.program_id(1)
-    NC = tl.num_programs(0)
-    NW = NC // R
-    w = c // R
-    i = c - w * R
+    # transposed as the forward readout (Ãᵀ, xᵀ, dxᵀ, dÃᵀ); the buffers it writes keep their layouts
+    c, n, NC, NW, w, i = _group_chunk(N0, R)
     o = tl.arange(0, C)
     ck = tl.arange(0, BKP)
     cv = tl.arange(0, BVP)
@@ -578,12 +583,7 @@ def _readout_bwd_band_queries_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DQH
     # chain (dxᵀ, σᵀ, dσᵀ): at each key chunk p before it, its state x there (XP, the chain's) gives
     # σ = x Ē_p; the band's dλ, and dx ← γ_C dx + dσ Ē_pᵀ with dσ = (dO V_pᵀ ⊙ Λ) − (dx K_pᵀ) diag(γ_p).
     # The dx each step starts from goes to DXP, for the key side's sums (the keys pass)
-    c = tl.program_id(0)
-    n = N0 + tl.program_id(1)  # the rows of the launch's group, as the chain
-    NC = tl.num_programs(0)
-    NW = NC // R
-    w = c // R
-    i = c - w * R
+    c, n, NC, NW, w, i = _group_chunk(N0, R)
     if i > 0:  # a window's first chunk has no band: the chain wrote its dQ̂ and dλ whole
         o = tl.arange(0, C)
         ck = tl.arange(0, BKP)
@@ -632,12 +632,7 @@ def _readout_bwd_band_keys_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DEB, D
     # PART 0 dĒ_p = Σ xᵀ dσ and dγ_C = Σ dx ∘ x; PART 1 dH_pᵀ = −Σ dxᵀ σ and dV_pᵀ += Σ dO_iᵀ (σ ⊙ Λ)
     # — three products each, whose float32 operands in shared memory fit a Hopper block where six
     # did not
-    p = tl.program_id(0)
-    n = N0 + tl.program_id(1)  # the rows of the launch's group, as the chain
-    NC = tl.num_programs(0)
-    NW = NC // R
-    w = p // R
-    pi = p - w * R
+    p, n, NC, NW, w, pi = _group_chunk(N0, R)
     o = tl.arange(0, C)
     ck = tl.arange(0, BKP)
     cv = tl.arange(0, BVP)
