@@ -543,7 +543,7 @@ def test_triton_forward_matches_torch(drawn):
 @example(edge(37, 3, "dla", "beta", 0.0, 16, 3, False, F32, step=5, dk=16, dv=20))  # every token a boundary, step
 @example(edge(45, 7, "fenwick", "both", 0.6, 16, 2, True, F32))  # fenwick from step 5: partial first window
 @example(edge(40, 4, "dla", "both", 0.6, 16, 3, True, F32, dk=20, dv=36))  # Dk and Dv past the GPU's tiles (20, 36)
-@example(edge(80, 4, "dla", "both", 0.6, 16, 5, True, F32, mean_regime=6.0))  # five chunks a window; XP in two row groups
+@example(edge(80, 4, "dla", "both", 0.6, 16, 5, True, F32, mean_regime=6.0))  # 5 chunks a window, 2 row groups
 def test_triton_backward_matches_torch(drawn):
     """Every gradient of the Triton backward against the float64 torch backward, for a loss
     ⟨o, R_o⟩ + ⟨S, R_S⟩ (both cotangents), outputs NaN-poisoned."""
