@@ -25,22 +25,21 @@ import triton
 
 import dla.ops.readout.objects_delta_triton as X
 from dla.ops.backbone.delta_common import precisions
+from dla.ops.readout.cost_delta import BAND_KEYS, band_visits
 from dla.testing import PTXAS, compile_for_sm90
 
 HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", "_readout_bwd_chain_kernel",
-           "_readout_bwd_band_queries_kernel", "_readout_bwd_band_keys_kernel:0", "_readout_bwd_band_keys_kernel:1",
-           "_object_grad_kernel", "_object_bwd_kernel", "_suffix_bwd_kernel", "_ut_bwd_kernel")
-INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "N0": "i32",
-        "scale": "fp32"}
+           "_readout_bwd_band_kernel", "_object_grad_kernel", "_object_bwd_kernel", "_suffix_bwd_kernel",
+           "_ut_bwd_kernel")
+INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "scale": "fp32"}
 FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
            "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
 
 
 def compile_kernel(name: str, spec: str):
-    """The kernel `name` (`name:PART` for a kernel launched in parts) compiled for sm_90a at `spec`
-    (`Dk:L:C:R:dtype:g|none`), as the launchers call it on the GPU (`_meta`, `LAUNCH`; `XP` and
-    `DXP` in bfloat16 for 16-bit inputs)."""
+    """The kernel `name` compiled for sm_90a at `spec` (`Dk:L:C:R:dtype:g|none`), as the launchers
+    call it on the GPU (`_meta`, `LAUNCH`; `XP` and `XS` in bfloat16 for 16-bit inputs)."""
     D, L, C, R, dtype, has_g = spec.split(":")
     D, L, C, R, dtype = int(D), int(L), int(C), int(R), getattr(torch, dtype)
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
@@ -49,16 +48,14 @@ def compile_kernel(name: str, spec: str):
     meta = dict(X._meta(D, D, interpreted=False), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16, HAS_G=has_g == "g",
                 PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve, LP=triton.next_power_of_2(L),
                 BVP=triton.next_power_of_2(D), SPLIT=dtype == torch.bfloat16, INTERP=False,
-                PAIRS=max(1, R * (R - 1) // 2))
-    name, _, part = name.partition(":")
-    meta["PART"] = int(part or 0)
+                KEYS=BAND_KEYS, VISITS=max(1, band_visits(R)))
     fn = getattr(X, name)
     names = [a.name for a in fn.params]
     constexprs = {k: v for k, v in meta.items() if k in names}
     if name == "_object_bwd_kernel":
         constexprs["BV"] = meta["BVO"]
     def arg_type(a: str) -> str:
-        return INTS.get(a, "*fp32" if a in FLOAT32 else xp if a in ("XP", "DXP") else data)
+        return INTS.get(a, "*fp32" if a in FLOAT32 else xp if a in ("XP", "XS") else data)
 
     return compile_for_sm90(fn, arg_type, constexprs, **X.LAUNCH.get(name, {}))
 

@@ -14,7 +14,7 @@ backward, initial slots in the wrong order, the `latest` pointer written in plac
 the rename), and one at least per kernel stage — segment (the `drift` detection's threshold,
 and the Triton segmentation's tie-break and boundary test beside the CPU kernel's), backbone
 (the SSD chunk state carried through a reset), readout (the object plan, the object readout's
-decay, the Triton band passes of the readout with β and its split bfloat16 products, a buffer of
+decay, the Triton band pass of the readout with β and its split bfloat16 products, a buffer of
 it a row short) — each killed by the property checks and unit cases named beside it."""
 
 from __future__ import annotations
@@ -87,19 +87,15 @@ MUTANTS = [
            "dq += gam[..., None] * dQh", "dq += dQh",
            ("tests/test_readout.py::test_backward_matches_reference_autograd",
             "tests/test_readout.py::test_backward_gradcheck[dla-both]")),
-    Mutant("readout with β on CUDA, backward: the band's keys pass halves a key chunk's dγ_C",
-           dla.ops.readout.objects_delta_triton, "_readout_bwd_band_keys_kernel",
-           "dgc += tl.sum(tl.sum(dx * x.to(tl.float32), axis=1), axis=0)",
-           "dgc += 0.5 * tl.sum(tl.sum(dx * x.to(tl.float32), axis=1), axis=0)",
+    Mutant("readout with β on CUDA, backward: the band pass halves a key chunk's dγ_C",
+           dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
+           "dgc_p += tl.sum(dx * x_in.to(tl.float32), axis=1)",
+           "dgc_p += 0.5 * tl.sum(dx * x_in.to(tl.float32), axis=1)",
            ("tests/test_readout_delta_objects.py::test_triton_backward_matches_torch",)),
-    Mutant("readout with β on CUDA, backward: the band's keys pass overwrites the chain's dV",
-           dla.ops.readout.objects_delta_triton, "_readout_bwd_band_keys_kernel",
-           "tl.load(dvk, mask=cv[:, None] < DV, other=0.0) + dVT", "dVT",
-           ("tests/test_readout_delta_objects.py::test_triton_backward_matches_torch",)),
-    Mutant("readout with β on CUDA, backward: the band's queries pass carries dx through a key chunk without its decay",
-           dla.ops.readout.objects_delta_triton, "_readout_bwd_band_queries_kernel",
-           "dxT = gam_Cp * dxT + _mm32(", "dxT = dxT + _mm32(",
-           ("tests/test_readout_delta_objects.py::test_triton_backward_matches_torch",)),
+    Mutant("readout with β on CUDA, backward: the band steps the query back through a block without its decay",
+           dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
+           "x_lo = gam_Ch * x_in.to(tl.float32) - _mmr(", "x_lo = x_in.to(tl.float32) - _mmr(",
+           ("tests/test_readout_delta_objects.py::test_triton_backward_key_blocks_match_torch[2]",)),
     Mutant("readout with β on CUDA, backward: the dQ̂ buffer a row short per chunk (an overrun on a GPU)",
            dla.ops.readout.objects_delta_triton, "objects_delta_backward_triton",
            "DQH = torch.empty(N, NC, C, Dk,", "DQH = torch.empty(N, NC, C - 1, Dk,",

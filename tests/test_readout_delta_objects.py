@@ -23,7 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dla.ops.levels import EMPTY, dense_level_map, encode_level_map
-from dla.ops.readout.cost_delta import delta_kernels, window_counts, window_for, worst_counts
+from dla.ops.readout.cost_delta import BAND_KEYS, delta_kernels, window_counts, window_for, worst_counts
 from dla.ops.readout.objects_delta import objects_delta_backward, objects_delta_forward, window_plan
 from dla.ops.reference import (
     multistate_attention_materialized, multistate_attention_recurrent, recurrent_level_map, segment_naive,
@@ -435,7 +435,7 @@ def test_window_counts_match_a_direct_count(drawn):
                         groups.setdefault(lev, set()).add(-1 - j)
                 return [g for lev, g in groups.items() if lev >= 0]
 
-            reads = steps = objects = reframes = token_chunks = 0
+            reads = steps = visits = objects = reframes = token_chunks = 0
             for w0, w1 in zip(ws[:-1], ws[1:]):
                 old, new = partition(w0), partition(w1)
                 reads += (w1 - w0) * len(old)
@@ -446,11 +446,12 @@ def test_window_counts_match_a_direct_count(drawn):
                 for j, c0 in enumerate(inside):
                     c1 = min(x for x in cs if x > c0)
                     steps += (c1 - c0) * j
+                    visits += (c1 - c0) * -(-j // BAND_KEYS)  # the band's key blocks before chunk j
             assert int(n["tokens"][row]) == case.length
             assert int(n["windows"][row]) == len(ws) - 1 and int(n["chunks"][row]) == len(cs) - 1
             counted = tuple(int(n[name][row])
-                            for name in ("reads", "steps", "objects", "reframes", "token_chunks"))
-            assert counted == (reads, steps, objects, reframes, token_chunks)
+                            for name in ("reads", "steps", "visits", "objects", "reframes", "token_chunks"))
+            assert counted == (reads, steps, visits, objects, reframes, token_chunks)
 
 
 def test_worst_counts_bound_the_plan_counts():
@@ -461,7 +462,7 @@ def test_worst_counts_bound_the_plan_counts():
     s.step = torch.zeros_like(s.step)
     n = window_counts(window_plan(s.level_start, s.step, 2, 3))
     worst = worst_counts(48, 3, 2, 3)
-    for name in ("tokens", "chunks", "windows", "steps"):
+    for name in ("tokens", "chunks", "windows", "steps", "visits"):
         assert (n[name] == worst[name]).all(), name
     for name in ("reads", "objects", "reframes", "token_chunks"):
         assert (n[name] <= worst[name]).all() and (n[name] > 0).any(), name
@@ -542,8 +543,8 @@ def test_triton_forward_matches_torch(drawn):
 @example(edge(40, 4, "dla", "both", 0.6, 16, 2, True, F32, mean_regime=6.0))  # capacity merges across windows
 @example(edge(37, 3, "dla", "beta", 0.0, 16, 3, False, F32, step=5, dk=16, dv=20))  # every token a boundary, step
 @example(edge(45, 7, "fenwick", "both", 0.6, 16, 2, True, F32))  # fenwick from step 5: partial first window
-@example(edge(40, 4, "dla", "both", 0.6, 16, 3, True, F32, dk=20, dv=36))  # Dk and Dv past the GPU's tiles (20, 36)
-@example(edge(80, 4, "dla", "both", 0.6, 16, 5, True, F32, mean_regime=6.0))  # 5 chunks a window, 2 row groups
+@example(edge(40, 4, "dla", "both", 0.6, 16, 3, True, F32, dk=20, dv=36))  # two Dk and three Dv blocks of the band
+@example(edge(80, 4, "dla", "both", 0.6, 16, 5, True, F32, mean_regime=6.0))  # a window of five chunks
 def test_triton_backward_matches_torch(drawn):
     """Every gradient of the Triton backward against the float64 torch backward, for a loss
     ⟨o, R_o⟩ + ⟨S, R_S⟩ (both cotangents), outputs NaN-poisoned."""
@@ -562,6 +563,19 @@ def check_triton_backward(drawn: Drawn, s: Setup) -> None:
     for name, ours, ref in zip(("dq", "dk", "dv", "dlam", "dg", "dbeta", "dS0"), grads, refs):
         assert ours.shape == ref.shape and torch.isfinite(ours).all(), name
         assert relative_error(ours, ref) <= TOL[F32], (name, relative_error(ours, ref))
+
+
+@pytest.mark.parametrize("keys", [2, 4])
+def test_triton_backward_key_blocks_match_torch(keys, monkeypatch):
+    """The band pass's blocks of several key chunks (`BAND_KEYS` above one; shipped at one, see
+    cost_delta): a window of five chunks (two blocks and a partial one at two keys, one and a
+    partial at four) and one of three, against the float64 torch backward."""
+    import dla.ops.readout.objects_delta_triton as odt
+
+    monkeypatch.setattr(odt, "BAND_KEYS", keys)
+    for drawn in (edge(80, 4, "dla", "both", 0.6, 16, 5, True, F32, mean_regime=6.0),
+                  edge(40, 4, "dla", "both", 0.6, 16, 3, True, F32, dk=20, dv=36)):
+        check_triton_backward(drawn, Setup(drawn))
 
 
 def toward_zero(x: torch.Tensor) -> torch.Tensor:

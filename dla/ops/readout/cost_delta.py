@@ -9,8 +9,8 @@ window (0 for the window's first chunk):
 
     tokens, chunks, windows
     reads         = Σ_w tokens(w) · n_w                  object reads, Dk·Dv each
-    steps         = Σ_c tokens(c) · j_c                  transport steps back to the window's frame,
-                                                         and the band's (query, key chunk) pairs
+    steps         = Σ_c tokens(c) · j_c                  transport steps back to the window's frame
+    visits        = Σ_c tokens(c) · ⌈j_c / G⌉            the band's visits to a query, G = BAND_KEYS
     objects       = Σ_w n_w                              objects held, once per window
     reframes      = Σ_w #{E' ∈ P_{w+1} holding an element of P_w}   (the last: the final state)
     token_chunks  = Σ_w Σ_{E' ∈ P_{w+1}} #{chunks of w holding tokens of E'}
@@ -18,12 +18,14 @@ window (0 for the window's first chunk):
 Kernels, forward then backward (a multiply-add is 2 FLOPs)
 ==========================================================
 `D = Dk·Dv`, `s` the inputs' itemsize, `ut = C²·Dk + C³/3 + Dk·C²` a chunk's solve and `Ē`.
-Bytes count each tensor a kernel touches once (DRAM). The readout backward's band passes read a
-window's chunks (Ē, k, v, dO, the level rows) once per (query chunk, key chunk) pair, from programs
-of the same window, which the launch order runs together: a window's chunks are about 1.5 MB at
-the §7 shapes, and the windows in flight on an H100 a fraction of its 50 MB L2, so they count
-once. What a pair owns — the query's state before the step through the key chunk (`XP`) and its
-dx there (`DXP`) — counts per pair.
+Bytes count each tensor a kernel touches once (DRAM), with one exception: the readout backward's
+band pass walks the window's (query chunk, key chunk) pairs, `G = BAND_KEYS` key chunks at a time,
+the window's later queries inside, each query taking the block's steps back to back (a visit).
+What it reuses across a sweep over the queries is the block's key side (each key chunk's sums
+dĒ, dH, dV and its Ē, k, v: 160 KB at the §7 shapes, within an SM's share of an H100's 50 MB L2
+for blocks of up to two); the query side (its state before the block `XP`, stepped back through the
+block into a scratch, its running `dx` and `dλ`, its `dO` and level rows) is reused only within a
+visit, so it is counted per visit.
 
     UT                  NC·ut;  k, β, g; T⁻¹ and Ē written (float32)
     suffix products     2·Dk²·C per chunk (K̃ = Suf Ē, Suf ← γ_C Suf − K̃ H); Ē, k; K̃, Suf_F written
@@ -33,14 +35,15 @@ dx there (`DXP`) — counts per pair.
     readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
                         the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
     (backward)          UT, suffix products, object pass again (every window's copies kept)
-    readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(9Dk + 3Dv) (the chain's step
-                        2Dk, the queries pass's 3Dk + Dv, the keys pass's 4Dk + 2Dv), reads·D. The chain
-                        pass (per chunk): own chunk, the chain with the query before each step
-                        written to XP, objects; dÃ, XF, dQ̂, dλ written. The band's queries pass
-                        (per query chunk, its key chunks in order): dQ̂ and dλ read and written
-                        once, per step XP read and DXP written. Its keys pass (per key chunk, the
-                        later queries, two launches: dĒ and dγ_C, then dH and dV): per step XP and
-                        DXP read by each; dĒ, dH written, dV read and written. Per step 7·C·Dk·s
+    readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), per step beyond a
+                        visit's first C·2Dk (the query stepped back again), reads·D. The chain pass
+                        (per chunk): own chunk, the chain with the query before each visit's last
+                        step written to XP, objects; dÃ, XF, dQ̂ written. The band pass (per
+                        window, blocks of G key chunks in order, the later query chunks inside):
+                        the key side's sums read-modify-written per step in L2, to DRAM once per
+                        chunk; per visit XP written (by the chain) and read (C·Dk·s each), dQ̂ and
+                        dλ read and written (2·C·(Dk + LP)·4), dO and the query's level rows read
+                        (C·(Dv·s + L·(4 + s)))
     object gradients    reads·D; XF, dO, λ once; D written
     object pass backward   2·reframes·Dk²·Dv + 2·token_chunks·C·D; D read and written in place,
                         the next D and the objects' copies read; dK̃ (per Dv tile) and dv
@@ -53,8 +56,8 @@ dx there (`DXP`) — counts per pair.
 The window
 ==========
 `R` trades re-framing and the object passes' masters (per window, falling as `1/R`) against the
-transport, the band and the backward's per-pair traffic (`(R − 1)/2` steps per query, rising with
-`R`). `window_for(…)` takes the `R` (a power of two,
+transport, the band and the backward's per-visit traffic (`(R − 1)/2` steps and about
+`(R − 1)/(2G)` visits per query, rising with `R`). `window_for(…)` takes the `R` (a power of two,
 at most the chunks of the call) with the least roofline time on the given card from shapes alone
 — `n_w = K` objects, `K` re-framings and `K` extra token chunks per window (the most a plan can
 hold) — so the choice needs no count and no host read (decode, CUDA graphs); `window_counts` at
@@ -68,9 +71,27 @@ from torch import Tensor
 
 from dla.ops.readout.objects_delta import WindowPlan
 
-__all__ = ["window_counts", "delta_kernels", "worst_counts", "roofline_s", "window_for", "WINDOWS"]
+__all__ = ["window_counts", "delta_kernels", "worst_counts", "roofline_s", "window_for", "WINDOWS", "BAND_KEYS",
+           "band_visits"]
 
 WINDOWS = (1, 2, 4, 8, 16, 32)
+# key chunks the band pass takes per sweep over a window's queries (a power of two). Blocks of two
+# send a query's state (XP, dx, dλ) through memory half as often and keep the block's key side in
+# L2 (module doc), and the roofline model prefers them (it then picks R = 32); but on an H100 the
+# band pass and the whole layer were slower at two key chunks and R = 32 than at one and R = 16
+# (`perf/results/profile_windows-h100.md`): the kernels run far from their roofline, where the
+# model cannot rank the two. One, until a profile on the card shows blocks paying
+BAND_KEYS = 1
+
+
+def band_visits(R: int, keys: int | None = None) -> int:
+    """The band's visits to the queries of a window of `R` chunks, Σ_{i < R} ⌈i / G⌉ (chunk i
+    visited once per block of `G = keys` key chunks before it, `BAND_KEYS` by default): the XP
+    slots it keeps per window."""
+    G = BAND_KEYS if keys is None else keys
+    return sum(-(-i // G) for i in range(R))
+
+
 def window_counts(plan: WindowPlan) -> dict[str, Tensor]:
     """The per-row counts of the module doc, float64 `[N]`."""
     f = torch.float64
@@ -108,6 +129,7 @@ def window_counts(plan: WindowPlan) -> dict[str, Tensor]:
         "windows": per_row(live.sum(1).to(f)),
         "reads": (per_row(wtok) * n_w[:, :-1]).sum(1),
         "steps": per_row((ntok * position).sum(1)),
+        "visits": per_row((ntok * torch.ceil(position / BAND_KEYS)).sum(1)),
         "objects": (n_w[:, :-1] * per_row(live).to(f)).sum(1),
         "reframes": (holds.sum(-1).to(f) * per_row(live).to(f)).sum(1),
         "token_chunks": (spans.sum(-1) * per_row(live).to(f)).sum(1),
@@ -118,9 +140,12 @@ def worst_counts(T: int, K: int, C: int, R: int) -> dict[str, float]:
     """The counts of a call of `T` tokens from step 0 with every window holding `K` objects."""
     chunks = -(-T // C)
     windows = -(-chunks // R)
-    steps = sum(min(C, T - c * C) * (c % R) for c in range(chunks))
+    steps = visits = 0.0
+    for c in range(chunks):
+        steps += min(C, T - c * C) * (c % R)
+        visits += min(C, T - c * C) * -(-(c % R) // BAND_KEYS)
     return {"tokens": float(T), "chunks": float(chunks), "windows": float(windows), "reads": float(T * K),
-            "steps": float(steps), "objects": float(windows * K), "reframes": float(windows * K),
+            "steps": steps, "visits": visits, "objects": float(windows * K), "reframes": float(windows * K),
             "token_chunks": float(chunks + windows * K)}
 
 
@@ -140,10 +165,10 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     readout = (2.0 * (NC * (2 * C * C * Dk + C**3 + C * C * Dv) + n["steps"] * C * (2 * Dk + Dv) + n["reads"] * D),
                qkvo + rows + T * (C + Dk) * 4 + n["objects"] * D * s)
     LP = 1 << max(L - 1, 0).bit_length()  # the dλ tile's width
-    readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (9 * Dk + 3 * Dv)
-                          + n["reads"] * D),
+    readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (7 * Dk + 2 * Dv)
+                          + (n["steps"] - n["visits"]) * C * 2 * Dk + n["reads"] * D),
                    qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 + (2 * Dk + Dv) * 4 + LP * 4)
-                   + T * (Dk * 4 * 2 + LP * 4 + Dv * 4) + n["steps"] * 7 * Dk * s + n["objects"] * D * s)
+                   + n["visits"] * (2 * Dk * s + 2 * (Dk + LP) * 4 + Dv * s + L * (4 + s)) + n["objects"] * D * s)
     object_grads = (2.0 * n["reads"] * D, T * (Dk * 4 + Dv * s + L * (s + 4)) + n["objects"] * D * 4)
     object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * n["token_chunks"] * C * D),
                   n["objects"] * D * (4 * 3 + s) + NW * Dk * Dk * 4 * 2

@@ -27,18 +27,21 @@ same shape. Notation of `objects_delta.py`:
 Backward (`objects_delta._row_backward`'s order; the forward's buffers recomputed):
 
     _readout_bwd_chain_kernel   per (chunk, row): own chunk (dÃ, its dV, dλ), the chain again with
-                          the query written to XP before each step (one slot per pair of the band:
-                          query chunk i, key chunk p < i in its window; bfloat16 for 16-bit inputs)
-                          and in the window's frame to XF, objects (U = dÕ S̄ᵀ): dx and dλ so far
-                          into dQ̂ and DL
-    _readout_bwd_band_queries_kernel   per (chunk, row): the query's dx climbs from the window's
-                          frame to its own chunk through the key chunks before it, in registers —
-                          the band's dλ and the whole dQ̂; the dx each pair starts from to DXP
-    _readout_bwd_band_keys_kernel      per (chunk, row), in two launches (dĒ and dγ_C; dH and dV):
-                          the key chunk's sums over the window's later queries from their pairs'
-                          XP and DXP — the band's dV and the key-side dĒ, dH, dγ_C, held in
-                          registers and written once (one program writes each: no atomics, no
-                          order between the band's programs)
+                          the query written to XP before the last step of each block of KEYS key
+                          chunks (one slot per visit of the band: query chunk i, block b < ⌈i/KEYS⌉;
+                          bfloat16 for 16-bit inputs) and in the window's frame to XF, objects
+                          (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL
+    _readout_bwd_band_kernel    per (window, row): key chunks p in order, KEYS at a time (a block),
+                          the window's later query chunks inside, each query's dx climbing from the
+                          window's frame to its own chunk as p rises — the band's dV, dλ, and p's
+                          key-side dĒ, dH, dγ_C (one program writes each: no atomics). A query's
+                          visit to a block steps its XP slot back through the block into the scratch
+                          XS, then takes the block's steps back to back, so that its dx and dλ go
+                          back to dQ̂ and DL once per visit (all R queries' live across the sweep:
+                          DRAM). Every [C, ·] tile is taken BKB or BVB columns at a time; the block's
+                          sums are read-modify-written at each step (its working set, in L2).
+                          Whole-width float32 tiles, and the sums held in registers beside them,
+                          spilled several times more (`python -m perf.sm90_resources` reports it)
     _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
     _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
                           elements each E' holds, in place over D_readout; this tile's dSuf_F =
@@ -57,7 +60,7 @@ on the GPU). Dots on float32 operands (the inputs are converted on load), `input
 `"ieee"` for float32 inputs; for 16-bit inputs `"tf32"`, and `"tf32x3"` (`delta_common.precisions`)
 for the solve and for every product of the transport and suffix chains, whose rounding compounds
 over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
-The readout's passes (forward, chain, the band's two) and the UT backward with bfloat16 inputs
+The readout's three passes (forward, chain, band) and the UT backward with bfloat16 inputs
 (`SPLIT`) instead take their products in bfloat16 with float32 accumulation: a tile of the inputs (q, k, v, dO, the
 object copies, the bfloat16 `XP`) exact against the hi and lo halves of the float32 side (`_mm`,
 `_mmr`), two tiles of the inputs as one product (`_mm16`), two float32 sides as three products
@@ -80,6 +83,7 @@ from torch import Tensor
 from dla.ops.backbone.delta_common import decay, precisions
 from dla.ops.backbone.delta_wy import BC, _unit_lower_inverse
 from dla.ops.levels import running_min
+from dla.ops.readout.cost_delta import BAND_KEYS, band_visits
 from dla.ops.readout.objects_delta import window_plan
 from dla.ops.state import state_dtype
 from dla.ops.triton_utils import interpreting, pow2
@@ -245,21 +249,12 @@ def _chunk_range(PHI, n, w, a, e, H: tl.constexpr, C: tl.constexpr, R: tl.conste
 
 
 @triton.jit
-def _group_chunk(N0, R: tl.constexpr):
-    """`(c, n, NC, NW, w, i)` of a program of the backward's per-chunk passes, launched over the
-    chunks × one group of rows from N0 (XP and DXP hold that group's pairs alone, at row
-    `program_id(1)`): chunk c of row n, the row's chunks and windows, c's window w and place i."""
-    c = tl.program_id(0)
-    NC = tl.num_programs(0)
-    w = c // R
-    return c, N0 + tl.program_id(1), NC, NC // R, w, c - w * R
-
-
-@triton.jit
-def _pairs_before(i):
-    """Σ_{i' < i} i' = i(i − 1)/2: the band's (query chunk, key chunk) pairs of a window's query
-    chunks before chunk i — where chunk i's XP and DXP slots start (`PAIRS` = R(R − 1)/2 a window)."""
-    return i * (i - 1) // 2
+def _visits_before(i, G: tl.constexpr):
+    """Σ_{i' < i} ⌈i' / G⌉: the band's visits (query chunk, block of G key chunks) of a window's
+    query chunks before chunk i — where chunk i's XP slots start (`VISITS` = the window's, R's)."""
+    m = tl.maximum(i - 1, 0)
+    q = m // G
+    return G * q * (q + 1) // 2 + (m - q * G) * (q + 1)
 
 
 @triton.jit
@@ -508,20 +503,26 @@ def _scatter_point(dl, CM, tokL, tc, valid, a, x, H: tl.constexpr, L: tl.constex
     return dl
 
 
-@triton.jit(do_not_specialize=["N0"])  # one compile for every group of rows
+@triton.jit
 def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XP, XF, DQH, DAT, DL, DVK,
-                              DLAM, T, scale, N0, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                              DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                              BKP: tl.constexpr, BVP: tl.constexpr, PAIRS: tl.constexpr, HAS_G: tl.constexpr,
-                              PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+                              BKP: tl.constexpr, BVP: tl.constexpr, KEYS: tl.constexpr, VISITS: tl.constexpr,
+                              HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr,
+                              SPLIT: tl.constexpr, INTERP: tl.constexpr):
     # transposed as the forward readout (Ãᵀ, xᵀ, dxᵀ, dÃᵀ); the buffers it writes keep their layouts
-    c, n, NC, NW, w, i = _group_chunk(N0, R)
+    c = tl.program_id(0)
+    n = tl.program_id(1)
+    NC = tl.num_programs(0)
+    NW = NC // R
+    w = c // R
+    i = c - w * R
     o = tl.arange(0, C)
     ck = tl.arange(0, BKP)
     cv = tl.arange(0, BVP)
-    # the band's pairs of window w (query chunk i, key chunk p < i), in the order of i then p: each
-    # holds the query before its step back through p
-    xp = XP + ((tl.program_id(1) * NW + w) * PAIRS + _pairs_before(i)).to(tl.int64) * C * DK
+    # the band's visits of window w (query chunk i, block b of KEYS key chunks, b < ⌈i / KEYS⌉), in
+    # the order of i then b: each holds the query before its step through the block's last chunk
+    xp = XP + ((n * NW + w) * VISITS + _visits_before(i, KEYS)).to(tl.int64) * C * DK
     chunk = (n * NC + c).to(tl.int64)
     now = (n * (NW + 1) + w) * L
     t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
@@ -540,11 +541,13 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
     tl.store(DVK + chunk * C * DV + o[:, None] * DV + cv[None, :], scale * _mmr(AtT * LamT, dO, PREC, SPLIT, INTERP),
              mask=cv[None, :] < DV)
-    # the chain to the window's frame; the query goes to its pair's XP slot before each step
+    # the chain to the window's frame; the query goes to its visit's XP slot before each block's last step
     for j in range(i):
         p = c - 1 - j
-        tl.store(xp + (i - 1 - j) * C * DK + o[None, :] * DK + ck[:, None], xT.to(XP.dtype.element_ty),
-                 mask=ck[:, None] < DK)
+        pr = i - 1 - j  # p in the window
+        top = (j == 0) | (pr % KEYS == KEYS - 1)  # the last step of p's block for this query
+        tl.store(xp + (pr // KEYS) * C * DK + o[None, :] * DK + ck[:, None], xT.to(XP.dtype.element_ty),
+                 mask=(ck[:, None] < DK) & top)
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
         Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
         sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
@@ -573,109 +576,145 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
         tl.store(DL + chunk * C * LP + o[:, None] * LP + lc[None, :], dl)
 
 
-@triton.jit(do_not_specialize=["N0"])  # one compile for every group of rows
-def _readout_bwd_band_queries_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DQH, DL, DLAM, T, scale, N0,
-                                     H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr,
-                                     DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr,
-                                     BVP: tl.constexpr, PAIRS: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr,
-                                     PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    # the query's dx climbs from the window's frame to its own chunk in registers, transposed as the
-    # chain (dxᵀ, σᵀ, dσᵀ): at each key chunk p before it, its state x there (XP, the chain's) gives
-    # σ = x Ē_p; the band's dλ, and dx ← γ_C dx + dσ Ē_pᵀ with dσ = (dO V_pᵀ ⊙ Λ) − (dx K_pᵀ) diag(γ_p).
-    # The dx each step starts from goes to DXP, for the key side's sums (the keys pass)
-    c, n, NC, NW, w, i = _group_chunk(N0, R)
-    if i > 0:  # a window's first chunk has no band: the chain wrote its dQ̂ and dλ whole
-        o = tl.arange(0, C)
-        ck = tl.arange(0, BKP)
-        cv = tl.arange(0, BVP)
-        lc = tl.arange(0, LP)
-        mk = ck[:, None] < DK
-        t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
-        tokL = tok * L
-        chunk = (n * NC + c).to(tl.int64)
-        tile = o[None, :] * DK + ck[:, None]  # [BKP, C]: a [C, Dk] buffer's transpose
-        dqh = DQH + chunk * C * DK + tile
-        pairs = ((tl.program_id(1) * NW + w) * PAIRS + _pairs_before(i)).to(tl.int64) * C * DK + tile
-        dxT = tl.load(dqh, mask=mk, other=0.0)
-        dl = tl.load(DL + chunk * C * LP + o[:, None] * LP + lc[None, :])
-        for pi in range(0, i):
-            p = w * R + pi
-            tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
-            Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-            eb = EB + (n * NC + p).to(tl.int64) * DK * C
-            tl.store(DXP + pairs + pi * C * DK, dxT.to(DXP.dtype.element_ty), mask=mk)
-            xT = tl.load(XP + pairs + pi * C * DK, mask=mk, other=0.0)
-            ET = tl.load(eb + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK, other=0.0)
-            sigmaT = _mmr(ET, xT, PREC, SPLIT, INTERP)  # a step's own term: its rounding does not compound
-            dALT = scale * _mm16(_rows_raw(V, tokp, tcp, validp, cv, H, DV), _cols_raw(DO, tok, tc, valid, cv, H, DV),
-                                 PREC, SPLIT, INTERP)
-            dl = _scatter_levels(dl, CM, tokL, tc, valid, tp, dALT * sigmaT, H, L, LP, C, True)
-            dxHT = gamp[:, None] * _mm(_rows_raw(K, tokp, tcp, validp, ck, H, DK), dxT, PREC_CHAIN, SPLIT, INTERP)
-            dsigmaT = dALT * _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C, True) - dxHT
-            E = tl.load(eb + ck[:, None] * C + o[None, :], mask=mk, other=0.0)
-            dxT = gam_Cp * dxT + _mm32(E, dsigmaT, PREC_CHAIN, SPLIT, INTERP)
-        tl.store(dqh, dxT, mask=mk)
-        tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
-                 mask=valid[:, None] & (lc[None, :] < L))
-
-
-@triton.jit(do_not_specialize=["N0"])  # one compile for every group of rows
-def _readout_bwd_band_keys_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, DXP, DEB, DHB, DGC, DVK, T, scale, N0,
-                                  H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                                  C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
-                                  PAIRS: tl.constexpr, PART: tl.constexpr, HAS_G: tl.constexpr,
-                                  PREC: tl.constexpr, PREC_CHAIN: tl.constexpr, SPLIT: tl.constexpr,
-                                  INTERP: tl.constexpr):
-    # key chunk p's sums over the window's later queries i from each pair's x (XP) and dx (DXP), in
-    # registers and written once (one program writes each: no atomics), with Dk or Dv rows as the
-    # chain's carried tiles, the pair's [C, C] σ and dσ rebuilt from its tiles. Two launches:
-    # PART 0 dĒ_p = Σ xᵀ dσ and dγ_C = Σ dx ∘ x; PART 1 dH_pᵀ = −Σ dxᵀ σ and dV_pᵀ += Σ dO_iᵀ (σ ⊙ Λ)
-    # — three products each, whose float32 operands in shared memory fit a Hopper block where six
-    # did not
-    p, n, NC, NW, w, pi = _group_chunk(N0, R)
+@triton.jit
+def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL, DEB, DHB, DGC, DVK, DLAM, T, scale,
+                             H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                             C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
+                             BKB: tl.constexpr, BVB: tl.constexpr, KEYS: tl.constexpr, VISITS: tl.constexpr,
+                             HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr,
+                             SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    w = tl.program_id(0)
+    n = tl.program_id(1)
+    NW = tl.num_programs(0)
+    NC = NW * R
     o = tl.arange(0, C)
-    ck = tl.arange(0, BKP)
-    cv = tl.arange(0, BVP)
-    mk = ck[:, None] < DK
-    tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
-    Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
-    chunk = (n * NC + p).to(tl.int64)
-    window = ((tl.program_id(1) * NW + w) * PAIRS).to(tl.int64) * C * DK
-    if PART == 0:
-        dE = tl.zeros([BKP, C], dtype=tl.float32)
-        dgc = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)
-        for i in range(pi + 1, R):
-            t, valid, tc, tok = _tokens(PHI, n, w * R + i, T, H, C)
-            pair = XP + window + (_pairs_before(i) + pi) * C * DK
-            dpair = DXP + window + (_pairs_before(i) + pi) * C * DK
-            dx = tl.load(dpair + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0).to(tl.float32)
-            dAL = scale * _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
-                                PREC, SPLIT, INTERP)
-            dxH = _mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP) * gamp[None, :]
-            dsigma = dAL * _band_weights(CM, LAM, tok * L, tc, valid, tp, H, L, C) - dxH
-            xT = tl.load(pair + o[None, :] * DK + ck[:, None], mask=mk, other=0.0)
-            dE += _mm(xT, dsigma, PREC, SPLIT, INTERP)
-            x = tl.load(pair + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-            dgc += tl.sum(tl.sum(dx * x.to(tl.float32), axis=1), axis=0)
-        tl.store(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], dE, mask=mk)
-        tl.store(DGC + chunk, dgc)
-    else:
-        dHT = tl.zeros([BKP, C], dtype=tl.float32)
-        dVT = tl.zeros([BVP, C], dtype=tl.float32)
-        E = tl.load(EB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=mk, other=0.0)
-        for i in range(pi + 1, R):
-            t, valid, tc, tok = _tokens(PHI, n, w * R + i, T, H, C)
-            pair = window + (_pairs_before(i) + pi) * C * DK
-            x = tl.load(XP + pair + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-            sigma = _mm(x, E, PREC, SPLIT, INTERP)
-            dxT = tl.load(DXP + pair + o[None, :] * DK + ck[:, None], mask=mk, other=0.0).to(tl.float32)
-            # dH's step terms, like σ, do not compound: a single-pass product
-            dHT -= tl.dot(dxT, sigma, input_precision=PREC)
-            Lam = _band_weights(CM, LAM, tok * L, tc, valid, tp, H, L, C)
-            dVT += scale * _mm(_cols_raw(DO, tok, tc, valid, cv, H, DV), sigma * Lam, PREC, SPLIT, INTERP)
-        tl.store(DHB + chunk * C * DK + o[None, :] * DK + ck[:, None], dHT, mask=mk)
-        dvk = DVK + chunk * C * DV + o[None, :] * DV + cv[:, None]
-        tl.store(dvk, tl.load(dvk, mask=cv[:, None] < DV, other=0.0) + dVT, mask=cv[:, None] < DV)
+    kb0 = tl.arange(0, BKB)
+    vb0 = tl.arange(0, BVB)
+    lc = tl.arange(0, LP)
+    xp = XP + ((n * NW + w) * VISITS).to(tl.int64) * C * DK
+    xs = XS + ((n * NW + w) * KEYS).to(tl.int64) * C * DK
+    scr = SCR + (n * NC + w * R).to(tl.int64) * C * C
+    # key chunks in order, KEYS at a time, so that each query meets them as its adjoint climbs from
+    # the window's frame back to its own chunk, and takes a block's steps back to back (a visit: its
+    # dx and dλ go back to dQ̂ and DL once per visit). XP holds the query before the block's last
+    # step; the visit steps it back through the block into the scratch XS first (a step's own terms
+    # read it, never the dx chain: its rounding does not compound). Every [C, ·] tile is taken BKB
+    # or BVB columns at a time and the key chunks' sums dĒ, dH, dV are read-modify-written at each
+    # step (the block's working set, in L2): whole-width float32 tiles, or the sums held in
+    # registers, spill
+    for p0 in range(0, R, KEYS):
+        for pk in tl.static_range(KEYS):  # the band is dĒ's and dH's first writer
+            if p0 + pk < R:
+                chunk = (n * NC + w * R + p0 + pk).to(tl.int64)
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    tl.store(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], tl.zeros([BKB, C], dtype=tl.float32),
+                             mask=ck[:, None] < DK)
+                    tl.store(DHB + chunk * C * DK + o[:, None] * DK + ck[None, :], tl.zeros([C, BKB], dtype=tl.float32),
+                             mask=ck[None, :] < DK)
+        kk = tl.arange(0, KEYS)
+        dgc = tl.zeros([KEYS], dtype=tl.float32)  # dγ_C of the block's key chunks: Σ dx ∘ x
+        tl.debug_barrier()
+        for i in range(p0 + 1, R):
+            c = w * R + i
+            t, valid, tc, tok = _tokens(PHI, n, c, T, H, C)
+            tokL = tok * L
+            dqh = DQH + (n * NC + c).to(tl.int64) * C * DK
+            dl_at = DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :]
+            p_top = tl.minimum(p0 + KEYS, i) - 1
+            top = xp + (_visits_before(i, KEYS) + p0 // KEYS) * C * DK
+            for kb in tl.static_range(BKP // BKB):
+                ck = kb * BKB + kb0
+                tl.store(xs + (p_top - p0) * C * DK + o[:, None] * DK + ck[None, :],
+                         tl.load(top + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0),
+                         mask=ck[None, :] < DK)
+            tl.debug_barrier()
+            # `_step_back`'s step, by BKB columns as the rest of the band: called here, its whole-width
+            # tiles made the band spill more (`python -m perf.sm90_resources`)
+            for back in range(p_top - p0):  # through chunk ph: x before ph → x before ph − 1
+                ph = p_top - back
+                th, validh, tch, tokh = _tokens(PHI, n, w * R + ph, T, H, C)
+                Gh, gamh, rhoh, gam_Ch = _gates(G, tokh, tch, validh, H, C, HAS_G)
+                src = xs + (ph - p0) * C * DK
+                eh = EB + (n * NC + w * R + ph).to(tl.int64) * DK * C
+                sigma = tl.zeros([C, C], dtype=tl.float32)
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    x_in = tl.load(src + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                    E = tl.load(eh + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
+                    sigma += _mm(x_in, E, PREC_CHAIN, SPLIT, INTERP)
+                sigma = sigma * gamh[None, :]
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    x_in = tl.load(src + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                    x_lo = gam_Ch * x_in.to(tl.float32) - _mmr(sigma, _rows_raw(K, tokh, tch, validh, ck, H, DK),
+                                                               PREC_CHAIN, SPLIT, INTERP)
+                    tl.store(src - C * DK + o[:, None] * DK + ck[None, :], x_lo.to(XS.dtype.element_ty),
+                             mask=ck[None, :] < DK)
+                tl.debug_barrier()
+            for pi in range(p0, p_top + 1):
+                p = w * R + pi
+                tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
+                Gp, gamp, rhop, gam_Cp = _gates(G, tokp, tcp, validp, H, C, HAS_G)
+                chunk = (n * NC + p).to(tl.int64)
+                eb = EB + chunk * DK * C
+                deb = DEB + chunk * DK * C
+                dhb = DHB + chunk * C * DK
+                dvk = DVK + chunk * C * DV
+                x_at = xs + (pi - p0) * C * DK
+                # σ = x Ē_p, dx Hᵀ and dγ_C's Σ dx ∘ x, over Dk by blocks
+                sigma = tl.zeros([C, C], dtype=tl.float32)
+                dxH = tl.zeros([C, C], dtype=tl.float32)
+                dgc_p = tl.zeros([C], dtype=tl.float32)
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                    E = tl.load(eb + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
+                    sigma += _mm(x_in, E, PREC, SPLIT, INTERP)  # a step's own term: its rounding does not compound
+                    dx = tl.load(dqh + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
+                    dxH += _mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP)
+                    dgc_p += tl.sum(dx * x_in.to(tl.float32), axis=1)
+                dgc += tl.where(kk == pi - p0, tl.sum(dgc_p, axis=0), 0.0)
+                dxH = dxH * gamp[None, :]
+                dAL = tl.zeros([C, C], dtype=tl.float32)
+                for vb in tl.static_range(BVP // BVB):
+                    cv = vb * BVB + vb0
+                    dAL += _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
+                                 PREC, SPLIT, INTERP)
+                dAL = scale * dAL
+                Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
+                dl = _scatter_levels(tl.load(dl_at), CM, tokL, tc, valid, tp, dAL * sigma, H, L, LP, C)
+                last = i == pi + 1  # the query's last key chunk: its dλ is whole
+                tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
+                         mask=valid[:, None] & (lc[None, :] < L) & last)
+                tl.store(dl_at, dl, mask=(lc[None, :] < LP) & (not last))
+                dsigma = dAL * Lp - dxH
+                SLt = _transposed(scr, sigma * Lp, C)
+                for vb in tl.static_range(BVP // BVB):
+                    cv = vb * BVB + vb0
+                    at = dvk + o[:, None] * DV + cv[None, :]
+                    dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
+                    tl.store(at, tl.load(at, mask=cv[None, :] < DV, other=0.0)
+                             + scale * _mmr(SLt, dO, PREC, SPLIT, INTERP), mask=cv[None, :] < DV)
+                sigT = _transposed(scr, sigma, C)
+                dsT = _transposed(scr, dsigma, C)
+                # dĒ += dσᵀ x, dH −= σᵀ dx, then the query's dx on through the step: dx ← γ_C dx + dσ Ē
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    mk = ck[None, :] < DK
+                    x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=mk, other=0.0)
+                    at = deb + ck[None, :] * C + o[:, None]  # dĒᵀ [C, BKB] in Ē's [Dk, C] layout
+                    tl.store(at, tl.load(at, mask=mk, other=0.0) + _mmr(dsT, x_in, PREC, SPLIT, INTERP), mask=mk)
+                    dx_at = dqh + o[:, None] * DK + ck[None, :]
+                    dx = tl.load(dx_at, mask=mk, other=0.0)
+                    at = dhb + o[:, None] * DK + ck[None, :]
+                    # dĒ's and dH's step terms, like σ, do not compound: single-pass products
+                    tl.store(at, tl.load(at, mask=mk, other=0.0) - tl.dot(sigT, dx, input_precision=PREC), mask=mk)
+                    ET = tl.load(eb + ck[None, :] * C + o[:, None], mask=mk, other=0.0)
+                    tl.store(dx_at, gam_Cp * dx + _mm32(dsigma, ET, PREC_CHAIN, SPLIT, INTERP), mask=mk)
+                tl.debug_barrier()  # the next step reads this query's dx and dλ, the next query the key chunks' sums
+        first = (n * NC + w * R + p0).to(tl.int64)
+        tl.store(DGC + first + kk, dgc, mask=p0 + kk < R)
 
 
 @triton.jit
@@ -923,10 +962,13 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
 def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
     """Tiles: the whole of `Dk` (`BKP`, ≤ 256) in the transport; `Dv` whole on the GPU (`BV`),
     by 64 in the object backward (`BVO`, which holds a `[Dk, Dk]` and several `[Dk, BVO]` float32
-    tiles). Under the interpreter `BV` is 16 (so tests cross tile edges)."""
+    tiles); the band pass's column blocks of `Dk` and `Dv` (`BKB`, `BVB`) by 64. Under the
+    interpreter `BV`, `BKB` and `BVB` are 16 (so tests cross tile edges)."""
     BKP, BVP = pow2(Dk), pow2(Dv)
     BV = 16 if interpreted else BVP
-    return dict(BKP=BKP, BV=BV, BVO=min(BV, 64), BR=min(BKP, 32 if interpreted else 64), BK=min(BKP, 32))
+    block = 16 if interpreted else 64
+    return dict(BKP=BKP, BV=BV, BVO=min(BV, 64), BR=min(BKP, 32 if interpreted else 64), BK=min(BKP, 32),
+                BKB=min(BKP, block), BVB=min(BVP, block))
 
 
 # Launch options beyond Triton's defaults (4 warps, 3 stages), by kernel; the sm_90 compile test
@@ -940,8 +982,7 @@ LAUNCH = {
     "_suffix_kernel": dict(num_warps=8),
     "_readout_kernel": dict(num_warps=8),
     "_readout_bwd_chain_kernel": dict(num_warps=8),
-    "_readout_bwd_band_queries_kernel": dict(num_warps=8),
-    "_readout_bwd_band_keys_kernel": dict(num_warps=8),
+    "_readout_bwd_band_kernel": dict(num_warps=8),
     "_object_bwd_kernel": dict(num_warps=8, num_stages=1),
     "_suffix_bwd_kernel": dict(num_warps=8, num_stages=1),
     "_ut_bwd_kernel": dict(num_warps=8),
@@ -1060,24 +1101,20 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     BKP, BVP = meta["BKP"], pow2(Dv)
     flags = dict(C=C, HAS_G=g is not None)
     LP = pow2(L, 1)
-    # one [C, Dk] query per pair of the band (query chunk i, key chunk p < i, in a window), its state
-    # before the step back through p (XP) and its dx there (DXP): (R − 1)/2 times the chunk-indexed
-    # buffers beside them each. Kept in bfloat16 for 16-bit inputs: the band reads them only for the
-    # pairs' own terms (σ, dĒ, dH, dγ_C), never into the dx chain, which the queries' pass carries in
-    # float32 registers, so their rounding does not compound (bfloat16, not float16: the transported
-    # query's range is the transitions', not bounded by the inputs')
-    pairs = max(1, R * (R - 1) // 2)  # one slot at R = 1, where the band has none
+    # one [C, Dk] query per visit of the band (query chunk i, block of BAND_KEYS key chunks before
+    # it): about (R − 1)/(2·BAND_KEYS) times the chunk-indexed buffers beside it, and much of the
+    # band pass's traffic. Kept in bfloat16 for 16-bit inputs: the band reads it only for its
+    # steps' own terms (σ, dĒ, dγ_C), never into the dx chain, so its rounding does not compound
+    # (bfloat16, not float16: the transported query's range is the transitions', not bounded by
+    # the inputs'); XS, a window's scratch, holds it stepped back through a block
+    G = BAND_KEYS
+    visits = max(1, band_visits(R, G))  # one slot at R = 1, where the band has none
     xdtype = f32 if q.dtype == f32 else torch.bfloat16
     # Each buffer is made just before its first kernel and dropped after its last, so that the
     # caching allocator hands its memory to the later ones: the backward's peak is one phase's
-    # buffers (the readout passes', the object passes', the suffix's) beside the plan's, not all.
-    # XP and DXP hold one group of rows at a time — the chain and the band's two passes run group
-    # by group — so that together they take at most two float32 [C, Dk] chunk buffers' memory (as
-    # DQH and XF): over all rows they would take (R − 1)·s/8 times that and set the training peak
-    groups = max(1, min(N, -(-(R - 1) * xdtype.itemsize // 8)))
-    rows = -(-N // groups)
-    XP = torch.empty(rows, NW, pairs, C, Dk, dtype=xdtype, device=dev)
-    DXP = torch.empty_like(XP)
+    # buffers (the readout passes', the object passes', the suffix's) beside the plan's, not all
+    XP = torch.empty(N, NW, visits, C, Dk, dtype=xdtype, device=dev)
+    XS = torch.empty(N, NW, G, C, Dk, dtype=xdtype, device=dev)
     SCR = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DQH = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
@@ -1089,21 +1126,16 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     DVK = torch.empty(N, NC, C, Dv, dtype=f32, device=dev)
     dlam = torch.empty_like(lam)
     common = dict(H=H, L=L, LP=LP, DK=Dk, DV=Dv, R=R, BKP=BKP, BVP=BVP, PREC=buf.prec, PREC_CHAIN=buf.prec_chain,
-                  PAIRS=pairs, **flags, **buf.split)
-    band = {name: x for name, x in common.items() if name != "LP"}
-    for n0 in range(0, N, rows):
-        grid = (NC, min(rows, N - n0))
-        _readout_bwd_chain_kernel[grid](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
-                                        buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), n0, **common,
-                                        **LAUNCH["_readout_bwd_chain_kernel"])
-        _readout_bwd_band_queries_kernel[grid](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DQH, DL, dlam, T,
-                                               float(scale), n0, **common,
-                                               **LAUNCH["_readout_bwd_band_queries_kernel"])
-        for part in (0, 1):
-            _readout_bwd_band_keys_kernel[grid](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, DXP, DEB, DHB, DGC,
-                                                DVK, T, float(scale), n0, PART=part, **band,
-                                                **LAUNCH["_readout_bwd_band_keys_kernel"])
-    del XP, DXP, DL  # the band's own
+                  **flags, **buf.split)
+    _readout_bwd_chain_kernel[(NC, N)](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
+                                       buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), KEYS=G,
+                                       VISITS=visits, **common,
+                                       **LAUNCH["_readout_bwd_chain_kernel"])
+    _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, XS, SCR, DQH, DL, DEB, DHB, DGC,
+                                      DVK, dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], KEYS=G,
+                                      VISITS=visits, **common,
+                                      **LAUNCH["_readout_bwd_band_kernel"])
+    del XP, XS, DL  # the band's own
     NVT = triton.cdiv(Dv, meta["BV"])
     DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
