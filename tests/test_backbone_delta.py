@@ -414,8 +414,8 @@ GPU_CASES = [  # (B, H, T, Dk, Dv, g, resets, S0, dtype): both head sizes, fp32 
     (4, 16, 1000, 128, 64, True, "none", False, "bf16"),
     (8, 16, 520, 128, 128, True, "chunk_ends", True, "bf16"),
     (16, 16, 2048, 128, 128, True, "sparse", True, "bf16"),  # SPEC §7's shape at T = 2048
-    (4, 16, 8192, 128, 128, True, "sparse", True, "bf16"),  # T = 8192: a Dv tile of 32, where an H100
-    # run of perf.bench_gpu stopped with an illegal address (perf/results/gpu_tests-h100.log)
+    (4, 16, 8192, 128, 128, True, "sparse", True, "bf16"),  # T = 8192: a Dv tile of 32, where the
+    # backward state pass at 8 warps stopped with an illegal address on an H100 (4 warps since)
 ]
 
 

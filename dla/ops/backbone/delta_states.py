@@ -151,10 +151,13 @@ def state_tile(heads: int, Dv: int, x: Tensor) -> int:
 def states_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype, BV: int) -> dict:
     """Launch parameters of both kernels: the whole of `Dk` in one tile (`Dk ≤ 256`), `Dv` in
     tiles of `BV` (`state_tile`); 8 warps once the state tile reaches 128 × 32 (at 4 warps
-    ptxas spills it beside the [C, Dk] operands)."""
+    ptxas spills it beside the [C, Dk] operands), but 4 for tiles 32 wide: on an H100 with
+    Triton 3.6 the backward kernel at BK = 128, BV = 32 and 8 warps stopped with an illegal
+    memory access (B = 4, T = 8192, H = 16, where `state_tile` first picks 32), and ran and
+    matched the torch delta rule at 4 (`tests/test_backbone_delta.py`'s T = 8192 GPU case)."""
     BK = pow2(Dk)
-    return dict(C=chunk_size, BK=BK, BV=BV, PREC=precisions(dtype)[0], num_warps=8 if BK * BV >= 128 * 32 else 4,
-                num_stages=2)
+    warps = 8 if BK * BV >= 128 * 32 and BV != 32 else 4
+    return dict(C=chunk_size, BK=BK, BV=BV, PREC=precisions(dtype)[0], num_warps=warps, num_stages=2)
 
 
 def states_forward(k: Tensor, w: Tensor, u: Tensor, g: Tensor | None, reset: Tensor | None, S0: Tensor | None,
