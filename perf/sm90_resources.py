@@ -1,11 +1,24 @@
-"""What each kernel of the readout with `β` (`dla/ops/readout/objects_delta_triton.py`) asks of an
-H100, without one: every kernel compiled by Triton's GPU compiler for sm_90a at the launcher's GPU
-tiles and launch options, its shared memory from Triton's metadata, its registers and spills from
-ptxas (`-v`). Spilled registers go to local memory, through L1 to L2 and DRAM: a kernel that
-spills kilobytes per thread moves far more bytes than `cost_delta` counts.
+"""What each Triton kernel of the `β` path asks of an H100, without one: the readout with `β`
+(`dla/ops/readout/objects_delta_triton.py`), the chunked delta rule under it and under `single`
+(`dla/ops/backbone/delta_{wy,states,output}.py`) and the `drift` detection
+(`dla/ops/segment/detect_triton.py`), each compiled by Triton's GPU compiler for sm_90a at its
+launcher's GPU tiles and launch options: its shared memory from Triton's metadata, its registers
+and spills from ptxas (`-v`). Spilled registers go to local memory, through L1 to L2 and DRAM: a
+kernel that spills kilobytes per thread moves far more bytes than `cost_delta` counts, and in a
+sequential kernel (the state passes) every spill sits on the critical path.
 
-    python -m perf.sm90_resources [SPEC ...]      # SPEC = Dk:L:C:R:dtype:g|none, default the §7 one
+    python -m perf.sm90_resources [SPEC ...] [--stages readout backbone drift]
+                                                  # SPEC = Dk:L:C:R:dtype:g|none, default the §7 one
     python -m perf.sm90_resources --check-shared 128:32:64:16:bfloat16:g
+
+The backbone's kernels take the spec's `Dk` (= `Dv`), chunk, dtype and gate, its state passes
+every `Dv` tile `delta_states.state_tile` can pick; the detection runs in float32 whatever the
+inputs (its launcher casts them), with `β` and without, and the spec's gate.
+
+These are static counts, not timings, and they do not rank launch options by speed: ptxas gives
+the detection's pass kernel at its shipped tiles 32 registers and kilobytes of spills, and at a
+chunk of 16 with a 32-wide tile 255 registers and a tenth of the spills, yet on an H100 the
+former ran ten to twenty times faster (`perf/results/sweep_drift-h100.md`). Time on the card.
 
 `--check-shared` exits non-zero when a kernel's shared memory is past what a block may use on
 sm_90 (such a kernel compiles but cannot launch). Runs on the CPU (Triton's wheel ships ptxas).
@@ -23,7 +36,11 @@ import tempfile
 import torch
 import triton
 
+import dla.ops.backbone.delta_output as BO
+import dla.ops.backbone.delta_states as BS
+import dla.ops.backbone.delta_wy as BW
 import dla.ops.readout.objects_delta_triton as X
+import dla.ops.segment.detect_triton as DT
 from dla.ops.backbone.delta_common import precisions
 from dla.ops.readout.cost_delta import BAND_KEYS, band_visits
 from dla.testing import PTXAS, compile_for_sm90
@@ -60,6 +77,68 @@ def compile_kernel(name: str, spec: str):
     return compile_for_sm90(fn, arg_type, constexprs, **X.LAUNCH.get(name, {}))
 
 
+def _parse(spec: str):
+    D, L, C, R, dtype, has_g = spec.split(":")
+    return int(D), int(L), int(C), int(R), getattr(torch, dtype), has_g == "g"
+
+
+def backbone_kernels(spec: str):
+    """`(label, compiled)` for the chunked delta rule's kernels at the spec's `Dk = Dv`, chunk,
+    dtype and gate, as `delta_triton` launches them (states in the inputs' dtype, `U` too, the
+    backward's states, `dU` and partial gradients float32; `g`, `β` float32; no resets)."""
+    D, _, C, _, dtype, has_g = _parse(spec)
+    data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    wide = {"TI", "DU", "DKP", "DGP", "DUO", "DHX", "DSF", "DHS", "DS0", "SF", "S0", "G", "BETA", "DBETA", "DG_OUT"}
+
+    def arg_type(a: str) -> str:
+        return {"T": "i32", "scale": "fp32", "RESET": "*u8"}.get(a, "*fp32" if a in wide else data)
+
+    flags = dict(H=16, DK=D, DV=D, HAS_G=has_g, HAS_RESET=False, BC=BW.BC, HAS_S0=True, STORE_U=True, HAS_OUT=True,
+                 HAS_DHX=False, HAS_DSF=True)
+    out = BO.output_meta(D, D, C, dtype)
+    runs = [(BW._wy_fwd_kernel, BW.wy_meta(D, D, C, dtype)), (BW._wy_bwd_kernel, BW.wy_meta(D, D, C, dtype))]
+    for BV in sorted({min(b, triton.next_power_of_2(D)) for b in (64, 32, 16)}, reverse=True):
+        runs += [(BS._states_fwd_kernel, BS.states_meta(D, D, C, dtype, BV)),
+                 (BS._states_bwd_kernel, BS.states_meta(D, D, C, dtype, BV))]
+    runs += [(BO._output_fwd_kernel, out["fwd"]), (BO._output_dU_kernel, out["dU"]),
+             (BO._dqkwg_kernel, out["dqkwg"])]
+    for fn, meta in runs:
+        meta = dict(meta)
+        options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+        names = {p.name for p in fn.params}
+        constexprs = {k: v for k, v in {**meta, **flags}.items() if k in names}
+        label = f"{fn.__name__} (BV {meta['BV']}, {options.get('num_warps', 4)} warps)"
+        yield label, compile_for_sm90(fn, arg_type, constexprs, **options)
+
+
+def drift_kernels(spec: str):
+    """`(label, compiled)` for the detection's kernels at the spec's `Dk = Dv` and gate, with `β`
+    (Gated DeltaNet) and without (Mamba-2), float32 as the launcher runs them."""
+    D, _, C, _, _, has_g = _parse(spec)
+    for beta in (True, False):
+        meta = DT.launch_meta(D, D, C, on_interpreter=False)
+        options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+        meta.update(HAS_G=has_g, HAS_BETA=beta)
+        for fn in (DT._prepare_kernel, DT._pass_kernel):
+            kernel = compile_for_sm90(fn, lambda a: "i32" if a in ("T", "H", "Dk", "Dv", "NC") else "*fp32", meta,
+                                      **options)
+            yield f"{fn.__name__} ({'β' if beta else 'no β'}, C {meta['C']}, BV {meta['BV']})", kernel
+        meta = DT.scores_meta(D, D, on_interpreter=False)
+        options = dict(num_warps=meta.pop("num_warps"), num_stages=1)
+        meta.update(H=16, DK=D, DV=D, HAS_G=has_g, HAS_BETA=beta, EPS=1e-12)
+        types = {"T": "i32", "tau": "fp32", "FIRST": "*i8", "FLAG": "*i1"}
+        yield (f"_scores_kernel ({'β' if beta else 'no β'})",
+               compile_for_sm90(DT._scores_kernel, lambda a: types.get(a, "*fp32"), meta, **options))
+
+
+def readout_kernels(spec: str):
+    for name in KERNELS:
+        yield name, compile_kernel(name, spec)
+
+
+STAGES = {"readout": readout_kernels, "backbone": backbone_kernels, "drift": drift_kernels}
+
+
 def ptxas_report(kernel) -> dict:
     """Registers per thread and spill bytes (stores, loads) from `ptxas -v` on the kernel's PTX."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,11 +157,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("specs", nargs="*", default=["128:32:64:16:bfloat16:g"])
     parser.add_argument("--check-shared", action="store_true", help="shared memory only, non-zero past sm_90's")
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=["readout"])
     args = parser.parse_args(argv)
     rc = 0
     for spec in args.specs:
-        for name in KERNELS:
-            kernel = compile_kernel(name, spec)
+        for name, kernel in (k for stage in args.stages for k in STAGES[stage](spec)):
             shared = kernel.metadata.shared
             line = f"{spec} {name}: compiled, shared {shared} B"
             if shared > HOPPER_SHARED:
