@@ -75,6 +75,18 @@ def fla_anchors():
     return chunk_simple_gla, chunk_gated_delta_rule
 
 
+def anchor_step(fla_op, length: int, backbone: str):
+    """fwd+bwd of fla's op for `backbone` (`chunk_simple_gla` for mamba2, `chunk_gated_delta_rule`
+    for gdn, from `fla_anchors`) on our inputs at `length`, over detached leaves."""
+    t = inputs(length, 16, backbone)
+    xs = [t[n].detach().requires_grad_() for n in ("q", "k", "v")]
+    gates = {"g": t["g"].detach().requires_grad_()}
+    if backbone == "gdn":
+        gates["beta"] = t["beta"].detach().requires_grad_()
+    do = torch.randn_like(xs[2])
+    return lambda: torch.autograd.backward(fla_op(*xs, **gates)[0], do)
+
+
 def inputs(length, levels, backbone, dtype=torch.bfloat16, regime="sparse"):
     batch = TOKENS // length
     return layer_inputs(batch, length, HEADS, DIM, DIM, levels, backbone=backbone, dtype=dtype, device="cuda",
@@ -270,18 +282,9 @@ def main() -> int:
             F.scaled_dot_product_attention(q, k, v, is_causal=True), do), rep=rep)
         del q, k, v, do
         if ssd is not None and "mamba2" in args.backbones:
-            t = inputs(length, 16, "mamba2")
-            xs = [t[n].detach().requires_grad_() for n in ("q", "k", "v")]
-            g = t["g"].detach().requires_grad_()
-            do = torch.randn_like(xs[2])
-            row["fla_ssd_fwd_bwd"] = bench(lambda: torch.autograd.backward(ssd(*xs, g=g)[0], do), rep=rep)
+            row["fla_ssd_fwd_bwd"] = bench(anchor_step(ssd, length, "mamba2"), rep=rep)
         if gdn is not None and "gdn" in args.backbones:
-            t = inputs(length, 16, "gdn")
-            xs = [t[n].detach().requires_grad_() for n in ("q", "k", "v")]
-            g, beta = t["g"].detach().requires_grad_(), t["beta"].detach().requires_grad_()
-            do = torch.randn_like(xs[2])
-            row["fla_gdn_fwd_bwd"] = bench(lambda: torch.autograd.backward(gdn(*xs, g=g, beta=beta)[0], do), rep=rep)
-            del xs, g, beta, do
+            row["fla_gdn_fwd_bwd"] = bench(anchor_step(gdn, length, "gdn"), rep=rep)
         if loglinear is not None and length <= 16384:  # the reference's own limit
             levels = (length - 1).bit_length() + 1
             t = inputs(length, levels, "mamba2")

@@ -5,7 +5,10 @@ missed target: the achieved TFLOP/s and bandwidth of each kernel, and what limit
 
 For each configuration (backbone : policy : K) it profiles one forward+backward of
 `dla.multistate_attention` on the inputs of `perf/bench_gpu.py` (32,768 tokens, H = 16,
-Dk = Dv = 128, bf16), after warm-up calls, twice:
+Dk = Dv = 128, bf16), after warm-up calls, twice; the policy `fla` (`gdn:fla:0`, `mamba2:fla:0`)
+profiles the benchmark's anchor instead, fla's kernel for that backbone (its Hopper refusal patched
+off as the benchmark does), so that `single` and the plain backbone it should match sit side by
+side:
 
 1. `torch.profiler`, the kernels as they really run (concurrent, boosted clocks): CUDA time per
    kernel name, launch count, and share of the layer's kernel time.
@@ -67,10 +70,16 @@ def warmed_workload(config: str, length: int, warmup: int):
     that compilation and autotuning stay out of the profile."""
     import torch
 
-    from perf.bench_gpu import inputs, train_step
+    from perf.bench_gpu import anchor_step, fla_anchors, inputs, train_step
 
     backbone, policy, levels = parse_config(config)
-    _, fwd_bwd = train_step(inputs(length, levels, backbone), policy=policy)
+    if policy == "fla":
+        fla_op = dict(zip(("mamba2", "gdn"), fla_anchors()))[backbone]
+        if fla_op is None:
+            raise SystemExit(f"{config}: fla is not importable here")
+        fwd_bwd = anchor_step(fla_op, length, backbone)
+    else:
+        _, fwd_bwd = train_step(inputs(length, levels, backbone), policy=policy)
     for _ in range(warmup):
         fwd_bwd()
     torch.cuda.synchronize()
@@ -262,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--configs", nargs="+", default=["mamba2:single:2", "mamba2:dla:32", "gdn:single:2", "gdn:dla:32"],
-                   help="BACKBONE:POLICY:K entries (default: each backbone's single and dla K=32)")
+                   help="BACKBONE:POLICY:K entries (default: each backbone's single and dla K=32; POLICY fla: "
+                        "fla's kernel for the backbone, e.g. gdn:fla:0)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-ncu", action="store_true", help="torch.profiler only")
     p.add_argument("--ncu-kernels", metavar="REGEX",

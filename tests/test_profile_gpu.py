@@ -50,3 +50,19 @@ def test_render_with_and_without_the_torch_profile():
     md = render(result)
     assert "## mamba2:dla:32: 0.01 ms of kernels" in md and "| `_fwd_kernel` | 2 | 0.004 | 80.0% |" in md
     assert "under ncu (no torch.profiler pass" in md and "ncu: ncu not on PATH" in md
+
+
+def test_the_fla_anchor_config_names_a_missing_fla():
+    """`BACKBONE:fla:0` profiles fla's kernel; where fla cannot be imported (this CPU machine) the
+    run stops with one line naming the configuration, before touching a GPU."""
+    pytest.importorskip("perf.bench_gpu")
+    try:
+        import fla  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure is "not importable"
+        pass
+    else:
+        pytest.skip("fla is installed here")
+    from perf.profile_gpu import warmed_workload
+
+    with pytest.raises(SystemExit, match="gdn:fla:0: fla is not importable here"):
+        warmed_workload("gdn:fla:0", 64, 0)
