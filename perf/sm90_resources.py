@@ -16,9 +16,10 @@ every `Dv` tile `delta_states.state_tile` can pick; the detection runs in float3
 inputs (its launcher casts them), with `β` and without, and the spec's gate.
 
 These are static counts, not timings, and they do not rank launch options by speed: ptxas gives
-the detection's pass kernel at its shipped tiles 32 registers and kilobytes of spills, and at a
-chunk of 16 with a 32-wide tile 255 registers and a tenth of the spills, yet on an H100 the
-former ran ten to twenty times faster (`perf/results/sweep_drift-h100.md`). Time on the card.
+the detection's pass kernel at its shipped tiles 32 registers and 4.5–5.6 KB of spills per
+thread, and at a chunk of 16 beside the same 32-wide tile 255 registers and a seventeenth of the
+spills, yet on an H100 the former ran 19–21 times faster (`perf/results/sweep_drift-h100.md`,
+the same kernel). Time on the card.
 
 `--check-shared` exits non-zero when a kernel's shared memory is past what a block may use on
 sm_90 (such a kernel compiles but cannot launch). Runs on the CPU (Triton's wheel ships ptxas).
