@@ -18,6 +18,11 @@ side:
    occupancy and registers per thread. From them: achieved GB/s and TFLOP/s per kernel name.
    If the card's ncu lacks a metric, the script falls back to a smaller set and says so.
 
+`--band G:R` (a timing experiment, never the shipped rule) runs the readout with `β` at `G` key
+chunks per band block (`cost_delta.BAND_KEYS`) and windows of `R` chunks whatever `window_for`
+picks, in this process and in ncu's child, so that a configuration the rule does not choose can
+be profiled beside the shipped one on the same card; the output names it.
+
 A kernel near the memory roof is bandwidth-bound; one far from both roofs with low occupancy is
 latency- or launch-bound (small grids, serial scans). Writes `profile_gpu.json` and
 `profile_gpu.md` to DIR and prints the table last.
@@ -63,6 +68,24 @@ def short_name(name: str) -> str:
             break
     name = re.sub(r"\b(at::native::|at::|cutlass::|std::|\(anonymous namespace\)::)", "", name[:cut])
     return name[:80] or "?"
+
+
+def force_band(spec: str) -> tuple[int, int]:
+    """`--band G:R`: the readout with `β` at `G` key chunks per band block and windows of `R`
+    chunks in this process (module doc); returns `(G, R)`."""
+    import dla.ops.readout as readout
+    import dla.ops.readout.cost_delta as cost_delta
+    import dla.ops.readout.objects_delta_triton as kernels
+
+    try:
+        G, R = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"--band must be KEYS:R (e.g. 2:16), got {spec!r}") from None
+    if G < 1 or G & (G - 1) or R not in cost_delta.WINDOWS:
+        raise SystemExit(f"--band: KEYS must be a power of two and R one of {cost_delta.WINDOWS}, got {spec!r}")
+    cost_delta.BAND_KEYS = kernels.BAND_KEYS = G
+    readout._window = lambda *args: R
+    return G, R
 
 
 def warmed_workload(config: str, length: int, warmup: int):
@@ -149,7 +172,8 @@ def read_ncu_csv(text: str) -> list[dict]:
     return out
 
 
-def ncu_profile(config: str, length: int, warmup: int, work: Path, kernels: str | None = None) -> dict:
+def ncu_profile(config: str, length: int, warmup: int, work: Path, kernels: str | None = None,
+                band: str | None = None) -> dict:
     """Per-kernel hardware counters under Nsight Compute; the full metric set, else the basic one."""
     ncu = shutil.which("ncu")
     if ncu is None:
@@ -161,7 +185,7 @@ def ncu_profile(config: str, length: int, warmup: int, work: Path, kernels: str 
                "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(metrics),
                *(["--kernel-name", f"regex:{kernels}"] if kernels else []),
                sys.executable, "-m", "perf.profile_gpu", "--child", config, "--length", str(length),
-               "--warmup", str(warmup)]
+               "--warmup", str(warmup), *(["--band", band] if band else [])]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         text = log.read_text() if log.exists() else ""
         records = read_ncu_csv(text)
@@ -228,6 +252,9 @@ def render(result: dict) -> str:
              f"Dk = Dv = 128, bf16. Time share from torch.profiler (kernels as they run); counters from "
              f"Nsight Compute with --clock-control none, each kernel replayed alone (its duration there is "
              f"the ncu column). `python3 -m perf.profile_gpu {' '.join(result['argv'])}`", ""]
+    if "band" in result:
+        lines += [f"NOTE: timing experiment, not the shipped rule: the readout with β at {result['band']['keys']} key "
+                  f"chunks per band block and windows of R = {result['band']['window']} chunks (--band)", ""]
     for cfg in result["configs"]:
         counters = {k["kernel"]: k for k in cfg["ncu"].get("kernels", [])}
         prof = cfg["torch"]
@@ -277,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ncu", action="store_true", help="torch.profiler only")
     p.add_argument("--ncu-kernels", metavar="REGEX",
                    help="ncu only the kernels whose name matches (replaying every torch kernel is slow)")
+    p.add_argument("--band", metavar="KEYS:R", help="timing experiment: the readout with β at KEYS key chunks per "
+                   "band block and windows of R chunks, whatever the rule picks (module doc)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    band = force_band(args.band) if args.band else None
     if args.child:
         child(args.child, args.length, args.warmup)
         return 0
@@ -292,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__},
               "length": args.length, "argv": argv if argv is not None else sys.argv[1:], "configs": []}
+    if band:
+        result["band"] = {"keys": band[0], "window": band[1]}
     for config in args.configs:
         entry = {"config": config, "torch": torch_profile(config, args.length, args.warmup)}
         entry["ncu"] = ({"error": "skipped (--no-ncu)"} if args.no_ncu else
-                        ncu_profile(config, args.length, args.warmup, args.out, args.ncu_kernels))
+                        ncu_profile(config, args.length, args.warmup, args.out, args.ncu_kernels, args.band))
         result["configs"].append(entry)
         (args.out / "profile_gpu.json").write_text(json.dumps(result, indent=1))
         print(f"{config}: {entry['torch']['total_us'] / 1e3:.2f} ms of kernels", flush=True)

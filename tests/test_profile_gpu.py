@@ -66,3 +66,23 @@ def test_the_fla_anchor_config_names_a_missing_fla():
 
     with pytest.raises(SystemExit, match="gdn:fla:0: fla is not importable here"):
         warmed_workload("gdn:fla:0", 64, 0)
+
+
+def test_a_forced_band_reaches_the_kernels_and_the_table(monkeypatch):
+    """`--band G:R` sets the band's key chunks in both modules that read them and makes the rule
+    return R (restored after the test); the rendered profile says it is not the shipped rule."""
+    import dla.ops.readout as readout
+    import dla.ops.readout.cost_delta as cost_delta
+    import dla.ops.readout.objects_delta_triton as kernels
+    from perf.profile_gpu import force_band
+
+    for module, name in ((cost_delta, "BAND_KEYS"), (kernels, "BAND_KEYS"), (readout, "_window")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    assert force_band("2:16") == (2, 16)
+    assert cost_delta.BAND_KEYS == kernels.BAND_KEYS == 2 and readout._window(None, None, None, 64) == 16
+    for bad in ("2", "3:16", "2:12"):
+        with pytest.raises(SystemExit, match="--band"):
+            force_band(bad)
+    result = {"env": {"device": "card", "torch": "t", "triton": "tr"}, "length": 2048, "argv": ["--band", "2:16"],
+              "band": {"keys": 2, "window": 16}, "configs": []}
+    assert "not the shipped rule" in render(result) and "R = 16" in render(result)
