@@ -54,7 +54,7 @@ def exit_code(main, argv: list[str]) -> int:
 
 def snapshot(folder: Path) -> dict:
     """Every file under `folder` with its modification time and bytes ({} when it does not exist),
-    but the run's lock file, which names the last process that took the lock."""
+    but the run's lock file, which names the process holding the lock (and is empty otherwise)."""
     if not folder.exists():
         return {}
     return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))

@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -374,6 +375,31 @@ def test_a_second_writer_is_refused_with_one_line(finished_run, corpus, tmp_path
     assert snapshot(run) == before
     assert main(args(run, corpus, "--resume", "--steps", "6")) == 0  # the lock went with its holder
     assert [s for s, _ in train_curve(run)] == [1, 2, 3, 4, 5, 6]
+    assert (run / ".lock").read_text() == ""  # a finished holder leaves no pid to be named later
+
+
+def test_a_refused_run_waits_for_the_holders_pid(finished_run, corpus, tmp_path, capsys):
+    """On a busy machine the refused run may look between the holder taking the lock and writing
+    its pid: it waits for the pid (here written 0.3 s late) rather than naming nobody."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with open(run / ".lock", "r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate()
+        held.flush()
+
+        def late():
+            held.write("pid 4243\n")
+            held.flush()
+
+        writer = threading.Timer(0.3, late)
+        writer.start()
+        try:
+            assert main(args(run, corpus, "--resume", "--steps", "6")) == 2
+        finally:
+            writer.join()
+    assert one_error_line(capsys) == (f"dla: error: --out {run}: another dla train is writing to it (pid 4243); "
+                                      f"wait for it to finish or choose another folder")
 
 
 def test_two_processes_on_one_run_folder(tmp_path, corpus):

@@ -215,6 +215,7 @@ class Run:
 # What a run writes into its folder. A folder that holds only these and no checkpoint is what a
 # run killed before its first checkpoint left: a new run, or --resume, starts over in it.
 LOCK = ".lock"
+LOCK_WAIT_POLLS = 500  # 10 ms apart: how long a refused run waits for the holder's pid
 RUN_FILES = ("checkpoints", "data", "metrics.jsonl", "loss.png", LOCK)
 # Fields of TrainConfig that a resumed run may change: they do not enter the steps already taken.
 RESUMABLE = ("steps", "eval_tokens")
@@ -321,17 +322,25 @@ def _check_resume(run: Run) -> Path:
 
 @contextmanager
 def _run_lock(out: Path):
-    """Hold `out/.lock` while the block runs, or raise `RunError` when another process holds it."""
+    """Hold `out/.lock` while the block runs, or raise `RunError` naming the process that holds
+    it. The holder writes its pid just after taking the lock and empties the file before letting
+    go, so a refused process waits briefly for the pid to appear (on a busy machine it may look
+    between the two) instead of naming nobody, or a holder that has finished."""
     with open(out / LOCK, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise RunError(f"--out {out}: another dla train is writing to it ({holder}); wait for it to "
-                           f"finish or choose another folder") from None
+            holder = ""
+            for _ in range(LOCK_WAIT_POLLS):
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.01)
+            raise RunError(f"--out {out}: another dla train is writing to it ({holder or 'another process'}); "
+                           f"wait for it to finish or choose another folder") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
@@ -339,6 +348,9 @@ def _run_lock(out: Path):
         try:
             yield
         finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
