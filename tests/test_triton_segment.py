@@ -8,6 +8,7 @@ in float32; with one, the same tests run compiled on it, and the `gpu` tests add
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -596,37 +597,22 @@ def test_drift_segmentation_matches_the_cpu_kernel(T, Dk, Dv, K, transition, dty
 # The detection kernels as the GPU compiles them (ptxas for sm_90, no GPU needed)
 # --------------------------------------------------------------------------------------------
 
+# `perf.sm90_resources --stages drift` compiles each detection kernel with and without β at the
+# spec's gate and exits non-zero past Hopper's shared memory
 COMPILE = r"""
 import sys
-from dla.testing import compile_for_sm90
-import dla.ops.segment.detect_triton as D
-
-for spec in sys.argv[1:]:
-    Dk, Dv, transition = spec.split(":")
-    meta = D.launch_meta(int(Dk), int(Dv), 64, on_interpreter=False)
-    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-    meta.update(HAS_G=transition in ("g", "both"), HAS_BETA=transition in ("beta", "both"))
-    for fn in (D._prepare_kernel, D._pass_kernel):
-        compiled = compile_for_sm90(fn, lambda a: "i32" if a in ("T", "H", "Dk", "Dv", "NC") else "*fp32", meta,
-                                    **options)
-        assert compiled.metadata.shared <= 227 * 1024, (spec, fn.__name__, compiled.metadata.shared)
-        print(spec, fn.__name__, "compiled", flush=True)
-    meta = D.scores_meta(int(Dk), int(Dv), on_interpreter=False)
-    options = dict(num_warps=meta.pop("num_warps"), num_stages=1)
-    meta.update(H=4, DK=int(Dk), DV=int(Dv), HAS_G=transition in ("g", "both"),
-                HAS_BETA=transition in ("beta", "both"), EPS=1e-12)
-    fn = D._scores_kernel
-    types = {"T": "i32", "tau": "fp32", "FIRST": "*i8", "FLAG": "*i1"}
-    compile_for_sm90(fn, lambda a: types.get(a, "*fp32"), meta, **options)
-    print(spec, fn.__name__, "compiled", flush=True)
+sys.path.insert(0, sys.argv[1])
+from perf.sm90_resources import main
+sys.exit(main([*sys.argv[2:], "--check-shared", "--stages", "drift"]))
 """
 
 
 @pytest.mark.slow
 def test_detection_kernels_compile_for_sm90():
     """The detection kernels with the launchers' meta-parameters through Triton's GPU compiler and
-    ptxas, within an H100's shared memory: 8 warps at `Dk = Dv = 128` with `g` and β (every
-    branch taken), 4 warps at 64 without either (every branch skipped); and the tail kernel at
-    both. The GPU tests run every configuration on the card."""
-    specs = ["128:128:both", "64:64:none"]
-    assert compile_script(COMPILE, *specs).count("compiled") == 3 * len(specs)
+    ptxas, within an H100's shared memory: 8 warps at `Dk = Dv = 128` with `g`, 4 warps at 64
+    without it, each with β and without (so every branch is taken and skipped); and the tail
+    kernel at each. The GPU tests run every configuration on the card."""
+    specs = ["128:32:64:16:float32:g", "64:16:64:16:float32:none"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert compile_script(COMPILE, root, *specs).count("compiled") == 6 * len(specs)
