@@ -11,8 +11,8 @@ sequential kernel (the state passes) every spill sits on the critical path.
                                                   # SPEC = Dk:L:C:R:dtype:g|none, default the §7 one
     python -m perf.sm90_resources --check-shared 128:32:64:16:bfloat16:g
 
-The backbone's kernels take the spec's `Dk` (= `Dv`), chunk, dtype and gate, its state passes
-every `Dv` tile `delta_states.state_tile` can pick; the detection runs in float32 whatever the
+The backbone's kernels take the spec's `Dk` (= `Dv`), chunk, dtype and gate, the other optional
+inputs as `single` has them, its state passes every `Dv` tile `delta_states.state_tile` can pick; the detection runs in float32 whatever the
 inputs (its launcher casts them), with `β` and without, and the spec's gate.
 
 These are static counts, not timings, and they do not rank launch options by speed: ptxas gives
@@ -83,33 +83,50 @@ def _parse(spec: str):
     return int(D), int(L), int(C), int(R), getattr(torch, dtype), has_g == "g"
 
 
-def backbone_kernels(spec: str):
-    """`(label, compiled)` for the chunked delta rule's kernels at the spec's `Dk = Dv`, chunk,
-    dtype and gate, as `delta_triton` launches them (states in the inputs' dtype, `U` too, the
-    backward's states, `dU` and partial gradients float32; `g`, `β` float32; no resets)."""
+# the chunked delta rule's optional inputs (gate, resets, initial state, U stored, the output's
+# terms, an outer state gradient, a final state gradient), constexpr flags of its kernels
+BACKBONE_OPTIONAL = ("HAS_G", "HAS_RESET", "HAS_S0", "STORE_U", "HAS_OUT", "HAS_DHX", "HAS_DSF")
+BACKBONE_FLOAT32 = {"TI", "DU", "DKP", "DGP", "DUO", "DHX", "DSF", "DHS", "DS0", "SF", "S0", "G", "BETA", "DBETA",
+                    "DG_OUT"}
+
+
+def backbone_kernels(spec: str, tiles: list[int] | None = None, optional: tuple[bool, ...] | None = None):
+    """`(label, compiled)` for the chunked delta rule's kernels at the spec's `Dk = Dv`, chunk and
+    dtype, as `delta_triton` launches them (states in the inputs' dtype, `U` too, the backward's
+    states, `dU` and partial gradients float32; `g`, `β` float32), the state passes at each `Dv`
+    tile of `tiles` (default: every one `state_tile` can pick). The optional inputs as `single`
+    has them (the spec's gate, an initial state and a final state gradient, no resets and no outer
+    state gradient), or, for each entry of `optional`, all present or all absent."""
     D, _, C, _, dtype, has_g = _parse(spec)
+    if optional is None:
+        settings = [dict(dict.fromkeys(BACKBONE_OPTIONAL, True), HAS_G=has_g, HAS_RESET=False, HAS_DHX=False)]
+    else:
+        settings = [dict.fromkeys(BACKBONE_OPTIONAL, present) for present in optional]
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
-    wide = {"TI", "DU", "DKP", "DGP", "DUO", "DHX", "DSF", "DHS", "DS0", "SF", "S0", "G", "BETA", "DBETA", "DG_OUT"}
 
     def arg_type(a: str) -> str:
-        return {"T": "i32", "scale": "fp32", "RESET": "*u8"}.get(a, "*fp32" if a in wide else data)
+        return {"T": "i32", "scale": "fp32", "RESET": "*u8"}.get(a, "*fp32" if a in BACKBONE_FLOAT32 else data)
 
-    flags = dict(H=16, DK=D, DV=D, HAS_G=has_g, HAS_RESET=False, BC=BW.BC, HAS_S0=True, STORE_U=True, HAS_OUT=True,
-                 HAS_DHX=False, HAS_DSF=True)
+    if tiles is None:
+        tiles = sorted({min(b, triton.next_power_of_2(D)) for b in (64, 32, 16)}, reverse=True)
     out = BO.output_meta(D, D, C, dtype)
     runs = [(BW._wy_fwd_kernel, BW.wy_meta(D, D, C, dtype)), (BW._wy_bwd_kernel, BW.wy_meta(D, D, C, dtype))]
-    for BV in sorted({min(b, triton.next_power_of_2(D)) for b in (64, 32, 16)}, reverse=True):
+    for BV in tiles:
         runs += [(BS._states_fwd_kernel, BS.states_meta(D, D, C, dtype, BV)),
                  (BS._states_bwd_kernel, BS.states_meta(D, D, C, dtype, BV))]
     runs += [(BO._output_fwd_kernel, out["fwd"]), (BO._output_dU_kernel, out["dU"]),
              (BO._dqkwg_kernel, out["dqkwg"])]
-    for fn, meta in runs:
-        meta = dict(meta)
-        options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-        names = {p.name for p in fn.params}
-        constexprs = {k: v for k, v in {**meta, **flags}.items() if k in names}
-        label = f"{fn.__name__} (BV {meta['BV']}, {options.get('num_warps', 4)} warps)"
-        yield label, compile_for_sm90(fn, arg_type, constexprs, **options)
+    for flags in settings:
+        for fn, meta in runs:
+            meta = dict(meta)
+            options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+            names = {p.name for p in fn.params}
+            constexprs = {k: v for k, v in {**meta, "H": 16, "DK": D, "DV": D, "BC": BW.BC, **flags}.items()
+                          if k in names}
+            label = f"{fn.__name__} (BV {meta['BV']}, {options.get('num_warps', 4)} warps)"
+            if optional is not None:
+                label += f", optional inputs {'present' if flags['HAS_G'] else 'absent'}"
+            yield label, compile_for_sm90(fn, arg_type, constexprs, **options)
 
 
 def drift_kernels(spec: str):

@@ -479,50 +479,25 @@ def test_gpu_matches_float64(B, H, T, Dk, Dv, has_g, resets, initial, dtype):
 # The kernels as the GPU compiles them (ptxas for sm_90, no GPU needed)
 # --------------------------------------------------------------------------------------------
 
+# `perf.sm90_resources.backbone_kernels` compiles each kernel at the launchers' parameters, here
+# with every optional input present and absent; a spec is dtype:D:chunk:state tiles
 COMPILE = r"""
-import sys, torch
-from dla.testing import compile_for_sm90
-import dla.ops.backbone.delta_output as O
-import dla.ops.backbone.delta_states as S
-import dla.ops.backbone.delta_wy as W
+import sys
+sys.path.insert(0, sys.argv[1])
+from perf.sm90_resources import backbone_kernels
 
-FLOAT32 = {"TI", "DU", "DKP", "DGP", "DUO", "DHX", "DSF", "DHS", "S0", "SF", "DS0", "G", "BETA", "DG_OUT", "DBETA"}
-FLAGS = ("HAS_G", "HAS_RESET", "HAS_S0", "STORE_U", "HAS_OUT", "HAS_DHX", "HAS_DSF")
-
-
-def compile_one(fn, meta, shapes, pointer, on):
-    names = {a.name for a in fn.params}
-    constexprs = {**shapes, **{k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
-                  **{f: on for f in FLAGS if f in names}}
-    compile_for_sm90(fn, lambda a: "i32" if a == "T" else "fp32" if a == "scale" else "*u8" if a == "RESET"
-                     else "*fp32" if a in FLOAT32 else pointer, constexprs, num_warps=meta["num_warps"],
-                     num_stages=meta["num_stages"])
-    print(fn.__name__, meta.get("BV"), on, "compiled", flush=True)
-
-
-for spec in sys.argv[1:]:
+for spec in sys.argv[2:]:
     dtype, D, C, tiles = spec.split(":")
-    dtype, D, C = getattr(torch, dtype), int(D), int(C)
-    pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    shapes = dict(H=16, DK=D, DV=D)
-    for on in (True, False):
-        wy = W.wy_meta(D, D, C, dtype)
-        compile_one(W._wy_fwd_kernel, dict(wy, BC=W.BC), shapes, pointer, on)
-        compile_one(W._wy_bwd_kernel, wy, shapes, pointer, on)
-        for BV in map(int, tiles.split(",")):
-            st = S.states_meta(D, D, C, dtype, BV)
-            compile_one(S._states_fwd_kernel, st, shapes, pointer, on)
-            compile_one(S._states_bwd_kernel, st, shapes, pointer, on)
-        out = O.output_meta(D, D, C, dtype)
-        compile_one(O._output_fwd_kernel, out["fwd"], shapes, pointer, on)
-        compile_one(O._output_dU_kernel, out["dU"], shapes, pointer, on)
-        compile_one(O._dqkwg_kernel, out["dqkwg"], shapes, pointer, on)
+    for label, _ in backbone_kernels(f"{D}:1:{C}:1:{dtype}:g", tiles=[int(t) for t in tiles.split(",")],
+                                     optional=(True, False)):
+        print(label, "compiled", flush=True)
 """
 
 
 def compile_for_sm90(specs: list[str]) -> None:
     kernels_per_spec = [2 * (5 + 2 * len(spec.split(":")[3].split(","))) for spec in specs]
-    assert compile_script(COMPILE, *specs, timeout=1800).count("compiled") == sum(kernels_per_spec)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert compile_script(COMPILE, root, *specs, timeout=1800).count("compiled") == sum(kernels_per_spec)
 
 
 def test_kernels_compile_for_sm90():
