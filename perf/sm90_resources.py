@@ -12,8 +12,9 @@ sequential kernel (the state passes) every spill sits on the critical path.
     python -m perf.sm90_resources --check-shared 128:32:64:16:bfloat16:g
 
 The backbone's kernels take the spec's `Dk` (= `Dv`), chunk, dtype and gate, the other optional
-inputs as `single` has them, its state passes every `Dv` tile `delta_states.state_tile` can pick; the detection runs in float32 whatever the
-inputs (its launcher casts them), with `β` and without, and the spec's gate.
+inputs as `single` has them, its state passes every `Dv` tile `delta_states.state_tile` can
+pick; the detection runs in float32 whatever the inputs (its launcher casts them), with `β` and
+without, and the spec's gate.
 
 These are static counts, not timings, and they do not rank launch options by speed: ptxas gives
 the detection's pass kernel at its shipped tiles 32 registers and 4.5–5.6 KB of spills per
