@@ -14,8 +14,9 @@ backward, initial slots in the wrong order, the `latest` pointer written in plac
 the rename), and one at least per kernel stage — segment (the `drift` detection's threshold,
 and the Triton segmentation's tie-break and boundary test beside the CPU kernel's), backbone
 (the SSD chunk state carried through a reset), readout (the object plan, the object readout's
-decay, the Triton band pass of the readout with β and its split bfloat16 products, a buffer of
-it a row short) — each killed by the property checks and unit cases named beside it."""
+decay, the Triton band pass of the readout with β, its level spans and its split bfloat16
+products, a buffer of it a row short) — each killed by the property checks and unit cases named
+beside it."""
 
 from __future__ import annotations
 
@@ -100,6 +101,10 @@ MUTANTS = [
            dla.ops.readout.objects_delta_triton, "objects_delta_backward_triton",
            "DQH = torch.empty(N, NC, C, Dk,", "DQH = torch.empty(N, NC, C - 1, Dk,",
            ("tests/test_testing.py::test_the_operators_kernels_stay_in_bounds[dla-beta]",)),
+    Mutant("readout with β on CUDA: a chunk pair's level span one level short",
+           dla.ops.readout.objects_delta_triton, "_level_span",
+           "tl.minimum(r1, L - 1) - r0 + 1, 0)", "tl.minimum(r1, L - 1) - r0, 0)",
+           ("tests/test_readout_delta_objects.py::test_triton_forward_matches_torch",)),
     Mutant("readout with β on CUDA, bfloat16: the split products drop the float32 side's lo halves",
            dla.ops.readout.objects_delta_triton, "_hilo",
            "return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)", "return hi, (0.0 * x).to(tl.bfloat16)",

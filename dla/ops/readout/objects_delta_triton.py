@@ -53,7 +53,9 @@ Transposes of dot results go through a scratch round trip (`_transposed`), never
 
 Levels: with `c[t, r]` the running minimum of row `t` of the level map (non-increasing in `r`),
 `ℓ_t(p) = #{r : c[t, r] > p}`, so `λ_t[ℓ_t(p)] = Σ_r λ_t[r] ([c[t, r−1] > p] − [c[t, r] > p])`
-(`[c[t, −1] > p] = 1`; 0 where no level holds `p`): one pass over the `L` levels per tile.
+(`[c[t, −1] > p] = 1`; 0 where no level holds `p`): one pass over the `L` levels per tile of
+queries and positions — over only the levels that hold one of the tile's positions for the
+[C, C] tiles of a chunk pair (`_level_span`), one or two per query where segments are long.
 
 The transport `x` is carried per `Dv` tile of the readout (recomputed `Dv/BV` times; `BV = Dv`
 on the GPU). Dots on float32 operands (the inputs are converted on load), `input_precision`
@@ -203,15 +205,38 @@ def _mm32(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _level_span(CM, tokL, tc, valid, s, H: tl.constexpr, L: tl.constexpr, C: tl.constexpr):
+    """`(r0 [C], m)`: for every valid query row `t`, the levels holding a position of `s` [C] lie in
+    `r0[t] … r0[t] + m − 1`, with `r0[t] = ℓ_t(max s)` and `m` the most levels a row spans from
+    `max s` down to `min s` (`c[t, r]` does not increase in `r`). A key chunk meets one or two
+    levels of each query where segments are long, so the [C, C] passes over levels below run `m`
+    times, not `L`; finding the span takes one pass over the `L` levels on [C] vectors."""
+    s_lo = tl.min(s, axis=0)
+    s_hi = tl.max(s, axis=0)
+    r0 = tl.zeros([C], dtype=tl.int32)
+    r1 = tl.zeros([C], dtype=tl.int32)
+    for r in range(L):
+        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
+        r0 += tl.where(cm > s_hi, 1, 0)
+        r1 += tl.where(cm > s_lo, 1, 0)
+    m = tl.max(tl.where(valid, tl.minimum(r1, L - 1) - r0 + 1, 0), axis=0)
+    return r0, m
+
+
+@triton.jit
 def _band_weights(CM, LAM, tokL, tc, valid, s, H: tl.constexpr, L: tl.constexpr, C: tl.constexpr,
                   TRANSPOSED: tl.constexpr = False):
     """Λ[t, s] = λ_t[ℓ_t(s)] for the chunk's rows t and the positions s [C] (module doc); Λᵀ (rows
-    s, columns t) when TRANSPOSED, built as such."""
+    s, columns t) when TRANSPOSED, built as such. Over the levels of `_level_span` only: below
+    `r0[t]` every `[c[t, r] > s]` is 1, so the first of them starts from `above = 1`."""
+    r0, m = _level_span(CM, tokL, tc, valid, s, H, L, C)
     out = tl.zeros([C, C], dtype=tl.float32)
     above = tl.full([C, C], 1.0, tl.float32)
-    for r in range(L):
-        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
-        lam = tl.load(LAM + tokL + tc * (H * L) + r, mask=valid, other=0.0).to(tl.float32)
+    for j in range(m):
+        r = r0 + j
+        at = tokL + tc * (H * L) + r
+        cm = tl.load(CM + at, mask=valid & (r < L), other=-(1 << 30))
+        lam = tl.load(LAM + at, mask=valid & (r < L), other=0.0).to(tl.float32)
         if TRANSPOSED:
             ind = tl.where(cm[None, :] > s[:, None], 1.0, 0.0)
             out += lam[None, :] * (above - ind)
@@ -475,16 +500,18 @@ def _scatter_levels(dl, CM, tokL, tc, valid, s, X, H: tl.constexpr, L: tl.conste
                     C: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """dl [C, LP] += Σ_s X[t, s] at column ℓ_t(s) (X [C, C] over the positions s [C]; given as Xᵀ
     when TRANSPOSED): column r gains P_{r−1} − P_r with P_r[t] = Σ_s X[t, s] [c[t, r] > s]
-    (P_{−1} = Σ_s X[t, s])."""
+    (P_{−1} = Σ_s X[t, s]), over the levels of `_level_span` only (below `r0[t]`, `P_r = P_{−1}`)."""
     cols = tl.arange(0, LP)
+    r0, m = _level_span(CM, tokL, tc, valid, s, H, L, C)
     above = tl.sum(X, axis=0 if TRANSPOSED else 1)
-    for r in range(L):
-        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
+    for j in range(m):
+        r = r0 + j
+        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid & (r < L), other=-(1 << 30))
         if TRANSPOSED:
             ind = tl.sum(tl.where(cm[None, :] > s[:, None], X, 0.0), axis=0)
         else:
             ind = tl.sum(tl.where(cm[:, None] > s[None, :], X, 0.0), axis=1)
-        dl += tl.where(cols[None, :] == r, (above - ind)[:, None], 0.0)
+        dl += tl.where(cols[None, :] == r[:, None], (above - ind)[:, None], 0.0)
         above = ind
     return dl
 
