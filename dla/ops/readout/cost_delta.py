@@ -78,7 +78,7 @@ WINDOWS = (1, 2, 4, 8, 16, 32)
 # key chunks the band pass takes per sweep over a window's queries (a power of two). Blocks of two
 # send a query's state (XP, dx, dλ) through memory half as often and keep the block's key side in
 # L2 (module doc), and the roofline model prefers them (it then picks R = 32); but on an H100 the
-# band pass and the whole layer were slower at two key chunks and R = 32 than at one and R = 16
+# band pass was slower at two key chunks than at one, both at R = 32 (the layer too) and at R = 16
 # (`perf/results/profile_windows-h100.md`): the kernels run far from their roofline, where the
 # model cannot rank the two. One, until a profile on the card shows blocks paying
 BAND_KEYS = 1
