@@ -14,16 +14,13 @@ rows within 1e-5 of the float64 products may become `launch_meta`'s bounds (SPEC
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
 import triton
 
 from dla.ops.segment import detect_triton
 from dla.ops.segment.detect import readout_products
 from perf.inputs import layer_inputs
+from perf.sweep import arguments, measured, write_sweep
 
 TOKENS, HEADS, DIM = 32768, 16, 128
 CANDIDATES = [(16, 32, 8, "ieee"), (16, 16, 4, "ieee"), (16, 16, 8, "ieee"), (32, 32, 8, "ieee"),
@@ -63,9 +60,7 @@ def run(backbone: str, T: int) -> list[dict]:
             detect_triton._pass_kernel[(B * HEADS, NV)](kf, vf, gf, S0, Q, R0, W, U0, p, rr, T, HEADS, DIM, DIM, NC,
                                                         **flags, **meta)
 
-        row = {"backbone": backbone, "T": T, "C": C, "BV": BV, "warps": warps, "precision": prec,
-               "shipped": not rows}
-        try:
+        def measure(row: dict) -> None:
             prepare()
             scan()
             torch.cuda.synchronize()
@@ -73,33 +68,26 @@ def run(backbone: str, T: int) -> list[dict]:
             row["err_rho"] = float((rr.sum(0).view(B, HEADS, T).double() - r64).norm() / r64.norm())
             row["prepare_ms"] = do_bench(prepare, warmup=3, rep=20, return_mode="median")
             row["pass_ms"] = do_bench(scan, warmup=2, rep=20, return_mode="median")
-        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a row, not a crash
-            row["error"] = repr(exc)[:300]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+
+        rows.append(measured({"backbone": backbone, "T": T, "C": C, "BV": BV, "warps": warps, "precision": prec,
+                              "shipped": not rows}, measure))
     return rows
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--length", type=int, default=8192)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = arguments(8192)
     rows = run("mamba2", args.length) + run("gdn", args.length)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    (args.out / "sweep_drift.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    lines = [f"drift detection launch bounds on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"T = {args.length}, 32,768 tokens, H = 16, Dk = Dv = 128 (perf/sweep_drift_gpu.py)", "",
-             "| backbone | C | BV | warps | precision | shipped | error p | error ρ | prepare ms | pass ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = ([f"{r['err_p']:.1e}", f"{r['err_rho']:.1e}", f"{r['prepare_ms']:.2f}", f"{r['pass_ms']:.2f}"]
-                 if "error" not in r else [r["error"][:60], "", "", ""])
-        lines.append("| " + " | ".join([r["backbone"], str(r["C"]), str(r["BV"]), str(r["warps"]), r["precision"],
-                                        "yes" if r["shipped"] else "", *cells]) + " |")
-    (args.out / "sweep_drift.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+    def cells(r: dict) -> list[str]:
+        values = ([f"{r['err_p']:.1e}", f"{r['err_rho']:.1e}", f"{r['prepare_ms']:.2f}", f"{r['pass_ms']:.2f}"]
+                  if "error" not in r else [r["error"][:60], "", "", ""])
+        return [r["backbone"], str(r["C"]), str(r["BV"]), str(r["warps"]), r["precision"],
+                "yes" if r["shipped"] else "", *values]
+
+    write_sweep(args.out, "sweep_drift", "drift detection launch bounds",
+                f"T = {args.length}, 32,768 tokens, H = 16, Dk = Dv = 128 (perf/sweep_drift_gpu.py)",
+                ["backbone", "C", "BV", "warps", "precision", "shipped", "error p", "error ρ", "prepare ms",
+                 "pass ms"], rows, cells)
     return 0
 
 

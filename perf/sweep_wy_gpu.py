@@ -16,15 +16,12 @@ Dk = Dv = 128, bf16, chunks of 64), compares `w` and `u` with the stage's float6
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
 import triton
 
 from dla.ops.backbone import delta, delta_wy
 from perf.inputs import layer_inputs
+from perf.sweep import arguments, measured, write_sweep
 
 TOKENS, HEADS, DIM, CHUNK = 32768, 16, 128, 64
 CANDIDATES = [(4, 2, 32), (4, 2, 16), (8, 1, 32), (8, 3, 32), (8, 2, 64), (16, 2, 32), (4, 1, 32)]
@@ -57,39 +54,30 @@ def run(T: int) -> list[dict]:
                 k, v, beta, g, None, TI, w, u, T, HEADS, DIM, DIM, BC=delta_wy.BC, HAS_G=True, HAS_RESET=False,
                 **meta)
 
-        row = {"T": T, "warps": warps, "stages": stages, "block": block, "shipped": not rows}
-        try:
+        def measure(row: dict) -> None:
             launch()
             torch.cuda.synchronize()
             row["err_w"] = relative_error(w, w64)
             row["err_u"] = relative_error(u, u64)
             row["ms"] = do_bench(launch, warmup=3, rep=20, return_mode="median")
-        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a row, not a crash
-            row["error"] = repr(exc)[:300]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+
+        rows.append(measured({"T": T, "warps": warps, "stages": stages, "block": block, "shipped": not rows},
+                             measure))
     return rows
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--length", type=int, default=2048)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = arguments(2048)
     rows = run(args.length)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    (args.out / "sweep_wy.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    lines = [f"WY forward launch bounds on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"T = {args.length}, 32,768 tokens, H = 16, Dk = Dv = 128, bf16 (perf/sweep_wy_gpu.py)", "",
-             "| warps | stages | block | shipped | error w | error u | ms |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = ([f"{r['err_w']:.1e}", f"{r['err_u']:.1e}", f"{r['ms']:.3f}"] if "error" not in r
-                 else [r["error"][:60], "", ""])
-        lines.append("| " + " | ".join([str(r["warps"]), str(r["stages"]), str(r["block"]),
-                                        "yes" if r["shipped"] else "", *cells]) + " |")
-    (args.out / "sweep_wy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+    def cells(r: dict) -> list[str]:
+        values = ([f"{r['err_w']:.1e}", f"{r['err_u']:.1e}", f"{r['ms']:.3f}"] if "error" not in r
+                  else [r["error"][:60], "", ""])
+        return [str(r["warps"]), str(r["stages"]), str(r["block"]), "yes" if r["shipped"] else "", *values]
+
+    write_sweep(args.out, "sweep_wy", "WY forward launch bounds",
+                f"T = {args.length}, 32,768 tokens, H = 16, Dk = Dv = 128, bf16 (perf/sweep_wy_gpu.py)",
+                ["warps", "stages", "block", "shipped", "error w", "error u", "ms"], rows, cells)
     return 0
 
 
