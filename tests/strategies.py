@@ -374,18 +374,18 @@ def tally_draw(policy: str, decisions, compared: bool = True) -> bool:
 
 @contextlib.contextmanager
 def poisoned_empty():
-    """`torch.empty` returns NaN-filled floats (and extreme ints) inside the block, so a kernel's
-    unwritten output shows."""
-    real = torch.empty
+    """`torch.empty` and `torch.empty_like` return NaN-filled floats (and extreme ints) inside the
+    block, so an element a kernel forgets to write shows."""
+    real_empty, real_like = torch.empty, torch.empty_like
 
-    def empty(*size, **kw):
-        x = real(*size, **kw)
+    def poison(x):
         if x.is_floating_point():
             return x.fill_(float("nan"))
         return x.fill_(True) if x.dtype == torch.bool else x.fill_(max(-(2**30), torch.iinfo(x.dtype).min))
 
-    torch.empty = empty
+    torch.empty = lambda *size, **kw: poison(real_empty(*size, **kw))
+    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
     try:
         yield
     finally:
-        torch.empty = real
+        torch.empty, torch.empty_like = real_empty, real_like

@@ -19,7 +19,6 @@ and the Triton stages (`dla.ops.backbone.delta_triton`) against the token-by-tok
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from dla.ops.backbone.delta_triton import (
 )
 from dla.ops.backbone.naive import backbone_recurrent
 from tests.sm90 import compile_script
-from tests.strategies import relative_error
+from tests.strategies import poisoned_empty, relative_error
 
 TOL64, TOL32 = 1e-10, 1e-5
 RESETS = ("none", "zeros", "sparse", "dense", "all", "first", "last", "chunk_starts", "chunk_ends")
@@ -253,23 +252,6 @@ def test_chunk_states_match_reference(case: DeltaCase):
 # --------------------------------------------------------------------------------------------
 # The Triton kernels against the torch kernel in float64 (interpreter on the CPU; CUDA on a GPU)
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """`torch.empty` and `torch.empty_like` return NaN-filled floats (and extreme ints), so an
-    element a kernel forgets to write shows."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def poison(x):
-        return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-(2**30))
-
-    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_like
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

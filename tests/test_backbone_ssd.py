@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from dla.ops.backbone.ssd_triton import (
     ssd_backward_triton, ssd_chunk_states_backward_triton, ssd_chunk_states_triton, ssd_forward_triton,
 )
 from tests.sm90 import compile_script
-from tests.strategies import relative_error
+from tests.strategies import poisoned_empty, relative_error
 
 RESETS = ("none", "sparse", "dense", "chunk_starts", "chunk_ends", "first", "every", "last")
 TOL64, TOL32 = 1e-10, 1e-5
@@ -261,22 +260,6 @@ def test_empty_sequence():
 # --------------------------------------------------------------------------------------------
 # The Triton kernels (the interpreter on the CPU) against the torch kernel in float64
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """`torch.empty` and `torch.empty_like` return NaN-filled floats, so unwritten output shows."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def poison(x):
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    torch.empty = lambda *size, **kw: poison(real_empty(*size, **kw))
-    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_like
 
 
 def cotangents(case: SSDCase, dtype, device="cpu"):
