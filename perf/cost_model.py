@@ -124,7 +124,7 @@ def predict_delta(starts: torch.Tensor, shapes: cost.Shapes, arch: cost.Arch = c
     C, Dk, Dv, s = shapes.C, shapes.Dk, shapes.Dv, shapes.itemsize
     R = cost_delta.window_for(T, K, Dk, Dv, s, C, arch.flops, arch.bandwidth)
     plan = window_plan(starts, None, C, R)  # a fresh call
-    n = {name: x.cpu() for name, x in cost_delta.window_counts(plan).items()}
+    n = {name: x.cpu() for name, x in cost_delta.window_counts(plan, starts).items()}
     N = B * H
     rows = {name: (f * N, b * N) for name, (f, b) in cost.segmentation_kernel(shapes).items()}
     rows.update({name: (float(torch.as_tensor(f).sum()), float(torch.as_tensor(b).sum()))

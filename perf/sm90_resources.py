@@ -45,14 +45,16 @@ import dla.ops.readout.objects_delta_triton as X
 import dla.ops.segment.detect_triton as DT
 from dla.ops.backbone.delta_common import precisions
 from dla.ops.readout.cost_delta import BAND_KEYS, band_visits
+from dla.ops.triton_utils import pow2
 from dla.testing import PTXAS, compile_for_sm90
 
 HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", "_readout_bwd_chain_kernel",
            "_readout_bwd_band_kernel", "_object_grad_kernel", "_object_bwd_kernel", "_suffix_bwd_kernel",
            "_ut_bwd_kernel")
-INTS = {"CM": "*i32", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32", "scale": "fp32"}
-FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "MB", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
+INTS = {"CM": "*i32", "SPAN": "*i16", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32",
+        "scale": "fp32"}
+FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
            "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
 
 
@@ -67,7 +69,8 @@ def compile_kernel(name: str, spec: str):
     meta = dict(X._meta(D, D, interpreted=False), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16, HAS_G=has_g == "g",
                 PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve, LP=triton.next_power_of_2(L),
                 BVP=triton.next_power_of_2(D), SPLIT=dtype == torch.bfloat16, INTERP=False,
-                KEYS=BAND_KEYS, VISITS=max(1, band_visits(R)))
+                KEYS=BAND_KEYS, VISITS=max(1, band_visits(R)), RESIDUAL=dtype != torch.float32, RP=pow2(R))
+    meta["NVT"] = -(-D // meta["BVO"])  # the suffix backward sums the object backward's Dv tiles
     fn = getattr(X, name)
     names = [a.name for a in fn.params]
     constexprs = {k: v for k, v in meta.items() if k in names}

@@ -14,9 +14,10 @@ backward, initial slots in the wrong order, the `latest` pointer written in plac
 the rename), and one at least per kernel stage — segment (the `drift` detection's threshold,
 and the Triton segmentation's tie-break and boundary test beside the CPU kernel's), backbone
 (the SSD chunk state carried through a reset), readout (the object plan, the object readout's
-decay, the Triton band pass of the readout with β, its level spans and its split bfloat16
-products, a buffer of it a row short) — each killed by the property checks and unit cases named
-beside it."""
+decay, the Triton band pass of the readout with β, its level spans — computed in place and
+read from the chain pass — and dλ's last step, its object backward's first write of dK̃, its
+masters' residuals and its split bfloat16 products, a buffer of it a row short) — each killed by
+the property checks and unit cases named beside it."""
 
 from __future__ import annotations
 
@@ -105,6 +106,23 @@ MUTANTS = [
            dla.ops.readout.objects_delta_triton, "_level_span",
            "tl.minimum(r1, L - 1) - r0 + 1, 0)", "tl.minimum(r1, L - 1) - r0, 0)",
            ("tests/test_readout_delta_objects.py::test_triton_forward_matches_torch",)),
+    Mutant("readout with β on CUDA, backward: the band's level span from the chain pass one level short",
+           dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
+           "tl.minimum(tl.load(at + C).to(tl.int32), L - 1) - r0 + 1, 0)",
+           "tl.minimum(tl.load(at + C).to(tl.int32), L - 1) - r0, 0)",
+           ("tests/test_readout_delta_objects.py::test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy",)),
+    Mutant("readout with β on CUDA, backward: a query's last band step reads only its span of dλ",
+           dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
+           "(lc[None, :] < r0[:, None] + m)) | last)", "(lc[None, :] < r0[:, None] + m)))",
+           ("tests/test_readout_delta_objects.py::test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy",)),
+    Mutant("readout with β on CUDA, backward: a chunk's first element adds its dK̃ to an unwritten buffer",
+           dla.ops.readout.objects_delta_triton, "_object_bwd_kernel",
+           "mask=(rk[:, None] < DK) & seen, other=0.0)", "mask=rk[:, None] < DK, other=0.0)",
+           ("tests/test_readout_delta_objects.py::test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy",)),
+    Mutant("readout with β on CUDA, bfloat16: the masters between windows lose their rounding residuals",
+           dla.ops.readout.objects_delta_triton, "_object_kernel",
+           "acc += tl.load(res_src + r * D + tile,", "acc += 0.0 * tl.load(res_src + r * D + tile,",
+           ("tests/test_readout_delta_objects.py::test_triton_forward_bfloat16_keeps_the_torch_paths_accuracy",)),
     Mutant("readout with β on CUDA, bfloat16: the split products drop the float32 side's lo halves",
            dla.ops.readout.objects_delta_triton, "_hilo",
            "return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)", "return hi, (0.0 * x).to(tl.bfloat16)",

@@ -3,8 +3,8 @@ it, from the plan it consumes (`objects_delta.window_plan`), and the window `R` 
 
 Counts per row
 ==============
-`window_counts(plan)` gives, per `(b, h)` row (float64 `[N]`, on the plan's device, no host
-read), with `n_w = |P_w|` the objects of window `w` and `j_c` the position of chunk `c` in its
+`window_counts(plan, level_start)` gives, per `(b, h)` row (float64 `[N]`, on the plan's device,
+no host read), with `n_w = |P_w|` the objects of window `w` and `j_c` the position of chunk `c` in its
 window (0 for the window's first chunk):
 
     tokens, chunks, windows
@@ -14,6 +14,14 @@ window (0 for the window's first chunk):
     objects       = Σ_w n_w                              objects held, once per window
     reframes      = Σ_w #{E' ∈ P_{w+1} holding an element of P_w}   (the last: the final state)
     token_chunks  = Σ_w Σ_{E' ∈ P_{w+1}} #{chunks of w holding tokens of E'}
+    dl_sectors    = Σ_c Σ_{t ∈ c} Σ_{p < c − 1 in c's window} #{32-byte sectors of dλ's float32 row t
+                    in columns r0 … r0 + m − 1}: the band's read-modify-write of a query's dλ at a
+                    step before its last (`_level_span`: r0 = ℓ_t(max s), m the most levels a row
+                    of c spans over the positions s of key chunk p)
+    span_sectors_4, span_sectors_2
+                  = the same over every step (p < c), for rows of 4- and 2-byte elements: the level
+                    starts and λ the band reads at a step
+    (without the level map, every sector of the rows: `⌈4·LP/32⌉` for dλ, `⌈w·L/32⌉` for the others)
 
 Kernels, forward then backward (a multiply-add is 2 FLOPs)
 ==========================================================
@@ -29,27 +37,36 @@ visit, so it is counted per visit.
 
     UT                  NC·ut;  k, β, g; T⁻¹ and Ē written (float32)
     suffix products     2·Dk²·C per chunk (K̃ = Suf Ē, Suf ← γ_C Suf − K̃ H); Ē, k; K̃, Suf_F written
-    object pass         reframes·Dk²·Dv + token_chunks·C·D; masters read once, every rank's master
-                        (float32, two windows' buffers in turn) and copy written per window, K̃ and v
-                        of the chunks each element holds
+    object pass         reframes·Dk²·Dv + token_chunks·C·D; masters read once, every rank's copy
+                        (the inputs' dtype, kept for the readout) and, for 16-bit inputs, its
+                        rounding residual (two windows' buffers in turn; with the copy, the master)
+                        written per window — 4 bytes an element either way —, K̃ and v of the
+                        chunks each element holds
     readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
                         the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
     (backward)          UT, suffix products, object pass again (every window's copies kept)
     readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), per step beyond a
                         visit's first C·2Dk (the query stepped back again), reads·D. The chain pass
                         (per chunk): own chunk, the chain with the query before each visit's last
-                        step written to XP, objects; dÃ, XF, dQ̂ written. The band pass (per
+                        step written to XP, objects; dÃ, XF, dQ̂, dλ written. The band pass (per
                         window, blocks of G key chunks in order, the later query chunks inside):
                         the key side's sums read-modify-written per step in L2, to DRAM once per
-                        chunk; per visit XP written (by the chain) and read (C·Dk·s each), dQ̂ and
-                        dλ read and written (2·C·(Dk + LP)·4), dO and the query's level rows read
-                        (C·(Dv·s + L·(4 + s)))
+                        chunk; per visit XP written (by the chain) and read (C·Dk·s each), dQ̂
+                        read and written (2·C·Dk·4), dO read (C·Dv·s); per step the query's level
+                        span (r0, r1: 2·2 bytes a row, written by the chain pass, read by the band),
+                        the sectors of its level starts and λ in the span (span_sectors·32), dλ's
+                        read and written at each step before a query's last (dl_sectors·64), and its
+                        whole row read at the last (LP·4 a token of a chunk after its window's first)
     object gradients    reads·D; XF, dO, λ once; D written
     object pass backward   2·reframes·Dk²·Dv + 2·token_chunks·C·D; D read and written in place,
-                        the next D and the objects' copies read; dK̃ (per Dv tile) and dv
-                        read-modify-written per token chunk
+                        the next D and the objects' copies read; per Dv tile of `OBJECT_BWD_DV`
+                        columns (`NVO` of them) Suf_F read and dSuf_F written per window, and each
+                        chunk's dK̃ written by its first element and read-modify-written by the
+                        others (token_chunks − chunks); v read and dv read-modify-written per
+                        token chunk
     suffix backward     6·Dk²·C per chunk (the chain again and its adjoint); each chunk's Suf
-                        written and read twice (3·Dk²·4); Ē, K̃, dK̃, dĒ, dH
+                        written and read twice (3·Dk²·4); Ē, K̃, dĒ, dH, the NVO tiles' dK̃ and
+                        dSuf_F
     UT backward         per chunk 10·C²·Dk + 6·C³; q, k, β, g, T⁻¹, the gradients of Q̂, Ã, Ē, H;
                         dq, dk, dv, dβ, dg written
 
@@ -69,10 +86,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dla.ops.levels import running_min
 from dla.ops.readout.objects_delta import WindowPlan
 
-__all__ = ["window_counts", "delta_kernels", "worst_counts", "roofline_s", "window_for", "WINDOWS", "BAND_KEYS",
-           "band_visits"]
+__all__ = ["window_counts", "span_sectors", "delta_kernels", "worst_counts", "roofline_s", "window_for", "WINDOWS",
+           "BAND_KEYS", "OBJECT_BWD_DV", "band_visits"]
 
 WINDOWS = (1, 2, 4, 8, 16, 32)
 # key chunks the band pass takes per sweep over a window's queries (a power of two). Blocks of two
@@ -84,6 +102,11 @@ WINDOWS = (1, 2, 4, 8, 16, 32)
 BAND_KEYS = 1
 
 
+# Dv columns a program of the object backward takes (`objects_delta_triton._meta`): it holds a
+# [Dk, Dk] and several [Dk, ·] float32 tiles, and each tile writes its own dK̃ and dSuf_F
+OBJECT_BWD_DV = 64
+
+
 def band_visits(R: int, keys: int | None = None) -> int:
     """The band's visits to the queries of a window of `R` chunks, Σ_{i < R} ⌈i / G⌉ (chunk i
     visited once per block of `G = keys` key chunks before it, `BAND_KEYS` by default): the XP
@@ -92,8 +115,43 @@ def band_visits(R: int, keys: int | None = None) -> int:
     return sum(-(-i // G) for i in range(R))
 
 
-def window_counts(plan: WindowPlan) -> dict[str, Tensor]:
-    """The per-row counts of the module doc, float64 `[N]`."""
+def span_sectors(plan: WindowPlan, level_start: Tensor) -> dict[str, Tensor]:
+    """The counts `dl_sectors`, `span_sectors_4` and `span_sectors_2` of the module doc, float64
+    `[N]`, from the level map `[B, T, H, L]` the plan was made from."""
+    f = torch.float64
+    B, T, H, L = level_start.shape
+    C, R = plan.chunk, plan.window
+    cs, ws = plan.chunk_starts, plan.window_starts
+    cm = running_min(level_start.to(torch.int64))  # [B, T, H, L]
+    pos = torch.arange(T, device=cs.device).expand(B, T).contiguous()
+    chunk = torch.searchsorted(cs.contiguous(), pos, right=True) - 1  # [B, T]
+    window = torch.searchsorted(ws.contiguous(), pos, right=True) - 1
+    first = torch.searchsorted(cs.contiguous(), torch.gather(ws, 1, window), right=False)  # its window's first chunk
+    j = chunk - first  # the token's chunk's position in its window
+    out = {name: torch.zeros(B, H, dtype=f, device=cs.device) for name in ("dl_sectors", "span_sectors_4",
+                                                                             "span_sectors_2")}
+    for d in range(1, R):  # key chunk p = c − d; d = 1 is a query's last step
+        active = j >= d  # [B, T]
+        s_hi = torch.gather(cs, 1, (chunk - d + 1).clamp(min=0)) - 1  # key chunk p's last position
+        r0 = (cm > s_hi[:, :, None, None]).sum(-1)  # [B, T, H]
+        r1 = (cm > (s_hi - C + 1)[:, :, None, None]).sum(-1)
+        span = torch.where(active[..., None], torch.clamp(r1, max=L - 1) - r0 + 1, 0)
+        m = torch.zeros(B, cs.shape[1], H, dtype=span.dtype, device=cs.device)
+        m = m.scatter_reduce(1, chunk[..., None].expand(B, T, H), span, "amax")  # per query chunk
+        m = torch.gather(m, 1, chunk[..., None].expand(B, T, H))
+        for width in (4, 2):
+            per = 32 // width
+            top = torch.clamp(r0 + m - 1, max=L - 1)  # the loads stop at the last level
+            sectors = torch.where((m > 0) & (r0 < L), top // per - r0 // per + 1, 0).sum(1).to(f)
+            out[f"span_sectors_{width}"] += sectors
+        if d >= 2:
+            out["dl_sectors"] += torch.where(m > 0, (r0 + m - 1) // 8 - r0 // 8 + 1, 0).sum(1).to(f)
+    return {name: x.reshape(B * H) for name, x in out.items()}
+
+
+def window_counts(plan: WindowPlan, level_start: Tensor | None = None) -> dict[str, Tensor]:
+    """The per-row counts of the module doc, float64 `[N]`; the sectors from `level_start`, the
+    plan's level map, or every sector of the rows without it."""
     f = torch.float64
     N, W1, L = plan.first.shape
     B = plan.chunk_starts.shape[0]
@@ -123,6 +181,13 @@ def window_counts(plan: WindowPlan) -> dict[str, Tensor]:
     lo = torch.maximum(a[:, 1:], ws_rows[:, :-1, None])
     hi = torch.minimum(e[:, 1:], ws_rows[:, 1:, None] - 1)
     spans = torch.where(valid[:, 1:] & (hi >= lo), upto(hi) - upto(lo) + 1, 0).to(f)  # [N, NW, L]
+    if level_start is None:
+        before_last = per_row((ntok * (position - 1).clamp(min=0)).sum(1))
+        steps = per_row((ntok * position).sum(1))
+        sectors = {"dl_sectors": before_last * -(-4 * (1 << max(L - 1, 0).bit_length()) // 32),
+                   "span_sectors_4": steps * -(-4 * L // 32), "span_sectors_2": steps * -(-2 * L // 32)}
+    else:
+        sectors = span_sectors(plan, level_start)
     return {
         "tokens": per_row(ntok.sum(1)),
         "chunks": per_row((ntok > 0).sum(1).to(f)),
@@ -133,6 +198,8 @@ def window_counts(plan: WindowPlan) -> dict[str, Tensor]:
         "objects": (n_w[:, :-1] * per_row(live).to(f)).sum(1),
         "reframes": (holds.sum(-1).to(f) * per_row(live).to(f)).sum(1),
         "token_chunks": (spans.sum(-1) * per_row(live).to(f)).sum(1),
+        "last_steps": per_row((ntok * (position > 0)).sum(1)),
+        **sectors,
     }
 
 
@@ -140,13 +207,18 @@ def worst_counts(T: int, K: int, C: int, R: int) -> dict[str, float]:
     """The counts of a call of `T` tokens from step 0 with every window holding `K` objects."""
     chunks = -(-T // C)
     windows = -(-chunks // R)
-    steps = visits = 0.0
+    steps = visits = before_last = last = 0.0
     for c in range(chunks):
-        steps += min(C, T - c * C) * (c % R)
-        visits += min(C, T - c * C) * -(-(c % R) // BAND_KEYS)
+        n = min(C, T - c * C)
+        steps += n * (c % R)
+        visits += n * -(-(c % R) // BAND_KEYS)
+        before_last += n * max(c % R - 1, 0)
+        last += n * (c % R > 0)
     return {"tokens": float(T), "chunks": float(chunks), "windows": float(windows), "reads": float(T * K),
             "steps": steps, "visits": visits, "objects": float(windows * K), "reframes": float(windows * K),
-            "token_chunks": float(chunks + windows * K)}
+            "token_chunks": float(chunks + windows * K), "last_steps": last,
+            "dl_sectors": before_last * -(-4 * (1 << max(K - 1, 0).bit_length()) // 32),
+            "span_sectors_4": steps * -(-4 * K // 32), "span_sectors_2": steps * -(-2 * K // 32)}
 
 
 def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> dict[str, tuple]:
@@ -159,8 +231,9 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     qkvo = T * (2 * Dk + 2 * Dv) * s
     ut_k = (2.0 * NC * ut, T * (Dk * s + 8) + T * (C + Dk) * 4)
     suffix = (4.0 * Dk * Dk * C * NC, T * (Dk * 4 * 2 + Dk * s + 4) + NW * Dk * Dk * 4)
+    master = s + (s if s < 4 else 0)  # copy + residual
     objects = (2.0 * (n["reframes"] * Dk * D + n["token_chunks"] * C * D),
-               n["objects"] * D * 4 + NW * L * D * (4 + s) + NW * Dk * Dk * 4
+               n["objects"] * D * master + NW * L * D * master + NW * Dk * Dk * 4
                + n["token_chunks"] * C * (Dk * 4 + Dv * s))
     readout = (2.0 * (NC * (2 * C * C * Dk + C**3 + C * C * Dv) + n["steps"] * C * (2 * Dk + Dv) + n["reads"] * D),
                qkvo + rows + T * (C + Dk) * 4 + n["objects"] * D * s)
@@ -168,15 +241,19 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     readout_bwd = (2.0 * (NC * (2 * C * C * Dk + C**3 + 2 * C * C * Dv) + n["steps"] * C * (7 * Dk + 2 * Dv)
                           + (n["steps"] - n["visits"]) * C * 2 * Dk + n["reads"] * D),
                    qkvo + rows + T * L * s + T * (C * 4 + C * 4 + Dk * 4 * 2 + Dv * 4 + (2 * Dk + Dv) * 4 + LP * 4)
-                   + n["visits"] * (2 * Dk * s + 2 * (Dk + LP) * 4 + Dv * s + L * (4 + s)) + n["objects"] * D * s)
+                   + n["visits"] * (2 * Dk * s + 2 * Dk * 4 + Dv * s) + n["steps"] * 2 * 2 * 2
+                   + (n["span_sectors_4"] + n[f"span_sectors_{min(s, 4)}"]) * 32
+                   + n["dl_sectors"] * 64 + n["last_steps"] * LP * 4 + n["objects"] * D * s)
     object_grads = (2.0 * n["reads"] * D, T * (Dk * 4 + Dv * s + L * (s + 4)) + n["objects"] * D * 4)
+    NVO = -(-Dv // OBJECT_BWD_DV)
     object_bwd = (2.0 * (2 * n["reframes"] * Dk * D + 2 * n["token_chunks"] * C * D),
-                  n["objects"] * D * (4 * 3 + s) + NW * Dk * Dk * 4 * 2
-                  + n["token_chunks"] * C * (Dk * 4 * 2 + Dv * (s + 8)))
+                  n["objects"] * D * (4 * 3 + s) + NVO * NW * Dk * Dk * 4 * 2 + n["token_chunks"] * C * Dv * (s + 8)
+                  + NVO * (NC * C * Dk * 4 + (n["token_chunks"] - NC) * C * Dk * 4 * 2))
     suffix_bwd = (12.0 * Dk * Dk * C * NC,
-                  NC * Dk * Dk * 4 * 3 + T * (Dk * 4 * 3 + Dk * s * 2 + 8) + T * Dk * 4 * 4 + NW * Dk * Dk * 4)
+                  NC * Dk * Dk * 4 * 3 + T * (Dk * 4 * (2 + NVO) + Dk * s * 2 + 8) + T * Dk * 4 * 4
+                  + NVO * NW * Dk * Dk * 4)
     ut_bwd = (2.0 * NC * (10 * C * C * Dk + 6 * C**3),
-              T * ((2 * Dk + Dv) * s * 2 + 16 + C * 4 * 3 + Dk * 4 * 4 + Dv * 4 + 8) + NC * C * C * 4 * 4)
+              T * (2 * Dk * s + (2 * Dk + Dv) * s + 16 + C * 4 * 3 + Dk * 4 * 4 + Dv * 4 + 8) + NC * C * C * 4 * 4)
     return {
         "UT": ut_k, "suffix products": suffix, "object pass": objects, "readout": readout,
         "UT (recomputed)": ut_k, "suffix products (recomputed)": suffix, "object pass (recomputed)": objects,

@@ -15,9 +15,10 @@ same shape. Notation of `objects_delta.py`:
     _suffix_kernel    per (window, row, row tile of Dk): from the window's end, K̃ = Suf Ē and
                       Suf ← γ_C Suf − K̃ H chunk by chunk                 → KT [N,NC,Dk,C], SUF [N,NW,Dk,Dk]
     _object_kernel    per (row, Dv tile), windows in order: every element E' of the next partition
-                      S̄'_{E'} = Suf_F Σ_{E⊂E'} S̄_E + Σ_{s∈E'} K̃_s v_sᵀ  (float32 masters MB, two
-                      windows' in turn; every window's copies OB in the inputs' dtype, which the
-                      readout and the object backward read; the last masters are S)
+                      S̄'_{E'} = Suf_F Σ_{E⊂E'} S̄_E + Σ_{s∈E'} K̃_s v_sᵀ  (every window's copies
+                      OB in the inputs' dtype, which the readout and the object backward read; for
+                      16-bit inputs the masters are the copies plus their rounding residuals RB in
+                      the same dtype, two windows' in turn; the last masters are S)
     _readout_kernel   per (chunk, row, Dv tile): own chunk (Ã ⊙ Λ)V with Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β)
                       and Q̂ = diag(γ)Q − ÃH; back through the window's earlier chunks σ = xĒ,
                       o += (σ ⊙ Λ)V, x ← γ_C x − σH; then Σ_E λ_t[ℓ_t(a_E)] x S̄_E — all of it
@@ -30,23 +31,29 @@ Backward (`objects_delta._row_backward`'s order; the forward's buffers recompute
                           the query written to XP before the last step of each block of KEYS key
                           chunks (one slot per visit of the band: query chunk i, block b < ⌈i/KEYS⌉;
                           bfloat16 for 16-bit inputs) and in the window's frame to XF, objects
-                          (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL
+                          (U = dÕ S̄ᵀ): dx and dλ so far into dQ̂ and DL; the level spans of the
+                          chunk at each earlier key chunk of its window into SPAN (one pass over
+                          the levels for all of them)
     _readout_bwd_band_kernel    per (window, row): key chunks p in order, KEYS at a time (a block),
                           the window's later query chunks inside, each query's dx climbing from the
                           window's frame to its own chunk as p rises — the band's dV, dλ, and p's
                           key-side dĒ, dH, dγ_C (one program writes each: no atomics). A query's
                           visit to a block steps its XP slot back through the block into the scratch
-                          XS, then takes the block's steps back to back, so that its dx and dλ go
-                          back to dQ̂ and DL once per visit (all R queries' live across the sweep:
-                          DRAM). Every [C, ·] tile is taken BKB or BVB columns at a time; the block's
-                          sums are read-modify-written at each step (its working set, in L2).
+                          XS (one key chunk a block: the slot as it is), then takes the block's steps
+                          back to back, so that its dx and dλ go back to dQ̂ and DL once per visit
+                          (all R queries' live across the sweep: DRAM); a step moves only its level
+                          span's columns of the query's dλ, the span read from SPAN. Every [C, ·]
+                          tile is taken BKB or BVB columns at a time; the block's sums are
+                          read-modify-written at each step (its working set, in L2).
                           Whole-width float32 tiles, and the sums held in registers beside them,
                           spilled several times more (`python -m perf.sm90_resources` reports it)
     _object_grad_kernel   per (window, row, element, Dv tile): D_E = Σ_t λ_t[ℓ_t(a_E)] x_t dÕ_tᵀ from XF
     _object_bwd_kernel    per (row, Dv tile), windows in reverse: D = D_readout + Suf_Fᵀ D' on the
                           elements each E' holds, in place over D_readout; this tile's dSuf_F =
-                          Σ D' (Σ S̄)ᵀ and dK̃ = D' v (summed over tiles after), dv += D'ᵀ K̃
-    _suffix_bwd_kernel    per (window, row): the suffix chain again, then its adjoint into dĒ, dH, dγ_C
+                          Σ D' (Σ S̄)ᵀ and dK̃ = D' v (each chunk's stored by its first element),
+                          dv += D'ᵀ K̃
+    _suffix_bwd_kernel    per (window, row): the suffix chain again, then its adjoint into dĒ, dH, dγ_C,
+                          summing the tiles' dK̃ and dSuf_F as it reads them
     _ut_bwd_kernel        per (chunk, row): the UT backward to dq, dk, dβ, dg; dv
 
 Transposes of dot results go through a scratch round trip (`_transposed`), never `tl.trans`.
@@ -85,7 +92,7 @@ from torch import Tensor
 from dla.ops.backbone.delta_common import decay, precisions
 from dla.ops.backbone.delta_wy import BC, _unit_lower_inverse
 from dla.ops.levels import running_min
-from dla.ops.readout.cost_delta import BAND_KEYS, band_visits
+from dla.ops.readout.cost_delta import BAND_KEYS, OBJECT_BWD_DV, band_visits
 from dla.ops.readout.objects_delta import window_plan
 from dla.ops.state import state_dtype
 from dla.ops.triton_utils import interpreting, pow2
@@ -227,9 +234,16 @@ def _level_span(CM, tokL, tc, valid, s, H: tl.constexpr, L: tl.constexpr, C: tl.
 def _band_weights(CM, LAM, tokL, tc, valid, s, H: tl.constexpr, L: tl.constexpr, C: tl.constexpr,
                   TRANSPOSED: tl.constexpr = False):
     """Λ[t, s] = λ_t[ℓ_t(s)] for the chunk's rows t and the positions s [C] (module doc); Λᵀ (rows
-    s, columns t) when TRANSPOSED, built as such. Over the levels of `_level_span` only: below
-    `r0[t]` every `[c[t, r] > s]` is 1, so the first of them starts from `above = 1`."""
+    s, columns t) when TRANSPOSED, built as such."""
     r0, m = _level_span(CM, tokL, tc, valid, s, H, L, C)
+    return _span_weights(CM, LAM, tokL, tc, valid, s, r0, m, H, L, C, TRANSPOSED)
+
+
+@triton.jit
+def _span_weights(CM, LAM, tokL, tc, valid, s, r0, m, H: tl.constexpr, L: tl.constexpr, C: tl.constexpr,
+                  TRANSPOSED: tl.constexpr = False):
+    """`_band_weights` over the levels of the span `(r0, m)` of `_level_span` only: below `r0[t]`
+    every `[c[t, r] > s]` is 1, so the first of them starts from `above = 1`."""
     out = tl.zeros([C, C], dtype=tl.float32)
     above = tl.full([C, C], 1.0, tl.float32)
     for j in range(m):
@@ -386,9 +400,9 @@ def _suffix_kernel(K, G, PHI, EB, KT, SUF, T, H: tl.constexpr, DK: tl.constexpr,
 
 
 @triton.jit
-def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr,
+def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, RB, OB, T, NW, H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr,
                    DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+                   RESIDUAL: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
     n = tl.program_id(0)
     NC = NW * R
     o = tl.arange(0, C)
@@ -398,9 +412,10 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
     mt = (rk[:, None] < DK) & (cv[None, :] < DV)
     D = DK * DV
     for w in range(NW):
-        # the float32 masters in two buffers, in turn (every window's copies are in OB)
-        src = MB + ((n * 2 + w % 2) * L).to(tl.int64) * D
-        dst = MB + ((n * 2 + (w + 1) % 2) * L).to(tl.int64) * D
+        # a master is its copy in OB plus, for 16-bit inputs, the rounding residual in RB (two
+        # windows' in turn)
+        res_src = RB + ((n * 2 + w % 2) * L).to(tl.int64) * D
+        res_dst = RB + ((n * 2 + (w + 1) % 2) * L).to(tl.int64) * D
         suf = tl.load(SUF + (n * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :],
                       mask=(rk[:, None] < DK) & (rk[None, :] < DK), other=0.0)
         now = (n * (NW + 1) + w) * L
@@ -415,7 +430,9 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
                     a = tl.load(FIRST + now + r)
                     e = tl.load(LAST + now + r)
                     held = (a <= e) & (a2 <= a) & (e <= e2)
-                    acc += tl.load(src + r * D + tile, mask=mt & held, other=0.0)
+                    acc += tl.load(OB + (now + r).to(tl.int64) * D + tile, mask=mt & held, other=0.0).to(tl.float32)
+                    if RESIDUAL:
+                        acc += tl.load(res_src + r * D + tile, mask=mt & held, other=0.0).to(tl.float32)
                     held_any += held.to(tl.int32)
                 if held_any > 0:  # re-framed only when it holds an object (else made of the window's tokens)
                     acc = tl.dot(suf, acc, input_precision=PREC_CHAIN)
@@ -427,8 +444,10 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, MB, OB, T, NW, H: tl.constexpr,
                     kt = tl.load(KT + (n * NC + c).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :],
                                  mask=(rk[:, None] < DK) & member[None, :], other=0.0)
                     acc += tl.dot(kt, _rows(V, tok, tc, member, cv, H, DV), input_precision=PREC)
-            tl.store(dst + r2 * D + tile, acc, mask=mt)
-            tl.store(OB + (nxt + r2).to(tl.int64) * D + tile, acc.to(OB.dtype.element_ty), mask=mt)
+            copy = acc.to(OB.dtype.element_ty)
+            tl.store(OB + (nxt + r2).to(tl.int64) * D + tile, copy, mask=mt)
+            if RESIDUAL:
+                tl.store(res_dst + r2 * D + tile, (acc - copy.to(tl.float32)).to(RB.dtype.element_ty), mask=mt)
         tl.debug_barrier()  # the next window reads these masters
 
 
@@ -499,10 +518,18 @@ def _transposed(SCR, X, C: tl.constexpr):
 def _scatter_levels(dl, CM, tokL, tc, valid, s, X, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                     C: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """dl [C, LP] += Σ_s X[t, s] at column ℓ_t(s) (X [C, C] over the positions s [C]; given as Xᵀ
-    when TRANSPOSED): column r gains P_{r−1} − P_r with P_r[t] = Σ_s X[t, s] [c[t, r] > s]
-    (P_{−1} = Σ_s X[t, s]), over the levels of `_level_span` only (below `r0[t]`, `P_r = P_{−1}`)."""
-    cols = tl.arange(0, LP)
+    when TRANSPOSED)."""
     r0, m = _level_span(CM, tokL, tc, valid, s, H, L, C)
+    return _scatter_span(dl, CM, tokL, tc, valid, s, X, r0, m, H, L, LP, C, TRANSPOSED)
+
+
+@triton.jit
+def _scatter_span(dl, CM, tokL, tc, valid, s, X, r0, m, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                  C: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """`_scatter_levels` over the span `(r0, m)` of `_level_span`, the only columns it changes:
+    column r gains P_{r−1} − P_r with P_r[t] = Σ_s X[t, s] [c[t, r] > s] (P_{−1} = Σ_s X[t, s];
+    below `r0[t]`, `P_r = P_{−1}`)."""
+    cols = tl.arange(0, LP)
     above = tl.sum(X, axis=0 if TRANSPOSED else 1)
     for j in range(m):
         r = r0 + j
@@ -532,8 +559,8 @@ def _scatter_point(dl, CM, tokL, tc, valid, a, x, H: tl.constexpr, L: tl.constex
 
 @triton.jit
 def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, DO, XP, XF, DQH, DAT, DL, DVK,
-                              DLAM, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
-                              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+                              DLAM, SPAN, T, scale, H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                               BKP: tl.constexpr, BVP: tl.constexpr, KEYS: tl.constexpr, VISITS: tl.constexpr,
                               HAS_G: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr,
                               SPLIT: tl.constexpr, INTERP: tl.constexpr):
@@ -557,6 +584,20 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     Gc, gam, rho, gam_C = _gates(G, tok, tc, valid, H, C, HAS_G)
     AtT, xT = _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H, DK, C, PREC, PREC_CHAIN,
                            SPLIT, INTERP)
+    # the band's level spans for this query chunk and each earlier key chunk p of the window
+    # (`_level_span`'s r0 and r1 at p's last and first positions), from one pass over the levels
+    # here: the band reads two [C] rows a step instead of the L levels
+    pk = tl.arange(0, RP)
+    s_hi = (w * R + pk) * C + C - 1 - tl.load(PHI + n // H)
+    r0 = tl.zeros([C, RP], dtype=tl.int32)
+    r1 = tl.zeros([C, RP], dtype=tl.int32)
+    for r in range(L):
+        cm = tl.load(CM + tokL + tc * (H * L) + r, mask=valid, other=0)
+        r0 += tl.where(cm[:, None] > s_hi[None, :], 1, 0)
+        r1 += tl.where(cm[:, None] > s_hi[None, :] - (C - 1), 1, 0)
+    span = SPAN + (chunk * R * 2 + pk[None, :] * 2) * C + o[:, None]
+    tl.store(span, r0.to(SPAN.dtype.element_ty), mask=pk[None, :] < i)
+    tl.store(span + C, r1.to(SPAN.dtype.element_ty), mask=pk[None, :] < i)
     dl = tl.zeros([C, LP], dtype=tl.float32)
     # own chunk: o += (Ã ⊙ Λ) V, so dÃ = (dO Vᵀ) ⊙ Λ, dλ from dO Vᵀ ⊙ Ã, dV = (Ã ⊙ Λ)ᵀ dO
     causal = o[None, :] >= o[:, None]
@@ -604,7 +645,8 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
 
 
 @triton.jit
-def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL, DEB, DHB, DGC, DVK, DLAM, T, scale,
+def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL, DEB, DHB, DGC, DVK, DLAM, SPAN, T,
+                             scale,
                              H: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                              C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BVP: tl.constexpr,
                              BKB: tl.constexpr, BVB: tl.constexpr, KEYS: tl.constexpr, VISITS: tl.constexpr,
@@ -650,12 +692,16 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
             dl_at = DL + (n * NC + c).to(tl.int64) * C * LP + o[:, None] * LP + lc[None, :]
             p_top = tl.minimum(p0 + KEYS, i) - 1
             top = xp + (_visits_before(i, KEYS) + p0 // KEYS) * C * DK
-            for kb in tl.static_range(BKP // BKB):
-                ck = kb * BKB + kb0
-                tl.store(xs + (p_top - p0) * C * DK + o[:, None] * DK + ck[None, :],
-                         tl.load(top + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0),
-                         mask=ck[None, :] < DK)
-            tl.debug_barrier()
+            if KEYS == 1:  # the visit's one step reads its XP slot as it is
+                x_block = top
+            else:
+                x_block = xs
+                for kb in tl.static_range(BKP // BKB):
+                    ck = kb * BKB + kb0
+                    tl.store(xs + (p_top - p0) * C * DK + o[:, None] * DK + ck[None, :],
+                             tl.load(top + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0),
+                             mask=ck[None, :] < DK)
+                tl.debug_barrier()
             # `_step_back`'s step, by BKB columns as the rest of the band: called here, its whole-width
             # tiles made the band spill more (`python -m perf.sm90_resources`)
             for back in range(p_top - p0):  # through chunk ph: x before ph → x before ph − 1
@@ -688,7 +734,7 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                 deb = DEB + chunk * DK * C
                 dhb = DHB + chunk * C * DK
                 dvk = DVK + chunk * C * DV
-                x_at = xs + (pi - p0) * C * DK
+                x_at = x_block + (pi - p0) * C * DK
                 # σ = x Ē_p, dx Hᵀ and dγ_C's Σ dx ∘ x, over Dk by blocks
                 sigma = tl.zeros([C, C], dtype=tl.float32)
                 dxH = tl.zeros([C, C], dtype=tl.float32)
@@ -709,12 +755,19 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                     dAL += _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
                                  PREC, SPLIT, INTERP)
                 dAL = scale * dAL
-                Lp = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C)
-                dl = _scatter_levels(tl.load(dl_at), CM, tokL, tc, valid, tp, dAL * sigma, H, L, LP, C)
+                at = SPAN + ((n * NC + c).to(tl.int64) * R * 2 + pi * 2) * C + o  # the chain's `_level_span`
+                r0 = tl.load(at).to(tl.int32)
+                m = tl.max(tl.where(valid, tl.minimum(tl.load(at + C).to(tl.int32), L - 1) - r0 + 1, 0), axis=0)
+                Lp = _span_weights(CM, LAM, tokL, tc, valid, tp, r0, m, H, L, C)
                 last = i == pi + 1  # the query's last key chunk: its dλ is whole
+                # a step changes only its span's columns of dλ: it moves those alone, and the
+                # last step the whole row on to DLAM
+                span = valid[:, None] & (((lc[None, :] >= r0[:, None]) & (lc[None, :] < r0[:, None] + m)) | last)
+                dl = _scatter_span(tl.load(dl_at, mask=span, other=0.0), CM, tokL, tc, valid, tp, dAL * sigma, r0, m,
+                                   H, L, LP, C)
                 tl.store(DLAM + tokL + tc[:, None] * (H * L) + lc[None, :], dl.to(DLAM.dtype.element_ty),
                          mask=valid[:, None] & (lc[None, :] < L) & last)
-                tl.store(dl_at, dl, mask=(lc[None, :] < LP) & (not last))
+                tl.store(dl_at, dl, mask=span & (not last))
                 dsigma = dAL * Lp - dxH
                 SLt = _transposed(scr, sigma * Lp, C)
                 for vb in tl.static_range(BVP // BVB):
@@ -778,13 +831,15 @@ def _object_grad_kernel(DO, LAM, CM, PHI, FIRST, LAST, XF, DR, T, scale, H: tl.c
 @triton.jit
 def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, OB, DR, DKT, DVK, DSUF, T, NW, H: tl.constexpr,
                        L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                       BKP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+                       RP: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                       PREC_CHAIN: tl.constexpr):
     """Windows in reverse: D^w = D_readout^w + Suf_Fᵀ D' on the elements each E' holds; the
     partial (this Dv tile's) dSuf_F = Σ D' (Σ S̄)ᵀ, the objects S̄ from their copies in the inputs'
     dtype (SPEC §3.1: objects are rounded once for the products, as fla rounds its chunk states),
     and dK̃ = D' v; dv += D'ᵀ K̃. DR [N, NW + 1, L, Dk, Dv] holds D_readout^w in slot w
     (`_object_grad_kernel`) and the final dS in slot NW, and each slot turns into D^w in place (a
-    program owns its Dv tile's columns); D^0 ends in slot 0."""
+    program owns its Dv tile's columns); D^0 ends in slot 0. DKT [N, Dv/BV, NC, Dk, C] holds each
+    tile's dK̃, every chunk written."""
     n = tl.program_id(0)
     vt = tl.program_id(1)
     NVT = tl.num_programs(1)
@@ -797,8 +852,13 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, OB, DR, DKT, DVK, DSUF, T, 
     mt = (rk[:, None] < DK) & (cv[None, :] < DV)
     mtT = (rk[None, :] < DK) & (cv[:, None] < DV)
     D = DK * DV
+    js = tl.arange(0, RP)
     for ww in range(NW):
         w = NW - 1 - ww
+        # the window's chunks whose dK̃ this tile has written: a chunk's first element stores it,
+        # later ones (an element edge inside the chunk) add to it, and chunks no element holds
+        # get zeros at the end — no zero fill before the kernel, no read of one
+        touched = tl.zeros([RP], dtype=tl.int32)
         nxt = DR + ((n * (NW + 1) + w + 1) * L).to(tl.int64) * D
         cur = DR + ((n * (NW + 1) + w) * L).to(tl.int64) * D
         objects = OB + ((n * (NW + 1) + w) * L).to(tl.int64) * D
@@ -838,8 +898,10 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, OB, DR, DKT, DVK, DSUF, T, 
                     vT = tl.load(V + tok * DV + tc[None, :] * (H * DV) + cv[:, None],
                                  mask=member[None, :] & (cv[:, None] < DV), other=0.0).to(tl.float32)
                     dkt = DKT + ((n * NVT + vt) * NC + c).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :]
-                    tl.store(dkt, tl.load(dkt, mask=rk[:, None] < DK, other=0.0)
+                    seen = tl.sum(tl.where(js == j, touched, 0), axis=0) > 0
+                    tl.store(dkt, tl.load(dkt, mask=(rk[:, None] < DK) & seen, other=0.0)
                              + tl.dot(Dn, vT, input_precision=PREC), mask=rk[:, None] < DK)
+                    touched = tl.where(js == j, 1, touched)
                     ktT = tl.load(KT + chunk * DK * C + rk[None, :] * C + o[:, None],
                                   mask=(rk[None, :] < DK) & member[:, None], other=0.0)
                     dvk = DVK + chunk * C * DV + o[:, None] * DV + cv[None, :]
@@ -848,16 +910,21 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, OB, DR, DKT, DVK, DSUF, T, 
                 tl.debug_barrier()
         tl.store(DSUF + ((n * NVT + vt) * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :], dsuf,
                  mask=(rk[:, None] < DK) & (rk[None, :] < DK))
+        for j in range(R):
+            if tl.sum(tl.where(js == j, touched, 0), axis=0) == 0:
+                tl.store(DKT + ((n * NVT + vt) * NC + w * R + j).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :],
+                         tl.zeros([BKP, C], dtype=tl.float32), mask=rk[:, None] < DK)
         tl.debug_barrier()
 
 
 @triton.jit
 def _suffix_bwd_kernel(K, G, PHI, EB, KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H: tl.constexpr,
-                       DK: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, HAS_G: tl.constexpr,
-                       PREC_CHAIN: tl.constexpr):
+                       DK: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NVT: tl.constexpr, BKP: tl.constexpr,
+                       HAS_G: tl.constexpr, PREC_CHAIN: tl.constexpr):
     """The suffix chain of window w again (each chunk's Suf into SB), then its adjoint from the
     window's first chunk on: dK̃ = −dSuf' Hᵀ + DKT, dH −= K̃ᵀ dSuf', dγ_C += ⟨dSuf', Suf⟩,
-    dĒ += Sufᵀ dK̃, dSuf = γ_C dSuf' + dK̃ Ēᵀ."""
+    dĒ += Sufᵀ dK̃, dSuf = γ_C dSuf' + dK̃ Ēᵀ; DKT and DSUF summed over the object backward's
+    `NVT` Dv tiles as they are read."""
     w = tl.program_id(0)
     n = tl.program_id(1)
     NW = tl.num_programs(0)
@@ -878,7 +945,10 @@ def _suffix_bwd_kernel(K, G, PHI, EB, KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H: tl
         kt = tl.dot(suf, E, input_precision=PREC_CHAIN)
         suf = gam_C * suf - tl.dot(kt, _rows(K, tok, tc, valid, rk, H, DK) * gam[:, None], input_precision=PREC_CHAIN)
     tl.debug_barrier()
-    dsuf = tl.load(DSUF + (n * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :], mask=msq, other=0.0)
+    dsuf = tl.zeros([BKP, BKP], dtype=tl.float32)
+    for vt in range(NVT):
+        dsuf += tl.load(DSUF + ((n * NVT + vt) * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :],
+                        mask=msq, other=0.0)
     for j in range(R):
         c = w * R + j
         chunk = (n * NC + c).to(tl.int64)
@@ -889,8 +959,10 @@ def _suffix_bwd_kernel(K, G, PHI, EB, KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H: tl
         tl.store(DGC + chunk, tl.load(DGC + chunk) + tl.sum(tl.sum(dsuf * suf_j, axis=1), axis=0))
         HT = _cols(K, tok, tc, valid, rk, H, DK) * gam[None, :]
         ktT = tl.load(KT + chunk * DK * C + rk[None, :] * C + o[:, None], mask=rk[None, :] < DK, other=0.0)
-        dkeys = tl.load(DKT + chunk * DK * C + rk[:, None] * C + o[None, :], mask=rk[:, None] < DK, other=0.0)
-        dkeys -= tl.dot(dsuf, HT, input_precision=PREC_CHAIN)
+        dkeys = -tl.dot(dsuf, HT, input_precision=PREC_CHAIN)
+        for vt in range(NVT):
+            dkeys += tl.load(DKT + ((n * NVT + vt) * NC + c).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :],
+                             mask=rk[:, None] < DK, other=0.0)
         dhb = DHB + chunk * C * DK + o[:, None] * DK + rk[None, :]
         tl.store(dhb, tl.load(dhb, mask=rk[None, :] < DK, other=0.0) - tl.dot(ktT, dsuf, input_precision=PREC_CHAIN),
                  mask=rk[None, :] < DK)
@@ -994,7 +1066,7 @@ def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
     BKP, BVP = pow2(Dk), pow2(Dv)
     BV = 16 if interpreted else BVP
     block = 16 if interpreted else 64
-    return dict(BKP=BKP, BV=BV, BVO=min(BV, 64), BR=min(BKP, 32 if interpreted else 64), BK=min(BKP, 32),
+    return dict(BKP=BKP, BV=BV, BVO=min(BV, OBJECT_BWD_DV), BR=min(BKP, 32 if interpreted else 64), BK=min(BKP, 32),
                 BKB=min(BKP, block), BVB=min(BVP, block))
 
 
@@ -1053,19 +1125,24 @@ class _Buffers:
         slot = -1 - torch.arange(L, device=dev)
         self.inside = (plan.first[:, 0, :, None] <= slot) & (slot <= plan.last[:, 0, :, None])  # P_0 ∋ slot j
         objects0 = torch.einsum("nrj,njkv->nrkv", self.inside.to(f32), S0.to(f32).reshape(N, L, Dk, Dv))
-        self.MB = torch.empty(N, 2, L, Dk, Dv, dtype=f32, device=dev)
-        self.MB[:, 0] = objects0
         self.OB = torch.empty(N, NW + 1, L, Dk, Dv, dtype=q.dtype, device=dev)
         self.OB[:, 0] = objects0.to(q.dtype)
+        # the float32 masters a merge sums, as copy + residual: 16 bits of mantissa for bfloat16
+        # (the split products' precision, module doc), 22 for float16; a float32 copy is its master
+        self.residual = q.element_size() < 4
+        self.RB = torch.empty(N, 2, L, Dk, Dv, dtype=q.dtype, device=dev) if self.residual else q.new_empty(1)
+        if self.residual:
+            self.RB[:, 0] = (objects0 - self.OB[:, 0].to(f32)).to(q.dtype)
         _object_kernel[(N, triton.cdiv(Dv, meta["BV"]))](v, self.phi, self.KT, self.SUF, self.first, self.last,
-                                                          self.MB, self.OB, T, NW, H, L, Dk, Dv, C=C, R=R,
-                                                          BKP=meta["BKP"], BV=meta["BV"], PREC=self.prec,
-                                                          PREC_CHAIN=self.prec_chain,
+                                                          self.RB, self.OB, T, NW, H, L, Dk, Dv, C=C, R=R,
+                                                          BKP=meta["BKP"], BV=meta["BV"], RESIDUAL=self.residual,
+                                                          PREC=self.prec, PREC_CHAIN=self.prec_chain,
                                                           **LAUNCH["_object_kernel"])
 
     def final(self) -> Tensor:
         """The final state [N, L, Dk, Dv] float32 (the masters after the last window)."""
-        return self.MB[:, self.NW % 2]
+        S = self.OB[:, self.NW].to(torch.float32)
+        return S + self.RB[:, self.NW % 2].to(torch.float32) if self.residual else S
 
 
 def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) -> None:
@@ -1123,7 +1200,7 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     # the kernels take dO in the inputs' dtype (as the gradient of an output in that dtype arrives)
     do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
     buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step)
-    del buf.MB  # the backward reads every window's objects from their copies (OB)
+    del buf.RB  # the backward reads every window's objects from their copies (OB)
     N, NC, NW, meta = buf.N, buf.NC, buf.NW, buf.meta
     BKP, BVP = meta["BKP"], pow2(Dv)
     flags = dict(C=C, HAS_G=g is not None)
@@ -1141,7 +1218,7 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     # caching allocator hands its memory to the later ones: the backward's peak is one phase's
     # buffers (the readout passes', the object passes', the suffix's) beside the plan's, not all
     XP = torch.empty(N, NW, visits, C, Dk, dtype=xdtype, device=dev)
-    XS = torch.empty(N, NW, G, C, Dk, dtype=xdtype, device=dev)
+    XS = torch.empty(N, NW, G, C, Dk, dtype=xdtype, device=dev) if G > 1 else XP.new_empty(1)
     SCR = torch.empty(N, NC, C, C, dtype=f32, device=dev)
     XF = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
     DQH = torch.empty(N, NC, C, Dk, dtype=f32, device=dev)
@@ -1152,17 +1229,20 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     DGC = torch.empty(N, NC, dtype=f32, device=dev)
     DVK = torch.empty(N, NC, C, Dv, dtype=f32, device=dev)
     dlam = torch.empty_like(lam)
+    # the band's level spans `_level_span` (r0, r1) of each query chunk at each earlier key chunk of
+    # its window, from the chain pass
+    SPAN = torch.empty(N, NC, R, 2, C, dtype=torch.int16, device=dev)
     common = dict(H=H, L=L, LP=LP, DK=Dk, DV=Dv, R=R, BKP=BKP, BVP=BVP, PREC=buf.prec, PREC_CHAIN=buf.prec_chain,
                   **flags, **buf.split)
     _readout_bwd_chain_kernel[(NC, N)](q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last,
-                                       buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, T, float(scale), KEYS=G,
-                                       VISITS=visits, **common,
+                                       buf.OB, do, XP, XF, DQH, DAT, DL, DVK, dlam, SPAN, T, float(scale), KEYS=G,
+                                       VISITS=visits, RP=pow2(R), **common,
                                        **LAUNCH["_readout_bwd_chain_kernel"])
     _readout_bwd_band_kernel[(NW, N)](k, v, lam, buf.cm, g, buf.phi, buf.EB, do, XP, XS, SCR, DQH, DL, DEB, DHB, DGC,
-                                      DVK, dlam, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], KEYS=G,
+                                      DVK, dlam, SPAN, T, float(scale), BKB=meta["BKB"], BVB=meta["BVB"], KEYS=G,
                                       VISITS=visits, **common,
                                       **LAUNCH["_readout_bwd_band_kernel"])
-    del XP, XS, DL  # the band's own
+    del XP, XS, DL, SPAN  # the band's own
     NVT = triton.cdiv(Dv, meta["BV"])
     DR = torch.empty(N, NW + 1, L, Dk, Dv, dtype=f32, device=dev)
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
@@ -1170,19 +1250,17 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     del XF
     DR[:, NW] = dS.reshape(N, L, Dk, Dv)
     NVO = triton.cdiv(Dv, meta["BVO"])
-    DKT = torch.zeros(N, NVO, NC, Dk, C, dtype=f32, device=dev)
+    DKT = torch.empty(N, NVO, NC, Dk, C, dtype=f32, device=dev)  # per Dv tile, each chunk written once
     DSUF = torch.empty(N, NVO, NW, Dk, Dk, dtype=f32, device=dev)
     _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.OB, DR, DKT, DVK, DSUF,
-                                 T, NW, H, L, Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BVO"], PREC=buf.prec,
+                                 T, NW, H, L, Dk, Dv, C=C, R=R, RP=pow2(R), BKP=BKP, BV=meta["BVO"], PREC=buf.prec,
                                  PREC_CHAIN=buf.prec_chain, **LAUNCH["_object_bwd_kernel"])
     dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DR[:, 0]).reshape(B, H, L, Dk, Dv)
     del DR, buf.OB
-    dsuf, dkt = DSUF.sum(1), DKT.sum(1)  # over the Dv tiles
-    del DSUF, DKT
     SB = torch.empty(N, NC, Dk, Dk, dtype=f32, device=dev)
-    _suffix_bwd_kernel[(NW, N)](k, g, buf.phi, buf.EB, buf.KT, dsuf, dkt, DEB, DHB, DGC, SB, T, H, Dk, R=R, BKP=BKP,
-                                PREC_CHAIN=buf.prec_chain, **flags, **LAUNCH["_suffix_bwd_kernel"])
-    del SB, dsuf, dkt, buf.KT, buf.SUF
+    _suffix_bwd_kernel[(NW, N)](k, g, buf.phi, buf.EB, buf.KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H, Dk, R=R, NVT=NVO,
+                                BKP=BKP, PREC_CHAIN=buf.prec_chain, **flags, **LAUNCH["_suffix_bwd_kernel"])
+    del SB, DSUF, DKT, buf.KT, buf.SUF
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if g is not None else zeros_g
