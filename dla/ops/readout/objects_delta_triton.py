@@ -444,10 +444,10 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, RB, OB, T, NW, H: tl.constexpr,
                     kt = tl.load(KT + (n * NC + c).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :],
                                  mask=(rk[:, None] < DK) & member[None, :], other=0.0)
                     acc += tl.dot(kt, _rows(V, tok, tc, member, cv, H, DV), input_precision=PREC)
-            copy = acc.to(OB.dtype.element_ty)
-            tl.store(OB + (nxt + r2).to(tl.int64) * D + tile, copy, mask=mt)
             if RESIDUAL:
-                tl.store(res_dst + r2 * D + tile, (acc - copy.to(tl.float32)).to(RB.dtype.element_ty), mask=mt)
+                tl.store(res_dst + r2 * D + tile,
+                         (acc - acc.to(OB.dtype.element_ty).to(tl.float32)).to(RB.dtype.element_ty), mask=mt)
+            tl.store(OB + (nxt + r2).to(tl.int64) * D + tile, acc.to(OB.dtype.element_ty), mask=mt)
         tl.debug_barrier()  # the next window reads these masters
 
 
