@@ -755,6 +755,9 @@ def test_launchers_reject_what_their_kernels_cannot_take():
         objects_delta_forward_triton(wide, wide, v, lam, g, beta, ls, S0f, scale, C, step, 2)
     with pytest.raises(ValueError, match="chunk_size must be a power of two"):
         objects_delta_forward_triton(q, k, v, lam, g, beta, ls, S0f, scale, 24, step, 2)
+    many = lam.new_zeros(*lam.shape[:3], 2**15)
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*15"):
+        objects_delta_forward_triton(q, k, v, many, g, beta, ls, S0f, scale, C, step, 2)
 
 
 def test_registered_op_with_beta_opcheck_and_fullgraph_compile():

@@ -1156,6 +1156,8 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) ->
     if max(Dk, Dv) > 128:  # whole-Dk tiles beside [Dk, Dk] ones: larger heads exceed Hopper's shared memory
         raise ValueError(f"{name}: head sizes Dk = {Dk}, Dv = {Dv} above 128 are not supported by the Triton "
                          "kernels with β (the CPU path takes any size)")
+    if lam.shape[-1] >= 2**15:  # the band's level spans are int16
+        raise ValueError(f"{name}: K = {lam.shape[-1]} levels; the Triton kernels with β take fewer than 2**15")
     if B * T * H * max(Dk, Dv, lam.shape[-1]) >= 2**31:
         raise ValueError(f"{name}: B·T·H·max(Dk, Dv, K) must stay below 2**31 (the kernels' int32 offsets)")
 
