@@ -65,8 +65,10 @@ visit, so it is counted per visit.
                         others (token_chunks − chunks); v read and dv read-modify-written per
                         token chunk
     suffix backward     6·Dk²·C per chunk (the chain again and its adjoint); each chunk's Suf
-                        written and read twice (3·Dk²·4); Ē, K̃, dĒ, dH, the NVO tiles' dK̃ and
-                        dSuf_F
+                        written, then read once (its transpose, loaded right after, comes from L2);
+                        Ē twice (the chain runs the window's chunks backwards, the adjoint forwards:
+                        a chunk's two reads lie up to a window of chunks apart); K̃, dĒ, dH, the NVO
+                        tiles' dK̃ and dSuf_F
     UT backward         per chunk 10·C²·Dk + 6·C³; q, k, β, g, T⁻¹, the gradients of Q̂, Ã, Ē, H;
                         dq, dk, dv, dβ, dg written
 
@@ -250,7 +252,7 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
                   n["objects"] * D * (4 * 3 + s) + NVO * NW * Dk * Dk * 4 * 2 + n["token_chunks"] * C * Dv * (s + 8)
                   + NVO * (NC * C * Dk * 4 + (n["token_chunks"] - NC) * C * Dk * 4 * 2))
     suffix_bwd = (12.0 * Dk * Dk * C * NC,
-                  NC * Dk * Dk * 4 * 3 + T * (Dk * 4 * (2 + NVO) + Dk * s * 2 + 8) + T * Dk * 4 * 4
+                  NC * Dk * Dk * 4 * 2 + T * (Dk * 4 * (3 + NVO) + Dk * s * 2 + 8) + T * Dk * 4 * 4
                   + NVO * NW * Dk * Dk * 4)
     ut_bwd = (2.0 * NC * (10 * C * C * Dk + 6 * C**3),
               T * (2 * Dk * s + (2 * Dk + Dv) * s + 16 + C * 4 * 3 + Dk * 4 * 4 + Dv * 4 + 8) + NC * C * C * 4 * 4)
