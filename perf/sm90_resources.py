@@ -54,7 +54,7 @@ KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", 
            "_ut_bwd_kernel")
 INTS = {"CM": "*i32", "SPAN": "*i16", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32",
         "scale": "fp32"}
-FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
+FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "SF", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
            "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
 
 
@@ -69,7 +69,8 @@ def compile_kernel(name: str, spec: str):
     meta = dict(X._meta(D, D, interpreted=False), H=16, DK=D, DV=D, L=L, C=C, R=R, BC=16, HAS_G=has_g == "g",
                 PREC=prec, PREC_SOLVE=prec_solve, PREC_CHAIN=prec_solve, LP=triton.next_power_of_2(L),
                 BVP=triton.next_power_of_2(D), SPLIT=dtype == torch.bfloat16, INTERP=False,
-                KEYS=BAND_KEYS, VISITS=max(1, band_visits(R)), RESIDUAL=dtype != torch.float32, RP=pow2(R))
+                KEYS=BAND_KEYS, VISITS=max(1, band_visits(R)), RESIDUAL=dtype != torch.float32, FINAL=True,
+                RP=pow2(R))
     meta["NVT"] = -(-D // meta["BVO"])  # the suffix backward sums the object backward's Dv tiles
     fn = getattr(X, name)
     names = [a.name for a in fn.params]

@@ -40,8 +40,9 @@ visit, so it is counted per visit.
     object pass         reframes·Dk²·Dv + token_chunks·C·D; masters read once, every rank's copy
                         (the inputs' dtype, kept for the readout) and, for 16-bit inputs, its
                         rounding residual (two windows' buffers in turn; with the copy, the master)
-                        written per window — 4 bytes an element either way —, K̃ and v of the
-                        chunks each element holds
+                        written per window but the last — 4 bytes an element either way —, whose
+                        float32 sums are the final state (not written when the backward recomputes
+                        the pass), K̃ and v of the chunks each element holds
     readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
                         the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
     (backward)          UT, suffix products, object pass again (every window's copies kept)
@@ -233,10 +234,11 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     qkvo = T * (2 * Dk + 2 * Dv) * s
     ut_k = (2.0 * NC * ut, T * (Dk * s + 8) + T * (C + Dk) * 4)
     suffix = (4.0 * Dk * Dk * C * NC, T * (Dk * 4 * 2 + Dk * s + 4) + NW * Dk * Dk * 4)
-    master = s + (s if s < 4 else 0)  # copy + residual
-    objects = (2.0 * (n["reframes"] * Dk * D + n["token_chunks"] * C * D),
-               n["objects"] * D * master + NW * L * D * master + NW * Dk * Dk * 4
-               + n["token_chunks"] * C * (Dk * 4 + Dv * s))
+    master = s + (s if s < 4 else 0)  # copy + residual; the last window's, float32, is the final state
+    objects_recomputed = (2.0 * (n["reframes"] * Dk * D + n["token_chunks"] * C * D),
+                          n["objects"] * D * master + (NW - 1) * L * D * master + NW * Dk * Dk * 4
+                          + n["token_chunks"] * C * (Dk * 4 + Dv * s))
+    objects = (objects_recomputed[0], objects_recomputed[1] + L * D * 4)
     readout = (2.0 * (NC * (2 * C * C * Dk + C**3 + C * C * Dv) + n["steps"] * C * (2 * Dk + Dv) + n["reads"] * D),
                qkvo + rows + T * (C + Dk) * 4 + n["objects"] * D * s)
     LP = 1 << max(L - 1, 0).bit_length()  # the dλ tile's width
@@ -258,7 +260,7 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
               T * (2 * Dk * s + (2 * Dk + Dv) * s + 16 + C * 4 * 3 + Dk * 4 * 4 + Dv * 4 + 8) + NC * C * C * 4 * 4)
     return {
         "UT": ut_k, "suffix products": suffix, "object pass": objects, "readout": readout,
-        "UT (recomputed)": ut_k, "suffix products (recomputed)": suffix, "object pass (recomputed)": objects,
+        "UT (recomputed)": ut_k, "suffix products (recomputed)": suffix, "object pass (recomputed)": objects_recomputed,
         "readout backward": readout_bwd, "object gradients": object_grads, "object pass backward": object_bwd,
         "suffix backward": suffix_bwd, "UT backward": ut_bwd,
     }

@@ -16,9 +16,10 @@ same shape. Notation of `objects_delta.py`:
                       Suf ← γ_C Suf − K̃ H chunk by chunk                 → KT [N,NC,Dk,C], SUF [N,NW,Dk,Dk]
     _object_kernel    per (row, Dv tile), windows in order: every element E' of the next partition
                       S̄'_{E'} = Suf_F Σ_{E⊂E'} S̄_E + Σ_{s∈E'} K̃_s v_sᵀ  (every window's copies
-                      OB in the inputs' dtype, which the readout and the object backward read; for
-                      16-bit inputs the masters are the copies plus their rounding residuals RB in
-                      the same dtype, two windows' in turn; the last masters are S)
+                      OB [N,NW,L,Dk,Dv] in the inputs' dtype, which the readout and the object
+                      backward read; for 16-bit inputs the masters are the copies plus their
+                      rounding residuals RB in the same dtype, two windows' in turn; the last
+                      window's sums, in float32, are the final state SF)
     _readout_kernel   per (chunk, row, Dv tile): own chunk (Ã ⊙ Λ)V with Ã = (QKᵀ ⊙ Γ) T⁻¹ diag(β)
                       and Q̂ = diag(γ)Q − ÃH; back through the window's earlier chunks σ = xĒ,
                       o += (σ ⊙ Λ)V, x ← γ_C x − σH; then Σ_E λ_t[ℓ_t(a_E)] x S̄_E — all of it
@@ -400,9 +401,10 @@ def _suffix_kernel(K, G, PHI, EB, KT, SUF, T, H: tl.constexpr, DK: tl.constexpr,
 
 
 @triton.jit
-def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, RB, OB, T, NW, H: tl.constexpr, L: tl.constexpr, DK: tl.constexpr,
-                   DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
-                   RESIDUAL: tl.constexpr, PREC: tl.constexpr, PREC_CHAIN: tl.constexpr):
+def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, RB, OB, SF, T, NW, H: tl.constexpr, L: tl.constexpr,
+                   DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKP: tl.constexpr,
+                   BV: tl.constexpr, RESIDUAL: tl.constexpr, FINAL: tl.constexpr, PREC: tl.constexpr,
+                   PREC_CHAIN: tl.constexpr):
     n = tl.program_id(0)
     NC = NW * R
     o = tl.arange(0, C)
@@ -413,13 +415,14 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, RB, OB, T, NW, H: tl.constexpr,
     D = DK * DV
     for w in range(NW):
         # a master is its copy in OB plus, for 16-bit inputs, the rounding residual in RB (two
-        # windows' in turn)
+        # windows' in turn); after the last window the float32 sums are the final state SF
         res_src = RB + ((n * 2 + w % 2) * L).to(tl.int64) * D
         res_dst = RB + ((n * 2 + (w + 1) % 2) * L).to(tl.int64) * D
         suf = tl.load(SUF + (n * NW + w).to(tl.int64) * DK * DK + rk[:, None] * DK + rk[None, :],
                       mask=(rk[:, None] < DK) & (rk[None, :] < DK), other=0.0)
         now = (n * (NW + 1) + w) * L
         nxt = (n * (NW + 1) + w + 1) * L
+        copies = OB + ((n * NW + w) * L).to(tl.int64) * D  # this window's objects
         for r2 in range(L):
             a2 = tl.load(FIRST + nxt + r2)
             e2 = tl.load(LAST + nxt + r2)
@@ -429,11 +432,11 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, RB, OB, T, NW, H: tl.constexpr,
                 for r in range(L):
                     a = tl.load(FIRST + now + r)
                     e = tl.load(LAST + now + r)
-                    held = (a <= e) & (a2 <= a) & (e <= e2)
-                    acc += tl.load(OB + (now + r).to(tl.int64) * D + tile, mask=mt & held, other=0.0).to(tl.float32)
-                    if RESIDUAL:
-                        acc += tl.load(res_src + r * D + tile, mask=mt & held, other=0.0).to(tl.float32)
-                    held_any += held.to(tl.int32)
+                    if (a <= e) & (a2 <= a) & (e <= e2):  # E' holds E: its master joins the sum
+                        acc += tl.load(copies + r * D + tile, mask=mt, other=0.0).to(tl.float32)
+                        if RESIDUAL:
+                            acc += tl.load(res_src + r * D + tile, mask=mt, other=0.0).to(tl.float32)
+                        held_any += 1
                 if held_any > 0:  # re-framed only when it holds an object (else made of the window's tokens)
                     acc = tl.dot(suf, acc, input_precision=PREC_CHAIN)
                 j0, j1 = _chunk_range(PHI, n, w, a2, e2, H, C, R)
@@ -444,10 +447,13 @@ def _object_kernel(V, PHI, KT, SUF, FIRST, LAST, RB, OB, T, NW, H: tl.constexpr,
                     kt = tl.load(KT + (n * NC + c).to(tl.int64) * DK * C + rk[:, None] * C + o[None, :],
                                  mask=(rk[:, None] < DK) & member[None, :], other=0.0)
                     acc += tl.dot(kt, _rows(V, tok, tc, member, cv, H, DV), input_precision=PREC)
-            if RESIDUAL:
-                tl.store(res_dst + r2 * D + tile,
-                         (acc - acc.to(OB.dtype.element_ty).to(tl.float32)).to(RB.dtype.element_ty), mask=mt)
-            tl.store(OB + (nxt + r2).to(tl.int64) * D + tile, acc.to(OB.dtype.element_ty), mask=mt)
+            if w < NW - 1:
+                if RESIDUAL:
+                    tl.store(res_dst + r2 * D + tile,
+                             (acc - acc.to(OB.dtype.element_ty).to(tl.float32)).to(RB.dtype.element_ty), mask=mt)
+                tl.store(copies + (L + r2) * D + tile, acc.to(OB.dtype.element_ty), mask=mt)
+            elif FINAL:
+                tl.store(SF + (n * L + r2).to(tl.int64) * D + tile, acc, mask=mt)
         tl.debug_barrier()  # the next window reads these masters
 
 
@@ -490,7 +496,7 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
         e = tl.load(LAST + now + r)
         if a <= e:
             Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
-            ST = tl.load(OB + (now + r).to(tl.int64) * DK * DV + ck[None, :] * DV + cv[:, None],
+            ST = tl.load(OB + ((n * NW + w) * L + r).to(tl.int64) * DK * DV + ck[None, :] * DV + cv[:, None],
                          mask=(ck[None, :] < DK) & (cv[:, None] < DV), other=0.0)
             accT += _mm(ST, xT, PREC, SPLIT, INTERP) * Wr[None, :]
     tl.store(O + tok * DV + tc[None, :] * (H * DV) + cv[:, None], (scale * accT).to(O.dtype.element_ty),
@@ -629,7 +635,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
         e = tl.load(LAST + now + r)
         if a <= e:
             Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
-            S = tl.load(OB + (now + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
+            S = tl.load(OB + ((n * NW + w) * L + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
                         mask=(ck[:, None] < DK) & (cv[None, :] < DV), other=0.0)
             UT = scale * _mm16(S, dOT, PREC, SPLIT, INTERP)
             dxT += Wr[None, :] * UT
@@ -861,7 +867,7 @@ def _object_bwd_kernel(V, PHI, KT, SUF, FIRST, LAST, OB, DR, DKT, DVK, DSUF, T, 
         touched = tl.zeros([RP], dtype=tl.int32)
         nxt = DR + ((n * (NW + 1) + w + 1) * L).to(tl.int64) * D
         cur = DR + ((n * (NW + 1) + w) * L).to(tl.int64) * D
-        objects = OB + ((n * (NW + 1) + w) * L).to(tl.int64) * D
+        objects = OB + ((n * NW + w) * L).to(tl.int64) * D
         now = (n * (NW + 1) + w) * L
         after = (n * (NW + 1) + w + 1) * L
         sufT = tl.load(SUF + (n * NW + w).to(tl.int64) * DK * DK + rk[None, :] * DK + rk[:, None],
@@ -1091,7 +1097,7 @@ LAUNCH = {
 class _Buffers:
     """The forward's plan and intermediate buffers (module doc), shared by both passes."""
 
-    def __init__(self, q, k, v, g, beta, level_start, S0, C: int, R: int, step: Tensor | None):
+    def __init__(self, q, k, v, g, beta, level_start, S0, C: int, R: int, step: Tensor | None, final: bool):
         B, T, H, Dk = q.shape
         Dv, L = v.shape[-1], level_start.shape[-1]
         if C < BC or C & (C - 1):
@@ -1125,24 +1131,23 @@ class _Buffers:
         slot = -1 - torch.arange(L, device=dev)
         self.inside = (plan.first[:, 0, :, None] <= slot) & (slot <= plan.last[:, 0, :, None])  # P_0 ∋ slot j
         objects0 = torch.einsum("nrj,njkv->nrkv", self.inside.to(f32), S0.to(f32).reshape(N, L, Dk, Dv))
-        self.OB = torch.empty(N, NW + 1, L, Dk, Dv, dtype=q.dtype, device=dev)
+        self.OB = torch.empty(N, NW, L, Dk, Dv, dtype=q.dtype, device=dev)
         self.OB[:, 0] = objects0.to(q.dtype)
         # the float32 masters a merge sums, as copy + residual: 16 bits of mantissa for bfloat16
         # (the split products' precision, module doc), 22 for float16; a float32 copy is its master
         self.residual = q.element_size() < 4
         self.RB = torch.empty(N, 2, L, Dk, Dv, dtype=q.dtype, device=dev) if self.residual else q.new_empty(1)
         if self.residual:
-            self.RB[:, 0] = (objects0 - self.OB[:, 0].to(f32)).to(q.dtype)
+            torch.sub(objects0, self.OB[:, 0], out=objects0)
+            self.RB[:, 0] = objects0
+        del objects0
+        # the final state, float32, written by the last window (the backward's recomputation has none)
+        self.SF = torch.empty(N, L, Dk, Dv, dtype=f32, device=dev) if final else None
         _object_kernel[(N, triton.cdiv(Dv, meta["BV"]))](v, self.phi, self.KT, self.SUF, self.first, self.last,
-                                                          self.RB, self.OB, T, NW, H, L, Dk, Dv, C=C, R=R,
+                                                          self.RB, self.OB, self.SF, T, NW, H, L, Dk, Dv, C=C, R=R,
                                                           BKP=meta["BKP"], BV=meta["BV"], RESIDUAL=self.residual,
-                                                          PREC=self.prec, PREC_CHAIN=self.prec_chain,
+                                                          FINAL=final, PREC=self.prec, PREC_CHAIN=self.prec_chain,
                                                           **LAUNCH["_object_kernel"])
-
-    def final(self) -> Tensor:
-        """The final state [N, L, Dk, Dv] float32 (the masters after the last window)."""
-        S = self.OB[:, self.NW].to(torch.float32)
-        return S + self.RB[:, self.NW % 2].to(torch.float32) if self.residual else S
 
 
 def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) -> None:
@@ -1175,13 +1180,13 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
         return v.new_empty(B, 0, H, Dv), S0.to(sd).clone()
     q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
     g = None if g is None else g.contiguous()
-    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step)
+    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, final=True)
     o = torch.empty_like(v)
     _readout_kernel[(buf.NC, buf.N, triton.cdiv(Dv, buf.meta["BV"]))](
         q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, o, T, float(scale), H,
         L, Dk, Dv, C=C, R=R, BKP=buf.meta["BKP"], BV=buf.meta["BV"], HAS_G=g is not None, PREC=buf.prec,
         PREC_CHAIN=buf.prec_chain, **buf.split, **LAUNCH["_readout_kernel"])
-    return o, buf.final().reshape(B, H, L, Dk, Dv).to(sd).clone()
+    return o, buf.SF.reshape(B, H, L, Dk, Dv).to(sd)
 
 
 def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
@@ -1201,7 +1206,7 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     g = None if g is None else g.contiguous()
     # the kernels take dO in the inputs' dtype (as the gradient of an output in that dtype arrives)
     do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
-    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step)
+    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, final=False)
     del buf.RB  # the backward reads every window's objects from their copies (OB)
     N, NC, NW, meta = buf.N, buf.NC, buf.NW, buf.meta
     BKP, BVP = meta["BKP"], pow2(Dv)
