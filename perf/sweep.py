@@ -1,5 +1,5 @@
 """What the launch-bound sweeps (`perf/sweep_*_gpu.py`) share: their command line, a row per
-configuration (its checks and timings, or the error that stopped it), and the rows written as JSON
+configuration (its relative errors and timings, or the error that stopped it), and the rows written as JSON
 and as a markdown table under the card's name and versions."""
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ def arguments(default_length: int) -> argparse.Namespace:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64, the check each row carries before it is timed."""
+    ref = ref.double()
+    return float((out.double() - ref).norm() / ref.norm())
 
 
 def measured(row: dict, measure: Callable[[dict], None]) -> dict:

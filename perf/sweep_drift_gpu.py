@@ -20,7 +20,7 @@ import triton
 from dla.ops.segment import detect_triton
 from dla.ops.segment.detect import readout_products
 from perf.inputs import layer_inputs
-from perf.sweep import arguments, measured, write_sweep
+from perf.sweep import arguments, measured, relative_error, write_sweep
 
 TOKENS, HEADS, DIM = 32768, 16, 128
 CANDIDATES = [(16, 32, 8, "ieee"), (16, 16, 4, "ieee"), (16, 16, 8, "ieee"), (32, 32, 8, "ieee"),
@@ -64,8 +64,8 @@ def run(backbone: str, T: int) -> list[dict]:
             prepare()
             scan()
             torch.cuda.synchronize()
-            row["err_p"] = float((p.sum(0).view(B, HEADS, T).double() - p64).norm() / p64.norm())
-            row["err_rho"] = float((rr.sum(0).view(B, HEADS, T).double() - r64).norm() / r64.norm())
+            row["err_p"] = relative_error(p.sum(0).view(B, HEADS, T), p64)
+            row["err_rho"] = relative_error(rr.sum(0).view(B, HEADS, T), r64)
             row["prepare_ms"] = do_bench(prepare, warmup=3, rep=20, return_mode="median")
             row["pass_ms"] = do_bench(scan, warmup=2, rep=20, return_mode="median")
 

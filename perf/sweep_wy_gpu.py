@@ -21,14 +21,10 @@ import triton
 
 from dla.ops.backbone import delta, delta_wy
 from perf.inputs import layer_inputs
-from perf.sweep import arguments, measured, write_sweep
+from perf.sweep import arguments, measured, relative_error, write_sweep
 
 TOKENS, HEADS, DIM, CHUNK = 32768, 16, 128, 64
 CANDIDATES = [(4, 2, 32), (4, 2, 16), (8, 1, 32), (8, 3, 32), (8, 2, 64), (16, 2, 32), (4, 1, 32)]
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 def run(T: int) -> list[dict]:

@@ -9,7 +9,7 @@ import torch
 
 import perf.sweep_drift_gpu
 import perf.sweep_wy_gpu
-from perf.sweep import measured, write_sweep
+from perf.sweep import measured, relative_error, write_sweep
 
 
 def test_rows_are_written_as_json_and_a_table_with_error_rows(tmp_path, monkeypatch, capsys):
@@ -44,3 +44,4 @@ def test_a_failing_configuration_is_a_row_with_its_error(capsys):
 def test_the_sweeps_are_built_on_it():
     for sweep in (perf.sweep_drift_gpu, perf.sweep_wy_gpu):
         assert sweep.write_sweep is write_sweep and sweep.measured is measured
+        assert sweep.relative_error is relative_error

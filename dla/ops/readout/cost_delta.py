@@ -21,7 +21,7 @@ window (0 for the window's first chunk):
     span_sectors_4, span_sectors_2
                   = the same over every step (p < c), for rows of 4- and 2-byte elements: the level
                     starts and λ the band reads at a step
-    (without the level map, every sector of the rows: `⌈4·LP/32⌉` for dλ, `⌈w·L/32⌉` for the others)
+    (without the level map, every sector of the rows: `whole_row_sectors`)
 
 Kernels, forward then backward (a multiply-add is 2 FLOPs)
 ==========================================================
@@ -92,8 +92,8 @@ from torch import Tensor
 from dla.ops.levels import running_min
 from dla.ops.readout.objects_delta import WindowPlan
 
-__all__ = ["window_counts", "span_sectors", "delta_kernels", "worst_counts", "roofline_s", "window_for", "WINDOWS",
-           "BAND_KEYS", "OBJECT_BWD_DV", "band_visits"]
+__all__ = ["window_counts", "span_sectors", "whole_row_sectors", "delta_kernels", "worst_counts", "roofline_s",
+           "window_for", "WINDOWS", "BAND_KEYS", "OBJECT_BWD_DV", "band_visits"]
 
 WINDOWS = (1, 2, 4, 8, 16, 32)
 # key chunks the band pass takes per sweep over a window's queries (a power of two). Blocks of two
@@ -152,6 +152,15 @@ def span_sectors(plan: WindowPlan, level_start: Tensor) -> dict[str, Tensor]:
     return {name: x.reshape(B * H) for name, x in out.items()}
 
 
+def whole_row_sectors(L: int, steps, before_last) -> dict:
+    """The sector counts of the module doc had every step touched its rows whole: dλ's
+    `⌈4·LP/32⌉` sectors at each step before a query's last, the level starts' and λ's `⌈w·L/32⌉`
+    at every step (floats or tensors of steps)."""
+    LP = 1 << max(L - 1, 0).bit_length()
+    return {"dl_sectors": before_last * -(-4 * LP // 32), "span_sectors_4": steps * -(-4 * L // 32),
+            "span_sectors_2": steps * -(-2 * L // 32)}
+
+
 def window_counts(plan: WindowPlan, level_start: Tensor | None = None) -> dict[str, Tensor]:
     """The per-row counts of the module doc, float64 `[N]`; the sectors from `level_start`, the
     plan's level map, or every sector of the rows without it."""
@@ -184,11 +193,9 @@ def window_counts(plan: WindowPlan, level_start: Tensor | None = None) -> dict[s
     lo = torch.maximum(a[:, 1:], ws_rows[:, :-1, None])
     hi = torch.minimum(e[:, 1:], ws_rows[:, 1:, None] - 1)
     spans = torch.where(valid[:, 1:] & (hi >= lo), upto(hi) - upto(lo) + 1, 0).to(f)  # [N, NW, L]
+    steps = per_row((ntok * position).sum(1))
     if level_start is None:
-        before_last = per_row((ntok * (position - 1).clamp(min=0)).sum(1))
-        steps = per_row((ntok * position).sum(1))
-        sectors = {"dl_sectors": before_last * -(-4 * (1 << max(L - 1, 0).bit_length()) // 32),
-                   "span_sectors_4": steps * -(-4 * L // 32), "span_sectors_2": steps * -(-2 * L // 32)}
+        sectors = whole_row_sectors(L, steps, per_row((ntok * (position - 1).clamp(min=0)).sum(1)))
     else:
         sectors = span_sectors(plan, level_start)
     return {
@@ -196,7 +203,7 @@ def window_counts(plan: WindowPlan, level_start: Tensor | None = None) -> dict[s
         "chunks": per_row((ntok > 0).sum(1).to(f)),
         "windows": per_row(live.sum(1).to(f)),
         "reads": (per_row(wtok) * n_w[:, :-1]).sum(1),
-        "steps": per_row((ntok * position).sum(1)),
+        "steps": steps,
         "visits": per_row((ntok * torch.ceil(position / BAND_KEYS)).sum(1)),
         "objects": (n_w[:, :-1] * per_row(live).to(f)).sum(1),
         "reframes": (holds.sum(-1).to(f) * per_row(live).to(f)).sum(1),
@@ -219,9 +226,7 @@ def worst_counts(T: int, K: int, C: int, R: int) -> dict[str, float]:
         last += n * (c % R > 0)
     return {"tokens": float(T), "chunks": float(chunks), "windows": float(windows), "reads": float(T * K),
             "steps": steps, "visits": visits, "objects": float(windows * K), "reframes": float(windows * K),
-            "token_chunks": float(chunks + windows * K), "last_steps": last,
-            "dl_sectors": before_last * -(-4 * (1 << max(K - 1, 0).bit_length()) // 32),
-            "span_sectors_4": steps * -(-4 * K // 32), "span_sectors_2": steps * -(-2 * K // 32)}
+            "token_chunks": float(chunks + windows * K), "last_steps": last, **whole_row_sectors(K, steps, before_last)}
 
 
 def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> dict[str, tuple]:
