@@ -823,6 +823,7 @@ GPU_CASES = [  # (policy, B, H, T, Dk, Dv, K, has_g, initial, window)
     ("dla", 1, 4, 8192, 128, 128, 32, True, False, 32),
     ("dla", 2, 4, 3000, 64, 128, 16, False, True, 4),
     ("fenwick", 1, 4, 4096, 128, 128, 16, True, False, 8),
+    ("dla", 4, 2, 1024, 32, 64, 8, True, False, 4),  # Dk 32: the UT backward's padded tile
 ]
 
 

@@ -1076,6 +1076,8 @@ def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
                 BKB=min(BKP, block), BVB=min(BVP, block))
 
 
+UT_BWD_MIN_BKP = 64  # the UT backward's least Dk tile (see its launch)
+
 # Launch options beyond Triton's defaults (4 warps, 3 stages), by kernel; the sm_90 compile test
 # checks every kernel's shared memory against Hopper's limit at these options, and
 # `python -m perf.sm90_resources` reports their registers and spills. Eight warps where a program
@@ -1271,7 +1273,10 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if g is not None else zeros_g
+    # Dk padded to at least 64 here: at a [C, 32] tile with bf16 operands Triton 3.6's sm_90 code for
+    # this kernel reads shared memory out of bounds (compute-sanitizer: "Invalid __shared__ read of
+    # size 512 bytes", an illegal memory access at Dk = 32, none at 64 or in float32)
     _ut_bwd_kernel[(NC, N)](q, k, g, beta, buf.phi, buf.TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, dq, dk, dv, dbeta,
-                            dg if g is not None else None, T, H, Dk, Dv, BKP=BKP, BVP=BVP, PREC=buf.prec,
+                            dg if g is not None else None, T, H, Dk, Dv, BKP=max(BKP, UT_BWD_MIN_BKP), BVP=BVP, PREC=buf.prec,
                             PREC_CHAIN=buf.prec_chain, **flags, **buf.split, **LAUNCH["_ut_bwd_kernel"])
     return dq, dk, dv, dlam, dg, dbeta, dS0
