@@ -50,17 +50,45 @@ BC = 16  # the solve's row block: the smallest tl.dot tile
 
 
 @triton.jit
-def _unit_lower_inverse(A, BC: tl.constexpr):
-    """(I + A)⁻¹ for a strictly lower [BC, BC] float32 A, by forward substitution: row i of
-    X = (I + A)⁻¹ − I is −A_i − Σ_{j<i} A_ij X_j."""
-    o = tl.arange(0, BC)
-    X = -A
+def unit_lower_inverse_in_place(P, stride, n_rows, C: tl.constexpr, BC: tl.constexpr, PREC_SOLVE: tl.constexpr):
+    """Replace a chunk's strictly lower [C, C] float32 `A` in memory (row r at `P + r·stride`;
+    rows from `n_rows` on neither read nor written) with `T = (I + A)⁻¹`, by row blocks of `BC`.
+
+    The diagonal blocks `T_ii = (I + A_ii)⁻¹` first, all `C / BC` at once by forward
+    substitution (row i of `X = T_ii − I` is `−A_i − Σ_{j<i} A_ij X_j`, its `−A_i` read from
+    memory off the loop's chain): `BC − 2` dependent steps of one reduction each for the chunk,
+    where block after block took `C / BC` times as many, each with a second reduction to pick the
+    row out of registers. Then `T_i,<i = −T_ii A_i,<i T_<i,<i` block row by block row, from the
+    rows already solved (read back from memory)."""
+    NB: tl.constexpr = C // BC
+    o = tl.arange(0, C)
+    ob = tl.arange(0, BC)
+    nb = tl.arange(0, NB)
+    rows3 = nb[:, None, None] * BC + ob[None, :, None]  # [NB, BC, 1]: the block's rows
+    diag = P + rows3 * stride + (nb[:, None, None] * BC + ob[None, None, :])
+    live = rows3 < n_rows
+    X = -tl.load(diag, mask=live, other=0.0)
     for i in range(2, BC):
-        a = tl.sum(tl.where((o == i)[:, None], -A, 0.0), axis=0)
-        a = tl.where(o < i, a, 0.0)
-        a = a + tl.sum(a[:, None] * X, axis=0)
-        X = tl.where((o == i)[:, None], a[None, :], X)
-    return X + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+        a = -tl.load(P + (nb[:, None] * BC + i) * stride + nb[:, None] * BC + ob[None, :],
+                     mask=(ob[None, :] < i) & (nb[:, None] * BC + i < n_rows), other=0.0)
+        a = a + tl.sum(a[:, :, None] * X, axis=1)
+        X = tl.where((ob == i)[None, :, None], a[:, None, :], X)
+    tl.debug_barrier()  # every thread has read its rows of A before the blocks are overwritten
+    tl.store(diag, X + tl.where(ob[:, None] == ob[None, :], 1.0, 0.0)[None, :, :], mask=live)
+    tl.debug_barrier()
+    for i in tl.static_range(1, NB):
+        r = i * BC + ob
+        rows = r < n_rows
+        Tii = tl.load(P + r[:, None] * stride + (i * BC + ob)[None, :], mask=rows[:, None], other=0.0)
+        band = P + r[:, None] * stride + o[None, :]
+        left = o[None, :] < i * BC
+        Ai = tl.load(band, mask=rows[:, None] & left, other=0.0)
+        solved = tl.load(P + o[:, None] * stride + o[None, :], mask=((o < n_rows) & (o < i * BC))[:, None],
+                         other=0.0)
+        Toff = -tl.dot(Tii, tl.dot(Ai, solved, input_precision=PREC_SOLVE), input_precision=PREC_SOLVE)
+        tl.debug_barrier()  # every thread has read A_i before it is overwritten
+        tl.store(band, Toff, mask=rows[:, None] & left)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -93,23 +121,7 @@ def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.co
     tl.store(tile, beta[:, None] * KK * decay(G_, seg, C, True, False), mask=inside[:, None])
     tl.debug_barrier()
 
-    # the solve, row block by row block, in place
-    ob = tl.arange(0, BC)
-    for i in tl.static_range(C // BC):
-        r = c * C + i * BC + ob
-        rows = r < T
-        diag = TI + r[:, None] * (H * C) + (i * BC + ob)[None, :]
-        Tii = _unit_lower_inverse(tl.load(diag, mask=rows[:, None], other=0.0), BC)
-        if i > 0:
-            band = TI + r[:, None] * (H * C) + o[None, :]
-            left = o[None, :] < i * BC
-            Ai = tl.load(band, mask=rows[:, None] & left, other=0.0)
-            solved = tl.load(tile, mask=(inside & (o < i * BC))[:, None], other=0.0)
-            Toff = -tl.dot(Tii, tl.dot(Ai, solved, input_precision=PREC_SOLVE), input_precision=PREC_SOLVE)
-            tl.debug_barrier()  # every thread has read A_i before it is overwritten
-            tl.store(band, Toff, mask=rows[:, None] & left)
-        tl.store(diag, Tii, mask=rows[:, None])
-        tl.debug_barrier()
+    unit_lower_inverse_in_place(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
 
     # w = (T diag(βγ)) K, u = (T diag(β)) V
     Tm = tl.load(tile, mask=inside[:, None], other=0.0)

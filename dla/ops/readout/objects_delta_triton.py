@@ -91,7 +91,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dla.ops.backbone.delta_common import decay, precisions
-from dla.ops.backbone.delta_wy import BC, _unit_lower_inverse
+from dla.ops.backbone.delta_wy import BC, unit_lower_inverse_in_place
 from dla.ops.levels import running_min
 from dla.ops.readout.cost_delta import BAND_KEYS, OBJECT_BWD_DV, band_visits
 from dla.ops.readout.objects_delta import window_plan
@@ -352,21 +352,7 @@ def _ut_kernel(K, BETA, G, PHI, TI, EB, T, H: tl.constexpr, DK: tl.constexpr, C:
     tile = base + o[:, None] * C + o[None, :]
     tl.store(tile, beta[:, None] * KK * decay(Gc, tl.zeros([C], dtype=tl.int32), C, True, False))
     tl.debug_barrier()
-    ob = tl.arange(0, BC)
-    for i in tl.static_range(C // BC):
-        r = i * BC + ob
-        diag = base + r[:, None] * C + (i * BC + ob)[None, :]
-        Tii = _unit_lower_inverse(tl.load(diag), BC)
-        if i > 0:
-            band = base + r[:, None] * C + o[None, :]
-            left = o[None, :] < i * BC
-            Ai = tl.load(band, mask=left, other=0.0)
-            solved = tl.load(tile, mask=(o < i * BC)[:, None], other=0.0)
-            Toff = -tl.dot(Tii, tl.dot(Ai, solved, input_precision=PREC_SOLVE), input_precision=PREC_SOLVE)
-            tl.debug_barrier()  # every thread has read A_i before it is overwritten
-            tl.store(band, Toff, mask=left)
-        tl.store(diag, Tii)
-        tl.debug_barrier()
+    unit_lower_inverse_in_place(base, C, C, C, BC, PREC_SOLVE)
     M = tl.load(tile) * beta[None, :]
     for k0 in range(0, DK, BK):
         d = k0 + tl.arange(0, BK)
