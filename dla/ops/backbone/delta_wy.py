@@ -6,9 +6,10 @@ Forward, per chunk of `C` tokens (one program per chunk and head, all chunks in 
     A_kk = tril(diag(β)(KKᵀ ⊙ Γ), −1),   T = (I + A_kk)⁻¹                    [C, C] float32
     w = (T diag(βγ)) K   [C, Dk],   u = (T diag(β)) V   [C, Dv]
 
-The solve runs by row blocks of `BC = 16`: `A_kk` is written to `T`'s rows first, then row block
-`i` is replaced by `T_ii = (I + A_ii)⁻¹` (forward substitution on 16 rows) and
-`T_i,<i = −T_ii A_i,<i T_<i,<i` (from the rows already solved, read back from memory), so any
+The solve (`unit_lower_inverse_in_place`, shared with the readout's UT kernel) runs by row
+blocks of `BC = 16`: `A_kk` is written to `T`'s rows first, then every diagonal block is
+replaced by `T_ii = (I + A_ii)⁻¹` (forward substitution, all blocks at once), then block row `i`
+by `T_i,<i = −T_ii A_i,<i T_<i,<i` (from the rows already solved, read back from memory), so any
 `C ∈ {16, 32, 64}` is one code path. Backward, with `dU` (float32) from the state pass and the
 chunk states `h`:
 
