@@ -13,6 +13,9 @@ own launch methods come back when the block exits. Not thread-safe: use it aroun
 the tensor argument it addresses: an access past a tensor's end, which on a GPU reads another
 buffer or stops the process with an illegal address, raises at the launch that makes it.
 
+`relative_error(out, ref)` is the comparison the library's tests and GPU checks share:
+`‖out − ref‖ / ‖ref‖` in float64 (`‖out − ref‖` where `ref` is zero).
+
 `compile_for_sm90(fn, types, constexprs, **options)` puts one Triton kernel through Triton's GPU
 compiler and ptxas for an H100 on the same machine: what the interpreter accepts but the compiler
 refuses, and a kernel's shared memory and spills, show without a GPU.
@@ -48,10 +51,18 @@ from dla.ops.backbone import backbone_backward_triton, backbone_forward_triton
 from dla.ops.readout import readout_backward_triton, readout_forward_triton
 from dla.ops.segment import segment_triton
 
-__all__ = ["triton_interpreter", "bounds_checked", "OutOfBounds", "compile_for_sm90", "PTXAS"]
+__all__ = ["triton_interpreter", "bounds_checked", "OutOfBounds", "compile_for_sm90", "PTXAS", "relative_error"]
 
 # the ptxas that `compile_for_sm90` runs, shipped in Triton's wheel (absent from some builds)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """`‖out − ref‖ / ‖ref‖` in float64; `‖out − ref‖` where `ref` is zero."""
+    ref = ref.double()
+    denom = ref.norm()
+    err = (out.double() - ref).norm()
+    return float(err / denom) if denom > 0 else float(err)
 
 
 def compile_for_sm90(fn, types, constexprs: dict, **options):

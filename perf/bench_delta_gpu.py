@@ -55,15 +55,11 @@ def gdn_inputs(batch, length, heads, dim, dtype, device, seed=0) -> dict:
     return dict(q=t["q"], k=t["k"], v=t["v"], lam0=t["lam"][..., 0].contiguous(), g=t["g"], beta=t["beta"])
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    b = b.double()
-    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def verify(kernels, length, heads, dim, chunk, dtype, device, reset_rate) -> dict:
     """Ours against the float64 torch path on the same (rounded) inputs, with an initial state
     and both cotangents."""
     from dla.ops.backbone.delta import delta_backward, delta_forward
+    from dla.testing import relative_error
 
     forward, backward = kernels
     x = gdn_inputs(1, length, heads, dim, dtype, device, seed=1)
@@ -82,7 +78,7 @@ def verify(kernels, length, heads, dim, chunk, dtype, device, reset_rate) -> dic
     torch_path = (*delta_forward(*call, S0, scale, chunk), *delta_backward(do, dS, *call, S0, scale, chunk))
     errors, torch_errors, ok = {}, {}, True
     for name, a, b, t in zip(names, ours, ref, torch_path):
-        errors[name], torch_errors[name] = relative(a, b), relative(t, b)
+        errors[name], torch_errors[name] = relative_error(a, b), relative_error(t, b)
         bound = 1e-5 if dtype == torch.float32 else 2e-2
         ok &= bool(torch.isfinite(a).all()) and errors[name] <= bound
         if a.dtype in (torch.bfloat16, torch.float16):

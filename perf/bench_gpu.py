@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from dla import level_map, multistate_attention
 from dla.compile.ops import readout
 from dla.ops.readout import cost, readout_backward, readout_forward
+from dla.testing import relative_error
 from perf.cost_model import predict, predict_delta
 from perf.inputs import REGIMES, layer_inputs
 
@@ -136,11 +137,8 @@ def verify(length, levels, policy, backbone) -> dict:
     g_ref = readout_backward(do.double(), torch.zeros_like(S_ref), *args64)
     refs = dict(zip(("q", "k", "v", "lam", "g", "beta"), g_ref))
 
-    def rel(a, b):
-        return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
-
     names = [n for n in ("q", "k", "v", "lam", "g", "beta") if leaves[n] is not None]
-    errs = {"o": rel(o, o_ref), "S": rel(S, S_ref), **{f"d{n}": rel(a, refs[n]) for n, a in zip(names, grads)}}
+    errs = {"o": relative_error(o, o_ref), "S": relative_error(S, S_ref), **{f"d{n}": relative_error(a, refs[n]) for n, a in zip(names, grads)}}
     finite = all(torch.isfinite(x).all() for x in (o, S, *grads))
     heads = regime_counts(t, levels, policy)["heads_on_objects"] if policy != "single" else "—"
     return {"policy": policy, "K": levels, "T": length, "backbone": backbone, "errors": errs, "finite": bool(finite),
@@ -157,7 +155,7 @@ def verify_loglinear(loglinear, length=2048) -> dict:
     o = loglinear(t["q"], t["k"], t["v"], t["g"], t["lam"])
     ref = multistate_attention(*(t[n].double() for n in ("q", "k", "v", "lam")), g=t["g"].double(),
                                policy="fenwick", scale=1.0)
-    err = float((o.double() - ref).norm() / ref.norm())
+    err = relative_error(o, ref)
     return {"T": length, "relative_error": err, "ok": err <= 2e-2}
 
 

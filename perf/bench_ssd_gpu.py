@@ -75,17 +75,13 @@ def inputs(batch: int, length: int, dim: int, dtype: torch.dtype, device: str, r
     return dict(q=t["q"], k=t["k"], v=t["v"], lam0=t["lam"][..., 0].contiguous(), g=t["g"], reset=reset)
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def verify(dtype: torch.dtype, reset_rate: float, device: str, smoke: bool) -> dict:
     """Triton against the float64 torch path on `device`, forward and every gradient. float32:
     ≤ 1e-5 (IEEE dots). 16-bit: ≤ 2e-2, and outputs in that dtype at most twice the error of
     the torch path on the same inputs (float32 arithmetic, outputs rounded like ours)."""
     from dla.ops.backbone.ssd import ssd_backward, ssd_forward
     from dla.ops.backbone.ssd_triton import ssd_backward_triton, ssd_forward_triton
+    from dla.testing import relative_error
 
     batch, length, heads, dim, chunk = (1, 40, 2, 16, 16) if smoke else (1, 2048, 4, DIM, CHUNK)
     x = inputs(batch, length, dim, dtype, device, reset_rate, seed=3, heads=heads)

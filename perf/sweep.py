@@ -23,12 +23,6 @@ def arguments(default_length: int) -> argparse.Namespace:
     return args
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64, the check each row carries before it is timed."""
-    ref = ref.double()
-    return float((out.double() - ref).norm() / ref.norm())
-
-
 def measured(row: dict, measure: Callable[[dict], None]) -> dict:
     """`row` once `measure(row)` has added its checks and timings, or its "error" when the
     configuration does not compile or run (a row, not a crash); printed as JSON."""

@@ -19,8 +19,9 @@ import triton
 
 from dla.ops.segment import detect_triton
 from dla.ops.segment.detect import readout_products
+from dla.testing import relative_error
 from perf.inputs import layer_inputs
-from perf.sweep import arguments, measured, relative_error, write_sweep
+from perf.sweep import arguments, measured, write_sweep
 
 TOKENS, HEADS, DIM = 32768, 16, 128
 CANDIDATES = [(16, 32, 8, "ieee"), (16, 16, 4, "ieee"), (16, 16, 8, "ieee"), (32, 32, 8, "ieee"),

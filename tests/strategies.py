@@ -38,6 +38,7 @@ from dla.ops.reference import multistate_attention_recurrent, segment_naive
 from dla.ops.state import MultiStateCache
 from dla.ops.validation import POLICIES, SCORES
 from dla.run.synthetic import piecewise_stationary
+from dla.testing import relative_error  # noqa: F401  the tests' comparison, from here as before
 
 TRANSITIONS = ("none", "g", "beta", "both")
 EXACT = ("repeated", "alternating")  # designed inputs (`designed_stream`): decisions exactly on the rule's edges
@@ -253,13 +254,6 @@ def comparable(case: Case, seg, dtype=torch.float64) -> bool:
     """Whether every path must take `seg`'s decisions: a designed input (computed exactly on every
     path, so the rule's side of each edge) or a well-conditioned one."""
     return case.inputs in EXACT or well_conditioned(seg, dtype)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    denom = ref.norm()
-    err = (out.double() - ref).norm()
-    return float(err / denom) if denom > 0 else float(err)
 
 
 def random_cache(case: Case, seed: int, dtype=torch.float64) -> MultiStateCache:

@@ -9,7 +9,8 @@ import torch
 
 import perf.sweep_drift_gpu
 import perf.sweep_wy_gpu
-from perf.sweep import measured, relative_error, write_sweep
+from dla.testing import relative_error
+from perf.sweep import measured, write_sweep
 
 
 def test_rows_are_written_as_json_and_a_table_with_error_rows(tmp_path, monkeypatch, capsys):

@@ -128,3 +128,13 @@ def test_the_operators_kernels_stay_in_bounds(policy, transition):
         o = dla.multistate_attention(*leaves, g=g, beta=beta, policy=policy, chunk_size=16)
         o.backward(torch.randn(o.shape, generator=gen))
     assert torch.isfinite(o).all() and all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_relative_error_is_the_norm_ratio_in_float64():
+    """`‖out − ref‖ / ‖ref‖` computed in float64 (a float32 difference of 1e-8 survives), and the
+    absolute norm where the reference is zero (no division by it)."""
+    ref = torch.tensor([3.0, 4.0])
+    assert testing.relative_error(ref + torch.tensor([0.3, 0.4]), ref) == pytest.approx(0.1)
+    assert testing.relative_error(ref.float(), ref.double() + 1e-8) == pytest.approx(2 ** 0.5 * 1e-8 / 5, rel=1e-3)
+    assert testing.relative_error(torch.tensor([0.0, 2.0]), torch.zeros(2)) == 2.0
+    assert testing.relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
