@@ -126,8 +126,9 @@ def backbone_kernels(spec: str, tiles: list[int] | None = None, optional: tuple[
             meta = dict(meta)
             options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
             names = {p.name for p in fn.params}
-            constexprs = {k: v for k, v in {**meta, "H": 16, "DK": D, "DV": D, "BC": BW.BC, **flags}.items()
-                          if k in names}
+            given = {**meta, "H": 16, "DK": D, "DV": D, "BC": BW.BC, "SPLIT": dtype == torch.bfloat16,
+                     "INTERP": False, **flags}
+            constexprs = {k: v for k, v in given.items() if k in names}
             label = f"{fn.__name__} (BV {meta['BV']}, {options.get('num_warps', 4)} warps)"
             if optional is not None:
                 label += f", optional inputs {'present' if flags['HAS_G'] else 'absent'}"

@@ -20,8 +20,10 @@ import torch
 import triton
 
 from dla.ops.backbone import delta, delta_wy
+from dla.ops.triton_utils import split_products
+from dla.testing import relative_error
 from perf.inputs import layer_inputs
-from perf.sweep import arguments, measured, relative_error, write_sweep
+from perf.sweep import arguments, measured, write_sweep
 
 TOKENS, HEADS, DIM, CHUNK = 32768, 16, 128, 64
 CANDIDATES = [(4, 2, 32), (4, 2, 16), (8, 1, 32), (8, 3, 32), (8, 2, 64), (16, 2, 32), (4, 1, 32)]
@@ -48,7 +50,7 @@ def run(T: int) -> list[dict]:
         def launch():
             delta_wy._wy_fwd_kernel[(triton.cdiv(T, CHUNK), B * HEADS)](
                 k, v, beta, g, None, TI, w, u, T, HEADS, DIM, DIM, BC=delta_wy.BC, HAS_G=True, HAS_RESET=False,
-                **meta)
+                **split_products(k), **meta)
 
         def measure(row: dict) -> None:
             launch()

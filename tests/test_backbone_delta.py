@@ -360,6 +360,29 @@ def test_triton_chunk_states_match_torch_kernel(device, case: DeltaCase):
     assert_close_all(got, ref, TOL32)
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("chunk_size, has_g", [(16, True), (64, False)])
+def test_wy_forward_bfloat16_products_keep_the_float32_results(chunk_size, has_g):
+    """bfloat16 inputs take `w = T diag(βγ) K`, `u = T diag(β) V` as split products (16 bits of
+    T): w and u are the float32 path's rounded to bfloat16 but for a few rounding ties (within
+    a sixth of the rounding's own error here); a dropped lo half leaves T 8 bits and moves them
+    by more than the rounding itself."""
+    from dla.ops.backbone.delta_wy import wy_forward
+
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, D = 1, 80, 2, 32
+    k = F.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, D, generator=gen).bfloat16()
+    g = -torch.rand(B, T, H, generator=gen) * 0.2 if has_g else None
+    beta = torch.rand(B, T, H, generator=gen)
+    with poisoned_empty():
+        _, w, u = wy_forward(k, v, g, beta, None, chunk_size)
+        _, w32, u32 = wy_forward(k.float(), v.float(), g, beta, None, chunk_size)
+    assert w.dtype == u.dtype == torch.bfloat16
+    for ours, full in ((w, w32), (u, u32)):
+        assert relative_error(ours, full.bfloat16()) < 0.5 * relative_error(full.bfloat16(), full)
+
+
 def test_triton_refuses_bad_arguments():
     case = DeltaCase(length=5, chunk_size=16, resets="none", **TEDGE)
     x = on(inputs(case), "cpu")

@@ -38,6 +38,7 @@ import dla.ops.readout.plan
 import dla.ops.segment.cpu
 import dla.ops.segment.detect
 import dla.ops.segment.triton_walk
+import dla.ops.triton_utils
 import dla.run.checkpoint
 
 EDGES = "tests/test_segment_edges.py"
@@ -96,7 +97,7 @@ MUTANTS = [
            ("tests/test_readout_delta_objects.py::test_triton_backward_matches_torch",)),
     Mutant("readout with β on CUDA, backward: the band steps the query back through a block without its decay",
            dla.ops.readout.objects_delta_triton, "_readout_bwd_band_kernel",
-           "x_lo = gam_Ch * x_in.to(tl.float32) - _mmr(", "x_lo = x_in.to(tl.float32) - _mmr(",
+           "x_lo = gam_Ch * x_in.to(tl.float32) - mmr(", "x_lo = x_in.to(tl.float32) - mmr(",
            ("tests/test_readout_delta_objects.py::test_triton_backward_key_blocks_match_torch[2]",)),
     Mutant("readout with β on CUDA, backward: the dQ̂ buffer a row short per chunk (an overrun on a GPU)",
            dla.ops.readout.objects_delta_triton, "objects_delta_backward_triton",
@@ -123,11 +124,13 @@ MUTANTS = [
            dla.ops.readout.objects_delta_triton, "_object_kernel",
            "acc += tl.load(res_src + r * D + tile,", "acc += 0.0 * tl.load(res_src + r * D + tile,",
            ("tests/test_readout_delta_objects.py::test_triton_forward_bfloat16_keeps_the_torch_paths_accuracy",)),
-    Mutant("readout with β on CUDA, bfloat16: the split products drop the float32 side's lo halves",
-           dla.ops.readout.objects_delta_triton, "_hilo",
+    Mutant("split bfloat16 products (readout with β, delta rule WY forward): the float32 side's lo halves dropped",
+           dla.ops.triton_utils, "hilo",
            "return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)", "return hi, (0.0 * x).to(tl.bfloat16)",
            ("tests/test_readout_delta_objects.py::test_triton_forward_bfloat16_keeps_the_torch_paths_accuracy",
-            "tests/test_readout_delta_objects.py::test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy")),
+            "tests/test_readout_delta_objects.py::test_triton_backward_bfloat16_keeps_the_torch_paths_accuracy",
+            "tests/test_backbone_delta.py::test_wy_forward_bfloat16_products_keep_the_float32_results[16-True]",
+            "tests/test_backbone_delta.py::test_wy_forward_bfloat16_products_keep_the_float32_results[64-False]")),
     Mutant("readout without β, backward: the final state's decay dropped", dla.ops.readout.objects,
            "objects_backward", "(decay[..., None, None] * dSc)[valid]", "dSc[valid]",
            ("tests/test_readout.py::test_backward_matches_reference_autograd",

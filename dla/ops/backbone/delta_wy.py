@@ -6,6 +6,9 @@ Forward, per chunk of `C` tokens (one program per chunk and head, all chunks in 
     A_kk = tril(diag(β)(KKᵀ ⊙ Γ), −1),   T = (I + A_kk)⁻¹                    [C, C] float32
     w = (T diag(βγ)) K   [C, Dk],   u = (T diag(β)) V   [C, Dv]
 
+(`w`, `u` for bfloat16 inputs as split bfloat16 products, `dla.ops.triton_utils.mmr`; the
+solve's products at tf32x3.)
+
 The solve (`unit_lower_inverse_in_place`, shared with the readout's UT kernel) runs by row
 blocks of `BC = 16`: `A_kk` is written to `T`'s rows first, then every diagonal block is
 replaced by `T_ii = (I + A_ii)⁻¹` (forward substitution, all blocks at once), then block row `i`
@@ -38,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dla.ops.backbone.delta_common import chunk_ends, chunk_gates, decay, precisions
-from dla.ops.triton_utils import interpreting, pow2
+from dla.ops.triton_utils import interpreting, mm16, mmr, pow2, split_products
 
 __all__ = ["wy_forward", "wy_backward", "wy_meta"]
 
@@ -95,7 +98,8 @@ def unit_lower_inverse_in_place(P, stride, n_rows, C: tl.constexpr, BC: tl.const
 @triton.jit
 def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
-                   HAS_RESET: tl.constexpr, PREC: tl.constexpr, PREC_SOLVE: tl.constexpr):
+                   HAS_RESET: tl.constexpr, PREC: tl.constexpr, PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr,
+                   INTERP: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
     tok = (n // H) * T * H + n % H
@@ -117,28 +121,29 @@ def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.co
         d = k0 + tl.arange(0, BK)
         kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=inside[:, None] & (d[None, :] < DK), other=0.0)
         kc = tl.load(K + t[None, :] * (H * DK) + d[:, None], mask=inside[None, :] & (d[:, None] < DK), other=0.0)
-        KK += tl.dot(kr, kc, input_precision=PREC)
+        KK += mm16(kr, kc, PREC, SPLIT, INTERP)
     tile = TI + t[:, None] * (H * C) + o[None, :]
     tl.store(tile, beta[:, None] * KK * decay(G_, seg, C, True, False), mask=inside[:, None])
     tl.debug_barrier()
 
     unit_lower_inverse_in_place(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
 
-    # w = (T diag(βγ)) K, u = (T diag(β)) V
+    # w = (T diag(βγ)) K, u = (T diag(β)) V: split products for bfloat16 inputs (`mmr`), whose
+    # 16 bits of T lie far below w's and u's rounding to the inputs' dtype
     Tm = tl.load(tile, mask=inside[:, None], other=0.0)
     Tw = Tm * (beta * gam)[None, :]
-    Tu = Tm * beta[None, :]
     for k0 in range(0, DK, BK):
         d = k0 + tl.arange(0, BK)
         mk = inside[:, None] & (d[None, :] < DK)
-        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0).to(tl.float32)
-        w = tl.dot(Tw, kr, input_precision=PREC_SOLVE)
+        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
+        w = mmr(Tw, kr, PREC_SOLVE, SPLIT, INTERP)
         tl.store(W + t[:, None] * (H * DK) + d[None, :], w.to(W.dtype.element_ty), mask=mk)
+    Tu = Tm * beta[None, :]
     for v0 in range(0, DV, BV):
         d = v0 + tl.arange(0, BV)
         mv = inside[:, None] & (d[None, :] < DV)
-        vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0).to(tl.float32)
-        u = tl.dot(Tu, vr, input_precision=PREC_SOLVE)
+        vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
+        u = mmr(Tu, vr, PREC_SOLVE, SPLIT, INTERP)
         tl.store(U + t[:, None] * (H * DV) + d[None, :], u.to(U.dtype.element_ty), mask=mv)
 
 
@@ -257,12 +262,12 @@ def wy_forward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tens
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     meta = wy_meta(Dk, Dv, chunk_size, k.dtype)
-    interpreting(k)
     TI = torch.empty(B, T, H, chunk_size, dtype=torch.float32, device=k.device)
     w = torch.empty_like(k)
     u = torch.empty(B, T, H, Dv, dtype=k.dtype, device=k.device)
     _wy_fwd_kernel[(triton.cdiv(T, chunk_size), B * H)](
-        k, v, beta, g, _reset_bytes(reset), TI, w, u, T, H, Dk, Dv, BC=BC, **_flags(g, reset), **meta)
+        k, v, beta, g, _reset_bytes(reset), TI, w, u, T, H, Dk, Dv, BC=BC, **_flags(g, reset), **split_products(k),
+        **meta)
     return TI, w, u
 
 

@@ -72,9 +72,9 @@ for the solve and for every product of the transport and suffix chains, whose ro
 over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
 The readout's three passes (forward, chain, band) and the UT backward with bfloat16 inputs
 (`SPLIT`) instead take their products in bfloat16 with float32 accumulation: a tile of the inputs (q, k, v, dO, the
-object copies, the bfloat16 `XP`) exact against the hi and lo halves of the float32 side (`_mm`,
-`_mmr`), two tiles of the inputs as one product (`_mm16`), two float32 sides as three products
-without lo·lo (`_mm32`) — 16 bits of each float32 operand, against tf32's 11, at two or three
+object copies, the bfloat16 `XP`) exact against the hi and lo halves of the float32 side (`mm`,
+`mmr`), two tiles of the inputs as one product (`mm16`), two float32 sides as three products
+without lo·lo (`mm32`; all four in `dla.ops.triton_utils`) — 16 bits of each float32 operand, against tf32's 11, at two or three
 bfloat16 products where tf32x3 takes three tf32 ones (each twice a bfloat16 one), and no float32
 operand held in registers (a plain load reaches the tensor cores from shared memory). The band's
 σᵀ dx stays a single tf32 product. Under the interpreter, whose bfloat16 dot is wrong, the same
@@ -96,7 +96,7 @@ from dla.ops.levels import running_min
 from dla.ops.readout.cost_delta import BAND_KEYS, OBJECT_BWD_DV, band_visits
 from dla.ops.readout.objects_delta import window_plan
 from dla.ops.state import state_dtype
-from dla.ops.triton_utils import interpreting, pow2
+from dla.ops.triton_utils import hilo, interpreting, mm, mm16, mm32, mmr, pow2, split_products
 
 __all__ = ["objects_delta_forward_triton", "objects_delta_backward_triton"]
 
@@ -151,65 +151,6 @@ def _cols_raw(X, tok, tc, valid, rows, H: tl.constexpr, D: tl.constexpr):
 def _cols(X, tok, tc, valid, rows, H: tl.constexpr, D: tl.constexpr):
     """The transpose of `_rows`: [len(rows), C]."""
     return _cols_raw(X, tok, tc, valid, rows, H, D).to(tl.float32)
-
-
-@triton.jit
-def _hilo(x):
-    """x (float32) as hi + lo, two bfloat16 tiles (16 bits of x's mantissa; bfloat16 has x's range)."""
-    hi = x.to(tl.bfloat16)
-    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    """a · b in float32, a a tile of the inputs in their dtype (exact), b float32. SPLIT (bfloat16
-    inputs): a·hi(b) + a·lo(b), bfloat16 products with float32 accumulation — a is a plain load,
-    which Triton hands to the tensor cores from shared memory, where a converted float32 operand
-    would sit in registers; else a in float32 at PREC."""
-    if SPLIT:
-        hi, lo = _hilo(b)
-        if INTERP:  # the interpreter's bfloat16 dot is wrong: the same two products in float32
-            a = a.to(tl.float32)
-            return tl.dot(a, lo.to(tl.float32), tl.dot(a, hi.to(tl.float32), input_precision="ieee"),
-                          input_precision="ieee")
-        return tl.dot(a, lo, tl.dot(a, hi))
-    return tl.dot(a.to(tl.float32), b, input_precision=PREC)
-
-
-@triton.jit
-def _mm16(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    """a · b in float32 for two tiles of the inputs in their dtype (exact products either way)."""
-    if SPLIT and not INTERP:
-        return tl.dot(a, b)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-
-
-@triton.jit
-def _mmr(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    """`_mm` mirrored: a · b for a float32 a and a tile b of the inputs in their dtype."""
-    if SPLIT:
-        hi, lo = _hilo(a)
-        if INTERP:
-            b = b.to(tl.float32)
-            return tl.dot(lo.to(tl.float32), b, tl.dot(hi.to(tl.float32), b, input_precision="ieee"),
-                          input_precision="ieee")
-        return tl.dot(lo, b, tl.dot(hi, b))
-    return tl.dot(a, b.to(tl.float32), input_precision=PREC)
-
-
-@triton.jit
-def _mm32(a, b, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    """a · b for two float32 tiles. SPLIT: the three bfloat16 products of (a_hi + a_lo)(b_hi + b_lo)
-    without lo·lo (relative error about 2⁻¹⁶ per product); else PREC."""
-    if SPLIT:
-        ah, al = _hilo(a)
-        bh, bl = _hilo(b)
-        if INTERP:
-            ah, al, bh, bl = ah.to(tl.float32), al.to(tl.float32), bh.to(tl.float32), bl.to(tl.float32)
-            return tl.dot(al, bh, tl.dot(ah, bl, tl.dot(ah, bh, input_precision="ieee"), input_precision="ieee"),
-                          input_precision="ieee")
-        return tl.dot(al, bh, tl.dot(ah, bl, tl.dot(ah, bh)))
-    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -309,11 +250,11 @@ def _query_frame(Q, K, BETA, TI, n, c, NC, tok, tc, valid, Gc, gam, ck, H: tl.co
     qT = _cols_raw(Q, tok, tc, valid, ck, H, DK)
     k = tl.load(K + tok * DK + tc[:, None] * (H * DK) + ck[None, :], mask=valid[:, None] & (ck[None, :] < DK),
                 other=0.0)
-    AqkT = _mm16(k, qT, PREC, SPLIT, INTERP) * decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, True)
+    AqkT = mm16(k, qT, PREC, SPLIT, INTERP) * decay(Gc, tl.zeros([C], dtype=tl.int32), C, False, True)
     MT = tl.load(TI + (n * NC + c).to(tl.int64) * C * C + o[None, :] * C + o[:, None]) * beta[:, None]
-    AtT = _mm32(MT, AqkT, PREC_CHAIN, SPLIT, INTERP)  # a product with the triangular inverse
+    AtT = mm32(MT, AqkT, PREC_CHAIN, SPLIT, INTERP)  # a product with the triangular inverse
     kT = _cols_raw(K, tok, tc, valid, ck, H, DK)
-    return AtT, qT.to(tl.float32) * gam[None, :] - _mm(kT, gam[:, None] * AtT, PREC_CHAIN, SPLIT, INTERP)
+    return AtT, qT.to(tl.float32) * gam[None, :] - mm(kT, gam[:, None] * AtT, PREC_CHAIN, SPLIT, INTERP)
 
 
 @triton.jit
@@ -324,9 +265,9 @@ def _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H: tl.c
     o = tl.arange(0, C)
     ET = tl.load(EB + (n * NC + p).to(tl.int64) * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK,
                  other=0.0)
-    sigmaT = _mm32(ET, xT, PREC_CHAIN, SPLIT, INTERP)
+    sigmaT = mm32(ET, xT, PREC_CHAIN, SPLIT, INTERP)
     kT = _cols_raw(K, tokp, tcp, validp, ck, H, DK)
-    return sigmaT, gam_Cp * xT - _mm(kT, gamp[:, None] * sigmaT, PREC_CHAIN, SPLIT, INTERP)
+    return sigmaT, gam_Cp * xT - mm(kT, gamp[:, None] * sigmaT, PREC_CHAIN, SPLIT, INTERP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +408,7 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
                            SPLIT, INTERP)
     LamT = _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C, True)
     LamT = tl.where(o[None, :] >= o[:, None], LamT, 0.0)
-    accT = _mm(_cols_raw(V, tok, tc, valid, cv, H, DV), AtT * LamT, PREC, SPLIT, INTERP)
+    accT = mm(_cols_raw(V, tok, tc, valid, cv, H, DV), AtT * LamT, PREC, SPLIT, INTERP)
     for jj in range(c - w * R):
         p = c - 1 - jj
         tp, validp, tcp, tokp = _tokens(PHI, n, p, T, H, C)
@@ -475,7 +416,7 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
         sigmaT, xT = _step_back(xT, EB, K, n, p, NC, tokp, tcp, validp, gamp, gam_Cp, ck, H, DK, C, PREC_CHAIN,
                                 SPLIT, INTERP)
         LpT = _band_weights(CM, LAM, tokL, tc, valid, tp, H, L, C, True)
-        accT += _mm(_cols_raw(V, tok, tcp, validp, cv, H, DV), sigmaT * LpT, PREC, SPLIT, INTERP)
+        accT += mm(_cols_raw(V, tok, tcp, validp, cv, H, DV), sigmaT * LpT, PREC, SPLIT, INTERP)
     now = (n * (NW + 1) + w) * L
     for r in range(L):
         a = tl.load(FIRST + now + r)
@@ -484,7 +425,7 @@ def _readout_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAST, OB, O, 
             Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
             ST = tl.load(OB + ((n * NW + w) * L + r).to(tl.int64) * DK * DV + ck[None, :] * DV + cv[:, None],
                          mask=(ck[None, :] < DK) & (cv[:, None] < DV), other=0.0)
-            accT += _mm(ST, xT, PREC, SPLIT, INTERP) * Wr[None, :]
+            accT += mm(ST, xT, PREC, SPLIT, INTERP) * Wr[None, :]
     tl.store(O + tok * DV + tc[None, :] * (H * DV) + cv[:, None], (scale * accT).to(O.dtype.element_ty),
              mask=valid[None, :] & (cv[:, None] < DV))
 
@@ -594,12 +535,12 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     # own chunk: o += (Ã ⊙ Λ) V, so dÃ = (dO Vᵀ) ⊙ Λ, dλ from dO Vᵀ ⊙ Ã, dV = (Ã ⊙ Λ)ᵀ dO
     causal = o[None, :] >= o[:, None]
     LamT = tl.where(causal, _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C, True), 0.0)
-    dALT = scale * _mm16(_rows_raw(V, tok, tc, valid, cv, H, DV), _cols_raw(DO, tok, tc, valid, cv, H, DV), PREC,
+    dALT = scale * mm16(_rows_raw(V, tok, tc, valid, cv, H, DV), _cols_raw(DO, tok, tc, valid, cv, H, DV), PREC,
                          SPLIT, INTERP)
     tl.store(DAT + chunk * C * C + o[None, :] * C + o[:, None], dALT * LamT)
     dl = _scatter_levels(dl, CM, tokL, tc, valid, t, tl.where(causal, dALT * AtT, 0.0), H, L, LP, C, True)
     dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
-    tl.store(DVK + chunk * C * DV + o[:, None] * DV + cv[None, :], scale * _mmr(AtT * LamT, dO, PREC, SPLIT, INTERP),
+    tl.store(DVK + chunk * C * DV + o[:, None] * DV + cv[None, :], scale * mmr(AtT * LamT, dO, PREC, SPLIT, INTERP),
              mask=cv[None, :] < DV)
     # the chain to the window's frame; the query goes to its visit's XP slot before each block's last step
     for j in range(i):
@@ -623,7 +564,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
             Wr = _point_weights(CM, LAM, tokL, tc, valid, a, H, L, C)
             S = tl.load(OB + ((n * NW + w) * L + r).to(tl.int64) * DK * DV + ck[:, None] * DV + cv[None, :],
                         mask=(ck[:, None] < DK) & (cv[None, :] < DV), other=0.0)
-            UT = scale * _mm16(S, dOT, PREC, SPLIT, INTERP)
+            UT = scale * mm16(S, dOT, PREC, SPLIT, INTERP)
             dxT += Wr[None, :] * UT
             dl = _scatter_point(dl, CM, tokL, tc, valid, a, tl.sum(UT * xT, axis=0), H, L, LP, C)
     # the band pass takes the query's dx and dλ on from here; a window's first chunk has no band
@@ -707,12 +648,12 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                     ck = kb * BKB + kb0
                     x_in = tl.load(src + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
                     E = tl.load(eh + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
-                    sigma += _mm(x_in, E, PREC_CHAIN, SPLIT, INTERP)
+                    sigma += mm(x_in, E, PREC_CHAIN, SPLIT, INTERP)
                 sigma = sigma * gamh[None, :]
                 for kb in tl.static_range(BKP // BKB):
                     ck = kb * BKB + kb0
                     x_in = tl.load(src + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-                    x_lo = gam_Ch * x_in.to(tl.float32) - _mmr(sigma, _rows_raw(K, tokh, tch, validh, ck, H, DK),
+                    x_lo = gam_Ch * x_in.to(tl.float32) - mmr(sigma, _rows_raw(K, tokh, tch, validh, ck, H, DK),
                                                                PREC_CHAIN, SPLIT, INTERP)
                     tl.store(src - C * DK + o[:, None] * DK + ck[None, :], x_lo.to(XS.dtype.element_ty),
                              mask=ck[None, :] < DK)
@@ -735,16 +676,16 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                     ck = kb * BKB + kb0
                     x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
                     E = tl.load(eb + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
-                    sigma += _mm(x_in, E, PREC, SPLIT, INTERP)  # a step's own term: its rounding does not compound
+                    sigma += mm(x_in, E, PREC, SPLIT, INTERP)  # a step's own term: its rounding does not compound
                     dx = tl.load(dqh + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-                    dxH += _mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP)
+                    dxH += mmr(dx, _cols_raw(K, tokp, tcp, validp, ck, H, DK), PREC_CHAIN, SPLIT, INTERP)
                     dgc_p += tl.sum(dx * x_in.to(tl.float32), axis=1)
                 dgc += tl.where(kk == pi - p0, tl.sum(dgc_p, axis=0), 0.0)
                 dxH = dxH * gamp[None, :]
                 dAL = tl.zeros([C, C], dtype=tl.float32)
                 for vb in tl.static_range(BVP // BVB):
                     cv = vb * BVB + vb0
-                    dAL += _mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
+                    dAL += mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
                                  PREC, SPLIT, INTERP)
                 dAL = scale * dAL
                 at = SPAN + ((n * NC + c).to(tl.int64) * R * 2 + pi * 2) * C + o  # the chain's `_level_span`
@@ -767,7 +708,7 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                     at = dvk + o[:, None] * DV + cv[None, :]
                     dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
                     tl.store(at, tl.load(at, mask=cv[None, :] < DV, other=0.0)
-                             + scale * _mmr(SLt, dO, PREC, SPLIT, INTERP), mask=cv[None, :] < DV)
+                             + scale * mmr(SLt, dO, PREC, SPLIT, INTERP), mask=cv[None, :] < DV)
                 sigT = _transposed(scr, sigma, C)
                 dsT = _transposed(scr, dsigma, C)
                 # dĒ += dσᵀ x, dH −= σᵀ dx, then the query's dx on through the step: dx ← γ_C dx + dσ Ē
@@ -776,14 +717,14 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                     mk = ck[None, :] < DK
                     x_in = tl.load(x_at + o[:, None] * DK + ck[None, :], mask=mk, other=0.0)
                     at = deb + ck[None, :] * C + o[:, None]  # dĒᵀ [C, BKB] in Ē's [Dk, C] layout
-                    tl.store(at, tl.load(at, mask=mk, other=0.0) + _mmr(dsT, x_in, PREC, SPLIT, INTERP), mask=mk)
+                    tl.store(at, tl.load(at, mask=mk, other=0.0) + mmr(dsT, x_in, PREC, SPLIT, INTERP), mask=mk)
                     dx_at = dqh + o[:, None] * DK + ck[None, :]
                     dx = tl.load(dx_at, mask=mk, other=0.0)
                     at = dhb + o[:, None] * DK + ck[None, :]
                     # dĒ's and dH's step terms, like σ, do not compound: single-pass products
                     tl.store(at, tl.load(at, mask=mk, other=0.0) - tl.dot(sigT, dx, input_precision=PREC), mask=mk)
                     ET = tl.load(eb + ck[None, :] * C + o[:, None], mask=mk, other=0.0)
-                    tl.store(dx_at, gam_Cp * dx + _mm32(dsigma, ET, PREC_CHAIN, SPLIT, INTERP), mask=mk)
+                    tl.store(dx_at, gam_Cp * dx + mm32(dsigma, ET, PREC_CHAIN, SPLIT, INTERP), mask=mk)
                 tl.debug_barrier()  # the next step reads this query's dx and dλ, the next query the key chunks' sums
         first = (n * NC + w * R + p0).to(tl.int64)
         tl.store(DGC + first + kk, dgc, mask=p0 + kk < R)
@@ -990,35 +931,35 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
     q = _rows_raw(Q, tok, tc, valid, ck, H, DK)
     k = _rows_raw(K, tok, tc, valid, ck, H, DK)
     kT = _cols_raw(K, tok, tc, valid, ck, H, DK)
-    QK = _mm16(q, kT, PREC, SPLIT, INTERP)
-    KK = _mm16(k, kT, PREC, SPLIT, INTERP)
-    AqkT = _mm16(k, _cols_raw(Q, tok, tc, valid, ck, H, DK), PREC, SPLIT, INTERP) * GamT
+    QK = mm16(q, kT, PREC, SPLIT, INTERP)
+    KK = mm16(k, kT, PREC, SPLIT, INTERP)
+    AqkT = mm16(k, _cols_raw(Q, tok, tc, valid, ck, H, DK), PREC, SPLIT, INTERP) * GamT
     Tinv = tl.load(TI + chunk * C * C + o[:, None] * C + o[None, :])
     TinvT = tl.load(TI + chunk * C * C + o[None, :] * C + o[:, None])
     M = Tinv * beta[None, :]
     MT = TinvT * beta[:, None]
-    AtT = _mm32(MT, AqkT, PREC_CHAIN, SPLIT, INTERP)
+    AtT = mm32(MT, AqkT, PREC_CHAIN, SPLIT, INTERP)
     dQh = tl.load(DQH + chunk * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
     dE = tl.load(DEB + chunk * DK * C + ck[:, None] * C + o[None, :], mask=ck[:, None] < DK, other=0.0)
     dET = tl.load(DEB + chunk * DK * C + ck[None, :] * C + o[:, None], mask=ck[None, :] < DK, other=0.0)
     dAt = (tl.load(DAT + chunk * C * C + o[:, None] * C + o[None, :])
-           - _mmr(dQh, kT, PREC_CHAIN, SPLIT, INTERP) * gam[None, :])
+           - mmr(dQh, kT, PREC_CHAIN, SPLIT, INTERP) * gam[None, :])
     dH = tl.load(DHB + chunk * C * DK + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
-    dH -= _mm32(AtT, dQh, PREC_CHAIN, SPLIT, INTERP)
+    dH -= mm32(AtT, dQh, PREC_CHAIN, SPLIT, INTERP)
     dgam = tl.sum(dQh * q.to(tl.float32), axis=1) + tl.sum(dH * k.to(tl.float32), axis=1)
     dq = gam[:, None] * dQh
     dk = gam[:, None] * dH
-    dKr = _mm32(M, dET, PREC_CHAIN, SPLIT, INTERP)
+    dKr = mm32(M, dET, PREC_CHAIN, SPLIT, INTERP)
     # q and k are read again where they are used last (from L1/L2): held from the top of the
     # kernel, their [C, Dk] float32 copies in shared memory put float32 inputs past Hopper's limit
     k = _rows_raw(K, tok, tc, valid, ck, H, DK)
-    dM = rho[:, None] * _mm(k, dE, PREC_CHAIN, SPLIT, INTERP) + _mm32(AqkT, dAt, PREC_CHAIN, SPLIT, INTERP)
-    dAqk = _mm32(dAt, MT, PREC_CHAIN, SPLIT, INTERP)
+    dM = rho[:, None] * mm(k, dE, PREC_CHAIN, SPLIT, INTERP) + mm32(AqkT, dAt, PREC_CHAIN, SPLIT, INTERP)
+    dAqk = mm32(dAt, MT, PREC_CHAIN, SPLIT, INTERP)
     dk += rho[:, None] * dKr
     drho = tl.sum(dKr * k.to(tl.float32), axis=1)
     dbeta = tl.sum(dM * Tinv, axis=0)
     dTinv = dM * beta[None, :]
-    dAkk = -_mm32(_mm32(TinvT, dTinv, PREC_CHAIN, SPLIT, INTERP), TinvT, PREC_CHAIN, SPLIT, INTERP)
+    dAkk = -mm32(mm32(TinvT, dTinv, PREC_CHAIN, SPLIT, INTERP), TinvT, PREC_CHAIN, SPLIT, INTERP)
     dAkk = tl.where(o[:, None] > o[None, :], dAkk, 0.0)
     dbeta += tl.sum(dAkk * KK * Gam, axis=1)
     dB = beta[:, None] * dAkk
@@ -1028,8 +969,8 @@ def _ut_bwd_kernel(Q, K, G, BETA, PHI, TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, DQ
     ZqT = _transposed(scr, Zq, C)
     k = _rows_raw(K, tok, tc, valid, ck, H, DK)
     q = _rows_raw(Q, tok, tc, valid, ck, H, DK)
-    dk += _mmr(Zk + ZkT, k, PREC, SPLIT, INTERP) + _mmr(ZqT, q, PREC, SPLIT, INTERP)
-    dq += _mmr(Zq, k, PREC, SPLIT, INTERP)
+    dk += mmr(Zk + ZkT, k, PREC, SPLIT, INTERP) + mmr(ZqT, q, PREC, SPLIT, INTERP)
+    dq += mmr(Zq, k, PREC, SPLIT, INTERP)
     mk = valid[:, None] & (ck[None, :] < DK)
     tl.store(DQ + tok * DK + tc[:, None] * (H * DK) + ck[None, :], dq.to(DQ.dtype.element_ty), mask=mk)
     tl.store(DK_OUT + tok * DK + tc[:, None] * (H * DK) + ck[None, :], dk.to(DK_OUT.dtype.element_ty), mask=mk)
@@ -1103,7 +1044,7 @@ class _Buffers:
         self.cm = running_min(level_start.to(torch.int32)).contiguous()
         self.prec, self.prec_chain = precisions(q.dtype)
         # the readout passes' split bfloat16 products (module doc), emulated under the interpreter
-        self.split = dict(SPLIT=q.dtype == torch.bfloat16, INTERP=interpreting(q))
+        self.split = split_products(q)
         self.meta = meta = _meta(Dk, Dv, interpreting(q))
         flags = dict(C=C, HAS_G=g is not None)
         self.TI = torch.empty(N, NC, C, C, dtype=f32, device=dev)
