@@ -49,12 +49,12 @@ from dla.ops.triton_utils import pow2
 from dla.testing import PTXAS, compile_for_sm90
 
 HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90
-KERNELS = ("_ut_kernel", "_suffix_kernel", "_object_kernel", "_readout_kernel", "_readout_bwd_chain_kernel",
-           "_readout_bwd_band_kernel", "_object_grad_kernel", "_object_bwd_kernel", "_suffix_bwd_kernel",
-           "_ut_bwd_kernel")
+KERNELS = ("_ut_kernel", "_suffix_kernel", "_initial_objects_kernel", "_object_kernel", "_readout_kernel",
+           "_readout_bwd_chain_kernel", "_readout_bwd_band_kernel", "_object_grad_kernel", "_object_bwd_kernel",
+           "_suffix_bwd_kernel", "_ut_bwd_kernel")
 INTS = {"CM": "*i32", "SPAN": "*i16", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32",
         "scale": "fp32"}
-FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "SF", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
+FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "SF", "S0", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
            "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
 
 
@@ -75,7 +75,7 @@ def compile_kernel(name: str, spec: str):
     fn = getattr(X, name)
     names = [a.name for a in fn.params]
     constexprs = {k: v for k, v in meta.items() if k in names}
-    if name == "_object_bwd_kernel":
+    if name in ("_initial_objects_kernel", "_object_bwd_kernel"):  # launched at the Dv tile BVO
         constexprs["BV"] = meta["BVO"]
     def arg_type(a: str) -> str:
         return INTS.get(a, "*fp32" if a in FLOAT32 else xp if a in ("XP", "XS") else data)

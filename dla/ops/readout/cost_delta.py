@@ -37,6 +37,8 @@ visit, so it is counted per visit.
 
     UT                  NC·ut;  k, β, g; T⁻¹ and Ē written (float32)
     suffix products     2·Dk²·C per chunk (K̃ = Suf Ē, Suf ← γ_C Suf − K̃ H); Ē, k; K̃, Suf_F written
+    initial objects     window 0's objects from the initial slots: L·D read (float32), each object's
+                        copy and residual written
     object pass         reframes·Dk²·Dv + token_chunks·C·D; masters read once, every rank's copy
                         (the inputs' dtype, kept for the readout) and, for 16-bit inputs, its
                         rounding residual (two windows' buffers in turn; with the copy, the master)
@@ -45,7 +47,8 @@ visit, so it is counted per visit.
                         the pass), K̃ and v of the chunks each element holds
     readout             per chunk 2C²Dk + C³ + C²Dv, per step C·(2Dk + Dv), reads·D; q, k, v, o, λ,
                         the level rows, T⁻¹, Ē once; objects once per window (its chunks share L2)
-    (backward)          UT, suffix products, object pass again (every window's copies kept)
+    (backward)          UT, suffix products, initial objects, object pass again (every window's
+                        copies kept)
     readout backward    per chunk 2C²Dk + C³ + 2C²Dv, per step C·(7Dk + 2Dv), per step beyond a
                         visit's first C·2Dk (the query stepped back again), reads·D. The chain pass
                         (per chunk): own chunk, the chain with the query before each visit's last
@@ -244,6 +247,8 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
                           n["objects"] * D * master + (NW - 1) * L * D * master + NW * Dk * Dk * 4
                           + n["token_chunks"] * C * (Dk * 4 + Dv * s))
     objects = (objects_recomputed[0], objects_recomputed[1] + L * D * 4)
+    row = T**0  # 1 per row, in the counts' type (a tensor of rows or a float)
+    initial = (row * L * D, row * L * D * (4 + master))
     readout = (2.0 * (NC * (2 * C * C * Dk + C**3 + C * C * Dv) + n["steps"] * C * (2 * Dk + Dv) + n["reads"] * D),
                qkvo + rows + T * (C + Dk) * 4 + n["objects"] * D * s)
     LP = 1 << max(L - 1, 0).bit_length()  # the dλ tile's width
@@ -264,8 +269,9 @@ def delta_kernels(n: dict, Dk: int, Dv: int, L: int, itemsize: int, C: int) -> d
     ut_bwd = (2.0 * NC * (10 * C * C * Dk + 6 * C**3),
               T * (2 * Dk * s + (2 * Dk + Dv) * s + 16 + C * 4 * 3 + Dk * 4 * 4 + Dv * 4 + 8) + NC * C * C * 4 * 4)
     return {
-        "UT": ut_k, "suffix products": suffix, "object pass": objects, "readout": readout,
-        "UT (recomputed)": ut_k, "suffix products (recomputed)": suffix, "object pass (recomputed)": objects_recomputed,
+        "UT": ut_k, "suffix products": suffix, "initial objects": initial, "object pass": objects, "readout": readout,
+        "UT (recomputed)": ut_k, "suffix products (recomputed)": suffix, "initial objects (recomputed)": initial,
+        "object pass (recomputed)": objects_recomputed,
         "readout backward": readout_bwd, "object gradients": object_grads, "object pass backward": object_bwd,
         "suffix backward": suffix_bwd, "UT backward": ut_bwd,
     }

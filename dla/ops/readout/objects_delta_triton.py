@@ -14,6 +14,8 @@ same shape. Notation of `objects_delta.py`:
                       Ē = Kᵀ diag(ρ) T⁻¹ diag(β)                        → TI [N,NC,C,C], EB [N,NC,Dk,C]
     _suffix_kernel    per (window, row, row tile of Dk): from the window's end, K̃ = Suf Ē and
                       Suf ← γ_C Suf − K̃ H chunk by chunk                 → KT [N,NC,Dk,C], SUF [N,NW,Dk,Dk]
+    _initial_objects_kernel  per (row, object, Dv tile): window 0's S̄_E, the sum of the
+                      initial slots E holds (float32; copy and residual as below)
     _object_kernel    per (row, Dv tile), windows in order: every element E' of the next partition
                       S̄'_{E'} = Suf_F Σ_{E⊂E'} S̄_E + Σ_{s∈E'} K̃_s v_sᵀ  (every window's copies
                       OB [N,NW,L,Dk,Dv] in the inputs' dtype, which the readout and the object
@@ -325,6 +327,31 @@ def _suffix_kernel(K, G, PHI, EB, KT, SUF, T, H: tl.constexpr, DK: tl.constexpr,
         suf = gam_C * suf - tl.dot(kt, Hk, input_precision=PREC_CHAIN)
     tl.store(SUF + (n * NW + w).to(tl.int64) * DK * DK + rows[:, None] * DK + cols[None, :], suf,
              mask=(rows[:, None] < DK) & (cols[None, :] < DK))
+
+
+@triton.jit
+def _initial_objects_kernel(FIRST, LAST, S0, RB, OB, NW, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                            BKP: tl.constexpr, BV: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Window 0's object r of row n (one Dv tile): the sum of the initial slots its span holds
+    (slot j sits at position −1 − j) in float32, stored as copy (OB) and, for 16-bit inputs,
+    rounding residual (RB), as the object pass keeps every window's masters."""
+    n = tl.program_id(0)
+    r = tl.program_id(1)
+    rk = tl.arange(0, BKP)
+    cv = tl.program_id(2) * BV + tl.arange(0, BV)
+    tile = rk[:, None] * DV + cv[None, :]
+    mt = (rk[:, None] < DK) & (cv[None, :] < DV)
+    D = DK * DV
+    a = tl.load(FIRST + n * (NW + 1) * L + r)
+    e = tl.load(LAST + n * (NW + 1) * L + r)
+    acc = tl.zeros([BKP, BV], dtype=tl.float32)
+    for j in range(L):
+        if (a <= -1 - j) & (-1 - j <= e):
+            acc += tl.load(S0 + (n * L + j).to(tl.int64) * D + tile, mask=mt, other=0.0)
+    if RESIDUAL:
+        tl.store(RB + (n * 2 * L + r).to(tl.int64) * D + tile,
+                 (acc - acc.to(OB.dtype.element_ty).to(tl.float32)).to(RB.dtype.element_ty), mask=mt)
+    tl.store(OB + (n * NW * L + r).to(tl.int64) * D + tile, acc.to(OB.dtype.element_ty), mask=mt)
 
 
 @triton.jit
@@ -1059,19 +1086,16 @@ class _Buffers:
                                                              **LAUNCH["_suffix_kernel"])
         slot = -1 - torch.arange(L, device=dev)
         self.inside = (plan.first[:, 0, :, None] <= slot) & (slot <= plan.last[:, 0, :, None])  # P_0 ∋ slot j
-        objects0 = torch.einsum("nrj,njkv->nrkv", self.inside.to(f32), S0.to(f32).reshape(N, L, Dk, Dv))
         self.OB = torch.empty(N, NW, L, Dk, Dv, dtype=q.dtype, device=dev)
-        self.OB[:, 0] = objects0.to(q.dtype)
         # the float32 masters a merge sums, as copy + residual: 16 bits of mantissa for bfloat16
         # (the split products' precision, module doc), 22 for float16; a float32 copy is its master
         self.residual = q.element_size() < 4
         self.RB = torch.empty(N, 2, L, Dk, Dv, dtype=q.dtype, device=dev) if self.residual else q.new_empty(1)
-        if self.residual:
-            torch.sub(objects0, self.OB[:, 0], out=objects0)
-            self.RB[:, 0] = objects0
-        del objects0
         # the final state, float32, written by the last window (the backward's recomputation has none)
         self.SF = torch.empty(N, L, Dk, Dv, dtype=f32, device=dev) if final else None
+        _initial_objects_kernel[(N, L, triton.cdiv(Dv, meta["BVO"]))](
+            self.first, self.last, S0.to(f32).reshape(N, L, Dk, Dv).contiguous(), self.RB, self.OB, NW, L, Dk, Dv,
+            BKP=meta["BKP"], BV=meta["BVO"], RESIDUAL=self.residual)
         _object_kernel[(N, triton.cdiv(Dv, meta["BV"]))](v, self.phi, self.KT, self.SUF, self.first, self.last,
                                                           self.RB, self.OB, self.SF, T, NW, H, L, Dk, Dv, C=C, R=R,
                                                           BKP=meta["BKP"], BV=meta["BV"], RESIDUAL=self.residual,
