@@ -805,7 +805,8 @@ def test_triton_kernels_compile_for_sm90():
     from perf.sm90_resources import KERNELS
 
     # the list the compile covers is every launched Triton kernel of the module
-    launched = {name for name, fn in vars(module).items() if name.endswith("_kernel") and isinstance(fn, KernelInterface)}
+    launched = {name for name, fn in vars(module).items() if name.endswith("_kernel")
+                and isinstance(fn, KernelInterface)}
     assert set(KERNELS) == launched
     if not os.path.exists(PTXAS):
         pytest.skip("this triton wheel ships no ptxas")

@@ -73,14 +73,14 @@ on the GPU). Dots on float32 operands (the inputs are converted on load), `input
 for the solve and for every product of the transport and suffix chains, whose rounding compounds
 over up to `R − 1` chunks (`PREC_CHAIN`). Objects are read as copies in the inputs' dtype.
 The readout's three passes (forward, chain, band) and the UT backward with bfloat16 inputs
-(`SPLIT`) instead take their products in bfloat16 with float32 accumulation: a tile of the inputs (q, k, v, dO, the
-object copies, the bfloat16 `XP`) exact against the hi and lo halves of the float32 side (`mm`,
-`mmr`), two tiles of the inputs as one product (`mm16`), two float32 sides as three products
-without lo·lo (`mm32`; all four in `dla.ops.triton_utils`) — 16 bits of each float32 operand, against tf32's 11, at two or three
-bfloat16 products where tf32x3 takes three tf32 ones (each twice a bfloat16 one), and no float32
-operand held in registers (a plain load reaches the tensor cores from shared memory). The band's
-σᵀ dx stays a single tf32 product. Under the interpreter, whose bfloat16 dot is wrong, the same
-split products run in float32.
+(`SPLIT`) instead take their products in bfloat16 with float32 accumulation (`dla.ops.triton_utils`):
+a tile of the inputs (q, k, v, dO, the object copies, the bfloat16 `XP`) exact against the hi and
+lo halves of the float32 side (`mm`, `mmr`), two tiles of the inputs as one product (`mm16`), two
+float32 sides as three products without lo·lo (`mm32`) — 16 bits of each float32 operand, against
+tf32's 11, at two or three bfloat16 products where tf32x3 takes three tf32 ones (each twice a
+bfloat16 one), and no float32 operand held in registers (a plain load reaches the tensor cores from
+shared memory). The band's σᵀ dx stays a single tf32 product. Under the interpreter, whose
+bfloat16 dot is wrong, the same split products run in float32.
 Offsets into the `[B, T, H, …]` inputs are int32 (`B·T·H·max(Dk, Dv, L) < 2³¹`, checked), buffer
 bases int64.
 """
@@ -1228,6 +1228,7 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     # this kernel reads shared memory out of bounds (compute-sanitizer: "Invalid __shared__ read of
     # size 512 bytes", an illegal memory access at Dk = 32, none at 64 or in float32)
     _ut_bwd_kernel[(NC, N)](q, k, g, beta, buf.phi, buf.TI, DQH, DAT, DEB, DHB, DGC, DVK, SCR, dq, dk, dv, dbeta,
-                            dg if g is not None else None, T, H, Dk, Dv, BKP=max(BKP, UT_BWD_MIN_BKP), BVP=BVP, PREC=buf.prec,
-                            PREC_CHAIN=buf.prec_chain, **flags, **buf.split, **LAUNCH["_ut_bwd_kernel"])
+                            dg if g is not None else None, T, H, Dk, Dv, BKP=max(BKP, UT_BWD_MIN_BKP), BVP=BVP,
+                            PREC=buf.prec, PREC_CHAIN=buf.prec_chain, **flags, **buf.split,
+                            **LAUNCH["_ut_bwd_kernel"])
     return dq, dk, dv, dlam, dg, dbeta, dS0
