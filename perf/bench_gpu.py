@@ -138,7 +138,8 @@ def verify(length, levels, policy, backbone) -> dict:
     refs = dict(zip(("q", "k", "v", "lam", "g", "beta"), g_ref))
 
     names = [n for n in ("q", "k", "v", "lam", "g", "beta") if leaves[n] is not None]
-    errs = {"o": relative_error(o, o_ref), "S": relative_error(S, S_ref), **{f"d{n}": relative_error(a, refs[n]) for n, a in zip(names, grads)}}
+    errs = {"o": relative_error(o, o_ref), "S": relative_error(S, S_ref),
+            **{f"d{n}": relative_error(a, refs[n]) for n, a in zip(names, grads)}}
     finite = all(torch.isfinite(x).all() for x in (o, S, *grads))
     heads = regime_counts(t, levels, policy)["heads_on_objects"] if policy != "single" else "—"
     return {"policy": policy, "K": levels, "T": length, "backbone": backbone, "errors": errs, "finite": bool(finite),

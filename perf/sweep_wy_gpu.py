@@ -4,14 +4,14 @@ GPU, each verified before it is timed.
     python -m perf.sweep_wy_gpu --out DIR [--length 2048]
 
 The WY forward solves each chunk's `T = (I + A_kk)⁻¹` and forms `w = T diag(βγ) K`,
-`u = T diag(β) V`; on an H100 it took 5.84 of `single` Gated DeltaNet's 14.65 ms of kernels at
-T = 2048 (`perf/results/profile_gpu-h100.md`), and ptxas gives it registers for one program per SM
-at its launch (`python -m perf.sm90_resources --stages backbone`). For each candidate (warps, stages, the `Dk`/`Dv` block of the
-products) it runs the kernel on SPEC §7's Gated DeltaNet inputs (32,768 tokens, H = 16,
-Dk = Dv = 128, bf16, chunks of 64), compares `w` and `u` with the stage's float64 torch chunks
-(`dla.ops.backbone.delta._chunks`) as `‖out − ref‖ / ‖ref‖`, and times it (median ms,
-`triton.testing.do_bench`). The first row is `wy_meta`'s own choice. Writes `sweep_wy.json` and
-`sweep_wy.md` to DIR.
+`u = T diag(β) V`, the largest kernel of `single` Gated DeltaNet in the H100 profile
+(`perf/results/profile_gpu-h100.md`), with registers for one program per SM at its launch
+(`python -m perf.sm90_resources --stages backbone`). For each candidate (warps, stages, the
+`Dk`/`Dv` block of the products) it runs the kernel on SPEC §7's Gated DeltaNet inputs (32,768
+tokens, H = 16, Dk = Dv = 128, bf16, chunks of 64), compares `w` and `u` with the stage's float64
+torch chunks (`dla.ops.backbone.delta._chunks`) as `‖out − ref‖ / ‖ref‖`, and times it (median
+ms, `triton.testing.do_bench`). The first row is `wy_meta`'s own choice. Writes `sweep_wy.json`
+and `sweep_wy.md` to DIR.
 """
 
 from __future__ import annotations
