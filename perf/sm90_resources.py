@@ -54,8 +54,8 @@ KERNELS = ("_ut_kernel", "_suffix_kernel", "_initial_objects_kernel", "_object_k
            "_suffix_bwd_kernel", "_ut_bwd_kernel")
 INTS = {"CM": "*i32", "SPAN": "*i16", "PHI": "*i32", "FIRST": "*i32", "LAST": "*i32", "T": "i32", "NW": "i32",
         "scale": "fp32"}
-FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "SF", "S0", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB", "DGC",
-           "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
+FLOAT32 = ("G", "BETA", "TI", "EB", "KT", "SUF", "SF", "S0", "SCR", "XF", "DR", "DQH", "DAT", "DL", "DEB", "DHB",
+           "DGC", "DVK", "DKT", "DSUF", "SB", "DBETA", "DG_OUT")
 
 
 def compile_kernel(name: str, spec: str):

@@ -98,7 +98,7 @@ from dla.ops.levels import running_min
 from dla.ops.readout.cost_delta import BAND_KEYS, OBJECT_BWD_DV, band_visits
 from dla.ops.readout.objects_delta import window_plan
 from dla.ops.state import state_dtype
-from dla.ops.triton_utils import hilo, interpreting, mm, mm16, mm32, mmr, pow2, split_products
+from dla.ops.triton_utils import mm, mm16, mm32, mmr, pow2, split_products
 
 __all__ = ["objects_delta_forward_triton", "objects_delta_backward_triton"]
 
@@ -563,7 +563,7 @@ def _readout_bwd_chain_kernel(Q, K, V, LAM, CM, G, BETA, PHI, TI, EB, FIRST, LAS
     causal = o[None, :] >= o[:, None]
     LamT = tl.where(causal, _band_weights(CM, LAM, tokL, tc, valid, t, H, L, C, True), 0.0)
     dALT = scale * mm16(_rows_raw(V, tok, tc, valid, cv, H, DV), _cols_raw(DO, tok, tc, valid, cv, H, DV), PREC,
-                         SPLIT, INTERP)
+                        SPLIT, INTERP)
     tl.store(DAT + chunk * C * C + o[None, :] * C + o[:, None], dALT * LamT)
     dl = _scatter_levels(dl, CM, tokL, tc, valid, t, tl.where(causal, dALT * AtT, 0.0), H, L, LP, C, True)
     dO = _rows_raw(DO, tok, tc, valid, cv, H, DV)
@@ -681,7 +681,7 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                     ck = kb * BKB + kb0
                     x_in = tl.load(src + o[:, None] * DK + ck[None, :], mask=ck[None, :] < DK, other=0.0)
                     x_lo = gam_Ch * x_in.to(tl.float32) - mmr(sigma, _rows_raw(K, tokh, tch, validh, ck, H, DK),
-                                                               PREC_CHAIN, SPLIT, INTERP)
+                                                              PREC_CHAIN, SPLIT, INTERP)
                     tl.store(src - C * DK + o[:, None] * DK + ck[None, :], x_lo.to(XS.dtype.element_ty),
                              mask=ck[None, :] < DK)
                 tl.debug_barrier()
@@ -713,7 +713,7 @@ def _readout_bwd_band_kernel(K, V, LAM, CM, G, PHI, EB, DO, XP, XS, SCR, DQH, DL
                 for vb in tl.static_range(BVP // BVB):
                     cv = vb * BVB + vb0
                     dAL += mm16(_rows_raw(DO, tok, tc, valid, cv, H, DV), _cols_raw(V, tokp, tcp, validp, cv, H, DV),
-                                 PREC, SPLIT, INTERP)
+                                PREC, SPLIT, INTERP)
                 dAL = scale * dAL
                 at = SPAN + ((n * NC + c).to(tl.int64) * R * 2 + pi * 2) * C + o  # the chain's `_level_span`
                 r0 = tl.load(at).to(tl.int32)
@@ -1072,7 +1072,7 @@ class _Buffers:
         self.prec, self.prec_chain = precisions(q.dtype)
         # the readout passes' split bfloat16 products (module doc), emulated under the interpreter
         self.split = split_products(q)
-        self.meta = meta = _meta(Dk, Dv, interpreting(q))
+        self.meta = meta = _meta(Dk, Dv, self.split["INTERP"])
         flags = dict(C=C, HAS_G=g is not None)
         self.TI = torch.empty(N, NC, C, C, dtype=f32, device=dev)
         self.EB = torch.empty(N, NC, Dk, C, dtype=f32, device=dev)
@@ -1084,8 +1084,6 @@ class _Buffers:
                                                              R=R, BR=meta["BR"], BKP=meta["BKP"],
                                                              PREC_CHAIN=self.prec_chain, **flags,
                                                              **LAUNCH["_suffix_kernel"])
-        slot = -1 - torch.arange(L, device=dev)
-        self.inside = (plan.first[:, 0, :, None] <= slot) & (slot <= plan.last[:, 0, :, None])  # P_0 ∋ slot j
         self.OB = torch.empty(N, NW, L, Dk, Dv, dtype=q.dtype, device=dev)
         # the float32 masters a merge sums, as copy + residual: 16 bits of mantissa for bfloat16
         # (the split products' precision, module doc), 22 for float16; a float32 copy is its master
@@ -1215,7 +1213,9 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.OB, DR, DKT, DVK, DSUF,
                                  T, NW, H, L, Dk, Dv, C=C, R=R, RP=pow2(R), BKP=BKP, BV=meta["BVO"], PREC=buf.prec,
                                  PREC_CHAIN=buf.prec_chain, **LAUNCH["_object_bwd_kernel"])
-    dS0 = torch.einsum("nrj,nrkv->njkv", buf.inside.to(f32), DR[:, 0]).reshape(B, H, L, Dk, Dv)
+    slot = -1 - torch.arange(L, device=dev)
+    inside = (buf.plan.first[:, 0, :, None] <= slot) & (slot <= buf.plan.last[:, 0, :, None])  # P_0 ∋ slot j
+    dS0 = torch.einsum("nrj,nrkv->njkv", inside.to(f32), DR[:, 0]).reshape(B, H, L, Dk, Dv)
     del DR, buf.OB
     SB = torch.empty(N, NC, Dk, Dk, dtype=f32, device=dev)
     _suffix_bwd_kernel[(NW, N)](k, g, buf.phi, buf.EB, buf.KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H, Dk, R=R, NVT=NVO,
