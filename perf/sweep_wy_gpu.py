@@ -1,17 +1,25 @@
-"""Launch bounds of the delta rule's WY forward (`dla.ops.backbone.delta_wy._wy_fwd_kernel`) on a
-GPU, each verified before it is timed.
+"""Launch bounds of the delta rule's WY stage (`dla.ops.backbone.delta_wy`) on a GPU, each
+verified before it is timed.
 
     python -m perf.sweep_wy_gpu --out DIR [--length 2048]
 
 The WY forward solves each chunk's `T = (I + A_kk)⁻¹` and forms `w = T diag(βγ) K`,
-`u = T diag(β) V`, the largest kernel of `single` Gated DeltaNet in the H100 profile
-(`perf/results/profile_gpu-h100.md`), with registers for one program per SM at its launch
-(`python -m perf.sm90_resources --stages backbone`). For each candidate (warps, stages, the
-`Dk`/`Dv` block of the products) it runs the kernel on SPEC §7's Gated DeltaNet inputs (32,768
-tokens, H = 16, Dk = Dv = 128, bf16, chunks of 64), compares `w` and `u` with the stage's float64
-torch chunks (`dla.ops.backbone.delta._chunks`) as `‖out − ref‖ / ‖ref‖`, and times it (median
-ms, `triton.testing.do_bench`). The first row is `wy_meta`'s own choice. Writes `sweep_wy.json`
-and `sweep_wy.md` to DIR.
+`u = T diag(β) V`; with the WY backward it was the largest kernel of `single` Gated DeltaNet in
+the H100 profile (`perf/results/profile_gpu-h100.md`), with registers for one program per SM at
+its launch (`python -m perf.sm90_resources --stages backbone`). On SPEC §7's Gated DeltaNet
+inputs (32,768 tokens, H = 16, Dk = Dv = 128, bf16, chunks of 64) it times (median ms,
+`triton.testing.do_bench`):
+
+- the fused forward `_wy_fwd_kernel` at each candidate (warps, stages, the `Dk`/`Dv` block of the
+  products), `wy_meta`'s own choice first;
+- the split forward `wy_forward_split` (the solve, then `w`, `u` by [C, BW] tiles in a grid of
+  their own) at each (solve warps, w/u warps, BW);
+- the backward `_wy_bwd_kernel` at each (warps, stages, BK, BV).
+
+Forward rows compare `w` and `u` with the stage's float64 torch chunks
+(`dla.ops.backbone.delta._chunks`) as `‖out − ref‖ / ‖ref‖`; backward rows compare with the
+shipped launch's results (which the GPU tests hold to float64). Writes `sweep_wy.json` and
+`sweep_wy.md` to DIR.
 """
 
 from __future__ import annotations
@@ -26,7 +34,12 @@ from perf.inputs import layer_inputs
 from perf.sweep import arguments, measured, write_sweep
 
 TOKENS, HEADS, DIM, CHUNK = 32768, 16, 128, 64
-CANDIDATES = [(4, 2, 32), (4, 2, 16), (8, 1, 32), (8, 3, 32), (8, 2, 64), (16, 2, 32), (4, 1, 32)]
+CANDIDATES = [(4, 2, 32), (8, 2, 64), (16, 2, 32)]
+# the split design (`wy_forward_split`): (solve warps, w/u warps, the w/u tile width BW)
+SPLIT_CANDIDATES = [(4, 4, 32), (2, 4, 32), (8, 4, 32), (4, 4, 64), (4, 8, 64), (4, 2, 32), (2, 2, 16)]
+# the backward `_wy_bwd_kernel`: (warps, stages, BK, BV), compared with the shipped launch's own results
+BACKWARD_CANDIDATES = [(4, 2, 32, 32), (8, 1, 32, 32), (8, 2, 64, 32), (8, 2, 32, 64), (16, 2, 32, 32),
+                       (4, 2, 16, 32)]
 
 
 def run(T: int) -> list[dict]:
@@ -59,8 +72,69 @@ def run(T: int) -> list[dict]:
             row["err_u"] = relative_error(u, u64)
             row["ms"] = do_bench(launch, warmup=3, rep=20, return_mode="median")
 
-        rows.append(measured({"T": T, "warps": warps, "stages": stages, "block": block, "shipped": not rows},
-                             measure))
+        rows.append(measured({"T": T, "design": "fused", "warps": warps, "stages": stages, "block": block,
+                              "shipped": not rows}, measure))
+    for solve_warps, wu_warps, width in SPLIT_CANDIDATES:
+        out = {}
+
+        def launch():
+            out["TI"], out["w"], out["u"] = delta_wy.wy_forward_split(
+                k, v, g, beta, None, CHUNK, dict(num_warps=solve_warps), dict(num_warps=wu_warps, BW=width))
+
+        def measure(row: dict) -> None:
+            launch()
+            torch.cuda.synchronize()
+            row["err_w"] = relative_error(out["w"], w64)
+            row["err_u"] = relative_error(out["u"], u64)
+            row["ms"] = do_bench(launch, warmup=3, rep=20, return_mode="median")
+
+        rows.append(measured({"T": T, "design": "split", "warps": f"{solve_warps}+{wu_warps}", "stages": 2,
+                              "block": width, "shipped": False}, measure))
+    rows += backward_rows(k, v, g, beta, T, B)
+    return rows
+
+
+def backward_rows(k, v, g, beta, T: int, B: int) -> list[dict]:
+    """The WY backward at each launch of BACKWARD_CANDIDATES (the shipped one first) on the
+    stage's own inputs: `h` from the state pass, a random float32 `dU` and `dk_part`, `dG_part`."""
+    from triton.testing import do_bench
+
+    from dla.ops.backbone.delta_states import states_forward
+
+    TI, w, u = delta_wy.wy_forward(k, v, g, beta, None, CHUNK)
+    h, _, _ = states_forward(k, w, u, g, None, None, CHUNK, k.dtype, store_u=False)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    dU = torch.randn(u.shape, device="cuda", generator=gen) * 0.1
+    dk_part = torch.randn(k.shape, device="cuda", generator=gen) * 0.1
+    dG_part = torch.randn(g.shape, device="cuda", generator=gen) * 0.1
+    shipped = delta_wy.wy_meta(DIM, DIM, CHUNK, k.dtype)
+    configs = [(shipped["num_warps"], shipped["num_stages"], shipped["BK"], shipped["BV"])] + BACKWARD_CANDIDATES
+    NC = triton.cdiv(T, CHUNK)
+    reference, rows = None, []
+    for warps, stages, bk, bv in configs:
+        meta = dict(shipped, num_warps=warps, num_stages=stages, BK=bk, BV=bv)
+        part = torch.empty_like(dk_part)
+        outs = [torch.full_like(x, float("nan")) for x in (k, v, beta, g)]
+        scratch = torch.empty(B * HEADS * NC, CHUNK, CHUNK, dtype=k.dtype, device="cuda")
+
+        def launch():
+            part.copy_(dk_part)  # the kernel accumulates into it
+            delta_wy._wy_bwd_kernel[(NC, B * HEADS)](
+                k, v, beta, g, None, TI, h, dU, part, dG_part, scratch, *outs, T, HEADS, DIM, DIM, HAS_G=True,
+                HAS_RESET=False, **meta)
+
+        def measure(row: dict) -> None:
+            nonlocal reference
+            launch()
+            torch.cuda.synchronize()
+            if reference is None:
+                reference = [x.double() for x in outs]
+            for name, x, ref in zip(("dk", "dv", "dbeta", "dg"), outs, reference):
+                row[f"err_{name}"] = relative_error(x, ref)
+            row["ms"] = do_bench(launch, warmup=3, rep=20, return_mode="median")
+
+        rows.append(measured({"T": T, "design": "backward", "warps": warps, "stages": stages, "block": f"{bk}x{bv}",
+                              "shipped": not rows}, measure))
     return rows
 
 
@@ -69,13 +143,19 @@ def main() -> int:
     rows = run(args.length)
 
     def cells(r: dict) -> list[str]:
-        values = ([f"{r['err_w']:.1e}", f"{r['err_u']:.1e}", f"{r['ms']:.3f}"] if "error" not in r
-                  else [r["error"][:60], "", ""])
-        return [str(r["warps"]), str(r["stages"]), str(r["block"]), "yes" if r["shipped"] else "", *values]
+        if "error" in r:
+            values = [r["error"][:60], "", ""]
+        elif "err_w" in r:
+            values = [f"{r['err_w']:.1e}", f"{r['err_u']:.1e}", f"{r['ms']:.3f}"]
+        else:  # the backward, against the shipped launch
+            values = [f"dk {r['err_dk']:.1e}, dv {r['err_dv']:.1e}", f"dβ {r['err_dbeta']:.1e}, dg {r['err_dg']:.1e}",
+                      f"{r['ms']:.3f}"]
+        return [r["design"], str(r["warps"]), str(r["stages"]), str(r["block"]), "yes" if r["shipped"] else "",
+                *values]
 
     write_sweep(args.out, "sweep_wy", "WY forward launch bounds",
                 f"T = {args.length}, 32,768 tokens, H = 16, Dk = Dv = 128, bf16 (perf/sweep_wy_gpu.py)",
-                ["warps", "stages", "block", "shipped", "error w", "error u", "ms"], rows, cells)
+                ["design", "warps", "stages", "block", "shipped", "error w", "error u", "ms"], rows, cells)
     return 0
 
 

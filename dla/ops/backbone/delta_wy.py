@@ -148,6 +148,65 @@ def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.co
 
 
 @triton.jit
+def _wy_solve_kernel(K, BETA, G, RESET, TI, T, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr,
+                     BC: tl.constexpr, BK: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
+                     PREC: tl.constexpr, PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """The split design's first half: `A_kk` into `T`'s rows, then the solve in place."""
+    c = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    tok = (n // H) * T * H + n % H
+    o = tl.arange(0, C)
+    t = c * C + o
+    inside = t < T
+    G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
+    beta = tl.load(BETA + tok + t * H, mask=inside, other=0.0).to(tl.float32)
+    K += tok * DK
+    TI += tok * C
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        d = k0 + tl.arange(0, BK)
+        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=inside[:, None] & (d[None, :] < DK), other=0.0)
+        kc = tl.load(K + t[None, :] * (H * DK) + d[:, None], mask=inside[None, :] & (d[:, None] < DK), other=0.0)
+        KK += mm16(kr, kc, PREC, SPLIT, INTERP)
+    tl.store(TI + t[:, None] * (H * C) + o[None, :], beta[:, None] * KK * decay(G_, seg, C, True, False),
+             mask=inside[:, None])
+    tl.debug_barrier()
+    unit_lower_inverse_in_place(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
+
+
+@triton.jit
+def _wy_wu_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  C: tl.constexpr, BW: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
+                  PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """The split design's second half: one [C, BW] tile of `w` (program ids 2 below
+    `cdiv(DK, BW)`) or of `u` (the rest) from the solved `T`."""
+    c = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(2)
+    NK = tl.cdiv(DK, BW)
+    tok = (n // H) * T * H + n % H
+    o = tl.arange(0, C)
+    t = c * C + o
+    inside = t < T
+    beta = tl.load(BETA + tok + t * H, mask=inside, other=0.0).to(tl.float32)
+    Tm = tl.load(TI + tok * C + t[:, None] * (H * C) + o[None, :], mask=inside[:, None], other=0.0)
+    if j < NK:
+        G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
+        gam, _, _ = chunk_ends(G_, seg, C)
+        d = j * BW + tl.arange(0, BW)
+        mk = inside[:, None] & (d[None, :] < DK)
+        kr = tl.load(K + tok * DK + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
+        w = mmr(Tm * (beta * gam)[None, :], kr, PREC_SOLVE, SPLIT, INTERP)
+        tl.store(W + tok * DK + t[:, None] * (H * DK) + d[None, :], w.to(W.dtype.element_ty), mask=mk)
+    else:
+        d = (j - NK) * BW + tl.arange(0, BW)
+        mv = inside[:, None] & (d[None, :] < DV)
+        vr = tl.load(V + tok * DV + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
+        u = mmr(Tm * beta[None, :], vr, PREC_SOLVE, SPLIT, INTERP)
+        tl.store(U + tok * DV + t[:, None] * (H * DV) + d[None, :], u.to(U.dtype.element_ty), mask=mv)
+
+
+@triton.jit
 def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_OUT, DBETA, DG_OUT, T,
                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr,
@@ -268,6 +327,33 @@ def wy_forward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tens
     _wy_fwd_kernel[(triton.cdiv(T, chunk_size), B * H)](
         k, v, beta, g, _reset_bytes(reset), TI, w, u, T, H, Dk, Dv, BC=BC, **_flags(g, reset), **split_products(k),
         **meta)
+    return TI, w, u
+
+
+def wy_split_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Launch parameters of the split design's two kernels (solve; w and u)."""
+    prec, prec_solve = precisions(dtype)
+    solve = dict(C=chunk_size, BK=min(pow2(Dk), 32), PREC=prec, PREC_SOLVE=prec_solve, num_warps=4, num_stages=2)
+    wu = dict(C=chunk_size, BW=min(pow2(max(Dk, Dv)), 32), PREC_SOLVE=prec_solve, num_warps=4, num_stages=2)
+    return solve, wu
+
+
+def wy_forward_split(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tensor | None,
+                     chunk_size: int, solve_meta: dict | None = None, wu_meta: dict | None = None):
+    """`wy_forward` in two launches: the solve, then `w` and `u` by [C, BW] tiles."""
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    solve, wu = wy_split_meta(Dk, Dv, chunk_size, k.dtype)
+    solve.update(solve_meta or {})
+    wu.update(wu_meta or {})
+    TI = torch.empty(B, T, H, chunk_size, dtype=torch.float32, device=k.device)
+    w = torch.empty_like(k)
+    u = torch.empty(B, T, H, Dv, dtype=k.dtype, device=k.device)
+    NC = triton.cdiv(T, chunk_size)
+    flags = dict(**_flags(g, reset), **split_products(k))
+    _wy_solve_kernel[(NC, B * H)](k, beta, g, _reset_bytes(reset), TI, T, H, Dk, BC=BC, **flags, **solve)
+    tiles = triton.cdiv(Dk, wu["BW"]) + triton.cdiv(Dv, wu["BW"])
+    _wy_wu_kernel[(NC, B * H, tiles)](k, v, beta, g, _reset_bytes(reset), TI, w, u, T, H, Dk, Dv, **flags, **wu)
     return TI, w, u
 
 
