@@ -14,7 +14,8 @@ inputs (32,768 tokens, H = 16, Dk = Dv = 128, bf16, chunks of 64) it times (medi
   products), `wy_meta`'s own choice first;
 - the split forward `wy_forward_split` (the solve, then `w`, `u` by [C, BW] tiles in a grid of
   their own) at each (solve warps, w/u warps, BW);
-- the backward `_wy_bwd_kernel` at each (warps, stages, BK, BV).
+- the backward `wy_backward` at each (warps, stages, BK, BV), with `dw = −dU hᵀ` in the kernel or
+  by a launch of its own (`split_dw`).
 
 Forward rows compare `w` and `u` with the stage's float64 torch chunks
 (`dla.ops.backbone.delta._chunks`) as `‖out − ref‖ / ‖ref‖`; backward rows compare with the
@@ -36,10 +37,11 @@ from perf.sweep import arguments, measured, write_sweep
 TOKENS, HEADS, DIM, CHUNK = 32768, 16, 128, 64
 CANDIDATES = [(4, 2, 32), (8, 2, 64), (16, 2, 32)]
 # the split design (`wy_forward_split`): (solve warps, w/u warps, the w/u tile width BW)
-SPLIT_CANDIDATES = [(4, 4, 32), (2, 4, 32), (8, 4, 32), (4, 4, 64), (4, 8, 64), (4, 2, 32), (2, 2, 16)]
-# the backward `_wy_bwd_kernel`: (warps, stages, BK, BV), compared with the shipped launch's own results
-BACKWARD_CANDIDATES = [(4, 2, 32, 32), (8, 1, 32, 32), (8, 2, 64, 32), (8, 2, 32, 64), (16, 2, 32, 32),
-                       (4, 2, 16, 32)]
+SPLIT_CANDIDATES = [(4, 4, 32), (8, 4, 32), (4, 4, 64), (4, 8, 64), (2, 2, 32)]
+# the backward `wy_backward`: (dw by a launch of its own, warps, stages, BK, BV), compared with the
+# shipped launch's own results
+BACKWARD_CANDIDATES = [(False, 4, 2, 32, 32), (False, 16, 2, 32, 32), (False, 8, 1, 32, 32), (True, 8, 2, 32, 32),
+                       (True, 16, 2, 32, 32)]
 
 
 def run(T: int) -> list[dict]:
@@ -108,20 +110,15 @@ def backward_rows(k, v, g, beta, T: int, B: int) -> list[dict]:
     dk_part = torch.randn(k.shape, device="cuda", generator=gen) * 0.1
     dG_part = torch.randn(g.shape, device="cuda", generator=gen) * 0.1
     shipped = delta_wy.wy_meta(DIM, DIM, CHUNK, k.dtype)
-    configs = [(shipped["num_warps"], shipped["num_stages"], shipped["BK"], shipped["BV"])] + BACKWARD_CANDIDATES
-    NC = triton.cdiv(T, CHUNK)
-    reference, rows = None, []
-    for warps, stages, bk, bv in configs:
-        meta = dict(shipped, num_warps=warps, num_stages=stages, BK=bk, BV=bv)
+    configs = [(False, shipped["num_warps"], shipped["num_stages"], shipped["BK"], shipped["BV"])]
+    reference, rows, outs = None, [], []
+    for split_dw, warps, stages, bk, bv in configs + BACKWARD_CANDIDATES:
+        meta = dict(num_warps=warps, num_stages=stages, BK=bk, BV=bv)
         part = torch.empty_like(dk_part)
-        outs = [torch.full_like(x, float("nan")) for x in (k, v, beta, g)]
-        scratch = torch.empty(B * HEADS * NC, CHUNK, CHUNK, dtype=k.dtype, device="cuda")
 
         def launch():
-            part.copy_(dk_part)  # the kernel accumulates into it
-            delta_wy._wy_bwd_kernel[(NC, B * HEADS)](
-                k, v, beta, g, None, TI, h, dU, part, dG_part, scratch, *outs, T, HEADS, DIM, DIM, HAS_G=True,
-                HAS_RESET=False, **meta)
+            part.copy_(dk_part)  # the backward accumulates into it
+            outs[:] = delta_wy.wy_backward(k, v, g, beta, None, TI, h, dU, part, dG_part, CHUNK, split_dw, meta)
 
         def measure(row: dict) -> None:
             nonlocal reference
@@ -129,12 +126,12 @@ def backward_rows(k, v, g, beta, T: int, B: int) -> list[dict]:
             torch.cuda.synchronize()
             if reference is None:
                 reference = [x.double() for x in outs]
-            for name, x, ref in zip(("dk", "dv", "dbeta", "dg"), outs, reference):
+            for name, x, ref in zip(("dk", "dv", "dg", "dbeta"), outs, reference):
                 row[f"err_{name}"] = relative_error(x, ref)
             row["ms"] = do_bench(launch, warmup=3, rep=20, return_mode="median")
 
-        rows.append(measured({"T": T, "design": "backward", "warps": warps, "stages": stages, "block": f"{bk}x{bv}",
-                              "shipped": not rows}, measure))
+        rows.append(measured({"T": T, "design": "backward" + (", dw apart" if split_dw else ""), "warps": warps,
+                              "stages": stages, "block": f"{bk}x{bv}", "shipped": not rows}, measure))
     return rows
 
 
@@ -153,7 +150,7 @@ def main() -> int:
         return [r["design"], str(r["warps"]), str(r["stages"]), str(r["block"]), "yes" if r["shipped"] else "",
                 *values]
 
-    write_sweep(args.out, "sweep_wy", "WY forward launch bounds",
+    write_sweep(args.out, "sweep_wy", "WY stage launch bounds",
                 f"T = {args.length}, 32,768 tokens, H = 16, Dk = Dv = 128, bf16 (perf/sweep_wy_gpu.py)",
                 ["design", "warps", "stages", "block", "shipped", "error w", "error u", "ms"], rows, cells)
     return 0

@@ -207,10 +207,10 @@ def _wy_wu_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.con
 
 
 @triton.jit
-def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_OUT, DBETA, DG_OUT, T,
+def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_OUT, DBETA, DG_OUT, DW, T,
                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr,
-                   PREC_SOLVE: tl.constexpr):
+                   PREC_SOLVE: tl.constexpr, DW_GIVEN: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
     NC = tl.cdiv(T, C)
@@ -249,12 +249,16 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
     for k0 in range(0, DK, BK):
         d = k0 + tl.arange(0, BK)
         mk = inside[:, None] & (d[None, :] < DK)
-        dw = tl.zeros([C, BK], dtype=tl.float32)  # dw = −dU hᵀ
-        for v0 in range(0, DV, BV):
-            e = v0 + tl.arange(0, BV)
-            du = tl.load(DU + t[:, None] * (H * DV) + e[None, :], mask=inside[:, None] & (e[None, :] < DV), other=0.0)
-            h = tl.load(HS + d[:, None] * DV + e[None, :], mask=(d[:, None] < DK) & (e[None, :] < DV), other=0.0)
-            dw -= tl.dot(du, tl.trans(h.to(tl.float32)), input_precision=PREC)
+        if DW_GIVEN:
+            dw = tl.load(DW + tok * DK + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
+        else:
+            dw = tl.zeros([C, BK], dtype=tl.float32)  # dw = −dU hᵀ
+            for v0 in range(0, DV, BV):
+                e = v0 + tl.arange(0, BV)
+                du = tl.load(DU + t[:, None] * (H * DV) + e[None, :], mask=inside[:, None] & (e[None, :] < DV),
+                             other=0.0)
+                h = tl.load(HS + d[:, None] * DV + e[None, :], mask=(d[:, None] < DK) & (e[None, :] < DV), other=0.0)
+                dw -= tl.dot(du, tl.trans(h.to(tl.float32)), input_precision=PREC)
         kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
         kf = kr.to(tl.float32)
         dTk += tl.dot(dw, tl.trans(kf), input_precision=PREC)
@@ -290,6 +294,29 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
         dG += tl.load(DGP + tok + t * H, mask=inside, other=0.0)
         dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
         tl.store(DG_OUT + tok + t * H, dg.to(DG_OUT.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _wy_bwd_dw_kernel(HS, DU, DW, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dw = −dU hᵀ, one [C, BK] tile a program (the split backward's first launch)."""
+    c = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(2)
+    NC = tl.cdiv(T, C)
+    tok = (n // H) * T * H + n % H
+    t = c * C + tl.arange(0, C)
+    inside = t < T
+    d = j * BK + tl.arange(0, BK)
+    HS += (n * NC + c) * DK * DV
+    dw = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        e = v0 + tl.arange(0, BV)
+        du = tl.load(DU + tok * DV + t[:, None] * (H * DV) + e[None, :], mask=inside[:, None] & (e[None, :] < DV),
+                     other=0.0)
+        h = tl.load(HS + d[:, None] * DV + e[None, :], mask=(d[:, None] < DK) & (e[None, :] < DV), other=0.0)
+        dw -= tl.dot(du, tl.trans(h.to(tl.float32)), input_precision=PREC)
+    tl.store(DW + tok * DK + t[:, None] * (H * DK) + d[None, :], dw, mask=inside[:, None] & (d[None, :] < DK))
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +385,8 @@ def wy_forward_split(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset
 
 
 def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tensor | None, TI: Tensor,
-                h: Tensor, dU: Tensor, dk_part: Tensor, dG_part: Tensor | None, chunk_size: int):
+                h: Tensor, dU: Tensor, dk_part: Tensor, dG_part: Tensor | None, chunk_size: int, split_dw: bool = False,
+                meta: dict | None = None):
     """`(dk, dv, dg, dbeta)` typed like `k, v, g, beta` (`dg` None without g), from the chunk
     states `h` [B,H,NC,Dk,Dv], `dU` [B,T,H,Dv] float32 (`du = dU`, `dw = −dU hᵀ`), and the later
     stages' float32 `dk_part` (which this call accumulates into) and `dG_part` [B,T,H] (before
@@ -366,7 +394,7 @@ def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Ten
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     C = chunk_size
-    meta = wy_meta(Dk, Dv, C, k.dtype)
+    meta = {**wy_meta(Dk, Dv, C, k.dtype), **(meta or {})}
     interpreting(k)
     NC = triton.cdiv(T, C)
     scratch = torch.empty(B * H * NC, C, C, dtype=k.dtype, device=k.device)
@@ -374,7 +402,12 @@ def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Ten
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if g is not None else None
+    dw = None
+    if split_dw:
+        dw = torch.empty(B, T, H, Dk, dtype=torch.float32, device=k.device)
+        _wy_bwd_dw_kernel[(NC, B * H, triton.cdiv(Dk, meta["BK"]))](
+            h, dU, dw, T, H, Dk, Dv, C, meta["BK"], meta["BV"], meta["PREC"], num_warps=4)
     _wy_bwd_kernel[(NC, B * H)](
-        k, v, beta, g, _reset_bytes(reset), TI, h, dU, dk_part, dG_part, scratch, dk, dv, dbeta, dg, T, H, Dk,
-        Dv, **_flags(g, reset), **meta)
+        k, v, beta, g, _reset_bytes(reset), TI, h, dU, dk_part, dG_part, scratch, dk, dv, dbeta, dg, dw, T, H, Dk,
+        Dv, **_flags(g, reset), **meta, DW_GIVEN=split_dw)
     return dk, dv, dg, dbeta
