@@ -13,7 +13,7 @@ inputs (32,768 tokens, H = 16, Dk = Dv = 128, bf16, chunks of 64) it times (medi
 - the fused forward `_wy_fwd_kernel` at each candidate (warps, stages, the `Dk`/`Dv` block of the
   products), `wy_meta`'s own choice first;
 - the split forward `wy_forward_split` (the solve, then `w`, `u` by [C, BW] tiles in a grid of
-  their own) at each (solve warps, w/u warps, BW);
+  their own) at each pair of launches, the solve by [C, C] or (light) by [BC, BC] tiles;
 - the backward `wy_backward` at each (warps, stages, BK, BV), with `dw = −dU hᵀ` in the kernel or
   by a launch of its own (`split_dw`).
 
@@ -36,8 +36,20 @@ from perf.sweep import arguments, measured, write_sweep
 
 TOKENS, HEADS, DIM, CHUNK = 32768, 16, 128, 64
 CANDIDATES = [(4, 2, 32), (8, 2, 64), (16, 2, 32)]
-# the split design (`wy_forward_split`): (solve warps, w/u warps, the w/u tile width BW)
-SPLIT_CANDIDATES = [(4, 4, 32), (8, 4, 32), (4, 4, 64), (4, 8, 64), (2, 2, 32)]
+# the split design (`wy_forward_split`): (label, the solve's launch, the w/u launch); "light": the solve
+# by [BC, ·] tiles (`_wy_solve_light_kernel`); maxnreg caps ptxas's registers (it takes up to 255 per
+# thread when uncapped, which bounds how many programs share an SM)
+SPLIT_CANDIDATES = [
+    ("4+4", dict(num_warps=4), dict(num_warps=4, BW=32)),
+    ("8+4", dict(num_warps=8), dict(num_warps=4, BW=32)),
+    ("4+4, BW 64", dict(num_warps=4), dict(num_warps=4, BW=64)),
+    ("light 4+4", dict(light=True, num_warps=4), dict(num_warps=4, BW=32)),
+    ("light 8+4", dict(light=True, num_warps=8), dict(num_warps=4, BW=32)),
+    ("light 8 (64 regs)+4", dict(light=True, num_warps=8, maxnreg=64), dict(num_warps=4, BW=32)),
+    ("light 4 (128 regs)+4", dict(light=True, num_warps=4, maxnreg=128), dict(num_warps=4, BW=32)),
+    ("light 2+4", dict(light=True, num_warps=2), dict(num_warps=4, BW=32)),
+    ("light 8+8, BW 64", dict(light=True, num_warps=8), dict(num_warps=8, BW=64)),
+]
 # the backward `wy_backward`: (dw by a launch of its own, warps, stages, BK, BV), compared with the
 # shipped launch's own results
 BACKWARD_CANDIDATES = [(False, 4, 2, 32, 32), (False, 16, 2, 32, 32), (False, 8, 1, 32, 32), (True, 8, 2, 32, 32),
@@ -76,12 +88,12 @@ def run(T: int) -> list[dict]:
 
         rows.append(measured({"T": T, "design": "fused", "warps": warps, "stages": stages, "block": block,
                               "shipped": not rows}, measure))
-    for solve_warps, wu_warps, width in SPLIT_CANDIDATES:
+    for label, solve_meta, wu_meta in SPLIT_CANDIDATES:
         out = {}
 
         def launch():
-            out["TI"], out["w"], out["u"] = delta_wy.wy_forward_split(
-                k, v, g, beta, None, CHUNK, dict(num_warps=solve_warps), dict(num_warps=wu_warps, BW=width))
+            out["TI"], out["w"], out["u"] = delta_wy.wy_forward_split(k, v, g, beta, None, CHUNK, dict(solve_meta),
+                                                                      dict(wu_meta))
 
         def measure(row: dict) -> None:
             launch()
@@ -90,8 +102,8 @@ def run(T: int) -> list[dict]:
             row["err_u"] = relative_error(out["u"], u64)
             row["ms"] = do_bench(launch, warmup=3, rep=20, return_mode="median")
 
-        rows.append(measured({"T": T, "design": "split", "warps": f"{solve_warps}+{wu_warps}", "stages": 2,
-                              "block": width, "shipped": False}, measure))
+        rows.append(measured({"T": T, "design": "split", "warps": label, "stages": 2, "block": wu_meta["BW"],
+                              "shipped": False}, measure))
     rows += backward_rows(k, v, g, beta, T, B)
     return rows
 

@@ -96,6 +96,80 @@ def unit_lower_inverse_in_place(P, stride, n_rows, C: tl.constexpr, BC: tl.const
 
 
 @triton.jit
+def unit_lower_inverse_by_blocks(P, stride, n_rows, C: tl.constexpr, BC: tl.constexpr, PREC_SOLVE: tl.constexpr):
+    """`unit_lower_inverse_in_place` with every tile [BC, BC]: the diagonal blocks as there, then
+    `T_ij = −T_ii Σ_{j≤m<i} A_im T_mj` block by block (j ascending inside a block row, so each
+    `A_im` is read before its block is overwritten), every operand loaded from memory. A program
+    holds a few [BC, BC] float32 tiles, where the row-block form holds [BC, C] and [C, C] ones."""
+    NB: tl.constexpr = C // BC
+    ob = tl.arange(0, BC)
+    nb = tl.arange(0, NB)
+    rows3 = nb[:, None, None] * BC + ob[None, :, None]  # [NB, BC, 1]: the block's rows
+    diag = P + rows3 * stride + (nb[:, None, None] * BC + ob[None, None, :])
+    live = rows3 < n_rows
+    X = -tl.load(diag, mask=live, other=0.0)
+    for i in range(2, BC):
+        a = -tl.load(P + (nb[:, None] * BC + i) * stride + nb[:, None] * BC + ob[None, :],
+                     mask=(ob[None, :] < i) & (nb[:, None] * BC + i < n_rows), other=0.0)
+        a = a + tl.sum(a[:, :, None] * X, axis=1)
+        X = tl.where((ob == i)[None, :, None], a[:, None, :], X)
+    tl.debug_barrier()
+    tl.store(diag, X + tl.where(ob[:, None] == ob[None, :], 1.0, 0.0)[None, :, :], mask=live)
+    tl.debug_barrier()
+    for i in tl.static_range(1, NB):
+        r = i * BC + ob
+        rows = (r < n_rows)[:, None]
+        Tii = tl.load(P + r[:, None] * stride + (i * BC + ob)[None, :], mask=rows, other=0.0)
+        for j in tl.static_range(0, i):
+            acc = tl.zeros([BC, BC], dtype=tl.float32)
+            for m in tl.static_range(j, i):
+                Aim = tl.load(P + r[:, None] * stride + (m * BC + ob)[None, :], mask=rows, other=0.0)
+                Tmj = tl.load(P + (m * BC + ob)[:, None] * stride + (j * BC + ob)[None, :],
+                              mask=(m * BC + ob < n_rows)[:, None], other=0.0)
+                acc += tl.dot(Aim, Tmj, input_precision=PREC_SOLVE)
+            Tij = -tl.dot(Tii, acc, input_precision=PREC_SOLVE)
+            tl.debug_barrier()  # every thread has read A_ij before it is overwritten
+            tl.store(P + r[:, None] * stride + (j * BC + ob)[None, :], Tij, mask=rows)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _wy_solve_light_kernel(K, BETA, G, RESET, TI, T, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr,
+                           BC: tl.constexpr, BK: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
+                           PREC: tl.constexpr, PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """`_wy_solve_kernel` in [BC, ·] tiles: `A_kk` by row blocks of BC (a [BC, C] tile each, the
+    block's β and gates picked out of the chunk's), then `unit_lower_inverse_by_blocks`."""
+    c = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    tok = (n // H) * T * H + n % H
+    o = tl.arange(0, C)
+    ob = tl.arange(0, BC)
+    t = c * C + o
+    inside = t < T
+    G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
+    K += tok * DK
+    TI += tok * C
+    for i in tl.static_range(C // BC):
+        r = c * C + i * BC + ob
+        rin = r < T
+        pick = o[None, :] == (i * BC + ob)[:, None]  # [BC, C]: row i·BC + b of the chunk
+        Gr = tl.sum(tl.where(pick, G_[None, :], 0.0), axis=1)
+        sr = tl.sum(tl.where(pick, seg[None, :], 0), axis=1)
+        acc = tl.zeros([BC, C], dtype=tl.float32)
+        for k0 in range(0, DK, BK):
+            d = k0 + tl.arange(0, BK)
+            kr = tl.load(K + r[:, None] * (H * DK) + d[None, :], mask=rin[:, None] & (d[None, :] < DK), other=0.0)
+            kc = tl.load(K + t[None, :] * (H * DK) + d[:, None], mask=inside[None, :] & (d[:, None] < DK), other=0.0)
+            acc += mm16(kr, kc, PREC, SPLIT, INTERP)
+        beta = tl.load(BETA + tok + r * H, mask=rin, other=0.0).to(tl.float32)
+        keep = (o[None, :] < (i * BC + ob)[:, None]) & (sr[:, None] == seg[None, :])
+        gamma = tl.where(keep, tl.exp(Gr[:, None] - G_[None, :]), 0.0)
+        tl.store(TI + r[:, None] * (H * C) + o[None, :], beta[:, None] * acc * gamma, mask=rin[:, None])
+    tl.debug_barrier()
+    unit_lower_inverse_by_blocks(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
+
+
+@triton.jit
 def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
                    HAS_RESET: tl.constexpr, PREC: tl.constexpr, PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr,
@@ -378,7 +452,8 @@ def wy_forward_split(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset
     u = torch.empty(B, T, H, Dv, dtype=k.dtype, device=k.device)
     NC = triton.cdiv(T, chunk_size)
     flags = dict(**_flags(g, reset), **split_products(k))
-    _wy_solve_kernel[(NC, B * H)](k, beta, g, _reset_bytes(reset), TI, T, H, Dk, BC=BC, **flags, **solve)
+    solver = _wy_solve_light_kernel if solve.pop("light", False) else _wy_solve_kernel
+    solver[(NC, B * H)](k, beta, g, _reset_bytes(reset), TI, T, H, Dk, BC=BC, **flags, **solve)
     tiles = triton.cdiv(Dk, wu["BW"]) + triton.cdiv(Dv, wu["BW"])
     _wy_wu_kernel[(NC, B * H, tiles)](k, v, beta, g, _reset_bytes(reset), TI, w, u, T, H, Dk, Dv, **flags, **wu)
     return TI, w, u
