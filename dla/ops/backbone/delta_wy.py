@@ -28,6 +28,15 @@ chunk states `h`:
 transposed) rather than `tl.trans` of a register tensor that came out of a dot: that pattern is
 what Triton 3.4–3.7.0 miscompiles on Hopper (fla issue #640).
 
+Designs under measurement. `wy_forward` (one fused kernel a chunk) and `wy_backward` are the
+shipped launches. Beside them, the candidates that `perf.sweep_wy_gpu` times on the card, each
+held to the shipped results by `tests/test_backbone_delta.py::test_wy_stage_designs_agree`:
+`wy_forward_split` (the solve, then `w`, `u` by [C, BW] tiles in a grid of their own, where the
+fused kernel is one program of 8 warps an SM at ptxas's register count), its solve by [C, C]
+tiles (`_wy_solve_kernel`) or by [BC, BC] ones (`_wy_solve_light_kernel`,
+`unit_lower_inverse_by_blocks`), and `wy_backward(split_dw=True)` (`dw` by `_wy_bwd_dw_kernel`,
+out of the backward's Dk loop). The one the card picks replaces the fused kernel; the others go.
+
 Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta, reset [B,T,H]`; `T` is stored `[B,T,H,C]`
 (row `t` of its chunk's matrix at token `t`, float32), `w [B,T,H,Dk]`, `u [B,T,H,Dv]` in the
 inputs' dtype; the backward reads `h [B,H,NC,Dk,Dv]` (inputs' dtype) and `dU [B,T,H,Dv]`.
