@@ -63,18 +63,11 @@ BC = 16  # the solve's row block: the smallest tl.dot tile
 
 
 @triton.jit
-def unit_lower_inverse_in_place(P, stride, n_rows, C: tl.constexpr, BC: tl.constexpr, PREC_SOLVE: tl.constexpr):
-    """Replace a chunk's strictly lower [C, C] float32 `A` in memory (row r at `P + r·stride`;
-    rows from `n_rows` on neither read nor written) with `T = (I + A)⁻¹`, by row blocks of `BC`.
-
-    The diagonal blocks `T_ii = (I + A_ii)⁻¹` first, all `C / BC` at once by forward
-    substitution (row i of `X = T_ii − I` is `−A_i − Σ_{j<i} A_ij X_j`, its `−A_i` read from
-    memory off the loop's chain): `BC − 2` dependent steps of one reduction each for the chunk,
-    where block after block took `C / BC` times as many, each with a second reduction to pick the
-    row out of registers. Then `T_i,<i = −T_ii A_i,<i T_<i,<i` block row by block row, from the
-    rows already solved (read back from memory)."""
+def diagonal_blocks_in_place(P, stride, n_rows, C: tl.constexpr, BC: tl.constexpr):
+    """Every diagonal [BC, BC] block `A_ii` of the strictly lower [C, C] `A` in memory replaced by
+    `T_ii = (I + A_ii)⁻¹`, all `C / BC` at once by forward substitution (row i of `X = T_ii − I`
+    is `−A_i − Σ_{j<i} A_ij X_j`, its `−A_i` read from memory off the loop's chain)."""
     NB: tl.constexpr = C // BC
-    o = tl.arange(0, C)
     ob = tl.arange(0, BC)
     nb = tl.arange(0, NB)
     rows3 = nb[:, None, None] * BC + ob[None, :, None]  # [NB, BC, 1]: the block's rows
@@ -89,6 +82,21 @@ def unit_lower_inverse_in_place(P, stride, n_rows, C: tl.constexpr, BC: tl.const
     tl.debug_barrier()  # every thread has read its rows of A before the blocks are overwritten
     tl.store(diag, X + tl.where(ob[:, None] == ob[None, :], 1.0, 0.0)[None, :, :], mask=live)
     tl.debug_barrier()
+
+
+@triton.jit
+def unit_lower_inverse_in_place(P, stride, n_rows, C: tl.constexpr, BC: tl.constexpr, PREC_SOLVE: tl.constexpr):
+    """Replace a chunk's strictly lower [C, C] float32 `A` in memory (row r at `P + r·stride`;
+    rows from `n_rows` on neither read nor written) with `T = (I + A)⁻¹`, by row blocks of `BC`.
+
+    The diagonal blocks first (`diagonal_blocks_in_place`): `BC − 2` dependent steps of one
+    reduction each for the chunk, where block after block took `C / BC` times as many, each with
+    a second reduction to pick the row out of registers. Then `T_i,<i = −T_ii A_i,<i T_<i,<i`
+    block row by block row, from the rows already solved (read back from memory)."""
+    NB: tl.constexpr = C // BC
+    o = tl.arange(0, C)
+    ob = tl.arange(0, BC)
+    diagonal_blocks_in_place(P, stride, n_rows, C, BC)
     for i in tl.static_range(1, NB):
         r = i * BC + ob
         rows = r < n_rows
@@ -112,19 +120,7 @@ def unit_lower_inverse_by_blocks(P, stride, n_rows, C: tl.constexpr, BC: tl.cons
     holds a few [BC, BC] float32 tiles, where the row-block form holds [BC, C] and [C, C] ones."""
     NB: tl.constexpr = C // BC
     ob = tl.arange(0, BC)
-    nb = tl.arange(0, NB)
-    rows3 = nb[:, None, None] * BC + ob[None, :, None]  # [NB, BC, 1]: the block's rows
-    diag = P + rows3 * stride + (nb[:, None, None] * BC + ob[None, None, :])
-    live = rows3 < n_rows
-    X = -tl.load(diag, mask=live, other=0.0)
-    for i in range(2, BC):
-        a = -tl.load(P + (nb[:, None] * BC + i) * stride + nb[:, None] * BC + ob[None, :],
-                     mask=(ob[None, :] < i) & (nb[:, None] * BC + i < n_rows), other=0.0)
-        a = a + tl.sum(a[:, :, None] * X, axis=1)
-        X = tl.where((ob == i)[None, :, None], a[:, None, :], X)
-    tl.debug_barrier()
-    tl.store(diag, X + tl.where(ob[:, None] == ob[None, :], 1.0, 0.0)[None, :, :], mask=live)
-    tl.debug_barrier()
+    diagonal_blocks_in_place(P, stride, n_rows, C, BC)
     for i in tl.static_range(1, NB):
         r = i * BC + ob
         rows = (r < n_rows)[:, None]
@@ -179,6 +175,22 @@ def _wy_solve_light_kernel(K, BETA, G, RESET, TI, T, H: tl.constexpr, DK: tl.con
 
 
 @triton.jit
+def a_kk_into_rows(K, TI, t, inside, beta, G, seg, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """`A_kk = tril(diag(β)(KKᵀ ⊙ Γ), −1)` into `T`'s rows (`K`, `TI` at the head's token 0)."""
+    o = tl.arange(0, C)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        d = k0 + tl.arange(0, BK)
+        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=inside[:, None] & (d[None, :] < DK), other=0.0)
+        kc = tl.load(K + t[None, :] * (H * DK) + d[:, None], mask=inside[None, :] & (d[:, None] < DK), other=0.0)
+        KK += mm16(kr, kc, PREC, SPLIT, INTERP)
+    tl.store(TI + t[:, None] * (H * C) + o[None, :], beta[:, None] * KK * decay(G, seg, C, True, False),
+             mask=inside[:, None])
+    tl.debug_barrier()
+
+
+@triton.jit
 def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
                    HAS_RESET: tl.constexpr, PREC: tl.constexpr, PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr,
@@ -198,16 +210,8 @@ def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.co
     U += tok * DV
     TI += tok * C
 
-    # A_kk into T's rows
-    KK = tl.zeros([C, C], dtype=tl.float32)
-    for k0 in range(0, DK, BK):
-        d = k0 + tl.arange(0, BK)
-        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=inside[:, None] & (d[None, :] < DK), other=0.0)
-        kc = tl.load(K + t[None, :] * (H * DK) + d[:, None], mask=inside[None, :] & (d[:, None] < DK), other=0.0)
-        KK += mm16(kr, kc, PREC, SPLIT, INTERP)
+    a_kk_into_rows(K, TI, t, inside, beta, G_, seg, H, DK, C, BK, PREC, SPLIT, INTERP)
     tile = TI + t[:, None] * (H * C) + o[None, :]
-    tl.store(tile, beta[:, None] * KK * decay(G_, seg, C, True, False), mask=inside[:, None])
-    tl.debug_barrier()
 
     unit_lower_inverse_in_place(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
 
@@ -245,15 +249,7 @@ def _wy_solve_kernel(K, BETA, G, RESET, TI, T, H: tl.constexpr, DK: tl.constexpr
     beta = tl.load(BETA + tok + t * H, mask=inside, other=0.0).to(tl.float32)
     K += tok * DK
     TI += tok * C
-    KK = tl.zeros([C, C], dtype=tl.float32)
-    for k0 in range(0, DK, BK):
-        d = k0 + tl.arange(0, BK)
-        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=inside[:, None] & (d[None, :] < DK), other=0.0)
-        kc = tl.load(K + t[None, :] * (H * DK) + d[:, None], mask=inside[None, :] & (d[:, None] < DK), other=0.0)
-        KK += mm16(kr, kc, PREC, SPLIT, INTERP)
-    tl.store(TI + t[:, None] * (H * C) + o[None, :], beta[:, None] * KK * decay(G_, seg, C, True, False),
-             mask=inside[:, None])
-    tl.debug_barrier()
+    a_kk_into_rows(K, TI, t, inside, beta, G_, seg, H, DK, C, BK, PREC, SPLIT, INTERP)
     unit_lower_inverse_in_place(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
 
 
@@ -287,6 +283,19 @@ def _wy_wu_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.con
         vr = tl.load(V + tok * DV + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
         u = mmr(Tm * beta[None, :], vr, PREC_SOLVE, SPLIT, INTERP)
         tl.store(U + tok * DV + t[:, None] * (H * DV) + d[None, :], u.to(U.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def dw_tile(DU, HS, t, inside, d, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dw = −dU hᵀ at the Dk columns `d` [BK] (`DU` at the head's token 0, `HS` at the chunk's h)."""
+    dw = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        e = v0 + tl.arange(0, BV)
+        du = tl.load(DU + t[:, None] * (H * DV) + e[None, :], mask=inside[:, None] & (e[None, :] < DV), other=0.0)
+        h = tl.load(HS + d[:, None] * DV + e[None, :], mask=(d[:, None] < DK) & (e[None, :] < DV), other=0.0)
+        dw -= tl.dot(du, tl.trans(h.to(tl.float32)), input_precision=PREC)
+    return dw
 
 
 @triton.jit
@@ -335,13 +344,7 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
         if DW_GIVEN:
             dw = tl.load(DW + tok * DK + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
         else:
-            dw = tl.zeros([C, BK], dtype=tl.float32)  # dw = −dU hᵀ
-            for v0 in range(0, DV, BV):
-                e = v0 + tl.arange(0, BV)
-                du = tl.load(DU + t[:, None] * (H * DV) + e[None, :], mask=inside[:, None] & (e[None, :] < DV),
-                             other=0.0)
-                h = tl.load(HS + d[:, None] * DV + e[None, :], mask=(d[:, None] < DK) & (e[None, :] < DV), other=0.0)
-                dw -= tl.dot(du, tl.trans(h.to(tl.float32)), input_precision=PREC)
+            dw = dw_tile(DU, HS, t, inside, d, H, DK, DV, C, BK, BV, PREC)
         kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
         kf = kr.to(tl.float32)
         dTk += tl.dot(dw, tl.trans(kf), input_precision=PREC)
@@ -392,13 +395,7 @@ def _wy_bwd_dw_kernel(HS, DU, DW, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.c
     inside = t < T
     d = j * BK + tl.arange(0, BK)
     HS += (n * NC + c) * DK * DV
-    dw = tl.zeros([C, BK], dtype=tl.float32)
-    for v0 in range(0, DV, BV):
-        e = v0 + tl.arange(0, BV)
-        du = tl.load(DU + tok * DV + t[:, None] * (H * DV) + e[None, :], mask=inside[:, None] & (e[None, :] < DV),
-                     other=0.0)
-        h = tl.load(HS + d[:, None] * DV + e[None, :], mask=(d[:, None] < DK) & (e[None, :] < DV), other=0.0)
-        dw -= tl.dot(du, tl.trans(h.to(tl.float32)), input_precision=PREC)
+    dw = dw_tile(DU + tok * DV, HS, t, inside, d, H, DK, DV, C, BK, BV, PREC)
     tl.store(DW + tok * DK + t[:, None] * (H * DK) + d[None, :], dw, mask=inside[:, None] & (d[None, :] < DK))
 
 
