@@ -14,7 +14,9 @@ the tensor argument it addresses: an access past a tensor's end, which on a GPU 
 buffer or stops the process with an illegal address, raises at the launch that makes it.
 
 `relative_error(out, ref)` is the comparison the library's tests and GPU checks share:
-`‖out − ref‖ / ‖ref‖` in float64 (`‖out − ref‖` where `ref` is zero).
+`‖out − ref‖ / ‖ref‖` in float64 (`‖out − ref‖` where `ref` is zero). `poisoned_empty()` fills
+what `torch.empty` and `torch.empty_like` return inside a `with` block with NaN (extreme values
+for integers), so an output element a kernel forgets to write shows in that comparison.
 
 `compile_for_sm90(fn, types, constexprs, **options)` puts one Triton kernel through Triton's GPU
 compiler and ptxas for an H100 on the same machine: what the interpreter accepts but the compiler
@@ -51,7 +53,8 @@ from dla.ops.backbone import backbone_backward_triton, backbone_forward_triton
 from dla.ops.readout import readout_backward_triton, readout_forward_triton
 from dla.ops.segment import segment_triton
 
-__all__ = ["triton_interpreter", "bounds_checked", "OutOfBounds", "compile_for_sm90", "PTXAS", "relative_error"]
+__all__ = ["triton_interpreter", "bounds_checked", "OutOfBounds", "compile_for_sm90", "PTXAS", "relative_error",
+           "poisoned_empty"]
 
 # the ptxas that `compile_for_sm90` runs, shipped in Triton's wheel (absent from some builds)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -63,6 +66,25 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     denom = ref.norm()
     err = (out.double() - ref).norm()
     return float(err / denom) if denom > 0 else float(err)
+
+
+@contextmanager
+def poisoned_empty():
+    """`torch.empty` and `torch.empty_like` return NaN-filled floats (and extreme ints) inside the
+    block, so an element a kernel forgets to write shows."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def poison(x):
+        if x.is_floating_point():
+            return x.fill_(float("nan"))
+        return x.fill_(True) if x.dtype == torch.bool else x.fill_(max(-(2**30), torch.iinfo(x.dtype).min))
+
+    torch.empty = lambda *size, **kw: poison(real_empty(*size, **kw))
+    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_like
 
 
 def compile_for_sm90(fn, types, constexprs: dict, **options):

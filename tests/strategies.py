@@ -23,7 +23,6 @@ merges the rule.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -38,7 +37,7 @@ from dla.ops.reference import multistate_attention_recurrent, segment_naive
 from dla.ops.state import MultiStateCache
 from dla.ops.validation import POLICIES, SCORES
 from dla.run.synthetic import piecewise_stationary
-from dla.testing import relative_error  # noqa: F401  the tests' comparison, from here as before
+from dla.testing import poisoned_empty, relative_error  # noqa: F401  the tests' aids, from here as before
 
 TRANSITIONS = ("none", "g", "beta", "both")
 EXACT = ("repeated", "alternating")  # designed inputs (`designed_stream`): decisions exactly on the rule's edges
@@ -364,22 +363,3 @@ def tally_draw(policy: str, decisions, compared: bool = True) -> bool:
         tally.compared += compared
         tally.merged += compared and merged
     return compared
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """`torch.empty` and `torch.empty_like` return NaN-filled floats (and extreme ints) inside the
-    block, so an element a kernel forgets to write shows."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def poison(x):
-        if x.is_floating_point():
-            return x.fill_(float("nan"))
-        return x.fill_(True) if x.dtype == torch.bool else x.fill_(max(-(2**30), torch.iinfo(x.dtype).min))
-
-    torch.empty = lambda *size, **kw: poison(real_empty(*size, **kw))
-    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_like
