@@ -191,6 +191,19 @@ def a_kk_into_rows(K, TI, t, inside, beta, G, seg, H: tl.constexpr, DK: tl.const
 
 
 @triton.jit
+def product_tile(Ts, X, OUT, t, inside, d, H: tl.constexpr, D: tl.constexpr, PREC_SOLVE: tl.constexpr,
+                 SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """OUT[:, d] = Ts · X[:, d] for the chunk's rows `t` (`X`, `OUT` at the head's token 0, row
+    stride H·D): `w` or `u` at the columns `d`, from `T` with its columns scaled. Split products
+    for bfloat16 inputs (`mmr`), whose 16 bits of T lie far below the rounding to the inputs'
+    dtype."""
+    m = inside[:, None] & (d[None, :] < D)
+    x = tl.load(X + t[:, None] * (H * D) + d[None, :], mask=m, other=0.0)
+    tl.store(OUT + t[:, None] * (H * D) + d[None, :], mmr(Ts, x, PREC_SOLVE, SPLIT, INTERP).to(OUT.dtype.element_ty),
+             mask=m)
+
+
+@triton.jit
 def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
                    HAS_RESET: tl.constexpr, PREC: tl.constexpr, PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr,
@@ -215,23 +228,14 @@ def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.co
 
     unit_lower_inverse_in_place(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
 
-    # w = (T diag(βγ)) K, u = (T diag(β)) V: split products for bfloat16 inputs (`mmr`), whose
-    # 16 bits of T lie far below w's and u's rounding to the inputs' dtype
+    # w = (T diag(βγ)) K, u = (T diag(β)) V
     Tm = tl.load(tile, mask=inside[:, None], other=0.0)
     Tw = Tm * (beta * gam)[None, :]
     for k0 in range(0, DK, BK):
-        d = k0 + tl.arange(0, BK)
-        mk = inside[:, None] & (d[None, :] < DK)
-        kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
-        w = mmr(Tw, kr, PREC_SOLVE, SPLIT, INTERP)
-        tl.store(W + t[:, None] * (H * DK) + d[None, :], w.to(W.dtype.element_ty), mask=mk)
+        product_tile(Tw, K, W, t, inside, k0 + tl.arange(0, BK), H, DK, PREC_SOLVE, SPLIT, INTERP)
     Tu = Tm * beta[None, :]
     for v0 in range(0, DV, BV):
-        d = v0 + tl.arange(0, BV)
-        mv = inside[:, None] & (d[None, :] < DV)
-        vr = tl.load(V + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
-        u = mmr(Tu, vr, PREC_SOLVE, SPLIT, INTERP)
-        tl.store(U + t[:, None] * (H * DV) + d[None, :], u.to(U.dtype.element_ty), mask=mv)
+        product_tile(Tu, V, U, t, inside, v0 + tl.arange(0, BV), H, DV, PREC_SOLVE, SPLIT, INTERP)
 
 
 @triton.jit
@@ -272,17 +276,11 @@ def _wy_wu_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.con
     if j < NK:
         G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
         gam, _, _ = chunk_ends(G_, seg, C)
-        d = j * BW + tl.arange(0, BW)
-        mk = inside[:, None] & (d[None, :] < DK)
-        kr = tl.load(K + tok * DK + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
-        w = mmr(Tm * (beta * gam)[None, :], kr, PREC_SOLVE, SPLIT, INTERP)
-        tl.store(W + tok * DK + t[:, None] * (H * DK) + d[None, :], w.to(W.dtype.element_ty), mask=mk)
+        product_tile(Tm * (beta * gam)[None, :], K + tok * DK, W + tok * DK, t, inside, j * BW + tl.arange(0, BW),
+                     H, DK, PREC_SOLVE, SPLIT, INTERP)
     else:
-        d = (j - NK) * BW + tl.arange(0, BW)
-        mv = inside[:, None] & (d[None, :] < DV)
-        vr = tl.load(V + tok * DV + t[:, None] * (H * DV) + d[None, :], mask=mv, other=0.0)
-        u = mmr(Tm * beta[None, :], vr, PREC_SOLVE, SPLIT, INTERP)
-        tl.store(U + tok * DV + t[:, None] * (H * DV) + d[None, :], u.to(U.dtype.element_ty), mask=mv)
+        product_tile(Tm * beta[None, :], V + tok * DV, U + tok * DV, t, inside, (j - NK) * BW + tl.arange(0, BW),
+                     H, DV, PREC_SOLVE, SPLIT, INTERP)
 
 
 @triton.jit
