@@ -160,40 +160,37 @@ def readout_kernels(spec: str):
         yield name, compile_kernel(name, spec)
 
 
-def wy_candidates(spec: str):
-    """`(label, compiled)` for the WY stage's designs under measurement (`delta_wy`'s module doc)
-    at the launches `perf.sweep_wy_gpu` times them with, at the spec's `Dk = Dv`, chunk, dtype
-    and gate, every other optional input absent."""
-    from perf.sweep_wy_gpu import BACKWARD_CANDIDATES, SPLIT_CANDIDATES
+def wy_launches(spec: str):
+    """`(label, compiled)` for the WY stage's kernels at the shipped launch (`wy_meta`) and the
+    others `perf.sweep_wy_gpu` times, at the spec's `Dk = Dv`, chunk, dtype and gate, every other
+    optional input absent."""
+    from perf.sweep_wy_gpu import BACKWARD_CANDIDATES, CANDIDATES
 
     D, _, C, _, dtype, has_g = _parse(spec)
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
 
     def arg_type(a: str) -> str:
-        return {"T": "i32", "RESET": "*u8"}.get(a, "*fp32" if a in BACKBONE_FLOAT32 | {"DW"} else data)
+        return {"T": "i32", "RESET": "*u8"}.get(a, "*fp32" if a in BACKBONE_FLOAT32 else data)
 
     def compiled(fn, meta: dict):
         meta = dict(meta)
-        options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
+        options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
         names = {p.name for p in fn.params}
         given = {"H": 16, "DK": D, "DV": D, "BC": BW.BC, "SPLIT": dtype == torch.bfloat16, "INTERP": False,
-                 "HAS_G": has_g, "HAS_RESET": False, "DW_GIVEN": False, **meta}
+                 "HAS_G": has_g, "HAS_RESET": False, **meta}
         return compile_for_sm90(fn, arg_type, {k: v for k, v in given.items() if k in names}, **options)
 
-    for label, solve, wu in SPLIT_CANDIDATES:
-        solve_meta, wu_meta = BW.wy_split_meta(D, D, C, dtype)
-        solve_meta.update(solve)
-        wu_meta.update(wu)
-        fn = BW._wy_solve_light_kernel if solve_meta.pop("light", False) else BW._wy_solve_kernel
-        yield f"split {label}: {fn.__name__}", compiled(fn, solve_meta)
-        yield f"split {label}: _wy_wu_kernel (BW {wu_meta['BW']})", compiled(BW._wy_wu_kernel, wu_meta)
-    for split_dw, warps, stages, bk, bv in BACKWARD_CANDIDATES:
-        meta = dict(BW.wy_meta(D, D, C, dtype), num_warps=warps, num_stages=stages, BK=bk, BV=bv)
-        yield (f"_wy_bwd_kernel ({warps} warps, {stages} stages, BK {bk}, BV {bv}, dw {'apart' if split_dw else 'in'})",
-               compiled(BW._wy_bwd_kernel, {**meta, "DW_GIVEN": split_dw}))
+    shipped = BW.wy_meta(D, D, C, dtype)
+    first = (shipped["num_warps"], shipped["num_stages"], shipped["BK"], shipped["BV"])
+    for warps, stages, bk, bv in [first] + [(w, s, b, b) for w, s, b in CANDIDATES]:
+        meta = dict(shipped, num_warps=warps, num_stages=stages, BK=bk, BV=bv)
+        yield f"_wy_fwd_kernel ({warps} warps, {stages} stages, BK {bk}, BV {bv})", compiled(BW._wy_fwd_kernel, meta)
+    for warps, stages, bk, bv in [first] + BACKWARD_CANDIDATES:
+        meta = dict(shipped, num_warps=warps, num_stages=stages, BK=bk, BV=bv)
+        yield f"_wy_bwd_kernel ({warps} warps, {stages} stages, BK {bk}, BV {bv})", compiled(BW._wy_bwd_kernel, meta)
 
 
-STAGES = {"readout": readout_kernels, "backbone": backbone_kernels, "drift": drift_kernels, "wy": wy_candidates}
+STAGES = {"readout": readout_kernels, "backbone": backbone_kernels, "drift": drift_kernels, "wy": wy_launches}
 
 
 def ptxas_report(kernel) -> dict:

@@ -12,10 +12,11 @@ inputs (32,768 tokens, H = 16, Dk = Dv = 128, bf16, chunks of 64) it times (medi
 
 - the fused forward `_wy_fwd_kernel` at each candidate (warps, stages, the `Dk`/`Dv` block of the
   products), `wy_meta`'s own choice first;
-- the split forward `wy_forward_split` (the solve, then `w`, `u` by [C, BW] tiles in a grid of
-  their own) at each pair of launches, the solve by [C, C] or (light) by [BC, BC] tiles;
-- the backward `wy_backward` at each (warps, stages, BK, BV), with `dw = −dU hᵀ` in the kernel or
-  by a launch of its own (`split_dw`).
+- the backward `wy_backward` at each (warps, stages, BK, BV).
+
+(Its first run on an H100 also timed a split forward — the solve, then `w`, `u` by tiles in a
+grid of their own — and `dw = −dU hᵀ` by a launch of its own; neither beat the fused kernels at
+4 warps, and both were deleted: `perf/results/sweep_wy-h100.md`.)
 
 Forward rows compare `w` and `u` with the stage's float64 torch chunks
 (`dla.ops.backbone.delta._chunks`) as `‖out − ref‖ / ‖ref‖`; backward rows compare with the
@@ -36,26 +37,9 @@ from perf.sweep import arguments, measured, write_sweep
 
 TOKENS, HEADS, DIM, CHUNK = 32768, 16, 128, 64
 # the fused forward `_wy_fwd_kernel`: (warps, stages, the Dk/Dv block of the products)
-CANDIDATES = [(4, 2, 32), (8, 2, 64), (16, 2, 32)]
-# the split design (`wy_forward_split`): (label, the solve's launch, the w/u launch); "light": the solve
-# by [BC, ·] tiles (`_wy_solve_light_kernel`); maxnreg caps ptxas's registers (it takes up to 255 per
-# thread when uncapped, which bounds how many programs share an SM)
-SPLIT_CANDIDATES = [
-    ("4+4", dict(num_warps=4), dict(num_warps=4, BW=32)),
-    ("8+4", dict(num_warps=8), dict(num_warps=4, BW=32)),
-    ("4+4, BW 64", dict(num_warps=4), dict(num_warps=4, BW=64)),
-    ("light 4+4", dict(light=True, num_warps=4), dict(num_warps=4, BW=32)),
-    ("light 8+4", dict(light=True, num_warps=8), dict(num_warps=4, BW=32)),
-    ("light 8 (64 regs)+4", dict(light=True, num_warps=8, maxnreg=64), dict(num_warps=4, BW=32)),
-    ("light 4 (128 regs)+4", dict(light=True, num_warps=4, maxnreg=128), dict(num_warps=4, BW=32)),
-    ("light 2+4", dict(light=True, num_warps=2), dict(num_warps=4, BW=32)),
-    ("light 8+8, BW 64", dict(light=True, num_warps=8), dict(num_warps=8, BW=64)),
-]
-# the backward `wy_backward`: (dw by a launch of its own, warps, stages, BK, BV), compared with the
-# shipped launch's own results
-BACKWARD_CANDIDATES = [(False, 4, 2, 32, 32), (False, 16, 2, 32, 32), (False, 8, 1, 32, 32), (True, 8, 2, 32, 32),
-                       (True, 16, 2, 32, 32)]
-
+CANDIDATES = [(8, 2, 32), (4, 1, 32), (4, 3, 32), (4, 2, 64), (2, 2, 32)]
+# the backward `wy_backward`: (warps, stages, BK, BV), compared with the shipped launch's own results
+BACKWARD_CANDIDATES = [(8, 2, 32, 32), (4, 1, 32, 32), (4, 2, 64, 32), (4, 2, 32, 64), (2, 2, 32, 32)]
 
 def run(T: int) -> list[dict]:
     from triton.testing import do_bench
@@ -89,23 +73,6 @@ def run(T: int) -> list[dict]:
 
         rows.append(measured({"T": T, "design": "fused", "warps": warps, "stages": stages, "block": block,
                               "shipped": not rows}, measure))
-    for label, solve_meta, wu_meta in SPLIT_CANDIDATES:
-        out = {}
-
-        def launch():
-            out["TI"], out["w"], out["u"] = delta_wy.wy_forward_split(k, v, g, beta, None, CHUNK, dict(solve_meta),
-                                                                      dict(wu_meta))
-
-        def measure(row: dict) -> None:
-            with poisoned_empty():  # an element left unwritten shows as NaN in the errors
-                launch()
-            torch.cuda.synchronize()
-            row["err_w"] = relative_error(out["w"], w64)
-            row["err_u"] = relative_error(out["u"], u64)
-            row["ms"] = do_bench(launch, warmup=3, rep=20, return_mode="median")
-
-        rows.append(measured({"T": T, "design": "split", "warps": label, "stages": 2, "block": wu_meta["BW"],
-                              "shipped": False}, measure))
     rows += backward_rows(k, v, g, beta, T, B)
     return rows
 
@@ -124,15 +91,15 @@ def backward_rows(k, v, g, beta, T: int, B: int) -> list[dict]:
     dk_part = torch.randn(k.shape, device="cuda", generator=gen) * 0.1
     dG_part = torch.randn(g.shape, device="cuda", generator=gen) * 0.1
     shipped = delta_wy.wy_meta(DIM, DIM, CHUNK, k.dtype)
-    configs = [(False, shipped["num_warps"], shipped["num_stages"], shipped["BK"], shipped["BV"])]
+    configs = [(shipped["num_warps"], shipped["num_stages"], shipped["BK"], shipped["BV"])]
     reference, rows, outs = None, [], []
-    for split_dw, warps, stages, bk, bv in configs + BACKWARD_CANDIDATES:
+    for warps, stages, bk, bv in configs + BACKWARD_CANDIDATES:
         meta = dict(num_warps=warps, num_stages=stages, BK=bk, BV=bv)
         part = torch.empty_like(dk_part)
 
         def launch():
             part.copy_(dk_part)  # the backward accumulates into it
-            outs[:] = delta_wy.wy_backward(k, v, g, beta, None, TI, h, dU, part, dG_part, CHUNK, split_dw, meta)
+            outs[:] = delta_wy.wy_backward(k, v, g, beta, None, TI, h, dU, part, dG_part, CHUNK, meta)
 
         def measure(row: dict) -> None:
             nonlocal reference
@@ -145,7 +112,7 @@ def backward_rows(k, v, g, beta, T: int, B: int) -> list[dict]:
                 row[f"err_{name}"] = relative_error(x, ref)
             row["ms"] = do_bench(launch, warmup=3, rep=20, return_mode="median")
 
-        rows.append(measured({"T": T, "design": "backward" + (", dw apart" if split_dw else ""), "warps": warps,
+        rows.append(measured({"T": T, "design": "backward", "warps": warps,
                               "stages": stages, "block": f"{bk}x{bv}", "shipped": not rows}, measure))
     return rows
 

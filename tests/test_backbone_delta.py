@@ -383,41 +383,6 @@ def test_wy_forward_bfloat16_products_keep_the_float32_results(chunk_size, has_g
         assert relative_error(ours, full.bfloat16()) < 0.5 * relative_error(full.bfloat16(), full)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=2)
-@given(triton_cases(max_length=50))
-@example(DeltaCase(length=50, chunk_size=16, resets="sparse", **TEDGE))
-@example(DeltaCase(length=45, chunk_size=32, resets="first", **TEDGE))
-def test_wy_stage_designs_agree(device, case: DeltaCase):
-    """The WY stage's split forward (the solve with [C, C] tiles or [BC, BC] ones, then `w`, `u`
-    by tiles) and its backward with `dw` by a launch of its own give the shipped launches'
-    results: the candidates `perf.sweep_wy_gpu` times."""
-    from dla.ops.backbone.delta_states import states_forward
-    from dla.ops.backbone.delta_wy import wy_backward, wy_forward, wy_forward_split
-
-    x = on(inputs(case), device)
-    k, v, g, beta, reset = (x[n] for n in ("k", "v", "g", "beta", "reset"))
-    C = case.chunk_size
-    with poisoned_empty():
-        shipped = wy_forward(k, v, g, beta, reset, C)
-        for solve in (dict(), dict(light=True)):
-            split = wy_forward_split(k, v, g, beta, reset, C, solve)
-            for name, a, b in zip(("T", "w", "u"), split, shipped):
-                assert relative_error(a, b) < 1e-6, (solve, name)
-        TI, w, u = shipped
-        h, _, _ = states_forward(k, w, u, g, reset, None, C, k.dtype, store_u=False)
-        gen = torch.Generator().manual_seed(case.seed + 5)
-        dU = torch.randn(u.shape, generator=gen).to(device)
-        dk_part = torch.randn(k.shape, generator=gen).to(device)
-        dG_part = torch.randn(beta.shape, generator=gen).to(device) if g is not None else None
-        ref = wy_backward(k, v, g, beta, reset, TI, h, dU, dk_part.clone(), dG_part, C)
-        got = wy_backward(k, v, g, beta, reset, TI, h, dU, dk_part.clone(), dG_part, C, split_dw=True)
-    for name, a, b in zip(("dk", "dv", "dg", "dbeta"), got, ref):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert relative_error(a, b) < 1e-6, name
-
-
 def test_triton_refuses_bad_arguments():
     case = DeltaCase(length=5, chunk_size=16, resets="none", **TEDGE)
     x = on(inputs(case), "cpu")

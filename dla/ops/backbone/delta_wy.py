@@ -28,14 +28,10 @@ chunk states `h`:
 transposed) rather than `tl.trans` of a register tensor that came out of a dot: that pattern is
 what Triton 3.4–3.7.0 miscompiles on Hopper (fla issue #640).
 
-Designs under measurement. `wy_forward` (one fused kernel a chunk) and `wy_backward` are the
-shipped launches. Beside them, the candidates that `perf.sweep_wy_gpu` times on the card, each
-held to the shipped results by `tests/test_backbone_delta.py::test_wy_stage_designs_agree`:
-`wy_forward_split` (the solve, then `w`, `u` by [C, BW] tiles in a grid of their own, where the
-fused kernel is one program of 8 warps an SM at ptxas's register count), its solve by [C, C]
-tiles (`_wy_solve_kernel`) or by [BC, BC] ones (`_wy_solve_light_kernel`,
-`unit_lower_inverse_by_blocks`), and `wy_backward(split_dw=True)` (`dw` by `_wy_bwd_dw_kernel`,
-out of the backward's Dk loop). The one the card picks replaces the fused kernel; the others go.
+Launch: 4 warps a program for both kernels, where ptxas gives each one program an SM with a few
+spills; on an H100 that ran faster than 8 warps (no spills), 16, blocks of 64, and a split
+forward (the solve, then `w`, `u` by tiles in a grid of their own), which `perf.sweep_wy_gpu`
+times beside the shipped launch (`perf/results/sweep_wy-h100.md`).
 
 Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta, reset [B,T,H]`; `T` is stored `[B,T,H,C]`
 (row `t` of its chunk's matrix at token `t`, float32), `w [B,T,H,Dk]`, `u [B,T,H,Dv]` in the
@@ -113,68 +109,6 @@ def unit_lower_inverse_in_place(P, stride, n_rows, C: tl.constexpr, BC: tl.const
 
 
 @triton.jit
-def unit_lower_inverse_by_blocks(P, stride, n_rows, C: tl.constexpr, BC: tl.constexpr, PREC_SOLVE: tl.constexpr):
-    """`unit_lower_inverse_in_place` with every tile [BC, BC]: the diagonal blocks as there, then
-    `T_ij = −T_ii Σ_{j≤m<i} A_im T_mj` block by block (j ascending inside a block row, so each
-    `A_im` is read before its block is overwritten), every operand loaded from memory. A program
-    holds a few [BC, BC] float32 tiles, where the row-block form holds [BC, C] and [C, C] ones."""
-    NB: tl.constexpr = C // BC
-    ob = tl.arange(0, BC)
-    diagonal_blocks_in_place(P, stride, n_rows, C, BC)
-    for i in tl.static_range(1, NB):
-        r = i * BC + ob
-        rows = (r < n_rows)[:, None]
-        Tii = tl.load(P + r[:, None] * stride + (i * BC + ob)[None, :], mask=rows, other=0.0)
-        for j in tl.static_range(0, i):
-            acc = tl.zeros([BC, BC], dtype=tl.float32)
-            for m in tl.static_range(j, i):
-                Aim = tl.load(P + r[:, None] * stride + (m * BC + ob)[None, :], mask=rows, other=0.0)
-                Tmj = tl.load(P + (m * BC + ob)[:, None] * stride + (j * BC + ob)[None, :],
-                              mask=(m * BC + ob < n_rows)[:, None], other=0.0)
-                acc += tl.dot(Aim, Tmj, input_precision=PREC_SOLVE)
-            Tij = -tl.dot(Tii, acc, input_precision=PREC_SOLVE)
-            tl.debug_barrier()  # every thread has read A_ij before it is overwritten
-            tl.store(P + r[:, None] * stride + (j * BC + ob)[None, :], Tij, mask=rows)
-        tl.debug_barrier()
-
-
-@triton.jit
-def _wy_solve_light_kernel(K, BETA, G, RESET, TI, T, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr,
-                           BC: tl.constexpr, BK: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
-                           PREC: tl.constexpr, PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    """`_wy_solve_kernel` in [BC, ·] tiles: `A_kk` by row blocks of BC (a [BC, C] tile each, the
-    block's β and gates picked out of the chunk's), then `unit_lower_inverse_by_blocks`."""
-    c = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    tok = (n // H) * T * H + n % H
-    o = tl.arange(0, C)
-    ob = tl.arange(0, BC)
-    t = c * C + o
-    inside = t < T
-    G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
-    K += tok * DK
-    TI += tok * C
-    for i in tl.static_range(C // BC):
-        r = c * C + i * BC + ob
-        rin = r < T
-        pick = o[None, :] == (i * BC + ob)[:, None]  # [BC, C]: row i·BC + b of the chunk
-        Gr = tl.sum(tl.where(pick, G_[None, :], 0.0), axis=1)
-        sr = tl.sum(tl.where(pick, seg[None, :], 0), axis=1)
-        acc = tl.zeros([BC, C], dtype=tl.float32)
-        for k0 in range(0, DK, BK):
-            d = k0 + tl.arange(0, BK)
-            kr = tl.load(K + r[:, None] * (H * DK) + d[None, :], mask=rin[:, None] & (d[None, :] < DK), other=0.0)
-            kc = tl.load(K + t[None, :] * (H * DK) + d[:, None], mask=inside[None, :] & (d[:, None] < DK), other=0.0)
-            acc += mm16(kr, kc, PREC, SPLIT, INTERP)
-        beta = tl.load(BETA + tok + r * H, mask=rin, other=0.0).to(tl.float32)
-        keep = (o[None, :] < (i * BC + ob)[:, None]) & (sr[:, None] == seg[None, :])
-        gamma = tl.where(keep, tl.exp(Gr[:, None] - G_[None, :]), 0.0)
-        tl.store(TI + r[:, None] * (H * C) + o[None, :], beta[:, None] * acc * gamma, mask=rin[:, None])
-    tl.debug_barrier()
-    unit_lower_inverse_by_blocks(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
-
-
-@triton.jit
 def a_kk_into_rows(K, TI, t, inside, beta, G, seg, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
     """`A_kk = tril(diag(β)(KKᵀ ⊙ Γ), −1)` into `T`'s rows (`K`, `TI` at the head's token 0)."""
@@ -239,51 +173,6 @@ def _wy_fwd_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.co
 
 
 @triton.jit
-def _wy_solve_kernel(K, BETA, G, RESET, TI, T, H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr,
-                     BC: tl.constexpr, BK: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
-                     PREC: tl.constexpr, PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    """The split design's first half: `A_kk` into `T`'s rows, then the solve in place."""
-    c = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    tok = (n // H) * T * H + n % H
-    o = tl.arange(0, C)
-    t = c * C + o
-    inside = t < T
-    G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
-    beta = tl.load(BETA + tok + t * H, mask=inside, other=0.0).to(tl.float32)
-    K += tok * DK
-    TI += tok * C
-    a_kk_into_rows(K, TI, t, inside, beta, G_, seg, H, DK, C, BK, PREC, SPLIT, INTERP)
-    unit_lower_inverse_in_place(TI + c * C * (H * C), H * C, T - c * C, C, BC, PREC_SOLVE)
-
-
-@triton.jit
-def _wy_wu_kernel(K, V, BETA, G, RESET, TI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                  C: tl.constexpr, BW: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr,
-                  PREC_SOLVE: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    """The split design's second half: one [C, BW] tile of `w` (program ids 2 below
-    `cdiv(DK, BW)`) or of `u` (the rest) from the solved `T`."""
-    c = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(2)
-    NK = tl.cdiv(DK, BW)
-    tok = (n // H) * T * H + n % H
-    o = tl.arange(0, C)
-    t = c * C + o
-    inside = t < T
-    beta = tl.load(BETA + tok + t * H, mask=inside, other=0.0).to(tl.float32)
-    Tm = tl.load(TI + tok * C + t[:, None] * (H * C) + o[None, :], mask=inside[:, None], other=0.0)
-    if j < NK:
-        G_, seg = chunk_gates(G, RESET, tok, t, T, H, C, HAS_G, HAS_RESET)
-        gam, _, _ = chunk_ends(G_, seg, C)
-        product_tile(Tm * (beta * gam)[None, :], K + tok * DK, W + tok * DK, t, inside, j * BW + tl.arange(0, BW),
-                     H, DK, PREC_SOLVE, SPLIT, INTERP)
-    else:
-        product_tile(Tm * beta[None, :], V + tok * DV, U + tok * DV, t, inside, (j - NK) * BW + tl.arange(0, BW),
-                     H, DV, PREC_SOLVE, SPLIT, INTERP)
-
-
-@triton.jit
 def dw_tile(DU, HS, t, inside, d, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """dw = −dU hᵀ at the Dk columns `d` [BK] (`DU` at the head's token 0, `HS` at the chunk's h)."""
@@ -297,10 +186,10 @@ def dw_tile(DU, HS, t, inside, d, H: tl.constexpr, DK: tl.constexpr, DV: tl.cons
 
 
 @triton.jit
-def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_OUT, DBETA, DG_OUT, DW, T,
+def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_OUT, DBETA, DG_OUT, T,
                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr,
-                   PREC_SOLVE: tl.constexpr, DW_GIVEN: tl.constexpr):
+                   PREC_SOLVE: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
     NC = tl.cdiv(T, C)
@@ -339,10 +228,7 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
     for k0 in range(0, DK, BK):
         d = k0 + tl.arange(0, BK)
         mk = inside[:, None] & (d[None, :] < DK)
-        if DW_GIVEN:
-            dw = tl.load(DW + tok * DK + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
-        else:
-            dw = dw_tile(DU, HS, t, inside, d, H, DK, DV, C, BK, BV, PREC)
+        dw = dw_tile(DU, HS, t, inside, d, H, DK, DV, C, BK, BV, PREC)
         kr = tl.load(K + t[:, None] * (H * DK) + d[None, :], mask=mk, other=0.0)
         kf = kr.to(tl.float32)
         dTk += tl.dot(dw, tl.trans(kf), input_precision=PREC)
@@ -380,23 +266,6 @@ def _wy_bwd_kernel(K, V, BETA, G, RESET, TI, HS, DU, DKP, DGP, SCR, DK_OUT, DV_O
         tl.store(DG_OUT + tok + t * H, dg.to(DG_OUT.dtype.element_ty), mask=inside)
 
 
-@triton.jit
-def _wy_bwd_dw_kernel(HS, DU, DW, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """dw = −dU hᵀ, one [C, BK] tile a program (the split backward's first launch)."""
-    c = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(2)
-    NC = tl.cdiv(T, C)
-    tok = (n // H) * T * H + n % H
-    t = c * C + tl.arange(0, C)
-    inside = t < T
-    d = j * BK + tl.arange(0, BK)
-    HS += (n * NC + c) * DK * DV
-    dw = dw_tile(DU + tok * DV, HS, t, inside, d, H, DK, DV, C, BK, BV, PREC)
-    tl.store(DW + tok * DK + t[:, None] * (H * DK) + d[None, :], dw, mask=inside[:, None] & (d[None, :] < DK))
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -404,11 +273,10 @@ def _wy_bwd_dw_kernel(HS, DU, DW, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.c
 
 def wy_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of both kernels, a function of the shapes and the dtype only: `Dk`,
-    `Dv` in blocks of at most 32 and 8 warps for 64-token chunks (the programs hold several
-    [C, C] float32 matrices beside their operands; with blocks of 64 or 4 warps ptxas spills)."""
+    `Dv` in blocks of at most 32, 4 warps (module doc)."""
     prec, prec_solve = precisions(dtype)
     return dict(C=chunk_size, BK=min(pow2(Dk), 32), BV=min(pow2(Dv), 32), PREC=prec, PREC_SOLVE=prec_solve,
-                num_warps=8 if chunk_size >= 64 else 4, num_stages=2)
+                num_warps=4, num_stages=2)
 
 
 def _flags(g, reset) -> dict:
@@ -435,36 +303,8 @@ def wy_forward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tens
     return TI, w, u
 
 
-def wy_split_meta(Dk: int, Dv: int, chunk_size: int, dtype: torch.dtype) -> tuple[dict, dict]:
-    """Launch parameters of the split design's two kernels (solve; w and u)."""
-    prec, prec_solve = precisions(dtype)
-    solve = dict(C=chunk_size, BK=min(pow2(Dk), 32), PREC=prec, PREC_SOLVE=prec_solve, num_warps=4, num_stages=2)
-    wu = dict(C=chunk_size, BW=min(pow2(max(Dk, Dv)), 32), PREC_SOLVE=prec_solve, num_warps=4, num_stages=2)
-    return solve, wu
-
-
-def wy_forward_split(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tensor | None,
-                     chunk_size: int, solve_meta: dict | None = None, wu_meta: dict | None = None):
-    """`wy_forward` in two launches: the solve, then `w` and `u` by [C, BW] tiles."""
-    B, T, H, Dk = k.shape
-    Dv = v.shape[-1]
-    solve, wu = wy_split_meta(Dk, Dv, chunk_size, k.dtype)
-    solve.update(solve_meta or {})
-    wu.update(wu_meta or {})
-    TI = torch.empty(B, T, H, chunk_size, dtype=torch.float32, device=k.device)
-    w = torch.empty_like(k)
-    u = torch.empty(B, T, H, Dv, dtype=k.dtype, device=k.device)
-    NC = triton.cdiv(T, chunk_size)
-    flags = dict(**_flags(g, reset), **split_products(k))
-    solver = _wy_solve_light_kernel if solve.pop("light", False) else _wy_solve_kernel
-    solver[(NC, B * H)](k, beta, g, _reset_bytes(reset), TI, T, H, Dk, BC=BC, **flags, **solve)
-    tiles = triton.cdiv(Dk, wu["BW"]) + triton.cdiv(Dv, wu["BW"])
-    _wy_wu_kernel[(NC, B * H, tiles)](k, v, beta, g, _reset_bytes(reset), TI, w, u, T, H, Dk, Dv, **flags, **wu)
-    return TI, w, u
-
-
 def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Tensor | None, TI: Tensor,
-                h: Tensor, dU: Tensor, dk_part: Tensor, dG_part: Tensor | None, chunk_size: int, split_dw: bool = False,
+                h: Tensor, dU: Tensor, dk_part: Tensor, dG_part: Tensor | None, chunk_size: int,
                 meta: dict | None = None):
     """`(dk, dv, dg, dbeta)` typed like `k, v, g, beta` (`dg` None without g), from the chunk
     states `h` [B,H,NC,Dk,Dv], `dU` [B,T,H,Dv] float32 (`du = dU`, `dw = −dU hᵀ`), and the later
@@ -481,12 +321,7 @@ def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Ten
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if g is not None else None
-    dw = None
-    if split_dw:
-        dw = torch.empty(B, T, H, Dk, dtype=torch.float32, device=k.device)
-        _wy_bwd_dw_kernel[(NC, B * H, triton.cdiv(Dk, meta["BK"]))](
-            h, dU, dw, T, H, Dk, Dv, C, meta["BK"], meta["BV"], meta["PREC"], num_warps=4)
     _wy_bwd_kernel[(NC, B * H)](
-        k, v, beta, g, _reset_bytes(reset), TI, h, dU, dk_part, dG_part, scratch, dk, dv, dbeta, dg, dw, T, H, Dk,
-        Dv, **_flags(g, reset), **meta, DW_GIVEN=split_dw)
+        k, v, beta, g, _reset_bytes(reset), TI, h, dU, dk_part, dG_part, scratch, dk, dv, dbeta, dg, T, H, Dk,
+        Dv, **_flags(g, reset), **meta)
     return dk, dv, dg, dbeta
