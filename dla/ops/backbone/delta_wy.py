@@ -28,10 +28,12 @@ chunk states `h`:
 transposed) rather than `tl.trans` of a register tensor that came out of a dot: that pattern is
 what Triton 3.4–3.7.0 miscompiles on Hopper (fla issue #640).
 
-Launch: 4 warps a program for both kernels, where ptxas gives each one program an SM with a few
-spills; on an H100 that ran faster than 8 warps (no spills), 16, blocks of 64, and a split
-forward (the solve, then `w`, `u` by tiles in a grid of their own), which `perf.sweep_wy_gpu`
-times beside the shipped launch (`perf/results/sweep_wy-h100.md`).
+Launch: 4 warps a program for both kernels. ptxas gives each 255 registers a thread with some
+spills (`python -m perf.sm90_resources --stages wy`), so two programs share an SM where the
+8-warp launch (235 registers, no spills in the forward) fit one; on an H100 the 4-warp launches
+ran faster than 8 or 16 warps, blocks of 64, a split forward (the solve, then `w`, `u` by tiles
+in a grid of their own) and `dw` by a launch of its own (`perf.sweep_wy_gpu`,
+`perf/results/sweep_wy-h100.md`).
 
 Shapes: `k [B,T,H,Dk]`, `v [B,T,H,Dv]`, `g, beta, reset [B,T,H]`; `T` is stored `[B,T,H,C]`
 (row `t` of its chunk's matrix at token `t`, float32), `w [B,T,H,Dk]`, `u [B,T,H,Dv]` in the
