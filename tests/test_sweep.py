@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import perf.sweep_drift_gpu
+import perf.sweep_readout_gpu
 import perf.sweep_wy_gpu
 from dla.testing import relative_error
 from perf.sweep import measured, write_sweep
@@ -43,6 +45,24 @@ def test_a_failing_configuration_is_a_row_with_its_error(capsys):
 
 
 def test_the_sweeps_are_built_on_it():
-    for sweep in (perf.sweep_drift_gpu, perf.sweep_wy_gpu):
+    for sweep in (perf.sweep_drift_gpu, perf.sweep_readout_gpu, perf.sweep_wy_gpu):
         assert sweep.write_sweep is write_sweep and sweep.measured is measured
         assert sweep.relative_error is relative_error
+
+
+def test_the_readout_sweep_sets_a_kernels_launch_options_for_the_block_only():
+    import dla.ops.readout.objects_delta_triton as kernels
+    import perf.sweep_readout_gpu as sweep
+
+    assert set(sweep.CANDIDATES) == set(kernels.LAUNCH)  # every kernel swept, none renamed away
+    shipped = {name: dict(options) for name, options in kernels.LAUNCH.items()}
+    with sweep.launch_options("_ut_bwd_kernel", {"num_warps": 2}):
+        assert kernels.LAUNCH["_ut_bwd_kernel"] == {"num_warps": 2}
+        assert {n: o for n, o in kernels.LAUNCH.items() if n != "_ut_bwd_kernel"} == {
+            n: o for n, o in shipped.items() if n != "_ut_bwd_kernel"}
+    assert kernels.LAUNCH == shipped
+    with pytest.raises(RuntimeError), sweep.launch_options("_readout_kernel", {"num_warps": 4}):
+        raise RuntimeError("a configuration that fails to compile")
+    assert kernels.LAUNCH == shipped
+    with pytest.raises(KeyError, match="_no_such_kernel"), sweep.launch_options("_no_such_kernel", {}):
+        pass
