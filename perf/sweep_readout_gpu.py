@@ -140,7 +140,8 @@ def main() -> int:
     write_sweep(args.out, "sweep_readout", "readout-with-β launch options",
                 f"T = {args.length}, 32,768 tokens, H = 16, Dk = Dv = 128, bf16, DLA K = 32, sparse, token score "
                 "(perf/sweep_readout_gpu.py)",
-                ["kernel", "options", "shipped", "worst error vs shipped", "kernel ms", "layer fwd+bwd ms"], rows, cells)
+                ["kernel", "options", "shipped", "worst error vs shipped", "kernel ms", "layer fwd+bwd ms"], rows,
+                cells)
     return 0
 
 

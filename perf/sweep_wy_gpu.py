@@ -5,8 +5,8 @@ verified before it is timed.
 
 The WY forward solves each chunk's `T = (I + A_kk)⁻¹` and forms `w = T diag(βγ) K`,
 `u = T diag(β) V`; with the WY backward it was the largest kernel of `single` Gated DeltaNet in
-the H100 profile (`perf/results/profile_gpu-h100.md`), with registers for one program per SM at
-its launch (`python -m perf.sm90_resources --stages backbone`). On SPEC §7's Gated DeltaNet
+the H100 profile (`perf/results/profile_gpu-h100.md`); ptxas's registers and spills at each
+launch: `python -m perf.sm90_resources --stages wy`. On SPEC §7's Gated DeltaNet
 inputs (32,768 tokens, H = 16, Dk = Dv = 128, bf16, chunks of 64) it times (median ms,
 `triton.testing.do_bench`):
 
@@ -15,8 +15,9 @@ inputs (32,768 tokens, H = 16, Dk = Dv = 128, bf16, chunks of 64) it times (medi
 - the backward `wy_backward` at each (warps, stages, BK, BV).
 
 (Its first run on an H100 also timed a split forward — the solve, then `w`, `u` by tiles in a
-grid of their own — and `dw = −dU hᵀ` by a launch of its own; neither beat the fused kernels at
-4 warps, and both were deleted: `perf/results/sweep_wy-h100.md`.)
+grid of their own — at best within noise of the fused kernel at 4 warps, and `dw = −dU hᵀ` by a
+launch of its own, slower than the fused backward at 4 warps; both were deleted:
+`perf/results/sweep_wy-h100.md`.)
 
 Forward rows compare `w` and `u` with the stage's float64 torch chunks
 (`dla.ops.backbone.delta._chunks`) as `‖out − ref‖ / ‖ref‖`; backward rows compare with the
@@ -40,6 +41,7 @@ TOKENS, HEADS, DIM, CHUNK = 32768, 16, 128, 64
 CANDIDATES = [(8, 2, 32), (4, 1, 32), (4, 3, 32), (4, 2, 64), (2, 2, 32)]
 # the backward `wy_backward`: (warps, stages, BK, BV), compared with the shipped launch's own results
 BACKWARD_CANDIDATES = [(8, 2, 32, 32), (4, 1, 32, 32), (4, 2, 64, 32), (4, 2, 32, 64), (2, 2, 32, 32)]
+
 
 def run(T: int) -> list[dict]:
     from triton.testing import do_bench

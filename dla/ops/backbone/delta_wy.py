@@ -311,7 +311,7 @@ def wy_backward(k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, reset: Ten
     """`(dk, dv, dg, dbeta)` typed like `k, v, g, beta` (`dg` None without g), from the chunk
     states `h` [B,H,NC,Dk,Dv], `dU` [B,T,H,Dv] float32 (`du = dU`, `dw = −dU hᵀ`), and the later
     stages' float32 `dk_part` (which this call accumulates into) and `dG_part` [B,T,H] (before
-    the reverse cumsum)."""
+    the reverse cumsum). `meta` overrides `wy_meta`'s launch (`perf.sweep_wy_gpu`'s candidates)."""
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     C = chunk_size
