@@ -18,7 +18,9 @@ depend on the chunk beyond rounding). With `β` and no gates (DeltaNet) CUDA ten
 torch delta rule: on an H100 (torch 2.11, Triton 3.6) the Triton kernels passed every gated case
 of the GPU suite but missed the bf16 bound in one ungated case (`dq` 2.1e-2 at Dk = Dv = 128,
 T = 4096; `perf/results/gpu_tests-h100.log`), and a launch configuration that passes both
-ungated cases has not been found on the card yet.
+ungated cases has not been found on the card yet. The miss comes with resets and shows in the
+outputs of `delta_output._dqkwg_kernel` (`dq`, `dk`, `dλ0`), not in the bf16 storage the stages
+share: the forward's `o` matches a bf16-storage emulation of the kernels to three digits.
 """
 
 from __future__ import annotations
