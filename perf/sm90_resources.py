@@ -107,11 +107,6 @@ def backbone_kernels(spec: str, tiles: list[int] | None = None, optional: tuple[
         settings = [dict(dict.fromkeys(BACKBONE_OPTIONAL, True), HAS_G=has_g, HAS_RESET=False, HAS_DHX=False)]
     else:
         settings = [dict.fromkeys(BACKBONE_OPTIONAL, present) for present in optional]
-    data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
-
-    def arg_type(a: str) -> str:
-        return {"T": "i32", "scale": "fp32", "RESET": "*u8"}.get(a, "*fp32" if a in BACKBONE_FLOAT32 else data)
-
     if tiles is None:
         tiles = sorted({min(b, triton.next_power_of_2(D)) for b in (64, 32, 16)}, reverse=True)
     out = BO.output_meta(D, D, C, dtype)
@@ -123,16 +118,27 @@ def backbone_kernels(spec: str, tiles: list[int] | None = None, optional: tuple[
              (BO._dqkwg_kernel, out["dqkwg"])]
     for flags in settings:
         for fn, meta in runs:
-            meta = dict(meta)
-            options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-            names = {p.name for p in fn.params}
-            given = {**meta, "H": 16, "DK": D, "DV": D, "BC": BW.BC, "SPLIT": dtype == torch.bfloat16,
-                     "INTERP": False, **flags}
-            constexprs = {k: v for k, v in given.items() if k in names}
-            label = f"{fn.__name__} (BV {meta['BV']}, {options.get('num_warps', 4)} warps)"
+            label = f"{fn.__name__} (BV {meta['BV']}, {meta.get('num_warps', 4)} warps)"
             if optional is not None:
                 label += f", optional inputs {'present' if flags['HAS_G'] else 'absent'}"
-            yield label, compile_for_sm90(fn, arg_type, constexprs, **options)
+            yield label, backbone_compiled(fn, meta, D, dtype, flags)
+
+
+def backbone_compiled(fn, meta: dict, D: int, dtype: torch.dtype, flags: dict):
+    """The chunked delta rule's kernel `fn` compiled for sm_90 at `meta` (launch options
+    included), `Dk = Dv = D`, H = 16 and the optional inputs' `flags`, its arguments typed as
+    `delta_triton` passes them (`BACKBONE_FLOAT32` float32, the rest in the inputs' dtype)."""
+    data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+
+    def arg_type(a: str) -> str:
+        return {"T": "i32", "scale": "fp32", "RESET": "*u8"}.get(a, "*fp32" if a in BACKBONE_FLOAT32 else data)
+
+    meta = dict(meta)
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    names = {p.name for p in fn.params}
+    given = {**meta, "H": 16, "DK": D, "DV": D, "BC": BW.BC, "SPLIT": dtype == torch.bfloat16, "INTERP": False,
+             **flags}
+    return compile_for_sm90(fn, arg_type, {k: v for k, v in given.items() if k in names}, **options)
 
 
 def drift_kernels(spec: str):
@@ -167,27 +173,17 @@ def wy_launches(spec: str):
     from perf.sweep_wy_gpu import BACKWARD_CANDIDATES, CANDIDATES
 
     D, _, C, _, dtype, has_g = _parse(spec)
-    data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
-
-    def arg_type(a: str) -> str:
-        return {"T": "i32", "RESET": "*u8"}.get(a, "*fp32" if a in BACKBONE_FLOAT32 else data)
-
-    def compiled(fn, meta: dict):
-        meta = dict(meta)
-        options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-        names = {p.name for p in fn.params}
-        given = {"H": 16, "DK": D, "DV": D, "BC": BW.BC, "SPLIT": dtype == torch.bfloat16, "INTERP": False,
-                 "HAS_G": has_g, "HAS_RESET": False, **meta}
-        return compile_for_sm90(fn, arg_type, {k: v for k, v in given.items() if k in names}, **options)
-
+    flags = dict(HAS_G=has_g, HAS_RESET=False)
     shipped = BW.wy_meta(D, D, C, dtype)
     first = (shipped["num_warps"], shipped["num_stages"], shipped["BK"], shipped["BV"])
     for warps, stages, bk, bv in [first] + [(w, s, b, b) for w, s, b in CANDIDATES]:
         meta = dict(shipped, num_warps=warps, num_stages=stages, BK=bk, BV=bv)
-        yield f"_wy_fwd_kernel ({warps} warps, {stages} stages, BK {bk}, BV {bv})", compiled(BW._wy_fwd_kernel, meta)
+        yield (f"_wy_fwd_kernel ({warps} warps, {stages} stages, BK {bk}, BV {bv})",
+               backbone_compiled(BW._wy_fwd_kernel, meta, D, dtype, flags))
     for warps, stages, bk, bv in [first] + BACKWARD_CANDIDATES:
         meta = dict(shipped, num_warps=warps, num_stages=stages, BK=bk, BV=bv)
-        yield f"_wy_bwd_kernel ({warps} warps, {stages} stages, BK {bk}, BV {bv})", compiled(BW._wy_bwd_kernel, meta)
+        yield (f"_wy_bwd_kernel ({warps} warps, {stages} stages, BK {bk}, BV {bv})",
+               backbone_compiled(BW._wy_bwd_kernel, meta, D, dtype, flags))
 
 
 STAGES = {"readout": readout_kernels, "backbone": backbone_kernels, "drift": drift_kernels, "wy": wy_launches}
