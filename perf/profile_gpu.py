@@ -128,14 +128,13 @@ def parse_config(text: str) -> tuple[str, str, int]:
         raise SystemExit(f"--configs entries must be BACKBONE:POLICY:K (e.g. gdn:dla:32), got {text!r}") from None
 
 
-def torch_profile(config: str, length: int, warmup: int) -> dict:
-    """Per-kernel CUDA time of one forward+backward as it really runs."""
+def kernel_times(fn) -> dict:
+    """`{kernel's short name: {"us", "launches"}}`: the CUDA time of one call of `fn` as it runs."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    fwd_bwd = warmed_workload(config, length, warmup)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fwd_bwd()
+        fn()
         torch.cuda.synchronize()
     kernels = defaultdict(lambda: {"us": 0.0, "launches": 0})
     for ev in prof.events():
@@ -143,6 +142,15 @@ def torch_profile(config: str, length: int, warmup: int) -> dict:
             k = kernels[short_name(ev.name)]
             k["us"] += ev.device_time
             k["launches"] += 1
+    return dict(kernels)
+
+
+def torch_profile(config: str, length: int, warmup: int) -> dict:
+    """Per-kernel CUDA time of one forward+backward as it really runs."""
+    import torch
+
+    fwd_bwd = warmed_workload(config, length, warmup)
+    kernels = kernel_times(fwd_bwd)
     total = sum(k["us"] for k in kernels.values())
     rows = sorted(({"kernel": n, **v, "share": v["us"] / total} for n, v in kernels.items()), key=lambda r: -r["us"])
     del fwd_bwd

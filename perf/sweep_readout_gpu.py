@@ -85,15 +85,9 @@ def layer(T: int):
 
 def kernel_ms(step, kernel: str) -> float:
     """The kernel's CUDA time in one fwd+bwd (ms, all its launches)."""
-    from torch.profiler import ProfilerActivity, profile
+    from perf.profile_gpu import kernel_times
 
-    from perf.profile_gpu import short_name
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return sum(ev.device_time for ev in prof.events()
-               if ev.device_type == torch.autograd.DeviceType.CUDA and short_name(ev.name) == kernel) / 1e3
+    return kernel_times(step).get(kernel, {"us": 0.0})["us"] / 1e3
 
 
 def run(T: int, names: list[str]) -> list[dict]:
