@@ -189,7 +189,7 @@ def _train(args) -> int:
         run = plan(model_cfg, train_cfg, args.out, resume=args.resume, compile=not args.no_compile,
                    device=args.device, checkpoint_every=args.checkpoint_every, world=world)
     except ValueError as e:
-        return _fail(str(e)) if report else 2
+        return _fail(str(e)) if report else distributed.quiet_failure()
     try:
         with distributed.process_group(world):
             result = train(run)

@@ -215,9 +215,9 @@ def test_single_process_checkpoint_is_not_resumed_by_torchrun(runs, monkeypatch,
 
 
 def test_torchrun_reports_a_bad_batch_once(tmp_path):
-    """Through torchrun itself: the workers exit 2, rank 0's line is the one line of ours (torchrun
-    adds its own failure summary, and may stop the other worker before it exits), and nothing is
-    written."""
+    """Through torchrun itself: rank 0 exits 2 with the one line of ours (torchrun adds its own
+    failure summary), the quiet rank waits for torchrun to stop it — had it exited first, torchrun
+    could stop rank 0 before it printed, as it did on a slow machine — and nothing is written."""
     corpus = write_corpus(tmp_path / "corpus")
     done = torchrun(train_args(corpus, tmp_path / "run", batch=3))
     ours = [line for line in done.stderr.splitlines() if line.startswith("dla: error:")]

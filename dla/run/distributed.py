@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,17 @@ class World:
 def is_main_process() -> bool:
     """Rank 0, or a process not started by torchrun: the one that reports errors."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def quiet_failure(timeout: float = 60.0) -> int:
+    """Exit code 2 for a rank other than 0 that met a set-up error every rank meets, returned once
+    torchrun's agent (`TORCHELASTIC_RUN_ID` set) has not stopped this process within `timeout` s.
+    The agent stops every worker as soon as one fails: a quiet rank that exited first could stop
+    rank 0 before it printed the one line that reports the error, so the quiet ranks wait for
+    rank 0's exit to end them. Outside the agent (a test setting the variables) it returns at once."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(timeout)
+    return 2
 
 
 def from_env(*, backend: str | None = None, device: str | None = None, env=None) -> World | None:
