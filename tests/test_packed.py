@@ -159,7 +159,9 @@ def test_triton_kernels_pack_like_the_separate_calls(policy, score, transition):
             loss = (o1 * wo[:, start:start + n]).sum() + (c1.S * wS[i:i + 1]).sum()
             for name, g_packed, want in zip(names, grads, torch.autograd.grad(loss, [alone[m] for m in names])):
                 err = (g_packed[:, start:start + n] - want).norm()
-                assert err <= 1e-5 * want.norm() + 1e-7, name
+                # the floor: float32's epsilon at the scale of the whole gradient (a lone token's dg is
+                # 0 in exact arithmetic, rounding in both calls, 1e-7 against a packed norm of 8 seen)
+                assert err <= 1e-5 * want.norm() + 1e-7 * g_packed.norm(), name
 
 
 def test_compiled_packed_call_is_one_graph():
