@@ -25,9 +25,10 @@ demo: $(STAMP)
 
 # the test suite (hypothesis "ci" profile: bounded examples, no deadline; the `slow` sm_90 compile
 # checks of non-default launch configurations run with the GPU suite, `bash perf/gpu.sh tests`),
-# then the CPU benchmarks, whose assertions are ratios measured within the run
+# as one pytest process per core sharing the files (tests/parallel.py), then the CPU benchmarks
+# alone, whose assertions are ratios measured within the run
 test: $(STAMP)
-	HYPOTHESIS_PROFILE=ci $(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	HYPOTHESIS_PROFILE=ci $(VENV)/bin/python tests/parallel.py -q -p no:cacheprovider -m "not slow" tests
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider perf --benchmark-json=perf/results/cpu-latest.json
 
 bench: $(STAMP)
