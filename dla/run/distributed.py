@@ -72,11 +72,11 @@ def is_main_process() -> bool:
 
 
 def quiet_failure(timeout: float = 60.0) -> int:
-    """Exit code 2 for a rank other than 0 that met a set-up error every rank meets, returned once
-    torchrun's agent (`TORCHELASTIC_RUN_ID` set) has not stopped this process within `timeout` s.
-    The agent stops every worker as soon as one fails: a quiet rank that exited first could stop
-    rank 0 before it printed the one line that reports the error, so the quiet ranks wait for
-    rank 0's exit to end them. Outside the agent (a test setting the variables) it returns at once."""
+    """Exit code 2 for a rank other than 0 after a set-up error that every rank meets (rank 0
+    reports it). Under torchrun's agent (`TORCHELASTIC_RUN_ID` set) it first waits up to `timeout`
+    s to be stopped: the agent stops every worker as soon as one fails, so a quiet rank that exited
+    first could have rank 0 stopped before it printed its line; waiting, the quiet ranks are ended
+    by rank 0's exit instead. Outside the agent (a test setting the variables) it returns at once."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         time.sleep(timeout)
     return 2
