@@ -36,14 +36,16 @@ for part in "${PARTS[@]}"; do
   for f in $part; do case $f in tests/*.py) REST="$REST --ignore=$f" ;; esac; done
 done
 PARTS+=("$REST")
-# one log per part, its exit status on the last line (the device brings back a bounded number of
-# files); pytest's 5 (nothing collected: no GPU test left in the rest) counts as a pass
+# one log per part, its exit status on the last line, each test on a line of its own (-v: a part
+# stopped by LIMIT still names its failures); the parts' logs end up in one file, gpu_tests.log
+# (the device brings back a bounded number of files); pytest's 5 (nothing collected: no GPU test
+# left in the rest) counts as a pass
 tests_in_parts() {
   local n g i code rc=0
   n=$(nvidia-smi -L | wc -l)
   for i in "${!PARTS[@]}"; do
     g=$((i % n))
-    ( eval "CUDA_VISIBLE_DEVICES=$g timeout ${LIMIT:-540} python3 -m pytest -q -p no:cacheprovider -m \"gpu or slow\" -rfs ${PARTS[$i]}" \
+    ( eval "CUDA_VISIBLE_DEVICES=$g timeout ${LIMIT:-540} python3 -m pytest -v -p no:cacheprovider -m \"gpu or slow\" -rfs ${PARTS[$i]}" \
         > "$OUT/gpu_tests_$i.log" 2>&1
       echo "exit $?" >> "$OUT/gpu_tests_$i.log" ) &
   done
@@ -51,9 +53,15 @@ tests_in_parts() {
   for i in "${!PARTS[@]}"; do
     code=$(tail -n 1 "$OUT/gpu_tests_$i.log" | cut -d' ' -f2)
     echo "== part $i (GPU $((i % n))): ${PARTS[$i]}: exit $code (124: stopped by LIMIT)"
+    grep -E " (FAILED|ERROR)( |$)" "$OUT/gpu_tests_$i.log" | head -n 5  # -v's per-test lines
     tail -n 4 "$OUT/gpu_tests_$i.log" | head -n 3
     case $code in 0|5) ;; *) rc=1 ;; esac
   done
+  for i in "${!PARTS[@]}"; do
+    echo "======== part $i: ${PARTS[$i]}"
+    cat "$OUT/gpu_tests_$i.log"
+  done > "$OUT/gpu_tests.log"
+  rm -f "$OUT"/gpu_tests_[0-9]*.log
   return $rc
 }
 if [ "${1:-}" = tests ] && [ $# -eq 1 ]; then tests_in_parts; exit $?; fi
