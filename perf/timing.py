@@ -9,15 +9,20 @@ measured in the same run, timed so that the load touches both alike.
   round that the samples span comparable stretches of wall time.
 * Minima over rounds: interference only adds time, so the least is the workload's own cost.
 
-`python -m perf.timing refresh RESULT.json [RESULT.json …]` rewrites the bounds of
-`perf/baselines/cpu.json` from pytest-benchmark results of the regression suite (the median of
-each ratio over the files; see perf/README.md for when that is allowed).
+Bounds are kept per CPU type (`cpu_type`): the ratios are stable on one type of CPU, not
+across them — `readout/calibration` measured 1.26 on the CI machine's Intel Xeon and 2.0–2.5 on
+its AMD EPYC, so one bound either fails the EPYC or lets a 2× slowdown through on the Xeon.
+
+`python -m perf.timing refresh RESULT.json [RESULT.json …] [--cpu TYPE]` rewrites this CPU
+type's bounds in `perf/baselines/cpu.json` from pytest-benchmark results of the regression suite
+(the median of each ratio over the files; see perf/README.md for when that is allowed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from contextlib import contextmanager
@@ -61,8 +66,39 @@ class Rounds:
         return {name: min(s) for name, s in self.samples.items()}
 
 
-def load_bounds(path: Path = CPU_BASELINE) -> dict:
-    return json.loads(Path(path).read_text())["ratios"]
+# substrings of the model name that name a CPU type; the CI machines' virtual CPUs report
+# only the family ("AMD EPYC"), so the family is the finest key that every machine can give
+CPU_FAMILIES = {"EPYC": "AMD EPYC", "Xeon": "Intel Xeon"}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo`, else `platform.processor()`)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_type(model: str | None = None) -> str:
+    """The key of this CPU's bounds: its family where `CPU_FAMILIES` names one, else the model name."""
+    model = cpu_model() if model is None else model
+    return next((family for key, family in CPU_FAMILIES.items() if key in model), model)
+
+
+def load_bounds(path: Path = CPU_BASELINE, cpu: str | None = None) -> dict:
+    """The bounds of CPU type `cpu` (default: this machine's); a type without bounds is an error
+    that says how to measure them — a check against another CPU type's bounds means nothing."""
+    cpu = cpu_type() if cpu is None else cpu
+    cpus = json.loads(Path(path).read_text())["cpus"]
+    if cpu not in cpus:
+        raise ValueError(f"{Path(path).name} has no bounds for this CPU type, {cpu!r} (model {cpu_model()!r}; "
+                         f"bounds exist for {sorted(cpus)}): measure them as perf/README.md says "
+                         "(five runs, then python -m perf.timing refresh)")
+    return cpus[cpu]["ratios"]
 
 
 def check_ratio(name: str, ratio: float, bounds: dict) -> str | None:
@@ -78,10 +114,13 @@ def check_ratio(name: str, ratio: float, bounds: dict) -> str | None:
     return None
 
 
-def refresh(results: list[Path], path: Path = CPU_BASELINE) -> dict:
+def refresh(results: list[Path], path: Path = CPU_BASELINE, cpu: str | None = None) -> dict:
     """The median ratio of each tracked figure over pytest-benchmark JSON files (their
-    `extra_info["ratio"]`, keyed by `extra_info["figure"]`) replaces that figure's baseline;
-    tolerances and notes stay. Returns the new file's content."""
+    `extra_info["ratio"]`, keyed by `extra_info["figure"]`) replaces that figure's baseline for
+    CPU type `cpu` (default: this machine's); tolerances and notes stay. A CPU type new to the
+    file takes each figure's tolerance from a type that has it (0.41 = √2 − 1 where none does).
+    Returns the new file's content."""
+    cpu = cpu_type() if cpu is None else cpu
     baseline = json.loads(Path(path).read_text())
     seen: dict[str, list[float]] = {}
     for result in results:
@@ -89,13 +128,16 @@ def refresh(results: list[Path], path: Path = CPU_BASELINE) -> dict:
             info = bench.get("extra_info", {})
             if "figure" in info and "ratio" in info:
                 seen.setdefault(info["figure"], []).append(float(info["ratio"]))
-    missing = sorted(set(baseline["ratios"]) - set(seen))
+    tracked = {name for entry in baseline["cpus"].values() for name in entry["ratios"]}
+    missing = sorted(tracked - set(seen))
     if missing:
         raise ValueError(f"results: no measurement of {missing} in {[str(r) for r in results]}")
-    for name, ratios in seen.items():
-        entry = baseline["ratios"].setdefault(name, {"tolerance": 0.5})
-        entry["ratio"] = round(statistics.median(ratios), 5)
-        entry["measured"] = [round(r, 5) for r in ratios]
+    tolerances = {name: e["tolerance"] for entry in baseline["cpus"].values() for name, e in entry["ratios"].items()}
+    ratios = baseline["cpus"].setdefault(cpu, {}).setdefault("ratios", {})
+    for name, measured in seen.items():
+        entry = ratios.setdefault(name, {"tolerance": tolerances.get(name, 0.41)})
+        entry["ratio"] = round(statistics.median(measured), 5)
+        entry["measured"] = [round(r, 5) for r in measured]
     Path(path).write_text(json.dumps(baseline, indent=1) + "\n")
     return baseline
 
@@ -103,12 +145,16 @@ def refresh(results: list[Path], path: Path = CPU_BASELINE) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.timing")
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("refresh", help="rewrite perf/baselines/cpu.json from pytest-benchmark results")
+    r = sub.add_parser("refresh", help="rewrite a CPU type's bounds in perf/baselines/cpu.json from pytest-benchmark "
+                                       "results")
     r.add_argument("results", type=Path, nargs="+")
     r.add_argument("--baseline", type=Path, default=CPU_BASELINE)
+    r.add_argument("--cpu", default=None, help=f"the CPU type (default: this machine's, {cpu_type()!r})")
     args = parser.parse_args(argv)
-    baseline = refresh(args.results, args.baseline)
-    for name, entry in baseline["ratios"].items():
+    cpu = cpu_type() if args.cpu is None else args.cpu
+    baseline = refresh(args.results, args.baseline, cpu)
+    print(f"bounds of {cpu}:")
+    for name, entry in baseline["cpus"][cpu]["ratios"].items():
         print(f"{name}: {entry['ratio']:.4g} (tolerance {entry['tolerance']:g}; runs {entry['measured']})")
     return 0
 
