@@ -10,7 +10,7 @@ measured in the same run, timed so that the load touches both alike.
 * Minima over rounds: interference only adds time, so the least is the workload's own cost.
 
 Bounds are kept per CPU type (`cpu_type`): the ratios are stable on one type of CPU, not
-across them — `readout/calibration` measured 1.26 on the CI machine's Intel Xeon and 2.0–2.5 on
+across them — `readout/calibration` measured 1.26 on the CI machine's Intel Xeon and 2.0–2.8 on
 its AMD EPYC, so one bound either fails the EPYC or lets a 2× slowdown through on the Xeon.
 
 `python -m perf.timing refresh RESULT.json [RESULT.json …] [--cpu TYPE]` rewrites this CPU
