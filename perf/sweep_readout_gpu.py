@@ -39,15 +39,11 @@ from perf.sweep import measured, write_sweep
 TOKENS, HEADS, DIM, LEVELS = 32768, 16, 128, 32
 # candidates by kernel, the shipped options (kernels.LAUNCH) first in every sweep; the heaviest
 # kernels of the layer's profile first
+# the four heaviest kernels take the same candidates
+HEAVY = [dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=2), dict(num_warps=8, num_stages=2)]
 CANDIDATES = {
-    "_readout_bwd_band_kernel": [dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=2),
-                                dict(num_warps=8, num_stages=2)],
-    "_readout_bwd_chain_kernel": [dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=2),
-                                 dict(num_warps=8, num_stages=2)],
-    "_readout_kernel": [dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=2),
-                       dict(num_warps=8, num_stages=2)],
-    "_ut_bwd_kernel": [dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=2),
-                      dict(num_warps=8, num_stages=2)],
+    **dict.fromkeys(("_readout_bwd_band_kernel", "_readout_bwd_chain_kernel", "_readout_kernel", "_ut_bwd_kernel"),
+                    HEAVY),
     "_object_bwd_kernel": [dict(num_warps=4, num_stages=1), dict(num_warps=16, num_stages=1)],
     "_suffix_bwd_kernel": [dict(num_warps=4, num_stages=1), dict(num_warps=16, num_stages=1)],
     "_object_kernel": [dict(num_warps=4), dict(num_warps=4, num_stages=2)],
