@@ -28,6 +28,7 @@ import textwrap
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import Phase, settings
 
 import dla.operator
 import dla.ops.backbone.ssd
@@ -194,11 +195,26 @@ def install(mutant: Mutant, monkeypatch) -> None:
 
 
 class _Outcomes:
-    """A pytest plugin recording each test's outcome in the nested run."""
+    """A pytest plugin recording each test's outcome in the nested run, in which a property test
+    stops at its first failing example: the question is only whether a killer fails, so its
+    remaining explicit examples (Hypothesis runs them all, to report every distinct bug) and the
+    shrinking of a generated failure are wasted work. Hypothesis reads a test's settings from the
+    attribute its `@settings` decorator writes, when the test runs."""
 
-    def __init__(self):
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
         self.failed: set[str] = set()
         self.passed: set[str] = set()
+
+    def pytest_collection_modifyitems(self, items):
+        for test in {id(item.obj): item.obj for item in items if hasattr(item, "obj")}.values():
+            # through decorators above `@given` (functools.wraps copies the attributes, not the object)
+            while getattr(getattr(test, "__wrapped__", None), "is_hypothesis_test", False):
+                test = test.__wrapped__
+            if getattr(test, "is_hypothesis_test", False):
+                first_failure = settings(test._hypothesis_internal_use_settings, report_multiple_bugs=False,
+                                         phases=[Phase.explicit, Phase.reuse, Phase.generate])
+                self.monkeypatch.setattr(test, "_hypothesis_internal_use_settings", first_failure)
 
     def pytest_runtest_logreport(self, report):
         if report.failed:
@@ -210,7 +226,7 @@ class _Outcomes:
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
 def test_the_checks_kill_the_mutant(mutant: Mutant, monkeypatch):
     install(mutant, monkeypatch)
-    outcomes = _Outcomes()
+    outcomes = _Outcomes(monkeypatch)
     pytest.main(["-q", "-p", "no:cacheprovider", "--no-header", "-W", "ignore", *mutant.killers], plugins=[outcomes])
     ran = outcomes.failed | outcomes.passed
     assert ran == set(mutant.killers), f"ran {sorted(ran)}, asked for {sorted(mutant.killers)}"
