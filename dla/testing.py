@@ -35,6 +35,7 @@ The interpreter runs every program of a launch in Python over numpy arrays, so k
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from contextlib import contextmanager
@@ -53,8 +54,8 @@ from dla.ops.backbone import backbone_backward_triton, backbone_forward_triton
 from dla.ops.readout import readout_backward_triton, readout_forward_triton
 from dla.ops.segment import segment_triton
 
-__all__ = ["triton_interpreter", "bounds_checked", "OutOfBounds", "compile_for_sm90", "PTXAS", "relative_error",
-           "poisoned_empty"]
+__all__ = ["triton_interpreter", "no_dead_overflow_checks", "bounds_checked", "OutOfBounds", "compile_for_sm90",
+           "PTXAS", "relative_error", "poisoned_empty"]
 
 # the ptxas that `compile_for_sm90` runs, shipped in Triton's wheel (absent from some builds)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -99,9 +100,28 @@ def compile_for_sm90(fn, types, constexprs: dict, **options):
 
 
 @contextmanager
+def no_dead_overflow_checks():
+    """Inside the block, Triton's interpreter skips integer-overflow checks that it would throw
+    away. For every integer add, subtract and multiply it recomputes the result in int64,
+    compares it with the type's range and hands the comparison to `device_assert`, which
+    discards it unless the builder's options have `debug` on — never in the interpreter. That
+    dead work is a large share of an interpreted launch; skipping it changes nothing a kernel
+    computes. `triton_interpreter()` enters it for its block; a test suite that interprets
+    every launch (`TRITON_INTERPRET=1`) can hold it for the whole session."""
+    builder = _interp.interpreter_builder
+    options = builder.options
+    if not options.debug:
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    try:
+        yield
+    finally:
+        builder.options = options
+
+
+@contextmanager
 def triton_interpreter():
     """Route the `dla::*` ops' CPU kernels to their Triton kernels, interpreted, inside the block."""
-    with _jit_functions_interpreted(), warnings.catch_warnings():
+    with _jit_functions_interpreted(), no_dead_overflow_checks(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
         lib = torch.library.Library("dla", "IMPL")
         try:

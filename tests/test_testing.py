@@ -109,6 +109,40 @@ def test_bounds_checked_names_an_overrun():
     assert torch.equal(y, x)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the suite interprets every launch only without a GPU")
+def test_the_overflow_checks_it_skips_are_dead(monkeypatch):
+    """`no_dead_overflow_checks()` skips only work whose result is discarded: with the checks
+    built (Triton's default, forced here over the suite's session-wide block), an int32 product
+    that overflows still wraps without an error, as on a GPU without `debug` — so a Triton whose
+    interpreter started to enforce them fails here instead of losing a check. Inside the block
+    (which `triton_interpreter()` enters too) the kernel computes the same, and the options come
+    back after it."""
+    import dataclasses
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    @triton.jit
+    def square(X, Y, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        x = tl.load(X + o)
+        tl.store(Y + o, x * x + x)
+
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, sanitize_overflow=True))
+    x = torch.tensor([2**20, 3, -(2**31), 46341], dtype=torch.int32)
+    checked, skipped = torch.empty_like(x), torch.empty_like(x)
+    square[(1,)](x, checked, BLOCK=4)
+    with testing.no_dead_overflow_checks():
+        assert not builder.options.sanitize_overflow
+        square[(1,)](x, skipped, BLOCK=4)
+    assert builder.options.sanitize_overflow
+    with triton_interpreter():
+        assert not builder.options.sanitize_overflow
+    assert builder.options.sanitize_overflow
+    assert torch.equal(checked, x * x + x) and torch.equal(skipped, checked)
+
+
 @pytest.mark.parametrize("policy, transition", [("single", "g"), ("single", "both"), ("dla", "g"), ("dla", "beta"),
                                                 ("dla", "both"), ("fenwick", "g"), ("fenwick", "both")])
 def test_the_operators_kernels_stay_in_bounds(policy, transition):
