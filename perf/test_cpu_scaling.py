@@ -108,14 +108,17 @@ print(json.dumps({"kib": peak_kib - resident_kib}))
 
 
 def test_peak_memory_grows_linearly():
+    # a fixed mmap threshold gives every tensor buffer its own mapping, returned on free, so the
+    # resident set follows live tensors instead of glibc's adaptive heap; the lengths run side by
+    # side (each high-water mark is its own process's, whatever runs beside it)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    runs = {length: subprocess.Popen([sys.executable, "-c", PEAK_SCRIPT, str(length)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env) for length in LENGTHS}
     peaks = {}
-    for length in LENGTHS:
-        # a fixed mmap threshold gives every tensor buffer its own mapping, returned on free, so the
-        # resident set follows live tensors instead of glibc's adaptive heap
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(length)], capture_output=True, text=True,
-                             check=True, env=env)
-        peaks[length] = json.loads(out.stdout.strip().splitlines()[-1])["kib"]
+    for length, run in runs.items():
+        out, err = run.communicate()
+        assert run.returncode == 0, f"T = {length}: {err[-3000:]}"
+        peaks[length] = json.loads(out.strip().splitlines()[-1])["kib"]
     ratios = [peaks[b] / max(peaks[a], 1) for a, b in zip(LENGTHS, LENGTHS[1:])]
     print("peak fwd+bwd KiB above inputs:", peaks, "growth per doubling:", ratios)
     assert all(p > 0 for p in peaks.values()), peaks
