@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -111,6 +112,7 @@ def run(T: int, names: list[str]) -> list[dict]:
             # the shipped row's own errors are the run-to-run floor (atomic sums are not ordered)
             shipped = options == kernels.LAUNCH[kernel]
             rows.append(measured({"T": T, "kernel": kernel, "options": dict(options), "shipped": shipped}, measure))
+            print(json.dumps(rows[-1]), flush=True)  # a run stopped by its time limit keeps the rows it measured
     return rows
 
 
