@@ -114,11 +114,10 @@ def test_peak_memory_grows_linearly():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     runs = {length: subprocess.Popen([sys.executable, "-c", PEAK_SCRIPT, str(length)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env) for length in LENGTHS}
-    peaks = {}
-    for length, run in runs.items():
-        out, err = run.communicate()
-        assert run.returncode == 0, f"T = {length}: {err[-3000:]}"
-        peaks[length] = json.loads(out.strip().splitlines()[-1])["kib"]
+    done = {length: (run.communicate(), run.returncode) for length, run in runs.items()}  # all end before a check
+    for length, ((_, err), code) in done.items():
+        assert code == 0, f"T = {length}: {err[-3000:]}"
+    peaks = {length: json.loads(out.strip().splitlines()[-1])["kib"] for length, ((out, _), _) in done.items()}
     ratios = [peaks[b] / max(peaks[a], 1) for a, b in zip(LENGTHS, LENGTHS[1:])]
     print("peak fwd+bwd KiB above inputs:", peaks, "growth per doubling:", ratios)
     assert all(p > 0 for p in peaks.values()), peaks
