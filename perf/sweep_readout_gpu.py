@@ -38,10 +38,10 @@ from perf.inputs import layer_inputs
 from perf.sweep import measured, write_sweep
 
 TOKENS, HEADS, DIM, LEVELS = 32768, 16, 128, 32
-# candidates by kernel, the shipped options (kernels.LAUNCH) first in every sweep; the heaviest
-# kernels of the layer's profile first
 # the four heaviest kernels take the same candidates
 HEAVY = [dict(num_warps=4), dict(num_warps=4, num_stages=2), dict(num_warps=2), dict(num_warps=8, num_stages=2)]
+# candidates by kernel, the shipped options (kernels.LAUNCH) first in every sweep; the heaviest
+# kernels of the layer's profile first
 CANDIDATES = {
     **dict.fromkeys(("_readout_bwd_band_kernel", "_readout_bwd_chain_kernel", "_readout_kernel", "_ut_bwd_kernel"),
                     HEAVY),
