@@ -1032,21 +1032,22 @@ def _meta(Dk: int, Dv: int, interpreted: bool) -> dict:
 
 UT_BWD_MIN_BKP = 64  # the UT backward's least Dk tile (see its launch)
 
-# Launch options beyond Triton's defaults (4 warps, 3 stages), by kernel; the sm_90 compile test
-# checks every kernel's shared memory against Hopper's limit at these options, and
-# `python -m perf.sm90_resources` reports their registers and spills. Eight warps where a program
-# holds several [C, Dk], [Dk, Dk] or [Dk, BVO] float32 tiles at once (at four, each warp group
-# holds a [64, 128] one in 64 registers per thread, and they spill); one stage where the pipelined
-# copies of [Dk, Dk] or [Dk, BVO] tiles would not fit.
+# Launch options by kernel (Triton's defaults are 4 warps, 3 stages); the sm_90 compile test checks
+# every kernel's shared memory against Hopper's limit at these options, `python -m perf.sm90_resources`
+# reports their registers and spills, and `python -m perf.sweep_readout_gpu` times the candidates on
+# the GPU against these. Eight warps where a program holds several [C, Dk], [Dk, Dk] or [Dk, BVO]
+# float32 tiles at once and the sweep has not shown four faster; four for the readout and its
+# chain, band and UT backward passes, where the sweep did (their extra warps mostly wait on the
+# same tiles); one stage where the pipelined copies of [Dk, Dk] or [Dk, BVO] tiles would not fit.
 LAUNCH = {
     "_object_kernel": dict(num_warps=8),
     "_suffix_kernel": dict(num_warps=8),
-    "_readout_kernel": dict(num_warps=8),
-    "_readout_bwd_chain_kernel": dict(num_warps=8),
-    "_readout_bwd_band_kernel": dict(num_warps=8),
+    "_readout_kernel": dict(num_warps=4),
+    "_readout_bwd_chain_kernel": dict(num_warps=4),
+    "_readout_bwd_band_kernel": dict(num_warps=4),
     "_object_bwd_kernel": dict(num_warps=8, num_stages=1),
     "_suffix_bwd_kernel": dict(num_warps=8, num_stages=1),
-    "_ut_bwd_kernel": dict(num_warps=8),
+    "_ut_bwd_kernel": dict(num_warps=4),
 }
 
 
