@@ -11,7 +11,9 @@ off as the benchmark does), so that `single` and the plain backbone it should ma
 side:
 
 1. `torch.profiler`, the kernels as they really run (concurrent, boosted clocks): CUDA time per
-   kernel name, launch count, and share of the layer's kernel time.
+   kernel name, launch count, and share of the layer's kernel time; then, in a second call with
+   shapes and Python stacks recorded, torch's own kernels (copies, fills, elementwise, GEMMs) by
+   operator, input shapes and the line of ours that called it.
 2. Nsight Compute (`ncu --clock-control none`, each kernel replayed alone with the caches flushed),
    when `ncu` is on the PATH: DRAM bytes, tensor-core operations (bf16 and tf32 sources), FP32
    operations (2·FFMA + FADD + FMUL), SM and memory throughput as % of the card's peak, achieved
@@ -54,6 +56,7 @@ FULL_METRICS = [
     "smsp__sass_thread_inst_executed_op_fmul_pred_on.sum",
 ]
 BASIC_METRICS = FULL_METRICS[:7]
+SITES_SHOWN = 16  # rows of the operator-sites table
 
 
 def short_name(name: str) -> str:
@@ -145,17 +148,85 @@ def kernel_times(fn) -> dict:
     return dict(kernels)
 
 
+_CALL = "profile_gpu.op_sites"
+
+
+def _inside(ev) -> bool:
+    """Whether a profiler event ran inside `op_sites`' call of its function."""
+    parent = ev.cpu_parent
+    while parent is not None and parent.name != _CALL:
+        parent = parent.cpu_parent
+    return parent is not None
+
+
+def _ours(path: str) -> str | None:
+    """`path` as the profiler names a Python file (relative to the sys.path entry it was found
+    through, or absolute) relative to this repository, or None for a file outside it."""
+    for base in [""] + sys.path:
+        full = (Path(base or ".") / path).resolve()
+        if full.is_file():
+            return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else None
+    return None
+
+
+def _site(ev) -> str:
+    """The innermost two Python functions of this repository above a profiler event, innermost
+    first, as the profiler names them, `path(line): function`; "torch" where none is ours (an operator that
+    autograd's C++ engine runs for a torch function's backward). This file's own are skipped."""
+    ours = []
+    parent = ev.cpu_parent
+    while parent is not None and len(ours) < 2:
+        path, _, rest = parent.name.partition("(")
+        if path.endswith(".py"):
+            mine = _ours(path)
+            if mine is not None and mine != "perf/profile_gpu.py":
+                ours.append(f"{mine}({rest}")
+        parent = parent.cpu_parent
+    return " < ".join(ours) if ours else "torch"
+
+
+def op_sites(fn, device: bool = True) -> list[dict]:
+    """The torch (aten) operators of one call of `fn` that launch device work — everything but
+    our Triton kernels — by operator, input shapes and the code that called it (`_site`):
+    `{"op", "shapes", "site", "calls", "us"}`, most time first. `us` is the operators' own device
+    time (kernels they launch themselves), or with `device=False` their own CPU time (the host-side
+    test of this function)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
+    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+        with torch.profiler.record_function(_CALL):  # the profiler's own operators stay outside
+            fn()
+            if device:
+                torch.cuda.synchronize()
+    sites = defaultdict(lambda: {"calls": 0, "us": 0.0})
+    for ev in prof.events():
+        if not ev.name.startswith("aten::") or ev.device_type != torch.autograd.DeviceType.CPU or not _inside(ev):
+            continue
+        us = ev.self_device_time_total if device else ev.self_cpu_time_total
+        if us <= 0:
+            continue
+        entry = sites[(ev.name, str(ev.input_shapes), _site(ev))]
+        entry["calls"] += 1
+        entry["us"] += us
+    rows = [{"op": op, "shapes": shapes, "site": site, **v} for (op, shapes, site), v in sites.items()]
+    return sorted(rows, key=lambda r: -r["us"])
+
+
 def torch_profile(config: str, length: int, warmup: int) -> dict:
-    """Per-kernel CUDA time of one forward+backward as it really runs."""
+    """Per-kernel CUDA time of one forward+backward as it really runs, then (a second call, under
+    the operators' profiler with shapes and stacks) where torch's own kernels come from."""
     import torch
 
     fwd_bwd = warmed_workload(config, length, warmup)
     kernels = kernel_times(fwd_bwd)
     total = sum(k["us"] for k in kernels.values())
     rows = sorted(({"kernel": n, **v, "share": v["us"] / total} for n, v in kernels.items()), key=lambda r: -r["us"])
+    sites = op_sites(fwd_bwd)
     del fwd_bwd
     torch.cuda.empty_cache()
-    return {"total_us": total, "kernels": rows}
+    return {"total_us": total, "kernels": rows, "op_sites": sites}
 
 
 def read_ncu_csv(text: str) -> list[dict]:
@@ -298,6 +369,14 @@ def render(result: dict) -> str:
             lines.append(f"| {len(rest)} other kernels | {sum(k['launches'] for k in rest)} | {us / 1e3:.3f} | "
                          f"{100 * us / prof['total_us']:.1f}% | | | | | | | | | |")
         lines.append("")
+        sites = prof.get("op_sites", [])[:SITES_SHOWN]
+        if sites:
+            lines += [f"torch's own kernels by operator and caller (a second call under the operators' profiler; "
+                      f"the {len(sites)} largest):", "", "| operator | input shapes | called from | calls | ms |",
+                      "|---|---|---|---:|---:|"]
+            lines += [f"| `{r['op']}` | {r['shapes'][:90]} | {r['site']} | {r['calls']} | {r['us'] / 1e3:.3f} |"
+                      for r in sites]
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -86,3 +86,35 @@ def test_a_forced_band_reaches_the_kernels_and_the_table(monkeypatch):
     result = {"env": {"device": "card", "torch": "t", "triton": "tr"}, "length": 2048, "argv": ["--band", "2:16"],
               "band": {"keys": 2, "window": 16}, "configs": []}
     assert "not the shipped rule" in render(result) and "R = 16" in render(result)
+
+
+def test_torch_operators_are_found_by_shapes_and_caller():
+    """`op_sites` names each aten operator inside the call, its input shapes and the functions of
+    this repository above it (here on the CPU, by CPU time: the GPU pass reads device time the
+    same way), and the rendered profile lists them."""
+    import torch
+
+    from dla.ops.state import empty_cache
+    from perf.profile_gpu import op_sites
+
+    def work():
+        cache = empty_cache(2, 3, 4, 8, 16, dtype=torch.bfloat16, device="cpu")
+        return cache.S.add(1.0)
+
+    sites = op_sites(work, device=False)
+    assert sites == sorted(sites, key=lambda r: -r["us"]) and all(r["us"] > 0 for r in sites)
+    adds = [r for r in sites if r["op"] == "aten::add"]
+    assert len(adds) == 1 and adds[0]["calls"] == 1 and adds[0]["shapes"] == "[[2, 3, 4, 8, 16], [], []]"
+    here = "tests/test_profile_gpu.py("
+    assert adds[0]["site"].startswith(here) and f": work < {here}" in adds[0]["site"]
+    fills = {r["shapes"]: r for r in sites if r["op"] == "aten::zero_"}
+    assert set(fills) == {"[[2, 3, 4, 8, 16]]", "[[2, 3]]", "[[2, 3, 4]]", "[[2, 3, 8, 16]]", "[[2]]"}
+    assert fills["[[2, 3]]"]["calls"] == 3  # m, zz, N
+    assert all(r["site"].startswith("dla/ops/state.py(43): empty_cache < ") for r in fills.values())
+    assert not any("perf/profile_gpu.py" in r["site"] or "profiler" in r["site"] for r in sites)
+
+    timed = {"total_us": 5.0, "kernels": [{"kernel": "_fwd_kernel", "us": 4.0, "launches": 2, "share": 0.8}],
+             "op_sites": sites}
+    md = render({"env": {"device": "card", "torch": "t", "triton": "tr"}, "length": 64, "argv": [],
+                 "configs": [{"config": "gdn:dla:32", "torch": timed, "ncu": {"error": "skipped"}}]})
+    assert "| `aten::add` | [[2, 3, 4, 8, 16], [], []] | " in md and "torch's own kernels by operator" in md
