@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dla import level_map, multistate_attention
 from dla.ops.levels import dense_level_map, encode_level_map
@@ -210,6 +211,48 @@ def test_opcheck_readout(transition):
     strided = [wide[..., :3], wide[..., 3:6]] + plain[2:]
     assert not strided[0].is_contiguous()
     torch.library.opcheck(torch.ops.dla.readout_backward.default, (do, dS, *strided, starts, S0.detach(), 0.5, 4))
+    # an unused final state (dS None), no gradient asked of S0: an empty dS0 in its place
+    unasked = (do, None, *plain, starts, S0.detach(), 0.5, 4, None, False)
+    torch.library.opcheck(torch.ops.dla.readout_backward.default, unasked)
+    *grads, dS0 = torch.ops.dla.readout_backward(*unasked)
+    *full, _ = torch.ops.dla.readout_backward(do, torch.zeros_like(dS), *plain, starts, S0.detach(), 0.5, 4)
+    assert dS0.shape == (0,) and all(torch.equal(a, b) for a, b in zip(grads, full))
+
+
+class _ReadoutBackwardCalls(TorchDispatchMode):
+    """The arguments of every `dla::readout_backward` call inside the block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.dla.readout_backward.default:
+            schema = func._schema.arguments
+            bound = {a.name: a.default_value for a in schema if a.has_default_value()}
+            self.calls.append({**bound, **dict(zip((a.name for a in schema), args)), **(kwargs or {})})
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("transition", ["none", "both"])
+def test_the_backward_skips_gradients_no_one_asked_for(transition):
+    """Autograd asks `dla::readout_backward` for `dS0` only where `S0` needs a gradient, and passes
+    no `dS` for an unused final state (no `[B,H,K,Dk,Dv]` zeros made); the other gradients are the
+    same either way."""
+    case, t = opcheck_inputs(transition)
+    starts = fixed_level_map(case, build(case))
+    xs = [t[n].requires_grad_() if t[n] is not None else None for n in ("q", "k", "v", "lam", "g", "beta")]
+    grads = {}
+    for wanted in (False, True):
+        S0 = torch.randn(1, 2, 4, 3, 2, requires_grad=wanted)
+        with _ReadoutBackwardCalls() as spy:
+            o, _ = torch.ops.dla.readout(*xs, starts, S0, 0.5, 4)
+            inputs = [x for x in xs if x is not None] + ([S0] if wanted else [])
+            grads[wanted] = torch.autograd.grad(o.square().sum(), inputs)
+        (call,) = spy.calls
+        assert call["dS"] is None and call["dS0_needed"] is wanted
+    assert grads[True][-1].shape == (1, 2, 4, 3, 2)
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
 
 
 # ---------------------------------------------------------------------------- compile

@@ -702,6 +702,8 @@ def test_launchers_take_missing_cotangents_and_empty_sequences():
     no_dS = objects_delta_backward_triton(do, None, *args)
     for a, b, c in zip(both, no_do, no_dS):
         assert relative_error(b + c, a) <= TOL[F32]
+    *unasked, dS0 = objects_delta_backward_triton(do, None, *args, dS0_needed=False)  # its sum skipped
+    assert dS0 is None and all(torch.equal(a, b) for a, b in zip(unasked, no_dS))
     assert all(torch.equal(x, torch.zeros_like(x)) for x in objects_delta_backward_triton(None, None, *args))
     empty = {n: (x[:, :0] if x is not None else None) for n, x in t.items()}
     eargs = (*triton_args(case, empty, level_start[:, :0], S0), step, 2)
@@ -709,6 +711,7 @@ def test_launchers_take_missing_cotangents_and_empty_sequences():
     assert o.shape == (case.batch, 0, case.heads, case.dv) and torch.equal(S, f32(S0))
     grads = objects_delta_backward_triton(torch.zeros(case.batch, 0, case.heads, case.dv), f32(S0), *eargs)
     assert torch.equal(grads[-1], f32(S0)) and grads[0].shape == (case.batch, 0, case.heads, case.dk)
+    assert objects_delta_backward_triton(None, None, *eargs, dS0_needed=False)[-1] is None
 
 
 @pytest.mark.parametrize("length", [32, 37, 48])  # a whole number of windows, a partial one, one and a half
@@ -772,8 +775,10 @@ def test_registered_op_with_beta_opcheck_and_fullgraph_compile():
     with triton_interpreter():
         torch.library.opcheck(ops.readout.default, (*leaves[:6], ls, leaves[6], scale, C, step),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-        torch.library.opcheck(ops.readout_backward.default, (do, dS, q, k, v, lam, g, beta, ls, S0f, scale, C, step),
-                              test_utils=("test_schema", "test_faketensor"))
+        for cotangent, dS0_needed in ((dS, True), (None, False)):
+            torch.library.opcheck(ops.readout_backward.default,
+                                  (do, cotangent, q, k, v, lam, g, beta, ls, S0f, scale, C, step, dS0_needed),
+                                  test_utils=("test_schema", "test_faketensor"))
 
     def loss(q, k, v, lam, g, beta, S0):
         o, S = ops.readout(q, k, v, lam, g, beta, ls, S0, scale, C, step)

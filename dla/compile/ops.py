@@ -35,9 +35,9 @@ READOUT = (
     "Tensor S0, float scale, int chunk_size, Tensor? step=None) -> (Tensor, Tensor)"
 )
 READOUT_BACKWARD = (
-    "readout_backward(Tensor do, Tensor dS, Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, "
-    "Tensor? beta, Tensor level_start, Tensor S0, float scale, int chunk_size, Tensor? step=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "readout_backward(Tensor do, Tensor? dS, Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, "
+    "Tensor? beta, Tensor level_start, Tensor S0, float scale, int chunk_size, Tensor? step=None, "
+    "bool dS0_needed=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 BACKBONE = (
@@ -72,10 +72,11 @@ def _gate_grad_like(x: Tensor | None, like: Tensor) -> Tensor:
     return _contiguous_like(x) if x is not None else torch.empty(like.shape[:3], dtype=torch.float32, device=like.device)
 
 
-def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step=None):
+def _readout_backward_fake(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step=None,
+                           dS0_needed=True):
     # the kernels return contiguous gradients whatever the inputs' strides: so must the fake
     return tuple(_contiguous_like(x) for x in (q, k, v, lam)) + (
-        _gate_grad_like(g, q), _gate_grad_like(beta, q), _contiguous_like(S0))
+        _gate_grad_like(g, q), _gate_grad_like(beta, q), _contiguous_like(S0) if dS0_needed else S0.new_empty(0))
 
 
 def _backbone_fake(q, k, v, lam0, g, beta, S0, scale, chunk_size):
@@ -108,16 +109,19 @@ def _readout_setup_context(ctx, inputs, output):
     q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step = inputs
     ctx.save_for_backward(q, k, v, lam, g, beta, level_start, S0, step)
     ctx.scale, ctx.chunk_size = scale, chunk_size
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
 
 
 def _readout_grad(ctx, do, dS):
     q, k, v, lam, g, beta, level_start, S0, step = ctx.saved_tensors
     do = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device) if do is None else do
-    dS = torch.zeros_like(S0) if dS is None else dS
+    # an unused final state (dS None) and initial states without a gradient (the empty cache's)
+    # cost the backward nothing: no [B,H,K,Dk,Dv] zeros made for the one, no sum for the other
+    dS0_needed = ctx.needs_input_grad[7]
     dq, dk, dv, dlam, dg, dbeta, dS0 = torch.ops.dla.readout_backward(
-        do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size, step)
+        do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size, step, dS0_needed)
     return (dq, dk, dv, dlam, dg if g is not None else None, dbeta if beta is not None else None,
-            None, dS0, None, None, None)
+            None, dS0 if dS0_needed else None, None, None, None)
 
 
 def _backbone_setup_context(ctx, inputs, output):

@@ -47,15 +47,26 @@ def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_
     return objects_forward(q, k, v, lam, g, level_start, S0, scale, chunk_size, _steps(step, q))
 
 
-def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
-    """`dla::readout_backward` on the tensors' device: `(dq, dk, dv, dlam, dg, dbeta, dS0)`."""
+def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None,
+                     dS0_needed: bool = True):
+    """`dla::readout_backward` on the tensors' device: `(dq, dk, dv, dlam, dg, dbeta, dS0)`; `dS`
+    None for a final state without a gradient; with `dS0_needed` false `dS0` is empty (`[0]`)."""
     if q.is_cuda and q.dtype != torch.float64:
-        return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
+        return readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step,
+                                       dS0_needed)
+    dS = torch.zeros_like(S0) if dS is None else dS
     if beta is not None:
-        return chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    dq, dk, dv, dlam, dg, dS0 = objects_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, chunk_size,
-                                                 _steps(step, q))
-    return dq, dk, dv, dlam, _gate_grad(dg, q), _gate_grad(None, q), dS0
+        *grads, dS0 = chunked_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    else:
+        dq, dk, dv, dlam, dg, dS0 = objects_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, chunk_size,
+                                                     _steps(step, q))
+        grads = [dq, dk, dv, dlam, _gate_grad(dg, q), _gate_grad(None, q)]
+    return *grads, _needed(dS0, S0, dS0_needed)
+
+
+def _needed(dS0, S0, needed: bool):
+    """`dS0`, or the empty tensor the op returns in its place when no one asked for it."""
+    return dS0 if needed else S0.new_empty(0)
 
 
 def _steps(step, q):
@@ -85,11 +96,13 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
 
 
 def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
-                            step=None):
+                            step=None, dS0_needed: bool = True):
     """The backward of `readout_forward_triton`, by the same rule."""
     if beta is not None:
         dq, dk, dv, dlam, dg, dbeta, dS0 = objects_delta_backward_triton(
-            do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, _window(q, v, lam, chunk_size))
-        return dq, dk, dv, dlam, dg, dbeta, dS0.to(S0.dtype)
+            do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, _window(q, v, lam, chunk_size),
+            dS0_needed=dS0_needed)
+        return dq, dk, dv, dlam, dg, dbeta, S0.new_empty(0) if dS0 is None else dS0.to(S0.dtype)
+    dS = torch.zeros_like(S0) if dS is None else dS
     dq, dk, dv, dlam, dg, dS0 = mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step)
-    return dq, dk, dv, dlam, dg, _gate_grad(None, q), dS0.to(S0.dtype)
+    return dq, dk, dv, dlam, dg, _gate_grad(None, q), _needed(dS0.to(S0.dtype), S0, dS0_needed)

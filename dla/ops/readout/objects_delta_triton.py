@@ -1142,18 +1142,20 @@ def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: 
 
 
 def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
-                                  step: Tensor | None, window: int):
-    """`(dq, dk, dv, dlam, dg, dbeta, dS0)` as `objects_delta_backward` (`dS0` float32)."""
+                                  step: Tensor | None, window: int, dS0_needed: bool = True):
+    """`(dq, dk, dv, dlam, dg, dbeta, dS0)` as `objects_delta_backward` (`dS0` float32); `dS` None
+    for a final state without a gradient; `dS0` None unless `dS0_needed` (its sum over the first
+    window's slots skipped)."""
     B, T, H, Dk = q.shape
     Dv, L = v.shape[-1], lam.shape[-1]
     _check("objects_delta_backward_triton", q, v, lam, beta)
     C, R = int(chunk_size), int(window)
     dev, f32 = q.device, torch.float32
     zeros_g = torch.zeros(B, T, H, dtype=f32, device=dev)
-    dS = torch.zeros(B, H, L, Dk, Dv, dtype=f32, device=dev) if dS is None else dS.to(f32)
     if T == 0:
+        dS0 = torch.zeros(B, H, L, Dk, Dv, dtype=f32, device=dev) if dS is None else dS.to(f32, copy=True)
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(lam),
-                zeros_g if g is None else torch.zeros_like(g), torch.zeros_like(beta), dS.clone())
+                zeros_g if g is None else torch.zeros_like(g), torch.zeros_like(beta), dS0 if dS0_needed else None)
     q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
     g = None if g is None else g.contiguous()
     # the kernels take dO in the inputs' dtype (as the gradient of an output in that dtype arrives)
@@ -1207,16 +1209,21 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     _object_grad_kernel[(NW, N, L * NVT)](do, lam, buf.cm, buf.phi, buf.first, buf.last, XF, DR, T, float(scale), H, L,
                                           Dk, Dv, C=C, R=R, BKP=BKP, BV=meta["BV"], PREC=buf.prec)
     del XF
-    DR[:, NW] = dS.reshape(N, L, Dk, Dv)
+    if dS is None:
+        DR[:, NW].zero_()
+    else:
+        DR[:, NW] = dS.reshape(N, L, Dk, Dv)
     NVO = triton.cdiv(Dv, meta["BVO"])
     DKT = torch.empty(N, NVO, NC, Dk, C, dtype=f32, device=dev)  # per Dv tile, each chunk written once
     DSUF = torch.empty(N, NVO, NW, Dk, Dk, dtype=f32, device=dev)
     _object_bwd_kernel[(N, NVO)](v, buf.phi, buf.KT, buf.SUF, buf.first, buf.last, buf.OB, DR, DKT, DVK, DSUF,
                                  T, NW, H, L, Dk, Dv, C=C, R=R, RP=pow2(R), BKP=BKP, BV=meta["BVO"], PREC=buf.prec,
                                  PREC_CHAIN=buf.prec_chain, **LAUNCH["_object_bwd_kernel"])
-    slot = -1 - torch.arange(L, device=dev)
-    inside = (buf.plan.first[:, 0, :, None] <= slot) & (slot <= buf.plan.last[:, 0, :, None])  # P_0 ∋ slot j
-    dS0 = torch.einsum("nrj,nrkv->njkv", inside.to(f32), DR[:, 0]).reshape(B, H, L, Dk, Dv)
+    dS0 = None
+    if dS0_needed:
+        slot = -1 - torch.arange(L, device=dev)
+        inside = (buf.plan.first[:, 0, :, None] <= slot) & (slot <= buf.plan.last[:, 0, :, None])  # P_0 ∋ slot j
+        dS0 = torch.einsum("nrj,nrkv->njkv", inside.to(f32), DR[:, 0]).reshape(B, H, L, Dk, Dv)
     del DR, buf.OB
     SB = torch.empty(N, NC, Dk, Dk, dtype=f32, device=dev)
     _suffix_bwd_kernel[(NW, N)](k, g, buf.phi, buf.EB, buf.KT, DSUF, DKT, DEB, DHB, DGC, SB, T, H, Dk, R=R, NVT=NVO,
