@@ -80,7 +80,8 @@ def _attend(p, q, k, v, lam, g, beta, state: MultiStateCache, policy, score, tau
         level_start, n, info, m, Z, zz, N = _segment(p, k, v, g, beta, state, policy, score, tau, chunk_size, end)
         S0 = state.S if fresh else reverse_live_slots(state.S, state.m)
         # a fresh call's step is zeros: passed as None, the readout's chunk starts are a constant
-        o, S = readout(q, k, v, lam, g, beta, level_start, S0, p.scale, chunk_size, None if fresh else state.step)
+        o, S = readout(q, k, v, lam, g, beta, level_start, S0, p.scale, chunk_size, None if fresh else state.step,
+                       final=want_final)
         final = None
         if want_final:
             S = reverse_live_slots(S, m)

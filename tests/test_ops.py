@@ -203,6 +203,9 @@ def test_opcheck_readout(transition):
     S0 = torch.randn(1, 2, 4, 3, 2)
     xs = [t[n].requires_grad_() if t[n] is not None else None for n in ("q", "k", "v", "lam", "g", "beta")]
     torch.library.opcheck(torch.ops.dla.readout.default, (*xs, starts, S0.requires_grad_(), 0.5, 4))
+    torch.library.opcheck(torch.ops.dla.readout.default, (*xs, starts, S0, 0.5, 4, None, False))  # no final state
+    o, S = torch.ops.dla.readout(*xs, starts, S0, 0.5, 4, None, False)
+    assert S.shape == (0,) and torch.equal(o, torch.ops.dla.readout(*xs, starts, S0, 0.5, 4)[0])
     do, dS = torch.randn(1, 9, 2, 2), torch.randn(1, 2, 4, 3, 2)
     plain = [x.detach() if x is not None else None for x in xs]
     torch.library.opcheck(torch.ops.dla.readout_backward.default, (do, dS, *plain, starts, S0.detach(), 0.5, 4))
@@ -219,15 +222,15 @@ def test_opcheck_readout(transition):
     assert dS0.shape == (0,) and all(torch.equal(a, b) for a, b in zip(grads, full))
 
 
-class _ReadoutBackwardCalls(TorchDispatchMode):
-    """The arguments of every `dla::readout_backward` call inside the block, by name."""
+class _Calls(TorchDispatchMode):
+    """The arguments of every call of `op` inside the block, by name."""
 
-    def __init__(self):
+    def __init__(self, op):
         super().__init__()
-        self.calls = []
+        self.op, self.calls = op, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.dla.readout_backward.default:
+        if func is self.op:
             schema = func._schema.arguments
             bound = {a.name: a.default_value for a in schema if a.has_default_value()}
             self.calls.append({**bound, **dict(zip((a.name for a in schema), args)), **(kwargs or {})})
@@ -245,7 +248,7 @@ def test_the_backward_skips_gradients_no_one_asked_for(transition):
     grads = {}
     for wanted in (False, True):
         S0 = torch.randn(1, 2, 4, 3, 2, requires_grad=wanted)
-        with _ReadoutBackwardCalls() as spy:
+        with _Calls(torch.ops.dla.readout_backward.default) as spy:
             o, _ = torch.ops.dla.readout(*xs, starts, S0, 0.5, 4)
             inputs = [x for x in xs if x is not None] + ([S0] if wanted else [])
             grads[wanted] = torch.autograd.grad(o.square().sum(), inputs)
@@ -253,6 +256,23 @@ def test_the_backward_skips_gradients_no_one_asked_for(transition):
         assert call["dS"] is None and call["dS0_needed"] is wanted
     assert grads[True][-1].shape == (1, 2, 4, 3, 2)
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+
+
+def test_the_operator_asks_for_a_final_state_only_when_it_returns_one():
+    """`multistate_attention` calls `dla::readout` with `final` = `output_final_state`: a training
+    call has the kernels write no `[B,H,K,Dk,Dv]` final state; its output is the same."""
+    case, t = opcheck_inputs("both")
+    args = [t[n] for n in ("q", "k", "v", "lam")]
+    outputs = {}
+    for want in (False, True):
+        with _Calls(torch.ops.dla.readout.default) as spy:
+            got = multistate_attention(*args, g=t["g"], beta=t["beta"], chunk_size=4, output_final_state=want)
+        (call,) = spy.calls
+        assert call["final"] is want
+        outputs[want] = got[0] if want else got
+        if want:
+            assert got[1].S.shape == (1, 2, case.levels, case.dk, case.dv)
+    assert torch.equal(outputs[False], outputs[True])
 
 
 # ---------------------------------------------------------------------------- compile

@@ -688,7 +688,7 @@ OP_CASE = Case(batch=1, length=37, heads=2, dk=16, dv=16, levels=3, policy="dla"
 
 def test_launchers_take_missing_cotangents_and_empty_sequences():
     """`do`/`dS` may be None (zero, and linear: the two halves add up to both); T = 0 returns the
-    initial state and its cotangent."""
+    initial state and its cotangent; a call without a final state or `dS0` computes the rest alike."""
     from dla.ops.readout.objects_delta_triton import objects_delta_backward_triton, objects_delta_forward_triton
     from tests.readout_helpers import f32, setup, triton_args
 
@@ -704,11 +704,14 @@ def test_launchers_take_missing_cotangents_and_empty_sequences():
         assert relative_error(b + c, a) <= TOL[F32]
     *unasked, dS0 = objects_delta_backward_triton(do, None, *args, dS0_needed=False)  # its sum skipped
     assert dS0 is None and all(torch.equal(a, b) for a, b in zip(unasked, no_dS))
+    o_only, no_S = objects_delta_forward_triton(*args, final=False)  # no final state written
+    assert no_S is None and torch.equal(o_only, objects_delta_forward_triton(*args)[0])
     assert all(torch.equal(x, torch.zeros_like(x)) for x in objects_delta_backward_triton(None, None, *args))
     empty = {n: (x[:, :0] if x is not None else None) for n, x in t.items()}
     eargs = (*triton_args(case, empty, level_start[:, :0], S0), step, 2)
     o, S = objects_delta_forward_triton(*eargs)
     assert o.shape == (case.batch, 0, case.heads, case.dv) and torch.equal(S, f32(S0))
+    assert objects_delta_forward_triton(*eargs, final=False)[1] is None
     grads = objects_delta_backward_triton(torch.zeros(case.batch, 0, case.heads, case.dv), f32(S0), *eargs)
     assert torch.equal(grads[-1], f32(S0)) and grads[0].shape == (case.batch, 0, case.heads, case.dk)
     assert objects_delta_backward_triton(None, None, *eargs, dS0_needed=False)[-1] is None

@@ -32,7 +32,7 @@ SEGMENT = (
 )
 READOUT = (
     "readout(Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, Tensor? beta, Tensor level_start, "
-    "Tensor S0, float scale, int chunk_size, Tensor? step=None) -> (Tensor, Tensor)"
+    "Tensor S0, float scale, int chunk_size, Tensor? step=None, bool final=True) -> (Tensor, Tensor)"
 )
 READOUT_BACKWARD = (
     "readout_backward(Tensor do, Tensor? dS, Tensor q, Tensor k, Tensor v, Tensor lam, Tensor? g, "
@@ -59,8 +59,9 @@ def _segment_fake(k, v, g, beta, S0, n0, I0, m0, Z0, zz0, N0, step0, levels, pol
     )
 
 
-def _readout_fake(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step=None):
-    return torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device), _contiguous_like(S0)
+def _readout_fake(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step=None, final=True):
+    o = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+    return o, _contiguous_like(S0) if final else S0.new_empty(0)
 
 
 def _contiguous_like(x: Tensor, **kw) -> Tensor:
@@ -106,9 +107,9 @@ def _register() -> torch.library.Library:
 
 
 def _readout_setup_context(ctx, inputs, output):
-    q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step = inputs
+    q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, *final = inputs
     ctx.save_for_backward(q, k, v, lam, g, beta, level_start, S0, step)
-    ctx.scale, ctx.chunk_size = scale, chunk_size
+    ctx.scale, ctx.chunk_size, ctx.final = scale, chunk_size, all(final)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
 
 
@@ -118,10 +119,11 @@ def _readout_grad(ctx, do, dS):
     # an unused final state (dS None) and initial states without a gradient (the empty cache's)
     # cost the backward nothing: no [B,H,K,Dk,Dv] zeros made for the one, no sum for the other
     dS0_needed = ctx.needs_input_grad[7]
+    dS = dS if ctx.final else None  # the empty S of a call without a final state has no gradient to pass on
     dq, dk, dv, dlam, dg, dbeta, dS0 = torch.ops.dla.readout_backward(
         do, dS, q, k, v, lam, g, beta, level_start, S0, ctx.scale, ctx.chunk_size, step, dS0_needed)
     return (dq, dk, dv, dlam, dg if g is not None else None, dbeta if beta is not None else None,
-            None, dS0 if dS0_needed else None, None, None, None)
+            None, dS0 if dS0_needed else None, None, None, None, None)
 
 
 def _backbone_setup_context(ctx, inputs, output):
@@ -177,10 +179,12 @@ def _without_beta_grad(ctx, do, dS, _plan):
 readout_without_beta.register_autograd(_without_beta_grad, setup_context=_without_beta_setup_context)
 
 
-def readout(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step):
+def readout(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step, final: bool = True):
     """The readout op for these tensors: `dla::readout_without_beta` for 16/32-bit CUDA tensors
-    without β (so that `torch.compile` sees its Triton kernels), else the opaque `dla::readout`."""
+    without β (so that `torch.compile` sees its Triton kernels), else the opaque `dla::readout`.
+    `final` false: the caller reads no final state, which `dla::readout` then neither makes nor
+    returns (`S` empty); the op without β makes it anyway (its backward reads it)."""
     if beta is None and q.is_cuda and q.dtype != torch.float64:
         o, S, _ = torch.ops.dla.readout_without_beta(q, k, v, lam, g, level_start, S0, scale, step)
         return o, S
-    return torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
+    return torch.ops.dla.readout(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, final)

@@ -38,13 +38,17 @@ from dla.ops.readout.objects_delta_triton import objects_delta_backward_triton, 
 __all__ = ["readout_forward", "readout_backward", "readout_forward_triton", "readout_backward_triton"]
 
 
-def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
-    """`dla::readout` on the tensors' device: `(o [B,T,H,Dv], S [B,H,K,Dk,Dv])` (SCHEMAS.md)."""
+def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None,
+                    final: bool = True):
+    """`dla::readout` on the tensors' device: `(o [B,T,H,Dv], S [B,H,K,Dk,Dv])` (SCHEMAS.md); `S`
+    empty (`[0]`) unless `final`."""
     if q.is_cuda and q.dtype != torch.float64:
-        return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step)
+        return readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, final)
     if beta is not None:
-        return chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
-    return objects_forward(q, k, v, lam, g, level_start, S0, scale, chunk_size, _steps(step, q))
+        o, S = chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
+    else:
+        o, S = objects_forward(q, k, v, lam, g, level_start, S0, scale, chunk_size, _steps(step, q))
+    return o, _wanted(S, S0, final)
 
 
 def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None,
@@ -69,6 +73,11 @@ def _needed(dS0, S0, needed: bool):
     return dS0 if needed else S0.new_empty(0)
 
 
+def _wanted(S, S0, final: bool):
+    """The final state `S`, or the empty tensor the op returns in its place for a call without one."""
+    return S if final else S0.new_empty(0)
+
+
 def _steps(step, q):
     """`step [B]` int64, zeros when the caller gives none."""
     return torch.zeros(q.shape[0], dtype=torch.int64, device=q.device) if step is None else step
@@ -86,13 +95,17 @@ def _window(q, v, lam, chunk_size: int) -> int:
                       arch.bandwidth)
 
 
-def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None):
-    """The CUDA side of the rule, for the tensors' device: the readout by windows with β, else
-    objects or dense rows (`objects_triton.mixed_forward`)."""
+def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None,
+                           final: bool = True):
+    """The CUDA side of the rule, for the tensors' device: the readout by windows with β (which
+    does not write a final state no one asked for), else objects or dense rows
+    (`objects_triton.mixed_forward`)."""
     if beta is not None:
-        return objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step,
-                                            _window(q, v, lam, chunk_size))
-    return mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
+        o, S = objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step,
+                                            _window(q, v, lam, chunk_size), final=final)
+        return o, S0.new_empty(0) if S is None else S
+    o, S = mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
+    return o, _wanted(S, S0, final)
 
 
 def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,

@@ -1090,7 +1090,8 @@ class _Buffers:
         # (the split products' precision, module doc), 22 for float16; a float32 copy is its master
         self.residual = q.element_size() < 4
         self.RB = torch.empty(N, 2, L, Dk, Dv, dtype=q.dtype, device=dev) if self.residual else q.new_empty(1)
-        # the final state, float32, written by the last window (the backward's recomputation has none)
+        # the final state, float32, written by the last window (none for a call that reads none,
+        # nor for the backward's recomputation)
         self.SF = torch.empty(N, L, Dk, Dv, dtype=f32, device=dev) if final else None
         _initial_objects_kernel[(N, L, triton.cdiv(Dv, meta["BVO"]))](
             self.first, self.last, S0.to(f32).reshape(N, L, Dk, Dv).contiguous(), self.RB, self.OB, NW, L, Dk, Dv,
@@ -1120,25 +1121,26 @@ def _check(name: str, q: Tensor, v: Tensor, lam: Tensor, beta: Tensor | None) ->
 
 
 def objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
-                                 step: Tensor | None, window: int) -> tuple[Tensor, Tensor]:
+                                 step: Tensor | None, window: int, final: bool = True) -> tuple[Tensor, Tensor | None]:
     """`(o [B,T,H,Dv] in q's dtype, S [B,H,L,Dk,Dv] float32)`, as `objects_delta_forward`;
-    `chunk_size` a power of two ≥ 16; `step` None for a fresh call (no spare window)."""
+    `chunk_size` a power of two ≥ 16; `step` None for a fresh call (no spare window); `S` None,
+    never written, unless `final`."""
     B, T, H, Dk = q.shape
     Dv, L = v.shape[-1], lam.shape[-1]
     _check("objects_delta_forward_triton", q, v, lam, beta)
     C, R = int(chunk_size), int(window)
     sd = state_dtype(q.dtype)
     if T == 0:
-        return v.new_empty(B, 0, H, Dv), S0.to(sd).clone()
+        return v.new_empty(B, 0, H, Dv), S0.to(sd).clone() if final else None
     q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
     g = None if g is None else g.contiguous()
-    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, final=True)
+    buf = _Buffers(q, k, v, g, beta, level_start, S0, C, R, step, final=final)
     o = torch.empty_like(v)
     _readout_kernel[(buf.NC, buf.N, triton.cdiv(Dv, buf.meta["BV"]))](
         q, k, v, lam, buf.cm, g, beta, buf.phi, buf.TI, buf.EB, buf.first, buf.last, buf.OB, o, T, float(scale), H,
         L, Dk, Dv, C=C, R=R, BKP=buf.meta["BKP"], BV=buf.meta["BV"], HAS_G=g is not None, PREC=buf.prec,
         PREC_CHAIN=buf.prec_chain, **buf.split, **LAUNCH["_readout_kernel"])
-    return o, buf.SF.reshape(B, H, L, Dk, Dv).to(sd)
+    return o, buf.SF.reshape(B, H, L, Dk, Dv).to(sd) if final else None
 
 
 def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
