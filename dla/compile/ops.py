@@ -107,9 +107,9 @@ def _register() -> torch.library.Library:
 
 
 def _readout_setup_context(ctx, inputs, output):
-    q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, *final = inputs
+    q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, final = inputs  # defaults filled in
     ctx.save_for_backward(q, k, v, lam, g, beta, level_start, S0, step)
-    ctx.scale, ctx.chunk_size, ctx.final = scale, chunk_size, all(final)
+    ctx.scale, ctx.chunk_size, ctx.final = scale, chunk_size, final
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
 
 

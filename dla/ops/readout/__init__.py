@@ -48,7 +48,7 @@ def readout_forward(q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_
         o, S = chunked_forward(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size)
     else:
         o, S = objects_forward(q, k, v, lam, g, level_start, S0, scale, chunk_size, _steps(step, q))
-    return o, _wanted(S, S0, final)
+    return o, _kept(S, S0, final)
 
 
 def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int, step=None,
@@ -65,17 +65,13 @@ def readout_backward(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: floa
         dq, dk, dv, dlam, dg, dS0 = objects_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, chunk_size,
                                                      _steps(step, q))
         grads = [dq, dk, dv, dlam, _gate_grad(dg, q), _gate_grad(None, q)]
-    return *grads, _needed(dS0, S0, dS0_needed)
+    return *grads, _kept(dS0, S0, dS0_needed)
 
 
-def _needed(dS0, S0, needed: bool):
-    """`dS0`, or the empty tensor the op returns in its place when no one asked for it."""
-    return dS0 if needed else S0.new_empty(0)
-
-
-def _wanted(S, S0, final: bool):
-    """The final state `S`, or the empty tensor the op returns in its place for a call without one."""
-    return S if final else S0.new_empty(0)
+def _kept(x, S0, asked: bool):
+    """`x` (a final state `S` or `dS0`), or the empty tensor the ops return in its place when the
+    caller asked for none (`x` is then None where the kernels skipped it)."""
+    return x if asked else S0.new_empty(0)
 
 
 def _steps(step, q):
@@ -103,9 +99,9 @@ def readout_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale: float,
     if beta is not None:
         o, S = objects_delta_forward_triton(q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step,
                                             _window(q, v, lam, chunk_size), final=final)
-        return o, S0.new_empty(0) if S is None else S
+        return o, _kept(S, S0, final)
     o, S = mixed_forward(q, k, v, lam, g, level_start, S0, scale, step)
-    return o, _wanted(S, S0, final)
+    return o, _kept(S, S0, final)
 
 
 def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scale: float, chunk_size: int,
@@ -115,7 +111,7 @@ def readout_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0, scal
         dq, dk, dv, dlam, dg, dbeta, dS0 = objects_delta_backward_triton(
             do, dS, q, k, v, lam, g, beta, level_start, S0, scale, chunk_size, step, _window(q, v, lam, chunk_size),
             dS0_needed=dS0_needed)
-        return dq, dk, dv, dlam, dg, dbeta, S0.new_empty(0) if dS0 is None else dS0.to(S0.dtype)
+        return dq, dk, dv, dlam, dg, dbeta, _kept(dS0.to(S0.dtype) if dS0_needed else None, S0, dS0_needed)
     dS = torch.zeros_like(S0) if dS is None else dS
     dq, dk, dv, dlam, dg, dS0 = mixed_backward(do, dS, q, k, v, lam, g, level_start, S0, scale, step)
-    return dq, dk, dv, dlam, dg, _gate_grad(None, q), _needed(dS0.to(S0.dtype), S0, dS0_needed)
+    return dq, dk, dv, dlam, dg, _gate_grad(None, q), _kept(dS0.to(S0.dtype), S0, dS0_needed)

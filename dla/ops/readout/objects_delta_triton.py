@@ -1155,9 +1155,11 @@ def objects_delta_backward_triton(do, dS, q, k, v, lam, g, beta, level_start, S0
     dev, f32 = q.device, torch.float32
     zeros_g = torch.zeros(B, T, H, dtype=f32, device=dev)
     if T == 0:
-        dS0 = torch.zeros(B, H, L, Dk, Dv, dtype=f32, device=dev) if dS is None else dS.to(f32, copy=True)
+        dS0 = None
+        if dS0_needed:  # the final state is the initial one
+            dS0 = torch.zeros(B, H, L, Dk, Dv, dtype=f32, device=dev) if dS is None else dS.to(f32, copy=True)
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(lam),
-                zeros_g if g is None else torch.zeros_like(g), torch.zeros_like(beta), dS0 if dS0_needed else None)
+                zeros_g if g is None else torch.zeros_like(g), torch.zeros_like(beta), dS0)
     q, k, v, lam, beta = (x.contiguous() for x in (q, k, v, lam, beta))
     g = None if g is None else g.contiguous()
     # the kernels take dO in the inputs' dtype (as the gradient of an output in that dtype arrives)
