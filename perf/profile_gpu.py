@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
@@ -159,6 +160,7 @@ def _inside(ev) -> bool:
     return parent is not None
 
 
+@functools.lru_cache(maxsize=None)  # every event's stack repeats the same few files
 def _ours(path: str) -> str | None:
     """`path` as the profiler names a Python file (relative to the sys.path entry it was found
     through, or absolute) relative to this repository, or None for a file outside it."""
@@ -171,8 +173,9 @@ def _ours(path: str) -> str | None:
 
 def _site(ev) -> str:
     """The innermost two Python functions of this repository above a profiler event, innermost
-    first, as the profiler names them, `path(line): function`; "torch" where none is ours (an operator that
-    autograd's C++ engine runs for a torch function's backward). This file's own are skipped."""
+    first, as the profiler names them, `path(line): function`; "torch" where none is ours (an
+    operator that autograd's C++ engine runs for a torch function's backward). This file's own
+    are skipped."""
     ours = []
     parent = ev.cpu_parent
     while parent is not None and len(ours) < 2:

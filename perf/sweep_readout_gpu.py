@@ -6,8 +6,8 @@ on a GPU, each verified before it is timed.
 The readout by windows is most of DLA-Gated DeltaNet's layer (`perf/results/profile_windows-h100.md`),
 and its kernels launched at 8 warps, chosen from ptxas's register counts, until this sweep found
 4 faster for the four heaviest (`perf/results/sweep_readout-h100.md`), as the WY stage's sweep
-(`perf/results/sweep_wy-h100.md`) had for its kernels: spills that register counts do not price. For each kernel and candidate
-options, this sets `LAUNCH[kernel]` for the run, then on SPEC §7's Gated DeltaNet inputs (32,768
+(`perf/results/sweep_wy-h100.md`) had for its kernels: spills that register counts do not price.
+For each kernel and candidate options, this sets `LAUNCH[kernel]` for the run, then on SPEC §7's Gated DeltaNet inputs (32,768
 tokens, H = 16, Dk = Dv = 128, bf16, sparse regime, DLA K = 32 under the `token` score, as
 `perf.bench_gpu` times it):
 
